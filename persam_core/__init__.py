@@ -1,0 +1,14 @@
+"""PerSAM / PerSAM-F over segment_anything's modules: pure torch + numpy.
+
+Every concept of the paper lives in one module named after it:
+
+    models      SAM registry (vit_h/l/b, tiny), weights loading, fingerprint
+    preprocess  image -> encoder input exactly as SamPredictor; mask -> 64x64 grid
+    concept     reference features -> Concept (target feature, target embedding)
+    prior       similarity map, positive/negative points, attention bias
+    decoder     SAM's mask decoder + target-guided attention + target-semantic prompt
+    persam      the training-free three-pass cascade
+    persam_f    the two-weight fit and its cascade
+    masks       COCO RLE, bbox, area
+    metrics     IoU
+"""

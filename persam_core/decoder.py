@@ -1,0 +1,123 @@
+"""SAM's mask decoder with PerSAM's two additions, as a function over SAM's own modules.
+
+Target-guided attention: in each two-way layer's token->image cross-attention,
+`attn = softmax(softmax(QK^T / sqrt(d)) + A)` with A the attention bias of the prior.
+
+Target-semantic prompting with the target embedding e, reproducing the reference's
+in-place quirk: it adds e to the token queries *in place* before each two-way layer,
+and that tensor is also the tokens' positional encoding, so every attention after the
+first add uses `tokens + e` (added once) as positional encoding, while the queries get
+e before each layer, and the final token->image query gets e once more.
+
+With `attention_bias=None` and `target_embedding=None` this is SAM's MaskDecoder exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from segment_anything.modeling.mask_decoder import MaskDecoder
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+
+
+def _attend(attention: Attention, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """SAM's Attention.forward, plus the reference's second softmax over `attn + bias`."""
+    q = attention._separate_heads(attention.q_proj(q), attention.num_heads)
+    k = attention._separate_heads(attention.k_proj(k), attention.num_heads)
+    v = attention._separate_heads(attention.v_proj(v), attention.num_heads)
+    attn = q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[-1])
+    attn = torch.softmax(attn, dim=-1)
+    if bias is not None:
+        attn = torch.softmax(attn + bias, dim=-1)
+    return attention.out_proj(attention._recombine_heads(attn @ v))
+
+
+def _two_way_layer(
+    layer: TwoWayAttentionBlock, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """TwoWayAttentionBlock.forward with the bias on the token->image cross-attention."""
+    if layer.skip_first_layer_pe:
+        queries = _attend(layer.self_attn, queries, queries, queries)
+    else:
+        q = queries + query_pe
+        queries = queries + _attend(layer.self_attn, q, q, queries)
+    queries = layer.norm1(queries)
+
+    q, k = queries + query_pe, keys + key_pe
+    queries = layer.norm2(queries + _attend(layer.cross_attn_token_to_image, q, k, keys, bias))
+    queries = layer.norm3(queries + layer.mlp(queries))
+
+    q, k = queries + query_pe, keys + key_pe
+    keys = layer.norm4(keys + _attend(layer.cross_attn_image_to_token, k, q, queries))
+    return queries, keys
+
+
+def _transformer(
+    transformer: TwoWayTransformer,
+    image_embedding: Tensor,
+    image_pe: Tensor,
+    tokens: Tensor,
+    bias: Tensor | None,
+    target_embedding: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """image_embedding/image_pe: [B, 256, 64, 64]; tokens: [B, N, 256] -> (tokens, image tokens)."""
+    keys = image_embedding.flatten(2).permute(0, 2, 1)
+    key_pe = image_pe.flatten(2).permute(0, 2, 1)
+    queries = tokens
+    # The reference's in-place add makes the positional encoding `tokens + e`, added once.
+    query_pe = tokens if target_embedding is None else tokens + target_embedding
+    for layer in transformer.layers:
+        if target_embedding is not None:
+            queries = queries + target_embedding
+        queries, keys = _two_way_layer(layer, queries, keys, query_pe, key_pe, bias)
+    q = queries + query_pe
+    if target_embedding is not None:
+        q = q + target_embedding
+    queries = queries + _attend(transformer.final_attn_token_to_image, q, keys + key_pe, keys)
+    return transformer.norm_final_attn(queries), keys
+
+
+def decode_masks(
+    decoder: MaskDecoder,
+    image_embeddings: Tensor,
+    image_pe: Tensor,
+    sparse_prompt_embeddings: Tensor,
+    dense_prompt_embeddings: Tensor,
+    multimask_output: bool,
+    attention_bias: Tensor | None = None,
+    target_embedding: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MaskDecoder.forward with optional PerSAM guidance.
+
+    image_embeddings: [1 or B, 256, 64, 64]; image_pe: [1, 256, 64, 64];
+    sparse_prompt_embeddings: [B, N, 256]; dense_prompt_embeddings: [B, 256, 64, 64];
+    attention_bias: [1 or B, 1, 1, 4096]; target_embedding: [1 or B, 1, 256].
+    Returns low-res mask logits [B, M, 256, 256] and predicted IoUs [B, M] (M = 3 or 1).
+    """
+    batch = sparse_prompt_embeddings.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings), dim=1)
+    if image_embeddings.shape[0] == batch:
+        src = image_embeddings
+    else:  # one image, B prompts: SAM's repeat_interleave
+        src = torch.repeat_interleave(image_embeddings, batch, dim=0)
+    src = src + dense_prompt_embeddings
+    pos_src = torch.repeat_interleave(image_pe, batch, dim=0)
+    b, c, h, w = src.shape
+
+    hs, src = _transformer(decoder.transformer, src, pos_src, tokens, attention_bias, target_embedding)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
+
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    iou_pred = decoder.iou_prediction_head(iou_token_out)
+
+    mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+    return masks[:, mask_slice], iou_pred[:, mask_slice]

@@ -1,0 +1,152 @@
+"""SAM model registry, safe weight loading and the model fingerprint.
+
+`vit_h`, `vit_l`, `vit_b` are segment_anything's official builders; `tiny` uses the very
+same module classes with small dimensions, so tests exercise the real code paths in
+milliseconds. Outputs keep SAM's contract (features: [B, 256, 64, 64]) in every config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from typing import Callable, Mapping
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def _build_tiny() -> Sam:
+    """Same classes as SAM, small encoder/decoder; still 256-d features on a 64x64 grid."""
+    prompt_dim, image_size, patch = 256, 1024, 16
+    grid = image_size // patch
+    encoder = ImageEncoderViT(
+        depth=2,
+        embed_dim=32,
+        img_size=image_size,
+        mlp_ratio=2,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=2,
+        patch_size=patch,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=(1,),
+        window_size=14,
+        out_chans=prompt_dim,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=prompt_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=16,
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=256, num_heads=8),
+        transformer_dim=prompt_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=64,
+    )
+    return Sam(encoder, prompt_encoder, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+
+
+MODEL_BUILDERS: dict[str, Callable[[], Sam]] = {
+    "vit_h": partial(sam_model_registry["vit_h"], checkpoint=None),
+    "vit_l": partial(sam_model_registry["vit_l"], checkpoint=None),
+    "vit_b": partial(sam_model_registry["vit_b"], checkpoint=None),
+    "tiny": _build_tiny,
+}
+MODEL_TYPES = tuple(MODEL_BUILDERS)
+
+
+class ModelError(ValueError):
+    """A model type or checkpoint that cannot be used; the message says what to do."""
+
+
+def _builder(model_type: str) -> Callable[[], Sam]:
+    if model_type not in MODEL_BUILDERS:
+        raise ModelError(
+            f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}"
+        )
+    return MODEL_BUILDERS[model_type]
+
+
+def build_random(model_type: str, seed: int) -> Sam:
+    """The architecture with `torch.manual_seed(seed)` initial weights (tests, offline demo)."""
+    builder = _builder(model_type)
+    torch.manual_seed(seed)
+    return builder().eval()
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Read an official SAM state dict without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # corrupt file, or a pickle that asks for code
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(
+            f"{path}: not a loadable SAM state dict ({reason[:200]}); "
+            "pass an official SAM .pth checkpoint (weights only)"
+        ) from None
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: does not contain a state dict of tensors; pass an official SAM checkpoint")
+    return dict(state)
+
+
+def check_architecture(model_type: str, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict whose keys or shapes do not match `model_type` (no memory used)."""
+    with torch.device("meta"):
+        expected = _builder(model_type)().state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        detail = (missing and f"{len(missing)} missing keys (e.g. {missing[0]})") or (
+            unexpected and f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})"
+        ) or f"{len(wrong)} tensors of another shape (e.g. {wrong[0]})"
+        raise ModelError(
+            f"{source}: is not a {model_type} checkpoint ({detail}); "
+            f"pass the --model-type that matches the checkpoint"
+        )
+
+
+def build_from_state_dict(model_type: str, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Sam:
+    """Build `model_type` and load `state_dict` strictly, without a throw-away random init."""
+    check_architecture(model_type, state_dict, source)
+    with torch.device("meta"):
+        sam = _builder(model_type)()
+    sam.load_state_dict(state_dict, strict=True, assign=True)
+    # pixel_mean/std are non-persistent buffers: not in the file, so restore SAM's constants.
+    sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+    sam.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+    return sam.float().eval()
+
+
+def fingerprint(state_dict: Mapping[str, torch.Tensor], model_type: str) -> str:
+    """`<model_type>:<sha256 prefix>` over every tensor (name, dtype, shape, bytes), key-sorted.
+
+    Hashing tensors rather than the file makes `random:SEED` and the same weights saved
+    with `torch.save` agree, whatever the container format.
+    """
+    digest = hashlib.sha256(model_type.encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return f"{model_type}:{digest.hexdigest()[:16]}"
+
+
+def model_fingerprint(sam: Sam, model_type: str) -> str:
+    """Fingerprint of a built model's weights (same as of the state dict it came from)."""
+    return fingerprint(sam.state_dict(), model_type)

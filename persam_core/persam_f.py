@@ -1,0 +1,116 @@
+"""PerSAM-F: fit two mask weights on the reference (SAM frozen), then a weighted cascade.
+
+Fit: location prior of the reference itself (positive point only); one multimask decode;
+w = (1 - w1 - w2, w1, w2), w1 = w2 = 1/3; loss = dice(+1 smoothing) + sigmoid focal
+(alpha 0.25, gamma 2) of sigmoid(sum_i w_i * logit_i) against the mask; AdamW (lr 1e-3,
+eps 1e-4), cosine schedule. SAM is frozen and its inputs fixed, so the decode is the same
+every epoch: it runs once and only the 2-parameter optimisation loops (same numbers as
+the reference's per-epoch decode, a thousand decodes cheaper).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from segment_anything.modeling import Sam
+
+from .persam import ConceptTensors, Result, prior_for, refine_with_box
+from .predictor import EncodedImage, predict, tight_box
+from .prior import location_prior
+
+DEFAULT_EPOCHS = 1000
+
+
+def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """logits, targets: [1, P] -> scalar dice loss with +1 smoothing."""
+    probabilities = logits.sigmoid().flatten(1)
+    numerator = 2 * (probabilities * targets).sum(-1)
+    denominator = probabilities.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum()
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2) -> Tensor:
+    """logits, targets: [1, P] -> scalar focal loss, mean over pixels."""
+    probability = logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probability * targets + (1 - probability) * (1 - targets)
+    loss = cross_entropy * ((1 - p_t) ** gamma)
+    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum()
+
+
+def _shot_loss(logits: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """logits: [3, P] of one shot; target: [1, P]; weights: [3, 1] -> dice + focal."""
+    combined = (logits * weights).sum(0).unsqueeze(0)
+    return dice_loss(combined, target) + sigmoid_focal_loss(combined, target)
+
+
+def full_weights(learned: Tensor) -> Tensor:
+    """learned: [2, 1] -> w: [3, 1] = (1 - w1 - w2, w1, w2)."""
+    return torch.cat((1 - learned.sum(0).unsqueeze(0), learned), dim=0)
+
+
+def fit_mask_weights(
+    sam: Sam,
+    encoded: Sequence[EncodedImage],
+    masks: Sequence[np.ndarray],
+    target_feature: Tensor,
+    epochs: int = DEFAULT_EPOCHS,
+    learning_rate: float = 1e-3,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[np.ndarray, list[float]]:
+    """Fit PerSAM-F's weights on every shot together (mean loss over shots).
+
+    encoded[i]: a reference image; masks[i]: [H, W] bool; target_feature: [256].
+    Returns (w: [3] summing to 1, loss per epoch).
+    """
+    shots = []
+    for image, mask in zip(encoded, masks):
+        prior = location_prior(sam, image.features, target_feature, image.input_size, image.original_size)
+        decoded = predict(sam, image, np.array([prior.positive_point()]), np.array([1]), multimask_output=True)
+        logits = decoded.high_res().flatten(1).detach()  # [3, H*W]
+        target = torch.as_tensor(mask, device=logits.device).float().unsqueeze(0).flatten(1)
+        shots.append((logits, target))
+
+    learned = torch.nn.Parameter(torch.ones(2, 1, device=target_feature.device) / 3)
+    optimizer = torch.optim.AdamW([learned], lr=learning_rate, eps=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    losses: list[float] = []
+    for epoch in range(epochs):
+        with torch.enable_grad():
+            weights = full_weights(learned)
+            loss = sum(_shot_loss(logits, target, weights) for logits, target in shots) / len(shots)
+            optimizer.zero_grad()
+            loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    return full_weights(learned).detach().cpu().numpy()[:, 0].astype(np.float32), losses
+
+
+@torch.no_grad()
+def segment_persam_f(sam: Sam, encoded: EncodedImage, concept: ConceptTensors) -> Result:
+    """PerSAM-F's cascade: weighted multimask decode, then two box refinements."""
+    if concept.mask_weights is None:
+        raise ValueError(f"concept {concept.concept.name!r} has no PerSAM-F mask weights")
+    prior = prior_for(sam, encoded, concept)
+    positive = prior.positive_point()
+    points, labels = np.array([positive]), np.array([1])
+
+    first = predict(sam, encoded, points, labels, multimask_output=True)
+    weights = concept.mask_weights.to(first.low_res).reshape(3, 1, 1)
+    mask = ((first.high_res() * weights).sum(0) > sam.mask_threshold).cpu().numpy()
+    low_res = (first.low_res * weights).sum(0)[None]  # [1, 256, 256]
+    box = tight_box(mask)
+    if box is None:  # empty weighted mask: nothing to refine (the reference crashes here)
+        score = float((first.scores * weights[:, 0, 0]).sum())
+        return Result(mask, score, prior.presence, positive)
+    second = predict(sam, encoded, points, labels, box_xyxy=box, mask_input=low_res, multimask_output=True)
+    mask, score, _, _ = refine_with_box(sam, encoded, points, labels, second, second.best_index())
+    return Result(mask, score, prior.presence, positive)

@@ -1,0 +1,70 @@
+"""Image -> SAM encoder input, exactly as `SamPredictor.set_image`; mask -> 64x64 grid.
+
+Resizing is split from normalising so that CPU workers can resize (the costly, lossy
+step) and ship uint8 arrays, and the model actor only normalises and pads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+ENCODER_SIZE = 1024
+GRID_SIZE = 64
+# The reference feeds a {0,128} mask (PerSeg's palette red) through SAM's pixel normalisation.
+REFERENCE_MASK_VALUE = 128
+
+
+@dataclass(frozen=True)
+class ResizedImage:
+    """An RGB image resized so its longest side is 1024 (SAM's ResizeLongestSide).
+
+    pixels: [h, w, 3] uint8 with max(h, w) == 1024; original_size: (H, W) before resizing.
+    """
+
+    pixels: np.ndarray
+    original_size: tuple[int, int]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
+
+
+def resize_longest_side(image: np.ndarray) -> ResizedImage:
+    """image: [H, W, 3] uint8 RGB -> ResizedImage (bit-identical to SamPredictor's resize)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
+    resized = ResizeLongestSide(ENCODER_SIZE).apply_image(image)
+    return ResizedImage(np.ascontiguousarray(resized), (int(image.shape[0]), int(image.shape[1])))
+
+
+def to_encoder_input(sam: Sam, resized: ResizedImage) -> torch.Tensor:
+    """-> [1, 3, 1024, 1024] float: SAM's normalise + zero pad (as `set_torch_image`)."""
+    pixels = torch.as_tensor(resized.pixels, device=sam.device).permute(2, 0, 1).contiguous()[None]
+    return sam.preprocess(pixels)
+
+
+def reference_mask_grid(mask: np.ndarray) -> torch.Tensor:
+    """mask: [H, W] bool -> [64, 64] bool, the grid cells the reference keeps.
+
+    The reference resizes the {0,128} mask like the image, normalises it with the red
+    channel's pixel mean/std, pads with 0, bilinear-resizes to 64x64 and keeps cells > 0.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"expected an [H, W] mask, got shape {mask.shape}")
+    scaled = mask.astype(np.uint8) * REFERENCE_MASK_VALUE
+    resized = ResizeLongestSide(ENCODER_SIZE).apply_image(scaled)  # [h, w] uint8
+    normalised = (torch.as_tensor(resized)[None, None] - PIXEL_MEAN_RED) / PIXEL_STD_RED
+    height, width = normalised.shape[-2:]
+    padded = F.pad(normalised, (0, ENCODER_SIZE - width, 0, ENCODER_SIZE - height))
+    grid = F.interpolate(padded, size=(GRID_SIZE, GRID_SIZE), mode="bilinear")
+    return grid[0, 0] > 0
+
+
+PIXEL_MEAN_RED = torch.tensor(123.675)
+PIXEL_STD_RED = torch.tensor(58.395)
