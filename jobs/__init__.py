@@ -1,0 +1,1 @@
+"""Thin Ray / storage shells around persam_core: listing, decoding, the actor, Parquet, CLI."""

@@ -1,0 +1,97 @@
+"""The `persam` command line (SPEC §4). Argument parsing and error reporting only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from persam_core.models import MODEL_TYPES
+
+MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
+CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
+
+
+def _storage_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise SystemExit("persam: --storage-options must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise SystemExit("persam: --storage-options must be a JSON object")
+    return value
+
+
+def _add_model(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+    # Model types are checked by the registry so the error lists the valid ones.
+    parser.add_argument("--model-type", required=True, help=MODEL_TYPE_HELP)
+    parser.add_argument("--checkpoint", required=checkpoint_required, default="random:0", help=CHECKPOINT_HELP)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fit = commands.add_parser("fit", help="learn a concept from reference image(s) + mask(s)")
+    _add_model(fit)
+    fit.add_argument("--image", action="append", required=True, help="reference image URL (repeat for several shots)")
+    fit.add_argument("--mask", action="append", required=True, help="its mask (any non-zero pixel is the object)")
+    fit.add_argument("--method", choices=("persam", "persam-f"), default="persam")
+    fit.add_argument("--name", required=True, help="concept name (a plain word)")
+    fit.add_argument("--out", required=True, help="concept file to write (JSON)")
+    fit.add_argument("--epochs", type=int, default=1000, help="PerSAM-F fitting epochs (default 1000)")
+
+    segment = commands.add_parser("segment", help="segment concepts in every image of --input (Ray Data job)")
+    _add_model(segment)
+    segment.add_argument("--concept", action="append", required=True, help="concept file or directory (repeatable)")
+    segment.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
+    segment.add_argument("--output", required=True, help="Parquet dataset directory (any fsspec URL)")
+    segment.add_argument("--batch-size", type=int, default=1, help="images per encoder batch")
+    segment.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    segment.add_argument("--shard-size", type=int, default=32, help="images per committed Parquet shard")
+    segment.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images become error rows")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    storage = _storage_options(args.storage_options)
+    if args.command == "fit":
+        from .fit import FitOptions, run_fit
+        from .runtime import resolve_device
+
+        if args.epochs < 1:
+            raise ValueError("--epochs must be at least 1")
+        run_fit(FitOptions(args.model_type, args.checkpoint, args.image, args.mask, args.method, args.name,
+                           args.out, args.epochs, resolve_device(args.device), storage))
+        return 0
+    if args.command == "segment":
+        from .segment import SegmentOptions, run_segment
+
+        if args.batch_size < 1 or (args.num_actors is not None and args.num_actors < 1):
+            raise ValueError("--batch-size and --num-actors must be at least 1")
+        summary = run_segment(SegmentOptions(
+            args.model_type, args.checkpoint, args.concept, args.input, args.output, args.device,
+            args.batch_size, args.num_actors, args.shard_size, args.max_pixels, storage))
+        print(summary.line())
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as error:  # our errors carry a one-line reason naming the file
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"persam {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""`persam fit`: reference image(s) + mask(s) -> a concept file."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import fsspec
+import numpy as np
+
+from persam_core.concept import Concept, ConceptError, persam_f_target_feature, persam_targets, reference_cells
+from persam_core.persam_f import fit_mask_weights
+from persam_core.predictor import encode_images
+from persam_core.preprocess import resize_longest_side
+
+from .checkpoints import load_model, random_weights_note, redact
+from .images import decode_image, decode_mask
+from .inputs import read_bytes
+
+
+@dataclass
+class FitOptions:
+    model_type: str
+    checkpoint: str
+    images: Sequence[str]
+    masks: Sequence[str]
+    method: str
+    name: str
+    out: str
+    epochs: int = 1000
+    device: str = "cpu"
+    storage_options: dict | None = None
+
+
+def _read(url: str, what: str, storage_options: dict | None) -> bytes:
+    try:
+        return read_bytes(url, storage_options)
+    except Exception as error:
+        raise ConceptError(f"{redact(url)}: cannot read the {what} ({type(error).__name__}); check the path") from None
+
+
+def _check_writable(out: str, storage_options: dict | None) -> None:
+    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    try:
+        fs.makedirs(parent, exist_ok=True)
+        probe = f"{path}.probe"
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as error:
+        raise ConceptError(f"{redact(out)}: --out is not writable ({type(error).__name__}); pass a writable path") from None
+
+
+def run_fit(options: FitOptions, log=print) -> Concept:
+    """Encode the shots, pool their kept cells, fit PerSAM-F if asked, write the concept."""
+    if len(options.images) != len(options.masks) or not options.images:
+        raise ConceptError("give one --mask for every --image (several pairs = several shots)")
+    if not options.name or any(ch in options.name for ch in "/\\\0") or options.name in (".", ".."):
+        raise ConceptError(f"--name {options.name!r}: use a plain name without '/', '\\\\' or '..'")
+    _check_writable(options.out, options.storage_options)
+    images = [decode_image(_read(u, "image", options.storage_options), redact(u)) for u in options.images]
+    masks = [decode_mask(_read(u, "mask", options.storage_options), redact(u)) for u in options.masks]
+    for mask, url in zip(masks, options.masks):
+        if mask.all():
+            log(f"warning: {redact(url)}: mask covers the whole image; the concept will be the whole scene")
+
+    model = load_model(options.model_type, options.checkpoint, options.storage_options)
+    note = random_weights_note(options.checkpoint)
+    if note:
+        log(f"note: {note}")
+    sam = model.sam.to(options.device)
+    started = time.perf_counter()
+    encoded = encode_images(sam, [resize_longest_side(image) for image in images])
+    cells = reference_cells(encoded, masks, [redact(u) for u in options.masks])
+    target_feature, target_embedding = persam_targets(cells)
+    weights = None
+    if options.method == "persam-f":
+        target_feature = persam_f_target_feature(cells)
+        fit_started = time.perf_counter()
+        weights, losses = fit_mask_weights(sam, encoded, masks, target_feature, epochs=options.epochs)
+        log(
+            f"PerSAM-F: {options.epochs} epochs in {time.perf_counter() - fit_started:.1f} s, "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, weights {np.round(weights, 4).tolist()}"
+        )
+    concept = Concept(
+        name=options.name,
+        method=options.method,
+        target_feature=target_feature.detach().cpu().numpy().astype(np.float32),
+        target_embedding=target_embedding.detach().cpu().numpy().astype(np.float32),
+        model_fingerprint=model.fingerprint,
+        mask_weights=weights,
+        references=tuple(redact(u) for u in options.images),
+    )
+    with fsspec.open(options.out, "w", **(options.storage_options or {})) as handle:
+        handle.write(concept.to_json())
+    log(f"concept {concept.name!r} ({concept.method}, {len(images)} shot(s), {cells.shape[0]} grid cells) "
+        f"-> {redact(options.out)} in {time.perf_counter() - started:.1f} s")
+    return concept
+

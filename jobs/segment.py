@@ -1,0 +1,161 @@
+"""`persam segment`: the Ray Data job.
+
+    list inputs -> shards (stable hash) -> decode+resize (CPU tasks) -> SegmentActor
+    (encode once, decode every concept) -> commit one Parquet file per shard (atomic)
+
+Committed shards are skipped on a rerun (see commit.py for the protocol).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import fsspec
+
+from persam_core.concept import Concept, ConceptError
+
+from . import commit
+from .checkpoints import load_model, random_weights_note, redact
+from .inputs import InputError, list_image_urls
+from .runtime import actor_resources, local_cluster, resolve_device, start_ray
+from .worker import SegmentActor, decode_shard_row, ipc_to_table
+
+
+@dataclass
+class SegmentOptions:
+    model_type: str
+    checkpoint: str
+    concepts: list[str]
+    input: str
+    output: str
+    device: str = "auto"
+    batch_size: int = 1
+    num_actors: int | None = None
+    shard_size: int = commit.DEFAULT_SHARD_SIZE
+    max_pixels: int = 100_000_000
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class SegmentSummary:
+    images: int
+    rows: int
+    error_rows: int
+    shards_run: int
+    shards_skipped: int
+    output: str
+    seconds: float
+
+    def line(self) -> str:
+        return (
+            f"done: {self.images} images, {self.rows} rows, {self.error_rows} error rows, "
+            f"{self.shards_run} shards written ({self.shards_skipped} already committed) "
+            f"-> {self.output} in {self.seconds:.1f} s"
+        )
+
+
+def read_concepts(paths: list[str], storage_options: dict) -> list[Concept]:
+    """Concept files (or directories of *.json) -> concepts, names unique."""
+    files: list[str] = []
+    for path in paths:
+        fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        files.extend(sorted(fs.glob(f"{root.rstrip('/')}/*.json")) if fs.isdir(root) else [path])
+    concepts = []
+    for path in files:
+        try:
+            with fsspec.open(path, "rb", **storage_options) as handle:
+                text = handle.read(1 << 20).decode("utf-8", errors="replace")
+        except (OSError, ValueError) as error:
+            raise ConceptError(f"{redact(path)}: cannot read concept file ({type(error).__name__}); pass a file written by `persam fit`") from None
+        concepts.append(Concept.from_json(text, source=redact(path)))
+    names = [c.name for c in concepts]
+    if not concepts:
+        raise ConceptError("no concept given: pass --concept FILE (written by `persam fit`)")
+    if len(set(names)) != len(names):
+        raise ConceptError(f"concept names must be unique, got {names}")
+    return concepts
+
+
+def plan_shards(urls: list[str], num_shards: int, committed: set[int]) -> list[dict]:
+    groups: dict[int, list[str]] = {}
+    for url in urls:
+        groups.setdefault(commit.shard_of(url, num_shards), []).append(url)
+    return [{"shard": s, "urls": sorted(u)} for s, u in sorted(groups.items()) if s not in committed]
+
+
+def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
+    started = time.perf_counter()
+    device = resolve_device(options.device)
+    concepts = read_concepts(options.concepts, options.storage_options)
+    model = load_model(options.model_type, options.checkpoint, options.storage_options)
+    for concept in concepts:
+        concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")
+    del model  # the actors load their own copy; the driver only checked the fingerprint
+    note = random_weights_note(options.checkpoint)
+    if note:
+        log(f"note: {note}")
+
+    urls = list(dict.fromkeys(list_image_urls(options.input, options.storage_options)))
+    if not urls:
+        raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
+    record = commit.JobRecord(commit.shard_count(len(urls), options.shard_size), tuple(c.name for c in concepts), concepts[0].model_fingerprint)
+    record, committed = commit.open_job(options.output, record, options.storage_options)
+    shards = plan_shards(urls, record.num_shards, committed)
+    skipped = len({commit.shard_of(u, record.num_shards) for u in urls} & committed)
+    log(f"{len(urls)} images x {len(concepts)} concepts; {len(shards)} shards to run, {skipped} already committed")
+    if not shards:
+        return SegmentSummary(len(urls), 0, 0, 0, skipped, redact(options.output), time.perf_counter() - started)
+
+    import ray
+
+    started_ray = start_ray()
+    try:
+        rows, errors, images = _run_pipeline(ray, options, device, concepts, shards, record.model_fingerprint)
+    finally:
+        if started_ray and local_cluster():
+            ray.shutdown()
+    return SegmentSummary(images, rows, errors, len(shards), skipped, redact(options.output), time.perf_counter() - started)
+
+
+def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, fingerprint: str):
+    if options.num_actors:
+        num_actors = options.num_actors
+    else:  # one actor per GPU on a cluster; one CPU actor locally (it uses every core)
+        num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if device == "cuda" else 1
+    resources = actor_resources(num_actors, device)
+    threads = max(1, int(resources.get("num_cpus", 1) + 0.999)) if not local_cluster() else max(1, (os.cpu_count() or 1) // num_actors)
+    concepts_ref = ray.put([c.to_json() for c in concepts])
+    output, storage = options.output, options.storage_options
+
+    def commit_row(row: dict) -> dict:
+        table = ipc_to_table(row["table"])
+        commit.commit_shard(output, int(row["shard"]), table, storage)
+        errors = sum(1 for e in table.column("error").to_pylist() if e is not None)
+        return {"shard": int(row["shard"]), "rows": table.num_rows, "errors": errors,
+                "images": len(set(table.column("image_uri").to_pylist()))}
+
+    dataset = (
+        ray.data.from_items(shards, override_num_blocks=len(shards))
+        .map(decode_shard_row, fn_kwargs={"storage_options": storage, "max_pixels": options.max_pixels}, num_cpus=1, max_retries=3)
+        .map_batches(
+            SegmentActor,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            fn_constructor_kwargs={
+                "model_type": options.model_type, "checkpoint": options.checkpoint,
+                "expected_fingerprint": fingerprint, "concepts_box": [concepts_ref], "device": device,
+                "batch_size": options.batch_size, "threads": threads, "storage_options": storage,
+            },
+            max_restarts=3, max_task_retries=3,
+            **resources,
+        )
+        .map(commit_row, num_cpus=0.5, max_retries=3)
+    )
+    rows = errors = images = 0
+    for result in dataset.iter_rows():
+        rows, errors, images = rows + result["rows"], errors + result["errors"], images + result["images"]
+        print(f"  shard {result['shard']:05d}: {result['images']} images, {result['rows']} rows committed", file=sys.stderr)
+    return rows, errors, images
