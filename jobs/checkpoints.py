@@ -86,7 +86,7 @@ def fetch(url: str, storage_options: dict | None = None) -> Path:
                         sink.write(block)
             except Exception as error:
                 partial.unlink(missing_ok=True)
-                raise ModelError(f"{redact(url)}: download failed ({type(error).__name__}); check the URL and credentials") from None
+                raise ModelError(f"{redact(url)}: cannot download ({type(error).__name__}); check the URL, the network and credentials") from None
             expected = _expected_sha256(name)
             if expected is not None and _sha256(partial) != expected:
                 partial.unlink(missing_ok=True)

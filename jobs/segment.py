@@ -8,12 +8,14 @@ Committed shards are skipped on a rerun (see commit.py for the protocol).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import fsspec
+from tqdm import tqdm
 
 from persam_core.concept import Concept, ConceptError
 
@@ -127,6 +129,9 @@ def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, f
         num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if device == "cuda" else 1
     resources = actor_resources(num_actors, device)
     threads = max(1, int(resources.get("num_cpus", 1) + 0.999)) if not local_cluster() else max(1, (os.cpu_count() or 1) // num_actors)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one image-level bar below instead of per-operator logs
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     concepts_ref = ray.put([c.to_json() for c in concepts])
     output, storage = options.output, options.storage_options
 
@@ -137,9 +142,10 @@ def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, f
         return {"shard": int(row["shard"]), "rows": table.num_rows, "errors": errors,
                 "images": len(set(table.column("image_uri").to_pylist()))}
 
+    # Ray Data restarts killed actors and retries their tasks by default (max_restarts=-1).
     dataset = (
         ray.data.from_items(shards, override_num_blocks=len(shards))
-        .map(decode_shard_row, fn_kwargs={"storage_options": storage, "max_pixels": options.max_pixels}, num_cpus=1, max_retries=3)
+        .map(decode_shard_row, fn_kwargs={"storage_options": storage, "max_pixels": options.max_pixels}, num_cpus=1)
         .map_batches(
             SegmentActor,
             batch_size=1,
@@ -149,13 +155,15 @@ def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, f
                 "expected_fingerprint": fingerprint, "concepts_box": [concepts_ref], "device": device,
                 "batch_size": options.batch_size, "threads": threads, "storage_options": storage,
             },
-            max_restarts=3, max_task_retries=3,
             **resources,
         )
-        .map(commit_row, num_cpus=0.5, max_retries=3)
+        .map(commit_row, num_cpus=0.5)
     )
     rows = errors = images = 0
-    for result in dataset.iter_rows():
-        rows, errors, images = rows + result["rows"], errors + result["errors"], images + result["images"]
-        print(f"  shard {result['shard']:05d}: {result['images']} images, {result['rows']} rows committed", file=sys.stderr)
+    total = sum(len(s["urls"]) for s in shards)
+    with tqdm(total=total, unit="img", desc="segment", file=sys.stderr, mininterval=1.0) as progress:
+        for result in dataset.iter_rows():
+            rows, errors, images = rows + result["rows"], errors + result["errors"], images + result["images"]
+            progress.update(result["images"])
+            progress.set_postfix(shards=f"{result['shard']:05d}", rows=rows, errors=errors, refresh=False)
     return rows, errors, images
