@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
     segment.add_argument("--shard-size", type=int, default=32, help="images per committed Parquet shard")
     segment.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images become error rows")
+    bench = commands.add_parser("bench", help="time encoder, PerSAM, PerSAM-F, K concepts and the reference loop")
+    _add_model(bench, checkpoint_required=False)
+    bench.add_argument("--images", type=int, required=True, help="generated images to time")
+    bench.add_argument("--concepts", type=int, default=8, help="K concepts per image")
+    bench.add_argument("--epochs", type=int, default=1000, help="PerSAM-F fit epochs to time")
+    bench.add_argument("--json", action="store_true", help="last line: one JSON object")
     return parser
 
 
@@ -79,6 +85,15 @@ def _run(args: argparse.Namespace) -> int:
             args.model_type, args.checkpoint, args.concept, args.input, args.output, args.device,
             args.batch_size, args.num_actors, args.shard_size, args.max_pixels, storage))
         print(summary.line())
+        return 0
+    if args.command == "bench":
+        from .bench import print_bench, run_bench
+        from .runtime import resolve_device
+
+        if args.images < 1 or args.concepts < 1:
+            raise ValueError("--images and --concepts must be at least 1")
+        print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts,
+                              resolve_device(args.device), args.epochs), args.json)
         return 0
     raise AssertionError(args.command)
 

@@ -26,6 +26,9 @@ from .runtime import actor_resources, local_cluster, resolve_device, start_ray
 from .worker import SegmentActor, decode_shard_row, ipc_to_table
 
 
+DECODE_TASK_MEMORY_BYTES = 512 * 2**20
+
+
 @dataclass
 class SegmentOptions:
     model_type: str
@@ -145,7 +148,11 @@ def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, f
     # Ray Data restarts killed actors and retries their tasks by default (max_restarts=-1).
     dataset = (
         ray.data.from_items(shards, override_num_blocks=len(shards))
-        .map(decode_shard_row, fn_kwargs={"storage_options": storage, "max_pixels": options.max_pixels}, num_cpus=1)
+        # Decode on CPU tasks of their own. Their memory reservation (a decoded shard is
+        # large) also keeps Ray Data from fusing them into the actor, where JPEG decoding
+        # would stall the model.
+        .map(decode_shard_row, fn_kwargs={"storage_options": storage, "max_pixels": options.max_pixels},
+             num_cpus=1, memory=DECODE_TASK_MEMORY_BYTES)
         .map_batches(
             SegmentActor,
             batch_size=1,

@@ -2,9 +2,8 @@
 
 Reference: github.com/ZrrSkywalker/Personalize-SAM (persam.py, persam_f.py,
 per_segment_anything/predictor.py, modeling/transformer.py, modeling/mask_decoder.py).
-Each `_ref_*` function is the body of the reference method of that name, with `self`
-the matching module instance of a segment_anything `Sam` (same classes and parameters),
-so nothing in persam_core is reused and no weights are copied.
+Each `_ref_*` function is the body of the reference method of that name, `self` being the
+matching module of a segment_anything `Sam`; nothing in persam_core is used.
 
 Kept literal on purpose, quirks included:
   - `queries += target_embedding` is in place on the tensor that is also `point_embedding`,
@@ -47,15 +46,10 @@ REFERENCE = Quirks()
 
 
 def _ref_attention(self, q, k, v, attn_sim=None, quirks: Quirks = REFERENCE) -> Tensor:
-    q = self.q_proj(q)
-    k = self.k_proj(k)
-    v = self.v_proj(v)
-    q = self._separate_heads(q, self.num_heads)
-    k = self._separate_heads(k, self.num_heads)
-    v = self._separate_heads(v, self.num_heads)
-    _, _, _, c_per_head = q.shape
-    attn = q @ k.permute(0, 1, 3, 2)
-    attn = attn / math.sqrt(c_per_head)
+    q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+    q, k, v = (self._separate_heads(x, self.num_heads) for x in (q, k, v))
+    attn = q @ k.permute(0, 1, 3, 2)  # B x N_heads x N_tokens x N_tokens
+    attn = attn / math.sqrt(q.shape[-1])
     if attn_sim is not None and not quirks.double_softmax:
         attn = torch.softmax(attn + attn_sim, dim=-1)  # variant: the bias on the logits
     else:
@@ -63,9 +57,7 @@ def _ref_attention(self, q, k, v, attn_sim=None, quirks: Quirks = REFERENCE) -> 
         if attn_sim is not None:
             attn = attn + attn_sim
             attn = torch.softmax(attn, dim=-1)
-    out = attn @ v
-    out = self._recombine_heads(out)
-    return self.out_proj(out)
+    return self.out_proj(self._recombine_heads(attn @ v))
 
 
 def _ref_block(self, queries, keys, query_pe, key_pe, attn_sim, quirks: Quirks) -> tuple[Tensor, Tensor]:
@@ -76,17 +68,12 @@ def _ref_block(self, queries, keys, query_pe, key_pe, attn_sim, quirks: Quirks) 
         attn_out = _ref_attention(self.self_attn, q=q, k=q, v=queries)
         queries = queries + attn_out
     queries = self.norm1(queries)
-
     q = queries + query_pe
     k = keys + key_pe
     attn_out = _ref_attention(self.cross_attn_token_to_image, q=q, k=k, v=keys, attn_sim=attn_sim, quirks=quirks)
     queries = queries + attn_out
     queries = self.norm2(queries)
-
-    mlp_out = self.mlp(queries)
-    queries = queries + mlp_out
-    queries = self.norm3(queries)
-
+    queries = self.norm3(queries + self.mlp(queries))
     q = queries + query_pe
     k = keys + key_pe
     attn_out = _ref_attention(self.cross_attn_image_to_token, q=k, k=q, v=queries)
@@ -101,7 +88,6 @@ def _ref_transformer(
     bs, c, h, w = image_embedding.shape
     image_embedding = image_embedding.flatten(2).permute(0, 2, 1)
     image_pe = image_pe.flatten(2).permute(0, 2, 1)
-
     queries = point_embedding
     keys = image_embedding
     for layer in self.layers:
@@ -111,15 +97,12 @@ def _ref_transformer(
             else:
                 queries = queries + target_embedding
         queries, keys = _ref_block(layer, queries, keys, point_embedding, image_pe, attn_sim, quirks)
-
     q = queries + point_embedding
     k = keys + image_pe
     if target_embedding is not None:
         q += target_embedding
     attn_out = _ref_attention(self.final_attn_token_to_image, q=q, k=k, v=keys)
-    queries = queries + attn_out
-    queries = self.norm_final_attn(queries)
-    return queries, keys
+    return self.norm_final_attn(queries + attn_out), keys
 
 
 # ---- modeling/mask_decoder.py ---------------------------------------------------------
@@ -132,24 +115,19 @@ def _ref_predict_masks(
     output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
     output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
     tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
-
     src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0)
     src = src + dense_prompt_embeddings
     pos_src = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
     b, c, h, w = src.shape
-
     hs, src = _ref_transformer(self.transformer, src, pos_src, tokens, attn_sim, target_embedding, quirks)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1 : (1 + self.num_mask_tokens), :]
-
+    iou_token_out, mask_tokens_out = hs[:, 0, :], hs[:, 1 : (1 + self.num_mask_tokens), :]
     src = src.transpose(1, 2).view(b, c, h, w)
     upscaled_embedding = self.output_upscaling(src)
     hyper_in_list = [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(self.num_mask_tokens)]
     hyper_in = torch.stack(hyper_in_list, dim=1)
     b, c, h, w = upscaled_embedding.shape
     masks = (hyper_in @ upscaled_embedding.view(b, c, h * w)).view(b, -1, h, w)
-    iou_pred = self.iou_prediction_head(iou_token_out)
-    return masks, iou_pred
+    return masks, self.iou_prediction_head(iou_token_out)
 
 
 # ---- predictor.py ---------------------------------------------------------------------
@@ -157,23 +135,12 @@ def _ref_predict_masks(
 
 @torch.no_grad()
 def reference_predict(
-    sam: Sam,
-    features: Tensor,
-    original_size: tuple[int, int],
-    input_size: tuple[int, int],
-    point_coords: np.ndarray | None,
-    point_labels: np.ndarray | None,
-    box: np.ndarray | None = None,
-    mask_input: np.ndarray | None = None,
-    multimask_output: bool = True,
-    attn_sim: Tensor | None = None,
-    target_embedding: Tensor | None = None,
-    quirks: Quirks = REFERENCE,
+    sam: Sam, features: Tensor, original_size: tuple[int, int], input_size: tuple[int, int],
+    point_coords: np.ndarray | None, point_labels: np.ndarray | None, box: np.ndarray | None = None,
+    mask_input: np.ndarray | None = None, multimask_output: bool = True, attn_sim: Tensor | None = None,
+    target_embedding: Tensor | None = None, quirks: Quirks = REFERENCE,
 ) -> Prediction:
-    """The reference's SamPredictor.predict over features [1, 256, 64, 64].
-
-    -> (masks [C, H, W] bool, scores [C], low-res logits [C, 256, 256], high-res logits [C, H, W]).
-    """
+    """Reference SamPredictor.predict on features [1, 256, 64, 64] -> (masks, scores, low, high)."""
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     coords_torch, labels_torch, box_torch, mask_input_torch = None, None, None, None
     if point_coords is not None:
@@ -185,7 +152,6 @@ def reference_predict(
         box_torch = torch.as_tensor(box, dtype=torch.float, device=sam.device)[None, :]
     if mask_input is not None:
         mask_input_torch = torch.as_tensor(mask_input, dtype=torch.float, device=sam.device)[None, :, :, :]
-
     points = (coords_torch, labels_torch) if coords_torch is not None else None
     sparse, dense = sam.prompt_encoder(points=points, boxes=box_torch, masks=mask_input_torch)
     masks, iou_pred = _ref_predict_masks(
@@ -195,13 +161,8 @@ def reference_predict(
     mask_slice = slice(1, None) if multimask_output else slice(0, 1)
     low_res_masks, iou_predictions = masks[:, mask_slice, :, :], iou_pred[:, mask_slice]
     high_res_masks = sam.postprocess_masks(low_res_masks, input_size, original_size)
-    binary = high_res_masks > sam.mask_threshold
-    return (
-        binary[0].cpu().numpy(),
-        iou_predictions[0].cpu().numpy(),
-        low_res_masks[0].cpu().numpy(),
-        high_res_masks[0],
-    )
+    masks = (high_res_masks > sam.mask_threshold)[0].cpu().numpy()
+    return masks, iou_predictions[0].cpu().numpy(), low_res_masks[0].cpu().numpy(), high_res_masks[0]
 
 
 def reference_mask_input(sam: Sam, mask: np.ndarray) -> Tensor:
@@ -219,11 +180,8 @@ def reference_mask_grid(sam: Sam, mask: np.ndarray) -> Tensor:
 
 
 class ReferencePredictor:
-    """The reference predictor's state: set_image(image, mask) then predict(...).
-
-    Encodes with segment_anything's SamPredictor unless `encode` is given (a test's
-    cache, so that a slow encoder runs once per image).
-    """
+    """The reference predictor's state. Encodes with segment_anything's SamPredictor unless
+    `encode` is given (a test's cache, so that a slow encoder runs once per image)."""
 
     def __init__(self, sam: Sam, encode: Encoder | None = None) -> None:
         self.model = sam
@@ -279,10 +237,8 @@ def _reference_cells(predictor: ReferencePredictor, image: np.ndarray, mask: np.
 def _similarity(predictor: ReferencePredictor, target_feat: Tensor) -> Tensor:
     test_feat = predictor.features.squeeze()
     C, h, w = test_feat.shape
-    test_feat = test_feat / test_feat.norm(dim=0, keepdim=True)
-    test_feat = test_feat.reshape(C, h * w)
-    sim = target_feat @ test_feat
-    sim = sim.reshape(1, 1, h, w)
+    test_feat = (test_feat / test_feat.norm(dim=0, keepdim=True)).reshape(C, h * w)
+    sim = (target_feat @ test_feat).reshape(1, 1, h, w)
     sim = F.interpolate(sim, scale_factor=4, mode="bilinear")
     return predictor.model.postprocess_masks(
         sim, input_size=predictor.input_size, original_size=predictor.original_size
@@ -306,10 +262,6 @@ class RefResult:
     losses: list[float] | None = None
 
 
-def _xy(row: np.ndarray) -> tuple[int, int]:
-    return int(row[0]), int(row[1])
-
-
 @torch.no_grad()
 def reference_persam_many(
     sam: Sam, ref_image: np.ndarray, ref_mask: np.ndarray, test_images: Sequence[np.ndarray],
@@ -322,7 +274,6 @@ def reference_persam_many(
     target_embedding = target_feat.mean(0).unsqueeze(0)
     target_feat = target_embedding / target_embedding.norm(dim=-1, keepdim=True)
     target_embedding = target_embedding.unsqueeze(0)
-
     results = []
     for test_image in test_images:
         predictor.set_image(test_image)
@@ -330,11 +281,9 @@ def reference_persam_many(
         topk_xy_i, topk_label_i, last_xy_i, last_label_i = point_selection(sim, topk=1)
         topk_xy = np.concatenate([topk_xy_i, last_xy_i], axis=0)
         topk_label = np.concatenate([topk_label_i, last_label_i], axis=0)
-
         sim = (sim - sim.mean()) / torch.std(sim)
         sim = F.interpolate(sim.unsqueeze(0).unsqueeze(0), size=(64, 64), mode="bilinear")
         attn_sim = sim.sigmoid_().unsqueeze(0).flatten(3)
-
         masks, scores, logits, _ = predictor.predict(
             topk_xy, topk_label, multimask_output=False, attn_sim=attn_sim, target_embedding=target_embedding
         )
@@ -349,7 +298,8 @@ def reference_persam_many(
             multimask_output=True,
         )
         best_idx = np.argmax(scores)
-        results.append(RefResult(masks[best_idx], float(scores[best_idx]), _xy(topk_xy[0]), _xy(topk_xy[1])))
+        point, negative = tuple(topk_xy[0].tolist()), tuple(topk_xy[1].tolist())
+        results.append(RefResult(masks[best_idx], float(scores[best_idx]), point, negative))
     return results
 
 
@@ -361,8 +311,7 @@ def reference_persam(
 
 
 def calculate_dice_loss(inputs: Tensor, targets: Tensor, num_masks: int = 1) -> Tensor:
-    inputs = inputs.sigmoid()
-    inputs = inputs.flatten(1)
+    inputs = inputs.sigmoid().flatten(1)
     numerator = 2 * (inputs * targets).sum(-1)
     denominator = inputs.sum(-1) + targets.sum(-1)
     loss = 1 - (numerator + 1) / (denominator + 1)
@@ -375,8 +324,7 @@ def calculate_sigmoid_focal_loss(inputs, targets, num_masks: int = 1, alpha: flo
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce_loss * ((1 - p_t) ** gamma)
     if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss.mean(1).sum() / num_masks
 
 
@@ -384,20 +332,14 @@ def reference_persam_f_many(
     sam: Sam, ref_image: np.ndarray, ref_mask: np.ndarray, test_images: Sequence[np.ndarray], epochs: int,
     encode: Encoder | None = None, lr: float = 1e-3,
 ) -> list[RefResult]:
-    """persam_f.py: fit the weights on the reference (a decode per epoch), then segment.
-
-    The reference also sets requires_grad=False on SAM; its decode runs under no_grad, so
-    that changes no number and is skipped here (the model is shared between tests).
-    """
+    """persam_f.py: fit the weights on the reference (a decode per epoch), then segment. Its
+    requires_grad=False on SAM changes no number (decodes run under no_grad): skipped."""
     predictor = ReferencePredictor(sam, encode)
-    gt_mask = torch.tensor(ref_mask)[:, :, 0] > 0
-    gt_mask = gt_mask.float().unsqueeze(0).flatten(1)
+    gt_mask = (torch.tensor(ref_mask)[:, :, 0] > 0).float().unsqueeze(0).flatten(1)
     ref_feat, keep = _reference_cells(predictor, ref_image, ref_mask)
     target_feat = ref_feat[keep]
-    target_feat_mean = target_feat.mean(0)
-    target_feat_max = torch.max(target_feat, dim=0)[0]
+    target_feat_mean, target_feat_max = target_feat.mean(0), torch.max(target_feat, dim=0)[0]
     target_feat = (target_feat_max / 2 + target_feat_mean / 2).unsqueeze(0)
-
     h, w, C = ref_feat.shape
     target_feat = target_feat / target_feat.norm(dim=-1, keepdim=True)
     ref_feat = ref_feat / ref_feat.norm(dim=-1, keepdim=True)
@@ -406,7 +348,6 @@ def reference_persam_f_many(
     sim = F.interpolate(sim, scale_factor=4, mode="bilinear")
     sim = sam.postprocess_masks(sim, input_size=predictor.input_size, original_size=predictor.original_size).squeeze()
     topk_xy, topk_label, _, _ = point_selection(sim, topk=1)
-
     mask_weights = torch.nn.Parameter(torch.ones(2, 1) / 3)  # Mask_Weights.weights
     optimizer = torch.optim.AdamW([mask_weights], lr=lr, eps=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
@@ -415,15 +356,13 @@ def reference_persam_f_many(
         masks, scores, logits, logits_high = predictor.predict(topk_xy, topk_label, multimask_output=True)
         logits_high = logits_high.flatten(1)
         weights = torch.cat((1 - mask_weights.sum(0).unsqueeze(0), mask_weights), dim=0)
-        logits_high = logits_high * weights
-        logits_high = logits_high.sum(0).unsqueeze(0)
+        logits_high = (logits_high * weights).sum(0).unsqueeze(0)
         loss = calculate_dice_loss(logits_high, gt_mask) + calculate_sigmoid_focal_loss(logits_high, gt_mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
-
     weights = torch.cat((1 - mask_weights.sum(0).unsqueeze(0), mask_weights), dim=0).detach()
     weights_np = weights.cpu().numpy()
     return [_persam_f_segment(predictor, target_feat, weights, weights_np, image, losses) for image in test_images]
@@ -434,14 +373,9 @@ def _persam_f_segment(predictor, target_feat, weights, weights_np, test_image, l
     predictor.set_image(test_image)
     sim = _similarity(predictor, target_feat)
     topk_xy, topk_label, _, _ = point_selection(sim, topk=1)
-
     masks, scores, logits, logits_high = predictor.predict(topk_xy, topk_label, multimask_output=True)
-    logits_high = logits_high * weights.unsqueeze(-1)
-    logit_high = logits_high.sum(0)
-    mask = (logit_high > 0).detach().cpu().numpy()
-    logits = logits * weights_np[..., None]
-    logit = logits.sum(0)
-
+    mask = ((logits_high * weights.unsqueeze(-1)).sum(0) > 0).detach().cpu().numpy()
+    logit = (logits * weights_np[..., None]).sum(0)
     input_box = _box(mask)
     masks, scores, logits, _ = predictor.predict(
         topk_xy, topk_label, box=input_box[None, :], mask_input=logit[None, :, :], multimask_output=True
@@ -453,7 +387,7 @@ def _persam_f_segment(predictor, target_feat, weights, weights_np, test_image, l
         multimask_output=True,
     )
     best_idx = np.argmax(scores)
-    return RefResult(masks[best_idx], float(scores[best_idx]), _xy(topk_xy[0]),
+    return RefResult(masks[best_idx], float(scores[best_idx]), tuple(topk_xy[0].tolist()),
                      weights=weights_np[:, 0].copy(), losses=list(losses))
 
 

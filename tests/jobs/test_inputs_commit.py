@@ -1,0 +1,245 @@
+"""jobs.inputs (--input listing) and jobs.commit (the shard commit protocol), without Ray."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import commit
+from jobs.inputs import InputError, is_image_name, list_image_urls
+from jobs.schema import MASK_SCHEMA, rows_to_table
+
+# ---------------------------------------------------------------------------- inputs
+
+# Relative paths, deliberately created out of order; the ones after None are not images.
+IMAGES = [
+    "z.jpg", "A.JPG", "m.Png", "c.jpeg", "d.webp", "e.bmp", "f.tif", "g.TIFF",
+    "b_dir/y.png", "b_dir/x.JPEG", "a_dir/sub/deep.jpg", "a_dir/k.jpg",
+]
+NOT_IMAGES = ["notes.txt", "meta.json", "README", "photo.jpg.bak", "a_dir/labels.csv", "b_dir/.DS_Store", "c_dir/x.gif"]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "lake"
+    for relative in IMAGES + NOT_IMAGES:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    return root
+
+
+def expected_walk_order(root) -> list[str]:
+    """Files of a directory (sorted) before its subdirectories (sorted, depth first)."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories.sort()
+        found.extend(os.path.join(directory, name) for name in sorted(files) if is_image_name(name))
+    return found
+
+
+def test_directory_listing_is_recursive_case_insensitive_and_sorted(tree):
+    urls = list(list_image_urls(str(tree)))
+    assert sorted(os.path.relpath(u, tree) for u in urls) == sorted(IMAGES)
+    assert urls == expected_walk_order(tree)
+    assert urls == list(list_image_urls(str(tree) + "/"))  # a trailing slash changes nothing
+    assert urls == list(list_image_urls(str(tree)))  # deterministic
+
+
+def test_relative_directory_gives_absolute_paths(tree, monkeypatch):
+    monkeypatch.chdir(tree.parent)
+    urls = list(list_image_urls("lake"))
+    assert urls == expected_walk_order(tree)
+    assert all(os.path.isabs(u) for u in urls)
+
+
+def test_file_url_keeps_its_protocol(tree):
+    urls = list(list_image_urls(f"file://{tree}"))
+    assert urls == [f"file://{u}" for u in expected_walk_order(tree)]
+
+
+def test_single_file_input(tree):
+    assert list(list_image_urls(str(tree / "z.jpg"))) == [str(tree / "z.jpg")]
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        list(list_image_urls(str(tmp_path / "nowhere")))
+
+
+def test_glob(tree):
+    urls = list(list_image_urls(f"{tree}/*"))
+    top_level = sorted(str(tree / name) for name in IMAGES if "/" not in name)
+    assert urls == top_level  # directories and non-images are skipped, order is sorted
+    deep = list(list_image_urls(f"{tree}/**/*.jpg"))
+    assert str(tree / "a_dir/sub/deep.jpg") in deep and str(tree / "a_dir/k.jpg") in deep
+    assert deep == sorted(deep)
+
+
+def test_txt_manifest(tmp_path):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("# images to label\ns3://b/one.jpg\n\n  /data/two.png  \ngs://c/three.webp\n")
+    assert list(list_image_urls(str(manifest))) == ["s3://b/one.jpg", "/data/two.png", "gs://c/three.webp"]
+
+
+def test_csv_manifest_with_a_url_column(tmp_path):
+    manifest = tmp_path / "list.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "image_uri", "label"])
+        writer.writerows([[1, "s3://b/one.jpg", "cat"], [2, "s3://b/two, with comma.jpg", "dog"], [3, "", "x"]])
+    assert list(list_image_urls(str(manifest))) == ["s3://b/one.jpg", "s3://b/two, with comma.jpg"]
+
+
+def test_csv_manifest_without_header(tmp_path):
+    manifest = tmp_path / "LIST.CSV"
+    manifest.write_text("s3://b/one.jpg,10\ns3://b/two.jpg,20\n")
+    assert list(list_image_urls(str(manifest))) == ["s3://b/one.jpg", "s3://b/two.jpg"]
+
+
+@pytest.mark.parametrize("column", ["image_uri", "uri", "url", "path"])
+def test_parquet_manifest(tmp_path, column):
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"size": [1, 2, 3], column: ["s3://b/1.jpg", None, "s3://b/3.png"]}), manifest)
+    assert list(list_image_urls(str(manifest))) == ["s3://b/1.jpg", "s3://b/3.png"]
+
+
+def test_parquet_manifest_falls_back_to_the_first_column(tmp_path):
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"key": ["a.jpg", "b.jpg"], "other": [1, 2]}), manifest)
+    assert list(list_image_urls(str(manifest))) == ["a.jpg", "b.jpg"]
+
+
+def test_masks_output_is_a_valid_manifest(tmp_path):
+    """A previous job's Parquet (image_uri column) can drive the next one."""
+    manifest = tmp_path / "previous.parquet"
+    rows = [{"image_uri": f"s3://b/{i}.jpg", "concept": "cat", "area": 0} for i in range(3)]
+    pq.write_table(rows_to_table(rows), manifest)
+    assert list(list_image_urls(str(manifest))) == [f"s3://b/{i}.jpg" for i in range(3)]
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def test_shard_of_is_a_stable_hash():
+    # Pinned values: changing the hash would regroup every existing job's shards on resume.
+    assert commit.shard_of("s3://bucket/images/000001.jpg", 1000) == 527
+    assert commit.shard_of("/data/a.png", 7) == 3
+    url = "gs://lake/x/y.tif"
+    expected = int.from_bytes(hashlib.sha1(url.encode()).digest()[:8], "big") % 13
+    assert commit.shard_of(url, 13) == expected
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 7, 1000, 123_457])
+def test_shard_of_is_in_range_and_spread(num_shards):
+    urls = [f"s3://bucket/img/{i:06d}.jpg" for i in range(2000)]
+    shards = [commit.shard_of(url, num_shards) for url in urls]
+    assert all(0 <= shard < num_shards for shard in shards)
+    if num_shards <= 7:
+        assert set(shards) == set(range(num_shards))  # every shard gets images
+        counts = [shards.count(s) for s in range(num_shards)]
+        assert max(counts) < 2 * min(counts)
+
+
+def test_shard_count():
+    assert commit.shard_count(0, 32) == 1
+    assert commit.shard_count(1, 32) == 1
+    assert commit.shard_count(32, 32) == 1
+    assert commit.shard_count(33, 32) == 2
+    assert commit.shard_count(10, 0) == 10  # a non-positive shard size means one image per shard
+
+
+def test_publish_bytes_local_is_atomic_and_leaves_no_temp_files(tmp_path):
+    fs = fsspec.filesystem("file")
+    target = tmp_path / "deep" / "dir" / "part-00001.parquet"
+    commit.publish_bytes(fs, str(target), b"first")
+    assert target.read_bytes() == b"first"
+    commit.publish_bytes(fs, str(target), b"second version")
+    assert target.read_bytes() == b"second version"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["part-00001.parquet"]
+
+
+def test_publish_bytes_object_store():
+    fs = fsspec.filesystem("memory")
+    commit.publish_bytes(fs, "/persam-test/out/part-00002.parquet", b"payload")
+    assert fs.cat_file("/persam-test/out/part-00002.parquet") == b"payload"
+    assert fs.ls("/persam-test/out", detail=False) == ["/persam-test/out/part-00002.parquet"]
+    fs.rm("/persam-test", recursive=True)
+
+
+def _record(concepts=("cat", "duck"), num_shards=4, fingerprint="tiny:0123456789abcdef"):
+    return commit.JobRecord(num_shards, tuple(concepts), fingerprint)
+
+
+def _table(url="a.jpg", concept="cat"):
+    return rows_to_table([{"image_uri": url, "concept": concept, "area": 0, "error": "x"}])
+
+
+def test_open_job_records_and_lists_committed_shards(tmp_path):
+    output = str(tmp_path / "masks")
+    record, committed = commit.open_job(output, _record())
+    assert committed == set() and record.num_shards == 4
+    job = json.loads((tmp_path / "masks" / commit.JOB_FILE).read_text())
+    assert job == {"num_shards": 4, "concepts": ["cat", "duck"], "model_fingerprint": "tiny:0123456789abcdef"}
+
+    path = commit.commit_shard(output, 3, _table())
+    assert path.endswith("part-00003.parquet")
+    assert pq.read_table(path).schema.equals(MASK_SCHEMA)
+    (tmp_path / "masks" / "part-00001.parquet.tmp-deadbeef").write_bytes(b"half")  # a crashed publish
+
+    # A rerun with another shard count (e.g. more images) keeps the recorded grouping.
+    record, committed = commit.open_job(output, _record(concepts=("duck", "cat"), num_shards=9))
+    assert record.num_shards == 4
+    assert committed == {3}
+
+
+def test_open_job_refuses_another_concept_set(tmp_path):
+    output = str(tmp_path / "masks")
+    commit.open_job(output, _record())
+    with pytest.raises(commit.OutputError) as error:
+        commit.open_job(output, _record(concepts=("cat",)))
+    message = str(error.value)
+    assert "another --output" in message and "cat" in message
+    with pytest.raises(commit.OutputError):
+        commit.open_job(output, _record(concepts=("cat", "duck", "sneaker")))
+
+
+def test_open_job_refuses_other_model_weights(tmp_path):
+    output = str(tmp_path / "masks")
+    commit.open_job(output, _record())
+    with pytest.raises(commit.OutputError, match="another --output"):
+        commit.open_job(output, _record(fingerprint="tiny:ffffffffffffffff"))
+
+
+def test_open_job_unwritable_output(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(commit.OutputError, match="writable"):
+        commit.open_job(str(tmp_path / "a_file" / "masks"), _record())
+
+
+def test_open_job_on_an_object_store():
+    output = "memory://persam-test-job/masks"
+    try:
+        commit.open_job(output, _record())
+        commit.commit_shard(output, 2, _table())
+        assert commit.open_job(output, _record())[1] == {2}
+    finally:
+        fsspec.filesystem("memory").rm("/persam-test-job", recursive=True)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "jobs/commit.py open_job parses the shard id as basename[5:10], but shard_name writes more than "
+    "5 digits from shard 100000 on: part-123456.parquet is read as shard 12345 (rows lost on resume)"))
+def test_open_job_reads_shard_ids_past_five_digits(tmp_path):
+    output = str(tmp_path / "masks")
+    commit.open_job(output, _record(num_shards=200_000))
+    commit.commit_shard(output, 123_456, _table())
+    assert commit.shard_name(123_456) == "part-123456.parquet"
+    assert commit.open_job(output, _record(num_shards=200_000))[1] == {123_456}

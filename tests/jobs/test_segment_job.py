@@ -1,0 +1,310 @@
+"""`persam segment` end to end on an embedded local Ray: output contract, resume, refusals.
+
+One module-scoped job (two concepts over the sample images plus two broken files) feeds
+most assertions; the crash-resume test reruns one shard of a copy. Two Ray runs in all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from jobs.cli import main
+from jobs.inputs import list_image_urls
+from persam_core.models import model_fingerprint
+
+MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]
+CONCEPTS = ("cat", "duck_toy")
+BROKEN = ("broken.jpg", "zero.png")
+SPEC_COLUMNS = ("image_uri", "concept", "width", "height", "mask_rle", "bbox", "area", "score",
+                "similarity", "point", "error", "model_fingerprint", "instance", "present")
+DONE = re.compile(r"^done: (\d+) images, (\d+) rows, (\d+) error rows, (\d+) shards written "
+                  r"\((\d+) already committed\) -> (.+) in ([0-9.]+) s$")
+
+
+def run_cli(argv: list[str]) -> SimpleNamespace:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue())
+
+
+def done_line(result: SimpleNamespace) -> dict:
+    lines = result.out.strip().splitlines()
+    assert lines, result.err
+    match = DONE.match(lines[-1])
+    assert match, lines[-1]
+    keys = ("images", "rows", "errors", "written", "skipped", "output", "seconds")
+    return {k: (v if k == "output" else float(v) if k == "seconds" else int(v)) for k, v in zip(keys, match.groups())}
+
+
+def error_lines(result: SimpleNamespace) -> list[str]:
+    return [line for line in result.err.splitlines() if line.startswith("persam ")]
+
+
+def fit(sample: Path, concept: str, out: Path, *extra: str, checkpoint: str = "random:0", name: str | None = None) -> None:
+    result = run_cli([
+        "fit", "--model-type", "tiny", "--checkpoint", checkpoint,
+        "--image", str(sample / "Images" / concept / "00.jpg"),
+        "--mask", str(sample / "Annotations" / concept / "00.png"),
+        "--name", name or concept, "--out", str(out), *extra,
+    ])
+    assert result.rc == 0, result.err
+
+
+def files_state(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def read_rows(output: Path) -> list[dict]:
+    return pq.read_table(output).to_pylist()
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def job(perseg_sample, tmp_path_factory):
+    """Fit two concepts, then segment every sample image + two broken files, 2 images per shard."""
+    root = tmp_path_factory.mktemp("segment")
+    images = root / "images"
+    for source in sorted((perseg_sample / "Images").rglob("*.jpg")):
+        target = images / source.relative_to(perseg_sample / "Images")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)  # copyfile: the sample is read-only, the copy must not be
+    (images / "broken.jpg").write_text("<html>this is not an image</html>\n")
+    (images / "zero.png").write_bytes(b"")
+
+    concepts = root / "concepts"
+    concepts.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("RAY_ADDRESS", raising=False)
+        fit(perseg_sample, "cat", concepts / "cat.json", "--method", "persam")
+        fit(perseg_sample, "duck_toy", concepts / "duck_toy.json", "--method", "persam-f", "--epochs", "3")
+        output = root / "masks"
+        argv = ["segment", *MODEL, "--concept", str(concepts / "cat.json"), "--concept", str(concepts / "duck_toy.json"),
+                "--input", str(images), "--output", str(output), "--shard-size", "2", "--device", "cpu"]
+        result = run_cli(argv)
+    return SimpleNamespace(root=root, images=images, concepts=concepts, output=output, argv=argv, result=result,
+                           urls=list(list_image_urls(str(images))))
+
+
+@pytest.fixture(scope="module")
+def rows(job) -> list[dict]:
+    assert job.result.rc == 0, job.result.err[-3000:]
+    return read_rows(job.output)
+
+
+def good_rows(rows):
+    return [r for r in rows if r["error"] is None]
+
+
+# ---------------------------------------------------------------------------- the job's output
+
+
+def test_job_succeeds_and_reports_its_summary(job, rows):
+    assert job.result.rc == 0
+    summary = done_line(job.result)
+    assert summary["images"] == len(job.urls) == 11
+    assert summary["rows"] == len(rows) == 11 * len(CONCEPTS)
+    assert summary["errors"] == len(BROKEN) * len(CONCEPTS)
+    assert summary["skipped"] == 0 and summary["written"] >= 2
+    assert summary["output"] == str(job.output)
+    assert summary["seconds"] > 0
+    assert "not meaningful" in job.result.out.lower()  # random weights are announced
+
+
+def test_one_row_per_image_and_concept(job, rows):
+    keys = [(r["image_uri"], r["concept"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {(url, concept) for url in job.urls for concept in CONCEPTS}
+    assert {r["instance"] for r in rows} == {0}
+
+
+def test_broken_files_are_error_rows(job, rows):
+    for row in rows:
+        broken = Path(row["image_uri"]).name in BROKEN
+        assert (row["error"] is not None) == broken, row["image_uri"]
+        if broken:
+            assert row["area"] == 0
+            assert row["mask_rle"] is None and row["score"] is None and row["point"] is None
+            assert row["present"] is not True
+            assert Path(row["image_uri"]).name in row["error"] and "\n" not in row["error"]
+    reasons = {Path(r["image_uri"]).name: r["error"] for r in rows if r["error"]}
+    assert "empty" in reasons["zero.png"]
+    assert "not a decodable image" in reasons["broken.jpg"]
+
+
+def test_parquet_schema_has_the_spec_columns(job):
+    schema = pq.read_schema(next(job.output.glob("part-*.parquet")))
+    assert set(SPEC_COLUMNS) <= set(schema.names)
+    types = {name: schema.field(name).type for name in schema.names}
+    for name in ("image_uri", "concept", "error", "model_fingerprint"):
+        assert pa.types.is_string(types[name]) or pa.types.is_large_string(types[name]), name
+    for name in ("width", "height", "area", "instance"):
+        assert pa.types.is_integer(types[name]), name
+    for name in ("score", "similarity"):
+        assert pa.types.is_floating(types[name]), name
+    assert pa.types.is_boolean(types["present"])
+    for name in ("bbox", "point"):
+        assert pa.types.is_list(types[name]) and pa.types.is_integer(types[name].value_type), name
+    rle = types["mask_rle"]
+    assert pa.types.is_struct(rle)
+    assert pa.types.is_list(rle.field("size").type) and pa.types.is_integer(rle.field("size").type.value_type)
+    assert pa.types.is_string(rle.field("counts").type)
+    # Every shard has the same schema, so the directory reads as one dataset.
+    schemas = {pq.read_schema(p) for p in job.output.glob("part-*.parquet")}
+    assert len(schemas) == 1
+
+
+def test_rows_carry_the_model_fingerprint_and_method(rows, tiny_sam):
+    fingerprint = model_fingerprint(tiny_sam, "tiny")
+    assert {r["model_fingerprint"] for r in rows} == {fingerprint}
+    methods = {r["concept"]: r.get("method") for r in rows}
+    if "method" in rows[0]:
+        assert methods == {"cat": "persam", "duck_toy": "persam-f"}
+
+
+def test_masks_decode_with_pycocotools_and_match_area_and_bbox(job, rows):
+    sizes = {}
+    for row in good_rows(rows):
+        path = row["image_uri"]
+        if path not in sizes:
+            with Image.open(path) as image:
+                sizes[path] = image.size
+        width, height = sizes[path]
+        assert (row["width"], row["height"]) == (width, height)
+
+        rle = row["mask_rle"]
+        assert list(rle["size"]) == [height, width]
+        mask = coco_mask.decode({"size": list(rle["size"]), "counts": rle["counts"]})  # str counts, as stored
+        assert mask.shape == (height, width)
+        assert int(mask.sum()) == row["area"]
+        assert int(coco_mask.area({"size": list(rle["size"]), "counts": rle["counts"].encode()})) == row["area"]
+
+        ys, xs = np.nonzero(mask)
+        expected_bbox = [0, 0, 0, 0] if xs.size == 0 else [
+            int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+        assert list(row["bbox"]) == expected_bbox
+        x, y, w, h = row["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+
+        px, py = row["point"]
+        assert 0 <= px < width and 0 <= py < height
+        assert np.isfinite(row["score"])
+        assert -1.0 - 1e-4 <= row["similarity"] <= 1.0 + 1e-4
+
+
+def test_output_holds_only_committed_files(job):
+    names = sorted(p.name for p in job.output.iterdir())
+    assert "_persam_job.json" in names
+    assert all(n == "_persam_job.json" or re.fullmatch(r"part-\d{5}\.parquet", n) for n in names), names
+    assert len([n for n in names if n.startswith("part-")]) == done_line(job.result)["written"]
+
+
+# ---------------------------------------------------------------------------- reruns
+
+
+def test_rerun_skips_every_committed_shard(job, rows):
+    before = files_state(job.output)
+    result = run_cli(job.argv)
+    assert result.rc == 0, result.err
+    summary = done_line(result)
+    assert summary["written"] == 0
+    assert summary["skipped"] == len([n for n in before if n.startswith("part-")])
+    assert files_state(job.output) == before  # no new, changed or removed files
+    assert read_rows(job.output) == rows
+
+
+def test_crash_resume_recomputes_only_the_lost_shard(job, rows, tmp_path):
+    output = tmp_path / "masks"
+    shutil.copytree(job.output, output)
+    parts = sorted(output.glob("part-*.parquet"))
+    assert len(parts) >= 3
+    lost = max(parts, key=lambda p: pq.read_metadata(p).num_rows)  # the shard with the most rows
+    lost_rows = pq.read_table(lost).to_pylist()
+    lost.unlink()  # as if the job died before this shard's publish
+    kept = files_state(output)
+
+    argv = [a if a != str(job.output) else str(output) for a in job.argv]
+    # The concepts as a directory this time: same job identity, so the record still matches.
+    argv = [*argv[: argv.index("--concept")], "--concept", str(job.concepts),
+            *argv[argv.index("--input"):]]
+    result = run_cli(argv)
+    assert result.rc == 0, result.err[-3000:]
+    summary = done_line(result)
+    assert summary["written"] == 1 and summary["skipped"] == len(parts) - 1
+    assert summary["rows"] == len(lost_rows)
+
+    after = files_state(output)
+    assert {k: v for k, v in after.items() if k != lost.name} == kept  # other shards untouched
+    assert lost.name in after
+    resumed = read_rows(output)
+    keys = [(r["image_uri"], r["concept"]) for r in resumed]
+    assert len(keys) == len(set(keys)) == len(rows)
+    assert set(keys) == {(r["image_uri"], r["concept"]) for r in rows}
+    recomputed = pq.read_table(lost).to_pylist()
+    assert [(r["image_uri"], r["concept"], r["error"]) for r in recomputed] == [
+        (r["image_uri"], r["concept"], r["error"]) for r in lost_rows]
+    for new, old in zip(recomputed, lost_rows):  # same weights, same inputs: same masks (CPU fp32)
+        if old["error"] is None:
+            assert new["point"] == old["point"]
+            assert abs(new["area"] - old["area"]) <= max(10, old["area"] // 1000)
+
+
+# ---------------------------------------------------------------------------- refusals before any work
+
+
+def test_concept_from_other_weights_is_refused(job, perseg_sample, tmp_path):
+    foreign = tmp_path / "cat_seed1.json"
+    fit(perseg_sample, "cat", foreign, "--method", "persam", checkpoint="random:1", name="cat1")
+    output = tmp_path / "masks"
+    result = run_cli(["segment", *MODEL, "--concept", str(job.concepts / "cat.json"), "--concept", str(foreign),
+                      "--input", str(job.images), "--output", str(output)])
+    assert result.rc != 0
+    lines = error_lines(result)
+    assert len(lines) == 1, result.err
+    assert "cat1" in lines[0] and "re-run `persam fit`" in lines[0]
+    assert "weights" in lines[0] or "fingerprint" in lines[0]
+    assert not output.exists()  # refused before the output (or Ray) was touched
+
+
+def test_another_concept_set_on_the_same_output_is_refused(job):
+    before = files_state(job.output)
+    result = run_cli(["segment", *MODEL, "--concept", str(job.concepts / "cat.json"),
+                      "--input", str(job.images), "--output", str(job.output)])
+    assert result.rc != 0
+    lines = error_lines(result)
+    assert len(lines) == 1 and "another --output" in lines[0], result.err
+    assert files_state(job.output) == before
+
+
+def test_empty_input_is_refused(job, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    result = run_cli(["segment", *MODEL, "--concept", str(job.concepts / "cat.json"),
+                      "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "masks")])
+    assert result.rc != 0
+    lines = error_lines(result)
+    assert len(lines) == 1 and "no images found" in lines[0], result.err
+
+
+def test_a_non_concept_file_is_refused(job, tmp_path):
+    result = run_cli(["segment", *MODEL, "--concept", str(job.images / "cat" / "00.jpg"),
+                      "--input", str(job.images), "--output", str(tmp_path / "masks")])
+    assert result.rc != 0
+    lines = error_lines(result)
+    assert len(lines) == 1 and "00.jpg" in lines[0] and "persam fit" in lines[0], result.err
