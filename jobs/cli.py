@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
     segment.add_argument("--shard-size", type=int, default=32, help="images per committed Parquet shard")
     segment.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images become error rows")
+    segment.add_argument("--max-instances", type=int, default=1, help="instances per (image, concept), >= 1")
+    segment.add_argument("--min-similarity", type=float, default=None,
+                         help="presence threshold in [0, 1]: rows below it get present=false and an empty mask")
+    export = commands.add_parser("export", help="mask Parquet -> COCO JSON, overlay gallery or subject crops")
+    export.add_argument("kind", choices=("coco", "overlays", "subjects"))
+    export.add_argument("--masks", required=True, help="the --output of `persam segment`")
+    export.add_argument("--output", required=True, help="JSON file (coco) or directory")
+    export.add_argument("--images", default=None, help="where the images are now, if they moved")
+    export.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
+
     bench = commands.add_parser("bench", help="time encoder, PerSAM, PerSAM-F, K concepts and the reference loop")
     _add_model(bench, checkpoint_required=False)
     bench.add_argument("--images", type=int, required=True, help="generated images to time")
@@ -79,12 +89,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "segment":
         from .segment import SegmentOptions, run_segment
 
-        if args.batch_size < 1 or (args.num_actors is not None and args.num_actors < 1):
-            raise ValueError("--batch-size and --num-actors must be at least 1")
+        if args.batch_size < 1 or (args.num_actors is not None and args.num_actors < 1) or args.max_instances < 1:
+            raise ValueError("--batch-size, --num-actors and --max-instances must be at least 1")
+        if args.min_similarity is not None and not 0.0 <= args.min_similarity <= 1.0:
+            raise ValueError(f"--min-similarity {args.min_similarity}: give a cosine-similarity threshold in [0, 1]")
         summary = run_segment(SegmentOptions(
             args.model_type, args.checkpoint, args.concept, args.input, args.output, args.device,
-            args.batch_size, args.num_actors, args.shard_size, args.max_pixels, storage))
+            args.batch_size, args.num_actors, args.shard_size, args.max_pixels, storage,
+            args.max_instances, args.min_similarity))
         print(summary.line())
+        return 0
+    if args.command == "export":
+        from .export import run_export
+
+        print(run_export(args.kind, args.masks, args.output, args.images, storage))
         return 0
     if args.command == "bench":
         from .bench import print_bench, run_bench

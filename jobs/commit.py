@@ -20,7 +20,7 @@ import json
 import math
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,12 +49,16 @@ def shard_count(num_images: int, shard_size: int = DEFAULT_SHARD_SIZE) -> int:
 
 @dataclass(frozen=True)
 class JobRecord:
+    """What makes two runs the same job: a rerun must agree on all of it."""
+
     num_shards: int
     concepts: tuple[str, ...]
     model_fingerprint: str
+    settings: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({"num_shards": self.num_shards, "concepts": list(self.concepts), "model_fingerprint": self.model_fingerprint})
+        return json.dumps({"num_shards": self.num_shards, "concepts": list(self.concepts),
+                           "model_fingerprint": self.model_fingerprint, "settings": self.settings})
 
 
 def publish_bytes(fs, path: str, data: bytes) -> None:
@@ -79,12 +83,18 @@ def open_job(output: str, record: JobRecord, storage_options: dict | None = None
         fs.makedirs(root, exist_ok=True)
         if fs.exists(job_path):
             previous = json.loads(fs.cat_file(job_path))
-            if sorted(previous["concepts"]) != sorted(record.concepts) or previous["model_fingerprint"] != record.model_fingerprint:
+            same = (
+                sorted(previous["concepts"]) == sorted(record.concepts)
+                and previous["model_fingerprint"] == record.model_fingerprint
+                and previous.get("settings", {}) == record.settings
+            )
+            if not same:
                 raise OutputError(
-                    f"{output}: holds a job with concepts {previous['concepts']} and model "
-                    f"{previous['model_fingerprint']}; use another --output for a different job"
+                    f"{output}: holds a job with concepts {previous['concepts']}, model "
+                    f"{previous['model_fingerprint']} and settings {previous.get('settings', {})}; "
+                    "use another --output for a different job"
                 )
-            record = JobRecord(int(previous["num_shards"]), record.concepts, record.model_fingerprint)
+            record = JobRecord(int(previous["num_shards"]), record.concepts, record.model_fingerprint, record.settings)
         else:
             publish_bytes(fs, job_path, record.to_json().encode())
         committed = {

@@ -42,6 +42,8 @@ class SegmentOptions:
     shard_size: int = commit.DEFAULT_SHARD_SIZE
     max_pixels: int = 100_000_000
     storage_options: dict = field(default_factory=dict)
+    max_instances: int = 1
+    min_similarity: float | None = None
 
 
 @dataclass
@@ -106,7 +108,9 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     urls = list(dict.fromkeys(list_image_urls(options.input, options.storage_options)))
     if not urls:
         raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
-    record = commit.JobRecord(commit.shard_count(len(urls), options.shard_size), tuple(c.name for c in concepts), concepts[0].model_fingerprint)
+    settings = {"max_instances": options.max_instances, "min_similarity": options.min_similarity}
+    record = commit.JobRecord(commit.shard_count(len(urls), options.shard_size), tuple(c.name for c in concepts),
+                              concepts[0].model_fingerprint, settings)
     record, committed = commit.open_job(options.output, record, options.storage_options)
     shards = plan_shards(urls, record.num_shards, committed)
     skipped = len({commit.shard_of(u, record.num_shards) for u in urls} & committed)
@@ -161,6 +165,7 @@ def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, f
                 "model_type": options.model_type, "checkpoint": options.checkpoint,
                 "expected_fingerprint": fingerprint, "concepts_box": [concepts_ref], "device": device,
                 "batch_size": options.batch_size, "threads": threads, "storage_options": storage,
+                "max_instances": options.max_instances, "min_similarity": options.min_similarity,
             },
             **resources,
         )

@@ -17,8 +17,8 @@ import torch
 
 from persam_core.concept import Concept
 from persam_core.masks import area_px, bbox_xywh, encode_rle
-from persam_core.persam import ConceptTensors, segment_persam
-from persam_core.persam_f import segment_persam_f
+from persam_core.instances import InstanceResult, segment_instances
+from persam_core.persam import ConceptTensors
 from persam_core.predictor import encode_images
 from persam_core.preprocess import ResizedImage, resize_longest_side
 
@@ -86,20 +86,28 @@ def error_row(url: str, concept: Concept, reason: str, fingerprint: str, size: t
     }
 
 
-def result_row(url: str, concept: Concept, result, fingerprint: str) -> dict:
+def result_row(url: str, concept: Concept, found: InstanceResult, fingerprint: str) -> dict:
+    result = found.result
     height, width = result.mask.shape
     return {
-        "image_uri": url, "concept": concept.name, "method": concept.method, "instance": 0, "present": True,
-        "width": width, "height": height, "mask_rle": encode_rle(result.mask), "bbox": bbox_xywh(result.mask),
-        "area": area_px(result.mask), "score": result.score, "similarity": result.similarity,
+        "image_uri": url, "concept": concept.name, "method": concept.method, "instance": found.instance,
+        "present": found.present, "width": width, "height": height, "mask_rle": encode_rle(result.mask),
+        "bbox": bbox_xywh(result.mask), "area": area_px(result.mask),
+        "score": result.score if found.present else None, "similarity": result.similarity,
         "point": list(result.point), "error": None, "model_fingerprint": fingerprint,
     }
 
 
 def segment_items(
-    sam, fingerprint: str, concepts: Sequence[ConceptTensors], items, batch_size: int
+    sam,
+    fingerprint: str,
+    concepts: Sequence[ConceptTensors],
+    items,
+    batch_size: int,
+    max_instances: int = 1,
+    min_similarity: float | None = None,
 ) -> list[dict]:
-    """items: [(url, ResizedImage | None, error | None)] -> rows (images x concepts).
+    """items: [(url, ResizedImage | None, error | None)] -> rows (images x concepts x instances).
 
     Each image is encoded once (in batches of `batch_size`); every concept decodes from it.
     """
@@ -119,8 +127,8 @@ def segment_items(
         for (url, image), features in zip(chunk, encoded):
             for tensors in concepts:
                 try:
-                    method = segment_persam_f if tensors.concept.method == "persam-f" else segment_persam
-                    rows.append(result_row(url, tensors.concept, method(sam, features, tensors), fingerprint))
+                    found = segment_instances(sam, features, tensors, max_instances, min_similarity)
+                    rows.extend(result_row(url, tensors.concept, f, fingerprint) for f in found)
                 except Exception as error:
                     rows.append(error_row(url, tensors.concept, f"segment failed: {_short_reason(error)}", fingerprint, image.original_size))
     order = {url: i for i, (url, _, _) in enumerate(items)}
@@ -152,6 +160,8 @@ class SegmentActor:
         batch_size: int,
         threads: int,
         storage_options: dict | None = None,
+        max_instances: int = 1,
+        min_similarity: float | None = None,
     ) -> None:
         import ray
 
@@ -167,12 +177,14 @@ class SegmentActor:
         texts = ray.get(concepts_box[0])  # broadcast once through the object store
         self.concepts = [ConceptTensors.on(Concept.from_json(text), device) for text in texts]
         self.batch_size = batch_size
+        self.max_instances, self.min_similarity = max_instances, min_similarity
 
     def __call__(self, batch: dict) -> dict:
         shards, tables, seconds = [], [], []
         for shard, payload in zip(batch["shard"], batch["payload"]):
             started = time.perf_counter()
-            rows = segment_items(self.sam, self.fingerprint, self.concepts, unpack_shard(payload), self.batch_size)
+            rows = segment_items(self.sam, self.fingerprint, self.concepts, unpack_shard(payload), self.batch_size,
+                                 self.max_instances, self.min_similarity)
             shards.append(int(shard))
             tables.append(table_to_ipc(rows_to_table(rows)))
             seconds.append(time.perf_counter() - started)

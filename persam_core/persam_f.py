@@ -20,7 +20,7 @@ from segment_anything.modeling import Sam
 
 from .persam import ConceptTensors, Result, prior_for, refine_with_box
 from .predictor import EncodedImage, predict, tight_box
-from .prior import location_prior
+from .prior import LocationPrior, location_prior
 
 DEFAULT_EPOCHS = 1000
 
@@ -95,11 +95,13 @@ def fit_mask_weights(
 
 
 @torch.no_grad()
-def segment_persam_f(sam: Sam, encoded: EncodedImage, concept: ConceptTensors) -> Result:
+def segment_persam_f(
+    sam: Sam, encoded: EncodedImage, concept: ConceptTensors, prior: LocationPrior | None = None
+) -> Result:
     """PerSAM-F's cascade: weighted multimask decode, then two box refinements."""
     if concept.mask_weights is None:
         raise ValueError(f"concept {concept.concept.name!r} has no PerSAM-F mask weights")
-    prior = prior_for(sam, encoded, concept)
+    prior = prior if prior is not None else prior_for(sam, encoded, concept)
     positive = prior.positive_point()
     points, labels = np.array([positive]), np.array([1])
 
