@@ -8,7 +8,15 @@ import os
 import torch
 
 
+def check_device_option(device: str) -> str:
+    """Validate --device without touching CUDA (the driver may sit on a CPU-only head)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device}: choose auto, cpu or cuda")
+    return device
+
+
 def resolve_device(device: str) -> str:
+    """--device -> the torch device here: auto is cuda when one is visible, else cpu."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -41,11 +49,18 @@ def local_cluster() -> bool:
     return not os.environ.get("RAY_ADDRESS")
 
 
-def actor_resources(num_actors: int, device: str) -> dict:
+def wants_gpu_actors(device: str) -> bool:
+    """Schedule actors on GPUs for --device cuda, or auto on a cluster that has GPUs."""
+    import ray
+
+    return device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def actor_resources(num_actors: int, gpu: bool) -> dict:
     """CPU/GPU per model actor, leaving a CPU for the read/decode tasks on small machines."""
     import ray
 
-    if device == "cuda":
+    if gpu:
         return {"num_cpus": 1, "num_gpus": 1}
     total = float(ray.cluster_resources().get("CPU", 1))
     spare = total - 1 if total > 1 else total / 2  # read tasks must always find a slot

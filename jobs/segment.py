@@ -22,7 +22,7 @@ from persam_core.concept import Concept, ConceptError
 from . import commit
 from .checkpoints import load_model, random_weights_note, redact
 from .inputs import InputError, list_image_urls
-from .runtime import actor_resources, local_cluster, resolve_device, start_ray
+from .runtime import actor_resources, check_device_option, local_cluster, start_ray, wants_gpu_actors
 from .worker import SegmentActor, decode_shard_row, ipc_to_table
 
 
@@ -95,7 +95,7 @@ def plan_shards(urls: list[str], num_shards: int, committed: set[int]) -> list[d
 
 def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     started = time.perf_counter()
-    device = resolve_device(options.device)
+    device = check_device_option(options.device)
     concepts = read_concepts(options.concepts, options.storage_options)
     model = load_model(options.model_type, options.checkpoint, options.storage_options)
     for concept in concepts:
@@ -130,11 +130,12 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
 
 
 def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, fingerprint: str):
+    gpu = wants_gpu_actors(device)
     if options.num_actors:
         num_actors = options.num_actors
     else:  # one actor per GPU on a cluster; one CPU actor locally (it uses every core)
-        num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if device == "cuda" else 1
-    resources = actor_resources(num_actors, device)
+        num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1
+    resources = actor_resources(num_actors, gpu)
     threads = max(1, int(resources.get("num_cpus", 1) + 0.999)) if not local_cluster() else max(1, (os.cpu_count() or 1) // num_actors)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one image-level bar below instead of per-operator logs

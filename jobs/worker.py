@@ -23,6 +23,7 @@ from persam_core.predictor import encode_images
 from persam_core.preprocess import ResizedImage, resize_longest_side
 
 from .checkpoints import load_model
+from .runtime import resolve_device
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .inputs import read_bytes
 from .schema import rows_to_table
@@ -172,6 +173,9 @@ class SegmentActor:
                 f"{loaded.source}: this node loaded weights {loaded.fingerprint}, the job expects "
                 f"{expected_fingerprint}; the checkpoint changed under the job"
             )
+        # "auto" resolves here, on the actor's node: a GPU-scheduled actor without a
+        # visible CUDA device (a fake GPU resource) still runs, on CPU.
+        device = resolve_device(device)
         self.sam = loaded.sam.to(device)
         self.fingerprint = loaded.fingerprint
         texts = ray.get(concepts_box[0])  # broadcast once through the object store

@@ -283,7 +283,7 @@ def test_spec_model_types_are_all_known():
     assert {"vit_h", "vit_l", "vit_b", "vit_t", "tiny"} <= set(MODEL_TYPES)
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC §4 segment flags --max-instances, --min-similarity, --cache are not in jobs/cli.py yet")
+@pytest.mark.xfail(strict=True, reason="SPEC §4 segment flag --cache is not in jobs/cli.py yet")
 def test_segment_help_lists_every_spec_flag(capsys):
     with pytest.raises(SystemExit):
         main(["segment", "--help"])
