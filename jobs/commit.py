@@ -2,14 +2,23 @@
 
 1. The job's images are split into `num_shards` shards by a stable hash of the URL
    (sha1, not Python's salted hash), so a rerun regroups them identically. The shard
-   count and the job's identity (concepts, model fingerprint) are recorded once in
-   `<output>/_persam_job.json`; a rerun reads them back instead of recomputing.
-2. A shard is committed by publishing `<output>/part-<shard>.parquet` in one atomic
-   step: temp file + rename on local file systems, a single whole-object PUT on object
-   stores (readers never see a partial object).
-3. A rerun lists the committed part files and schedules only the other shards. A shard
-   interrupted before its publish left nothing visible, so it is recomputed whole: no
-   row is lost or duplicated, whichever process died.
+   count and the job's identity (concepts and their content, model fingerprint,
+   settings) are recorded once in `<output>/_persam_job.json`; a rerun reads the shard
+   count back and refuses a different identity.
+2. A shard is committed by publishing `<output>/part-<shard>-<digest>.parquet` in one
+   atomic step: temp file + rename on local file systems, a single whole-object PUT on
+   object stores (readers never see a partial object). `<digest>` hashes the shard's
+   sorted image URLs, so the file name says exactly which images it covers.
+3. A rerun lists the part files. A shard whose current digest is published is skipped;
+   any other shard is recomputed whole (new images, removed images, or never finished),
+   and after its publish the shard's older files are deleted. A run that died between
+   those two steps is repaired by the next run, which deletes a shard's superseded files
+   before anything else. Interrupted writes leave only `*.tmp-*` files, which no reader
+   matches. So whichever process dies, no row is lost or duplicated once a run finishes.
+
+Two jobs writing the same output at once compute the same shards and publish the same
+names with the same content: the last rename/PUT wins and nothing is duplicated, only
+work is wasted. Different jobs on one output are refused by the job record.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -29,6 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 JOB_FILE = "_persam_job.json"
 DEFAULT_SHARD_SIZE = 32
+PART_FILE = re.compile(r"^part-(\d+)-([0-9a-f]{12})\.parquet$")
 
 
 class OutputError(ValueError):
@@ -39,8 +50,12 @@ def shard_of(url: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha1(url.encode()).digest()[:8], "big") % num_shards
 
 
-def shard_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
+def urls_digest(urls: list[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(urls)).encode()).hexdigest()[:12]
+
+
+def shard_name(shard: int, digest: str) -> str:
+    return f"part-{shard:05d}-{digest}.parquet"
 
 
 def shard_count(num_images: int, shard_size: int = DEFAULT_SHARD_SIZE) -> int:
@@ -61,6 +76,15 @@ class JobRecord:
                            "model_fingerprint": self.model_fingerprint, "settings": self.settings})
 
 
+@dataclass
+class ShardPlan:
+    """Shards to run ({"shard", "digest", "urls"}) and what the output already holds."""
+
+    to_run: list[dict]
+    up_to_date: int
+    superseded: list[str]  # files of shards whose images changed, deleted after the new publish
+
+
 def publish_bytes(fs, path: str, data: bytes) -> None:
     """Make `path` appear with `data` atomically (rename locally, one PUT remotely)."""
     if isinstance(fs, LocalFileSystem):
@@ -75,10 +99,15 @@ def publish_bytes(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def open_job(output: str, record: JobRecord, storage_options: dict | None = None) -> tuple[JobRecord, set[int]]:
-    """Record the job (or read back an earlier run's record) -> (record, committed shards)."""
+def _root(output: str, storage_options: dict | None):
     fs, root = url_to_fs(output, **(storage_options or {}))
-    job_path = f"{root.rstrip('/')}/{JOB_FILE}"
+    return fs, root.rstrip("/")
+
+
+def open_job(output: str, record: JobRecord, storage_options: dict | None = None) -> tuple[JobRecord, dict[int, dict[str, str]]]:
+    """Record the job (or read back an earlier run's) -> (record, {shard: {digest: path}})."""
+    fs, root = _root(output, storage_options)
+    job_path = f"{root}/{JOB_FILE}"
     try:
         fs.makedirs(root, exist_ok=True)
         if fs.exists(job_path):
@@ -91,27 +120,53 @@ def open_job(output: str, record: JobRecord, storage_options: dict | None = None
             if not same:
                 raise OutputError(
                     f"{output}: holds a job with concepts {previous['concepts']}, model "
-                    f"{previous['model_fingerprint']} and settings {previous.get('settings', {})}; "
+                    f"{previous['model_fingerprint']} and other settings or concept contents; "
                     "use another --output for a different job"
                 )
             record = JobRecord(int(previous["num_shards"]), record.concepts, record.model_fingerprint, record.settings)
         else:
             publish_bytes(fs, job_path, record.to_json().encode())
-        committed = {
-            int(os.path.basename(p)[5:10]) for p in fs.glob(f"{root.rstrip('/')}/part-*.parquet")
-        }
+        committed: dict[int, dict[str, str]] = {}
+        for path in fs.glob(f"{root}/part-*.parquet"):
+            match = PART_FILE.match(os.path.basename(path))
+            if match:
+                committed.setdefault(int(match.group(1)), {})[match.group(2)] = path
     except OutputError:
         raise
     except (OSError, PermissionError, ValueError) as error:
-        raise OutputError(f"{output}: cannot write the output ({type(error).__name__}: {error}); pass a writable --output") from None
+        raise OutputError(f"{output}: cannot write the output ({type(error).__name__}); pass a writable --output") from None
     return record, committed
 
 
-def commit_shard(output: str, shard: int, table: pa.Table, storage_options: dict | None = None) -> str:
+def plan_shards(urls: list[str], num_shards: int, committed: dict[int, dict[str, str]]) -> ShardPlan:
+    """Group `urls` into shards; keep those published with their current digest."""
+    groups: dict[int, list[str]] = {}
+    for url in urls:
+        groups.setdefault(shard_of(url, num_shards), []).append(url)
+    to_run, up_to_date, superseded = [], 0, []
+    for shard in sorted(set(groups) | set(committed)):
+        members = sorted(groups.get(shard, []))
+        digest = urls_digest(members) if members else ""
+        published = committed.get(shard, {})
+        superseded += [path for d, path in published.items() if d != digest]
+        if digest in published:
+            up_to_date += 1
+        elif members:
+            to_run.append({"shard": shard, "digest": digest, "urls": members})
+    return ShardPlan(to_run, up_to_date, superseded)
+
+
+def remove_files(output: str, paths: list[str], storage_options: dict | None = None) -> None:
+    fs, _ = _root(output, storage_options)
+    for path in paths:
+        fs.rm_file(path)
+
+
+def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_options: dict | None = None) -> str:
     """Write one shard's rows as one Parquet file, published atomically -> its path."""
-    fs, root = url_to_fs(output, **(storage_options or {}))
+    fs, root = _root(output, storage_options)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    path = f"{root.rstrip('/')}/{shard_name(shard)}"
+    path = f"{root}/{shard_name(shard, digest)}"
     publish_bytes(fs, path, buffer.getvalue())
     return path

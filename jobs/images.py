@@ -11,12 +11,14 @@ larger than `max_pixels` is refused before decoding (decompression-bomb guard).
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# Our own `max_pixels` check (before decoding) replaces PIL's fixed bomb limit, so that
+# --max-pixels can be raised or lowered.
+Image.MAX_IMAGE_PIXELS = None
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -28,10 +30,8 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageDecodeError(f"{source}: empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ImageDecodeError(f"{source}: not a decodable image ({type(error).__name__})") from None
     width, height = image.size
     if width * height > max_pixels:
@@ -78,13 +78,12 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS)
 def decode_mask(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Mask file bytes -> [H, W] bool: any non-zero pixel is foreground.
 
-    Palette PNGs (PerSeg/DAVIS: index 1 = object), grayscale 0/255 or 0/1 and RGB masks
-    all read the same way. EXIF orientation is applied like the image's.
+    Palette PNGs (PerSeg/DAVIS: index 0 = background, any other index = object, whatever
+    the palette colours), grayscale 0/255 or 0/1 and RGB masks all read the same way.
+    EXIF orientation is applied like the image's.
     """
     image = _first_frame_loaded(_open(data, source, max_pixels), source)
-    if image.mode == "P":
-        values = np.asarray(image.convert("RGB"))
-    elif image.mode in ("RGBA", "LA"):
+    if image.mode in ("RGBA", "LA"):
         values = np.asarray(image)[..., :-1]
     else:
         values = np.asarray(image)

@@ -8,6 +8,7 @@ Committed shards are skipped on a rerun (see commit.py for the protocol).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -69,7 +70,10 @@ def read_concepts(paths: list[str], storage_options: dict) -> list[Concept]:
     files: list[str] = []
     for path in paths:
         fs, root = fsspec.core.url_to_fs(path, **storage_options)
-        files.extend(sorted(fs.glob(f"{root.rstrip('/')}/*.json")) if fs.isdir(root) else [path])
+        if fs.isdir(root):  # glob drops the protocol: put it back for remote stores
+            files.extend(fs.unstrip_protocol(p) if "://" in path else p for p in sorted(fs.glob(f"{root.rstrip('/')}/*.json")))
+        else:
+            files.append(path)
     concepts = []
     for path in files:
         try:
@@ -84,13 +88,6 @@ def read_concepts(paths: list[str], storage_options: dict) -> list[Concept]:
     if len(set(names)) != len(names):
         raise ConceptError(f"concept names must be unique, got {names}")
     return concepts
-
-
-def plan_shards(urls: list[str], num_shards: int, committed: set[int]) -> list[dict]:
-    groups: dict[int, list[str]] = {}
-    for url in urls:
-        groups.setdefault(commit.shard_of(url, num_shards), []).append(url)
-    return [{"shard": s, "urls": sorted(u)} for s, u in sorted(groups.items()) if s not in committed]
 
 
 def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
@@ -108,28 +105,41 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     urls = list(dict.fromkeys(list_image_urls(options.input, options.storage_options)))
     if not urls:
         raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
-    settings = {"max_instances": options.max_instances, "min_similarity": options.min_similarity}
+    settings = {
+        "max_instances": options.max_instances,
+        "min_similarity": options.min_similarity,
+        # a concept re-fitted under the same name is a different job
+        "concept_digests": {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts},
+    }
     record = commit.JobRecord(commit.shard_count(len(urls), options.shard_size), tuple(c.name for c in concepts),
                               concepts[0].model_fingerprint, settings)
     record, committed = commit.open_job(options.output, record, options.storage_options)
-    shards = plan_shards(urls, record.num_shards, committed)
-    skipped = len({commit.shard_of(u, record.num_shards) for u in urls} & committed)
-    log(f"{len(urls)} images x {len(concepts)} concepts; {len(shards)} shards to run, {skipped} already committed")
-    if not shards:
-        return SegmentSummary(len(urls), 0, 0, 0, skipped, redact(options.output), time.perf_counter() - started)
+    plan = commit.plan_shards(urls, record.num_shards, committed)
+    running = {s["shard"] for s in plan.to_run}
+    # Superseded files of shards that are not rerun now (repairs, emptied shards) go first;
+    # the others are replaced by their shard's commit.
+    commit.remove_files(options.output, [p for p in plan.superseded if _shard_of_path(p) not in running], options.storage_options)
+    log(f"{len(urls)} images x {len(concepts)} concepts; {len(plan.to_run)} shards to run, {plan.up_to_date} already committed")
+    if not plan.to_run:
+        return SegmentSummary(0, 0, 0, 0, plan.up_to_date, redact(options.output), time.perf_counter() - started)
 
     import ray
 
     started_ray = start_ray()
     try:
-        rows, errors, images = _run_pipeline(ray, options, device, concepts, shards, record.model_fingerprint)
+        rows, errors, images = _run_pipeline(ray, options, device, concepts, plan.to_run, record.model_fingerprint, plan.superseded)
     finally:
         if started_ray and local_cluster():
             ray.shutdown()
-    return SegmentSummary(images, rows, errors, len(shards), skipped, redact(options.output), time.perf_counter() - started)
+    return SegmentSummary(images, rows, errors, len(plan.to_run), plan.up_to_date, redact(options.output),
+                          time.perf_counter() - started)
 
 
-def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, fingerprint: str):
+def _shard_of_path(path: str) -> int:
+    return int(commit.PART_FILE.match(os.path.basename(path)).group(1))
+
+
+def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, fingerprint: str, plan_superseded: list[str]):
     gpu = wants_gpu_actors(device)
     if options.num_actors:
         num_actors = options.num_actors
@@ -143,16 +153,23 @@ def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, f
     concepts_ref = ray.put([c.to_json() for c in concepts])
     output, storage = options.output, options.storage_options
 
+    digests = {s["shard"]: s["digest"] for s in shards}
+    superseded = {}
+    for path in plan_superseded:
+        superseded.setdefault(_shard_of_path(path), []).append(path)
+
     def commit_row(row: dict) -> dict:
         table = ipc_to_table(row["table"])
-        commit.commit_shard(output, int(row["shard"]), table, storage)
+        shard = int(row["shard"])
+        commit.commit_shard(output, shard, digests[shard], table, storage)
+        commit.remove_files(output, superseded.get(shard, []), storage)  # only after the new file is public
         errors = sum(1 for e in table.column("error").to_pylist() if e is not None)
         return {"shard": int(row["shard"]), "rows": table.num_rows, "errors": errors,
                 "images": len(set(table.column("image_uri").to_pylist()))}
 
     # Ray Data restarts killed actors and retries their tasks by default (max_restarts=-1).
     dataset = (
-        ray.data.from_items(shards, override_num_blocks=len(shards))
+        ray.data.from_items([{"shard": s["shard"], "urls": s["urls"]} for s in shards], override_num_blocks=len(shards))
         # Decode on CPU tasks of their own. Their memory reservation (a decoded shard is
         # large) also keeps Ray Data from fusing them into the actor, where JPEG decoding
         # would stall the model.

@@ -22,7 +22,7 @@ from persam_core.persam import ConceptTensors
 from persam_core.predictor import encode_images
 from persam_core.preprocess import ResizedImage, resize_longest_side
 
-from .checkpoints import load_model
+from .checkpoints import load_model, redact
 from .runtime import resolve_device
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .inputs import read_bytes
@@ -66,7 +66,7 @@ def load_and_resize(url: str, storage_options: dict | None, max_pixels: int) -> 
     except Exception as error:  # missing object, permission, timeout: the job goes on
         return None, f"read failed: {_short_reason(error)}"
     try:
-        return resize_longest_side(decode_image(data, url, max_pixels)), None
+        return resize_longest_side(decode_image(data, redact(url), max_pixels)), None
     except Exception as error:
         return None, f"decode failed: {_short_reason(error)}"
 

@@ -8,6 +8,7 @@ milliseconds. Outputs keep SAM's contract (features: [B, 256, 64, 64]) in every 
 from __future__ import annotations
 
 import hashlib
+import pickle
 from functools import partial
 from typing import Callable, Mapping
 
@@ -87,16 +88,27 @@ def build_random(model_type: str, seed: int) -> Sam:
     return builder().eval()
 
 
+def _torch_load(path: str, mmap: bool):
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Read an official SAM state dict without unpickling arbitrary objects."""
+    """Read an official SAM state dict without unpickling arbitrary objects.
+
+    torch's own error texts are never passed on: they suggest `weights_only=False`.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # corrupt file, or a pickle that asks for code
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        try:
+            state = _torch_load(path, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            state = _torch_load(path, mmap=False)
+    except pickle.UnpicklingError:
         raise ModelError(
-            f"{path}: not a loadable SAM state dict ({reason[:200]}); "
-            "pass an official SAM .pth checkpoint (weights only)"
+            f"{path}: refused: the file holds pickled objects other than tensors (loading it could run code); "
+            "pass an official SAM state dict"
         ) from None
+    except Exception:
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated); pass an official SAM .pth file") from None
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

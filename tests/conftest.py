@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# The CI/dev machines have 2 cores; more threads only add contention.
-torch.set_num_threads(2)
+# The dev machines have 2 cores; more threads only add contention (PERSAM_TEST_THREADS overrides).
+torch.set_num_threads(int(os.environ.get("PERSAM_TEST_THREADS", "2")))
 
 SAMPLE_RELATIVE = Path("shared") / "data" / "perseg-sample"
 

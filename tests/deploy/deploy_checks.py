@@ -2,11 +2,12 @@
 extraction, and a structural JSON schema for the KubeRay custom resources.
 
 KubeRay publishes its CRDs only as YAML in its repository (no pip package ships them), so
-RayJob / RayCluster are checked against the hand-written schema below: the KubeRay v1.4
-`ray.io/v1` fields (types from ray-operator/apis/ray/v1/*_types.go), unknown keys
-rejected at every level we write, required fields as in the CRD. Every pod template
-inside them is then validated in full against the Kubernetes OpenAPI schema
-(kubernetes-validate), the same way the operator's API server would.
+RayJob / RayCluster are checked against the hand-written schema below: a structural
+subset written from KubeRay's `ray.io/v1` Go types (ray-operator/apis/ray/v1/*_types.go,
+the fields up to v1.4), not the generated CRD. Unknown keys are rejected at every level
+the manifests write, types and required fields follow the CRD (rayStartParams values
+are strings, ...). Every pod template inside them is then validated in full against the
+Kubernetes OpenAPI schema (kubernetes-validate), as the API server would.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ KUBERAY_VERSION = "1.4.2"  # the operator version these manifests are written fo
 # (CronJob.spec.timeZone is GA since 1.27) and the newest schema the package ships.
 K8S_MIN_VERSION = "1.30"
 
-PERSAM_IMAGE = re.compile(r"^(?P<repo>[a-z0-9.\-]+(?::\d+)?/[A-Za-z0-9._\-/]+/persam):(?P<tag>[A-Za-z0-9._\-]+)$")
+# [registry[:port]/][path/]persam:TAG  (ghcr.io/OWNER/persam:0.1.0, an ECR repository, ...)
+PERSAM_IMAGE = re.compile(r"^(?P<repo>(?:[a-z0-9.\-]+(?::\d+)?/)?(?:[A-Za-z0-9._\-]+/)*persam):(?P<tag>[A-Za-z0-9._\-]+)$")
 
 
 def project_version() -> str:

@@ -38,20 +38,19 @@ def test_validates_with_rays_own_schema(raw):
 
 
 @pytest.mark.parametrize(
-    "mutate, why",
+    "mutate",
     [
-        (lambda c: c.__setitem__("max_worker", c.pop("max_workers")), "misspelled top-level key"),
-        (lambda c: c["available_node_types"]["gpu_worker"].__setitem__(
-            "min_worker", c["available_node_types"]["gpu_worker"].pop("min_workers")), "misspelled node-type key"),
-        (lambda c: c["docker"].__setitem__("run_option", c["docker"].pop("run_options")), "misspelled docker key"),
-        (lambda c: c["docker"].__setitem__("imagee", c["docker"].pop("image")), "misspelled docker image key"),
-        (lambda c: c["available_node_types"]["gpu_worker"]["resources"].__setitem__("GPU", "1"), "GPU count as a string"),
-        (lambda c: c.__setitem__("head_node_type", "haed"), "head_node_type naming no node type"),
-        (lambda c: c["available_node_types"]["gpu_worker"].__setitem__("min_workers", 99), "min_workers above max_workers"),
+        pytest.param(lambda c: c.__setitem__("max_worker", c.pop("max_workers")), id="misspelled top-level key"),
+        pytest.param(lambda c: c["available_node_types"]["gpu_worker"].__setitem__(
+            "min_worker", c["available_node_types"]["gpu_worker"].pop("min_workers")), id="misspelled node-type key"),
+        pytest.param(lambda c: c["docker"].__setitem__("run_option", c["docker"].pop("run_options")), id="misspelled docker key"),
+        pytest.param(lambda c: c["docker"].__setitem__("imagee", c["docker"].pop("image")), id="misspelled docker image key"),
+        pytest.param(lambda c: c["available_node_types"]["gpu_worker"]["resources"].__setitem__("GPU", "1"), id="GPU count as a string"),
+        pytest.param(lambda c: c.__setitem__("head_node_type", "haed"), id="head_node_type naming no node type"),
+        pytest.param(lambda c: c["available_node_types"]["gpu_worker"].__setitem__("min_workers", 99), id="min_workers above max_workers"),
     ],
-    ids=lambda value: value if isinstance(value, str) else "",
 )
-def test_a_broken_config_fails_validation(raw, mutate, why):
+def test_a_broken_config_fails_validation(raw, mutate):
     broken = copy.deepcopy(raw)
     mutate(broken)
     # ray up stops on any of these (its docker check is an assert).

@@ -246,9 +246,6 @@ def test_pickle_payload_is_never_executed(checkpoint, marker, shell, files, caps
     assert not (files / marker).exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "persam_core/models.py load_state_dict_file relays torch's first error line: for a refused pickle "
-    "that is ANSI-coloured boilerplate or the advice to re-run torch.load with weights_only=False"))
 @pytest.mark.parametrize("checkpoint", ["evil.pth", "evil_shell.pth"])
 def test_refused_pickle_message_is_plain_and_safe(checkpoint, files, capsys):
     main(fit_argv(files / "img.png", files / "good_mask.png", files / "concept.json", checkpoint=files / checkpoint))

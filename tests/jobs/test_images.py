@@ -88,10 +88,6 @@ def test_pixel_limit_header_only_bomb():
         decode_image(header_only_png(50_000, 50_000), "bomb.png")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jobs/images.py _open: PIL's own MAX_IMAGE_PIXELS (~89.5M) still applies (its warning is turned into "
-    "an error), so images between 89.5M px and --max-pixels are refused as 'not a decodable image "
-    "(DecompressionBombWarning)' and --max-pixels cannot be raised above ~179M"))
 def test_max_pixels_governs_instead_of_pils_own_limit():
     # 10000 x 9500 = 95M px < the default 100M limit: not a bomb by our limit, so the error (the
     # payload is truncated) must be about the data, not a decompression bomb.
@@ -284,9 +280,6 @@ def test_decode_mask_of_the_sample(perseg_sample):
     assert 0 < mask.sum() < mask.size
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jobs/images.py decode_mask reads palette masks through their palette colours (convert('RGB')), "
-    "so a palette whose index 0 is not black marks the background as object; use the indices"))
 def test_palette_mask_uses_indices_not_colours(object_region):
     mask = decode_mask(_palette_mask(object_region, background=(255, 255, 255)), "white_bg.png")
     np.testing.assert_array_equal(mask, object_region)
