@@ -146,6 +146,7 @@ def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, f
     else:  # one actor per GPU on a cluster; one CPU actor locally (it uses every core)
         num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1
     resources = actor_resources(num_actors, gpu)
+    print(f"{num_actors} model actor(s), each with {resources}; {len(shards)} shards")
     threads = max(1, int(resources.get("num_cpus", 1) + 0.999)) if not local_cluster() else max(1, (os.cpu_count() or 1) // num_actors)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one image-level bar below instead of per-operator logs
