@@ -34,6 +34,12 @@ def _add_model(parser: argparse.ArgumentParser, checkpoint_required: bool = True
     parser.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
 
 
+def _add_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", default=None, help="embedding cache URL: encoder features stored once per image and model")
+    parser.add_argument("--cache-dtype", choices=("fp16", "fp32"), default="fp16",
+                        help="feature precision in the cache (fp16: 2 MiB per image, fp32: 4 MiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,8 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--shard-size", type=int, default=32, help="images per committed Parquet shard")
     segment.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images become error rows")
     segment.add_argument("--max-instances", type=int, default=1, help="instances per (image, concept), >= 1")
+    _add_cache(segment)
     segment.add_argument("--min-similarity", type=float, default=None,
                          help="presence threshold in [0, 1]: rows below it get present=false and an empty mask")
+    rank = commands.add_parser("rank", help="rank every image of --input by the presence of one concept")
+    _add_model(rank)
+    rank.add_argument("--concept", required=True, help="concept file written by `persam fit`")
+    rank.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
+    rank.add_argument("--output", required=True, help="directory for ranking.parquet (any fsspec URL)")
+    rank.add_argument("--top-k", type=int, default=10, help="images that also get a mask (default 10)")
+    rank.add_argument("--batch-size", type=int, default=1, help="images per encoder batch")
+    rank.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    rank.add_argument("--shard-size", type=int, default=32, help="images per shard (and cache file)")
+    _add_cache(rank)
+
     export = commands.add_parser("export", help="mask Parquet -> COCO JSON, overlay gallery or subject crops")
     export.add_argument("kind", choices=("coco", "overlays", "subjects"))
     export.add_argument("--masks", required=True, help="the --output of `persam segment`")
@@ -96,8 +114,17 @@ def _run(args: argparse.Namespace) -> int:
         summary = run_segment(SegmentOptions(
             args.model_type, args.checkpoint, args.concept, args.input, args.output, args.device,
             args.batch_size, args.num_actors, args.shard_size, args.max_pixels, storage,
-            args.max_instances, args.min_similarity))
+            args.max_instances, args.min_similarity, args.cache, args.cache_dtype))
         print(summary.line())
+        return 0
+    if args.command == "rank":
+        from .rank import RankOptions, run_rank
+
+        if args.top_k < 0 or args.batch_size < 1:
+            raise ValueError("--top-k must be >= 0 and --batch-size >= 1")
+        run_rank(RankOptions(args.model_type, args.checkpoint, args.concept, args.input, args.output, args.top_k,
+                             args.device, args.batch_size, args.num_actors, args.shard_size, storage, args.cache,
+                             args.cache_dtype))
         return 0
     if args.command == "export":
         from .export import run_export

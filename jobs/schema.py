@@ -3,7 +3,8 @@
 `width`/`height` and masks are in displayed orientation (EXIF applied). `mask_rle` is
 COCO compressed RLE (`pycocotools.mask.decode` reads it); `bbox` is COCO xywh; `point`
 is the positive point (x, y). Error rows have `error` set, `area` 0 and nulls where
-nothing could be measured.
+nothing could be measured. `content_sha256` (of the image bytes) lets a rerun keep the
+rows of unchanged images.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ MASK_SCHEMA = pa.schema(
         pa.field("point", pa.list_(pa.int32())),
         pa.field("error", pa.string()),
         pa.field("model_fingerprint", pa.string()),
+        pa.field("content_sha256", pa.string()),
+    ]
+)
+
+# `persam rank`: one row per image, sorted by similarity (highest first).
+RANK_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("concept", pa.string(), nullable=False),
+        pa.field("similarity", pa.float32()),
+        pa.field("point", pa.list_(pa.int32())),
+        pa.field("error", pa.string()),
+        pa.field("model_fingerprint", pa.string()),
+        pa.field("content_sha256", pa.string()),
     ]
 )
 

@@ -1,33 +1,27 @@
-"""`persam segment`: the Ray Data job.
+"""`persam segment`: plan the shards of a job, run the pipeline, commit each shard.
 
-    list inputs -> shards (stable hash) -> decode+resize (CPU tasks) -> SegmentActor
-    (encode once, decode every concept) -> commit one Parquet file per shard (atomic)
-
-Committed shards are skipped on a rerun (see commit.py for the protocol).
+Committed shards are skipped on a rerun; shards whose images changed are recomputed,
+carrying over the rows of their unchanged images (see commit.py for the protocol).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import fsspec
-from tqdm import tqdm
 
 from persam_core.concept import Concept, ConceptError
 
 from . import commit
+from .cache import FeatureCache
 from .checkpoints import load_model, random_weights_note, redact
 from .inputs import InputError, list_image_urls
-from .runtime import actor_resources, check_device_option, local_cluster, start_ray, wants_gpu_actors
-from .worker import SegmentActor, decode_shard_row, ipc_to_table
-
-
-DECODE_TASK_MEMORY_BYTES = 512 * 2**20
+from .pipeline import PipelineSpec, run_pipeline
+from .runtime import check_device_option
+from .worker import ipc_to_table
 
 
 @dataclass
@@ -45,6 +39,8 @@ class SegmentOptions:
     storage_options: dict = field(default_factory=dict)
     max_instances: int = 1
     min_similarity: float | None = None
+    cache: str | None = None
+    cache_dtype: str = "fp16"
 
 
 @dataclass
@@ -56,11 +52,16 @@ class SegmentSummary:
     shards_skipped: int
     output: str
     seconds: float
+    encoded: int = 0
+    cache_hits: int = 0
+    carried: int = 0
+    removed: int = 0
 
     def line(self) -> str:
         return (
             f"done: {self.images} images, {self.rows} rows, {self.error_rows} error rows, "
-            f"{self.shards_run} shards written ({self.shards_skipped} already committed) "
+            f"{self.shards_run} shards written ({self.shards_skipped} already committed), "
+            f"{self.encoded} encoded, {self.cache_hits} from cache, {self.carried} unchanged, {self.removed} removed "
             f"-> {self.output} in {self.seconds:.1f} s"
         )
 
@@ -90,21 +91,31 @@ def read_concepts(paths: list[str], storage_options: dict) -> list[Concept]:
     return concepts
 
 
-def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
-    started = time.perf_counter()
-    device = check_device_option(options.device)
-    concepts = read_concepts(options.concepts, options.storage_options)
+def prepare_job(options, concepts: list[Concept], log) -> tuple[str, list[str]]:
+    """Checks that need no Ray: device, weights vs concepts, cache, inputs -> (fingerprint, urls)."""
+    check_device_option(options.device)
     model = load_model(options.model_type, options.checkpoint, options.storage_options)
     for concept in concepts:
         concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")
-    del model  # the actors load their own copy; the driver only checked the fingerprint
+    if options.cache:
+        FeatureCache(options.cache, model.fingerprint, options.cache_dtype, options.storage_options).check_writable()
     note = random_weights_note(options.checkpoint)
     if note:
         log(f"note: {note}")
-
     urls = list(dict.fromkeys(list_image_urls(options.input, options.storage_options)))
     if not urls:
         raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
+    return model.fingerprint, urls
+
+
+def _shard_of_path(path: str) -> int:
+    return int(commit.PART_FILE.match(os.path.basename(path)).group(1))
+
+
+def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
+    started = time.perf_counter()
+    concepts = read_concepts(options.concepts, options.storage_options)
+    fingerprint, urls = prepare_job(options, concepts, log)
     settings = {
         "max_instances": options.max_instances,
         "min_similarity": options.min_similarity,
@@ -112,52 +123,23 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
         "concept_digests": {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts},
     }
     record = commit.JobRecord(commit.shard_count(len(urls), options.shard_size), tuple(c.name for c in concepts),
-                              concepts[0].model_fingerprint, settings)
+                              fingerprint, settings)
     record, committed = commit.open_job(options.output, record, options.storage_options)
     plan = commit.plan_shards(urls, record.num_shards, committed)
+    superseded: dict[int, list[str]] = {}
+    for path in plan.superseded:
+        superseded.setdefault(_shard_of_path(path), []).append(path)
     running = {s["shard"] for s in plan.to_run}
-    # Superseded files of shards that are not rerun now (repairs, emptied shards) go first;
-    # the others are replaced by their shard's commit.
-    commit.remove_files(options.output, [p for p in plan.superseded if _shard_of_path(p) not in running], options.storage_options)
+    # Superseded files of shards not rerun now (repairs, emptied shards) go at once; the
+    # others are replaced by their shard's commit, and read for the rows they carry over.
+    commit.remove_files(options.output, [p for s, ps in superseded.items() if s not in running for p in ps],
+                        options.storage_options)
     log(f"{len(urls)} images x {len(concepts)} concepts; {len(plan.to_run)} shards to run, {plan.up_to_date} already committed")
     if not plan.to_run:
         return SegmentSummary(0, 0, 0, 0, plan.up_to_date, redact(options.output), time.perf_counter() - started)
 
-    import ray
-
-    started_ray = start_ray()
-    try:
-        rows, errors, images = _run_pipeline(ray, options, device, concepts, plan.to_run, record.model_fingerprint, plan.superseded)
-    finally:
-        if started_ray and local_cluster():
-            ray.shutdown()
-    return SegmentSummary(images, rows, errors, len(plan.to_run), plan.up_to_date, redact(options.output),
-                          time.perf_counter() - started)
-
-
-def _shard_of_path(path: str) -> int:
-    return int(commit.PART_FILE.match(os.path.basename(path)).group(1))
-
-
-def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, fingerprint: str, plan_superseded: list[str]):
-    gpu = wants_gpu_actors(device)
-    if options.num_actors:
-        num_actors = options.num_actors
-    else:  # one actor per GPU on a cluster; one CPU actor locally (it uses every core)
-        num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1
-    resources = actor_resources(num_actors, gpu)
-    print(f"{num_actors} model actor(s), each with {resources}; {len(shards)} shards")
-    threads = max(1, int(resources.get("num_cpus", 1) + 0.999)) if not local_cluster() else max(1, (os.cpu_count() or 1) // num_actors)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # one image-level bar below instead of per-operator logs
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    concepts_ref = ray.put([c.to_json() for c in concepts])
     output, storage = options.output, options.storage_options
-
-    digests = {s["shard"]: s["digest"] for s in shards}
-    superseded = {}
-    for path in plan_superseded:
-        superseded.setdefault(_shard_of_path(path), []).append(path)
+    digests = {s["shard"]: s["digest"] for s in plan.to_run}
 
     def commit_row(row: dict) -> dict:
         table = ipc_to_table(row["table"])
@@ -165,36 +147,22 @@ def _run_pipeline(ray, options: SegmentOptions, device: str, concepts, shards, f
         commit.commit_shard(output, shard, digests[shard], table, storage)
         commit.remove_files(output, superseded.get(shard, []), storage)  # only after the new file is public
         errors = sum(1 for e in table.column("error").to_pylist() if e is not None)
-        return {"shard": int(row["shard"]), "rows": table.num_rows, "errors": errors,
-                "images": len(set(table.column("image_uri").to_pylist()))}
+        return {"shard": shard, "rows": table.num_rows, "errors": errors,
+                "images": len(set(table.column("image_uri").to_pylist())), "encoded": int(row["encoded"]),
+                "cache_hits": int(row["cache_hits"]), "carried": int(row["carried"]), "removed": int(row["removed"]),
+                "problems": str(row["problems"] or "")}
 
-    # Ray Data restarts killed actors and retries their tasks by default (max_restarts=-1).
-    dataset = (
-        ray.data.from_items([{"shard": s["shard"], "urls": s["urls"]} for s in shards], override_num_blocks=len(shards))
-        # Decode on CPU tasks of their own. Their memory reservation (a decoded shard is
-        # large) also keeps Ray Data from fusing them into the actor, where JPEG decoding
-        # would stall the model.
-        .map(decode_shard_row, fn_kwargs={"storage_options": storage, "max_pixels": options.max_pixels},
-             num_cpus=1, memory=DECODE_TASK_MEMORY_BYTES)
-        .map_batches(
-            SegmentActor,
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            fn_constructor_kwargs={
-                "model_type": options.model_type, "checkpoint": options.checkpoint,
-                "expected_fingerprint": fingerprint, "concepts_box": [concepts_ref], "device": device,
-                "batch_size": options.batch_size, "threads": threads, "storage_options": storage,
-                "max_instances": options.max_instances, "min_similarity": options.min_similarity,
-            },
-            **resources,
-        )
-        .map(commit_row, num_cpus=0.5)
+    spec = PipelineSpec(
+        options.model_type, options.checkpoint, fingerprint, [c.to_json() for c in concepts], options.device,
+        options.batch_size, options.num_actors, options.max_pixels, storage, "segment", options.max_instances,
+        options.min_similarity,
+        {"url": options.cache, "dtype": options.cache_dtype, "num_shards": record.num_shards} if options.cache else None,
     )
-    rows = errors = images = 0
-    total = sum(len(s["urls"]) for s in shards)
-    with tqdm(total=total, unit="img", desc="segment", file=sys.stderr, mininterval=1.0) as progress:
-        for result in dataset.iter_rows():
-            rows, errors, images = rows + result["rows"], errors + result["errors"], images + result["images"]
-            progress.update(result["images"])
-            progress.set_postfix(shards=f"{result['shard']:05d}", rows=rows, errors=errors, refresh=False)
-    return rows, errors, images
+    shards = [{"shard": s["shard"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])} for s in plan.to_run]
+    results = run_pipeline(spec, shards, commit_row)
+    for problem in (p for r in results for p in r["problems"].splitlines() if p):
+        log(f"cache: {problem}")
+    total = {key: sum(r[key] for r in results) for key in ("rows", "errors", "images", "encoded", "cache_hits", "carried", "removed")}
+    return SegmentSummary(total["images"], total["rows"], total["errors"], len(plan.to_run), plan.up_to_date,
+                          redact(options.output), time.perf_counter() - started, total["encoded"],
+                          total["cache_hits"], total["carried"], total["removed"])

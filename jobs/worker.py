@@ -1,13 +1,12 @@
-"""The job's stages: decode a shard on CPU workers, segment it in a model actor.
+"""The model actor: SAM and the concepts loaded once; each call segments whole shards.
 
-Shards travel between stages as single rows whose payload is an `.npz` of the resized
-uint8 images (no pickle), so a shard's images stay together until its commit.
+Per shard: images with cached features skip the encoder; the others are encoded once
+(in batches of --batch-size) and their features go to the cache; every concept decodes
+from the same features. Rows carried over from the previous commit pass through.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from typing import Sequence
 
@@ -16,125 +15,107 @@ import pyarrow as pa
 import torch
 
 from persam_core.concept import Concept
-from persam_core.masks import area_px, bbox_xywh, encode_rle
 from persam_core.instances import InstanceResult, segment_instances
-from persam_core.persam import ConceptTensors
-from persam_core.predictor import encode_images
-from persam_core.preprocess import ResizedImage, resize_longest_side
+from persam_core.masks import area_px, bbox_xywh, encode_rle
+from persam_core.persam import ConceptTensors, prior_for
+from persam_core.predictor import EncodedImage, encode_images
 
-from .checkpoints import load_model, redact
+from .cache import CachedFeatures, FeatureCache
+from .checkpoints import load_model
 from .runtime import resolve_device
-from .images import DEFAULT_MAX_PIXELS, decode_image
-from .inputs import read_bytes
-from .schema import rows_to_table
+from .schema import RANK_SCHEMA, rows_to_table
+from .shard_payload import Shard, ShardItem, short_reason, unpack_shard
 
 
-def _short_reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}"[:500] if text else type(error).__name__
-
-
-def pack_shard(urls: Sequence[str], images: Sequence[ResizedImage | None], errors: Sequence[str | None]) -> bytes:
-    arrays = {f"pixels_{i}": image.pixels for i, image in enumerate(images) if image is not None}
-    meta = [
-        {"url": url, "original_size": None if image is None else list(image.original_size), "error": error}
-        for url, image, error in zip(urls, images, errors)
-    ]
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def unpack_shard(payload: bytes) -> list[tuple[str, ResizedImage | None, str | None]]:
-    with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
-        meta = json.loads(archive["meta"].tobytes())
-        return [
-            (
-                item["url"],
-                None if item["original_size"] is None else ResizedImage(archive[f"pixels_{i}"], tuple(item["original_size"])),
-                item["error"],
-            )
-            for i, item in enumerate(meta)
-        ]
-
-
-def load_and_resize(url: str, storage_options: dict | None, max_pixels: int) -> tuple[ResizedImage | None, str | None]:
-    """Read + decode + resize one image; any failure becomes its error text."""
-    try:
-        data = read_bytes(url, storage_options)
-    except Exception as error:  # missing object, permission, timeout: the job goes on
-        return None, f"read failed: {_short_reason(error)}"
-    try:
-        return resize_longest_side(decode_image(data, redact(url), max_pixels)), None
-    except Exception as error:
-        return None, f"decode failed: {_short_reason(error)}"
-
-
-def decode_shard_row(row: dict, storage_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """{"shard", "urls"} -> {"shard", "payload"}: CPU stage, so the model never waits on JPEGs."""
-    urls = list(row["urls"])
-    decoded = [load_and_resize(url, storage_options, max_pixels) for url in urls]
-    return {"shard": int(row["shard"]), "payload": pack_shard(urls, [d[0] for d in decoded], [d[1] for d in decoded])}
-
-
-def error_row(url: str, concept: Concept, reason: str, fingerprint: str, size: tuple[int, int] | None = None) -> dict:
+def error_row(item: ShardItem, concept: Concept, reason: str, fingerprint: str, size: tuple[int, int] | None = None) -> dict:
     return {
-        "image_uri": url, "concept": concept.name, "method": concept.method, "instance": 0, "present": False,
+        "image_uri": item.url, "concept": concept.name, "method": concept.method, "instance": 0, "present": False,
         "width": None if size is None else size[1], "height": None if size is None else size[0],
         "mask_rle": None, "bbox": None, "area": 0, "score": None, "similarity": None, "point": None,
-        "error": reason, "model_fingerprint": fingerprint,
+        "error": reason, "model_fingerprint": fingerprint, "content_sha256": item.sha256,
     }
 
 
-def result_row(url: str, concept: Concept, found: InstanceResult, fingerprint: str) -> dict:
+def result_row(item: ShardItem, concept: Concept, found: InstanceResult, fingerprint: str) -> dict:
     result = found.result
     height, width = result.mask.shape
     return {
-        "image_uri": url, "concept": concept.name, "method": concept.method, "instance": found.instance,
+        "image_uri": item.url, "concept": concept.name, "method": concept.method, "instance": found.instance,
         "present": found.present, "width": width, "height": height, "mask_rle": encode_rle(result.mask),
         "bbox": bbox_xywh(result.mask), "area": area_px(result.mask),
         "score": result.score if found.present else None, "similarity": result.similarity,
         "point": list(result.point), "error": None, "model_fingerprint": fingerprint,
+        "content_sha256": item.sha256,
     }
 
 
-def segment_items(
-    sam,
-    fingerprint: str,
-    concepts: Sequence[ConceptTensors],
-    items,
-    batch_size: int,
-    max_instances: int = 1,
-    min_similarity: float | None = None,
-) -> list[dict]:
-    """items: [(url, ResizedImage | None, error | None)] -> rows (images x concepts x instances).
+def score_row(item: ShardItem, concept: Concept, similarity: float | None, point, error: str | None, fingerprint: str) -> dict:
+    return {"image_uri": item.url, "concept": concept.name, "similarity": similarity,
+            "point": None if point is None else list(point), "error": error,
+            "model_fingerprint": fingerprint, "content_sha256": item.sha256}
 
-    Each image is encoded once (in batches of `batch_size`); every concept decodes from it.
-    """
-    rows: list[dict] = []
-    good = [(url, image) for url, image, _ in items if image is not None]
-    for url, image, error in items:
-        if image is None:
-            rows.extend(error_row(url, c.concept, error or "unknown error", fingerprint) for c in concepts)
-    for start in range(0, len(good), max(1, batch_size)):
-        chunk = good[start : start + batch_size]
+
+def encode_shard(sam, items: Sequence[ShardItem], batch_size: int) -> tuple[dict[int, EncodedImage], dict[int, str]]:
+    """Features for every item that has pixels or cached features -> ({index: encoded}, {index: error})."""
+    device = next(sam.parameters()).device
+    encoded, failures = {}, {}
+    for index, item in enumerate(items):
+        if item.cached is not None:
+            features = torch.as_tensor(np.asarray(item.cached.features, dtype=np.float32), device=device)
+            encoded[index] = EncodedImage(features, item.cached.input_size, item.cached.original_size)
+    pending = [i for i, item in enumerate(items) if item.image is not None]
+    for start in range(0, len(pending), max(1, batch_size)):
+        chunk = pending[start : start + batch_size]
         try:
-            encoded = encode_images(sam, [image for _, image in chunk])
+            for index, features in zip(chunk, encode_images(sam, [items[i].image for i in chunk])):
+                encoded[index] = features
         except Exception as error:  # e.g. out of memory on one batch: record, go on
-            for url, image in chunk:
-                rows.extend(error_row(url, c.concept, f"encode failed: {_short_reason(error)}", fingerprint, image.original_size) for c in concepts)
+            failures.update({i: f"encode failed: {short_reason(error)}" for i in chunk})
+    return encoded, failures
+
+
+def segment_shard(
+    sam, fingerprint: str, concepts: Sequence[ConceptTensors], shard: Shard, batch_size: int,
+    max_instances: int = 1, min_similarity: float | None = None,
+) -> tuple[list[dict], dict[int, EncodedImage]]:
+    """-> (rows: images x concepts x instances, features computed or read per item index)."""
+    encoded, failures = encode_shard(sam, shard.items, batch_size)
+    rows: list[dict] = []
+    for index, item in enumerate(shard.items):
+        if item.carried:
             continue
-        for (url, image), features in zip(chunk, encoded):
-            for tensors in concepts:
-                try:
-                    found = segment_instances(sam, features, tensors, max_instances, min_similarity)
-                    rows.extend(result_row(url, tensors.concept, f, fingerprint) for f in found)
-                except Exception as error:
-                    rows.append(error_row(url, tensors.concept, f"segment failed: {_short_reason(error)}", fingerprint, image.original_size))
-    order = {url: i for i, (url, _, _) in enumerate(items)}
-    names = {c.concept.name: i for i, c in enumerate(concepts)}
-    return sorted(rows, key=lambda r: (order[r["image_uri"]], names[r["concept"]], r["instance"]))
+        size = item.image.original_size if item.image is not None else None
+        if index not in encoded:
+            reason = item.error or failures.get(index, "unknown error")
+            rows.extend(error_row(item, c.concept, reason, fingerprint, size) for c in concepts)
+            continue
+        for tensors in concepts:
+            try:
+                found = segment_instances(sam, encoded[index], tensors, max_instances, min_similarity)
+                rows.extend(result_row(item, tensors.concept, f, fingerprint) for f in found)
+            except Exception as error:
+                rows.append(error_row(item, tensors.concept, f"segment failed: {short_reason(error)}", fingerprint,
+                                      encoded[index].original_size))
+    return rows, encoded
+
+
+def score_shard(sam, fingerprint: str, concept: ConceptTensors, shard: Shard, batch_size: int) -> tuple[list[dict], dict[int, EncodedImage]]:
+    """Presence score (max of S) and positive point per image: no mask decoding."""
+    encoded, failures = encode_shard(sam, shard.items, batch_size)
+    rows = []
+    for index, item in enumerate(shard.items):
+        if index not in encoded:
+            rows.append(score_row(item, concept.concept, None, None, item.error or failures.get(index), fingerprint))
+            continue
+        prior = prior_for(sam, encoded[index], concept)
+        rows.append(score_row(item, concept.concept, prior.presence, prior.positive_point(), None, fingerprint))
+    return rows, encoded
+
+
+def ordered(rows: list[dict], items: Sequence[ShardItem], concepts: Sequence[Concept]) -> list[dict]:
+    order = {item.url: i for i, item in enumerate(items)}
+    names = {c.name: i for i, c in enumerate(concepts)}
+    return sorted(rows, key=lambda r: (order.get(r["image_uri"], -1), names.get(r["concept"], -1), r.get("instance") or 0))
 
 
 def table_to_ipc(table: pa.Table) -> bytes:
@@ -149,20 +130,15 @@ def ipc_to_table(data: bytes) -> pa.Table:
 
 
 class SegmentActor:
-    """Ray Data UDF: SAM + concepts loaded once in __init__; __call__ segments shards."""
+    """Ray Data UDF: SAM + concepts loaded once in __init__; __call__ processes shards.
+
+    task "segment" writes mask rows; task "score" (persam rank) only the presence score.
+    """
 
     def __init__(
-        self,
-        model_type: str,
-        checkpoint: str,
-        expected_fingerprint: str,
-        concepts_box: list,
-        device: str,
-        batch_size: int,
-        threads: int,
-        storage_options: dict | None = None,
-        max_instances: int = 1,
-        min_similarity: float | None = None,
+        self, model_type: str, checkpoint: str, expected_fingerprint: str, concepts_box: list, device: str,
+        batch_size: int, threads: int, storage_options: dict | None = None, max_instances: int = 1,
+        min_similarity: float | None = None, task: str = "segment", cache: dict | None = None,
     ) -> None:
         import ray
 
@@ -175,21 +151,51 @@ class SegmentActor:
             )
         # "auto" resolves here, on the actor's node: a GPU-scheduled actor without a
         # visible CUDA device (a fake GPU resource) still runs, on CPU.
-        device = resolve_device(device)
-        self.sam = loaded.sam.to(device)
+        self.sam = loaded.sam.to(resolve_device(device))
         self.fingerprint = loaded.fingerprint
         texts = ray.get(concepts_box[0])  # broadcast once through the object store
-        self.concepts = [ConceptTensors.on(Concept.from_json(text), device) for text in texts]
-        self.batch_size = batch_size
+        self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in texts]
+        self.batch_size, self.task = batch_size, task
         self.max_instances, self.min_similarity = max_instances, min_similarity
+        self.cache = FeatureCache(cache["url"], self.fingerprint, cache["dtype"], storage_options) if cache else None
+        self.num_shards = cache["num_shards"] if cache else 1
+
+    def _store_cache(self, shard: Shard, encoded: dict[int, EncodedImage]) -> int:
+        """Write the shard's features (old hits + new) when anything new was encoded -> new entries."""
+        fresh = [i for i, item in enumerate(shard.items) if item.image is not None and i in encoded]
+        if self.cache is None or not fresh:
+            return 0
+        existing, _ = self.cache.load(self.num_shards, shard.shard)
+        current = {item.sha256 for item in shard.items if item.sha256}
+        entries = {sha: entry for sha, entry in existing.items() if sha in current}
+        for index in fresh:
+            image = encoded[index]
+            entries[shard.items[index].sha256] = CachedFeatures(
+                image.features.detach().cpu().numpy(), image.input_size, image.original_size)
+        self.cache.store(self.num_shards, shard.shard, entries)
+        return len(fresh)
 
     def __call__(self, batch: dict) -> dict:
-        shards, tables, seconds = [], [], []
-        for shard, payload in zip(batch["shard"], batch["payload"]):
+        out = {"shard": [], "table": [], "seconds": [], "encoded": [], "cache_hits": [], "carried": [], "removed": [],
+               "problems": []}
+        for payload in batch["payload"]:
             started = time.perf_counter()
-            rows = segment_items(self.sam, self.fingerprint, self.concepts, unpack_shard(payload), self.batch_size,
-                                 self.max_instances, self.min_similarity)
-            shards.append(int(shard))
-            tables.append(table_to_ipc(rows_to_table(rows)))
-            seconds.append(time.perf_counter() - started)
-        return {"shard": np.array(shards), "table": np.array(tables, dtype=object), "seconds": np.array(seconds)}
+            shard = unpack_shard(payload)
+            if self.task == "score":
+                rows, encoded = score_shard(self.sam, self.fingerprint, self.concepts[0], shard, self.batch_size)
+                table = pa.Table.from_pylist(rows, schema=RANK_SCHEMA)
+            else:
+                rows, encoded = segment_shard(self.sam, self.fingerprint, self.concepts, shard, self.batch_size,
+                                              self.max_instances, self.min_similarity)
+                table = rows_to_table(ordered(rows, shard.items, [c.concept for c in self.concepts]))
+                if shard.carried_rows is not None and shard.carried_rows.num_rows:
+                    table = pa.concat_tables([shard.carried_rows.select(table.column_names).cast(table.schema), table])
+            out["encoded"].append(self._store_cache(shard, encoded) if self.cache else sum(i.image is not None for i in shard.items))
+            out["cache_hits"].append(sum(item.cached is not None for item in shard.items))
+            out["carried"].append(sum(item.carried for item in shard.items))
+            out["removed"].append(shard.removed)
+            out["problems"].append("\n".join(shard.cache_problems))
+            out["shard"].append(shard.shard)
+            out["table"].append(table_to_ipc(table))
+            out["seconds"].append(time.perf_counter() - started)
+        return {key: np.array(values, dtype=object if key in ("table", "problems") else None) for key, values in out.items()}

@@ -22,6 +22,8 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from .tiny_vit import build_mobile_sam
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -64,6 +66,7 @@ MODEL_BUILDERS: dict[str, Callable[[], Sam]] = {
     "vit_h": partial(sam_model_registry["vit_h"], checkpoint=None),
     "vit_l": partial(sam_model_registry["vit_l"], checkpoint=None),
     "vit_b": partial(sam_model_registry["vit_b"], checkpoint=None),
+    "vit_t": build_mobile_sam,  # MobileSAM: TinyViT encoder, SAM's prompt encoder/decoder
     "tiny": _build_tiny,
 }
 MODEL_TYPES = tuple(MODEL_BUILDERS)
@@ -155,7 +158,7 @@ def fingerprint(state_dict: Mapping[str, torch.Tensor], model_type: str) -> str:
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # reshape: 0-d BatchNorm counters (vit_t)
     return f"{model_type}:{digest.hexdigest()[:16]}"
 
 

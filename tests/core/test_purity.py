@@ -62,7 +62,7 @@ def test_source_imports_none_of_the_pipeline_stack() -> None:
     sources = sorted(PACKAGE_DIR.rglob("*.py"))
     assert sources, PACKAGE_DIR
     offenders = {
-        str(path.relative_to(REPO_ROOT)): sorted(_imported_roots(ast.parse(path.read_text(), str(path))) & set(FORBIDDEN))
+        str(path.relative_to(REPO_ROOT)): sorted(_imported_roots(ast.parse(path.read_text(), str(path))) & {*FORBIDDEN})
         for path in sources
     }
     assert {k: v for k, v in offenders.items() if v} == {}

@@ -1,0 +1,227 @@
+"""PerSAM's video mode (the reference's persam_video.py / persam_video_f.py), one sequence.
+
+Frame 0's mask of each object is its reference: t = normalise(max(T)/2 + mean(T)/2) over
+the kept grid cells T. The reference feeds that mask scaled to 215 (not 128) through
+SAM's pixel normalisation, so a cell is kept from about 58% coverage (see `_grid_values`).
+Every later frame is encoded once, then for each object (plain SAM decoding, no attention
+bias or semantic prompt):
+
+  points   the top-k cells of the upsampled similarity S' (k = 2; PerSAM-F: 1), all
+           positive, plus the centre of the object's box in the previous frame's merged
+           mask, that box expanded by 10 px (clamped to the image), as another positive;
+  PerSAM   pass 1: points + box, multimask, the largest mask; pass 2: points + its
+           low-res logits, multimask, best predicted IoU; pass 3: points + its tight box
+           + its logits, multimask, best predicted IoU -> that mask's logits;
+  PerSAM-F pass 1: points + box, multimask, mask = Σ w_i logit_i > 0 (best-IoU mask if
+           empty); pass 2: its tight box + Σ w_i low-res logit_i; pass 3 as PerSAM's.
+           w is fitted per object on frame 0 with the same prompts (dice + focal).
+
+Objects are merged per pixel by the highest logit; a pixel whose logits are all <= 0 is
+background. Where the reference crashes or mislabels, this departs from it: an empty
+intermediate mask skips the box refinement; an object missing from the previous merged
+mask keeps its last box (the reference shifts the other objects' boxes onto it); the
+largest pass-1 mask is chosen by its true area (the reference stores areas as uint8,
+wrapping at 256); an object too small to keep any cell uses its best-covered cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .persam_f import dice_loss, full_weights, sigmoid_focal_loss
+from .predictor import EncodedImage, Prediction, encode_images, predict, tight_box
+from .preprocess import ENCODER_SIZE, GRID_SIZE, PIXEL_MEAN_RED, PIXEL_STD_RED, resize_longest_side
+from .prior import location_prior
+
+VIDEO_MASK_VALUE = 215  # the reference's --exp
+BOX_MARGIN = 10  # the reference's --threshold
+METHODS = ("persam", "persam-f")
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """The reference's defaults: PerSAM top-2 points; PerSAM-F top-1, 800 epochs at 4e-4."""
+
+    method: str = "persam"
+    top_k: int | None = None
+    box_margin: int = BOX_MARGIN
+    epochs: int = 800
+    learning_rate: float = 4e-4
+
+    @property
+    def points(self) -> int:
+        return self.top_k if self.top_k is not None else (1 if self.method == "persam-f" else 2)
+
+
+def _grid_values(mask: np.ndarray, value: int = VIDEO_MASK_VALUE) -> Tensor:
+    """mask: [H, W] bool -> [64, 64]: {0, value} mask resized, normalised, padded, bilinear."""
+    resized = ResizeLongestSide(ENCODER_SIZE).apply_image(mask.astype(np.uint8) * value)
+    normalised = (torch.as_tensor(resized)[None, None] - PIXEL_MEAN_RED) / PIXEL_STD_RED
+    height, width = normalised.shape[-2:]
+    padded = F.pad(normalised, (0, ENCODER_SIZE - width, 0, ENCODER_SIZE - height))
+    return F.interpolate(padded, size=(GRID_SIZE, GRID_SIZE), mode="bilinear")[0, 0]
+
+
+def kept_cells(mask: np.ndarray) -> Tensor:
+    """mask: [H, W] bool (non-empty) -> [64, 64] bool: the reference's cells, else the best-covered."""
+    keep = _grid_values(mask) > 0
+    if keep.any():
+        return keep
+    # Too small for the bilinear samples: take the cells the mask covers most (area pooling).
+    resized = ResizeLongestSide(ENCODER_SIZE).apply_image(mask.astype(np.uint8) * 255)
+    height, width = resized.shape
+    padded = F.pad(torch.as_tensor(resized, dtype=torch.float32)[None, None], (0, ENCODER_SIZE - width, 0, ENCODER_SIZE - height))
+    coverage = F.adaptive_avg_pool2d(padded, GRID_SIZE)[0, 0]
+    if float(coverage.max()) <= 0:  # vanished in the resize: the cell of its first pixel
+        ys, xs = np.nonzero(mask)
+        scale = GRID_SIZE / max(mask.shape)
+        coverage = torch.zeros(GRID_SIZE, GRID_SIZE)
+        coverage[min(int(ys[0] * scale), GRID_SIZE - 1), min(int(xs[0] * scale), GRID_SIZE - 1)] = 1
+    return coverage == coverage.max()
+
+
+def video_target_feature(features: Tensor, mask: np.ndarray) -> Tensor:
+    """features: [256, 64, 64]; mask: [H, W] bool -> t: [256] = normalise(max/2 + mean/2)."""
+    cells = features.permute(1, 2, 0)[kept_cells(mask).to(features.device)]
+    pooled = torch.max(cells, dim=0)[0] / 2 + cells.mean(0) / 2
+    return pooled / pooled.norm()
+
+
+def expanded_box(mask: np.ndarray, margin: int = BOX_MARGIN) -> tuple[np.ndarray, np.ndarray] | None:
+    """mask: [H, W] bool -> (centre [1, 2] (x, y), box [4] x0 y0 x1 y1), expanded, or None if empty.
+
+    As the reference's get_box_prompt: clamped to [0, W] x [0, H] (W, H themselves included).
+    """
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        return None
+    height, width = mask.shape
+    x0, y0 = max(0, int(xs.min()) - margin), max(0, int(ys.min()) - margin)
+    x1 = width if int(xs.max()) + margin >= width else int(xs.max()) + margin
+    y1 = height if int(ys.max()) + margin >= height else int(ys.max()) + margin
+    return np.array([[(x0 + x1) // 2, (y0 + y1) // 2]]), np.array([x0, y0, x1, y1])
+
+
+def top_points(upsampled: Tensor, k: int) -> np.ndarray:
+    """S': [H, W] -> [k, 2] (x, y) of its k highest pixels, highest first."""
+    flat = torch.topk(upsampled.flatten(), k).indices.cpu().numpy()
+    width = upsampled.shape[1]
+    return np.stack([flat % width, flat // width], axis=1)
+
+
+def _logits_of(prediction: Prediction, index: int) -> Tensor:
+    return prediction.high_res(index)
+
+
+def _box_refine(sam: Sam, encoded: EncodedImage, points: np.ndarray, labels: np.ndarray, previous: Prediction) -> Tensor:
+    """Best mask of `previous` -> its tight box + logits -> best new mask's logits [H, W]."""
+    best = previous.best_index()
+    box = tight_box((previous.high_res(best) > sam.mask_threshold).cpu().numpy())
+    if box is None:  # empty: nothing to refine (the reference crashes here)
+        return _logits_of(previous, best)
+    refined = predict(sam, encoded, points, labels, box_xyxy=box, mask_input=previous.low_res[best : best + 1])
+    return _logits_of(refined, refined.best_index())
+
+
+class VideoObject:
+    """One object of a sequence: its target feature, PerSAM-F weights, its last box."""
+
+    def __init__(self, label: int, target_feature: Tensor, box: tuple[np.ndarray, np.ndarray]) -> None:
+        self.label = label
+        self.target_feature = target_feature
+        self.box = box
+        self.weights: Tensor | None = None
+
+
+class SequenceTracker:
+    """Segment a sequence frame by frame: construct with frame 0, then `step` each later frame."""
+
+    def __init__(self, sam: Sam, first_frame: np.ndarray, first_labels: np.ndarray, settings: VideoSettings) -> None:
+        """first_frame: [H, W, 3] uint8 RGB; first_labels: [H, W] object ids (0 background)."""
+        if settings.method not in METHODS:
+            raise ValueError(f"unknown method {settings.method!r}: choose one of {', '.join(METHODS)}")
+        self.sam, self.settings = sam, settings
+        encoded = self._encode(first_frame)
+        self.objects: list[VideoObject] = []
+        for label in (int(v) for v in np.unique(first_labels) if v != 0):
+            mask = first_labels == label
+            target = video_target_feature(encoded.features, mask)
+            obj = VideoObject(label, target, expanded_box(mask, settings.box_margin))
+            if settings.method == "persam-f":
+                obj.weights = self._fit(encoded, obj, mask)
+            self.objects.append(obj)
+
+    def _encode(self, frame: np.ndarray) -> EncodedImage:
+        return encode_images(self.sam, [resize_longest_side(frame)])[0]
+
+    def _prompts(self, encoded: EncodedImage, obj: VideoObject) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> points [k+1, 2], labels [k+1] (all positive), box [4]."""
+        prior = location_prior(self.sam, encoded.features, obj.target_feature, encoded.input_size, encoded.original_size)
+        centre, box = obj.box
+        points = np.concatenate([top_points(prior.upsampled, self.settings.points), centre], axis=0)
+        return points, np.ones(len(points), dtype=np.int64), box
+
+    @torch.no_grad()
+    def _fit(self, encoded: EncodedImage, obj: VideoObject, mask: np.ndarray) -> Tensor:
+        """PerSAM-F's weights on frame 0 with the tracking prompts: w [3]."""
+        points, labels, box = self._prompts(encoded, obj)
+        logits = predict(self.sam, encoded, points, labels, box_xyxy=box).high_res().flatten(1)  # [3, H*W]
+        target = torch.as_tensor(mask, device=logits.device).float().flatten()[None]
+        learned = torch.nn.Parameter(torch.ones(2, 1, device=logits.device) / 3)
+        optimizer = torch.optim.AdamW([learned], lr=self.settings.learning_rate, eps=1e-4)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.settings.epochs)
+        for _ in range(self.settings.epochs):
+            with torch.enable_grad():
+                combined = (logits * full_weights(learned)).sum(0)[None]
+                loss = dice_loss(combined, target) + sigmoid_focal_loss(combined, target)
+                optimizer.zero_grad()
+                loss.backward()
+            optimizer.step()
+            scheduler.step()
+        return full_weights(learned).detach()[:, 0]
+
+    def _object_logits(self, encoded: EncodedImage, obj: VideoObject) -> Tensor:
+        """-> [H, W] high-res logits of the object's final mask in this frame."""
+        sam = self.sam
+        points, labels, box = self._prompts(encoded, obj)
+        first = predict(sam, encoded, points, labels, box_xyxy=box)
+        if obj.weights is None:
+            areas = (first.high_res() > sam.mask_threshold).flatten(1).sum(1)
+            largest = int(torch.argmax(areas))
+            second = predict(sam, encoded, points, labels, mask_input=first.low_res[largest : largest + 1])
+            return _box_refine(sam, encoded, points, labels, second)
+        weights = obj.weights.to(first.low_res).reshape(3, 1, 1)
+        mask = ((first.high_res() * weights).sum(0) > sam.mask_threshold).cpu().numpy()
+        low_res = (first.low_res * weights).sum(0)[None]
+        if not mask.any():  # the reference falls back to the best-scored mask
+            mask = (first.high_res(first.best_index()) > sam.mask_threshold).cpu().numpy()
+        tight = tight_box(mask)
+        if tight is None:
+            return (first.high_res() * weights).sum(0)
+        second = predict(sam, encoded, points, labels, box_xyxy=tight, mask_input=low_res)
+        return _box_refine(sam, encoded, points, labels, second)
+
+    @torch.no_grad()
+    def step(self, frame: np.ndarray) -> np.ndarray:
+        """frame: [H, W, 3] uint8 RGB -> [H, W] uint8 merged labels (0 background)."""
+        encoded = self._encode(frame)
+        height, width = encoded.original_size
+        if not self.objects:
+            return np.zeros((height, width), dtype=np.uint8)
+        logits = torch.stack([self._object_logits(encoded, obj) for obj in self.objects])  # [N, H, W]
+        # argmax over [0, logit_1 .. logit_N]: background unless some logit is > 0 (first on ties)
+        best = torch.argmax(torch.cat([torch.zeros_like(logits[:1]), logits]), dim=0).cpu().numpy()
+        lookup = np.array([0] + [obj.label for obj in self.objects], dtype=np.uint8)
+        merged = lookup[best]
+        for obj in self.objects:
+            box = expanded_box(merged == obj.label, self.settings.box_margin)
+            if box is not None:
+                obj.box = box
+        return merged
