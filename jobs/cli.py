@@ -40,6 +40,13 @@ def _add_cache(parser: argparse.ArgumentParser) -> None:
                         help="feature precision in the cache (fp16: 2 MiB per image, fp32: 4 MiB)")
 
 
+def _add_speed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="image-encoder precision (fp32 is the reference path; others are measured by `bench`)")
+    parser.add_argument("--fused-attention", action="store_true", help="encoder attention via scaled_dot_product_attention")
+    parser.add_argument("--compile", dest="compile_encoder", action="store_true", help="torch.compile the image encoder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images become error rows")
     segment.add_argument("--max-instances", type=int, default=1, help="instances per (image, concept), >= 1")
     _add_cache(segment)
+    _add_speed(segment)
     segment.add_argument("--min-similarity", type=float, default=None,
                          help="presence threshold in [0, 1]: rows below it get present=false and an empty mask")
     rank = commands.add_parser("rank", help="rank every image of --input by the presence of one concept")
@@ -76,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
     rank.add_argument("--shard-size", type=int, default=32, help="images per shard (and cache file)")
     _add_cache(rank)
+    _add_speed(rank)
 
     export = commands.add_parser("export", help="mask Parquet -> COCO JSON, overlay gallery or subject crops")
     export.add_argument("kind", choices=("coco", "overlays", "subjects"))
@@ -84,12 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--images", default=None, help="where the images are now, if they moved")
     export.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
 
+    evaluate = commands.add_parser("eval", help="PerSeg mIoU/bIoU, or DAVIS 2017 J&F with --video (Ray job)")
+    _add_model(evaluate)
+    evaluate.add_argument("--data", required=True, help="PerSeg root (Images/, Annotations/) or DAVIS 2017 root (--video)")
+    evaluate.add_argument("--output", required=True, help="directory for metrics.json, metrics.md and the masks")
+    evaluate.add_argument("--method", choices=("persam", "persam-f"), default="persam")
+    evaluate.add_argument("--video", action="store_true", help="DAVIS 2017 layout: J, F and J&F")
+    evaluate.add_argument("--epochs", type=int, default=None, help="PerSAM-F fit epochs (default 1000; video 800)")
+    evaluate.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="images per encoder batch (images)")
+    evaluate.add_argument("--sequences", default=None,
+                          help="comma-separated DAVIS sequences (default: ImageSets/2017/val.txt, else all)")
+
     bench = commands.add_parser("bench", help="time encoder, PerSAM, PerSAM-F, K concepts and the reference loop")
     _add_model(bench, checkpoint_required=False)
     bench.add_argument("--images", type=int, required=True, help="generated images to time")
     bench.add_argument("--concepts", type=int, default=8, help="K concepts per image")
     bench.add_argument("--epochs", type=int, default=1000, help="PerSAM-F fit epochs to time")
     bench.add_argument("--json", action="store_true", help="last line: one JSON object")
+    bench.add_argument("--variants", action="store_true", default=None,
+                       help="also time bf16/fp16/fused/compiled encoders and their IoU vs fp32 (default on CUDA)")
     return parser
 
 
@@ -114,7 +137,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = run_segment(SegmentOptions(
             args.model_type, args.checkpoint, args.concept, args.input, args.output, args.device,
             args.batch_size, args.num_actors, args.shard_size, args.max_pixels, storage,
-            args.max_instances, args.min_similarity, args.cache, args.cache_dtype))
+            args.max_instances, args.min_similarity, args.cache, args.cache_dtype, args.precision,
+            args.fused_attention, args.compile_encoder))
         print(summary.line())
         return 0
     if args.command == "rank":
@@ -124,12 +148,24 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--top-k must be >= 0 and --batch-size >= 1")
         run_rank(RankOptions(args.model_type, args.checkpoint, args.concept, args.input, args.output, args.top_k,
                              args.device, args.batch_size, args.num_actors, args.shard_size, storage, args.cache,
-                             args.cache_dtype))
+                             args.cache_dtype, args.precision, args.fused_attention, args.compile_encoder))
         return 0
     if args.command == "export":
         from .export import run_export
 
         print(run_export(args.kind, args.masks, args.output, args.images, storage))
+        return 0
+    if args.command == "eval":
+        from .evaluate import EvalOptions, run_eval
+
+        if args.batch_size < 1 or (args.num_actors is not None and args.num_actors < 1):
+            raise ValueError("--batch-size and --num-actors must be at least 1")
+        sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
+        metrics = run_eval(EvalOptions(
+            args.model_type, args.checkpoint, args.data, args.output, args.method, args.video, args.device,
+            args.epochs, args.num_actors, args.batch_size, sequences, storage))
+        keys = ("jf", "j", "f") if args.video else ("miou", "biou")
+        print("done: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" -> {args.output}/metrics.json")
         return 0
     if args.command == "bench":
         from .bench import print_bench, run_bench
@@ -138,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.images < 1 or args.concepts < 1:
             raise ValueError("--images and --concepts must be at least 1")
         print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts,
-                              resolve_device(args.device), args.epochs), args.json)
+                              resolve_device(args.device), args.epochs, args.variants), args.json)
         return 0
     raise AssertionError(args.command)
 

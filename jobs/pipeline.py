@@ -38,6 +38,9 @@ class PipelineSpec:
     max_instances: int = 1
     min_similarity: float | None = None
     cache: dict | None = None  # FeatureCache kwargs (url, dtype) + num_shards
+    precision: str = "fp32"
+    fused_attention: bool = False
+    compile_encoder: bool = False
 
 
 def run_pipeline(spec: PipelineSpec, shards: list[dict], sink: Callable[[dict], dict]) -> list[dict]:
@@ -86,6 +89,8 @@ def _run(ray, spec: PipelineSpec, shards: list[dict], sink: Callable[[dict], dic
                 "concepts_box": [concepts_ref], "device": spec.device, "batch_size": spec.batch_size,
                 "threads": threads, "storage_options": spec.storage_options, "max_instances": spec.max_instances,
                 "min_similarity": spec.min_similarity, "task": spec.task, "cache": spec.cache,
+                "precision": spec.precision, "fused_attention": spec.fused_attention,
+                "compile_encoder": spec.compile_encoder,
             },
             **resources,
         )

@@ -42,6 +42,9 @@ class RankOptions:
     storage_options: dict = field(default_factory=dict)
     cache: str | None = None
     cache_dtype: str = "fp16"
+    precision: str = "fp32"
+    fused_attention: bool = False
+    compile_encoder: bool = False
 
 
 def _collect(row: dict) -> dict:
@@ -83,7 +86,8 @@ def run_rank(options: RankOptions, log=print) -> pa.Table:
     cache = {"url": options.cache, "dtype": options.cache_dtype, "num_shards": num_shards} if options.cache else None
     spec = PipelineSpec(options.model_type, options.checkpoint, fingerprint, [concepts[0].to_json()], options.device,
                         options.batch_size, options.num_actors, storage_options=options.storage_options,
-                        task="score", cache=cache)
+                        task="score", cache=cache, precision=options.precision,
+                        fused_attention=options.fused_attention, compile_encoder=options.compile_encoder)
     import ray
 
     started_here = start_ray()  # one Ray for both passes

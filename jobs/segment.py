@@ -41,6 +41,9 @@ class SegmentOptions:
     min_similarity: float | None = None
     cache: str | None = None
     cache_dtype: str = "fp16"
+    precision: str = "fp32"
+    fused_attention: bool = False
+    compile_encoder: bool = False
 
 
 @dataclass
@@ -117,6 +120,7 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     concepts = read_concepts(options.concepts, options.storage_options)
     fingerprint, urls = prepare_job(options, concepts, log)
     settings = {
+        "precision": options.precision,  # other precisions give (slightly) other masks
         "max_instances": options.max_instances,
         "min_similarity": options.min_similarity,
         # a concept re-fitted under the same name is a different job
@@ -157,6 +161,7 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
         options.batch_size, options.num_actors, options.max_pixels, storage, "segment", options.max_instances,
         options.min_similarity,
         {"url": options.cache, "dtype": options.cache_dtype, "num_shards": record.num_shards} if options.cache else None,
+        options.precision, options.fused_attention, options.compile_encoder,
     )
     shards = [{"shard": s["shard"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])} for s in plan.to_run]
     results = run_pipeline(spec, shards, commit_row)

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from persam_core.acceleration import compile_encoder as compile_image_encoder
+from persam_core.acceleration import enable_fused_attention
 from persam_core.concept import Concept
 from persam_core.instances import InstanceResult, segment_instances
 from persam_core.masks import area_px, bbox_xywh, encode_rle
@@ -55,7 +57,9 @@ def score_row(item: ShardItem, concept: Concept, similarity: float | None, point
             "model_fingerprint": fingerprint, "content_sha256": item.sha256}
 
 
-def encode_shard(sam, items: Sequence[ShardItem], batch_size: int) -> tuple[dict[int, EncodedImage], dict[int, str]]:
+def encode_shard(
+    sam, items: Sequence[ShardItem], batch_size: int, precision: str = "fp32"
+) -> tuple[dict[int, EncodedImage], dict[int, str]]:
     """Features for every item that has pixels or cached features -> ({index: encoded}, {index: error})."""
     device = next(sam.parameters()).device
     encoded, failures = {}, {}
@@ -67,7 +71,7 @@ def encode_shard(sam, items: Sequence[ShardItem], batch_size: int) -> tuple[dict
     for start in range(0, len(pending), max(1, batch_size)):
         chunk = pending[start : start + batch_size]
         try:
-            for index, features in zip(chunk, encode_images(sam, [items[i].image for i in chunk])):
+            for index, features in zip(chunk, encode_images(sam, [items[i].image for i in chunk], precision)):
                 encoded[index] = features
         except Exception as error:  # e.g. out of memory on one batch: record, go on
             failures.update({i: f"encode failed: {short_reason(error)}" for i in chunk})
@@ -76,10 +80,10 @@ def encode_shard(sam, items: Sequence[ShardItem], batch_size: int) -> tuple[dict
 
 def segment_shard(
     sam, fingerprint: str, concepts: Sequence[ConceptTensors], shard: Shard, batch_size: int,
-    max_instances: int = 1, min_similarity: float | None = None,
+    max_instances: int = 1, min_similarity: float | None = None, precision: str = "fp32",
 ) -> tuple[list[dict], dict[int, EncodedImage]]:
     """-> (rows: images x concepts x instances, features computed or read per item index)."""
-    encoded, failures = encode_shard(sam, shard.items, batch_size)
+    encoded, failures = encode_shard(sam, shard.items, batch_size, precision)
     rows: list[dict] = []
     for index, item in enumerate(shard.items):
         if item.carried:
@@ -99,9 +103,11 @@ def segment_shard(
     return rows, encoded
 
 
-def score_shard(sam, fingerprint: str, concept: ConceptTensors, shard: Shard, batch_size: int) -> tuple[list[dict], dict[int, EncodedImage]]:
+def score_shard(
+    sam, fingerprint: str, concept: ConceptTensors, shard: Shard, batch_size: int, precision: str = "fp32"
+) -> tuple[list[dict], dict[int, EncodedImage]]:
     """Presence score (max of S) and positive point per image: no mask decoding."""
-    encoded, failures = encode_shard(sam, shard.items, batch_size)
+    encoded, failures = encode_shard(sam, shard.items, batch_size, precision)
     rows = []
     for index, item in enumerate(shard.items):
         if index not in encoded:
@@ -139,6 +145,7 @@ class SegmentActor:
         self, model_type: str, checkpoint: str, expected_fingerprint: str, concepts_box: list, device: str,
         batch_size: int, threads: int, storage_options: dict | None = None, max_instances: int = 1,
         min_similarity: float | None = None, task: str = "segment", cache: dict | None = None,
+        precision: str = "fp32", fused_attention: bool = False, compile_encoder: bool = False,
     ) -> None:
         import ray
 
@@ -153,6 +160,11 @@ class SegmentActor:
         # visible CUDA device (a fake GPU resource) still runs, on CPU.
         self.sam = loaded.sam.to(resolve_device(device))
         self.fingerprint = loaded.fingerprint
+        if fused_attention:
+            enable_fused_attention(self.sam)
+        if compile_encoder:
+            compile_image_encoder(self.sam)
+        self.precision = precision
         texts = ray.get(concepts_box[0])  # broadcast once through the object store
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in texts]
         self.batch_size, self.task = batch_size, task
@@ -182,11 +194,12 @@ class SegmentActor:
             started = time.perf_counter()
             shard = unpack_shard(payload)
             if self.task == "score":
-                rows, encoded = score_shard(self.sam, self.fingerprint, self.concepts[0], shard, self.batch_size)
+                rows, encoded = score_shard(self.sam, self.fingerprint, self.concepts[0], shard, self.batch_size,
+                                            self.precision)
                 table = pa.Table.from_pylist(rows, schema=RANK_SCHEMA)
             else:
                 rows, encoded = segment_shard(self.sam, self.fingerprint, self.concepts, shard, self.batch_size,
-                                              self.max_instances, self.min_similarity)
+                                              self.max_instances, self.min_similarity, self.precision)
                 table = rows_to_table(ordered(rows, shard.items, [c.concept for c in self.concepts]))
                 if shard.carried_rows is not None and shard.carried_rows.num_rows:
                     table = pa.concat_tables([shard.carried_rows.select(table.column_names).cast(table.schema), table])

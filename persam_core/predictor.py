@@ -15,6 +15,7 @@ from torch import Tensor
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from .acceleration import encoder_precision
 from .decoder import decode_masks
 from .preprocess import ENCODER_SIZE, ResizedImage, to_encoder_input
 
@@ -29,12 +30,16 @@ class EncodedImage:
 
 
 @torch.no_grad()
-def encode_images(sam: Sam, images: Sequence[ResizedImage]) -> list[EncodedImage]:
-    """Run the image encoder once over a batch of resized images -> one EncodedImage each."""
+def encode_images(sam: Sam, images: Sequence[ResizedImage], precision: str = "fp32") -> list[EncodedImage]:
+    """Run the image encoder once over a batch of resized images -> one EncodedImage each.
+
+    precision: "fp32" (the reference path), "bf16" or "fp16" (autocast; features back in fp32).
+    """
     if not images:
         return []
     batch = torch.cat([to_encoder_input(sam, image) for image in images], dim=0)
-    features = sam.image_encoder(batch)  # [B, 256, 64, 64]
+    with encoder_precision(precision, batch.device):
+        features = sam.image_encoder(batch).float()  # [B, 256, 64, 64]
     return [
         EncodedImage(features[i], image.input_size, image.original_size) for i, image in enumerate(images)
     ]

@@ -1,0 +1,264 @@
+"""`persam eval`: the paper's PerSeg protocol (mIoU / bIoU) through the segment job.
+
+    scan Images/<concept>/NN.* + Annotations/<concept>/NN.png (all checked before work)
+    -> fit each concept on its image 00 (one model load) -> <output>/concepts/*.json
+    -> `persam segment` over every target image (<output>/targets.txt, Parquet in
+       <output>/masks/, distributed and resumable like any segment job)
+    -> per concept Σ intersection / Σ union (region and boundary) over its targets
+    -> <output>/metrics.json + metrics.md
+
+The segment job decodes every concept in every target image; only a target's own
+concept is scored (the others cost decoder passes, not encodes). `--video` is DAVIS
+2017 J&F, see evaluate_video.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+
+from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
+from persam_core.evaluation import BOUNDARY_DILATION_RATIO, boundary_counts, ratio_or_one, region_counts
+from persam_core.masks import decode_rle
+from persam_core.persam_f import DEFAULT_EPOCHS, fit_mask_weights
+from persam_core.predictor import encode_images
+from persam_core.preprocess import resize_longest_side
+
+from .checkpoints import load_model, random_weights_note, redact
+from .images import IMAGE_EXTENSIONS, decode_image, decode_mask
+from .inputs import read_bytes
+
+REFERENCE_STEM = "00"
+# The reference's eval_mioU.py skips these; the paper's figures are over the other 32.
+PAPER_SKIPPED = ("physics_mug", "clock", "pink_sunglasses", "cat2", "red_teapot", "mug_skulls", "flower", "vase")
+
+
+class EvalError(ValueError):
+    """A dataset or output that cannot be evaluated; the message says what to do."""
+
+
+@dataclass
+class EvalOptions:
+    model_type: str
+    checkpoint: str
+    data: str
+    output: str
+    method: str = "persam"
+    video: bool = False
+    device: str = "auto"
+    epochs: int | None = None
+    num_actors: int | None = None
+    batch_size: int = 1
+    sequences: list[str] | None = None
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConceptData:
+    """One PerSeg concept: reference image/mask URLs and (image, mask) URL pairs of its targets."""
+
+    name: str
+    reference_image: str
+    reference_mask: str
+    targets: tuple[tuple[str, str], ...]
+
+
+def _listing(fs, path: str) -> tuple[list[str], list[str]]:
+    """-> (sub-directory names, file names) of a directory, sorted."""
+    directories, files = [], []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        (directories if entry["type"] == "directory" else files).append(name)
+    return sorted(directories), sorted(files)
+
+
+def _by_stem(names: list[str], extensions: tuple[str, ...]) -> dict[str, str]:
+    return {os.path.splitext(n)[0]: n for n in names if n.lower().endswith(extensions) and not n.startswith(".")}
+
+
+def scan_perseg(data: str, storage_options: dict | None = None) -> list[ConceptData]:
+    """Check the PerSeg layout before any work -> its concepts, sorted by name."""
+    fs, root = url_to_fs(data, **(storage_options or {}))
+    root = root.rstrip("/")
+    url = (lambda p: fs.unstrip_protocol(p)) if "://" in data else (lambda p: p)
+    for folder in ("Images", "Annotations"):
+        if not fs.isdir(f"{root}/{folder}"):
+            raise EvalError(f"{redact(data)}: no {folder}/ folder; expected the PerSeg layout "
+                            "Images/<concept>/NN.jpg and Annotations/<concept>/NN.png")
+    concepts = []
+    for name in _listing(fs, f"{root}/Images")[0]:
+        images = _by_stem(_listing(fs, f"{root}/Images/{name}")[1], IMAGE_EXTENSIONS)
+        mask_dir = f"{root}/Annotations/{name}"
+        masks = _by_stem(_listing(fs, mask_dir)[1], (".png",)) if fs.isdir(mask_dir) else {}
+        if REFERENCE_STEM not in images or REFERENCE_STEM not in masks:
+            raise EvalError(f"{redact(data)}: concept {name!r} has no reference: Images/{name}/00.jpg and "
+                            f"Annotations/{name}/00.png are both needed")
+        for stem in sorted(set(images) ^ set(masks)):
+            what = f"Images/{name}/{images[stem]} has no mask Annotations/{name}/{stem}.png" if stem in images else \
+                f"Annotations/{name}/{masks[stem]} has no image in Images/{name}/"
+            raise EvalError(f"{redact(data)}: {what}; every target needs both")
+        targets = tuple((url(f"{root}/Images/{name}/{images[s]}"), url(f"{mask_dir}/{masks[s]}"))
+                        for s in sorted(images) if s != REFERENCE_STEM)
+        if not targets:
+            raise EvalError(f"{redact(data)}: concept {name!r} has only its reference image; add target images")
+        concepts.append(ConceptData(name, url(f"{root}/Images/{name}/{images[REFERENCE_STEM]}"),
+                                    url(f"{mask_dir}/{masks[REFERENCE_STEM]}"), targets))
+    if not concepts:
+        raise EvalError(f"{redact(data)}: Images/ holds no concept folders")
+    return concepts
+
+
+def fit_concepts(sam, fingerprint: str, concepts: list[ConceptData], method: str, epochs: int,
+                 storage_options: dict | None = None) -> list[Concept]:
+    """Each concept from its image 00 and mask, as `persam fit` (same steps, one model load)."""
+    fitted = []
+    for data in concepts:
+        image = decode_image(read_bytes(data.reference_image, storage_options), redact(data.reference_image))
+        mask = decode_mask(read_bytes(data.reference_mask, storage_options), redact(data.reference_mask))
+        encoded = encode_images(sam, [resize_longest_side(image)])
+        cells = reference_cells(encoded, [mask], [redact(data.reference_mask)])
+        target_feature, target_embedding = persam_targets(cells)
+        weights = None
+        if method == "persam-f":
+            target_feature = persam_f_target_feature(cells)
+            weights, _ = fit_mask_weights(sam, encoded, [mask], target_feature, epochs=epochs)
+        fitted.append(Concept(data.name, method, target_feature.cpu().numpy().astype(np.float32),
+                              target_embedding.cpu().numpy().astype(np.float32), fingerprint, weights,
+                              (redact(data.reference_image),)))
+    return fitted
+
+
+def _join(output: str, name: str) -> str:
+    return f"{output.rstrip('/')}/{name}"
+
+
+def _write_text(url: str, text: str, storage_options: dict | None) -> None:
+    with fsspec.open(url, "w", **(storage_options or {})) as handle:
+        handle.write(text)
+
+
+def score_rows(rows: list[dict], concepts: list[ConceptData], storage_options: dict | None = None) -> dict:
+    """Mask rows of the segment job -> {concept: counts}; a target without a usable row scores empty."""
+    by_image = {image: (data.name, mask) for data in concepts for image, mask in data.targets}
+    found = {(r["image_uri"], r["concept"]): r for r in rows if r.get("instance", 0) == 0}
+    scores = {data.name: {"intersection": 0, "union": 0, "b_intersection": 0, "b_union": 0, "images": 0, "errors": 0}
+              for data in concepts}
+    for image, (name, mask_url) in by_image.items():
+        truth = decode_mask(read_bytes(mask_url, storage_options), redact(mask_url))
+        row = found.get((image, name))
+        score = scores[name]
+        if row is None or row["error"] is not None or row["mask_rle"] is None:
+            score["errors"] += 1
+            prediction = np.zeros_like(truth)
+        else:
+            prediction = decode_rle(row["mask_rle"])
+        if prediction.shape != truth.shape:
+            raise EvalError(f"{redact(mask_url)}: mask is {truth.shape[1]}x{truth.shape[0]} but its image "
+                            f"{redact(image)} is {prediction.shape[1]}x{prediction.shape[0]}; fix the annotation")
+        inter, union = region_counts(prediction, truth)
+        b_inter, b_union = boundary_counts(prediction, truth)
+        score.update(intersection=score["intersection"] + inter, union=score["union"] + union,
+                     b_intersection=score["b_intersection"] + b_inter, b_union=score["b_union"] + b_union,
+                     images=score["images"] + 1)
+    return scores
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def perseg_metrics(scores: dict) -> dict:
+    """Counts per concept -> SPEC §4 metrics (+ the paper's 32-concept subset)."""
+    per_concept = {name: {"miou": ratio_or_one(s["intersection"], s["union"]),
+                          "biou": ratio_or_one(s["b_intersection"], s["b_union"]),
+                          "images": s["images"], "errors": s["errors"]} for name, s in sorted(scores.items())}
+    subset = {n: v for n, v in per_concept.items() if n not in PAPER_SKIPPED}
+    return {
+        "miou": _mean([v["miou"] for v in per_concept.values()]),
+        "biou": _mean([v["biou"] for v in per_concept.values()]),
+        "per_concept": per_concept,
+        "subset_32": {"miou": _mean([v["miou"] for v in subset.values()]),
+                      "biou": _mean([v["biou"] for v in subset.values()]), "concepts": len(subset),
+                      "excluded": [n for n in PAPER_SKIPPED if n in per_concept]},
+        "concepts": len(per_concept),
+        "images": sum(v["images"] for v in per_concept.values()),
+        "error_images": sum(v["errors"] for v in per_concept.values()),
+        "boundary_dilation_ratio": BOUNDARY_DILATION_RATIO,
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def perseg_markdown(metrics: dict, title: str) -> str:
+    lines = [f"# {title}", "", "| concept | IoU | bIoU | targets | in paper's 32 |", "| --- | ---: | ---: | ---: | :---: |"]
+    for name, value in metrics["per_concept"].items():
+        lines.append(f"| {name} | {_percent(value['miou'])} | {_percent(value['biou'])} | {value['images']} | "
+                     f"{'no' if name in PAPER_SKIPPED else 'yes'} |")
+    subset = metrics["subset_32"]
+    lines += ["", "| set | mIoU | bIoU | concepts |", "| --- | ---: | ---: | ---: |",
+              f"| all | {_percent(metrics['miou'])} | {_percent(metrics['biou'])} | {metrics['concepts']} |",
+              f"| paper's 32-concept subset | {_percent(subset['miou'])} | {_percent(subset['biou'])} | {subset['concepts']} |",
+              "", f"bIoU: Boundary IoU, boundary width {metrics['boundary_dilation_ratio']} x image diagonal. "
+              "Values in percent."]
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(output: str, metrics: dict, markdown: str, storage_options: dict | None) -> None:
+    _write_text(_join(output, "metrics.json"), json.dumps(metrics, indent=1), storage_options)
+    _write_text(_join(output, "metrics.md"), markdown, storage_options)
+
+
+def _title(options: EvalOptions, benchmark: str, note: str | None) -> str:
+    title = f"{benchmark}: {options.method}, {options.model_type}"
+    return f"{title} (random weights: not meaningful)" if note else title
+
+
+def run_eval(options: EvalOptions, log=print) -> dict:
+    """Evaluate and write metrics.json / metrics.md into --output -> the metrics."""
+    if options.method not in ("persam", "persam-f"):
+        raise EvalError(f"--method {options.method}: choose persam or persam-f")
+    if options.epochs is not None and options.epochs < 1:
+        raise EvalError("--epochs must be at least 1")
+    if options.video:
+        from .evaluate_video import run_video_eval
+
+        return run_video_eval(options, log)
+    from .runtime import check_device_option, resolve_device
+    from .segment import SegmentOptions, run_segment
+    from .export import read_mask_rows
+
+    started = time.perf_counter()
+    check_device_option(options.device)
+    concepts = scan_perseg(options.data, options.storage_options)
+    log(f"PerSeg: {len(concepts)} concepts, {sum(len(c.targets) for c in concepts)} target images")
+    model = load_model(options.model_type, options.checkpoint, options.storage_options)
+    note = random_weights_note(options.checkpoint)
+    sam = model.sam.to(resolve_device(options.device))
+    fitted = fit_concepts(sam, model.fingerprint, concepts, options.method, options.epochs or DEFAULT_EPOCHS,
+                          options.storage_options)
+    del sam, model
+    concept_dir = _join(options.output, "concepts")
+    for concept in fitted:
+        _write_text(_join(concept_dir, f"{concept.name}.json"), concept.to_json(), options.storage_options)
+    manifest = _join(options.output, "targets.txt")
+    _write_text(manifest, "".join(f"{image}\n" for c in concepts for image, _ in c.targets), options.storage_options)
+    masks = _join(options.output, "masks")
+    summary = run_segment(SegmentOptions(
+        options.model_type, options.checkpoint, [concept_dir], manifest, masks, options.device,
+        batch_size=options.batch_size, num_actors=options.num_actors, storage_options=options.storage_options), log)
+    log(summary.line())
+    metrics = perseg_metrics(score_rows(read_mask_rows(masks, options.storage_options), concepts, options.storage_options))
+    metrics.update(method=options.method, model_type=options.model_type, model_fingerprint=fitted[0].model_fingerprint,
+                   seconds=round(time.perf_counter() - started, 1))
+    if note:
+        metrics["note"] = note
+    write_metrics(options.output, metrics, perseg_markdown(metrics, _title(options, "PerSeg", note)), options.storage_options)
+    return metrics

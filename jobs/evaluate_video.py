@@ -1,0 +1,262 @@
+"""`persam eval --video`: DAVIS 2017 semi-supervised J&F, one sequence per Ray actor call.
+
+    scan JPEGImages/480p/<seq>/*.jpg + Annotations/480p/<seq>/*.png (counts, names and
+    sizes checked before work; sequences: --sequences, else ImageSets/2017/val.txt when
+    present, else every annotated sequence)
+    -> a pool of model actors; each call tracks one sequence, frames in order
+       (persam_core.video), writes its palette PNGs to <output>/predictions/<seq>/ and
+       returns per-object J and F of every frame but the first and the last
+    -> metrics.json / metrics.md: J, F, J&F (means over all objects, as the toolkit),
+       recall and decay, per sequence and per object.
+
+Annotations are palette (index) PNGs: 0 background, 255 void (ignored, as the toolkit).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+from PIL import Image
+from tqdm import tqdm
+
+from persam_core.evaluation import davis_f, davis_j, davis_statistics
+from persam_core.video import SequenceTracker, VideoSettings
+
+from .checkpoints import load_model, random_weights_note, redact
+from .evaluate import EvalError, EvalOptions, _join, _listing, _percent, _title, write_metrics
+from .images import decode_image
+from .inputs import read_bytes
+
+VOID_LABEL = 255
+
+
+def _sequence_names(fs, root: str, requested: list[str] | None, available: list[str]) -> list[str]:
+    if requested:
+        names = requested
+    elif fs.isfile(f"{root}/ImageSets/2017/val.txt"):
+        names = [line.strip() for line in fs.cat_file(f"{root}/ImageSets/2017/val.txt").decode().splitlines() if line.strip()]
+    else:
+        names = available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise EvalError(f"sequence {unknown[0]!r} has no folder in Annotations/480p/; pass existing sequence names")
+    return names
+
+
+def _displayed_size(fs, path: str) -> tuple[int, int]:
+    """(width, height) from the header, EXIF rotation applied (as decode_image does)."""
+    with fs.open(path, "rb") as handle, Image.open(handle) as image:
+        width, height = image.size
+        if image.format == "JPEG" and image.getexif().get(0x0112) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def scan_davis(data: str, storage_options: dict | None = None, sequences: list[str] | None = None) -> list[dict]:
+    """Check the DAVIS layout before any work -> [{"name", "frames": [url], "masks": [url]}]."""
+    fs, root = url_to_fs(data, **(storage_options or {}))
+    root = root.rstrip("/")
+    url = (lambda p: fs.unstrip_protocol(p)) if "://" in data else (lambda p: p)
+    images_root, masks_root = f"{root}/JPEGImages/480p", f"{root}/Annotations/480p"
+    for folder in (images_root, masks_root):
+        if not fs.isdir(folder):
+            raise EvalError(f"{redact(data)}: no {folder[len(root) + 1:]}/ folder; expected the DAVIS 2017 layout "
+                            "JPEGImages/480p/<sequence>/00000.jpg and Annotations/480p/<sequence>/00000.png")
+    specs = []
+    for name in _sequence_names(fs, root, sequences, _listing(fs, masks_root)[0]):
+        frames = [f for f in _listing(fs, f"{images_root}/{name}")[1] if f.lower().endswith((".jpg", ".jpeg"))] \
+            if fs.isdir(f"{images_root}/{name}") else []
+        masks = [f for f in _listing(fs, f"{masks_root}/{name}")[1] if f.lower().endswith(".png")]
+        stems = [os.path.splitext(f)[0] for f in frames]
+        if stems != [os.path.splitext(m)[0] for m in masks]:
+            missing = sorted(set(stems) ^ {os.path.splitext(m)[0] for m in masks})
+            raise EvalError(f"sequence {name!r}: {len(frames)} frames but {len(masks)} annotations "
+                            f"(unmatched: {missing[0] if missing else 'order'}); every frame needs its annotation")
+        if len(frames) < 3:
+            raise EvalError(f"sequence {name!r}: {len(frames)} frames; DAVIS scores the frames between the first "
+                            "and the last, so at least 3 are needed")
+        sizes = {_displayed_size(fs, f"{folder}/{name}/{f}") for folder, names in ((images_root, frames), (masks_root, masks))
+                 for f in names}
+        if len(sizes) != 1:
+            raise EvalError(f"sequence {name!r}: frames and annotations differ in size ({sorted(sizes)}); "
+                            "every frame and annotation of a sequence must have one size")
+        specs.append({"name": name, "frames": [url(f"{images_root}/{name}/{f}") for f in frames],
+                      "masks": [url(f"{masks_root}/{name}/{m}") for m in masks]})
+    if not specs:
+        raise EvalError(f"{redact(data)}: no sequences in Annotations/480p/")
+    return specs
+
+
+def read_labels(url: str, storage_options: dict | None = None) -> tuple[np.ndarray, list[int] | None]:
+    """Palette/grayscale PNG -> ([H, W] uint8 object ids, 255 = void, its palette or None)."""
+    with Image.open(io.BytesIO(read_bytes(url, storage_options))) as image:
+        if image.mode not in ("P", "L"):
+            raise EvalError(f"{redact(url)}: a {image.mode} image; DAVIS annotations are palette PNGs of object ids")
+        return np.array(image, dtype=np.uint8), image.getpalette()
+
+
+def davis_palette() -> list[int]:
+    """The PASCAL VOC / DAVIS colour map, 256 x RGB."""
+    palette = []
+    for index in range(256):
+        rgb, value = [0, 0, 0], index
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << (7 - bit)
+            value >>= 3
+        palette += rgb
+    return palette
+
+
+def _write_png(url: str, labels: np.ndarray, palette: list[int], storage_options: dict | None) -> None:
+    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    image.putpalette(palette)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with fsspec.open(url, "wb", **(storage_options or {})) as handle:
+        handle.write(buffer.getvalue())
+
+
+class VideoWorker:
+    """Ray actor: SAM loaded once; `run` tracks and scores one whole sequence."""
+
+    def __init__(self, model_type: str, checkpoint: str, expected_fingerprint: str, device: str, threads: int,
+                 settings: dict, storage_options: dict | None = None) -> None:
+        import torch
+
+        from .runtime import resolve_device
+
+        torch.set_num_threads(max(1, threads))
+        loaded = load_model(model_type, checkpoint, storage_options)
+        if loaded.fingerprint != expected_fingerprint:
+            raise RuntimeError(f"{loaded.source}: this node loaded weights {loaded.fingerprint}, the job expects "
+                               f"{expected_fingerprint}; the checkpoint changed under the job")
+        self.sam = loaded.sam.to(resolve_device(device))
+        self.settings = VideoSettings(**settings)
+        self.storage = storage_options
+
+    def run(self, spec: dict, predictions: str) -> dict:
+        started = time.perf_counter()
+        storage, name = self.storage, spec["name"]
+        first, palette = read_labels(spec["masks"][0], storage)
+        first = np.where(first == VOID_LABEL, 0, first)
+        labels = [int(v) for v in np.unique(first) if v != 0]
+        if not labels:
+            raise EvalError(f"{redact(spec['masks'][0])}: no object in the first annotation of sequence {name!r}")
+        palette = palette or davis_palette()
+        tracker = SequenceTracker(self.sam, decode_image(read_bytes(spec["frames"][0], storage), redact(spec["frames"][0])),
+                                  first, self.settings)
+        _write_png(_join(predictions, f"{name}/{os.path.basename(spec['masks'][0])}"), first.astype(np.uint8), palette, storage)
+        scores = {label: {"j": [], "f": []} for label in labels}
+        last = len(spec["frames"]) - 1
+        for index in range(1, last + 1):
+            frame = decode_image(read_bytes(spec["frames"][index], storage), redact(spec["frames"][index]))
+            predicted = tracker.step(frame)
+            _write_png(_join(predictions, f"{name}/{os.path.basename(spec['masks'][index])}"), predicted, palette, storage)
+            if index == last:  # DAVIS scores neither the first nor the last frame
+                continue
+            truth, _ = read_labels(spec["masks"][index], storage)
+            for label in labels:
+                scores[label]["j"].append(davis_j(truth == label, predicted == label))
+                scores[label]["f"].append(davis_f(truth == label, predicted == label))
+        return {"name": name, "objects": scores, "frames": len(spec["frames"]), "seconds": time.perf_counter() - started}
+
+
+def video_metrics(results: list[dict]) -> dict:
+    """Per-sequence results -> J, F, J&F over all objects (davis2017-evaluation's global means)."""
+    per_object, per_sequence, stats = {}, {}, {"j": [], "f": []}
+    for result in sorted(results, key=lambda r: r["name"]):
+        j_means, f_means = [], []
+        for label, values in sorted(result["objects"].items(), key=lambda item: int(item[0])):
+            j_stats, f_stats = davis_statistics(values["j"]), davis_statistics(values["f"])
+            stats["j"].append(j_stats)
+            stats["f"].append(f_stats)
+            per_object[f"{result['name']}_{label}"] = {"j": j_stats[0], "f": f_stats[0]}
+            j_means.append(j_stats[0])
+            f_means.append(f_stats[0])
+        j, f = float(np.mean(j_means)), float(np.mean(f_means))
+        per_sequence[result["name"]] = {"j": j, "f": f, "jf": (j + f) / 2, "objects": len(j_means), "frames": result["frames"]}
+    j_all, f_all = np.array(stats["j"]), np.array(stats["f"])
+    j, f = float(np.mean(j_all[:, 0])), float(np.mean(f_all[:, 0]))
+    return {"j": j, "f": f, "jf": (j + f) / 2,
+            "j_recall": float(np.mean(j_all[:, 1])), "j_decay": float(np.mean(j_all[:, 2])),
+            "f_recall": float(np.mean(f_all[:, 1])), "f_decay": float(np.mean(f_all[:, 2])),
+            "per_sequence": per_sequence, "per_object": per_object,
+            "sequences": len(per_sequence), "objects": len(per_object)}
+
+
+def video_markdown(metrics: dict, title: str) -> str:
+    lines = [f"# {title}", "", "| sequence | J | F | J&F | objects | frames |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, value in metrics["per_sequence"].items():
+        lines.append(f"| {name} | {_percent(value['j'])} | {_percent(value['f'])} | {_percent(value['jf'])} | "
+                     f"{value['objects']} | {value['frames']} |")
+    lines += ["", "| J&F | J | J recall | J decay | F | F recall | F decay |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+              "| " + " | ".join(_percent(metrics[k]) for k in ("jf", "j", "j_recall", "j_decay", "f", "f_recall", "f_decay")) + " |",
+              "", "Means over all objects of all sequences, frames between the first and the last "
+              "(davis2017-evaluation, semi-supervised). Values in percent."]
+    return "\n".join(lines) + "\n"
+
+
+def _run_pool(ray, options: EvalOptions, specs: list[dict], fingerprint: str, settings: dict, predictions: str) -> list[dict]:
+    from ray.util import ActorPool
+
+    from .runtime import actor_resources, local_cluster, wants_gpu_actors
+
+    gpu = wants_gpu_actors(options.device)
+    count = options.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
+    count = min(count, len(specs))
+    resources = actor_resources(count, gpu)
+    threads = max(1, (os.cpu_count() or 1) // count) if local_cluster() else max(1, int(resources.get("num_cpus", 1) + 0.999))
+    worker = ray.remote(VideoWorker).options(max_restarts=1, max_task_retries=1, **resources)
+    actors = [worker.remote(options.model_type, options.checkpoint, fingerprint, options.device, threads, settings,
+                            options.storage_options) for _ in range(count)]
+    pool = ActorPool(actors)
+    results = []
+    with tqdm(total=len(specs), unit="seq", desc="eval", file=sys.stderr, mininterval=1.0) as progress:
+        for result in pool.map_unordered(lambda actor, spec: actor.run.remote(spec, predictions), specs):
+            results.append(result)
+            progress.update(1)
+    return results
+
+
+def run_video_eval(options: EvalOptions, log=print) -> dict:
+    from .runtime import check_device_option, local_cluster, start_ray
+
+    started = time.perf_counter()
+    check_device_option(options.device)
+    specs = scan_davis(options.data, options.storage_options, options.sequences)
+    log(f"DAVIS: {len(specs)} sequences, {sum(len(s['frames']) for s in specs)} frames")
+    model = load_model(options.model_type, options.checkpoint, options.storage_options)
+    fingerprint = model.fingerprint
+    del model  # the actors load their own copy
+    note = random_weights_note(options.checkpoint)
+    if note:
+        log(f"note: {note}")
+    settings = {"method": options.method}
+    if options.epochs is not None:
+        settings["epochs"] = options.epochs
+    import ray
+
+    started_ray = start_ray()
+    try:
+        results = _run_pool(ray, options, specs, fingerprint, settings, _join(options.output, "predictions"))
+    except ray.exceptions.RayError as error:  # a sequence's or an actor's failure: its first line
+        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else error
+        text = str(cause).strip().splitlines()
+        raise EvalError(text[0] if text else type(cause).__name__) from None
+    finally:
+        if started_ray and local_cluster():
+            ray.shutdown()
+    metrics = video_metrics(results)
+    metrics.update(method=options.method, model_type=options.model_type, model_fingerprint=fingerprint,
+                   seconds=round(time.perf_counter() - started, 1))
+    if note:
+        metrics["note"] = note
+    write_metrics(options.output, metrics, video_markdown(metrics, _title(options, "DAVIS 2017", note)), options.storage_options)
+    return metrics

@@ -1,0 +1,47 @@
+"""Small generated datasets in the PerSeg and DAVIS 2017 layouts (answers known by construction)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0, 0, 0] * 253
+COLOURS = {1: (220, 40, 40), 2: (40, 60, 220)}
+
+
+def rectangles(frame: int, height: int = 64, width: int = 96) -> np.ndarray:
+    """[H, W] uint8 labels: object 1 moves right, object 2 moves down, 3 px per frame."""
+    labels = np.zeros((height, width), dtype=np.uint8)
+    labels[10:30, 8 + 3 * frame : 30 + 3 * frame] = 1
+    labels[30 + 3 * frame : 50 + 3 * frame, 55:85] = 2
+    return labels
+
+
+def frame_image(labels: np.ndarray, seed: int) -> np.ndarray:
+    """[H, W, 3] uint8: mild noise background, each object in its colour."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(90, 140, size=(*labels.shape, 3)).astype(np.uint8)
+    for label, colour in COLOURS.items():
+        image[labels == label] = colour
+    return image
+
+
+def save_palette_png(labels: np.ndarray, path: Path) -> None:
+    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
+    image.putpalette(PALETTE)
+    image.save(path)
+
+
+def make_davis(root: Path, sequences: dict[str, int]) -> Path:
+    """DAVIS 2017 layout with `frames` frames per sequence; returns root."""
+    for name, frames in sequences.items():
+        images, masks = root / "JPEGImages" / "480p" / name, root / "Annotations" / "480p" / name
+        images.mkdir(parents=True)
+        masks.mkdir(parents=True)
+        for index in range(frames):
+            labels = rectangles(index)
+            Image.fromarray(frame_image(labels, index)).save(images / f"{index:05d}.jpg", quality=95)
+            save_palette_png(labels, masks / f"{index:05d}.png")
+    return root
