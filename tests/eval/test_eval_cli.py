@@ -68,7 +68,7 @@ def test_perseg_eval_writes_the_spec_metrics(perseg_run) -> None:
     assert metrics["miou"] == pytest.approx(np.mean([v["miou"] for v in metrics["per_concept"].values()]))
     assert metrics["subset_32"]["concepts"] == 3 and metrics["subset_32"]["miou"] == metrics["miou"]
     assert metrics["images"] == 6 and metrics["error_images"] == 0
-    assert "not meaningful" in metrics["note"]
+    assert "NOT meaningful" in metrics["note"]
     table = (output / "metrics.md").read_text()
     assert "| cat |" in table and "paper's 32-concept subset" in table
     assert result.out.strip().splitlines()[-1].startswith("done: miou ")
