@@ -88,11 +88,16 @@ def _wait_for_parts(output: Path, count: int, process: subprocess.Popen, timeout
         time.sleep(0.2)
 
 
+def _one_image_per_shard(output: Path, images: Path, concept: Path) -> list[str]:
+    """A segment command whose every image is its own shard: many commits to interrupt."""
+    return ["segment", *MODEL, "--concept", str(concept), "--input", str(images), "--output", str(output),
+            "--shard-size", "1"]
+
+
 def test_killed_driver_resumes_without_duplicates(tmp_path, many_images, tiny_concept, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     output = tmp_path / "masks"
-    args = ["segment", *MODEL, "--concept", str(tiny_concept), "--input", str(many_images),
-            "--output", str(output), "--shard-size", "1"]
+    args = _one_image_per_shard(output, many_images, tiny_concept)
     job = _start_job(args, dict(os.environ))
     _wait_for_parts(output, 2, job)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started
@@ -118,9 +123,7 @@ def _actor_pids() -> list[int]:
 def test_killed_actor_is_restarted_and_no_row_is_lost(tmp_path, many_images, tiny_concept, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     output = tmp_path / "masks"
-    args = ["segment", *MODEL, "--concept", str(tiny_concept), "--input", str(many_images),
-            "--output", str(output), "--shard-size", "1"]
-    job = _start_job(args, dict(os.environ))
+    job = _start_job(_one_image_per_shard(output, many_images, tiny_concept), dict(os.environ))
     try:
         _wait_for_parts(output, 1, job)
         pids = _actor_pids()
