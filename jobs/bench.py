@@ -94,7 +94,6 @@ def _variants(sam, resized, fp32_masks, concept: ConceptTensors, images: int) ->
         ious = [iou(segment_persam(model, e, concept).mask, m) for e, m in zip(encoded, fp32_masks)]
         report[name] = {"encoder_s_per_image": round(seconds / images, 4), "mean_iou_vs_fp32": round(float(np.mean(ious)), 4),
                         "min_iou_vs_fp32": round(float(np.min(ious)), 4)}
-        del model
     return report
 
 

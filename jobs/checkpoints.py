@@ -21,12 +21,14 @@ from segment_anything.modeling import Sam
 
 from persam_core.models import ModelError, build_from_state_dict, build_random, fingerprint, load_state_dict_file, model_fingerprint
 
-OFFICIAL_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
-# Published files and their SHA-256 (checked whenever a cached file carries one of these names).
+SAM_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
+# Published files and their SHA-256 (checked whenever a downloaded file carries one of these names).
 OFFICIAL_CHECKPOINTS = {
-    "vit_h": ("sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
-    "vit_l": ("sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
-    "vit_b": ("sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+    "vit_h": (SAM_BASE + "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+    "vit_l": (SAM_BASE + "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+    "vit_b": (SAM_BASE + "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+    "vit_t": ("https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+              "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"),
 }
 _RANDOM = re.compile(r"^random:(\d+)$")
 
@@ -49,7 +51,7 @@ def random_seed(spec: str) -> int | None:
 def official_url(model_type: str) -> str:
     if model_type not in OFFICIAL_CHECKPOINTS:
         raise ModelError(f"no official checkpoint for --model-type {model_type}; pass --checkpoint PATH or random:SEED")
-    return OFFICIAL_BASE + OFFICIAL_CHECKPOINTS[model_type][0]
+    return OFFICIAL_CHECKPOINTS[model_type][0]
 
 
 def _sha256(path: Path) -> str:
@@ -61,7 +63,7 @@ def _sha256(path: Path) -> str:
 
 
 def _expected_sha256(name: str) -> str | None:
-    return next((sha for file_name, sha in OFFICIAL_CHECKPOINTS.values() if file_name == name), None)
+    return next((sha for url, sha in OFFICIAL_CHECKPOINTS.values() if url.rsplit("/", 1)[-1] == name), None)
 
 
 def fetch(url: str, storage_options: dict | None = None) -> Path:

@@ -23,14 +23,13 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
-from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
+from persam_core.concept import Concept
 from persam_core.evaluation import BOUNDARY_DILATION_RATIO, boundary_counts, ratio_or_one, region_counts
 from persam_core.masks import decode_rle
-from persam_core.persam_f import DEFAULT_EPOCHS, fit_mask_weights
-from persam_core.predictor import encode_images
-from persam_core.preprocess import resize_longest_side
+from persam_core.persam_f import DEFAULT_EPOCHS
 
 from .checkpoints import load_model, random_weights_note, redact
+from .fit import fit_concept
 from .images import IMAGE_EXTENSIONS, decode_image, decode_mask
 from .inputs import read_bytes
 
@@ -121,16 +120,8 @@ def fit_concepts(sam, fingerprint: str, concepts: list[ConceptData], method: str
     for data in concepts:
         image = decode_image(read_bytes(data.reference_image, storage_options), redact(data.reference_image))
         mask = decode_mask(read_bytes(data.reference_mask, storage_options), redact(data.reference_mask))
-        encoded = encode_images(sam, [resize_longest_side(image)])
-        cells = reference_cells(encoded, [mask], [redact(data.reference_mask)])
-        target_feature, target_embedding = persam_targets(cells)
-        weights = None
-        if method == "persam-f":
-            target_feature = persam_f_target_feature(cells)
-            weights, _ = fit_mask_weights(sam, encoded, [mask], target_feature, epochs=epochs)
-        fitted.append(Concept(data.name, method, target_feature.cpu().numpy().astype(np.float32),
-                              target_embedding.cpu().numpy().astype(np.float32), fingerprint, weights,
-                              (redact(data.reference_image),)))
+        fitted.append(fit_concept(sam, fingerprint, [image], [mask], method, data.name, epochs,
+                                  [redact(data.reference_mask)], [redact(data.reference_image)], log=lambda _: None))
     return fitted
 
 

@@ -52,6 +52,32 @@ def _check_writable(out: str, storage_options: dict | None) -> None:
         raise ConceptError(f"{redact(out)}: --out is not writable ({type(error).__name__}); pass a writable path") from None
 
 
+def fit_concept(
+    sam, fingerprint: str, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], method: str, name: str,
+    epochs: int, mask_sources: Sequence[str], references: Sequence[str], log=print,
+) -> Concept:
+    """Shots (images [H, W, 3] uint8, masks [H, W] bool) -> the concept; cells of all shots pooled."""
+    encoded = encode_images(sam, [resize_longest_side(image) for image in images])
+    cells = reference_cells(encoded, masks, mask_sources)
+    target_feature, target_embedding = persam_targets(cells)
+    weights = None
+    if method == "persam-f":
+        target_feature = persam_f_target_feature(cells)
+        fit_started = time.perf_counter()
+        weights, losses = fit_mask_weights(sam, encoded, masks, target_feature, epochs=epochs)
+        log(f"PerSAM-F: {epochs} epochs in {time.perf_counter() - fit_started:.1f} s, "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, weights {np.round(weights, 4).tolist()}")
+    return Concept(
+        name=name,
+        method=method,
+        target_feature=target_feature.detach().cpu().numpy().astype(np.float32),
+        target_embedding=target_embedding.detach().cpu().numpy().astype(np.float32),
+        model_fingerprint=fingerprint,
+        mask_weights=weights,
+        references=tuple(references),
+    )
+
+
 def run_fit(options: FitOptions, log=print) -> Concept:
     """Encode the shots, pool their kept cells, fit PerSAM-F if asked, write the concept."""
     if len(options.images) != len(options.masks) or not options.images:
@@ -69,32 +95,12 @@ def run_fit(options: FitOptions, log=print) -> Concept:
     note = random_weights_note(options.checkpoint)
     if note:
         log(f"note: {note}")
-    sam = model.sam.to(options.device)
     started = time.perf_counter()
-    encoded = encode_images(sam, [resize_longest_side(image) for image in images])
-    cells = reference_cells(encoded, masks, [redact(u) for u in options.masks])
-    target_feature, target_embedding = persam_targets(cells)
-    weights = None
-    if options.method == "persam-f":
-        target_feature = persam_f_target_feature(cells)
-        fit_started = time.perf_counter()
-        weights, losses = fit_mask_weights(sam, encoded, masks, target_feature, epochs=options.epochs)
-        log(
-            f"PerSAM-F: {options.epochs} epochs in {time.perf_counter() - fit_started:.1f} s, "
-            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, weights {np.round(weights, 4).tolist()}"
-        )
-    concept = Concept(
-        name=options.name,
-        method=options.method,
-        target_feature=target_feature.detach().cpu().numpy().astype(np.float32),
-        target_embedding=target_embedding.detach().cpu().numpy().astype(np.float32),
-        model_fingerprint=model.fingerprint,
-        mask_weights=weights,
-        references=tuple(redact(u) for u in options.images),
-    )
+    concept = fit_concept(model.sam.to(options.device), model.fingerprint, images, masks, options.method, options.name,
+                          options.epochs, [redact(u) for u in options.masks], [redact(u) for u in options.images], log)
     with fsspec.open(options.out, "w", **(options.storage_options or {})) as handle:
         handle.write(concept.to_json())
-    log(f"concept {concept.name!r} ({concept.method}, {len(images)} shot(s), {cells.shape[0]} grid cells) "
-        f"-> {redact(options.out)} in {time.perf_counter() - started:.1f} s")
+    log(f"concept {concept.name!r} ({concept.method}, {len(images)} shot(s)) -> {redact(options.out)} "
+        f"in {time.perf_counter() - started:.1f} s")
     return concept
 

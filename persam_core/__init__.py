@@ -9,6 +9,11 @@ Every concept of the paper lives in one module named after it:
     decoder     SAM's mask decoder + target-guided attention + target-semantic prompt
     persam      the training-free three-pass cascade
     persam_f    the two-weight fit and its cascade
+    instances   presence threshold and several instances per image
+    acceleration  fused attention, bf16/fp16 encoder, torch.compile (options)
     masks       COCO RLE, bbox, area
     metrics     IoU
+    evaluation  PerSeg mIoU / boundary IoU, DAVIS J and F
+    video       the reference's video mode (DAVIS)
+    tiny_vit    MobileSAM's TinyViT image encoder (vit_t)
 """

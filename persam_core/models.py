@@ -22,30 +22,16 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from .tiny_vit import build_mobile_sam
+from .tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-def _build_tiny() -> Sam:
-    """Same classes as SAM, small encoder/decoder; still 256-d features on a 64x64 grid."""
-    prompt_dim, image_size, patch = 256, 1024, 16
-    grid = image_size // patch
-    encoder = ImageEncoderViT(
-        depth=2,
-        embed_dim=32,
-        img_size=image_size,
-        mlp_ratio=2,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=2,
-        patch_size=patch,
-        qkv_bias=True,
-        use_rel_pos=True,
-        global_attn_indexes=(1,),
-        window_size=14,
-        out_chans=prompt_dim,
-    )
+def sam_around(image_encoder: torch.nn.Module, decoder_mlp_dim: int = 2048, iou_head_hidden_dim: int = 256) -> Sam:
+    """SAM's prompt encoder and mask decoder around `image_encoder` (256-d, 64x64 grid)."""
+    prompt_dim, image_size = 256, 1024
+    grid = image_size // 16
     prompt_encoder = PromptEncoder(
         embed_dim=prompt_dim,
         image_embedding_size=(grid, grid),
@@ -54,19 +40,43 @@ def _build_tiny() -> Sam:
     )
     decoder = MaskDecoder(
         num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=256, num_heads=8),
+        transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim, num_heads=8),
         transformer_dim=prompt_dim,
         iou_head_depth=3,
-        iou_head_hidden_dim=64,
+        iou_head_hidden_dim=iou_head_hidden_dim,
     )
-    return Sam(encoder, prompt_encoder, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+    return Sam(image_encoder, prompt_encoder, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+
+
+def _build_tiny() -> Sam:
+    """Same classes as SAM, small encoder/decoder; still 256-d features on a 64x64 grid."""
+    encoder = ImageEncoderViT(
+        depth=2,
+        embed_dim=32,
+        img_size=1024,
+        mlp_ratio=2,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=2,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=(1,),
+        window_size=14,
+        out_chans=256,
+    )
+    return sam_around(encoder, decoder_mlp_dim=256, iou_head_hidden_dim=64)
+
+
+def _build_mobile_sam() -> Sam:
+    """MobileSAM: the TinyViT encoder with SAM's (vit_h-sized) prompt encoder and decoder."""
+    return sam_around(TinyViT())
 
 
 MODEL_BUILDERS: dict[str, Callable[[], Sam]] = {
     "vit_h": partial(sam_model_registry["vit_h"], checkpoint=None),
     "vit_l": partial(sam_model_registry["vit_l"], checkpoint=None),
     "vit_b": partial(sam_model_registry["vit_b"], checkpoint=None),
-    "vit_t": build_mobile_sam,  # MobileSAM: TinyViT encoder, SAM's prompt encoder/decoder
+    "vit_t": _build_mobile_sam,
     "tiny": _build_tiny,
 }
 MODEL_TYPES = tuple(MODEL_BUILDERS)
@@ -158,7 +168,8 @@ def fingerprint(state_dict: Mapping[str, torch.Tensor], model_type: str) -> str:
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # reshape: 0-d BatchNorm counters (vit_t)
+        # reshape: 0-d tensors (vit_t's BatchNorm counters) cannot be viewed as bytes
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return f"{model_type}:{digest.hexdigest()[:16]}"
 
 

@@ -49,15 +49,16 @@ def to_encoder_input(sam: Sam, resized: ResizedImage) -> torch.Tensor:
     return sam.preprocess(pixels)
 
 
-def reference_mask_grid(mask: np.ndarray) -> torch.Tensor:
+def reference_mask_grid(mask: np.ndarray, value: int = REFERENCE_MASK_VALUE) -> torch.Tensor:
     """mask: [H, W] bool -> [64, 64] bool, the grid cells the reference keeps.
 
-    The reference resizes the {0,128} mask like the image, normalises it with the red
-    channel's pixel mean/std, pads with 0, bilinear-resizes to 64x64 and keeps cells > 0.
+    The reference resizes the {0, value} mask like the image (value 128: PerSeg's palette
+    red; its video mode uses other values), normalises it with the red channel's pixel
+    mean/std, pads with 0, bilinear-resizes to 64x64 and keeps cells > 0.
     """
     if mask.ndim != 2:
         raise ValueError(f"expected an [H, W] mask, got shape {mask.shape}")
-    scaled = mask.astype(np.uint8) * REFERENCE_MASK_VALUE
+    scaled = mask.astype(np.uint8) * np.uint8(value)
     resized = ResizeLongestSide(ENCODER_SIZE).apply_image(scaled)  # [h, w] uint8
     normalised = (torch.as_tensor(resized)[None, None] - PIXEL_MEAN_RED) / PIXEL_STD_RED
     height, width = normalised.shape[-2:]

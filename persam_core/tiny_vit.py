@@ -21,7 +21,6 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.modeling.common import LayerNorm2d
 
 IMAGE_SIZE = 1024
@@ -246,26 +245,3 @@ class TinyViT(nn.Module):
         batch, _, channels = x.shape
         x = x.view(batch, self.grid, self.grid, channels).permute(0, 3, 1, 2)
         return self.neck(x)
-
-
-def build_mobile_sam() -> Sam:
-    """MobileSAM: TinyViT encoder, SAM's prompt encoder and (vit_h-sized) mask decoder."""
-    prompt_dim, grid = 256, IMAGE_SIZE // 16
-    return Sam(
-        image_encoder=TinyViT(),
-        prompt_encoder=PromptEncoder(
-            embed_dim=prompt_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=2048, num_heads=8),
-            transformer_dim=prompt_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )

@@ -37,7 +37,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .persam_f import dice_loss, full_weights, sigmoid_focal_loss
 from .predictor import EncodedImage, Prediction, encode_images, predict, tight_box
-from .preprocess import ENCODER_SIZE, GRID_SIZE, PIXEL_MEAN_RED, PIXEL_STD_RED, resize_longest_side
+from .preprocess import ENCODER_SIZE, GRID_SIZE, reference_mask_grid, resize_longest_side
 from .prior import location_prior
 
 VIDEO_MASK_VALUE = 215  # the reference's --exp
@@ -60,18 +60,9 @@ class VideoSettings:
         return self.top_k if self.top_k is not None else (1 if self.method == "persam-f" else 2)
 
 
-def _grid_values(mask: np.ndarray, value: int = VIDEO_MASK_VALUE) -> Tensor:
-    """mask: [H, W] bool -> [64, 64]: {0, value} mask resized, normalised, padded, bilinear."""
-    resized = ResizeLongestSide(ENCODER_SIZE).apply_image(mask.astype(np.uint8) * value)
-    normalised = (torch.as_tensor(resized)[None, None] - PIXEL_MEAN_RED) / PIXEL_STD_RED
-    height, width = normalised.shape[-2:]
-    padded = F.pad(normalised, (0, ENCODER_SIZE - width, 0, ENCODER_SIZE - height))
-    return F.interpolate(padded, size=(GRID_SIZE, GRID_SIZE), mode="bilinear")[0, 0]
-
-
 def kept_cells(mask: np.ndarray) -> Tensor:
     """mask: [H, W] bool (non-empty) -> [64, 64] bool: the reference's cells, else the best-covered."""
-    keep = _grid_values(mask) > 0
+    keep = reference_mask_grid(mask, VIDEO_MASK_VALUE)
     if keep.any():
         return keep
     # Too small for the bilinear samples: take the cells the mask covers most (area pooling).
@@ -116,18 +107,14 @@ def top_points(upsampled: Tensor, k: int) -> np.ndarray:
     return np.stack([flat % width, flat // width], axis=1)
 
 
-def _logits_of(prediction: Prediction, index: int) -> Tensor:
-    return prediction.high_res(index)
-
-
 def _box_refine(sam: Sam, encoded: EncodedImage, points: np.ndarray, labels: np.ndarray, previous: Prediction) -> Tensor:
     """Best mask of `previous` -> its tight box + logits -> best new mask's logits [H, W]."""
     best = previous.best_index()
     box = tight_box((previous.high_res(best) > sam.mask_threshold).cpu().numpy())
     if box is None:  # empty: nothing to refine (the reference crashes here)
-        return _logits_of(previous, best)
+        return previous.high_res(best)
     refined = predict(sam, encoded, points, labels, box_xyxy=box, mask_input=previous.low_res[best : best + 1])
-    return _logits_of(refined, refined.best_index())
+    return refined.high_res(refined.best_index())
 
 
 class VideoObject:
