@@ -22,7 +22,7 @@ from segment_anything import SamPredictor
 from persam_core.acceleration import compile_encoder, enable_fused_attention
 from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
 from persam_core.metrics import iou
-from persam_core.persam import ConceptTensors, segment_persam
+from persam_core.persam import ConceptTensors, prior_for, segment_persam
 from persam_core.persam_f import fit_mask_weights, segment_persam_f
 from persam_core.predictor import EncodedImage, encode_images
 from persam_core.preprocess import resize_longest_side
@@ -112,10 +112,16 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     persam_seconds, fp32_results = _timed(lambda: [segment_persam(sam, e, persam_concepts[0]) for e in encoded])
     persam_f_seconds, _ = _timed(lambda: [segment_persam_f(sam, e, persam_f_concept) for e in encoded])
     k_seconds, _ = _timed(lambda: [segment_persam(sam, e, c) for e in encoded for c in persam_concepts])
+    half = persam_concepts[: max(1, len(persam_concepts) // 2)]
+    k_half_seconds, _ = _timed(lambda: [segment_persam(sam, e, c) for e in encoded for c in half])
     cached = [(e.features.cpu().numpy().astype(np.float16), e.input_size, e.original_size) for e in encoded]
-    cached_seconds, _ = _timed(lambda: [
-        segment_persam(sam, EncodedImage(torch.as_tensor(f.astype(np.float32), device=device), i, o), persam_concepts[0])
-        for f, i, o in cached])
+
+    def from_cache() -> list[EncodedImage]:  # what a warm --cache hands the actor (fp16 on disk)
+        return [EncodedImage(torch.as_tensor(f.astype(np.float32), device=device), i, o) for f, i, o in cached]
+
+    cached_seconds, _ = _timed(lambda: [segment_persam(sam, e, persam_concepts[0]) for e in from_cache()])
+    rank_warm_seconds, _ = _timed(lambda: [prior_for(sam, e, persam_concepts[0]).presence for e in from_cache()])
+    prior_seconds, _ = _timed(lambda: [prior_for(sam, e, persam_concepts[0]).presence for e in encoded])
 
     predictor = SamPredictor(sam)
 
@@ -135,7 +141,11 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
         "persam_s_per_image": per(resize_seconds + encoder_seconds + persam_seconds),
         "persam_f_s_per_image": per(resize_seconds + encoder_seconds + persam_f_seconds),
         "k_concepts_s_per_image": per(resize_seconds + encoder_seconds + k_seconds),
+        f"k{len(half)}_concepts_s_per_image": per(resize_seconds + encoder_seconds + k_half_seconds),
         "cached_s_per_image": per(cached_seconds),
+        "rank_cold_s_per_image": per(resize_seconds + encoder_seconds + prior_seconds),
+        "rank_warm_s_per_image": per(rank_warm_seconds),
+        "cache_bytes_per_image_fp16": int(cached[0][0].nbytes),
         "reference_loop_s_per_image": per(reference_seconds),
         "persam_f_fit_s": round(fit_seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -143,6 +153,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     result["images_per_s"] = round(1 / result["persam_s_per_image"], 3)
     result["pipeline_over_encoder"] = round(result["persam_s_per_image"] / result["encoder_s_per_image"], 3)
     result["k_over_one_concept"] = round(result["k_concepts_s_per_image"] / result["persam_s_per_image"], 3)
+    result["rank_cold_over_warm"] = round(result["rank_cold_s_per_image"] / max(result["rank_warm_s_per_image"], 1e-9), 1)
     result["reference_over_k_concepts"] = round(result["reference_loop_s_per_image"] / result["k_concepts_s_per_image"], 2)
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

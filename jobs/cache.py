@@ -4,9 +4,12 @@ Key: the SHA-256 of the image's bytes (content, not URL: a re-uploaded identical
 hits, a changed photo under the same URL misses) within one model fingerprint; a
 cache written with other weights lives under another fingerprint and is never mixed.
 
-Layout: `<cache>/<fingerprint>/n<num_shards>/shard-<shard>.parquet`, one file per job
-shard (shards are a stable hash of the URL), so a worker reads a shard's features back
-in one request. Rows: `content_sha256`, `input_h/w`, `original_h/w`, `dtype`, `features`
+Layout: `<cache>/<fingerprint>/<dtype>/shard-<shard>.parquet`, shards by a stable hash
+of the URL with the shard count fixed in `layout.json` when the cache is created. Jobs
+created with a cache adopt that count, so a job shard is one cache file and a worker
+reads its features back in one request (other jobs still hit, in a few requests). Files
+only gain entries (jobs never evict each other's); delete the folder to reclaim space.
+Rows: `content_sha256`, `input_h/w`, `original_h/w`, `dtype`, `features`
 (raw bytes of [256, 64, 64]) and `features_sha1` (checked on read: a corrupt entry is
 recomputed and reported, never trusted). fp16 halves the size (2 MiB per image against
 4 MiB for fp32); its accuracy cost against fp32 is measured in the README.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -24,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .commit import publish_bytes
+from .commit import publish_bytes, shard_of
 
 FEATURE_SHAPE = (256, 64, 64)
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -53,15 +57,13 @@ def content_sha256(data: bytes) -> str:
 
 
 class FeatureCache:
-    def __init__(self, url: str, fingerprint: str, dtype: str = "fp16", storage_options: dict | None = None) -> None:
+    def __init__(self, url: str, fingerprint: str, dtype: str = "fp16", storage_options: dict | None = None,
+                 num_shards: int | None = None) -> None:
         if dtype not in DTYPES:
             raise CacheError(f"--cache-dtype {dtype}: choose fp16 or fp32")
-        self.url, self.dtype = url, dtype
+        self.url, self.dtype, self.num_shards = url, dtype, num_shards
         self.fs, root = url_to_fs(url, **(storage_options or {}))
-        self.root = f"{root.rstrip('/')}/{fingerprint.replace(':', '-')}"
-
-    def shard_path(self, num_shards: int, shard: int) -> str:
-        return f"{self.root}/n{num_shards}/shard-{shard:05d}.parquet"
+        self.root = f"{root.rstrip('/')}/{fingerprint.replace(':', '-')}/{dtype}"
 
     def check_writable(self) -> None:
         """Fail before any work when the cache cannot be written."""
@@ -73,9 +75,23 @@ class FeatureCache:
         except Exception as error:
             raise CacheError(f"{self.url}: --cache is not writable ({type(error).__name__}); pass a writable location") from None
 
-    def load(self, num_shards: int, shard: int) -> tuple[dict[str, CachedFeatures], list[str]]:
-        """-> ({content_sha256: features}, problems). Unreadable data is reported, not trusted."""
-        path = self.shard_path(num_shards, shard)
+    def adopt_layout(self, proposed_shards: int) -> int:
+        """The cache's shard count (recorded by its first job) -> set and returned."""
+        path = f"{self.root}/layout.json"
+        if not self.fs.exists(path):
+            publish_bytes(self.fs, path, json.dumps({"num_shards": proposed_shards}).encode())
+        self.num_shards = int(json.loads(self.fs.cat_file(path))["num_shards"])
+        return self.num_shards
+
+    def shard_path(self, shard: int) -> str:
+        return f"{self.root}/shard-{shard:05d}.parquet"
+
+    def _shard(self, url: str) -> int:
+        if self.num_shards is None:
+            raise CacheError("cache layout not adopted")
+        return shard_of(url, self.num_shards)
+
+    def _load_file(self, path: str) -> tuple[dict[str, CachedFeatures], list[str]]:
         try:
             if not self.fs.exists(path):
                 return {}, []
@@ -96,8 +112,16 @@ class FeatureCache:
             )
         return entries, problems
 
-    def store(self, num_shards: int, shard: int, entries: dict[str, CachedFeatures]) -> None:
-        """Publish the shard's entries as one file (atomic; concurrent writers: last wins)."""
+    def load(self, urls: list[str]) -> tuple[dict[str, CachedFeatures], list[str]]:
+        """Entries of the cache files that `urls` map to -> ({content_sha256: features}, problems)."""
+        entries, problems = {}, []
+        for shard in sorted({self._shard(u) for u in urls}):
+            found, trouble = self._load_file(self.shard_path(shard))
+            entries.update(found)
+            problems += trouble
+        return entries, problems
+
+    def _write_file(self, path: str, entries: dict[str, CachedFeatures]) -> None:
         rows = []
         for sha, entry in sorted(entries.items()):
             blob = np.ascontiguousarray(entry.features.astype(DTYPES[self.dtype])).tobytes()
@@ -108,6 +132,15 @@ class FeatureCache:
             })
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, schema=CACHE_SCHEMA), buffer, compression="none")
-        path = self.shard_path(num_shards, shard)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.makedirs(self.root, exist_ok=True)
         publish_bytes(self.fs, path, buffer.getvalue())
+
+    def store(self, new: dict[str, tuple[str, CachedFeatures]]) -> None:
+        """new: {url: (content_sha256, features)} -> merged into their cache files (atomic each)."""
+        by_shard: dict[int, dict[str, CachedFeatures]] = {}
+        for url, (sha, entry) in new.items():
+            by_shard.setdefault(self._shard(url), {})[sha] = entry
+        for shard, entries in by_shard.items():
+            path = self.shard_path(shard)
+            existing, _ = self._load_file(path)  # concurrent writers: the last wins; a lost entry is a miss
+            self._write_file(path, {**existing, **entries})

@@ -8,7 +8,8 @@
 2. A shard is committed by publishing `<output>/part-<shard>-<digest>.parquet` in one
    atomic step: temp file + rename on local file systems, a single whole-object PUT on
    object stores (readers never see a partial object). `<digest>` hashes the shard's
-   sorted image URLs, so the file name says exactly which images it covers.
+   sorted image URLs and their version tokens from the listing (ETag, or size + mtime),
+   so the file name says exactly which images, in which version, it covers.
 3. A rerun lists the part files. A shard whose current digest is published is skipped;
    any other shard is recomputed whole (new images, removed images, or never finished),
    and after its publish the shard's older files are deleted. A run that died between
@@ -50,8 +51,10 @@ def shard_of(url: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha1(url.encode()).digest()[:8], "big") % num_shards
 
 
-def urls_digest(urls: list[str]) -> str:
-    return hashlib.sha1("\n".join(sorted(urls)).encode()).hexdigest()[:12]
+def urls_digest(urls: list[str], tokens: dict[str, str] | None = None) -> str:
+    """Digest of a shard's images: their URLs and version tokens (ETag or size + mtime)."""
+    tokens = tokens or {}
+    return hashlib.sha1("\n".join(f"{u}\t{tokens.get(u, '')}" for u in sorted(urls)).encode()).hexdigest()[:12]
 
 
 def shard_name(shard: int, digest: str) -> str:
@@ -138,7 +141,9 @@ def open_job(output: str, record: JobRecord, storage_options: dict | None = None
     return record, committed
 
 
-def plan_shards(urls: list[str], num_shards: int, committed: dict[int, dict[str, str]]) -> ShardPlan:
+def plan_shards(
+    urls: list[str], num_shards: int, committed: dict[int, dict[str, str]], tokens: dict[str, str] | None = None
+) -> ShardPlan:
     """Group `urls` into shards; keep those published with their current digest."""
     groups: dict[int, list[str]] = {}
     for url in urls:
@@ -146,7 +151,7 @@ def plan_shards(urls: list[str], num_shards: int, committed: dict[int, dict[str,
     to_run, up_to_date, superseded = [], 0, []
     for shard in sorted(set(groups) | set(committed)):
         members = sorted(groups.get(shard, []))
-        digest = urls_digest(members) if members else ""
+        digest = urls_digest(members, tokens) if members else ""
         published = committed.get(shard, {})
         superseded += [path for d, path in published.items() if d != digest]
         if digest in published:

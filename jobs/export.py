@@ -74,7 +74,7 @@ def coco_document(rows: list[dict]) -> dict:
 def _image_locator(rows: list[dict], images_root: str | None):
     if not images_root:
         return lambda uri: uri
-    prefix = os.path.commonpath([r["image_uri"] for r in rows]) if len(rows) > 1 else os.path.dirname(rows[0]["image_uri"])
+    prefix = os.path.commonpath([os.path.dirname(r["image_uri"]) for r in rows])
     return lambda uri: f"{images_root.rstrip('/')}/{os.path.relpath(uri, prefix)}"
 
 
@@ -84,7 +84,8 @@ def export_overlays(rows: list[dict], output: Path, locate, storage_options: dic
         image = decode_image(read_bytes(locate(row["image_uri"]), storage_options), row["image_uri"])
         caption = f"{row['concept']} #{row.get('instance') or 0} score {row['score']:.2f} sim {row['similarity']:.2f}"
         path = output / f"{safe_file_name(row['image_uri'], row['concept'], str(row.get('instance') or 0))}.png"
-        render_overlay(image, decode_rle(row["mask_rle"]), tuple(row["point"]) if row["point"] else None, caption).save(path)
+        render_overlay(image, decode_rle(row["mask_rle"]), tuple(row["point"]) if row["point"] else None, caption).save(
+            path, compress_level=1)
         written.append(path)
     cards = "\n".join(f'<figure><img src="{html.escape(p.name)}" loading="lazy"><figcaption>{html.escape(p.stem)}</figcaption></figure>' for p in written)
     (output / "index.html").write_text(
@@ -106,7 +107,7 @@ def export_subjects(rows: list[dict], output: Path, locate, storage_options: dic
         folder.mkdir(parents=True, exist_ok=True)
         stem = safe_file_name(row["image_uri"], row["concept"], str(row.get("instance") or 0))
         rgba = np.dstack([crop, crop_mask.astype(np.uint8) * 255])
-        Image.fromarray(rgba, "RGBA").save(folder / f"{stem}.png")
+        Image.fromarray(rgba, "RGBA").save(folder / f"{stem}.png", compress_level=1)
         white = np.where(crop_mask[..., None], crop, 255).astype(np.uint8)
         Image.fromarray(white).save(folder / f"{stem}.jpg", quality=95)
         written += [folder / f"{stem}.png", folder / f"{stem}.jpg"]

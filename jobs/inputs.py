@@ -52,27 +52,47 @@ def _manifest_urls(url: str, storage_options: dict) -> Iterator[str]:
     yield from (line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
-def list_image_urls(url: str, storage_options: dict | None = None) -> Iterator[str]:
-    """Yield image URLs under `url` in a deterministic order (sorted per directory)."""
+def version_token(info: dict) -> str:
+    """What changes when an object's content changes: its ETag, else size + mtime."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("generation")
+    if etag:
+        return str(etag).strip('"')
+    modified = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified") or ""
+    return f"{info.get('size', '')}:{modified}"
+
+
+def list_images(url: str, storage_options: dict | None = None) -> Iterator[tuple[str, str]]:
+    """Yield (image URL, version token) under `url`, in a deterministic order (sorted per directory).
+
+    The token comes from the listing itself (no extra request); manifest entries have
+    none unless the manifest has a `version` column (e.g. the object's ETag).
+    """
     options = storage_options or {}
     if url.lower().endswith(MANIFEST_EXTENSIONS):
-        yield from _manifest_urls(url, options)
+        yield from ((u, "") for u in _manifest_urls(url, options))
         return
     fs, path = url_to_fs(url, **options)
+    name = (lambda p: fs.unstrip_protocol(p)) if "://" in url else (lambda p: p)
     if any(char in path for char in "*?["):
-        yield from (fs.unstrip_protocol(p) if "://" in url else p for p in sorted(fs.glob(path)) if is_image_name(p))
+        found = fs.glob(path, detail=True)
+        yield from ((name(p), version_token(found[p])) for p in sorted(found) if is_image_name(p))
         return
     if not fs.exists(path):
         raise InputError(f"{url}: input not found; pass an existing directory, prefix, glob or manifest")
     if fs.isfile(path):
-        yield url
+        yield url, version_token(fs.info(path))
         return
-    for directory, subdirectories, files in fs.walk(path):
-        subdirectories.sort()  # fsspec walks in the order of this list: keep it deterministic
-        for name in sorted(files):
-            if is_image_name(name):
-                full = f"{directory.rstrip('/')}/{name}"
-                yield fs.unstrip_protocol(full) if "://" in url else full
+    for directory, subdirectories, files in fs.walk(path, detail=True):
+        for key in sorted(subdirectories):  # fsspec walks in the order of this mapping: keep it deterministic
+            subdirectories[key] = subdirectories.pop(key)
+        for file_name in sorted(files):
+            if is_image_name(file_name):
+                yield name(f"{directory.rstrip('/')}/{file_name}"), version_token(files[file_name])
+
+
+def list_image_urls(url: str, storage_options: dict | None = None) -> Iterator[str]:
+    """Image URLs under `url` (see list_images)."""
+    return (image for image, _ in list_images(url, storage_options))
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:

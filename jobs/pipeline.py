@@ -37,7 +37,7 @@ class PipelineSpec:
     task: str = "segment"
     max_instances: int = 1
     min_similarity: float | None = None
-    cache: dict | None = None  # FeatureCache kwargs (url, dtype) + num_shards
+    cache: dict | None = None  # FeatureCache kwargs: url, dtype, num_shards (the cache's layout)
     precision: str = "fp32"
     fused_attention: bool = False
     compile_encoder: bool = False
@@ -72,14 +72,14 @@ def _run(ray, spec: PipelineSpec, shards: list[dict], sink: Callable[[dict], dic
     if spec.cache:
         from .cache import FeatureCache
 
-        cache = FeatureCache(spec.cache["url"], spec.fingerprint, spec.cache["dtype"], spec.storage_options)
+        cache = FeatureCache(spec.cache["url"], spec.fingerprint, spec.cache["dtype"], spec.storage_options,
+                             spec.cache["num_shards"])
 
     # Ray Data restarts killed actors and retries their tasks by default (max_restarts=-1).
     dataset = (
         ray.data.from_items(shards, override_num_blocks=len(shards))
         .map(prepare_shard, num_cpus=1, memory=PREPARE_TASK_MEMORY_BYTES,
-             fn_kwargs={"storage_options": spec.storage_options, "max_pixels": spec.max_pixels, "cache": cache,
-                        "num_shards": spec.cache["num_shards"] if spec.cache else 1})
+             fn_kwargs={"storage_options": spec.storage_options, "max_pixels": spec.max_pixels, "cache": cache})
         .map_batches(
             SegmentActor,
             batch_size=1,

@@ -51,7 +51,7 @@ def _collect(row: dict) -> dict:
     table = ipc_to_table(row["table"])
     return {"table": row["table"], "rows": table.num_rows, "images": table.num_rows,
             "errors": sum(e is not None for e in table.column("error").to_pylist()),
-            "encoded": int(row["encoded"]), "cache_hits": int(row["cache_hits"])}
+            "encoded": int(row["encoded"]), "cache_hits": int(row["cache_hits"]), "problems": str(row["problems"] or "")}
 
 
 def _shards(urls: list[str], num_shards: int) -> list[dict]:
@@ -81,8 +81,11 @@ def run_rank(options: RankOptions, log=print) -> pa.Table:
     concepts = read_concepts([options.concept], options.storage_options)
     if len(concepts) != 1:
         raise ValueError(f"{options.concept}: rank takes exactly one concept, found {len(concepts)}")
-    fingerprint, urls = prepare_job(options, concepts, log)
+    fingerprint, versions, feature_cache = prepare_job(options, concepts, log)
+    urls = list(versions)
     num_shards = commit.shard_count(len(urls), options.shard_size)
+    if feature_cache is not None:  # follow the cache's sharding: one cache file per shard
+        num_shards = feature_cache.adopt_layout(num_shards)
     cache = {"url": options.cache, "dtype": options.cache_dtype, "num_shards": num_shards} if options.cache else None
     spec = PipelineSpec(options.model_type, options.checkpoint, fingerprint, [concepts[0].to_json()], options.device,
                         options.batch_size, options.num_actors, storage_options=options.storage_options,
@@ -102,6 +105,8 @@ def _rank(options: RankOptions, spec: PipelineSpec, concept, urls: list[str], nu
     results = run_pipeline(spec, _shards(urls, num_shards), _collect)
     scores = pa.concat_tables([ipc_to_table(r["table"]) for r in results])
     encoded, hits = sum(r["encoded"] for r in results), sum(r["cache_hits"] for r in results)
+    for problem in (p for r in results for p in r["problems"].splitlines() if p):
+        log(f"cache: {problem}")
 
     top = [r["image_uri"] for r in ranking_table(scores, None).to_pylist()[: options.top_k] if r["similarity"] is not None]
     masks = None
@@ -116,7 +121,8 @@ def _rank(options: RankOptions, spec: PipelineSpec, concept, urls: list[str], nu
     pq.write_table(ranking, buffer, compression="zstd")
     commit.publish_bytes(fs, f"{root.rstrip('/')}/{RANKING_FILE}", buffer.getvalue())
     for row in ranking.to_pylist()[: min(options.top_k, 10)]:
-        log(f"  #{row['rank']:<3} {row['similarity']:.4f}  {row['image_uri']}")
+        similarity = "n/a" if row["similarity"] is None else f"{row['similarity']:.4f}"
+        log(f"  #{row['rank']:<3} {similarity:>6}  {row['image_uri']}")
     log(f"done: {ranking.num_rows} images ranked for {concept.name!r}, {encoded} encoded, {hits} from cache, "
         f"masks for the top {len(top)} -> {redact(options.output)}/{RANKING_FILE} in {time.perf_counter() - started:.1f} s")
     return ranking

@@ -12,13 +12,14 @@ import time
 from dataclasses import dataclass, field
 
 import fsspec
+import pyarrow.parquet as pq
 
 from persam_core.concept import Concept, ConceptError
 
 from . import commit
 from .cache import FeatureCache
 from .checkpoints import load_model, random_weights_note, redact
-from .inputs import InputError, list_image_urls
+from .inputs import InputError, list_images
 from .pipeline import PipelineSpec, run_pipeline
 from .runtime import check_device_option
 from .worker import ipc_to_table
@@ -94,21 +95,38 @@ def read_concepts(paths: list[str], storage_options: dict) -> list[Concept]:
     return concepts
 
 
-def prepare_job(options, concepts: list[Concept], log) -> tuple[str, list[str]]:
-    """Checks that need no Ray: device, weights vs concepts, cache, inputs -> (fingerprint, urls)."""
+def prepare_job(options, concepts: list[Concept], log) -> tuple[str, dict[str, str], FeatureCache | None]:
+    """Checks that need no Ray: device, weights vs concepts, cache, inputs.
+
+    -> (model fingerprint, {image url: version token}, the cache or None)
+    """
     check_device_option(options.device)
     model = load_model(options.model_type, options.checkpoint, options.storage_options)
     for concept in concepts:
         concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")
+    cache = None
     if options.cache:
-        FeatureCache(options.cache, model.fingerprint, options.cache_dtype, options.storage_options).check_writable()
+        cache = FeatureCache(options.cache, model.fingerprint, options.cache_dtype, options.storage_options)
+        cache.check_writable()
     note = random_weights_note(options.checkpoint)
     if note:
         log(f"note: {note}")
-    urls = list(dict.fromkeys(list_image_urls(options.input, options.storage_options)))
-    if not urls:
+    images = dict(list_images(options.input, options.storage_options))
+    if not images:
         raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
-    return model.fingerprint, urls
+    return model.fingerprint, images, cache
+
+
+def count_removed(paths: list[str], current: set[str], storage_options: dict | None) -> int:
+    """Images in `paths` (part files about to go) that are no longer in the input."""
+    gone: set[str] = set()
+    for path in paths:
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        try:
+            gone |= set(pq.read_table(root, columns=["image_uri"], filesystem=fs).column("image_uri").to_pylist())
+        except (OSError, ValueError):
+            continue
+    return len(gone - current)
 
 
 def _shard_of_path(path: str) -> int:
@@ -118,7 +136,11 @@ def _shard_of_path(path: str) -> int:
 def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     started = time.perf_counter()
     concepts = read_concepts(options.concepts, options.storage_options)
-    fingerprint, urls = prepare_job(options, concepts, log)
+    fingerprint, versions, cache = prepare_job(options, concepts, log)
+    urls = list(versions)
+    proposed_shards = commit.shard_count(len(urls), options.shard_size)
+    if cache is not None:  # a new job adopts the cache's sharding: one cache file per job shard
+        proposed_shards = cache.adopt_layout(proposed_shards)
     settings = {
         "precision": options.precision,  # other precisions give (slightly) other masks
         "max_instances": options.max_instances,
@@ -126,21 +148,23 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
         # a concept re-fitted under the same name is a different job
         "concept_digests": {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts},
     }
-    record = commit.JobRecord(commit.shard_count(len(urls), options.shard_size), tuple(c.name for c in concepts),
+    record = commit.JobRecord(proposed_shards, tuple(c.name for c in concepts),
                               fingerprint, settings)
     record, committed = commit.open_job(options.output, record, options.storage_options)
-    plan = commit.plan_shards(urls, record.num_shards, committed)
+    plan = commit.plan_shards(urls, record.num_shards, committed, versions)
     superseded: dict[int, list[str]] = {}
     for path in plan.superseded:
         superseded.setdefault(_shard_of_path(path), []).append(path)
     running = {s["shard"] for s in plan.to_run}
     # Superseded files of shards not rerun now (repairs, emptied shards) go at once; the
     # others are replaced by their shard's commit, and read for the rows they carry over.
-    commit.remove_files(options.output, [p for s, ps in superseded.items() if s not in running for p in ps],
-                        options.storage_options)
+    dropped = [p for s, ps in superseded.items() if s not in running for p in ps]
+    removed_now = count_removed(dropped, set(urls), options.storage_options)
+    commit.remove_files(options.output, dropped, options.storage_options)
     log(f"{len(urls)} images x {len(concepts)} concepts; {len(plan.to_run)} shards to run, {plan.up_to_date} already committed")
     if not plan.to_run:
-        return SegmentSummary(0, 0, 0, 0, plan.up_to_date, redact(options.output), time.perf_counter() - started)
+        return SegmentSummary(0, 0, 0, 0, plan.up_to_date, redact(options.output), time.perf_counter() - started,
+                              removed=removed_now)
 
     output, storage = options.output, options.storage_options
     digests = {s["shard"]: s["digest"] for s in plan.to_run}
@@ -160,7 +184,7 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
         options.model_type, options.checkpoint, fingerprint, [c.to_json() for c in concepts], options.device,
         options.batch_size, options.num_actors, options.max_pixels, storage, "segment", options.max_instances,
         options.min_similarity,
-        {"url": options.cache, "dtype": options.cache_dtype, "num_shards": record.num_shards} if options.cache else None,
+        {"url": options.cache, "dtype": options.cache_dtype, "num_shards": cache.num_shards} if cache else None,
         options.precision, options.fused_attention, options.compile_encoder,
     )
     shards = [{"shard": s["shard"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])} for s in plan.to_run]
@@ -170,4 +194,4 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     total = {key: sum(r[key] for r in results) for key in ("rows", "errors", "images", "encoded", "cache_hits", "carried", "removed")}
     return SegmentSummary(total["images"], total["rows"], total["errors"], len(plan.to_run), plan.up_to_date,
                           redact(options.output), time.perf_counter() - started, total["encoded"],
-                          total["cache_hits"], total["carried"], total["removed"])
+                          total["cache_hits"], total["carried"], total["removed"] + removed_now)

@@ -113,7 +113,6 @@ def prepare_shard(
     storage_options: dict | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache: FeatureCache | None = None,
-    num_shards: int = 1,
 ) -> dict:
     """{"shard", "urls", "previous"} -> {"shard", "payload"} (see module docstring)."""
     shard = int(row["shard"])
@@ -123,7 +122,7 @@ def prepare_shard(
         unchanged = {(u, s) for u, s, e in zip(previous.column("image_uri").to_pylist(),
                                                previous.column("content_sha256").to_pylist(),
                                                previous.column("error").to_pylist()) if s and e is None}
-    cached, problems = cache.load(num_shards, shard) if cache is not None else ({}, [])
+    cached, problems = cache.load(list(row["urls"])) if cache is not None else ({}, [])
     items, carried_urls = [], set()
     for url in row["urls"]:
         item = ShardItem(url)

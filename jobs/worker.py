@@ -169,22 +169,18 @@ class SegmentActor:
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in texts]
         self.batch_size, self.task = batch_size, task
         self.max_instances, self.min_similarity = max_instances, min_similarity
-        self.cache = FeatureCache(cache["url"], self.fingerprint, cache["dtype"], storage_options) if cache else None
-        self.num_shards = cache["num_shards"] if cache else 1
+        self.cache = (FeatureCache(cache["url"], self.fingerprint, cache["dtype"], storage_options, cache["num_shards"])
+                      if cache else None)
 
     def _store_cache(self, shard: Shard, encoded: dict[int, EncodedImage]) -> int:
-        """Write the shard's features (old hits + new) when anything new was encoded -> new entries."""
+        """Add the features encoded for this shard to the cache -> how many were encoded."""
         fresh = [i for i, item in enumerate(shard.items) if item.image is not None and i in encoded]
-        if self.cache is None or not fresh:
-            return 0
-        existing, _ = self.cache.load(self.num_shards, shard.shard)
-        current = {item.sha256 for item in shard.items if item.sha256}
-        entries = {sha: entry for sha, entry in existing.items() if sha in current}
-        for index in fresh:
-            image = encoded[index]
-            entries[shard.items[index].sha256] = CachedFeatures(
-                image.features.detach().cpu().numpy(), image.input_size, image.original_size)
-        self.cache.store(self.num_shards, shard.shard, entries)
+        if self.cache is not None and fresh:
+            self.cache.store({
+                shard.items[i].url: (shard.items[i].sha256, CachedFeatures(
+                    encoded[i].features.detach().cpu().numpy(), encoded[i].input_size, encoded[i].original_size))
+                for i in fresh
+            })
         return len(fresh)
 
     def __call__(self, batch: dict) -> dict:
@@ -203,7 +199,7 @@ class SegmentActor:
                 table = rows_to_table(ordered(rows, shard.items, [c.concept for c in self.concepts]))
                 if shard.carried_rows is not None and shard.carried_rows.num_rows:
                     table = pa.concat_tables([shard.carried_rows.select(table.column_names).cast(table.schema), table])
-            out["encoded"].append(self._store_cache(shard, encoded) if self.cache else sum(i.image is not None for i in shard.items))
+            out["encoded"].append(self._store_cache(shard, encoded))
             out["cache_hits"].append(sum(item.cached is not None for item in shard.items))
             out["carried"].append(sum(item.carried for item in shard.items))
             out["removed"].append(shard.removed)

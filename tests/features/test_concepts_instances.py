@@ -1,8 +1,8 @@
-"""Issue 5: K concepts in one encoder pass, presence, several instances, several shots, exports.
+"""Issue 5: K concepts in one encoder pass, presence, the job with its exports, bad input.
 
-Unit level (no Ray): jobs.worker.segment_shard on a hand-built shard, and
-persam_core.instances.segment_instances on the tiny random model. Job level: one
-module-scoped `persam segment` run (two concepts, --max-instances 2) feeds the export tests.
+Unit level (no Ray): jobs.worker.segment_shard on a hand-built shard with the tiny random
+model. Job level: one module-scoped `persam segment` run (two concepts, --max-instances 2)
+feeds the export tests. Several instances and several shots: test_instances_shots.py.
 """
 
 from __future__ import annotations
@@ -23,83 +23,16 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from jobs.cli import main
-from jobs.images import decode_image, decode_mask
+from feature_tools import MODEL, assert_one_error_line, fit_cli, iou, run_cli
+from jobs.images import decode_image
 from jobs.overlays import safe_file_name
 from jobs.shard_payload import Shard, ShardItem
 from jobs.worker import segment_shard
-from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
-from persam_core.masks import decode_rle
-from persam_core.models import model_fingerprint
-from persam_core.persam import ConceptTensors, prior_for, segment_persam
-from persam_core.predictor import encode_images
-from persam_core.preprocess import reference_mask_grid, resize_longest_side
 from persam_core.instances import segment_instances
-
-MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def run_cli(argv: list[str]) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue())
-
-
-def assert_one_error_line(result: SimpleNamespace, *phrases: str) -> str:
-    assert result.rc != 0, result.out
-    lines = [line for line in result.err.splitlines() if line.strip()]
-    assert len(lines) == 1, result.err
-    assert lines[0].startswith("persam ") and "Traceback" not in result.err
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
-
-
-def fit_cli(sample: Path, shots: list[tuple[str, str]], out: Path, *extra: str, name: str = "thing",
-            checkpoint: str = "random:0") -> Concept:
-    argv = ["fit", "--model-type", "tiny", "--checkpoint", checkpoint, "--device", "cpu", "--name", name, "--out", str(out)]
-    for concept, number in shots:
-        argv += ["--image", str(sample / "Images" / concept / f"{number}.jpg"),
-                 "--mask", str(sample / "Annotations" / concept / f"{number}.png")]
-    result = run_cli([*argv, *extra])
-    assert result.rc == 0, result.err
-    return Concept.from_json(out.read_text())
-
-
-def load_pair(sample: Path, concept: str, number: str) -> tuple[np.ndarray, np.ndarray]:
-    image = decode_image((sample / "Images" / concept / f"{number}.jpg").read_bytes(), "image")
-    mask = decode_mask((sample / "Annotations" / concept / f"{number}.png").read_bytes(), "mask")
-    return image, mask
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-@pytest.fixture(scope="module")
-def fingerprint(tiny_sam) -> str:
-    return model_fingerprint(tiny_sam, "tiny")
-
-
-@pytest.fixture(scope="module")
-def concepts(perseg_sample, tiny_sam, fingerprint) -> dict[str, ConceptTensors]:
-    """PerSAM concepts from each sample concept's 00 shot, plus a PerSAM-F one (fixed weights)."""
-    made = {}
-    for name in ("cat", "duck_toy", "colorful_sneaker"):
-        image, mask = load_pair(perseg_sample, name, "00")
-        cells = reference_cells(encode_images(tiny_sam, [resize_longest_side(image)]), [mask], ["mask"])
-        feature, embedding = persam_targets(cells)
-        made[name] = ConceptTensors.on(Concept(name, "persam", feature.numpy(), embedding.numpy(), fingerprint), "cpu")
-        if name == "duck_toy":
-            made["duck_f"] = ConceptTensors.on(Concept(
-                "duck_f", "persam-f", persam_f_target_feature(cells).numpy(), embedding.numpy(), fingerprint,
-                mask_weights=np.array([0.2, 0.3, 0.5], dtype=np.float32)), "cpu")
-    return made
+from persam_core.masks import decode_rle
+from persam_core.persam import prior_for, segment_persam
+from persam_core.predictor import encode_images
+from persam_core.preprocess import resize_longest_side
 
 
 @pytest.fixture(scope="module")
@@ -221,123 +154,6 @@ def test_bad_presence_and_instance_flags_fail_before_work(flags, phrase, tmp_pat
                       "--output", str(output), *flags])
     assert_one_error_line(result, phrase)
     assert not output.exists()
-
-
-# ---------------------------------------------------------------------------- several instances
-
-
-@pytest.fixture(scope="module")
-def doubled(perseg_sample, tiny_sam):
-    """Two copies of cat/00 side by side (with the tiny random model a second instance is found)."""
-    image, _ = load_pair(perseg_sample, "cat", "00")
-    return encode_images(tiny_sam, [resize_longest_side(np.concatenate([image, image], axis=1))])[0]
-
-
-@pytest.fixture(scope="module")
-def doubled_instances(tiny_sam, concepts, doubled):
-    return segment_instances(tiny_sam, doubled, concepts["cat"], max_instances=3)
-
-
-def test_instance_zero_is_the_single_result(tiny_sam, concepts, shard_images, doubled, doubled_instances):
-    single_image = encode_images(tiny_sam, [shard_images[1].image])[0]
-    for concept, encoded, found in (
-        (concepts["cat"], doubled, doubled_instances),
-        (concepts["duck_f"], single_image, segment_instances(tiny_sam, single_image, concepts["duck_f"], 3)),
-    ):
-        single = segment_instances(tiny_sam, encoded, concept, 1)
-        assert len(single) == 1
-        if concept.concept.method == "persam":
-            reference = segment_persam(tiny_sam, encoded, concept)
-            assert np.array_equal(single[0].result.mask, reference.mask)
-            assert single[0].result.score == reference.score and single[0].result.point == reference.point
-        first = found[0].result
-        assert np.array_equal(first.mask, single[0].result.mask)
-        assert first.score == single[0].result.score
-        assert first.similarity == single[0].result.similarity == prior_for(tiny_sam, encoded, concept).presence
-
-
-def test_instances_are_numbered_and_never_overlap_more_than_half(doubled_instances):
-    assert [f.instance for f in doubled_instances] == list(range(len(doubled_instances)))
-    assert 1 <= len(doubled_instances) <= 3
-    union = np.zeros_like(doubled_instances[0].result.mask)
-    for found in doubled_instances:
-        mask = found.result.mask
-        assert found.present and mask.any()
-        assert np.logical_and(mask, union).sum() <= 0.5 * mask.sum()
-        x, y = found.result.point
-        assert not union[y, x]  # each later instance starts outside the masks found so far
-        union |= mask
-
-
-def test_second_instance_is_found_in_a_doubled_image(doubled_instances):
-    assert len(doubled_instances) >= 2, "tiny random:0 finds a 2nd instance in two copies of cat/00"
-    first, second = doubled_instances[0].result, doubled_instances[1].result
-    assert second.similarity <= first.similarity
-    assert np.logical_and(second.mask, ~first.mask).sum() >= 0.5 * second.mask.sum()
-
-
-def test_search_stops_at_the_presence_threshold(tiny_sam, concepts, doubled, doubled_instances):
-    if len(doubled_instances) < 2:
-        pytest.skip("no second instance to threshold")
-    presence, peak = doubled_instances[0].result.similarity, doubled_instances[1].result.similarity
-    assert peak < presence
-    stopped = segment_instances(tiny_sam, doubled, concepts["cat"], 3, (presence + peak) / 2)
-    assert [f.instance for f in stopped] == [0] and stopped[0].present
-    assert np.array_equal(stopped[0].result.mask, doubled_instances[0].result.mask)
-    going = segment_instances(tiny_sam, doubled, concepts["cat"], 3, peak - 1e-6)
-    assert len(going) >= 2
-    assert np.array_equal(going[1].result.mask, doubled_instances[1].result.mask)
-
-
-def test_max_instances_below_one_is_refused(tiny_sam, concepts, doubled):
-    with pytest.raises(ValueError):
-        segment_instances(tiny_sam, doubled, concepts["cat"], 0)
-
-
-# ---------------------------------------------------------------------------- several shots
-
-
-def _cells(sam, sample, shots):
-    pairs = [load_pair(sample, c, n) for c, n in shots]
-    encoded = encode_images(sam, [resize_longest_side(image) for image, _ in pairs])  # one batch, as fit does
-    return reference_cells(encoded, [m for _, m in pairs], ["mask"] * len(pairs)), [m for _, m in pairs]
-
-
-def test_one_shot_fit_is_bit_identical_to_persam_core(perseg_sample, tiny_sam, tmp_path):
-    concept = fit_cli(perseg_sample, [("cat", "00")], tmp_path / "one.json")
-    cells, _ = _cells(tiny_sam, perseg_sample, [("cat", "00")])
-    feature, embedding = persam_targets(cells)
-    assert concept.target_feature.dtype == np.float32
-    assert np.array_equal(concept.target_feature, feature.numpy())
-    assert np.array_equal(concept.target_embedding, embedding.numpy())
-
-
-def test_two_shots_pool_the_cells_of_both(perseg_sample, tiny_sam, tmp_path):
-    shots = [("cat", "00"), ("cat", "01")]
-    both = fit_cli(perseg_sample, shots, tmp_path / "two.json")
-    singles = [fit_cli(perseg_sample, [shot], tmp_path / f"{shot[1]}.json") for shot in shots]
-    assert len(both.references) == 2
-    cells, masks = _cells(tiny_sam, perseg_sample, shots)
-    feature, embedding = persam_targets(cells)
-    assert np.allclose(both.target_embedding, embedding.numpy(), atol=1e-6)
-    assert np.allclose(both.target_feature, feature.numpy(), atol=1e-6)
-    # mean over pooled cells = cell-count-weighted mean of the single-shot embeddings
-    counts = [int(reference_mask_grid(m).sum()) for m in masks]
-    assert cells.shape[0] == sum(counts)
-    weighted = sum(n * s.target_embedding.astype(np.float64) for n, s in zip(counts, singles)) / sum(counts)
-    assert np.allclose(both.target_embedding, weighted, atol=1e-4)
-    for single in singles:
-        assert not np.allclose(both.target_embedding, single.target_embedding, atol=1e-4)
-    assert np.linalg.norm(both.target_feature) == pytest.approx(1.0, abs=1e-5)
-
-
-def test_two_shots_persam_f_fits_on_both(perseg_sample, tiny_sam, tmp_path):
-    shots = [("duck_toy", "00"), ("duck_toy", "01")]
-    concept = fit_cli(perseg_sample, shots, tmp_path / "f.json", "--method", "persam-f", "--epochs", "3")
-    cells, _ = _cells(tiny_sam, perseg_sample, shots)
-    assert concept.method == "persam-f" and concept.mask_weights.shape == (3,)
-    assert np.all(np.isfinite(concept.mask_weights)) and concept.mask_weights.sum() == pytest.approx(1.0, abs=1e-5)
-    assert np.allclose(concept.target_feature, persam_f_target_feature(cells).numpy(), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- the job and its exports
@@ -479,6 +295,19 @@ def test_concept_from_other_weights_fails_before_work(job, perseg_sample, tmp_pa
                       "--input", str(job.images), "--output", str(output)])
     assert_one_error_line(result, "cat1")
     assert not output.exists()
+
+
+def test_a_concept_directory_gives_every_concept_in_it(job, tmp_path):
+    from jobs.segment import read_concepts
+
+    folder = tmp_path / "concepts"
+    folder.mkdir()
+    shutil.copyfile(job.cat, folder / "cat.json")
+    shutil.copyfile(job.duck, folder / "duck.json")
+    (folder / "notes.txt").write_text("not a concept")
+    assert [c.name for c in read_concepts([str(folder)], {})] == ["cat", "duck_toy"]
+    with pytest.raises(ValueError, match="unique"):
+        read_concepts([str(folder), str(job.cat)], {})
 
 
 def test_export_of_a_parquet_lacking_columns_fails(tmp_path):

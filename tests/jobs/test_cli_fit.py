@@ -166,7 +166,7 @@ class _MarkerPayload:
 def files(tmp_path):
     """A small valid image/mask pair plus every kind of broken input."""
     height, width = 100, 120
-    image = save_png(tmp_path / "img.png", np.full((height, width, 3), 128, np.uint8))
+    save_png(tmp_path / "img.png", np.full((height, width, 3), 128, np.uint8))
     good = np.zeros((height, width), np.uint8)
     good[10:90, 10:100] = 255
     save_png(tmp_path / "good_mask.png", good)
@@ -275,12 +275,10 @@ def test_bad_concept_name_refused(name, files, capsys):
     assert rc != 0 and len(err) == 1 and "--name" in err[0]
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC §4 lists --model-type vit_t (MobileSAM); persam_core/models.py MODEL_BUILDERS has no vit_t")
 def test_spec_model_types_are_all_known():
     assert {"vit_h", "vit_l", "vit_b", "vit_t", "tiny"} <= set(MODEL_TYPES)
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC §4 segment flag --cache is not in jobs/cli.py yet")
 def test_segment_help_lists_every_spec_flag(capsys):
     with pytest.raises(SystemExit):
         main(["segment", "--help"])

@@ -32,7 +32,8 @@ BROKEN = ("broken.jpg", "zero.png")
 SPEC_COLUMNS = ("image_uri", "concept", "width", "height", "mask_rle", "bbox", "area", "score",
                 "similarity", "point", "error", "model_fingerprint", "instance", "present")
 DONE = re.compile(r"^done: (\d+) images, (\d+) rows, (\d+) error rows, (\d+) shards written "
-                  r"\((\d+) already committed\) -> (.+) in ([0-9.]+) s$")
+                  r"\((\d+) already committed\), \d+ encoded, \d+ from cache, \d+ unchanged, \d+ removed "
+                  r"-> (.+) in ([0-9.]+) s$")
 
 
 def run_cli(argv: list[str]) -> SimpleNamespace:
