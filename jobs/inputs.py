@@ -8,7 +8,7 @@ manifest (`.parquet` / `.csv` / `.txt` of URLs) instead of listing every run.
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 from typing import Iterator
 
 import fsspec
@@ -24,32 +24,45 @@ class InputError(ValueError):
     """An --input that cannot be listed; the message says what to do."""
 
 
+def is_manifest(url: str) -> bool:
+    return url.lower().endswith(MANIFEST_EXTENSIONS)
+
+
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _manifest_urls(url: str, storage_options: dict) -> Iterator[str]:
+def _manifest_entries(url: str, storage_options: dict) -> Iterator[tuple[str, str]]:
+    """Stream (url, version) from a manifest: Parquet record batches or text lines, never whole."""
     lower = url.lower()
     if lower.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         fs, path = url_to_fs(url, **storage_options)
-        table = pq.read_table(path, filesystem=fs)
-        column = next((c for c in URL_COLUMNS if c in table.column_names), table.column_names[0])
-        yield from (str(v) for v in table.column(column).to_pylist() if v)
+        with fs.open(path, "rb") as handle:
+            manifest = pq.ParquetFile(handle)
+            names = manifest.schema_arrow.names
+            column = next((c for c in URL_COLUMNS if c in names), names[0])
+            columns = [column] + (["version"] if "version" in names else [])
+            for batch in manifest.iter_batches(batch_size=65_536, columns=columns):
+                versions = batch.column("version").to_pylist() if "version" in names else [""] * batch.num_rows
+                yield from ((str(u), str(v or "")) for u, v in zip(batch.column(column).to_pylist(), versions) if u)
         return
     with fsspec.open(url, "rt", **storage_options) as handle:
-        text = handle.read()
-    if lower.endswith(".csv"):
-        rows = list(csv.reader(io.StringIO(text)))
-        if not rows:
+        if lower.endswith(".csv"):
+            rows = csv.reader(handle)
+            header = [h.strip() for h in next(rows, [])]
+            index = next((header.index(c) for c in URL_COLUMNS if c in header), None)
+            version = header.index("version") if "version" in header else None
+            if index is None:  # no header: the first column of every row, the first row included
+                rows, index = itertools.chain([header], rows), 0
+            for row in rows:
+                if len(row) > index and row[index].strip():
+                    yield row[index].strip(), (row[version].strip() if version is not None and len(row) > version else "")
             return
-        header = [h.strip() for h in rows[0]]
-        index = next((header.index(c) for c in URL_COLUMNS if c in header), None)
-        body = rows[1:] if index is not None else rows
-        yield from (row[index or 0].strip() for row in body if row and row[index or 0].strip())
-        return
-    yield from (line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        for line in handle:
+            if line.strip() and not line.startswith("#"):
+                yield line.strip(), ""
 
 
 def version_token(info: dict) -> str:
@@ -65,11 +78,12 @@ def list_images(url: str, storage_options: dict | None = None) -> Iterator[tuple
     """Yield (image URL, version token) under `url`, in a deterministic order (sorted per directory).
 
     The token comes from the listing itself (no extra request); manifest entries have
-    none unless the manifest has a `version` column (e.g. the object's ETag).
+    none unless the manifest has a `version` column (e.g. the object's ETag). Manifests
+    are read as a stream.
     """
     options = storage_options or {}
-    if url.lower().endswith(MANIFEST_EXTENSIONS):
-        yield from ((u, "") for u in _manifest_urls(url, options))
+    if is_manifest(url):
+        yield from _manifest_entries(url, options)
         return
     fs, path = url_to_fs(url, **options)
     name = (lambda p: fs.unstrip_protocol(p)) if "://" in url else (lambda p: p)

@@ -21,7 +21,7 @@ from .checkpoints import redact
 from .pipeline import PipelineSpec, run_pipeline
 from .runtime import local_cluster, start_ray
 from .schema import MASK_SCHEMA
-from .segment import prepare_job, read_concepts
+from .segment import list_all_images, prepare_job, read_concepts
 from .worker import ipc_to_table
 
 RANKING_FILE = "ranking.parquet"
@@ -81,8 +81,8 @@ def run_rank(options: RankOptions, log=print) -> pa.Table:
     concepts = read_concepts([options.concept], options.storage_options)
     if len(concepts) != 1:
         raise ValueError(f"{options.concept}: rank takes exactly one concept, found {len(concepts)}")
-    fingerprint, versions, feature_cache = prepare_job(options, concepts, log)
-    urls = list(versions)
+    fingerprint, feature_cache = prepare_job(options, concepts, log)
+    urls = list(list_all_images(options))  # a ranking is global: every image's score is kept
     num_shards = commit.shard_count(len(urls), options.shard_size)
     if feature_cache is not None:  # follow the cache's sharding: one cache file per shard
         num_shards = feature_cache.adopt_layout(num_shards)

@@ -7,8 +7,10 @@ carrying over the rows of their unchanged images (see commit.py for the protocol
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import time
+from typing import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -19,10 +21,14 @@ from persam_core.concept import Concept, ConceptError
 from . import commit
 from .cache import FeatureCache
 from .checkpoints import load_model, random_weights_note, redact
-from .inputs import InputError, list_images
+from .inputs import InputError, is_manifest, list_images
 from .pipeline import PipelineSpec, run_pipeline
-from .runtime import check_device_option
+from .runtime import check_device_option, local_cluster, start_ray
 from .worker import ipc_to_table
+
+
+# A manifest is planned and run in chunks of this many images (bounded driver memory).
+MANIFEST_WAVE_IMAGES = 500_000
 
 
 @dataclass
@@ -95,11 +101,8 @@ def read_concepts(paths: list[str], storage_options: dict) -> list[Concept]:
     return concepts
 
 
-def prepare_job(options, concepts: list[Concept], log) -> tuple[str, dict[str, str], FeatureCache | None]:
-    """Checks that need no Ray: device, weights vs concepts, cache, inputs.
-
-    -> (model fingerprint, {image url: version token}, the cache or None)
-    """
+def prepare_job(options, concepts: list[Concept], log) -> tuple[str, FeatureCache | None]:
+    """Checks that need no Ray: device, weights vs concepts, cache -> (model fingerprint, the cache or None)."""
     check_device_option(options.device)
     model = load_model(options.model_type, options.checkpoint, options.storage_options)
     for concept in concepts:
@@ -111,10 +114,15 @@ def prepare_job(options, concepts: list[Concept], log) -> tuple[str, dict[str, s
     note = random_weights_note(options.checkpoint)
     if note:
         log(f"note: {note}")
+    return model.fingerprint, cache
+
+
+def list_all_images(options) -> dict[str, str]:
+    """{image url: version token} of the whole --input (see waves() for manifests)."""
     images = dict(list_images(options.input, options.storage_options))
     if not images:
         raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
-    return model.fingerprint, images, cache
+    return images
 
 
 def count_removed(paths: list[str], current: set[str], storage_options: dict | None) -> int:
@@ -133,41 +141,106 @@ def _shard_of_path(path: str) -> int:
     return int(commit.PART_FILE.match(os.path.basename(path)).group(1))
 
 
+def waves(options) -> Iterator[dict[str, str]]:
+    """The input in planning waves of {url: version}: everything at once for a listing;
+    consecutive chunks of MANIFEST_WAVE_IMAGES for a manifest, so the driver never holds
+    more than one chunk of a lake-sized manifest (shards are hashed within each chunk)."""
+    if not is_manifest(options.input):
+        yield list_all_images(options)
+        return
+    chunk: dict[str, str] = {}
+    for url, version in list_images(options.input, options.storage_options):
+        chunk[url] = version
+        if len(chunk) == MANIFEST_WAVE_IMAGES:
+            yield chunk
+            chunk = {}
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class _Totals:
+    values: dict = field(default_factory=lambda: dict.fromkeys(
+        ("images", "rows", "errors", "encoded", "cache_hits", "carried", "removed", "run", "skipped"), 0))
+
+    def add(self, **counts: int) -> None:
+        for key, value in counts.items():
+            self.values[key] += value
+
+
 def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     started = time.perf_counter()
     concepts = read_concepts(options.concepts, options.storage_options)
-    fingerprint, versions, cache = prepare_job(options, concepts, log)
-    urls = list(versions)
-    proposed_shards = commit.shard_count(len(urls), options.shard_size)
-    if cache is not None:  # a new job adopts the cache's sharding: one cache file per job shard
-        proposed_shards = cache.adopt_layout(proposed_shards)
+    fingerprint, cache = prepare_job(options, concepts, log)
+    manifest = is_manifest(options.input)
+    batches = waves(options)
+    first = next(batches, None)
+    if not first:
+        raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
+    shards_per_wave = commit.shard_count(MANIFEST_WAVE_IMAGES if manifest else len(first), options.shard_size)
+    if cache is not None and not manifest:  # a new job adopts the cache's sharding: one cache file per job shard
+        shards_per_wave = cache.adopt_layout(shards_per_wave)
+    elif cache is not None:
+        cache.adopt_layout(shards_per_wave)
     settings = {
         "precision": options.precision,  # other precisions give (slightly) other masks
         "max_instances": options.max_instances,
         "min_similarity": options.min_similarity,
         # a concept re-fitted under the same name is a different job
         "concept_digests": {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts},
+        "manifest_wave_images": MANIFEST_WAVE_IMAGES if manifest else None,
     }
-    record = commit.JobRecord(proposed_shards, tuple(c.name for c in concepts),
-                              fingerprint, settings)
+    record = commit.JobRecord(shards_per_wave, tuple(c.name for c in concepts), fingerprint, settings)
     record, committed = commit.open_job(options.output, record, options.storage_options)
-    plan = commit.plan_shards(urls, record.num_shards, committed, versions)
+    spec = PipelineSpec(
+        options.model_type, options.checkpoint, fingerprint, [c.to_json() for c in concepts], options.device,
+        options.batch_size, options.num_actors, options.max_pixels, options.storage_options, "segment",
+        options.max_instances, options.min_similarity,
+        {"url": options.cache, "dtype": options.cache_dtype, "num_shards": cache.num_shards} if cache else None,
+        options.precision, options.fused_attention, options.compile_encoder,
+    )
+    totals = _Totals()
+    started_ray = start_ray() if manifest else False  # waves share one Ray
+    try:
+        for index, versions in enumerate(itertools.chain([first], batches)):
+            _run_wave(options, spec, record, committed, versions, index * record.num_shards, totals, log)
+    finally:
+        if started_ray and local_cluster():
+            import ray
+
+            ray.shutdown()
+    if manifest:  # shards of waves past the manifest's end: images removed from it
+        waves_seen = index + 1
+        stale = [p for s, files in committed.items() if s >= waves_seen * record.num_shards for p in files.values()]
+        totals.add(removed=count_removed(stale, set(), options.storage_options))
+        commit.remove_files(options.output, stale, options.storage_options)
+    v = totals.values
+    return SegmentSummary(v["images"], v["rows"], v["errors"], v["run"], v["skipped"], redact(options.output),
+                          time.perf_counter() - started, v["encoded"], v["cache_hits"], v["carried"], v["removed"])
+
+
+def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRecord, committed: dict,
+              versions: dict[str, str], offset: int, totals: _Totals, log) -> None:
+    """Plan one wave's shards (global ids offset..offset+num_shards), drop stale files, run, commit."""
+    urls = list(versions)
+    local = {s - offset: files for s, files in committed.items() if offset <= s < offset + record.num_shards}
+    plan = commit.plan_shards(urls, record.num_shards, local, versions)
     superseded: dict[int, list[str]] = {}
     for path in plan.superseded:
         superseded.setdefault(_shard_of_path(path), []).append(path)
-    running = {s["shard"] for s in plan.to_run}
+    to_run = [{**s, "shard": s["shard"] + offset} for s in plan.to_run]
+    running = {s["shard"] for s in to_run}
     # Superseded files of shards not rerun now (repairs, emptied shards) go at once; the
     # others are replaced by their shard's commit, and read for the rows they carry over.
     dropped = [p for s, ps in superseded.items() if s not in running for p in ps]
-    removed_now = count_removed(dropped, set(urls), options.storage_options)
+    totals.add(removed=count_removed(dropped, set(urls), options.storage_options), skipped=plan.up_to_date)
     commit.remove_files(options.output, dropped, options.storage_options)
-    log(f"{len(urls)} images x {len(concepts)} concepts; {len(plan.to_run)} shards to run, {plan.up_to_date} already committed")
-    if not plan.to_run:
-        return SegmentSummary(0, 0, 0, 0, plan.up_to_date, redact(options.output), time.perf_counter() - started,
-                              removed=removed_now)
-
+    log(f"{len(urls)} images x {len(spec.concept_texts)} concepts; {len(to_run)} shards to run, "
+        f"{plan.up_to_date} already committed")
+    if not to_run:
+        return
     output, storage = options.output, options.storage_options
-    digests = {s["shard"]: s["digest"] for s in plan.to_run}
+    digests = {s["shard"]: s["digest"] for s in to_run}
 
     def commit_row(row: dict) -> dict:
         table = ipc_to_table(row["table"])
@@ -180,18 +253,9 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
                 "cache_hits": int(row["cache_hits"]), "carried": int(row["carried"]), "removed": int(row["removed"]),
                 "problems": str(row["problems"] or "")}
 
-    spec = PipelineSpec(
-        options.model_type, options.checkpoint, fingerprint, [c.to_json() for c in concepts], options.device,
-        options.batch_size, options.num_actors, options.max_pixels, storage, "segment", options.max_instances,
-        options.min_similarity,
-        {"url": options.cache, "dtype": options.cache_dtype, "num_shards": cache.num_shards} if cache else None,
-        options.precision, options.fused_attention, options.compile_encoder,
-    )
-    shards = [{"shard": s["shard"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])} for s in plan.to_run]
+    shards = [{"shard": s["shard"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])} for s in to_run]
     results = run_pipeline(spec, shards, commit_row)
     for problem in (p for r in results for p in r["problems"].splitlines() if p):
         log(f"cache: {problem}")
-    total = {key: sum(r[key] for r in results) for key in ("rows", "errors", "images", "encoded", "cache_hits", "carried", "removed")}
-    return SegmentSummary(total["images"], total["rows"], total["errors"], len(plan.to_run), plan.up_to_date,
-                          redact(options.output), time.perf_counter() - started, total["encoded"],
-                          total["cache_hits"], total["carried"], total["removed"] + removed_now)
+    totals.add(run=len(to_run), **{k: sum(r[k] for r in results)
+                                   for k in ("rows", "errors", "images", "encoded", "cache_hits", "carried", "removed")})
