@@ -177,7 +177,8 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     first = next(batches, None)
     if not first:
         raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
-    shards_per_wave = commit.shard_count(MANIFEST_WAVE_IMAGES if manifest else len(first), options.shard_size)
+    # (a manifest shorter than one wave is sharded like a listing of its size)
+    shards_per_wave = commit.shard_count(len(first), options.shard_size)
     if cache is not None and not manifest:  # a new job adopts the cache's sharding: one cache file per job shard
         shards_per_wave = cache.adopt_layout(shards_per_wave)
     elif cache is not None:
