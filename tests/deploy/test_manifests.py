@@ -228,12 +228,9 @@ def test_segment_jobs_fit_the_cluster_they_run_on(where, tokens, obj):
 
 def test_nightly_runs_update_one_output_incrementally_with_a_cache():
     """Reruns of one --output recompute only changed shards; the cache spares the encoder."""
-    template = next(obj for obj in by_kind("RayJob") if "generateName" in obj["metadata"])
-    tokens = template["spec"]["entrypoint"].split()
-    assert "$(date" not in template["spec"]["entrypoint"]
-    assert (option(tokens, "--cache") or "").startswith("s3://")
-    one_off = rayjob()["spec"]["entrypoint"]
-    assert option(one_off.split(), "--output") != option(tokens, "--output")
+    entrypoint = next(obj for obj in by_kind("RayJob") if "generateName" in obj["metadata"])["spec"]["entrypoint"]
+    assert "$(date" not in entrypoint and (option(entrypoint.split(), "--cache") or "").startswith("s3://")
+    assert option(rayjob()["spec"]["entrypoint"].split(), "--output") != option(entrypoint.split(), "--output")
 
 
 def test_readme_commands_parse_with_the_cli():
