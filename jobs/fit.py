@@ -66,7 +66,7 @@ def fit_concept(
         fit_started = time.perf_counter()
         weights, losses = fit_mask_weights(sam, encoded, masks, target_feature, epochs=epochs)
         log(f"PerSAM-F: {epochs} epochs in {time.perf_counter() - fit_started:.1f} s, "
-            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, weights {np.round(weights, 4).tolist()}")
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, weights {[round(float(w), 4) for w in weights]}")
     return Concept(
         name=name,
         method=method,
