@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
 import os
 import time
 from typing import Iterator
@@ -158,16 +159,6 @@ def waves(options) -> Iterator[dict[str, str]]:
         yield chunk
 
 
-@dataclass
-class _Totals:
-    values: dict = field(default_factory=lambda: dict.fromkeys(
-        ("images", "rows", "errors", "encoded", "cache_hits", "carried", "removed", "run", "skipped"), 0))
-
-    def add(self, **counts: int) -> None:
-        for key, value in counts.items():
-            self.values[key] += value
-
-
 def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     started = time.perf_counter()
     concepts = read_concepts(options.concepts, options.storage_options)
@@ -200,7 +191,7 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
         {"url": options.cache, "dtype": options.cache_dtype, "num_shards": cache.num_shards} if cache else None,
         options.precision, options.fused_attention, options.compile_encoder,
     )
-    totals = _Totals()
+    totals: Counter = Counter()
     started_ray = start_ray() if manifest else False  # waves share one Ray
     try:
         for index, versions in enumerate(itertools.chain([first], batches)):
@@ -213,15 +204,15 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     if manifest:  # shards of waves past the manifest's end: images removed from it
         waves_seen = index + 1
         stale = [p for s, files in committed.items() if s >= waves_seen * record.num_shards for p in files.values()]
-        totals.add(removed=count_removed(stale, set(), options.storage_options))
+        totals.update(removed=count_removed(stale, set(), options.storage_options))
         commit.remove_files(options.output, stale, options.storage_options)
-    v = totals.values
-    return SegmentSummary(v["images"], v["rows"], v["errors"], v["run"], v["skipped"], redact(options.output),
-                          time.perf_counter() - started, v["encoded"], v["cache_hits"], v["carried"], v["removed"])
+    t = totals
+    return SegmentSummary(t["images"], t["rows"], t["errors"], t["run"], t["skipped"], redact(options.output),
+                          time.perf_counter() - started, t["encoded"], t["cache_hits"], t["carried"], t["removed"])
 
 
 def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRecord, committed: dict,
-              versions: dict[str, str], offset: int, totals: _Totals, log) -> None:
+              versions: dict[str, str], offset: int, totals: Counter, log) -> None:
     """Plan one wave's shards (global ids offset..offset+num_shards), drop stale files, run, commit."""
     urls = list(versions)
     local = {s - offset: files for s, files in committed.items() if offset <= s < offset + record.num_shards}
@@ -234,7 +225,7 @@ def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRec
     # Superseded files of shards not rerun now (repairs, emptied shards) go at once; the
     # others are replaced by their shard's commit, and read for the rows they carry over.
     dropped = [p for s, ps in superseded.items() if s not in running for p in ps]
-    totals.add(removed=count_removed(dropped, set(urls), options.storage_options), skipped=plan.up_to_date)
+    totals.update(removed=count_removed(dropped, set(urls), options.storage_options), skipped=plan.up_to_date)
     commit.remove_files(options.output, dropped, options.storage_options)
     log(f"{len(urls)} images x {len(spec.concept_texts)} concepts; {len(to_run)} shards to run, "
         f"{plan.up_to_date} already committed")
@@ -258,5 +249,5 @@ def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRec
     results = run_pipeline(spec, shards, commit_row)
     for problem in (p for r in results for p in r["problems"].splitlines() if p):
         log(f"cache: {problem}")
-    totals.add(run=len(to_run), **{k: sum(r[k] for r in results)
+    totals.update(run=len(to_run), **{k: sum(r[k] for r in results)
                                    for k in ("rows", "errors", "images", "encoded", "cache_hits", "carried", "removed")})
