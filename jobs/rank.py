@@ -22,7 +22,7 @@ from .pipeline import PipelineSpec, run_pipeline
 from .runtime import local_cluster, start_ray
 from .schema import MASK_SCHEMA
 from .segment import list_all_images, prepare_job, read_concepts
-from .worker import ipc_to_table
+from .shard_payload import ipc_to_table
 
 RANKING_FILE = "ranking.parquet"
 

@@ -25,7 +25,7 @@ from .checkpoints import load_model, random_weights_note, redact
 from .inputs import InputError, is_manifest, list_images
 from .pipeline import PipelineSpec, run_pipeline
 from .runtime import check_device_option, local_cluster, start_ray
-from .worker import ipc_to_table
+from .shard_payload import ipc_to_table
 
 
 # A manifest is planned and run in chunks of this many images (bounded driver memory).

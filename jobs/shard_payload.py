@@ -50,13 +50,16 @@ def short_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:500] if text else type(error).__name__
 
 
-def _table_bytes(table: pa.Table | None) -> np.ndarray:
-    if table is None:
-        return np.zeros(0, dtype=np.uint8)
+def table_to_ipc(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes (how rows travel between the job's stages)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return np.frombuffer(sink.getvalue().to_pybytes(), dtype=np.uint8)
+    return sink.getvalue().to_pybytes()
+
+
+def ipc_to_table(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
 def pack_shard(shard: Shard) -> bytes:
@@ -73,7 +76,8 @@ def pack_shard(shard: Shard) -> bytes:
         meta.append(entry)
     header = {"shard": shard.shard, "items": meta, "cache_problems": list(shard.cache_problems), "removed": shard.removed}
     arrays["meta"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    arrays["carried_rows"] = _table_bytes(shard.carried_rows)
+    carried = b"" if shard.carried_rows is None else table_to_ipc(shard.carried_rows)
+    arrays["carried_rows"] = np.frombuffer(carried, dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
@@ -92,7 +96,7 @@ def unpack_shard(payload: bytes) -> Shard:
                 item.cached = CachedFeatures(archive[f"features_{i}"], input_size, original_size)
             items.append(item)
         carried = archive["carried_rows"].tobytes()
-    table = pa.ipc.open_stream(pa.py_buffer(carried)).read_all() if carried else None
+    table = ipc_to_table(carried) if carried else None
     return Shard(header["shard"], items, table, tuple(header["cache_problems"]), header["removed"])
 
 

@@ -26,7 +26,7 @@ from .cache import CachedFeatures, FeatureCache
 from .checkpoints import load_model
 from .runtime import resolve_device
 from .schema import RANK_SCHEMA, rows_to_table
-from .shard_payload import Shard, ShardItem, short_reason, unpack_shard
+from .shard_payload import Shard, ShardItem, short_reason, table_to_ipc, unpack_shard
 
 
 def error_row(item: ShardItem, concept: Concept, reason: str, fingerprint: str, size: tuple[int, int] | None = None) -> dict:
@@ -122,17 +122,6 @@ def ordered(rows: list[dict], items: Sequence[ShardItem], concepts: Sequence[Con
     order = {item.url: i for i, item in enumerate(items)}
     names = {c.name: i for i, c in enumerate(concepts)}
     return sorted(rows, key=lambda r: (order.get(r["image_uri"], -1), names.get(r["concept"], -1), r.get("instance") or 0))
-
-
-def table_to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def ipc_to_table(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
 class SegmentActor:
