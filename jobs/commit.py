@@ -61,6 +61,16 @@ def shard_name(shard: int, digest: str) -> str:
     return f"part-{shard:05d}-{digest}.parquet"
 
 
+def parse_part_path(path: str) -> tuple[int, str] | None:
+    """(shard, digest) of a published part file's path; None for any other file."""
+    match = PART_FILE.match(os.path.basename(path))
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def shard_of_path(path: str) -> int:
+    return parse_part_path(path)[0]
+
+
 def shard_count(num_images: int, shard_size: int = DEFAULT_SHARD_SIZE) -> int:
     return max(1, math.ceil(num_images / max(1, shard_size)))
 
@@ -131,9 +141,9 @@ def open_job(output: str, record: JobRecord, storage_options: dict | None = None
             publish_bytes(fs, job_path, record.to_json().encode())
         committed: dict[int, dict[str, str]] = {}
         for path in fs.glob(f"{root}/part-*.parquet"):
-            match = PART_FILE.match(os.path.basename(path))
-            if match:
-                committed.setdefault(int(match.group(1)), {})[match.group(2)] = path
+            parsed = parse_part_path(path)
+            if parsed is not None:
+                committed.setdefault(parsed[0], {})[parsed[1]] = path
     except OutputError:
         raise
     except (OSError, PermissionError, ValueError) as error:

@@ -17,7 +17,7 @@ from persam_core.models import ModelError
 
 from .checkpoints import fetch, official_url
 from .cli import main as persam
-from .overlays import write_overlays
+from .export import run_export
 
 MODEL_TYPE = "vit_b"
 # Rough outline of Chelsea the cat's head in skimage.data.chelsea() (451 x 300 px).
@@ -67,7 +67,8 @@ def main(root: str = "demo-output") -> int:
     code = persam(["segment", *model, "--concept", str(concept), "--input", str(targets), "--output", str(output)])
     if code:
         return code
-    overlays = write_overlays(str(output), str(base / "overlays"), limit=4)
+    print(run_export("overlays", str(output), str(base / "overlays")))
+    overlays = sorted((base / "overlays").glob("*.png"))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     print(f"  masks (Parquet): {output}")
     print(f"  overlays (PNG):  {', '.join(str(p) for p in overlays)}")

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 from PIL import Image, ImageDraw, ImageFilter
-
-from persam_core.masks import decode_rle
-
-from .images import decode_image
-from .inputs import read_bytes
 
 TINT = np.array([255, 40, 40], dtype=np.float32)
 
@@ -44,24 +36,3 @@ def render_overlay(image: np.ndarray, mask: np.ndarray, point: tuple[int, int] |
     draw.rectangle((0, 0, min(picture.size[0], 8 + 7 * len(caption)), 18), fill=(0, 0, 0))
     draw.text((4, 3), caption, fill=(255, 255, 255))
     return picture
-
-
-def write_overlays(masks_url: str, out_dir: str, limit: int | None = None, storage_options: dict | None = None) -> list[Path]:
-    """Render up to `limit` non-error rows of a mask Parquet dataset -> PNG paths."""
-    fs, root = url_to_fs(masks_url, **(storage_options or {}))
-    table = pq.read_table(root, filesystem=fs)
-    target = Path(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for row in table.to_pylist():
-        if limit is not None and len(written) >= limit:
-            break
-        if row["error"] is not None or row["mask_rle"] is None:
-            continue
-        image = decode_image(read_bytes(row["image_uri"], storage_options), row["image_uri"])
-        caption = f"{row['concept']} score {row['score']:.2f} sim {row['similarity']:.2f}"
-        picture = render_overlay(image, decode_rle(row["mask_rle"]), tuple(row["point"]) if row["point"] else None, caption)
-        path = target / f"{safe_file_name(row['image_uri'], row['concept'], str(row.get('instance') or 0))}.png"
-        picture.save(path)
-        written.append(path)
-    return written

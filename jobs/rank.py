@@ -55,10 +55,9 @@ def _collect(row: dict) -> dict:
 
 
 def _shards(urls: list[str], num_shards: int) -> list[dict]:
-    groups: dict[int, list[str]] = {}
-    for url in urls:
-        groups.setdefault(commit.shard_of(url, num_shards), []).append(url)
-    return [{"shard": s, "urls": sorted(u), "previous": []} for s, u in sorted(groups.items())]
+    """The same stable-hash shards as `segment` (so cache files line up), all to run."""
+    plan = commit.plan_shards(urls, num_shards, {})
+    return [{"shard": s["shard"], "urls": s["urls"], "previous": []} for s in plan.to_run]
 
 
 def ranking_table(scores: pa.Table, masks: pa.Table | None) -> pa.Table:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter
-import os
 import time
 from typing import Iterator
 from dataclasses import dataclass, field
@@ -138,10 +137,6 @@ def count_removed(paths: list[str], current: set[str], storage_options: dict | N
     return len(gone - current)
 
 
-def _shard_of_path(path: str) -> int:
-    return int(commit.PART_FILE.match(os.path.basename(path)).group(1))
-
-
 def waves(options) -> Iterator[dict[str, str]]:
     """The input in planning waves of {url: version}: everything at once for a listing;
     consecutive chunks of MANIFEST_WAVE_IMAGES for a manifest, so the driver never holds
@@ -219,7 +214,7 @@ def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRec
     plan = commit.plan_shards(urls, record.num_shards, local, versions)
     superseded: dict[int, list[str]] = {}
     for path in plan.superseded:
-        superseded.setdefault(_shard_of_path(path), []).append(path)
+        superseded.setdefault(commit.shard_of_path(path), []).append(path)
     to_run = [{**s, "shard": s["shard"] + offset} for s in plan.to_run]
     running = {s["shard"] for s in to_run}
     # Superseded files of shards not rerun now (repairs, emptied shards) go at once; the
