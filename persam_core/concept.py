@@ -134,3 +134,23 @@ def persam_f_target_feature(cells: Tensor) -> Tensor:
     """T: [n, 256] -> PerSAM-F's t = normalise(max(T) / 2 + mean(T) / 2): [256]."""
     pooled = (torch.max(cells, dim=0)[0] / 2 + cells.mean(0) / 2).unsqueeze(0)
     return (pooled / pooled.norm(dim=-1, keepdim=True))[0]
+
+
+@dataclass(frozen=True)
+class ConceptTensors:
+    """A concept's vectors on the model's device: target_feature/target_embedding: [256]."""
+
+    concept: Concept
+    target_feature: torch.Tensor
+    target_embedding: torch.Tensor
+    mask_weights: torch.Tensor | None
+
+    @classmethod
+    def on(cls, concept: Concept, device: torch.device | str) -> "ConceptTensors":
+        weights = None if concept.mask_weights is None else torch.as_tensor(concept.mask_weights, device=device)
+        return cls(
+            concept,
+            torch.as_tensor(concept.target_feature, device=device),
+            torch.as_tensor(concept.target_embedding, device=device),
+            weights,
+        )

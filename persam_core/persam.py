@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from .concept import Concept
+from .concept import Concept, ConceptTensors  # noqa: F401  (re-exported)
 from .predictor import EncodedImage, Prediction, predict, tight_box
 from .prior import LocationPrior, location_prior
 
@@ -28,26 +28,6 @@ class Result:
     similarity: float
     point: tuple[int, int]
     negative_point: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class ConceptTensors:
-    """A concept's vectors on the model's device: target_feature/target_embedding: [256]."""
-
-    concept: Concept
-    target_feature: torch.Tensor
-    target_embedding: torch.Tensor
-    mask_weights: torch.Tensor | None
-
-    @classmethod
-    def on(cls, concept: Concept, device: torch.device | str) -> "ConceptTensors":
-        weights = None if concept.mask_weights is None else torch.as_tensor(concept.mask_weights, device=device)
-        return cls(
-            concept,
-            torch.as_tensor(concept.target_feature, device=device),
-            torch.as_tensor(concept.target_embedding, device=device),
-            weights,
-        )
 
 
 def prior_for(sam: Sam, encoded: EncodedImage, concept: ConceptTensors) -> LocationPrior:

@@ -1,0 +1,134 @@
+"""What the batched cascade consumes and produces: a batch of encoded images, the concepts
+on the device, and the results (on the device, then on the host once per batch).
+
+Results leave the device in one transfer: every final mask is packed to bits on the
+device (8x less to copy than bool) and concatenated; per-row numbers travel as a few
+stacked tensors. `HostResults` is plain numpy, so a CPU stage can turn it into rows
+(RLE, Arrow) while the GPU works on the next batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .concept import ConceptTensors
+from .predictor import EncodedImage
+
+ROW_FIELDS = ("image_index", "concept_index", "instance", "present", "score", "similarity", "point", "bbox", "area")
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """features: [B, 256, 64, 64]; input_sizes / original_sizes: (h, w) per image."""
+
+    features: Tensor
+    input_sizes: tuple[tuple[int, int], ...]
+    original_sizes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, images: Sequence[EncodedImage]) -> "EncodedBatch":
+        return cls(
+            torch.stack([image.features for image in images]),
+            tuple(tuple(image.input_size) for image in images),
+            tuple(tuple(image.original_size) for image in images),
+        )
+
+    def __len__(self) -> int:
+        return len(self.input_sizes)
+
+    def image(self, index: int) -> EncodedImage:
+        return EncodedImage(self.features[index], self.input_sizes[index], self.original_sizes[index])
+
+
+@dataclass(frozen=True)
+class HostResults:
+    """R rows (one per image x concept x instance, ordered that way), as numpy.
+
+    image_index, concept_index, instance: [R] int32 (indices into the batch / concept list);
+    present: [R] bool; score: [R] float32 (NaN when absent); similarity: [R] float32;
+    point: [R, 2] int32 (x, y); bbox: [R, 4] int32 COCO xywh; area: [R] int64;
+    mask_bits: packed masks (numpy.packbits, row-major, each mask padded to whole bytes);
+    mask_offsets: [R + 1] int64 byte offsets of each row's mask; mask_sizes: [R, 2] (h, w).
+    """
+
+    image_index: np.ndarray
+    concept_index: np.ndarray
+    instance: np.ndarray
+    present: np.ndarray
+    score: np.ndarray
+    similarity: np.ndarray
+    point: np.ndarray
+    bbox: np.ndarray
+    area: np.ndarray
+    mask_bits: np.ndarray
+    mask_offsets: np.ndarray
+    mask_sizes: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.image_index.shape[0])
+
+    def mask(self, row: int) -> np.ndarray:
+        """-> [h, w] bool mask of `row`."""
+        height, width = (int(v) for v in self.mask_sizes[row])
+        packed = self.mask_bits[self.mask_offsets[row] : self.mask_offsets[row + 1]]
+        return np.unpackbits(packed, count=height * width).reshape(height, width).astype(bool)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """-> named arrays (e.g. for np.savez: no pickle)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "HostResults":
+        return cls(**{f.name: np.asarray(arrays[f.name]) for f in fields(cls)})
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["HostResults"], image_offsets: Sequence[int]) -> "HostResults":
+        """Join results of consecutive batches; image_offsets[i] is added to part i's image_index."""
+        if not parts:
+            return empty_host_results()
+        joined = {}
+        for f in fields(cls):
+            if f.name == "mask_offsets":
+                continue
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "image_index":
+                values = [v + np.int32(o) for v, o in zip(values, image_offsets)]
+            joined[f.name] = np.concatenate(values)
+        starts = np.cumsum([0] + [int(p.mask_offsets[-1]) for p in parts[:-1]])
+        joined["mask_offsets"] = np.concatenate(
+            [np.zeros(1, np.int64)] + [p.mask_offsets[1:] + s for p, s in zip(parts, starts)]
+        )
+        return cls(**joined)
+
+
+def empty_host_results() -> HostResults:
+    z = lambda dtype, *shape: np.zeros((0, *shape), dtype=dtype)  # noqa: E731
+    return HostResults(z(np.int32), z(np.int32), z(np.int32), z(bool), z(np.float32), z(np.float32),
+                       z(np.int32, 2), z(np.int32, 4), z(np.int64), z(np.uint8), np.zeros(1, np.int64), z(np.int32, 2))
+
+
+def pack_masks(masks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """masks: R tensors [h, w] bool (sizes may differ), on one device -> (bits uint8, byte lengths [R]).
+
+    Bits as numpy.packbits (big-endian within a byte, last byte zero-padded), computed on
+    the device so that only an eighth of the bytes crosses to the host.
+    """
+    if not masks:
+        device = "cpu"
+        return torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    device = masks[0].device
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+    packed, lengths = [], []
+    for mask in masks:  # one kernel chain per mask, no host sync (sizes are host metadata)
+        flat = mask.reshape(-1).to(torch.uint8)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        packed.append((flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8))
+        lengths.append(packed[-1].numel())
+    return torch.cat(packed), torch.tensor(lengths, dtype=torch.int64)
