@@ -30,16 +30,21 @@ class EncodedImage:
 
 
 @torch.no_grad()
-def encode_images(sam: Sam, images: Sequence[ResizedImage], precision: str = "fp32") -> list[EncodedImage]:
+def encode_images(
+    sam: Sam, images: Sequence[ResizedImage], precision: str = "fp32", pad_to: int | None = None
+) -> list[EncodedImage]:
     """Run the image encoder once over a batch of resized images -> one EncodedImage each.
 
     precision: "fp32" (the reference path), "bf16" or "fp16" (autocast; features back in fp32).
+    pad_to: encode zero images up to this batch size (a compiled encoder then sees one shape).
     """
     if not images:
         return []
     batch = torch.cat([to_encoder_input(sam, image) for image in images], dim=0)
+    if pad_to is not None and pad_to > batch.shape[0]:
+        batch = torch.cat([batch, batch.new_zeros(pad_to - batch.shape[0], *batch.shape[1:])])
     with encoder_precision(precision, batch.device):
-        features = sam.image_encoder(batch).float()  # [B, 256, 64, 64]
+        features = sam.image_encoder(batch)[: len(images)].float()  # [B, 256, 64, 64]
     return [
         EncodedImage(features[i], image.input_size, image.original_size) for i, image in enumerate(images)
     ]

@@ -45,8 +45,10 @@ def resize_longest_side(image: np.ndarray) -> ResizedImage:
 
 def to_encoder_input(sam: Sam, resized: ResizedImage) -> torch.Tensor:
     """-> [1, 3, 1024, 1024] float: SAM's normalise + zero pad (as `set_torch_image`)."""
-    pixels = torch.as_tensor(resized.pixels, device=sam.device).permute(2, 0, 1).contiguous()[None]
-    return sam.preprocess(pixels)
+    pixels = torch.from_numpy(np.ascontiguousarray(resized.pixels))
+    if sam.device.type == "cuda":  # pinned host memory: the copy overlaps the GPU's work
+        pixels = pixels.pin_memory().to(sam.device, non_blocking=True)
+    return sam.preprocess(pixels.permute(2, 0, 1).contiguous()[None])
 
 
 def reference_mask_grid(mask: np.ndarray, value: int = REFERENCE_MASK_VALUE) -> torch.Tensor:
