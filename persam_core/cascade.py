@@ -1,19 +1,186 @@
 """The batched PerSAM cascade: every (image, concept) pair of an encoder batch at once.
 
-STUB (interface only): loops over the one-image functions; replaced by the batched
-implementation. The signatures below are the contract.
+For B images and K concepts (P = B x K pairs) the location prior of every pair is one
+matrix product ([B, 256, 4096] x [K, 256]); each PerSAM pass is one mask-decoder call for
+all PerSAM pairs, each PerSAM-F pass one for all PerSAM-F pairs (3 calls per method present,
+whatever B and K). Points, attention biases, boxes, best-mask picks, PerSAM-F's weighted
+logits and the presence test are tensor ops on the model's device; nothing waits on the
+host until the results leave the device, once, at the end (`HostResults`).
+
+Presence (`min_similarity`) and several instances (`max_instances`) as in `instances.py`.
+The only host reads before the results leave: with `min_similarity`, one [P] flag vector
+per batch, so that absent pairs never reach the decoder (in retrieval most pairs are
+absent; decoding them to throw the masks away would cost more than the read); and with
+`max_instances` > 1, one per further round, to batch the pairs still searching.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from segment_anything.modeling import Sam
 
 from .batch import EncodedBatch, HostResults, empty_host_results
 from .concept import ConceptTensors
+from .pairs import PairBatch, boxes_of
+from .persam import CascadeOutput, persam_passes
+from .persam_f import persam_f_passes
+from .prior import attention_biases, negative_points, positive_points, similarity_maps, upsample_similarities
+
+BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy.packbits order
+STATS = ("present", "score", "similarity", "point_x", "point_y", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "area")
+
+
+@dataclass
+class _Rows:
+    """Candidate rows, chunk by chunk: host pair ids and instance number, packed masks
+    [p, bytes] uint8, stats [p, len(STATS)] float64 and accepted [p] bool on the device."""
+
+    pair_ids: list[tuple[int, ...]] = field(default_factory=list)
+    instances: list[int] = field(default_factory=list)
+    masks: list[Tensor] = field(default_factory=list)
+    stats: list[Tensor] = field(default_factory=list)
+    accepted: list[Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _ConceptStack:
+    """K concepts on the device: targets [K, 256], embeddings [K, 256], weights [K, 3], methods (host)."""
+
+    targets: Tensor
+    embeddings: Tensor
+    weights: Tensor
+    is_persam_f: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, concepts: Sequence[ConceptTensors], device: torch.device) -> "_ConceptStack":
+        weights = [c.mask_weights if c.mask_weights is not None else torch.zeros(3) for c in concepts]
+        return cls(
+            torch.stack([c.target_feature for c in concepts]).to(device, torch.float32),
+            torch.stack([c.target_embedding for c in concepts]).to(device, torch.float32),
+            torch.stack([w.to(device, torch.float32) for w in weights]),
+            tuple(c.concept.method == "persam-f" for c in concepts),
+        )
+
+
+def _prompts(pairs: PairBatch, similarity: Tensor, pair_ids: Sequence[int], found: dict[int, Tensor] | None):
+    """-> positive [P, 2], negative [P, 2] (x, y), attention bias [P, 1, 1, 4096], peak [P] of S'.
+
+    similarity: [P, 64, 64]; found: pixels of earlier instances ([H, W] bool) by pair id,
+    lowered to the map's minimum first (the next instance is searched elsewhere).
+    """
+    count, device = len(pairs), pairs.device
+    positive = torch.empty(count, 2, dtype=torch.long, device=device)
+    negative = torch.empty_like(positive)
+    bias = torch.empty(count, 1, 1, similarity.shape[1] * similarity.shape[2], device=device)
+    peak = torch.empty(count, device=device)
+    for group, rows, rows_host in pairs.chunks():
+        upsampled = upsample_similarities(pairs.sam, similarity[rows], group.input_size, group.original_size)
+        if found is not None:
+            taken = torch.stack([found[pair_ids[r]] for r in rows_host])
+            upsampled = torch.where(taken, upsampled.flatten(1).amin(1)[:, None, None], upsampled)
+        positive[rows], negative[rows] = positive_points(upsampled), negative_points(upsampled)
+        bias[rows] = attention_biases(upsampled, tuple(similarity.shape[1:]))
+        peak[rows] = upsampled.flatten(1).amax(1)
+    return positive, negative, bias, peak
+
+
+def _cascade(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _ConceptStack, positive: Tensor,
+             negative: Tensor, bias: Tensor) -> CascadeOutput:
+    """PerSAM pairs through persam_passes, PerSAM-F pairs through persam_f_passes (one batch each)."""
+    concept_index = torch.tensor(list(concept_of_pair), dtype=torch.long).to(pairs.device, non_blocking=True)
+    outputs = []
+    for persam_f in (False, True):
+        rows = [r for r, k in enumerate(concept_of_pair) if stack.is_persam_f[k] == persam_f]
+        if not rows:
+            continue
+        whole = len(rows) == len(pairs)
+        sub = pairs if whole else pairs.subset(rows)
+        index = None if whole else torch.tensor(rows, dtype=torch.long).to(pairs.device, non_blocking=True)
+        take = (lambda t: t) if whole else (lambda t: t[index])  # noqa: E731
+        k = take(concept_index)
+        if persam_f:
+            output = persam_f_passes(sub, take(positive), stack.weights[k])
+        else:
+            output = persam_passes(sub, take(positive), take(negative), take(bias), stack.embeddings[k][:, None])
+        if whole:
+            return output
+        outputs.append((index, output))
+    low = torch.empty(len(pairs), *outputs[0][1].low_res.shape[1:], device=pairs.device)
+    score = torch.empty(len(pairs), device=pairs.device)
+    empty = torch.empty(len(pairs), dtype=torch.bool, device=pairs.device)
+    for index, output in outputs:
+        low[index], score[index], empty[index] = output.low_res, output.score, output.empty
+    return CascadeOutput(low, score, empty)
+
+
+def _present_only(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _ConceptStack, positive: Tensor,
+                  negative: Tensor, bias: Tensor, present: Tensor) -> CascadeOutput:
+    """The cascade over the present pairs only; absent pairs get an empty output."""
+    device = pairs.device
+    low = torch.zeros(len(pairs), 256, 256, device=device)
+    score = torch.zeros(len(pairs), device=device)
+    empty = torch.ones(len(pairs), dtype=torch.bool, device=device)
+    rows = present.nonzero().flatten().tolist()
+    if rows:
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        sub = pairs if len(rows) == len(pairs) else pairs.subset(rows)
+        output = _cascade(sub, [concept_of_pair[r] for r in rows], stack, positive[index], negative[index], bias[index])
+        low = low.to(output.low_res.dtype)
+        low[index], score[index], empty[index] = output.low_res, output.score, output.empty
+    return CascadeOutput(low, score, empty)
+
+
+def _pack_bits(masks: Tensor) -> Tensor:
+    """masks: [p, H, W] bool -> [p, ceil(H*W / 8)] uint8 as numpy.packbits of each flattened mask."""
+    flat = masks.flatten(1).to(torch.uint8)
+    pad = (-flat.shape[1]) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(flat.shape[0], pad)], dim=1)
+    weights = torch.tensor(BIT_WEIGHTS, dtype=torch.uint8, device=masks.device)
+    return (flat.view(flat.shape[0], -1, 8) * weights).sum(2, dtype=torch.uint8)
+
+
+def _collect(rows_out: _Rows, pairs: PairBatch, pair_ids: Sequence[int], instance: int, output: CascadeOutput,
+             keep: Tensor, similarity: Tensor, positive: Tensor, found: dict[int, Tensor] | None) -> Tensor:
+    """Final masks of one round -> candidate rows; updates `found` -> still searching [P] bool.
+
+    keep: [P] bool (present / peak above the threshold); instance > 0 rows are accepted only
+    when at least half of the mask is new (else the decoder came back to a found instance).
+    """
+    searching = torch.zeros(len(pairs), dtype=torch.bool, device=pairs.device)
+    for group, rows, rows_host in pairs.chunks():
+        high = pairs.to_original(output.low_res[rows][:, None], group)[:, 0]
+        valid = (keep[rows] & ~output.empty[rows])[:, None, None]
+        masks = (high > pairs.sam.mask_threshold) & valid  # [p, H, W]
+        area = masks.flatten(1).sum(1)
+        accepted = torch.ones_like(keep[rows])
+        if found is not None:
+            before = torch.stack([found[pair_ids[r]] for r in rows_host]) if instance else torch.zeros_like(masks)
+            fresh = (masks & ~before).flatten(1).sum(1)
+            if instance:
+                accepted = keep[rows] & (fresh > 0) & (fresh >= 0.5 * area.clamp(min=1))
+            after = before | (masks & accepted[:, None, None])
+            for r, pixels in zip(rows_host, after.unbind(0)):  # tensor references only, no host read
+                found[pair_ids[r]] = pixels
+            searching[rows] = accepted & after.flatten(1).any(1) & ~after.flatten(1).all(1)
+        box = boxes_of(masks)[:, :4]
+        size = torch.where(area[:, None] > 0, box[:, 2:] - box[:, :2] + 1, torch.zeros_like(box[:, 2:]))
+        present = keep[rows] if instance == 0 else torch.ones_like(keep[rows])
+        score = torch.where(keep[rows], output.score[rows].double(), torch.full_like(area, float("nan"), dtype=torch.float64))
+        rows_out.stats.append(torch.stack([
+            present.double(), score, similarity[rows].double(), positive[rows, 0].double(), positive[rows, 1].double(),
+            box[:, 0].double(), box[:, 1].double(), size[:, 0].double(), size[:, 1].double(), area.double(),
+        ], dim=1))
+        rows_out.masks.append(_pack_bits(masks))
+        rows_out.accepted.append(accepted)
+        rows_out.pair_ids.append(tuple(pair_ids[r] for r in rows_host))
+        rows_out.instances.append(instance)
+    return searching
 
 
 @torch.no_grad()
@@ -25,47 +192,95 @@ def segment_batch(
     min_similarity: float | None = None,
 ) -> HostResults:
     """All B x K pairs -> rows ordered by (image, concept, instance); masks leave the device once."""
-    from .instances import segment_instances
-
-    rows = []
-    for image_index in range(len(batch)):
-        encoded = batch.image(image_index)
-        for concept_index, concept in enumerate(concepts):
-            for found in segment_instances(sam, encoded, concept, max_instances, min_similarity):
-                rows.append((image_index, concept_index, found))
-    if not rows:
+    if max_instances < 1:
+        raise ValueError("max_instances must be at least 1")
+    if len(batch) == 0 or not concepts:
         return empty_host_results()
-    masks = [found.result.mask for _, _, found in rows]
-    packed = [np.packbits(m.reshape(-1)) for m in masks]
-    offsets = np.cumsum([0] + [p.size for p in packed]).astype(np.int64)
-    from .masks import area_px, bbox_xywh
+    count_images, count_concepts = len(batch), len(concepts)
+    stack = _ConceptStack.of(concepts, batch.features.device)
+    image_of_pair = [b for b in range(count_images) for _ in range(count_concepts)]
+    concept_of_pair = [k for _ in range(count_images) for k in range(count_concepts)]
+    pairs = PairBatch.build(sam, batch.features, image_of_pair, batch.input_sizes, batch.original_sizes)
+    similarity = similarity_maps(batch.features, stack.targets).flatten(0, 1)  # [P, 64, 64]
+    presence = similarity.flatten(1).amax(1)
+    present = torch.ones_like(presence, dtype=torch.bool) if min_similarity is None else presence >= min_similarity
 
+    rows = _Rows()
+    found: dict[int, Tensor] | None = {} if max_instances > 1 else None
+    all_ids = list(range(len(pairs)))
+    positive, negative, bias, _ = _prompts(pairs, similarity, all_ids, None)
+    if min_similarity is None:
+        output = _cascade(pairs, concept_of_pair, stack, positive, negative, bias)
+    else:  # one host read of P flags: absent pairs never reach the decoder (most, in retrieval)
+        output = _present_only(pairs, concept_of_pair, stack, positive, negative, bias, present)
+    searching = _collect(rows, pairs, all_ids, 0, output, present, presence, positive, found)
+    ids = all_ids
+    for instance in range(1, max_instances):
+        # One host read per round: which pairs go on searching (see the module docstring).
+        ids = [ids[i] for i in searching.nonzero().flatten().tolist()]
+        if not ids:
+            break
+        sub = pairs.subset(ids)
+        index = torch.tensor(ids, dtype=torch.long, device=pairs.device)
+        positive, negative, bias, peak = _prompts(sub, similarity[index], ids, found)
+        keep = torch.ones_like(peak, dtype=torch.bool) if min_similarity is None else peak >= min_similarity
+        output = _cascade(sub, [concept_of_pair[i] for i in ids], stack, positive, negative, bias)
+        searching = _collect(rows, sub, ids, instance, output, keep, peak, positive, found)
+    return _to_host(rows, batch, count_concepts, max_instances > 1)
+
+
+def _to_host(rows: _Rows, batch: EncodedBatch, count_concepts: int, filtered: bool) -> HostResults:
+    """Order the accepted rows by (pair, instance), gather their bits into one buffer, copy once."""
+    accepted = [a.cpu().numpy() for a in rows.accepted] if filtered else [np.ones(len(p), bool) for p in rows.pair_ids]
+    entries = sorted(
+        (pair, instance, chunk, position)
+        for chunk, (pairs, instance, ok) in enumerate(zip(rows.pair_ids, rows.instances, accepted))
+        for position, pair in enumerate(pairs) if ok[position]
+    )
+    sizes = np.array([batch.original_sizes[pair // count_concepts] for pair, *_ in entries], np.int64).reshape(-1, 2)
+    lengths = (sizes[:, 0] * sizes[:, 1] + 7) // 8
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    device = rows.masks[0].device
+    bits = torch.empty(int(offsets[-1]), dtype=torch.uint8, device=device)
+    order = {(chunk, position): slot for slot, (_, _, chunk, position) in enumerate(entries)}
+    stats = torch.empty(len(entries), len(STATS), dtype=torch.float64, device=device)
+    for chunk, packed in enumerate(rows.masks):
+        slots = [(position, order[(chunk, position)]) for position in range(packed.shape[0]) if (chunk, position) in order]
+        if not slots:
+            continue
+        positions = torch.tensor([p for p, _ in slots], dtype=torch.long).to(device, non_blocking=True)
+        targets = torch.tensor([s for _, s in slots], dtype=torch.long).to(device, non_blocking=True)
+        starts = torch.tensor([offsets[s] for _, s in slots], dtype=torch.long).to(device, non_blocking=True)
+        width = packed.shape[1]
+        bits[(starts[:, None] + torch.arange(width, device=device)).flatten()] = packed[positions].flatten()
+        stats[targets] = rows.stats[chunk][positions]
+    host_bits, host = bits.cpu().numpy(), stats.cpu().numpy()
+    pair_ids = np.array([pair for pair, *_ in entries], np.int64)
     return HostResults(
-        image_index=np.array([r[0] for r in rows], np.int32),
-        concept_index=np.array([r[1] for r in rows], np.int32),
-        instance=np.array([r[2].instance for r in rows], np.int32),
-        present=np.array([r[2].present for r in rows], bool),
-        score=np.array([r[2].result.score if r[2].present else np.nan for r in rows], np.float32),
-        similarity=np.array([r[2].result.similarity for r in rows], np.float32),
-        point=np.array([r[2].result.point for r in rows], np.int32).reshape(-1, 2),
-        bbox=np.array([bbox_xywh(m) for m in masks], np.int32).reshape(-1, 4),
-        area=np.array([area_px(m) for m in masks], np.int64),
-        mask_bits=np.concatenate(packed) if packed else np.zeros(0, np.uint8),
+        image_index=(pair_ids // count_concepts).astype(np.int32),
+        concept_index=(pair_ids % count_concepts).astype(np.int32),
+        instance=np.array([instance for _, instance, *_ in entries], np.int32),
+        present=host[:, 0] > 0.5,
+        score=host[:, 1].astype(np.float32),
+        similarity=host[:, 2].astype(np.float32),
+        point=host[:, 3:5].astype(np.int32),
+        bbox=host[:, 5:9].astype(np.int32),
+        area=host[:, 9].astype(np.int64),
+        mask_bits=host_bits,
         mask_offsets=offsets,
-        mask_sizes=np.array([m.shape for m in masks], np.int32).reshape(-1, 2),
+        mask_sizes=sizes.astype(np.int32),
     )
 
 
 @torch.no_grad()
 def score_batch(sam: Sam, batch: EncodedBatch, concepts: Sequence[ConceptTensors]) -> tuple[np.ndarray, np.ndarray]:
     """Location prior only (no decoding) -> (similarity [B, K] float32, point [B, K, 2] int32 (x, y))."""
-    from .persam import prior_for
-
-    similarity = np.zeros((len(batch), len(concepts)), np.float32)
-    points = np.zeros((len(batch), len(concepts), 2), np.int32)
-    for i in range(len(batch)):
-        for k, concept in enumerate(concepts):
-            prior = prior_for(sam, batch.image(i), concept)
-            similarity[i, k] = prior.presence
-            points[i, k] = prior.positive_point()
-    return similarity, points
+    stack = _ConceptStack.of(concepts, batch.features.device)
+    count_images, count_concepts = len(batch), len(concepts)
+    pairs = PairBatch.build(sam, batch.features, [b for b in range(count_images) for _ in range(count_concepts)],
+                            batch.input_sizes, batch.original_sizes)
+    similarity = similarity_maps(batch.features, stack.targets).flatten(0, 1)
+    positive, _, _, _ = _prompts(pairs, similarity, range(len(pairs)), None)
+    presence = similarity.flatten(1).amax(1)
+    return (presence.cpu().numpy().reshape(count_images, count_concepts).astype(np.float32),
+            positive.cpu().numpy().reshape(count_images, count_concepts, 2).astype(np.int32))

@@ -3,7 +3,10 @@
 Pass 1: positive + negative point, target-guided attention, target-semantic prompt,
 single mask. Pass 2: same points + pass-1 logits, multimask, best predicted IoU.
 Pass 3: + tight box of that mask + its logits, multimask, best predicted IoU.
-Unlike the reference (which crashes), an empty pass-2 mask skips the box refinement.
+Unlike the reference (which crashes), an empty pass-2 mask skips the box refinement:
+every pair runs pass 3 (one batched call) and an empty pair keeps its pass-2 result.
+
+`persam_passes` is the cascade for P pairs at once; `segment_persam` is its batch of one.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 from segment_anything.modeling import Sam
 
 from .concept import Concept, ConceptTensors  # noqa: F401  (re-exported)
-from .predictor import EncodedImage, Prediction, predict, tight_box
-from .prior import LocationPrior, location_prior
+from .pairs import PairBatch, pick
+from .predictor import EncodedImage
+from .prior import LocationPrior, attention_biases, location_prior, negative_points, positive_points
 
 
 @dataclass(frozen=True)
@@ -30,44 +35,71 @@ class Result:
     negative_point: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class CascadeOutput:
+    """Per pair: final low-res logits [P, 256, 256], score [P] (SAM's predicted IoU, or
+    PerSAM-F's weighted one), empty [P] bool (the final mask is known to be empty)."""
+
+    low_res: Tensor
+    score: Tensor
+    empty: Tensor
+
+
 def prior_for(sam: Sam, encoded: EncodedImage, concept: ConceptTensors) -> LocationPrior:
     return location_prior(sam, encoded.features, concept.target_feature, encoded.input_size, encoded.original_size)
 
 
-def refine_with_box(
-    sam: Sam, encoded: EncodedImage, points: np.ndarray, labels: np.ndarray, previous: Prediction, index: int
-) -> tuple[np.ndarray, float, Prediction, int]:
-    """Cascaded refinement: box of `previous`'s mask `index` + its logits -> best new mask.
+def refine_with_box(pairs: PairBatch, points: Tensor, labels: Tensor, low_res: Tensor, scores: Tensor) -> CascadeOutput:
+    """Cascaded refinement: best mask of (low_res [P, M, 256, 256], scores [P, M]) -> its tight
+    box + its logits -> best new mask. Pairs whose best mask is empty keep it (no box)."""
+    best = torch.argmax(scores, dim=1)  # first on ties, as numpy.argmax in the reference
+    chosen, chosen_score = pick(low_res, best), pick(scores, best)
+    box, empty = pairs.mask_boxes(chosen)
+    refined, refined_scores = pairs.decode(points, labels, box=box, mask_input=chosen, multimask=True)
+    final = torch.argmax(refined_scores, dim=1)
+    return CascadeOutput(
+        torch.where(empty[:, None, None], chosen, pick(refined, final)),
+        torch.where(empty, chosen_score, pick(refined_scores, final)),
+        empty,
+    )
 
-    Returns (mask [H, W] bool, score, prediction, index); an empty mask is returned as is.
+
+def persam_passes(
+    pairs: PairBatch, positive: Tensor, negative: Tensor, attention_bias: Tensor, target_embedding: Tensor
+) -> CascadeOutput:
+    """PerSAM's three passes for P pairs: three mask-decoder calls whatever P.
+
+    positive/negative: [P, 2] (x, y); attention_bias: [P, 1, 1, 4096]; target_embedding: [P, 1, 256].
     """
-    mask = (previous.high_res(index) > sam.mask_threshold).cpu().numpy()
-    box = tight_box(mask)
-    if box is None:
-        return mask, float(previous.scores[index]), previous, index
-    refined = predict(sam, encoded, points, labels, box_xyxy=box, mask_input=previous.low_res[index : index + 1])
-    best = refined.best_index()
-    return (refined.high_res(best) > sam.mask_threshold).cpu().numpy(), float(refined.scores[best]), refined, best
+    points = torch.stack([positive, negative], dim=1)  # [P, 2, 2]
+    labels = torch.tensor([1, 0], device=points.device).expand(points.shape[0], 2)
+    first, _ = pairs.decode(
+        points, labels, multimask=False, attention_bias=attention_bias, target_embedding=target_embedding
+    )
+    second, second_scores = pairs.decode(points, labels, mask_input=first[:, 0], multimask=True)
+    return refine_with_box(pairs, points, labels, second, second_scores)
+
+
+def final_mask(pairs: PairBatch, output: CascadeOutput, row: int = 0) -> np.ndarray:
+    """The final [H, W] bool mask of one pair, on the host (one-image path only)."""
+    group = next(g for g in pairs.groups if row in g.rows_host)
+    high = pairs.to_original(output.low_res[row : row + 1, None], group)[0, 0]
+    return ((high > pairs.sam.mask_threshold) & ~output.empty[row]).cpu().numpy()
 
 
 @torch.no_grad()
 def segment_persam(
     sam: Sam, encoded: EncodedImage, concept: ConceptTensors, prior: LocationPrior | None = None
 ) -> Result:
-    """PerSAM's three passes for one concept on one encoded image."""
+    """PerSAM's three passes for one concept on one encoded image (the batch of one)."""
     prior = prior if prior is not None else prior_for(sam, encoded, concept)
-    positive, negative = prior.positive_point(), prior.negative_point()
-    points, labels = np.array([positive, negative]), np.array([1, 0])
-
-    first = predict(
-        sam,
-        encoded,
-        points,
-        labels,
-        multimask_output=False,
-        attention_bias=prior.attention_bias(),
-        target_embedding=concept.target_embedding.reshape(1, 1, -1),
+    upsampled = prior.upsampled[None]
+    positive, negative = positive_points(upsampled), negative_points(upsampled)
+    pairs = PairBatch.build(sam, encoded.features[None], [0], [encoded.input_size], [encoded.original_size])
+    output = persam_passes(
+        pairs, positive, negative, attention_biases(upsampled, tuple(prior.similarity.shape)),
+        concept.target_embedding.reshape(1, 1, -1),
     )
-    second = predict(sam, encoded, points, labels, mask_input=first.low_res[0:1], multimask_output=True)
-    mask, score, _, _ = refine_with_box(sam, encoded, points, labels, second, second.best_index())
-    return Result(mask, score, prior.presence, positive, negative)
+    point = tuple(int(v) for v in positive[0])
+    return Result(final_mask(pairs, output), float(output.score[0]), prior.presence, point,
+                  tuple(int(v) for v in negative[0]))

@@ -18,9 +18,11 @@ from torch import Tensor
 from torch.nn import functional as F
 from segment_anything.modeling import Sam
 
-from .persam import ConceptTensors, Result, prior_for, refine_with_box
-from .predictor import EncodedImage, predict, tight_box
-from .prior import LocationPrior, location_prior
+from .concept import ConceptTensors
+from .pairs import PairBatch, boxes_of
+from .persam import CascadeOutput, Result, final_mask, prior_for, refine_with_box
+from .predictor import EncodedImage, predict
+from .prior import LocationPrior, location_prior, positive_points
 
 DEFAULT_EPOCHS = 1000
 
@@ -76,7 +78,24 @@ def fit_mask_weights(
         target = torch.as_tensor(mask, device=logits.device).float().unsqueeze(0).flatten(1)
         shots.append((logits, target))
 
-    learned = torch.nn.Parameter(torch.ones(2, 1, device=target_feature.device) / 3)
+    weights, losses = optimise_mask_weights(shots, epochs, learning_rate, on_epoch, record_losses=True)
+    return weights.cpu().numpy().astype(np.float32), losses
+
+
+def optimise_mask_weights(
+    shots: Sequence[tuple[Tensor, Tensor]],
+    epochs: int,
+    learning_rate: float,
+    on_epoch: Callable[[int, float], None] | None = None,
+    record_losses: bool = False,
+) -> tuple[Tensor, list[float]]:
+    """PerSAM-F's optimisation (also the video mode's): w1 = w2 = 1/3, AdamW (eps 1e-4), cosine.
+
+    shots: (logits [3, P], target [1, P]) each; the loss is their mean. -> (w [3], loss per epoch
+    when record_losses or on_epoch; reading a loss is a host sync, so it is skipped otherwise).
+    """
+    device = shots[0][0].device
+    learned = torch.nn.Parameter(torch.ones(2, 1, device=device) / 3)
     optimizer = torch.optim.AdamW([learned], lr=learning_rate, eps=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     losses: list[float] = []
@@ -88,31 +107,51 @@ def fit_mask_weights(
             loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss.detach()))
+        if record_losses or on_epoch is not None:
+            losses.append(float(loss.detach()))
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
-    return full_weights(learned).detach().cpu().numpy()[:, 0].astype(np.float32), losses
+    return full_weights(learned).detach()[:, 0], losses
+
+
+def persam_f_passes(pairs: PairBatch, positive: Tensor, mask_weights: Tensor) -> CascadeOutput:
+    """PerSAM-F's cascade for P pairs: three mask-decoder calls whatever P.
+
+    positive: [P, 2] (x, y); mask_weights: [P, 3]. Pass 1's mask is (sum_i w_i * logit_i > 0)
+    with the logits upsampled to the original size first, as the reference does.
+    """
+    points = positive[:, None]  # [P, 1, 2]
+    labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device)
+    first, first_scores = pairs.decode(points, labels, multimask=True)
+    weights = mask_weights.to(first)
+    threshold = pairs.sam.mask_threshold
+
+    def weighted_box(high: Tensor, rows: Tensor) -> Tensor:  # high: [p, 3, H, W]
+        return boxes_of((high * weights[rows][:, :, None, None]).sum(1) > threshold)
+
+    packed = pairs.per_chunk(first, weighted_box, (5,), torch.long)
+    box, empty = packed[:, :4], packed[:, 4].bool()
+    low_res = (first * weights[:, :, None, None]).sum(1)  # [P, 256, 256]
+    second, second_scores = pairs.decode(points, labels, box=box, mask_input=low_res, multimask=True)
+    refined = refine_with_box(pairs, points, labels, second, second_scores)
+    # An empty weighted mask has nothing to refine (the reference crashes here): score = sum w_i * iou_i.
+    return CascadeOutput(
+        refined.low_res,
+        torch.where(empty, (first_scores * weights).sum(1), refined.score),
+        empty | refined.empty,
+    )
 
 
 @torch.no_grad()
 def segment_persam_f(
     sam: Sam, encoded: EncodedImage, concept: ConceptTensors, prior: LocationPrior | None = None
 ) -> Result:
-    """PerSAM-F's cascade: weighted multimask decode, then two box refinements."""
+    """PerSAM-F's cascade for one concept on one encoded image (the batch of one)."""
     if concept.mask_weights is None:
         raise ValueError(f"concept {concept.concept.name!r} has no PerSAM-F mask weights")
     prior = prior if prior is not None else prior_for(sam, encoded, concept)
-    positive = prior.positive_point()
-    points, labels = np.array([positive]), np.array([1])
-
-    first = predict(sam, encoded, points, labels, multimask_output=True)
-    weights = concept.mask_weights.to(first.low_res).reshape(3, 1, 1)
-    mask = ((first.high_res() * weights).sum(0) > sam.mask_threshold).cpu().numpy()
-    low_res = (first.low_res * weights).sum(0)[None]  # [1, 256, 256]
-    box = tight_box(mask)
-    if box is None:  # empty weighted mask: nothing to refine (the reference crashes here)
-        score = float((first.scores * weights[:, 0, 0]).sum())
-        return Result(mask, score, prior.presence, positive)
-    second = predict(sam, encoded, points, labels, box_xyxy=box, mask_input=low_res, multimask_output=True)
-    mask, score, _, _ = refine_with_box(sam, encoded, points, labels, second, second.best_index())
-    return Result(mask, score, prior.presence, positive)
+    positive = positive_points(prior.upsampled[None])
+    pairs = PairBatch.build(sam, encoded.features[None], [0], [encoded.input_size], [encoded.original_size])
+    output = persam_f_passes(pairs, positive, concept.mask_weights.reshape(1, 3))
+    return Result(final_mask(pairs, output), float(output.score[0]), prior.presence,
+                  tuple(int(v) for v in positive[0]))

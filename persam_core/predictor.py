@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from torch import Tensor
 from segment_anything.modeling import Sam
-from segment_anything.utils.transforms import ResizeLongestSide
 
 from .acceleration import encoder_precision
-from .decoder import decode_masks
-from .preprocess import ENCODER_SIZE, ResizedImage, to_encoder_input
+from .pairs import PairBatch
+from .preprocess import ResizedImage, to_encoder_input
 
 
 @dataclass(frozen=True)
@@ -82,30 +81,21 @@ def predict(
     attention_bias: Tensor | None = None,
     target_embedding: Tensor | None = None,
 ) -> Prediction:
-    """SamPredictor.predict over an EncodedImage, with PerSAM's optional guidance.
+    """SamPredictor.predict over an EncodedImage, with PerSAM's optional guidance: the
+    batched `PairBatch.decode` on a batch of one.
 
     points_xy: [N, 2] original pixels (x, y); labels: [N]; box_xyxy: [4] original pixels;
     mask_input: [1, 256, 256] low-res logits of an earlier pass.
     """
-    transform = ResizeLongestSide(ENCODER_SIZE)
     device = encoded.features.device
-    coords = transform.apply_coords(np.asarray(points_xy, dtype=np.float64), encoded.original_size)
-    coords_torch = torch.as_tensor(coords, dtype=torch.float, device=device)[None]
-    labels_torch = torch.as_tensor(np.asarray(labels), dtype=torch.int, device=device)[None]
-    box_torch = None
-    if box_xyxy is not None:
-        box = transform.apply_boxes(np.asarray(box_xyxy, dtype=np.float64)[None], encoded.original_size)
-        box_torch = torch.as_tensor(box, dtype=torch.float, device=device)[None]
-    masks_torch = None if mask_input is None else mask_input.to(device=device, dtype=torch.float)[None]
-
-    sparse, dense = sam.prompt_encoder(points=(coords_torch, labels_torch), boxes=box_torch, masks=masks_torch)
-    low_res, scores = decode_masks(
-        sam.mask_decoder,
-        encoded.features[None],
-        sam.prompt_encoder.get_dense_pe(),
-        sparse,
-        dense,
-        multimask_output,
+    pairs = PairBatch.build(sam, encoded.features[None], [0], [encoded.input_size], [encoded.original_size])
+    box = None if box_xyxy is None else torch.as_tensor(np.asarray(box_xyxy, dtype=np.float64), device=device)[None]
+    low_res, scores = pairs.decode(
+        torch.as_tensor(np.asarray(points_xy, dtype=np.float64), device=device)[None],
+        torch.as_tensor(np.asarray(labels), device=device)[None],
+        box=box,
+        mask_input=None if mask_input is None else mask_input.to(device),
+        multimask=multimask_output,
         attention_bias=attention_bias,
         target_embedding=target_embedding,
     )

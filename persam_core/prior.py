@@ -1,5 +1,8 @@
 """PerSAM's location prior: similarity map, positive/negative points, attention bias.
 
+Every function works on a batch of pairs (P maps at once, on the device, no host reads);
+`LocationPrior` is the view of one pair.
+
 Operation order follows the reference so that points match it exactly in fp32.
 """
 
@@ -14,7 +17,10 @@ from segment_anything.modeling import Sam
 
 @dataclass(frozen=True)
 class LocationPrior:
-    """similarity: [64, 64] cosine map S; upsampled: [H, W] map S' at original size."""
+    """One (image, concept): similarity: [64, 64] cosine map S; upsampled: [H, W] map S'.
+
+    A view of one pair; its methods are the batched functions below on a batch of one.
+    """
 
     similarity: torch.Tensor
     upsampled: torch.Tensor
@@ -26,36 +32,68 @@ class LocationPrior:
 
     def positive_point(self) -> tuple[int, int]:
         """(x, y) of argmax S' in original pixels; ties go to the first row-major index."""
-        return _flat_to_xy(int(torch.argmax(self.upsampled)), self.upsampled.shape[1])
+        return tuple(int(v) for v in positive_points(self.upsampled[None])[0])
 
     def negative_point(self) -> tuple[int, int]:
         """(x, y) of argmin S'; ties go to the first row-major index."""
-        return _flat_to_xy(int(torch.argmin(self.upsampled)), self.upsampled.shape[1])
+        return tuple(int(v) for v in negative_points(self.upsampled[None])[0])
 
     def attention_bias(self) -> torch.Tensor:
-        """-> [1, 1, 1, 4096]: sigmoid(resize_64((S' - mean) / std)), std with Bessel."""
-        standardised = (self.upsampled - self.upsampled.mean()) / torch.std(self.upsampled)
-        grid = F.interpolate(standardised[None, None], size=tuple(self.similarity.shape), mode="bilinear")
-        return grid.sigmoid().unsqueeze(0).flatten(3)
+        """-> [1, 1, 1, 4096] (see `attention_biases`)."""
+        return attention_biases(self.upsampled[None], tuple(self.similarity.shape))
 
 
-def _flat_to_xy(index: int, width: int) -> tuple[int, int]:
-    return index % width, index // width
+def _flat_to_xy(flat: torch.Tensor, width: int) -> torch.Tensor:
+    """flat: [P] row-major indices -> [P, 2] (x, y), on the device (no host read)."""
+    return torch.stack([flat % width, flat // width], dim=1)
+
+
+def positive_points(upsampled: torch.Tensor) -> torch.Tensor:
+    """S': [P, H, W] -> [P, 2] (x, y) of each argmax; ties to the first row-major index."""
+    return _flat_to_xy(torch.argmax(upsampled.flatten(1), dim=1), upsampled.shape[2])
+
+
+def negative_points(upsampled: torch.Tensor) -> torch.Tensor:
+    """S': [P, H, W] -> [P, 2] (x, y) of each argmin; ties to the first row-major index."""
+    return _flat_to_xy(torch.argmin(upsampled.flatten(1), dim=1), upsampled.shape[2])
+
+
+def attention_biases(upsampled: torch.Tensor, grid: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    """S': [P, H, W] -> [P, 1, 1, 4096]: sigmoid(resize_64((S' - mean) / std)), std with Bessel."""
+    flat = upsampled.flatten(1)
+    mean = flat.mean(dim=1)[:, None, None]
+    std = flat.std(dim=1)[:, None, None]
+    standardised = (upsampled - mean) / std
+    resized = F.interpolate(standardised[:, None], size=grid, mode="bilinear")
+    return resized.sigmoid().flatten(2)[:, :, None]
+
+
+def similarity_maps(features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
+    """features: [B, 256, 64, 64]; target_features: [K, 256] unit -> S: [B, K, 64, 64] cosine."""
+    batch, channels, height, width = features.shape
+    normalised = features / features.norm(dim=1, keepdim=True)
+    flat = normalised.reshape(batch, channels, height * width)
+    return (target_features.to(features)[None] @ flat).reshape(batch, -1, height, width)
 
 
 def similarity_map(features: torch.Tensor, target_feature: torch.Tensor) -> torch.Tensor:
     """features: [256, 64, 64], target_feature: [256] unit -> S: [64, 64] cosine similarity."""
-    channels, height, width = features.shape
-    normalised = features / features.norm(dim=0, keepdim=True)
-    return (target_feature[None] @ normalised.reshape(channels, height * width)).reshape(height, width)
+    return similarity_maps(features[None], target_feature[None])[0, 0]
+
+
+def upsample_similarities(
+    sam: Sam, similarity: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """S: [P, 64, 64] of images of one size -> S': [P, H, W] (x4 bilinear, then SAM's postprocess_masks)."""
+    upsampled = F.interpolate(similarity[:, None], scale_factor=4, mode="bilinear")
+    return sam.postprocess_masks(upsampled, input_size=input_size, original_size=original_size)[:, 0]
 
 
 def upsample_to_image(
     sam: Sam, similarity: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> torch.Tensor:
-    """S: [64, 64] -> S': [H, W] (x4 bilinear, then SAM's postprocess_masks)."""
-    upsampled = F.interpolate(similarity[None, None], scale_factor=4, mode="bilinear")
-    return sam.postprocess_masks(upsampled, input_size=input_size, original_size=original_size)[0, 0]
+    """S: [64, 64] -> S': [H, W]."""
+    return upsample_similarities(sam, similarity[None], input_size, original_size)[0]
 
 
 def location_prior(

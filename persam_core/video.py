@@ -35,10 +35,12 @@ from torch.nn import functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .persam_f import dice_loss, full_weights, sigmoid_focal_loss
+from .persam_f import optimise_mask_weights
+from .pairs import PairBatch
+from .persam import refine_with_box
 from .predictor import EncodedImage, Prediction, encode_images, predict, tight_box
 from .preprocess import ENCODER_SIZE, GRID_SIZE, reference_mask_grid, resize_longest_side
-from .prior import location_prior
+from .prior import similarity_maps, upsample_similarities
 
 VIDEO_MASK_VALUE = 215  # the reference's --exp
 BOX_MARGIN = 10  # the reference's --threshold
@@ -108,13 +110,18 @@ def top_points(upsampled: Tensor, k: int) -> np.ndarray:
 
 
 def _box_refine(sam: Sam, encoded: EncodedImage, points: np.ndarray, labels: np.ndarray, previous: Prediction) -> Tensor:
-    """Best mask of `previous` -> its tight box + logits -> best new mask's logits [H, W]."""
-    best = previous.best_index()
-    box = tight_box((previous.high_res(best) > sam.mask_threshold).cpu().numpy())
-    if box is None:  # empty: nothing to refine (the reference crashes here)
-        return previous.high_res(best)
-    refined = predict(sam, encoded, points, labels, box_xyxy=box, mask_input=previous.low_res[best : best + 1])
-    return refined.high_res(refined.best_index())
+    """Best mask of `previous` -> its tight box + logits -> best new mask's logits [H, W]
+    (PerSAM's `refine_with_box` on a batch of one; an empty best mask is returned as is)."""
+    pairs = PairBatch.build(sam, encoded.features[None], [0], [encoded.input_size], [encoded.original_size])
+    device = encoded.features.device
+    refined = refine_with_box(
+        pairs,
+        torch.as_tensor(points, dtype=torch.float64, device=device)[None],
+        torch.as_tensor(labels, device=device)[None],
+        previous.low_res[None],
+        previous.scores[None],
+    )
+    return pairs.to_original(refined.low_res[:, None], pairs.groups[0])[0, 0]
 
 
 class VideoObject:
@@ -148,36 +155,31 @@ class SequenceTracker:
     def _encode(self, frame: np.ndarray) -> EncodedImage:
         return encode_images(self.sam, [resize_longest_side(frame)])[0]
 
-    def _prompts(self, encoded: EncodedImage, obj: VideoObject) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> points [k+1, 2], labels [k+1] (all positive), box [4]."""
-        prior = location_prior(self.sam, encoded.features, obj.target_feature, encoded.input_size, encoded.original_size)
+    def _priors(self, encoded: EncodedImage, objects: list[VideoObject]) -> Tensor:
+        """S' of every object in one batched prior: [N, H, W]."""
+        targets = torch.stack([obj.target_feature for obj in objects]).to(encoded.features)
+        similarity = similarity_maps(encoded.features[None], targets)[0]  # [N, 64, 64]
+        return upsample_similarities(self.sam, similarity, encoded.input_size, encoded.original_size)
+
+    def _prompts(self, upsampled: Tensor, obj: VideoObject) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """upsampled: the object's S' [H, W] -> points [k+1, 2], labels [k+1] (all positive), box [4]."""
         centre, box = obj.box
-        points = np.concatenate([top_points(prior.upsampled, self.settings.points), centre], axis=0)
+        points = np.concatenate([top_points(upsampled, self.settings.points), centre], axis=0)
         return points, np.ones(len(points), dtype=np.int64), box
 
     @torch.no_grad()
     def _fit(self, encoded: EncodedImage, obj: VideoObject, mask: np.ndarray) -> Tensor:
         """PerSAM-F's weights on frame 0 with the tracking prompts: w [3]."""
-        points, labels, box = self._prompts(encoded, obj)
+        points, labels, box = self._prompts(self._priors(encoded, [obj])[0], obj)
         logits = predict(self.sam, encoded, points, labels, box_xyxy=box).high_res().flatten(1)  # [3, H*W]
         target = torch.as_tensor(mask, device=logits.device).float().flatten()[None]
-        learned = torch.nn.Parameter(torch.ones(2, 1, device=logits.device) / 3)
-        optimizer = torch.optim.AdamW([learned], lr=self.settings.learning_rate, eps=1e-4)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.settings.epochs)
-        for _ in range(self.settings.epochs):
-            with torch.enable_grad():
-                combined = (logits * full_weights(learned)).sum(0)[None]
-                loss = dice_loss(combined, target) + sigmoid_focal_loss(combined, target)
-                optimizer.zero_grad()
-                loss.backward()
-            optimizer.step()
-            scheduler.step()
-        return full_weights(learned).detach()[:, 0]
+        weights, _ = optimise_mask_weights([(logits, target)], self.settings.epochs, self.settings.learning_rate)
+        return weights
 
-    def _object_logits(self, encoded: EncodedImage, obj: VideoObject) -> Tensor:
-        """-> [H, W] high-res logits of the object's final mask in this frame."""
+    def _object_logits(self, encoded: EncodedImage, obj: VideoObject, upsampled: Tensor) -> Tensor:
+        """upsampled: the object's S' [H, W] -> [H, W] high-res logits of its final mask in this frame."""
         sam = self.sam
-        points, labels, box = self._prompts(encoded, obj)
+        points, labels, box = self._prompts(upsampled, obj)
         first = predict(sam, encoded, points, labels, box_xyxy=box)
         if obj.weights is None:
             areas = (first.high_res() > sam.mask_threshold).flatten(1).sum(1)
@@ -202,7 +204,8 @@ class SequenceTracker:
         height, width = encoded.original_size
         if not self.objects:
             return np.zeros((height, width), dtype=np.uint8)
-        logits = torch.stack([self._object_logits(encoded, obj) for obj in self.objects])  # [N, H, W]
+        priors = self._priors(encoded, self.objects)
+        logits = torch.stack([self._object_logits(encoded, obj, s) for obj, s in zip(self.objects, priors)])  # [N, H, W]
         # argmax over [0, logit_1 .. logit_N]: background unless some logit is > 0 (first on ties)
         best = torch.argmax(torch.cat([torch.zeros_like(logits[:1]), logits]), dim=0).cpu().numpy()
         lookup = np.array([0] + [obj.label for obj in self.objects], dtype=np.uint8)

@@ -1,0 +1,179 @@
+"""P (image, concept) pairs of one encoder batch, decoded together.
+
+Everything SAM does at low resolution (prompt encoder, mask decoder: [P, ..., 256, 256])
+is one call for all pairs. What happens at each image's original size (the prior's S',
+a mask's tight box, the final mask) differs in shape from image to image, so it runs per
+*size group* (the pairs whose images share input and original size), in chunks of at
+most `FULL_RES_CHUNK` pairs to bound memory. Sizes are host metadata known before any
+GPU work, so grouping never reads the device.
+
+Prompt coordinates are scaled as SamPredictor does (`ResizeLongestSide.apply_coords`:
+float64 pixels x (new / old), then float32), so a batch of one is bit-identical to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from segment_anything.modeling import Sam
+
+from .decoder import decode_masks
+
+FULL_RES_CHUNK = 32  # pairs upsampled at once: 32 x 3 masks x 1024^2 fp32 = 384 MiB
+
+
+@dataclass(frozen=True)
+class SizeGroup:
+    """The pairs (indices into the batch's P) whose images share one size; rows: [p] long."""
+
+    rows: Tensor
+    rows_host: tuple[int, ...]
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """P pairs: image_index [P] (device) of features [B, 256, 64, 64]; groups by image size.
+
+    scale: [P, 2] float64 (new_w / old_w, new_h / old_h) of each pair's image.
+    """
+
+    sam: Sam
+    features: Tensor
+    image_index: Tensor
+    groups: tuple[SizeGroup, ...]
+    scale: Tensor
+    image_of_pair: tuple[int, ...]
+    input_sizes: tuple[tuple[int, int], ...]
+    original_sizes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def build(
+        cls,
+        sam: Sam,
+        features: Tensor,
+        image_of_pair: Sequence[int],
+        input_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]],
+    ) -> "PairBatch":
+        """image_of_pair: host list [P] of image indices; sizes per image ((h, w) each)."""
+        device = features.device
+        by_size: dict[tuple, list[int]] = {}
+        for row, image in enumerate(image_of_pair):
+            by_size.setdefault((tuple(input_sizes[image]), tuple(original_sizes[image])), []).append(row)
+        groups = tuple(
+            SizeGroup(torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True), tuple(rows), size[0], size[1])
+            for size, rows in by_size.items()
+        )
+        # Python floats (float64) exactly as ResizeLongestSide.apply_coords computes them.
+        scale = [
+            (input_sizes[i][1] / original_sizes[i][1], input_sizes[i][0] / original_sizes[i][0]) for i in image_of_pair
+        ]
+        return cls(
+            sam,
+            features,
+            torch.tensor(list(image_of_pair), dtype=torch.long).to(device, non_blocking=True),
+            groups,
+            torch.tensor(scale, dtype=torch.float64).reshape(-1, 2).to(device, non_blocking=True),
+            tuple(image_of_pair),
+            tuple(tuple(s) for s in input_sizes),
+            tuple(tuple(s) for s in original_sizes),
+        )
+
+    def subset(self, rows: Sequence[int]) -> "PairBatch":
+        """The pairs `rows` (host indices into this batch) as a batch of their own."""
+        return PairBatch.build(
+            self.sam, self.features, [self.image_of_pair[r] for r in rows], self.input_sizes, self.original_sizes
+        )
+
+    def __len__(self) -> int:
+        return int(self.image_index.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def chunks(self) -> Iterator[tuple[SizeGroup, Tensor, tuple[int, ...]]]:
+        """-> (group, rows [p <= FULL_RES_CHUNK] on the device, the same rows on the host), group by group."""
+        for group in self.groups:
+            for start in range(0, len(group.rows_host), FULL_RES_CHUNK):
+                end = start + FULL_RES_CHUNK
+                yield group, group.rows[start:end], group.rows_host[start:end]
+
+    def to_original(self, low: Tensor, group: SizeGroup) -> Tensor:
+        """low: [p, M, 256, 256] logits of pairs of `group` -> [p, M, H, W] at the original size."""
+        return self.sam.postprocess_masks(low, group.input_size, group.original_size)
+
+    def per_chunk(self, low: Tensor, reduce: Callable[[Tensor, Tensor], Tensor], out_shape: tuple, dtype) -> Tensor:
+        """Upsample low [P, M, 256, 256] chunk by chunk and reduce each [p, M, H, W] to [p, *out_shape]."""
+        out = torch.empty((len(self), *out_shape), dtype=dtype, device=self.device)
+        for group, rows, _ in self.chunks():
+            out[rows] = reduce(self.to_original(low[rows], group), rows).to(dtype)
+        return out
+
+    def mask_boxes(self, low: Tensor) -> tuple[Tensor, Tensor]:
+        """low: [P, 256, 256] logits -> (tight box [P, 4] xyxy of the mask at original size, empty [P] bool)."""
+        threshold = self.sam.mask_threshold
+        packed = self.per_chunk(low[:, None], lambda high, rows: boxes_of(high[:, 0] > threshold), (5,), torch.long)
+        return packed[:, :4], packed[:, 4].bool()
+
+    def decode(
+        self,
+        points: Tensor,
+        labels: Tensor,
+        *,
+        box: Tensor | None = None,
+        mask_input: Tensor | None = None,
+        multimask: bool = True,
+        attention_bias: Tensor | None = None,
+        target_embedding: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """SamPredictor.predict for every pair in one prompt-encoder and one mask-decoder call.
+
+        points: [P, N, 2] (x, y) original pixels; labels: [P, N]; box: [P, 4] xyxy pixels;
+        mask_input: [P, 256, 256] low-res logits; attention_bias: [P, 1, 1, 4096];
+        target_embedding: [P, 1, 256]. -> (low-res logits [P, M, 256, 256], predicted IoU [P, M]).
+        """
+        coords = (points.to(torch.float64) * self.scale[:, None]).to(torch.float32)
+        boxes = None
+        if box is not None:
+            corners = box.to(torch.float64).reshape(-1, 2, 2) * self.scale[:, None]
+            boxes = corners.reshape(-1, 4).to(torch.float32)
+        masks = None if mask_input is None else mask_input[:, None].to(torch.float32)
+        sparse, dense = self.sam.prompt_encoder(points=(coords, labels.to(torch.int)), boxes=boxes, masks=masks)
+        return decode_masks(
+            self.sam.mask_decoder,
+            self.features[self.image_index],
+            self.sam.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            multimask,
+            attention_bias=attention_bias,
+            target_embedding=target_embedding,
+        )
+
+
+def boxes_of(masks: Tensor) -> Tensor:
+    """masks: [p, H, W] bool -> [p, 5] long: x_min, y_min, x_max, y_max (pixels), empty (0/1).
+
+    First/last True row and column by argmax over 0/1 (first index on ties), on the device.
+    """
+    rows = masks.any(dim=2).to(torch.uint8)  # [p, H]
+    cols = masks.any(dim=1).to(torch.uint8)  # [p, W]
+    height, width = masks.shape[1], masks.shape[2]
+    y_min = torch.argmax(rows, dim=1)
+    y_max = height - 1 - torch.argmax(rows.flip(1), dim=1)
+    x_min = torch.argmax(cols, dim=1)
+    x_max = width - 1 - torch.argmax(cols.flip(1), dim=1)
+    empty = rows.amax(dim=1) == 0
+    box = torch.stack([x_min, y_min, x_max, y_max], dim=1)
+    return torch.cat([torch.where(empty[:, None], torch.zeros_like(box), box), empty[:, None].long()], dim=1)
+
+
+def pick(values: Tensor, index: Tensor) -> Tensor:
+    """values: [P, M, ...], index: [P] -> values[p, index[p]]: [P, ...]."""
+    return values[torch.arange(values.shape[0], device=values.device), index]
