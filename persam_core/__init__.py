@@ -7,9 +7,13 @@ Every concept of the paper lives in one module named after it:
     concept     reference features -> Concept (target feature, target embedding)
     prior       similarity map, positive/negative points, attention bias
     decoder     SAM's mask decoder + target-guided attention + target-semantic prompt
-    persam      the training-free three-pass cascade
-    persam_f    the two-weight fit and its cascade
-    instances   presence threshold and several instances per image
+    pairs       P (image, concept) pairs decoded together; size groups for full-res work
+    persam      the training-free three-pass cascade (batched; one image = batch of one)
+    persam_f    the two-weight fit and its cascade (batched)
+    cascade     every pair of an encoder batch through its method's passes, presence,
+                further instances as batched rounds; results leave the device once
+    batch       EncodedBatch in, HostResults out (bit-packed masks, plain numpy)
+    instances   presence threshold and several instances per image (one-image view)
     acceleration  fused attention, bf16/fp16 encoder, torch.compile (options)
     masks       COCO RLE, bbox, area
     metrics     IoU

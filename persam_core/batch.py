@@ -2,8 +2,8 @@
 on the device, and the results (on the device, then on the host once per batch).
 
 Results leave the device in one transfer: every final mask is packed to bits on the
-device (8x less to copy than bool) and concatenated; per-row numbers travel as a few
-stacked tensors. `HostResults` is plain numpy, so a CPU stage can turn it into rows
+device (8x less to copy than bool) and concatenated; per-row numbers travel as one
+stacked tensor (see `cascade._to_host`). `HostResults` is plain numpy, so a CPU stage can turn it into rows
 (RLE, Arrow) while the GPU works on the next batch.
 """
 
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .concept import ConceptTensors
 from .predictor import EncodedImage
 
 ROW_FIELDS = ("image_index", "concept_index", "instance", "present", "score", "similarity", "point", "bbox", "area")
@@ -110,25 +109,3 @@ def empty_host_results() -> HostResults:
     z = lambda dtype, *shape: np.zeros((0, *shape), dtype=dtype)  # noqa: E731
     return HostResults(z(np.int32), z(np.int32), z(np.int32), z(bool), z(np.float32), z(np.float32),
                        z(np.int32, 2), z(np.int32, 4), z(np.int64), z(np.uint8), np.zeros(1, np.int64), z(np.int32, 2))
-
-
-def pack_masks(masks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """masks: R tensors [h, w] bool (sizes may differ), on one device -> (bits uint8, byte lengths [R]).
-
-    Bits as numpy.packbits (big-endian within a byte, last byte zero-padded), computed on
-    the device so that only an eighth of the bytes crosses to the host.
-    """
-    if not masks:
-        device = "cpu"
-        return torch.zeros(0, dtype=torch.uint8, device=device), torch.zeros(0, dtype=torch.int64, device=device)
-    device = masks[0].device
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
-    packed, lengths = [], []
-    for mask in masks:  # one kernel chain per mask, no host sync (sizes are host metadata)
-        flat = mask.reshape(-1).to(torch.uint8)
-        pad = (-flat.numel()) % 8
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        packed.append((flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8))
-        lengths.append(packed[-1].numel())
-    return torch.cat(packed), torch.tensor(lengths, dtype=torch.int64)

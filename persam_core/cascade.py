@@ -27,7 +27,8 @@ from segment_anything.modeling import Sam
 from .batch import EncodedBatch, HostResults, empty_host_results
 from .concept import ConceptTensors
 from .pairs import PairBatch, boxes_of
-from .persam import CascadeOutput, persam_passes
+from .persam import persam_passes
+from .refine import CascadeOutput
 from .persam_f import persam_f_passes
 from .prior import attention_biases, negative_points, positive_points, similarity_maps, upsample_similarities
 

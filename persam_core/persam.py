@@ -19,7 +19,8 @@ from torch import Tensor
 from segment_anything.modeling import Sam
 
 from .concept import Concept, ConceptTensors  # noqa: F401  (re-exported)
-from .pairs import PairBatch, pick
+from .pairs import PairBatch
+from .refine import CascadeOutput, final_mask, refine_with_box
 from .predictor import EncodedImage
 from .prior import LocationPrior, attention_biases, location_prior, negative_points, positive_points
 
@@ -35,33 +36,8 @@ class Result:
     negative_point: tuple[int, int] | None = None
 
 
-@dataclass(frozen=True)
-class CascadeOutput:
-    """Per pair: final low-res logits [P, 256, 256], score [P] (SAM's predicted IoU, or
-    PerSAM-F's weighted one), empty [P] bool (the final mask is known to be empty)."""
-
-    low_res: Tensor
-    score: Tensor
-    empty: Tensor
-
-
 def prior_for(sam: Sam, encoded: EncodedImage, concept: ConceptTensors) -> LocationPrior:
     return location_prior(sam, encoded.features, concept.target_feature, encoded.input_size, encoded.original_size)
-
-
-def refine_with_box(pairs: PairBatch, points: Tensor, labels: Tensor, low_res: Tensor, scores: Tensor) -> CascadeOutput:
-    """Cascaded refinement: best mask of (low_res [P, M, 256, 256], scores [P, M]) -> its tight
-    box + its logits -> best new mask. Pairs whose best mask is empty keep it (no box)."""
-    best = torch.argmax(scores, dim=1)  # first on ties, as numpy.argmax in the reference
-    chosen, chosen_score = pick(low_res, best), pick(scores, best)
-    box, empty = pairs.mask_boxes(chosen)
-    refined, refined_scores = pairs.decode(points, labels, box=box, mask_input=chosen, multimask=True)
-    final = torch.argmax(refined_scores, dim=1)
-    return CascadeOutput(
-        torch.where(empty[:, None, None], chosen, pick(refined, final)),
-        torch.where(empty, chosen_score, pick(refined_scores, final)),
-        empty,
-    )
 
 
 def persam_passes(
@@ -78,13 +54,6 @@ def persam_passes(
     )
     second, second_scores = pairs.decode(points, labels, mask_input=first[:, 0], multimask=True)
     return refine_with_box(pairs, points, labels, second, second_scores)
-
-
-def final_mask(pairs: PairBatch, output: CascadeOutput, row: int = 0) -> np.ndarray:
-    """The final [H, W] bool mask of one pair, on the host (one-image path only)."""
-    group = next(g for g in pairs.groups if row in g.rows_host)
-    high = pairs.to_original(output.low_res[row : row + 1, None], group)[0, 0]
-    return ((high > pairs.sam.mask_threshold) & ~output.empty[row]).cpu().numpy()
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ from segment_anything.modeling import Sam
 
 from .concept import ConceptTensors
 from .pairs import PairBatch, boxes_of
-from .persam import CascadeOutput, Result, final_mask, prior_for, refine_with_box
+from .persam import Result, prior_for
+from .refine import CascadeOutput, final_mask, refine_with_box
 from .predictor import EncodedImage, predict
 from .prior import LocationPrior, location_prior, positive_points
 

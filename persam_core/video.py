@@ -37,7 +37,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from .persam_f import optimise_mask_weights
 from .pairs import PairBatch
-from .persam import refine_with_box
+from .refine import refine_with_box
 from .predictor import EncodedImage, Prediction, encode_images, predict, tight_box
 from .preprocess import ENCODER_SIZE, GRID_SIZE, reference_mask_grid, resize_longest_side
 from .prior import similarity_maps, upsample_similarities
@@ -142,6 +142,7 @@ class SequenceTracker:
         if settings.method not in METHODS:
             raise ValueError(f"unknown method {settings.method!r}: choose one of {', '.join(METHODS)}")
         self.sam, self.settings = sam, settings
+        self._frame_priors: dict[int, Tensor] = {}
         encoded = self._encode(first_frame)
         self.objects: list[VideoObject] = []
         for label in (int(v) for v in np.unique(first_labels) if v != 0):
@@ -176,10 +177,10 @@ class SequenceTracker:
         weights, _ = optimise_mask_weights([(logits, target)], self.settings.epochs, self.settings.learning_rate)
         return weights
 
-    def _object_logits(self, encoded: EncodedImage, obj: VideoObject, upsampled: Tensor) -> Tensor:
-        """upsampled: the object's S' [H, W] -> [H, W] high-res logits of its final mask in this frame."""
+    def _object_logits(self, encoded: EncodedImage, obj: VideoObject) -> Tensor:
+        """-> [H, W] high-res logits of the object's final mask in this frame (its S' from `step`)."""
         sam = self.sam
-        points, labels, box = self._prompts(upsampled, obj)
+        points, labels, box = self._prompts(self._frame_priors[obj.label], obj)
         first = predict(sam, encoded, points, labels, box_xyxy=box)
         if obj.weights is None:
             areas = (first.high_res() > sam.mask_threshold).flatten(1).sum(1)
@@ -204,8 +205,9 @@ class SequenceTracker:
         height, width = encoded.original_size
         if not self.objects:
             return np.zeros((height, width), dtype=np.uint8)
-        priors = self._priors(encoded, self.objects)
-        logits = torch.stack([self._object_logits(encoded, obj, s) for obj, s in zip(self.objects, priors)])  # [N, H, W]
+        # every object's S' in one batched prior, then each object's cascade
+        self._frame_priors = dict(zip((obj.label for obj in self.objects), self._priors(encoded, self.objects)))
+        logits = torch.stack([self._object_logits(encoded, obj) for obj in self.objects])  # [N, H, W]
         # argmax over [0, logit_1 .. logit_N]: background unless some logit is > 0 (first on ties)
         best = torch.argmax(torch.cat([torch.zeros_like(logits[:1]), logits]), dim=0).cpu().numpy()
         lookup = np.array([0] + [obj.label for obj in self.objects], dtype=np.uint8)
