@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
-from persam_core.batch import HostResults, EncodedBatch
+from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.predictor import EncodedImage, encode_images
@@ -60,7 +60,9 @@ def encode_chunk(sam, chunk: Chunk, speed: EncoderSpeed, cache_dtype: str | None
     return batches, results
 
 
-def per_batch(run: Callable[[list[EncodedImage]], object], batch: Batch, failures: dict[int, str], what: str) -> list[tuple[list[int], object]]:
+def per_batch(
+    run: Callable[[list[EncodedImage]], object], batch: Batch, failures: dict[int, str], what: str
+) -> list[tuple[list[int], object]]:
     """run(batch) -> [(indices, output)]; if the batch fails, each image alone, so that one
     bad image becomes error rows ("<what> failed: ...") and the others succeed."""
     indices, encoded = batch

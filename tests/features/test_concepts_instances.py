@@ -112,7 +112,10 @@ def test_a_failing_batch_is_retried_image_by_image(tiny_sam, fingerprint, concep
     """One image the cascade cannot take becomes error rows; the others of its batch succeed."""
     import jobs.worker
 
-    bad = shard_images[1][2].original_size
+    # three crops of distinct sizes: the size tells the images apart inside the batch
+    images = [(f"crop{i}", f"sha{i}", resize_longest_side(np.ascontiguousarray(
+        shard_images[i][2].pixels[: 200 + 10 * i, :300]))) for i in range(3)]
+    bad = images[1][2].original_size
     real = jobs.worker.segment_batch
 
     def fragile(sam, batch, *args, **kwargs):
@@ -122,10 +125,10 @@ def test_a_failing_batch_is_retried_image_by_image(tiny_sam, fingerprint, concep
 
     monkeypatch.setattr(jobs.worker, "segment_batch", fragile)
     ks = [concepts["cat"], concepts["duck_toy"]]
-    rows, results = segment_rows(tiny_sam, fingerprint, ks, make_chunk(shard_images), batch_size=3)
-    assert [(r["image_uri"], r["concept"]) for r in rows] == [(url, c.concept.name) for url, _, _ in shard_images for c in ks]
+    rows, results = segment_rows(tiny_sam, fingerprint, ks, make_chunk(images), batch_size=3)
+    assert [(r["image_uri"], r["concept"]) for r in rows] == [(url, c.concept.name) for url, _, _ in images for c in ks]
     failed = [r for r in rows if r["error"] is not None]
-    assert {r["image_uri"] for r in failed} == {shard_images[1][0]}
+    assert {r["image_uri"] for r in failed} == {"crop1"} and results.encoded == [0, 1, 2]
     assert all(r["error"] == "segment failed: RuntimeError: CUDA error: an illegal memory access" for r in failed)
     assert all((r["height"], r["width"]) == bad and r["mask_rle"] is None for r in failed)
     assert all(r["mask_rle"] is not None for r in rows if r["error"] is None)
