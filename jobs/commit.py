@@ -197,15 +197,17 @@ def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_
 
 
 def read_parts(paths: list[str], storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table | None:
-    """The rows of published part files (those of `columns` the files have); unreadable files
-    are skipped (their images are recomputed) -> None when nothing could be read."""
+    """The rows of published part files (those of `columns` the files have: ranged reads of
+    just those columns on object stores); unreadable files are skipped (their images are
+    recomputed) -> None when nothing could be read."""
     tables = []
     for path in paths:
         fs, root = url_to_fs(path, **(storage_options or {}))
         try:
-            parquet = pq.ParquetFile(io.BytesIO(fs.cat_file(root)))
-            present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
-            tables.append(parquet.read(columns=present))
+            with fs.open(root, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+                tables.append(parquet.read(columns=present))
         except Exception:
             continue
     return pa.concat_tables(tables, promote_options="default") if tables else None

@@ -15,16 +15,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import fsspec
-import pyarrow.parquet as pq
 
+from persam_core.acceleration import resolve_speed
 from persam_core.concept import Concept, ConceptError
 
 from . import commit
 from .cache import FeatureCache
 from .checkpoints import load_model, random_weights_note, redact
 from .inputs import InputError, is_manifest, list_images
-from persam_core.acceleration import resolve_speed
-
 from .payload import ipc_to_table
 from .pipeline import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
 from .runtime import check_device_option, expected_device_type, local_cluster, start_ray
@@ -143,14 +141,8 @@ def list_all_images(options) -> dict[str, str]:
 
 def count_removed(paths: list[str], current: set[str], storage_options: dict | None) -> int:
     """Images in `paths` (part files about to go) that are no longer in the input."""
-    gone: set[str] = set()
-    for path in paths:
-        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        try:
-            gone |= set(pq.read_table(root, columns=["image_uri"], filesystem=fs).column("image_uri").to_pylist())
-        except (OSError, ValueError):
-            continue
-    return len(gone - current)
+    table = commit.read_parts(paths, storage_options, ["image_uri"])
+    return 0 if table is None else len(set(table.column("image_uri").to_pylist()) - current)
 
 
 def waves(options) -> Iterator[dict[str, str]]:
