@@ -4,10 +4,14 @@ Key: the SHA-256 of the image's bytes (content, not URL: a re-uploaded identical
 hits, a changed photo under the same URL misses) within one model fingerprint; a
 cache written with other weights lives under another fingerprint and is never mixed.
 
-Layout: `<cache>/<fingerprint>/<dtype>/shard-<shard>.parquet`, shards by a stable hash
-of the URL with the shard count fixed in `layout.json` when the cache is created. Jobs
-created with a cache adopt that count, so a job shard is one cache file and a worker
-reads its features back in one request (other jobs still hit, in a few requests). Files
+Layout: `<cache>/<fingerprint>/<dtype>/shard-<shard>-<uuid>.parquet`, cache shards by a
+stable hash of the URL with the shard count fixed in `layout.json` when the cache is
+created; jobs created with a cache adopt that count, so a job shard's images sit in one
+cache shard. Each chunk of a job that encoded new images adds its own file (see `store`:
+the chunks of one shard run in parallel, and a read-merge-write of one shared file would
+lose entries), with one row group per entry and the entries' hashes in the footer, so a
+chunk reads a footer per file and then only the row groups of its own images. Legacy
+`shard-<shard>.parquet` files (one per shard, read-merge-written) are still read. Files
 only gain entries (jobs never evict each other's); delete the folder to reclaim space.
 Rows: `content_sha256`, `input_h/w`, `original_h/w`, `dtype`, `features`
 (raw bytes of [256, 64, 64]) and `features_sha1` (checked on read: a corrupt entry is
@@ -31,6 +35,7 @@ from fsspec.core import url_to_fs
 from .commit import publish_bytes, shard_of
 
 FEATURE_SHAPE = (256, 64, 64)
+INDEX_KEY = b"persam.content_sha256"  # footer metadata: the hashes of a file's entries, one per row group
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 CACHE_SCHEMA = pa.schema([
     ("content_sha256", pa.string()), ("input_h", pa.int32()), ("input_w", pa.int32()),
@@ -83,64 +88,94 @@ class FeatureCache:
         self.num_shards = int(json.loads(self.fs.cat_file(path))["num_shards"])
         return self.num_shards
 
-    def shard_path(self, shard: int) -> str:
-        return f"{self.root}/shard-{shard:05d}.parquet"
+    def shard_files(self, shard: int) -> list[str]:
+        """Every file of cache shard `shard`: the chunk files and the legacy single file."""
+        prefix = f"{self.root}/shard-{shard:05d}"
+        try:
+            found = self.fs.glob(f"{prefix}-*.parquet")
+            if self.fs.exists(f"{prefix}.parquet"):
+                found.append(f"{prefix}.parquet")
+        except FileNotFoundError:
+            return []
+        return sorted(found)
 
     def _shard(self, url: str) -> int:
         if self.num_shards is None:
             raise CacheError("cache layout not adopted")
         return shard_of(url, self.num_shards)
 
-    def _load_file(self, path: str) -> tuple[dict[str, CachedFeatures], list[str]]:
-        try:
-            if not self.fs.exists(path):
-                return {}, []
-            table = pq.read_table(io.BytesIO(self.fs.cat_file(path)))
-        except Exception as error:
-            return {}, [f"cache file {path} unreadable ({type(error).__name__}): recomputed"]
-        entries, problems = {}, []
-        for row in table.to_pylist():
-            blob = row["features"] or b""
-            dtype = DTYPES.get(row["dtype"])
-            expected_size = int(np.prod(FEATURE_SHAPE)) * (np.dtype(dtype).itemsize if dtype else 0)
-            if dtype is None or len(blob) != expected_size or hashlib.sha1(blob).hexdigest() != row["features_sha1"]:
-                problems.append(f"cache entry {row['content_sha256'][:12]} corrupt: recomputed")
-                continue
-            entries[row["content_sha256"]] = CachedFeatures(
-                np.frombuffer(blob, dtype=dtype).reshape(FEATURE_SHAPE),
-                (row["input_h"], row["input_w"]), (row["original_h"], row["original_w"]),
-            )
-        return entries, problems
+    def _read_file(self, path: str, wanted: set[str] | None) -> list[dict]:
+        """The rows of `path` whose content_sha256 is wanted (all when None), reading only
+        their row groups: the footer's index (or, in legacy files, the hash column) says where."""
+        with self.fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            index = (parquet.schema_arrow.metadata or {}).get(INDEX_KEY)
+            if index is not None:
+                hashes = index.decode().split("\n") if index else []
+            else:
+                hashes = parquet.read(columns=["content_sha256"]).column("content_sha256").to_pylist()
+            group_of_row = [g for g in range(parquet.num_row_groups) for _ in range(parquet.metadata.row_group(g).num_rows)]
+            if len(group_of_row) != len(hashes):
+                raise ValueError("index does not match the row groups")
+            groups = sorted({g for g, sha in zip(group_of_row, hashes) if wanted is None or sha in wanted})
+            return parquet.read_row_groups(groups).to_pylist() if groups else []
 
-    def load(self, urls: list[str]) -> tuple[dict[str, CachedFeatures], list[str]]:
-        """Entries of the cache files that `urls` map to -> ({content_sha256: features}, problems)."""
-        entries, problems = {}, []
+    def load(self, urls: list[str], wanted: set[str] | None = None) -> tuple[dict[str, CachedFeatures], list[str]]:
+        """Entries (all, or those whose content_sha256 is `wanted`) of the cache shards that
+        `urls` map to -> ({content_sha256: features}, problems)."""
+        entries: dict[str, CachedFeatures] = {}
+        problems, corrupt = [], []
         for shard in sorted({self._shard(u) for u in urls}):
-            found, trouble = self._load_file(self.shard_path(shard))
-            entries.update(found)
-            problems += trouble
+            for path in self.shard_files(shard):
+                try:
+                    rows = self._read_file(path, wanted)
+                except Exception as error:
+                    problems.append(f"cache file {path} unreadable ({type(error).__name__}): recomputed")
+                    continue
+                for row in rows:
+                    entry = _checked(row)
+                    if entry is None:
+                        corrupt.append(row["content_sha256"])
+                    else:
+                        entries[row["content_sha256"]] = entry
+        # A corrupt copy is only a problem when no other file holds a good one (entries are
+        # never rewritten in place: the rerun that recomputed it wrote a new file).
+        problems += [f"cache entry {sha[:12]} corrupt: recomputed" for sha in dict.fromkeys(corrupt) if sha not in entries]
         return entries, problems
-
-    def _write_file(self, path: str, entries: dict[str, CachedFeatures]) -> None:
-        rows = []
-        for sha, entry in sorted(entries.items()):
-            blob = np.ascontiguousarray(entry.features.astype(DTYPES[self.dtype])).tobytes()
-            rows.append({
-                "content_sha256": sha, "input_h": entry.input_size[0], "input_w": entry.input_size[1],
-                "original_h": entry.original_size[0], "original_w": entry.original_size[1],
-                "dtype": self.dtype, "features": blob, "features_sha1": hashlib.sha1(blob).hexdigest(),
-            })
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=CACHE_SCHEMA), buffer, compression="none")
-        self.fs.makedirs(self.root, exist_ok=True)
-        publish_bytes(self.fs, path, buffer.getvalue())
 
     def store(self, new: dict[str, tuple[str, CachedFeatures]]) -> None:
-        """new: {url: (content_sha256, features)} -> merged into their cache files (atomic each)."""
+        """new: {url: (content_sha256, features)} -> one new file per cache shard they map to.
+
+        Files are only ever added (never read, merged and rewritten), so the chunk tasks of
+        one shard, running in parallel, cannot lose each other's entries. One row group per
+        entry and the list of hashes in the file's metadata let `load` read just the entries
+        it needs."""
         by_shard: dict[int, dict[str, CachedFeatures]] = {}
         for url, (sha, entry) in new.items():
             by_shard.setdefault(self._shard(url), {})[sha] = entry
+        self.fs.makedirs(self.root, exist_ok=True)
         for shard, entries in by_shard.items():
-            path = self.shard_path(shard)
-            existing, _ = self._load_file(path)  # concurrent writers: the last wins; a lost entry is a miss
-            self._write_file(path, {**existing, **entries})
+            rows = []
+            for sha, entry in sorted(entries.items()):
+                blob = np.ascontiguousarray(entry.features.astype(DTYPES[self.dtype])).tobytes()
+                rows.append({
+                    "content_sha256": sha, "input_h": entry.input_size[0], "input_w": entry.input_size[1],
+                    "original_h": entry.original_size[0], "original_w": entry.original_size[1],
+                    "dtype": self.dtype, "features": blob, "features_sha1": hashlib.sha1(blob).hexdigest(),
+                })
+            table = pa.Table.from_pylist(rows, schema=CACHE_SCHEMA).replace_schema_metadata(
+                {INDEX_KEY: "\n".join(sorted(entries)).encode()})
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer, compression="none", row_group_size=1)
+            publish_bytes(self.fs, f"{self.root}/shard-{shard:05d}-{uuid.uuid4().hex}.parquet", buffer.getvalue())
+
+
+def _checked(row: dict) -> CachedFeatures | None:
+    """A cache row -> its features, or None when its blob fails the checks (size, dtype, SHA-1)."""
+    blob = row["features"] or b""
+    dtype = DTYPES.get(row["dtype"])
+    expected_size = int(np.prod(FEATURE_SHAPE)) * (np.dtype(dtype).itemsize if dtype else 0)
+    if dtype is None or len(blob) != expected_size or hashlib.sha1(blob).hexdigest() != row["features_sha1"]:
+        return None
+    return CachedFeatures(np.frombuffer(blob, dtype=dtype).reshape(FEATURE_SHAPE),
+                          (row["input_h"], row["input_w"]), (row["original_h"], row["original_w"]))

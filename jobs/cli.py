@@ -7,7 +7,11 @@ import json
 import sys
 from typing import Sequence
 
+from persam_core.acceleration import GPU_BATCH_SIZE, SPEED_PRECISIONS
 from persam_core.models import MODEL_TYPES
+
+from .commit import DEFAULT_SHARD_SIZE
+from .pipeline import DEFAULT_CHUNK_IMAGES
 
 MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
 CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
@@ -25,6 +29,11 @@ def _storage_options(text: str | None) -> dict:
     return value
 
 
+def _below_one(*values: int | None) -> bool:
+    """Any given (not None) count below 1?"""
+    return any(v is not None and v < 1 for v in values)
+
+
 def _add_model(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     # Model types are checked by the registry so the error lists the valid ones.
     parser.add_argument("--model-type", required=True, help=MODEL_TYPE_HELP)
@@ -40,10 +49,20 @@ def _add_cache(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_speed(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="image-encoder precision (fp32 is the reference path; others are measured by `bench`)")
-    parser.add_argument("--fused-attention", action="store_true", help="encoder attention via scaled_dot_product_attention")
-    parser.add_argument("--compile", dest="compile_encoder", action="store_true", help="torch.compile the image encoder")
+    """The encoder's speed settings; None / auto resolve on each actor's device (acceleration.resolve_speed)."""
+    parser.add_argument("--precision", choices=SPEED_PRECISIONS, default="auto",
+                        help="image-encoder precision (default auto: bf16 on CUDA, fp32 on CPU; fp32 is the "
+                             "reference path, the others are measured against it by `bench`)")
+    parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
+                        help="encoder attention via scaled_dot_product_attention (default: on with CUDA "
+                             "bf16/fp16, else off)")
+    parser.add_argument("--compile", dest="compile_encoder", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the image encoder (default: on with CUDA bf16/fp16, else off)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_IMAGES,
+                        help=f"images per model-actor call, within one shard (default {DEFAULT_CHUNK_IMAGES}, "
+                             "at least --batch-size)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--concept", action="append", required=True, help="concept file or directory (repeatable)")
     segment.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
     segment.add_argument("--output", required=True, help="Parquet dataset directory (any fsspec URL)")
-    segment.add_argument("--batch-size", type=int, default=1, help="images per encoder batch")
     segment.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
-    segment.add_argument("--shard-size", type=int, default=32, help="images per committed Parquet shard")
+    segment.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                         help=f"images per committed Parquet shard of a new output (default {DEFAULT_SHARD_SIZE})")
     segment.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images become error rows")
     segment.add_argument("--max-instances", type=int, default=1, help="instances per (image, concept), >= 1")
     _add_cache(segment)
@@ -79,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
     rank.add_argument("--output", required=True, help="directory for ranking.parquet (any fsspec URL)")
     rank.add_argument("--top-k", type=int, default=10, help="images that also get a mask (default 10)")
-    rank.add_argument("--batch-size", type=int, default=1, help="images per encoder batch")
     rank.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
-    rank.add_argument("--shard-size", type=int, default=32, help="images per shard (and cache file)")
+    rank.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                      help=f"images per shard (and cache shard; default {DEFAULT_SHARD_SIZE})")
     _add_cache(rank)
     _add_speed(rank)
 
@@ -100,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--video", action="store_true", help="DAVIS 2017 layout: J, F and J&F")
     evaluate.add_argument("--epochs", type=int, default=None, help="PerSAM-F fit epochs (default 1000; video 800)")
     evaluate.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
-    evaluate.add_argument("--batch-size", type=int, default=1, help="images per encoder batch (images)")
+    evaluate.add_argument("--batch-size", type=int, default=None,
+                          help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
     evaluate.add_argument("--sequences", default=None,
                           help="comma-separated DAVIS sequences (default: ImageSets/2017/val.txt, else all)")
 
@@ -129,25 +149,29 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "segment":
         from .segment import SegmentOptions, run_segment
 
-        if args.batch_size < 1 or (args.num_actors is not None and args.num_actors < 1) or args.max_instances < 1:
-            raise ValueError("--batch-size, --num-actors and --max-instances must be at least 1")
+        if _below_one(args.batch_size, args.num_actors, args.max_instances, args.chunk_size, args.shard_size):
+            raise ValueError("--batch-size, --chunk-size, --shard-size, --num-actors and --max-instances must be at least 1")
         if args.min_similarity is not None and not 0.0 <= args.min_similarity <= 1.0:
             raise ValueError(f"--min-similarity {args.min_similarity}: give a cosine-similarity threshold in [0, 1]")
         summary = run_segment(SegmentOptions(
             args.model_type, args.checkpoint, args.concept, args.input, args.output, args.device,
-            args.batch_size, args.num_actors, args.shard_size, args.max_pixels, storage,
-            args.max_instances, args.min_similarity, args.cache, args.cache_dtype, args.precision,
-            args.fused_attention, args.compile_encoder))
+            batch_size=args.batch_size, num_actors=args.num_actors, shard_size=args.shard_size,
+            max_pixels=args.max_pixels, storage_options=storage, max_instances=args.max_instances,
+            min_similarity=args.min_similarity, cache=args.cache, cache_dtype=args.cache_dtype,
+            precision=args.precision, fused_attention=args.fused_attention, compile_encoder=args.compile_encoder,
+            chunk_size=args.chunk_size))
         print(summary.line())
         return 0
     if args.command == "rank":
         from .rank import RankOptions, run_rank
 
-        if args.top_k < 0 or args.batch_size < 1:
-            raise ValueError("--top-k must be >= 0 and --batch-size >= 1")
-        run_rank(RankOptions(args.model_type, args.checkpoint, args.concept, args.input, args.output, args.top_k,
-                             args.device, args.batch_size, args.num_actors, args.shard_size, storage, args.cache,
-                             args.cache_dtype, args.precision, args.fused_attention, args.compile_encoder))
+        if args.top_k < 0 or _below_one(args.batch_size, args.num_actors, args.chunk_size, args.shard_size):
+            raise ValueError("--top-k must be >= 0; --batch-size, --chunk-size, --shard-size and --num-actors >= 1")
+        run_rank(RankOptions(
+            args.model_type, args.checkpoint, args.concept, args.input, args.output, args.top_k, args.device,
+            batch_size=args.batch_size, num_actors=args.num_actors, shard_size=args.shard_size,
+            storage_options=storage, cache=args.cache, cache_dtype=args.cache_dtype, precision=args.precision,
+            fused_attention=args.fused_attention, compile_encoder=args.compile_encoder, chunk_size=args.chunk_size))
         return 0
     if args.command == "export":
         from .export import run_export
@@ -157,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .evaluate import EvalOptions, run_eval
 
-        if args.batch_size < 1 or (args.num_actors is not None and args.num_actors < 1):
+        if _below_one(args.batch_size, args.num_actors):
             raise ValueError("--batch-size and --num-actors must be at least 1")
         sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
         metrics = run_eval(EvalOptions(

@@ -16,6 +16,10 @@
    those two steps is repaired by the next run, which deletes a shard's superseded files
    before anything else. Interrupted writes leave only `*.tmp-*` files, which no reader
    matches. So whichever process dies, no row is lost or duplicated once a run finishes.
+4. A shard is computed in chunks (jobs/pipeline.py); the driver publishes it once, after
+   its last chunk arrived, keeping one copy of a chunk that a retried task delivered
+   twice. Rows of unchanged images (same URL, same content) are carried over from the
+   shard's previous files; a shard's rows are ordered by URL, concept, instance.
 
 Two jobs writing the same output at once compute the same shards and publish the same
 names with the same content: the last rename/PUT wins and nothing is duplicated, only
@@ -38,8 +42,13 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from .schema import MASK_SCHEMA
+
 JOB_FILE = "_persam_job.json"
-DEFAULT_SHARD_SIZE = 32
+# Images per shard (one Parquet file each): 100M images make ~100k files of a few MB per
+# concept, and a killed job loses at most the shards in flight. Outputs keep the shard
+# count their first run recorded.
+DEFAULT_SHARD_SIZE = 1024
 PART_FILE = re.compile(r"^part-(\d+)-([0-9a-f]{12})\.parquet$")
 
 
@@ -185,3 +194,49 @@ def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_
     path = f"{root}/{shard_name(shard, digest)}"
     publish_bytes(fs, path, buffer.getvalue())
     return path
+
+
+def read_parts(paths: list[str], storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table | None:
+    """The rows of published part files (those of `columns` the files have: ranged reads of
+    just those columns on object stores); unreadable files are skipped (their images are
+    recomputed) -> None when nothing could be read."""
+    tables = []
+    for path in paths:
+        fs, root = url_to_fs(path, **(storage_options or {}))
+        try:
+            with fs.open(root, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+                tables.append(parquet.read(columns=present))
+        except Exception:
+            continue
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def assemble_shard(
+    shard: int, computed: list[pa.Table], carried_urls: set[str], previous: list[str], urls: list[str], concepts: list[str],
+    storage_options: dict | None = None,
+) -> tuple[pa.Table, int]:
+    """A shard's rows: those computed now plus those of `carried_urls` copied from its
+    `previous` files, ordered by the shard's URL order, concept order, instance
+    -> (rows, images of the previous files no longer in the shard)."""
+    tables = [t.select(MASK_SCHEMA.names).cast(MASK_SCHEMA) for t in computed]
+    removed = 0
+    if previous:
+        old = read_parts(previous, storage_options, None if carried_urls else ["image_uri"])
+        old_urls = old.column("image_uri").to_pylist() if old is not None else []
+        removed = len(set(old_urls) - set(urls))
+        if carried_urls and old is not None:
+            keep = old.filter(pa.array([u in carried_urls for u in old_urls], pa.bool_()))
+            tables.append(keep.select(MASK_SCHEMA.names).cast(MASK_SCHEMA))
+    table = pa.concat_tables(tables) if tables else MASK_SCHEMA.empty_table()
+    present = set(table.column("image_uri").to_pylist())
+    if set(urls) - present:  # e.g. the previous file vanished between the prepare and the commit
+        raise OutputError(f"{', '.join(previous) or f'shard {shard}'}: rows of {len(set(urls) - present)} unchanged "
+                          "images could not be read back; rerun the job (they will be recomputed)")
+    url_order = {u: i for i, u in enumerate(urls)}
+    concept_order = {c: i for i, c in enumerate(concepts)}
+    keys = list(zip((url_order[u] for u in table.column("image_uri").to_pylist()),
+                    (concept_order.get(c, len(concepts)) for c in table.column("concept").to_pylist()),
+                    (i or 0 for i in table.column("instance").to_pylist())))
+    return table.take(pa.array(sorted(range(len(keys)), key=keys.__getitem__), pa.int64())), removed

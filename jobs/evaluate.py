@@ -53,7 +53,7 @@ class EvalOptions:
     device: str = "auto"
     epochs: int | None = None
     num_actors: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = None  # None: resolve_speed's default for the actor's device
     sequences: list[str] | None = None
     storage_options: dict = field(default_factory=dict)
 

@@ -9,6 +9,7 @@ similarity (highest first), masks for the top k.
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -18,11 +19,11 @@ from fsspec.core import url_to_fs
 
 from . import commit
 from .checkpoints import redact
-from .pipeline import PipelineSpec, run_pipeline
+from .payload import ipc_to_table
+from .pipeline import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
 from .runtime import local_cluster, start_ray
 from .schema import MASK_SCHEMA
 from .segment import list_all_images, prepare_job, read_concepts
-from .shard_payload import ipc_to_table
 
 RANKING_FILE = "ranking.parquet"
 
@@ -36,22 +37,23 @@ class RankOptions:
     output: str
     top_k: int = 10
     device: str = "auto"
-    batch_size: int = 1
+    batch_size: int | None = None  # None: resolve_speed's default for the actor's device
     num_actors: int | None = None
     shard_size: int = commit.DEFAULT_SHARD_SIZE
     storage_options: dict = field(default_factory=dict)
     cache: str | None = None
     cache_dtype: str = "fp16"
-    precision: str = "fp32"
-    fused_attention: bool = False
-    compile_encoder: bool = False
+    precision: str = "auto"
+    fused_attention: bool | None = None
+    compile_encoder: bool | None = None
+    chunk_size: int = DEFAULT_CHUNK_IMAGES
 
 
-def _collect(row: dict) -> dict:
-    table = ipc_to_table(row["table"])
-    return {"table": row["table"], "rows": table.num_rows, "images": table.num_rows,
-            "errors": sum(e is not None for e in table.column("error").to_pylist()),
-            "encoded": int(row["encoded"]), "cache_hits": int(row["cache_hits"]), "problems": str(row["problems"] or "")}
+def _collect(shard: dict, chunks: list[dict]) -> dict:
+    """A shard's chunks -> its rows (a ranking is global: nothing is committed per shard)."""
+    return {"table": pa.concat_tables([ipc_to_table(c["table"]) for c in chunks]),
+            "encoded": sum(int(c["encoded"]) for c in chunks), "cache_hits": sum(int(c["cache_hits"]) for c in chunks),
+            "problems": [p for c in chunks for p in json.loads(c["problems"])]}
 
 
 def _shards(urls: list[str], num_shards: int) -> list[dict]:
@@ -87,9 +89,10 @@ def run_rank(options: RankOptions, log=print) -> pa.Table:
         num_shards = feature_cache.adopt_layout(num_shards)
     cache = {"url": options.cache, "dtype": options.cache_dtype, "num_shards": num_shards} if options.cache else None
     spec = PipelineSpec(options.model_type, options.checkpoint, fingerprint, [concepts[0].to_json()], options.device,
-                        options.batch_size, options.num_actors, storage_options=options.storage_options,
-                        task="score", cache=cache, precision=options.precision,
-                        fused_attention=options.fused_attention, compile_encoder=options.compile_encoder)
+                        options.num_actors, storage_options=options.storage_options, task="score", cache=cache,
+                        precision=options.precision, fused_attention=options.fused_attention,
+                        compile_encoder=options.compile_encoder, batch_size=options.batch_size,
+                        chunk_size=options.chunk_size)
     import ray
 
     started_here = start_ray()  # one Ray for both passes
@@ -102,16 +105,16 @@ def run_rank(options: RankOptions, log=print) -> pa.Table:
 
 def _rank(options: RankOptions, spec: PipelineSpec, concept, urls: list[str], num_shards: int, started: float, log) -> pa.Table:
     results = run_pipeline(spec, _shards(urls, num_shards), _collect)
-    scores = pa.concat_tables([ipc_to_table(r["table"]) for r in results])
+    scores = pa.concat_tables([r["table"] for r in results])
     encoded, hits = sum(r["encoded"] for r in results), sum(r["cache_hits"] for r in results)
-    for problem in (p for r in results for p in r["problems"].splitlines() if p):
+    for problem in dict.fromkeys(p for r in results for p in r["problems"]):
         log(f"cache: {problem}")
 
     top = [r["image_uri"] for r in ranking_table(scores, None).to_pylist()[: options.top_k] if r["similarity"] is not None]
     masks = None
     if top:
         spec.task = "segment"
-        masks = pa.concat_tables([ipc_to_table(r["table"]) for r in run_pipeline(spec, _shards(top, num_shards), _collect)])
+        masks = pa.concat_tables([r["table"] for r in run_pipeline(spec, _shards(top, num_shards), _collect)])
     ranking = ranking_table(scores, masks)
 
     fs, root = url_to_fs(options.output, **options.storage_options)

@@ -56,6 +56,18 @@ def wants_gpu_actors(device: str) -> bool:
     return device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
 
 
+def expected_device_type(device: str) -> str:
+    """The device type ("cuda" | "cpu") the model actors will get, as the driver can tell:
+    --device cuda; auto with a local GPU, or on a cluster (RAY_ADDRESS) that has GPUs."""
+    check_device_option(device)
+    if device != "auto":
+        return device
+    if local_cluster():  # the embedded Ray sees this machine's GPUs
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    start_ray()
+    return "cuda" if wants_gpu_actors(device) else "cpu"
+
+
 def actor_resources(num_actors: int, gpu: bool) -> dict:
     """CPU/GPU per model actor, leaving a CPU for the read/decode tasks on small machines."""
     import ray

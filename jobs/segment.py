@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections import Counter
+import json
 import time
-from typing import Iterator
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import fsspec
-import pyarrow.parquet as pq
 
+from persam_core.acceleration import resolve_speed
 from persam_core.concept import Concept, ConceptError
 
 from . import commit
 from .cache import FeatureCache
 from .checkpoints import load_model, random_weights_note, redact
 from .inputs import InputError, is_manifest, list_images
-from .pipeline import PipelineSpec, run_pipeline
-from .runtime import check_device_option, local_cluster, start_ray
-from .shard_payload import ipc_to_table
+from .payload import ipc_to_table
+from .pipeline import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
+from .runtime import check_device_option, expected_device_type, local_cluster, start_ray
 
 
 # A manifest is planned and run in chunks of this many images (bounded driver memory).
@@ -39,7 +40,7 @@ class SegmentOptions:
     input: str
     output: str
     device: str = "auto"
-    batch_size: int = 1
+    batch_size: int | None = None  # None: resolve_speed's default for the actor's device
     num_actors: int | None = None
     shard_size: int = commit.DEFAULT_SHARD_SIZE
     max_pixels: int = 100_000_000
@@ -48,9 +49,12 @@ class SegmentOptions:
     min_similarity: float | None = None
     cache: str | None = None
     cache_dtype: str = "fp16"
-    precision: str = "fp32"
-    fused_attention: bool = False
-    compile_encoder: bool = False
+    precision: str = "auto"
+    fused_attention: bool | None = None
+    compile_encoder: bool | None = None
+    chunk_size: int = DEFAULT_CHUNK_IMAGES
+    # Called in the driver with the image count of each chunk as its rows arrive (benchmarks).
+    on_progress: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -101,9 +105,19 @@ def read_concepts(paths: list[str], storage_options: dict) -> list[Concept]:
     return concepts
 
 
+def expected_precision(options) -> str:
+    """The encoder precision the actors will run at, as far as the driver can tell: GPU
+    actors (--device cuda, or auto on a cluster with GPUs) resolve "auto" as CUDA does."""
+    return resolve_speed(expected_device_type(options.device), options.precision, options.fused_attention,
+                         options.compile_encoder, options.batch_size).precision
+
+
 def prepare_job(options, concepts: list[Concept], log) -> tuple[str, FeatureCache | None]:
     """Checks that need no Ray: device, weights vs concepts, cache -> (model fingerprint, the cache or None)."""
     check_device_option(options.device)
+    if (options.batch_size is not None and options.batch_size < 1) or options.chunk_size < 1:
+        raise ValueError("--batch-size and --chunk-size must be at least 1")
+    resolve_speed("cpu", options.precision)  # refuses an unknown precision before any work
     model = load_model(options.model_type, options.checkpoint, options.storage_options)
     for concept in concepts:
         concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")
@@ -127,14 +141,8 @@ def list_all_images(options) -> dict[str, str]:
 
 def count_removed(paths: list[str], current: set[str], storage_options: dict | None) -> int:
     """Images in `paths` (part files about to go) that are no longer in the input."""
-    gone: set[str] = set()
-    for path in paths:
-        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        try:
-            gone |= set(pq.read_table(root, columns=["image_uri"], filesystem=fs).column("image_uri").to_pylist())
-        except (OSError, ValueError):
-            continue
-    return len(gone - current)
+    table = commit.read_parts(paths, storage_options, ["image_uri"])
+    return 0 if table is None else len(set(table.column("image_uri").to_pylist()) - current)
 
 
 def waves(options) -> Iterator[dict[str, str]]:
@@ -170,7 +178,7 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     elif cache is not None:
         cache.adopt_layout(shards_per_wave)
     settings = {
-        "precision": options.precision,  # other precisions give (slightly) other masks
+        "precision": expected_precision(options),  # other precisions give (slightly) other masks
         "max_instances": options.max_instances,
         "min_similarity": options.min_similarity,
         # a concept re-fitted under the same name is a different job
@@ -181,10 +189,10 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     record, committed = commit.open_job(options.output, record, options.storage_options)
     spec = PipelineSpec(
         options.model_type, options.checkpoint, fingerprint, [c.to_json() for c in concepts], options.device,
-        options.batch_size, options.num_actors, options.max_pixels, options.storage_options, "segment",
+        options.num_actors, options.max_pixels, options.storage_options, "segment",
         options.max_instances, options.min_similarity,
         {"url": options.cache, "dtype": options.cache_dtype, "num_shards": cache.num_shards} if cache else None,
-        options.precision, options.fused_attention, options.compile_encoder,
+        options.precision, options.fused_attention, options.compile_encoder, options.batch_size, options.chunk_size,
     )
     totals: Counter = Counter()
     started_ray = start_ray() if manifest else False  # waves share one Ray
@@ -227,22 +235,24 @@ def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRec
     if not to_run:
         return
     output, storage = options.output, options.storage_options
-    digests = {s["shard"]: s["digest"] for s in to_run}
 
-    def commit_row(row: dict) -> dict:
-        table = ipc_to_table(row["table"])
-        shard = int(row["shard"])
-        commit.commit_shard(output, shard, digests[shard], table, storage)
-        commit.remove_files(output, superseded.get(shard, []), storage)  # only after the new file is public
+    def commit_chunks(shard: dict, chunks: list[dict]) -> dict:
+        """All chunks of one shard arrived: carry unchanged rows, order, publish, drop old files."""
+        carried = {url for c in chunks for url in json.loads(c["carried"])}
+        table, removed = commit.assemble_shard(shard["shard"], [ipc_to_table(c["table"]) for c in chunks], carried,
+                                               shard["previous"], shard["urls"], list(record.concepts), storage)
+        commit.commit_shard(output, shard["shard"], shard["digest"], table, storage)
+        commit.remove_files(output, shard["previous"], storage)  # only after the new file is public
         errors = sum(1 for e in table.column("error").to_pylist() if e is not None)
-        return {"shard": shard, "rows": table.num_rows, "errors": errors,
-                "images": len(set(table.column("image_uri").to_pylist())), "encoded": int(row["encoded"]),
-                "cache_hits": int(row["cache_hits"]), "carried": int(row["carried"]), "removed": int(row["removed"]),
-                "problems": str(row["problems"] or "")}
+        return {"shard": shard["shard"], "rows": table.num_rows, "errors": errors, "images": len(shard["urls"]),
+                "encoded": sum(int(c["encoded"]) for c in chunks), "cache_hits": sum(int(c["cache_hits"]) for c in chunks),
+                "carried": len(carried), "removed": removed,
+                "problems": list(dict.fromkeys(p for c in chunks for p in json.loads(c["problems"])))}
 
-    shards = [{"shard": s["shard"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])} for s in to_run]
-    results = run_pipeline(spec, shards, commit_row)
-    for problem in (p for r in results for p in r["problems"].splitlines() if p):
+    shards = [{"shard": s["shard"], "digest": s["digest"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])}
+              for s in to_run]
+    results = run_pipeline(spec, shards, commit_chunks, options.on_progress)
+    for problem in dict.fromkeys(p for r in results for p in r["problems"]):
         log(f"cache: {problem}")
     totals.update(run=len(to_run), **{k: sum(r[k] for r in results)
                                    for k in ("rows", "errors", "images", "encoded", "cache_hits", "carried", "removed")})

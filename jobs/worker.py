@@ -1,140 +1,131 @@
-"""The model actor: SAM and the concepts loaded once; each call segments whole shards.
+"""The model actor: tensor work only, so that the GPU never waits for the host.
 
-Per shard: images with cached features skip the encoder; the others are encoded once
-(in batches of --batch-size) and their features go to the cache; every concept decodes
-from the same features. Rows carried over from the previous commit pass through.
+`__init__` loads SAM once (checking the job's fingerprint), moves it to the device,
+applies the encoder's speed settings (persam_core.acceleration) and reads the concepts.
+`__call__` takes one chunk: images with pixels are encoded in batches of
+`speed.batch_size`, images with cached features skip the encoder, and the batched
+cascade runs once per batch. It returns host numpy (payload.ChunkResults); rows, RLE,
+Arrow and every cache or Parquet access happen in CPU stages (prepare.py, finish.py).
 """
 
 from __future__ import annotations
 
-import time
-from typing import Sequence
+import threading
+from typing import Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from persam_core.acceleration import compile_encoder as compile_image_encoder
-from persam_core.acceleration import enable_fused_attention
-from persam_core.concept import Concept
-from persam_core.instances import InstanceResult, segment_instances
-from persam_core.masks import area_px, bbox_xywh, encode_rle
-from persam_core.persam import ConceptTensors, prior_for
+from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
+from persam_core.batch import EncodedBatch, HostResults
+from persam_core.cascade import score_batch, segment_batch
+from persam_core.concept import Concept, ConceptTensors
 from persam_core.predictor import EncodedImage, encode_images
 
-from .cache import CachedFeatures, FeatureCache
+from .cache import DTYPES
 from .checkpoints import load_model
+from .payload import Chunk, ChunkResults, pack_results, short_reason, unpack_chunk
 from .runtime import resolve_device
-from .schema import RANK_SCHEMA, rows_to_table
-from .shard_payload import Shard, ShardItem, short_reason, table_to_ipc, unpack_shard
+
+Batch = tuple[list[int], list[EncodedImage]]  # item indices of a chunk, and their features on the device
 
 
-def error_row(item: ShardItem, concept: Concept, reason: str, fingerprint: str, size: tuple[int, int] | None = None) -> dict:
-    return {
-        "image_uri": item.url, "concept": concept.name, "method": concept.method, "instance": 0, "present": False,
-        "width": None if size is None else size[1], "height": None if size is None else size[0],
-        "mask_rle": None, "bbox": None, "area": 0, "score": None, "similarity": None, "point": None,
-        "error": reason, "model_fingerprint": fingerprint, "content_sha256": item.sha256,
-    }
-
-
-def result_row(item: ShardItem, concept: Concept, found: InstanceResult, fingerprint: str) -> dict:
-    result = found.result
-    height, width = result.mask.shape
-    return {
-        "image_uri": item.url, "concept": concept.name, "method": concept.method, "instance": found.instance,
-        "present": found.present, "width": width, "height": height, "mask_rle": encode_rle(result.mask),
-        "bbox": bbox_xywh(result.mask), "area": area_px(result.mask),
-        "score": result.score if found.present else None, "similarity": result.similarity,
-        "point": list(result.point), "error": None, "model_fingerprint": fingerprint,
-        "content_sha256": item.sha256,
-    }
-
-
-def score_row(item: ShardItem, concept: Concept, similarity: float | None, point, error: str | None, fingerprint: str) -> dict:
-    return {"image_uri": item.url, "concept": concept.name, "similarity": similarity,
-            "point": None if point is None else list(point), "error": error,
-            "model_fingerprint": fingerprint, "content_sha256": item.sha256}
-
-
-def encode_shard(
-    sam, items: Sequence[ShardItem], batch_size: int, precision: str = "fp32"
-) -> tuple[dict[int, EncodedImage], dict[int, str]]:
-    """Features for every item that has pixels or cached features -> ({index: encoded}, {index: error})."""
-    device = next(sam.parameters()).device
-    encoded, failures = {}, {}
-    for index, item in enumerate(items):
-        if item.cached is not None:
-            features = torch.as_tensor(np.asarray(item.cached.features, dtype=np.float32), device=device)
-            encoded[index] = EncodedImage(features, item.cached.input_size, item.cached.original_size)
-    pending = [i for i, item in enumerate(items) if item.image is not None]
-    for start in range(0, len(pending), max(1, batch_size)):
-        chunk = pending[start : start + batch_size]
-        try:
-            for index, features in zip(chunk, encode_images(sam, [items[i].image for i in chunk], precision)):
-                encoded[index] = features
+def encode_chunk(sam, chunk: Chunk, speed: EncoderSpeed, cache_dtype: str | None = None) -> tuple[list[Batch], ChunkResults]:
+    """Features of every image of the chunk that has pixels or cached features, in batches
+    of speed.batch_size -> (batches, results with failures, encoded items and, when
+    `cache_dtype` is given, the fresh features in that dtype for the cache)."""
+    results, batches = ChunkResults(), []
+    size = max(1, speed.batch_size)
+    pending = [i for i, item in enumerate(chunk.items) if item.source == "pixels"]
+    for start in range(0, len(pending), size):
+        indices = pending[start : start + size]
+        try:  # padded to one shape: the compiled encoder never recompiles
+            encoded = encode_images(sam, [chunk.resized(i) for i in indices], speed.precision,
+                                    pad_to=size if speed.compile else None)
         except Exception as error:  # e.g. out of memory on one batch: record, go on
-            failures.update({i: f"encode failed: {short_reason(error)}" for i in chunk})
-    return encoded, failures
-
-
-def segment_shard(
-    sam, fingerprint: str, concepts: Sequence[ConceptTensors], shard: Shard, batch_size: int,
-    max_instances: int = 1, min_similarity: float | None = None, precision: str = "fp32",
-) -> tuple[list[dict], dict[int, EncodedImage]]:
-    """-> (rows: images x concepts x instances, features computed or read per item index)."""
-    encoded, failures = encode_shard(sam, shard.items, batch_size, precision)
-    rows: list[dict] = []
-    for index, item in enumerate(shard.items):
-        if item.carried:
+            results.failures.update({i: f"encode failed: {short_reason(error)}" for i in indices})
             continue
-        size = item.image.original_size if item.image is not None else None
-        if index not in encoded:
-            reason = item.error or failures.get(index, "unknown error")
-            rows.extend(error_row(item, c.concept, reason, fingerprint, size) for c in concepts)
-            continue
-        for tensors in concepts:
-            try:
-                found = segment_instances(sam, encoded[index], tensors, max_instances, min_similarity)
-                rows.extend(result_row(item, tensors.concept, f, fingerprint) for f in found)
-            except Exception as error:
-                rows.append(error_row(item, tensors.concept, f"segment failed: {short_reason(error)}", fingerprint,
-                                      encoded[index].original_size))
-    return rows, encoded
+        batches.append((indices, encoded))
+        results.encoded += indices
+        if cache_dtype is not None:  # cast on the device: half the bytes cross to the host in fp16
+            dtype = getattr(torch, np.dtype(DTYPES[cache_dtype]).name)
+            host = torch.stack([e.features for e in encoded]).to(dtype).cpu().numpy()
+            results.fresh.update({i: host[n] for n, i in enumerate(indices)})
+    cached = [i for i, item in enumerate(chunk.items) if item.source == "cached"]
+    for start in range(0, len(cached), size):
+        indices = cached[start : start + size]
+        batches.append((indices, [EncodedImage(torch.from_numpy(chunk.features[i]).to(sam.device).float(),
+                                               chunk.items[i].input_size, chunk.items[i].original_size)
+                                  for i in indices]))
+    return batches, results
 
 
-def score_shard(
-    sam, fingerprint: str, concept: ConceptTensors, shard: Shard, batch_size: int, precision: str = "fp32"
-) -> tuple[list[dict], dict[int, EncodedImage]]:
-    """Presence score (max of S) and positive point per image: no mask decoding."""
-    encoded, failures = encode_shard(sam, shard.items, batch_size, precision)
-    rows = []
-    for index, item in enumerate(shard.items):
-        if index not in encoded:
-            rows.append(score_row(item, concept.concept, None, None, item.error or failures.get(index), fingerprint))
-            continue
-        prior = prior_for(sam, encoded[index], concept)
-        rows.append(score_row(item, concept.concept, prior.presence, prior.positive_point(), None, fingerprint))
-    return rows, encoded
+def per_batch(
+    run: Callable[[list[EncodedImage]], object], batch: Batch, failures: dict[int, str], what: str
+) -> list[tuple[list[int], object]]:
+    """run(batch) -> [(indices, output)]; if the batch fails, each image alone, so that one
+    bad image becomes error rows ("<what> failed: ...") and the others succeed."""
+    indices, encoded = batch
+    try:
+        return [(indices, run(encoded))]
+    except Exception as error:
+        if len(indices) == 1:
+            failures[indices[0]] = f"{what} failed: {short_reason(error)}"
+            return []
+    done = []
+    for index, image in zip(indices, encoded):
+        try:
+            done.append(([index], run([image])))
+        except Exception as error:
+            failures[index] = f"{what} failed: {short_reason(error)}"
+    return done
 
 
-def ordered(rows: list[dict], items: Sequence[ShardItem], concepts: Sequence[Concept]) -> list[dict]:
-    order = {item.url: i for i, item in enumerate(items)}
-    names = {c.name: i for i, c in enumerate(concepts)}
-    return sorted(rows, key=lambda r: (order.get(r["image_uri"], -1), names.get(r["concept"], -1), r.get("instance") or 0))
+def segment_chunk(
+    sam, chunk: Chunk, concepts: Sequence[ConceptTensors], speed: EncoderSpeed, max_instances: int = 1,
+    min_similarity: float | None = None, cache_dtype: str | None = None,
+) -> ChunkResults:
+    """Every (image, concept) pair of the chunk -> results.masks, image_index = item index."""
+    batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
+    parts = []
+    for batch in batches:
+        run = lambda images: segment_batch(sam, EncodedBatch.of(images), concepts, max_instances, min_similarity)  # noqa: E731
+        for indices, host in per_batch(run, batch, results.failures, "segment"):
+            # batch positions -> item indices of the chunk
+            parts.append(HostResults(**{**host.to_arrays(),
+                                        "image_index": np.asarray(indices, np.int32)[host.image_index]}))
+    results.masks = HostResults.concatenate(parts, [0] * len(parts))
+    return results
+
+
+def score_chunk(sam, chunk: Chunk, concepts: Sequence[ConceptTensors], speed: EncoderSpeed,
+                cache_dtype: str | None = None) -> ChunkResults:
+    """Presence score and positive point per (image, concept), no mask decoding (persam rank)."""
+    batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
+    results.similarity = np.full((len(chunk.items), len(concepts)), np.nan, np.float32)
+    results.point = np.zeros((len(chunk.items), len(concepts), 2), np.int32)
+    for batch in batches:
+        run = lambda images: score_batch(sam, EncodedBatch.of(images), concepts)  # noqa: E731
+        for indices, (similarity, point) in per_batch(run, batch, results.failures, "score"):
+            results.similarity[indices], results.point[indices] = similarity, point
+    return results
 
 
 class SegmentActor:
-    """Ray Data UDF: SAM + concepts loaded once in __init__; __call__ processes shards.
+    """Ray Data UDF: SAM + concepts loaded once in __init__; each __call__ computes chunks.
 
-    task "segment" writes mask rows; task "score" (persam rank) only the presence score.
+    task "segment" computes masks; task "score" (persam rank) only the presence score.
+    Ray Data runs up to two calls at once (max_concurrent_calls_per_actor=2 with true
+    multi-threading, see pipeline.py): the lock keeps the device work of one chunk at a
+    time, while the other call unpacks its chunk or packs its results.
     """
 
     def __init__(
         self, model_type: str, checkpoint: str, expected_fingerprint: str, concepts_box: list, device: str,
-        batch_size: int, threads: int, storage_options: dict | None = None, max_instances: int = 1,
-        min_similarity: float | None = None, task: str = "segment", cache: dict | None = None,
-        precision: str = "fp32", fused_attention: bool = False, compile_encoder: bool = False,
+        threads: int, storage_options: dict | None = None, max_instances: int = 1,
+        min_similarity: float | None = None, task: str = "segment", precision: str = "auto",
+        fused_attention: bool | None = None, compile_encoder: bool | None = None, batch_size: int | None = None,
+        cache_dtype: str | None = None,
     ) -> None:
         import ray
 
@@ -146,54 +137,30 @@ class SegmentActor:
                 f"{expected_fingerprint}; the checkpoint changed under the job"
             )
         # "auto" resolves here, on the actor's node: a GPU-scheduled actor without a
-        # visible CUDA device (a fake GPU resource) still runs, on CPU.
+        # visible CUDA device (a fake GPU resource) still runs, on CPU, with CPU settings.
         self.sam = loaded.sam.to(resolve_device(device))
         self.fingerprint = loaded.fingerprint
-        if fused_attention:
-            enable_fused_attention(self.sam)
-        if compile_encoder:
-            compile_image_encoder(self.sam)
-        self.precision = precision
+        speed = resolve_speed(self.sam.device.type, precision, fused_attention, compile_encoder, batch_size)
+        self.speed = prepare_encoder(self.sam, speed, log=print)
         texts = ray.get(concepts_box[0])  # broadcast once through the object store
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in texts]
-        self.batch_size, self.task = batch_size, task
+        self.task, self.cache_dtype = task, cache_dtype
         self.max_instances, self.min_similarity = max_instances, min_similarity
-        self.cache = (FeatureCache(cache["url"], self.fingerprint, cache["dtype"], storage_options, cache["num_shards"])
-                      if cache else None)
+        self.device_lock = threading.Lock()
 
-    def _store_cache(self, shard: Shard, encoded: dict[int, EncodedImage]) -> int:
-        """Add the features encoded for this shard to the cache -> how many were encoded."""
-        fresh = [i for i, item in enumerate(shard.items) if item.image is not None and i in encoded]
-        if self.cache is not None and fresh:
-            self.cache.store({
-                shard.items[i].url: (shard.items[i].sha256, CachedFeatures(
-                    encoded[i].features.detach().cpu().numpy(), encoded[i].input_size, encoded[i].original_size))
-                for i in fresh
-            })
-        return len(fresh)
+    def compute(self, chunk: Chunk) -> ChunkResults:
+        if self.task == "score":
+            return score_chunk(self.sam, chunk, self.concepts, self.speed, self.cache_dtype)
+        return segment_chunk(self.sam, chunk, self.concepts, self.speed, self.max_instances, self.min_similarity,
+                             self.cache_dtype)
 
     def __call__(self, batch: dict) -> dict:
-        out = {"shard": [], "table": [], "seconds": [], "encoded": [], "cache_hits": [], "carried": [], "removed": [],
-               "problems": []}
-        for payload in batch["payload"]:
-            started = time.perf_counter()
-            shard = unpack_shard(payload)
-            if self.task == "score":
-                rows, encoded = score_shard(self.sam, self.fingerprint, self.concepts[0], shard, self.batch_size,
-                                            self.precision)
-                table = pa.Table.from_pylist(rows, schema=RANK_SCHEMA)
-            else:
-                rows, encoded = segment_shard(self.sam, self.fingerprint, self.concepts, shard, self.batch_size,
-                                              self.max_instances, self.min_similarity, self.precision)
-                table = rows_to_table(ordered(rows, shard.items, [c.concept for c in self.concepts]))
-                if shard.carried_rows is not None and shard.carried_rows.num_rows:
-                    table = pa.concat_tables([shard.carried_rows.select(table.column_names).cast(table.schema), table])
-            out["encoded"].append(self._store_cache(shard, encoded))
-            out["cache_hits"].append(sum(item.cached is not None for item in shard.items))
-            out["carried"].append(sum(item.carried for item in shard.items))
-            out["removed"].append(shard.removed)
-            out["problems"].append("\n".join(shard.cache_problems))
-            out["shard"].append(shard.shard)
-            out["table"].append(table_to_ipc(table))
-            out["seconds"].append(time.perf_counter() - started)
-        return {key: np.array(values, dtype=object if key in ("table", "problems") else None) for key, values in out.items()}
+        """{"meta", "arrays"} per chunk -> {"meta" (passed on), "results"} (see payload.py)."""
+        out: dict[str, list] = {"meta": [], "results": []}
+        for meta, arrays in zip(batch["meta"], batch["arrays"]):
+            chunk = unpack_chunk(meta, arrays)
+            with self.device_lock:
+                results = self.compute(chunk)
+            out["meta"].append(meta)
+            out["results"].append(pack_results(results))
+        return {key: np.array(values, dtype=object) for key, values in out.items()}

@@ -1,4 +1,4 @@
-"""Helpers shared by the feature tests: the CLI in-process, sample images, mask IoU."""
+"""Helpers shared by the feature tests: the CLI in-process, sample images, mask IoU, chunk rows."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ import numpy as np
 from PIL import Image
 
 from jobs.cli import main
+from jobs.finish import mask_rows
 from jobs.images import decode_image, decode_mask
-from persam_core.concept import Concept
+from jobs.payload import Chunk, ChunkItem, ChunkResults
+from jobs.worker import segment_chunk
+from persam_core.acceleration import EncoderSpeed
+from persam_core.concept import Concept, ConceptTensors
+from persam_core.preprocess import ResizedImage
 
 TINY = ["--model-type", "tiny", "--device", "cpu"]
 MODEL = [*TINY, "--checkpoint", "random:0"]
@@ -73,3 +78,22 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def by_name(rows: list[dict]) -> dict[str, dict]:
     return {Path(r["image_uri"]).name: r for r in rows}
+
+
+def make_chunk(images: list[tuple[str, str, ResizedImage]]) -> Chunk:
+    """(url, content hash, resized image) per image -> a chunk to encode, as prepare_chunk makes it."""
+    chunk = Chunk(0, 0, [])
+    for index, (url, sha, resized) in enumerate(images):
+        chunk.items.append(ChunkItem(url, sha, source="pixels", original_size=resized.original_size,
+                                     input_size=resized.input_size))
+        chunk.pixels[index] = resized.pixels
+    return chunk
+
+
+def segment_rows(sam, fingerprint: str, concepts: list[ConceptTensors], chunk: Chunk, batch_size: int = 1,
+                 max_instances: int = 1, min_similarity: float | None = None,
+                 cache_dtype: str | None = None) -> tuple[list[dict], ChunkResults]:
+    """The model actor's device work and the finish stage's rows, in this process (CPU, fp32)."""
+    results = segment_chunk(sam, chunk, concepts, EncoderSpeed(batch_size=batch_size), max_instances, min_similarity,
+                            cache_dtype)
+    return mask_rows(chunk, results, [(c.concept.name, c.concept.method) for c in concepts], fingerprint), results

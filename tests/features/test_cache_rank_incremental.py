@@ -19,12 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from feature_tools import TINY, by_name, iou, run_cli, save_small
+from feature_tools import TINY, by_name, iou, make_chunk, run_cli, save_small, segment_rows
 from jobs.cache import CACHE_SCHEMA, CacheError, CachedFeatures, FeatureCache
+from jobs.payload import Chunk, ChunkItem, pack_chunk, unpack_chunk
 from jobs.rank import RANKING_FILE, ranking_table
 from jobs.schema import MASK_SCHEMA, RANK_SCHEMA
-from jobs.shard_payload import Shard, ShardItem, pack_shard, unpack_shard
-from jobs.worker import segment_shard
 from persam_core.concept import Concept
 from persam_core.masks import decode_rle
 from persam_core.models import model_fingerprint
@@ -75,8 +74,13 @@ def segment(lake, output: Path, *extra: str, checkpoint: str = "random:0", conce
                         "--input", str(lake.images), "--output", str(output), "--cache", str(lake.cache), *extra])
 
 
-def cache_file(lake, fingerprint: str) -> Path:
-    return Path(FeatureCache(str(lake.cache), fingerprint, num_shards=1).shard_path(0))
+def cache_files(lake, fingerprint: str) -> list[Path]:
+    """The cache files of the lake's one cache shard (one per chunk that encoded images)."""
+    return [Path(p) for p in FeatureCache(str(lake.cache), fingerprint, num_shards=1).shard_files(0)]
+
+
+def cache_bytes(lake, fingerprint: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in cache_files(lake, fingerprint)}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +103,7 @@ def warm(lake, cold):
 
 @pytest.fixture(scope="module")
 def other_weights(lake, warm, fp0):
-    before = cache_file(lake, fp0).read_bytes()
+    before = cache_bytes(lake, fp0)
     result = segment(lake, lake.root / "out3", checkpoint="random:1", concept=lake.concept1)
     return SimpleNamespace(result=result, rows=pq.read_table(lake.root / "out3").to_pylist(), fp0_before=before)
 
@@ -107,7 +111,7 @@ def other_weights(lake, warm, fp0):
 @pytest.fixture(scope="module")
 def corrupted(lake, other_weights, fp0):
     """Flip one byte inside b.jpg's feature blob (its checksum left as it was), then rerun."""
-    path = cache_file(lake, fp0)
+    [path] = cache_files(lake, fp0)  # the cold run's one chunk
     entries = pq.read_table(path).to_pylist()
     victim = hashlib.sha256((lake.images / "b.jpg").read_bytes()).hexdigest()
     for entry in entries:
@@ -158,8 +162,8 @@ def test_other_weights_use_their_own_fingerprint_directory(lake, other_weights, 
     assert counts["encoded"] == 3 and counts["cache_hits"] == 0
     fp1 = {r["model_fingerprint"] for r in other_weights.rows}
     assert len(fp1) == 1 and fp0 not in fp1
-    assert cache_file(lake, fp1.pop()).is_file()
-    assert cache_file(lake, fp0).read_bytes() == other_weights.fp0_before  # never mixed
+    assert len(cache_files(lake, fp1.pop())) == 1
+    assert cache_bytes(lake, fp0) == other_weights.fp0_before  # never mixed
 
 
 def test_corrupt_entry_is_recomputed_and_reported(lake, cold, corrupted, fp0):
@@ -172,7 +176,7 @@ def test_corrupt_entry_is_recomputed_and_reported(lake, cold, corrupted, fp0):
     for name in ("a.jpg", "c.jpg"):
         assert iou(decode_rle(by_name(corrupted.rows)[name]["mask_rle"]), decode_rle(by_name(cold.rows)[name]["mask_rle"])) >= 0.9
     entries, problems = FeatureCache(str(lake.cache), fp0, num_shards=1).load(["any"])
-    assert problems == [] and len(entries) == 3  # the rerun repaired the file
+    assert problems == [] and len(entries) == 3  # the rerun stored a good copy beside the corrupt one
 
 
 # ---------------------------------------------------------------------------- incremental
@@ -236,22 +240,27 @@ def unit(perseg_sample, tiny_sam, fp0, lake):
         with Image.open(perseg_sample / "Images" / f"{name}.jpg") as picture:
             picture.thumbnail((400, 400))
             pixels = np.asarray(picture.convert("RGB"))
-        items.append(ShardItem(name, sha256=hashlib.sha256(pixels.tobytes()).hexdigest(), image=resize_longest_side(pixels)))
-    rows, encoded = segment_shard(tiny_sam, fp0, [concept], Shard(0, items), 1)
-    return SimpleNamespace(concept=concept, items=items, rows=rows, encoded=encoded)
+        items.append((name, hashlib.sha256(pixels.tobytes()).hexdigest(), resize_longest_side(pixels)))
+    chunk = make_chunk(items)
+    rows, results = segment_rows(tiny_sam, fp0, [concept], chunk, cache_dtype="fp32")  # fresh features as fp32
+    features = {item.url: (item.sha256, CachedFeatures(results.fresh[i], item.input_size, item.original_size))
+                for i, item in enumerate(chunk.items)}
+    return SimpleNamespace(concept=concept, chunk=chunk, rows=rows, features=features)
 
 
 def rows_from_cache(tiny_sam, fp0, unit, tmp_path, dtype: str, monkeypatch) -> list[dict]:
     cache = FeatureCache(str(tmp_path / dtype), fp0, dtype, num_shards=1)
-    cache.store({item.url: (item.sha256, CachedFeatures(unit.encoded[i].features.numpy(), unit.encoded[i].input_size,
-                                                        unit.encoded[i].original_size)) for i, item in enumerate(unit.items)})
-    entries, problems = cache.load([item.url for item in unit.items])
-    assert problems == [] and len(entries) == len(unit.items)
-    items = [ShardItem(item.url, item.sha256, cached=entries[item.sha256]) for item in unit.items]
-    shard = unpack_shard(pack_shard(Shard(0, items)))  # as the CPU stage hands it to the actor
+    cache.store(unit.features)
+    items = unit.chunk.items
+    entries, problems = cache.load([item.url for item in items], {item.sha256 for item in items})
+    assert problems == [] and len(entries) == len(items)
+    chunk = Chunk(0, 0, [ChunkItem(i.url, i.sha256, source="cached", original_size=i.original_size,
+                                   input_size=i.input_size) for i in items],
+                  features={n: entries[i.sha256].features for n, i in enumerate(items)})
+    chunk = unpack_chunk(*pack_chunk(chunk))  # as the CPU stage hands it to the actor
     calls = []
     monkeypatch.setattr(tiny_sam.image_encoder, "forward", lambda *a, **k: calls.append(1))
-    rows, _ = segment_shard(tiny_sam, fp0, [unit.concept], shard, 1)
+    rows, _ = segment_rows(tiny_sam, fp0, [unit.concept], chunk)
     assert calls == []  # cached features never run the encoder
     return rows
 
@@ -273,10 +282,8 @@ def test_fp16_cache_costs_little_accuracy(tiny_sam, fp0, unit, tmp_path, monkeyp
 
 def test_corrupt_entries_and_files_are_reported_not_trusted(fp0, unit, tmp_path):
     cache = FeatureCache(str(tmp_path), fp0, "fp16", num_shards=1)
-    features = {item.url: (item.sha256, CachedFeatures(unit.encoded[i].features.numpy(), unit.encoded[i].input_size,
-                                                       unit.encoded[i].original_size)) for i, item in enumerate(unit.items)}
-    cache.store(features)
-    path = Path(cache.shard_path(0))
+    cache.store(unit.features)
+    [path] = [Path(p) for p in cache.shard_files(0)]
     table = pq.read_table(path).to_pylist()
     table[0]["features"] = table[0]["features"][:-2]  # truncated blob
     table[1]["dtype"] = "int8"  # unknown dtype
@@ -289,7 +296,37 @@ def test_corrupt_entries_and_files_are_reported_not_trusted(fp0, unit, tmp_path)
     entries, problems = cache.load(["any"])
     assert entries == {} and len(problems) == 1 and "unreadable" in problems[0]
     other = FeatureCache(str(tmp_path), "tiny:someone-else", "fp16", num_shards=1)
-    assert other.shard_path(0) != cache.shard_path(0) and other.load(["any"]) == ({}, [])
+    assert other.shard_files(0) == [] and other.load(["any"]) == ({}, [])
+
+
+def test_chunks_of_one_shard_store_side_by_side_and_load_what_they_need(fp0, unit, tmp_path):
+    """Two chunks storing into one cache shard (as parallel tasks do) lose nothing; a load
+    asks for the hashes it needs and gets just those."""
+    cache = FeatureCache(str(tmp_path), fp0, "fp16", num_shards=1)
+    (first_url, first), *rest = unit.features.items()
+    cache.store({first_url: first})
+    cache.store(dict(rest))
+    assert len(cache.shard_files(0)) == 2
+    entries, problems = cache.load(["any"])
+    assert problems == [] and set(entries) == {sha for sha, _ in unit.features.values()}
+    wanted = rest[0][1][0]
+    entries, problems = cache.load(["any"], {wanted})
+    assert problems == [] and set(entries) == {wanted}
+    assert entries[wanted].features.dtype == np.float16 and entries[wanted].features.shape == (256, 64, 64)
+
+
+def test_a_legacy_single_file_shard_is_still_read(fp0, unit, tmp_path):
+    cache = FeatureCache(str(tmp_path), fp0, "fp32", num_shards=1)
+    cache.store(unit.features)
+    [path] = cache.shard_files(0)
+    legacy = Path(path).with_name("shard-00000.parquet")  # the layout before per-chunk files
+    pq.write_table(pq.read_table(path).replace_schema_metadata(None), legacy)
+    Path(path).unlink()
+    assert cache.shard_files(0) == [str(legacy)]
+    entries, problems = cache.load(["any"], {sha for sha, _ in unit.features.values()})
+    assert problems == [] and len(entries) == len(unit.features)
+    for sha, entry in unit.features.values():
+        assert np.array_equal(entries[sha].features, entry.features)
 
 
 def test_check_writable_refuses_a_path_under_a_file(fp0, tmp_path):

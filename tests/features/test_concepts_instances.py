@@ -1,6 +1,7 @@
 """Issue 5: K concepts in one encoder pass, presence, the job with its exports, bad input.
 
-Unit level (no Ray): jobs.worker.segment_shard on a hand-built shard with the tiny random
+Unit level (no Ray): the model actor's device work (jobs.worker.segment_chunk) and the
+finish stage's rows (jobs.finish.mask_rows) on a hand-built chunk with the tiny random
 model. Job level: one module-scoped `persam segment` run (two concepts, --max-instances 2)
 feeds the export tests. Several instances and several shots: test_instances_shots.py.
 """
@@ -23,11 +24,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from feature_tools import MODEL, assert_one_error_line, fit_cli, iou, run_cli
+from feature_tools import MODEL, assert_one_error_line, fit_cli, iou, make_chunk, run_cli, segment_rows
 from jobs.images import decode_image
 from jobs.overlays import safe_file_name
-from jobs.shard_payload import Shard, ShardItem
-from jobs.worker import segment_shard
 from persam_core.instances import segment_instances
 from persam_core.masks import decode_rle
 from persam_core.persam import prior_for, segment_persam
@@ -36,15 +35,16 @@ from persam_core.preprocess import resize_longest_side
 
 
 @pytest.fixture(scope="module")
-def shard_images(perseg_sample) -> list[ShardItem]:
-    """Each concept's 01 image, shrunk to 480 px (full-size postprocessing is the slow part)."""
+def shard_images(perseg_sample) -> list[tuple]:
+    """Each concept's 01 image, shrunk to 480 px (full-size postprocessing is the slow part):
+    (url, content hash, resized image)."""
     items = []
     for name in ("cat", "duck_toy", "colorful_sneaker"):
         path = perseg_sample / "Images" / name / "01.jpg"
         with Image.open(path) as picture:
             picture.thumbnail((480, 480))
             pixels = np.asarray(picture.convert("RGB"))
-        items.append(ShardItem(str(path), sha256=f"sha-{name}", image=resize_longest_side(pixels)))
+        items.append((str(path), f"sha-{name}", resize_longest_side(pixels)))
     return items
 
 
@@ -81,18 +81,18 @@ def decoder_calls(tiny_sam, monkeypatch) -> list[int]:
 
 def test_k_concepts_encode_each_image_once(tiny_sam, fingerprint, concepts, shard_images, encoder_calls):
     ks = [concepts[n] for n in ("cat", "duck_toy", "colorful_sneaker", "duck_f")]
-    rows, encoded = segment_shard(tiny_sam, fingerprint, ks, Shard(0, list(shard_images)), 1)
+    rows, results = segment_rows(tiny_sam, fingerprint, ks, make_chunk(shard_images))
     assert encoder_calls == [1] * len(shard_images)  # images, not images x K
-    assert len(encoded) == len(shard_images)
+    assert results.encoded == list(range(len(shard_images)))
     assert len(rows) == len(shard_images) * len(ks)
     keys = [(r["image_uri"], r["concept"]) for r in rows]
-    assert sorted(keys) == sorted((i.url, c.concept.name) for i in shard_images for c in ks)
+    assert keys == [(url, c.concept.name) for url, _, _ in shard_images for c in ks]  # image, then concept order
     assert all(r["error"] is None and r["instance"] == 0 and r["present"] is True for r in rows)
     assert {r["method"] for r in rows} == {"persam", "persam-f"}
 
     # Decoding K concepts from shared features gives each concept's own single-concept result.
     encoder_calls.clear()
-    alone, _ = segment_shard(tiny_sam, fingerprint, [concepts["duck_toy"]], Shard(0, list(shard_images)), 1)
+    alone, _ = segment_rows(tiny_sam, fingerprint, [concepts["duck_toy"]], make_chunk(shard_images))
     assert encoder_calls == [1] * len(shard_images)
     shared = {r["image_uri"]: r for r in rows if r["concept"] == "duck_toy"}
     for row in alone:
@@ -103,17 +103,43 @@ def test_k_concepts_encode_each_image_once(tiny_sam, fingerprint, concepts, shar
 
 
 def test_encoder_batches_cover_every_image_once(tiny_sam, fingerprint, concepts, shard_images, encoder_calls):
-    rows, _ = segment_shard(tiny_sam, fingerprint, [concepts["cat"], concepts["duck_toy"]], Shard(0, list(shard_images)), 2)
+    rows, _ = segment_rows(tiny_sam, fingerprint, [concepts["cat"], concepts["duck_toy"]], make_chunk(shard_images), 2)
     assert encoder_calls == [2, 1]
     assert len(rows) == len(shard_images) * 2
+
+
+def test_a_failing_batch_is_retried_image_by_image(tiny_sam, fingerprint, concepts, shard_images, monkeypatch):
+    """One image the cascade cannot take becomes error rows; the others of its batch succeed."""
+    import jobs.worker
+
+    # three crops of distinct sizes: the size tells the images apart inside the batch
+    images = [(f"crop{i}", f"sha{i}", resize_longest_side(np.ascontiguousarray(
+        shard_images[i][2].pixels[: 200 + 10 * i, :300]))) for i in range(3)]
+    bad = images[1][2].original_size
+    real = jobs.worker.segment_batch
+
+    def fragile(sam, batch, *args, **kwargs):
+        if bad in batch.original_sizes:
+            raise RuntimeError("CUDA error: an illegal memory access\nsecond line")
+        return real(sam, batch, *args, **kwargs)
+
+    monkeypatch.setattr(jobs.worker, "segment_batch", fragile)
+    ks = [concepts["cat"], concepts["duck_toy"]]
+    rows, results = segment_rows(tiny_sam, fingerprint, ks, make_chunk(images), batch_size=3)
+    assert [(r["image_uri"], r["concept"]) for r in rows] == [(url, c.concept.name) for url, _, _ in images for c in ks]
+    failed = [r for r in rows if r["error"] is not None]
+    assert {r["image_uri"] for r in failed} == {"crop1"} and results.encoded == [0, 1, 2]
+    assert all(r["error"] == "segment failed: RuntimeError: CUDA error: an illegal memory access" for r in failed)
+    assert all((r["height"], r["width"]) == bad and r["mask_rle"] is None for r in failed)
+    assert all(r["mask_rle"] is not None for r in rows if r["error"] is None)
 
 
 # ---------------------------------------------------------------------------- presence
 
 
 def test_below_threshold_is_one_absent_row_without_decoding(tiny_sam, concepts, shard_images, decoder_calls):
-    item = shard_images[0]
-    encoded = encode_images(tiny_sam, [item.image])[0]
+    _, _, image = shard_images[0]
+    encoded = encode_images(tiny_sam, [image])[0]
     concept = concepts["cat"]
     presence = prior_for(tiny_sam, encoded, concept).presence
     found = segment_instances(tiny_sam, encoded, concept, max_instances=3, min_similarity=presence + 1e-3)
@@ -121,7 +147,7 @@ def test_below_threshold_is_one_absent_row_without_decoding(tiny_sam, concepts, 
     assert len(found) == 1
     absent = found[0]
     assert absent.present is False and absent.instance == 0
-    assert absent.result.mask.shape == item.image.original_size and not absent.result.mask.any()
+    assert absent.result.mask.shape == image.original_size and not absent.result.mask.any()
     assert absent.result.similarity == pytest.approx(presence)
 
     kept = segment_instances(tiny_sam, encoded, concept, max_instances=1, min_similarity=presence - 1e-3)
@@ -131,7 +157,7 @@ def test_below_threshold_is_one_absent_row_without_decoding(tiny_sam, concepts, 
 
 def test_absent_rows_in_a_shard(tiny_sam, fingerprint, concepts, shard_images):
     ks = [concepts["cat"], concepts["duck_f"]]
-    rows, _ = segment_shard(tiny_sam, fingerprint, ks, Shard(0, list(shard_images)), 1, 2, 0.99999)
+    rows, _ = segment_rows(tiny_sam, fingerprint, ks, make_chunk(shard_images), 1, 2, 0.99999)
     assert len(rows) == len(shard_images) * len(ks)  # never fewer rows than images x concepts
     for row in rows:
         assert row["present"] is False and row["instance"] == 0 and row["error"] is None

@@ -1,8 +1,9 @@
 """Edge cases of the cache, incremental reruns, rank and export, without Ray.
 
-`in_process` replaces the Ray Data pipeline by the very same stages called in order in
-this process (prepare_shard -> SegmentActor -> sink), so these cases cost seconds; the
-Ray path itself is covered by test_cache_rank_incremental.py.
+`in_process` replaces Ray Data's stream by the very same stages called in order in this
+process (prepare_chunk -> SegmentActor -> finish_chunk); chunk planning, gathering and
+committing are the real ones. So these cases cost seconds; the Ray path itself is covered
+by test_cache_rank_incremental.py.
 """
 
 from __future__ import annotations
@@ -21,41 +22,44 @@ from feature_tools import MODEL, run_cli, save_small
 from jobs import commit
 from jobs.cache import CACHE_SCHEMA, FeatureCache
 from jobs.schema import rows_to_table
-from jobs.shard_payload import prepare_shard
+from jobs.finish import finish_chunk
+from jobs.prepare import prepare_chunk
 from jobs.worker import SegmentActor
 from persam_core.masks import area_px, bbox_xywh, encode_rle
 from persam_core.models import model_fingerprint
 
 
 
-def in_process(spec, shards: list[dict], sink) -> list[dict]:
-    """jobs.pipeline.run_pipeline's stages, without Ray."""
+def in_process(spec, chunks: list[dict]):
+    """jobs.pipeline.ray_stream's stages, without Ray."""
+    from persam_core.concept import Concept
+
     cache = (FeatureCache(spec.cache["url"], spec.fingerprint, spec.cache["dtype"], spec.storage_options,
                           spec.cache["num_shards"]) if spec.cache else None)
-    kwargs = dict(model_type=spec.model_type, checkpoint=spec.checkpoint, expected_fingerprint=spec.fingerprint,
-                  concepts_box=[spec.concept_texts], device=spec.device, batch_size=spec.batch_size, threads=1,
-                  storage_options=spec.storage_options, max_instances=spec.max_instances,
-                  min_similarity=spec.min_similarity, task=spec.task, cache=spec.cache)
-    actor = SegmentActor(**kwargs)
-    results = []
-    for shard in shards:
-        prepared = prepare_shard(shard, storage_options=spec.storage_options, max_pixels=spec.max_pixels, cache=cache)
-        out = actor({"payload": [prepared["payload"]]})
-        results.append(sink({key: values[0] for key, values in out.items()}))
-    return results
+    actor = SegmentActor(
+        model_type=spec.model_type, checkpoint=spec.checkpoint, expected_fingerprint=spec.fingerprint,
+        concepts_box=[spec.concept_texts], device=spec.device, threads=1, storage_options=spec.storage_options,
+        max_instances=spec.max_instances, min_similarity=spec.min_similarity, task=spec.task,
+        precision=spec.precision, fused_attention=spec.fused_attention, compile_encoder=spec.compile_encoder,
+        batch_size=spec.batch_size, cache_dtype=spec.cache["dtype"] if spec.cache else None)
+    labels = [(c.name, c.method) for c in map(Concept.from_json, spec.concept_texts)]
+    for chunk in chunks:
+        prepared = prepare_chunk(chunk, storage_options=spec.storage_options, max_pixels=spec.max_pixels, cache=cache)
+        out = actor({key: [prepared[key]] for key in ("meta", "arrays")})
+        yield finish_chunk({key: values[0] for key, values in out.items()}, spec.fingerprint, labels, spec.task, cache)
 
 
 @pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
     import ray
 
+    import jobs.pipeline
     import jobs.rank
-    import jobs.segment
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "get", lambda ref: ref)  # concepts_box holds the texts themselves
-    monkeypatch.setattr(jobs.segment, "run_pipeline", in_process)
-    monkeypatch.setattr(jobs.rank, "run_pipeline", in_process)
+    monkeypatch.setattr(jobs.pipeline, "ray_stream", in_process)
+    monkeypatch.setattr(jobs.pipeline, "start_ray", lambda: False)
     monkeypatch.setattr(jobs.rank, "start_ray", lambda: False)
 
 
@@ -177,7 +181,7 @@ def test_rank_reports_a_corrupt_cache_entry(perseg_sample, concept, tiny_sam, tm
     save_small(perseg_sample, "cat/01", images / "a.jpg")
     save_small(perseg_sample, "duck_toy/01", images / "b.jpg")
     ok(rank(concept, images, tmp_path / "r1", "--cache", cache))
-    path = FeatureCache(cache, model_fingerprint(tiny_sam, "tiny"), num_shards=1).shard_path(0)
+    [path] = FeatureCache(cache, model_fingerprint(tiny_sam, "tiny"), num_shards=1).shard_files(0)
     entries = pq.read_table(path).to_pylist()
     entries[0]["features"] = entries[0]["features"][:100] + b"\x00" * 8 + entries[0]["features"][108:]
     pq.write_table(pa.Table.from_pylist(entries, schema=CACHE_SCHEMA), path)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.commit import shard_of
 from lake_tools import ACCESS_KEY, PERSAM, REPO, SECRET_KEY, run_persam
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
@@ -94,6 +95,12 @@ def _one_image_per_shard(output: Path, images: Path, concept: Path) -> list[str]
             "--shard-size", "1"]
 
 
+def _chunked_shards(output: Path, images: Path, concept: Path) -> list[str]:
+    """A segment command whose shards (about 4 images) each span several one-image chunks."""
+    return ["segment", *MODEL, "--concept", str(concept), "--input", str(images), "--output", str(output),
+            "--shard-size", "4", "--chunk-size", "1"]
+
+
 def test_killed_driver_resumes_without_duplicates(tmp_path, many_images, tiny_concept, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     output = tmp_path / "masks"
@@ -121,9 +128,11 @@ def _actor_pids() -> list[int]:
 
 
 def test_killed_actor_is_restarted_and_no_row_is_lost(tmp_path, many_images, tiny_concept, monkeypatch):
+    """Killed while shards are half done: their chunks in flight are retried, each shard is
+    committed once, and no row is lost or duplicated."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     output = tmp_path / "masks"
-    job = _start_job(_one_image_per_shard(output, many_images, tiny_concept), dict(os.environ))
+    job = _start_job(_chunked_shards(output, many_images, tiny_concept), dict(os.environ))
     try:
         _wait_for_parts(output, 1, job)
         pids = _actor_pids()
@@ -135,4 +144,6 @@ def test_killed_actor_is_restarted_and_no_row_is_lost(tmp_path, many_images, tin
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 0, stderr[-3000:]
-    assert_exactly_once(read_rows(str(output)), expected_images=12)
+    rows = read_rows(str(output))
+    assert_exactly_once(rows, expected_images=12)
+    assert len(_part_files(output)) == len({shard_of(r["image_uri"], 3) for r in rows})  # one file per shard

@@ -1,0 +1,115 @@
+"""The CPU stage after the model actor: a chunk's results become rows, its features the cache's.
+
+Runs as Ray Data tasks beside the actor, so RLE encoding, Arrow building and cache writes
+never hold the GPU. Rows per image in item order, then concept order, then instance:
+- computed: mask as COCO RLE, bbox / area from the actor, score null when absent;
+- error (read, decode, encode or segment failed): one row per concept, `error` set;
+- carried: no row here; the committer copies them from the shard's previous file.
+
+Cache writes happen here, per chunk, each chunk adding its own file (see cache.py): the
+chunks of a shard run in parallel, and storing per shard in the driver would route every
+image's features (2-4 MiB) through the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from persam_core.batch import HostResults
+from persam_core.masks import encode_rle
+
+from .cache import CachedFeatures, FeatureCache
+from .payload import Chunk, ChunkItem, ChunkResults, table_to_ipc, unpack_chunk, unpack_results
+from .schema import RANK_SCHEMA, rows_to_table
+
+ConceptLabel = tuple[str, str]  # (name, method) of a concept, in the job's concept order
+
+
+def error_row(item: ChunkItem, concept: ConceptLabel, reason: str, fingerprint: str) -> dict:
+    size = item.original_size
+    return {
+        "image_uri": item.url, "concept": concept[0], "method": concept[1], "instance": 0, "present": False,
+        "width": None if size is None else size[1], "height": None if size is None else size[0],
+        "mask_rle": None, "bbox": None, "area": 0, "score": None, "similarity": None, "point": None,
+        "error": reason, "model_fingerprint": fingerprint, "content_sha256": item.sha256,
+    }
+
+
+def result_row(item: ChunkItem, concept: ConceptLabel, masks: HostResults, row: int, fingerprint: str) -> dict:
+    mask = masks.mask(row)
+    height, width = mask.shape
+    score = float(masks.score[row])
+    return {
+        "image_uri": item.url, "concept": concept[0], "method": concept[1], "instance": int(masks.instance[row]),
+        "present": bool(masks.present[row]), "width": width, "height": height, "mask_rle": encode_rle(mask),
+        "bbox": [int(v) for v in masks.bbox[row]], "area": int(masks.area[row]),
+        "score": None if math.isnan(score) else score, "similarity": float(masks.similarity[row]),
+        "point": [int(v) for v in masks.point[row]], "error": None, "model_fingerprint": fingerprint,
+        "content_sha256": item.sha256,
+    }
+
+
+def mask_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLabel], fingerprint: str) -> list[dict]:
+    """-> rows of every image that is not carried: images x concepts x instances."""
+    masks = results.masks
+    by_image: dict[int, list[int]] = {}
+    if masks is not None and len(masks):
+        for row in np.lexsort((masks.instance, masks.concept_index, masks.image_index)):
+            by_image.setdefault(int(masks.image_index[row]), []).append(int(row))
+    rows = []
+    for index, item in enumerate(chunk.items):
+        if item.carried:
+            continue
+        found = by_image.get(index)
+        if item.error is not None or index in results.failures or not found:
+            reason = item.error or results.failures.get(index, "no result for this image")
+            rows.extend(error_row(item, concept, reason, fingerprint) for concept in concepts)
+            continue
+        rows.extend(result_row(item, concepts[int(masks.concept_index[r])], masks, r, fingerprint) for r in found)
+    return rows
+
+
+def score_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLabel], fingerprint: str) -> list[dict]:
+    """-> one row per (image, concept): similarity and point, or the error."""
+    rows = []
+    for index, item in enumerate(chunk.items):
+        for k, concept in enumerate(concepts):
+            similarity = None if results.similarity is None else float(results.similarity[index, k])
+            error = item.error or results.failures.get(index)
+            if error is None and (similarity is None or math.isnan(similarity)):
+                error = "no result for this image"
+            good = error is None
+            rows.append({"image_uri": item.url, "concept": concept[0], "similarity": similarity if good else None,
+                         "point": [int(v) for v in results.point[index, k]] if good else None, "error": error,
+                         "model_fingerprint": fingerprint, "content_sha256": item.sha256})
+    return rows
+
+
+def store_fresh(cache: FeatureCache, chunk: Chunk, results: ChunkResults) -> None:
+    """Add the features the actor encoded for this chunk to the cache."""
+    if results.fresh:
+        cache.store({chunk.items[i].url: (chunk.items[i].sha256, CachedFeatures(
+            features, chunk.items[i].input_size, chunk.items[i].original_size)) for i, features in results.fresh.items()})
+
+
+def finish_chunk(row: dict, fingerprint: str, concepts: list[ConceptLabel], task: str = "segment",
+                 cache: FeatureCache | None = None) -> dict:
+    """{"meta", "results"} -> {"shard", "chunk", "images", "table" (Arrow IPC), counts} for the driver."""
+    chunk, results = unpack_chunk(row["meta"]), unpack_results(row["results"])
+    if cache is not None:
+        store_fresh(cache, chunk, results)
+    if task == "score":
+        table = pa.Table.from_pylist(score_rows(chunk, results, concepts, fingerprint), schema=RANK_SCHEMA)
+    else:
+        table = rows_to_table(mask_rows(chunk, results, concepts, fingerprint))
+    return {
+        "shard": chunk.shard, "chunk": chunk.index, "images": len(chunk.items), "table": table_to_ipc(table),
+        "encoded": len(results.encoded), "cache_hits": sum(item.source == "cached" for item in chunk.items),
+        "carried": json.dumps([item.url for item in chunk.items if item.carried]),
+        "problems": json.dumps(list(chunk.cache_problems)),
+    }

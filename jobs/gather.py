@@ -1,0 +1,63 @@
+"""The driver's side of the pipeline: gather the chunks of each shard, hand complete shards on.
+
+Chunks arrive in any order and, after a retried task, possibly twice: the first copy of
+each (shard, chunk) is kept, later copies are dropped. When the last chunk of a shard has
+arrived, `on_shard(shard, chunks in chunk order)` runs on a small thread pool (a commit
+is I/O: it must not stall the stream of results), exactly once per shard.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+COMMIT_THREADS = 4
+
+
+class ShardGatherer:
+    """shards: {shard id: the shard's row, with "chunks" (how many it has)}."""
+
+    def __init__(self, shards: dict[int, dict], on_shard: Callable[[dict, list[dict]], dict],
+                 threads: int = COMMIT_THREADS) -> None:
+        self.shards, self.on_shard = shards, on_shard
+        self.received: dict[int, dict[int, dict]] = {}  # chunks of shards still incomplete
+        self.done: set[int] = set()  # shards handed on
+        self.futures: list[Future] = []
+        self.running: list[Future] = []  # handed on, not yet seen finished
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="commit")
+
+    def add(self, chunk: dict) -> bool:
+        """A chunk's result row ({"shard", "chunk", ...}) -> False if it is a duplicate."""
+        self._raise_failed()
+        shard, index = int(chunk["shard"]), int(chunk["chunk"])
+        if shard in self.done or index in self.received.get(shard, {}):  # a copy from a retried task
+            return False
+        parts = self.received.setdefault(shard, {})
+        parts[index] = chunk
+        if len(parts) == self.shards[shard]["chunks"]:
+            del self.received[shard]
+            self.done.add(shard)
+            future = self.pool.submit(self.on_shard, self.shards[shard], [parts[i] for i in range(len(parts))])
+            self.futures.append(future)
+            self.running.append(future)
+        return True
+
+    def _raise_failed(self) -> None:
+        """Stop the job at the first failed commit instead of computing on for nothing."""
+        for future in self.running:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+        self.running = [f for f in self.running if not f.done()]
+
+    def results(self) -> list[dict]:
+        """Wait for every handed-on shard -> on_shard's results; the first failure is raised."""
+        incomplete = [s for s in self.shards if s not in self.done]
+        if incomplete:
+            raise RuntimeError(f"shards {sorted(incomplete)[:5]} did not receive all their chunks; rerun the job")
+        return [future.result() for future in self.futures]
+
+    def __enter__(self) -> "ShardGatherer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)

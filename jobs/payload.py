@@ -1,0 +1,154 @@
+"""What travels between the job's stages: one owner per format, and no pickle anywhere.
+
+    driver ──{"shard", "chunk", "urls", "previous"}──► prepare (CPU task)
+           ──{"meta", "arrays"}──► SegmentActor (GPU) ──{"meta", "results"}──► finish (CPU task)
+           ──{"shard", "chunk", "table", counts}──► driver (gathers a shard's chunks, commits it)
+
+A *chunk* is a few images of one shard (the unit of work of the model actor); a shard is
+what becomes one Parquet file. `meta` is the chunk's JSON header (per image: URL, content
+hash, error, sizes, where its features come from) and passes the actor untouched; `arrays`
+(npz) holds only what the actor needs on the device: resized pixels or cached features;
+`results` (npz) is what the actor computed, host numpy only, without rows; `table` is the
+chunk's rows as Arrow IPC.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import pyarrow as pa
+
+from persam_core.batch import HostResults
+from persam_core.preprocess import ResizedImage
+
+
+@dataclass
+class ChunkItem:
+    """One image of a chunk. `source`: "pixels" (to encode) or "cached" (features from the
+    cache); None when `error` is set or the image is `carried` (its rows are copied from the
+    shard's previous commit: same URL, same content)."""
+
+    url: str
+    sha256: str | None = None
+    error: str | None = None
+    carried: bool = False
+    source: str | None = None
+    original_size: tuple[int, int] | None = None  # (H, W) as displayed (EXIF applied)
+    input_size: tuple[int, int] | None = None  # (h, w) after the resize to 1024 on the longest side
+
+
+@dataclass
+class Chunk:
+    """pixels: item index -> [h, w, 3] uint8 (source "pixels");
+    features: item index -> [256, 64, 64] fp16/fp32 from the cache (source "cached")."""
+
+    shard: int
+    index: int
+    items: list[ChunkItem]
+    cache_problems: tuple[str, ...] = ()
+    pixels: dict[int, np.ndarray] = field(default_factory=dict)
+    features: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def resized(self, item: int) -> ResizedImage:
+        return ResizedImage(self.pixels[item], tuple(self.items[item].original_size))
+
+
+@dataclass
+class ChunkResults:
+    """What the model actor computed for one chunk: numbers and packed masks, no rows.
+
+    failures: item index -> reason ("encode failed: ...", "segment failed: ...");
+    encoded: item indices that went through the encoder in this call;
+    masks (task "segment"): HostResults whose image_index is the item index;
+    similarity / point (task "score"): [N, K] float32 (NaN where not scored) / [N, K, 2] int32 (x, y);
+    fresh: item index -> [256, 64, 64] features just encoded, in the cache's dtype (for the cache).
+    """
+
+    failures: dict[int, str] = field(default_factory=dict)
+    encoded: list[int] = field(default_factory=list)
+    masks: HostResults | None = None
+    similarity: np.ndarray | None = None
+    point: np.ndarray | None = None
+    fresh: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def short_reason(error: BaseException) -> str:
+    """An exception as one short line for an error row: 'Type: first line'."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}"[:500] if text else type(error).__name__
+
+
+def _npz(arrays: dict[str, np.ndarray], header: dict) -> bytes:
+    arrays = {**arrays, "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _size(value) -> tuple[int, int] | None:
+    return None if value is None else (int(value[0]), int(value[1]))
+
+
+def pack_chunk(chunk: Chunk) -> tuple[bytes, bytes]:
+    """-> (meta: JSON bytes, arrays: npz bytes)."""
+    items = [{"url": i.url, "sha256": i.sha256, "error": i.error, "carried": i.carried, "source": i.source,
+              "original_size": i.original_size, "input_size": i.input_size} for i in chunk.items]
+    meta = {"shard": chunk.shard, "chunk": chunk.index, "items": items, "cache_problems": list(chunk.cache_problems)}
+    arrays = {f"pixels_{i}": a for i, a in chunk.pixels.items()}
+    arrays.update({f"features_{i}": a for i, a in chunk.features.items()})
+    return json.dumps(meta).encode(), _npz(arrays, {})
+
+
+def unpack_chunk(meta: bytes, arrays: bytes | None = None) -> Chunk:
+    """The chunk of `meta`; with `arrays`, also its pixels and cached features."""
+    header = json.loads(bytes(meta))
+    items = [ChunkItem(e["url"], e["sha256"], e["error"], e["carried"], e["source"], _size(e["original_size"]),
+                       _size(e["input_size"])) for e in header["items"]]
+    chunk = Chunk(int(header["shard"]), int(header["chunk"]), items, tuple(header["cache_problems"]))
+    if arrays is not None:
+        with np.load(io.BytesIO(arrays), allow_pickle=False) as archive:
+            for name in archive.files:
+                kind, _, index = name.rpartition("_")
+                if kind == "pixels":
+                    chunk.pixels[int(index)] = archive[name]
+                elif kind == "features":
+                    chunk.features[int(index)] = archive[name]
+    return chunk
+
+
+def pack_results(results: ChunkResults) -> bytes:
+    arrays: dict[str, np.ndarray] = {f"fresh_{i}": a for i, a in results.fresh.items()}
+    if results.masks is not None:
+        arrays.update({f"masks_{k}": v for k, v in results.masks.to_arrays().items()})
+    if results.similarity is not None:
+        arrays.update(similarity=results.similarity, point=results.point)
+    header = {"failures": {str(i): r for i, r in results.failures.items()}, "encoded": results.encoded}
+    return _npz(arrays, header)
+
+
+def unpack_results(data: bytes) -> ChunkResults:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        header = json.loads(archive["header"].tobytes())
+        names = set(archive.files)
+        results = ChunkResults({int(i): r for i, r in header["failures"].items()}, list(header["encoded"]))
+        if "masks_image_index" in names:
+            results.masks = HostResults.from_arrays({f.name: archive[f"masks_{f.name}"] for f in fields(HostResults)})
+        if "similarity" in names:
+            results.similarity, results.point = archive["similarity"], archive["point"]
+        results.fresh = {int(n.rpartition("_")[2]): archive[n] for n in names if n.startswith("fresh_")}
+    return results
+
+
+def table_to_ipc(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes (how rows travel from the CPU stage to the driver)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def ipc_to_table(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()

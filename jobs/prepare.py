@@ -1,0 +1,71 @@
+"""The CPU stage before the model actor: read, hash, decode and resize one chunk.
+
+Per image, in this order: read the bytes (a failure is an error row, the job goes on),
+hash them (SHA-256 of the content), and then
+- same URL and content as a good row of the shard's previous commit -> carried: its rows
+  are copied by the committer, nothing is computed;
+- features in the cache -> shipped to the actor, which skips the encoder;
+- otherwise decoded (EXIF, RGB, pixel limit) and resized to 1024 on the longest side.
+"""
+
+from __future__ import annotations
+
+from persam_core.preprocess import resize_longest_side
+
+from . import commit
+from .cache import FeatureCache, content_sha256
+from .checkpoints import redact
+from .images import DEFAULT_MAX_PIXELS, decode_image
+from .inputs import read_bytes
+from .payload import Chunk, ChunkItem, pack_chunk, short_reason
+
+
+def unchanged_images(previous: list[str], storage_options: dict | None) -> set[tuple[str, str]]:
+    """(url, content_sha256) of the good rows in a shard's previous files (hash column only)."""
+    table = commit.read_parts(previous, storage_options, columns=["image_uri", "content_sha256", "error"])
+    if table is None or "content_sha256" not in table.column_names:
+        return set()
+    rows = zip(*(table.column(c).to_pylist() for c in ("image_uri", "content_sha256", "error")))
+    return {(url, sha) for url, sha, error in rows if sha and error is None}
+
+
+def prepare_chunk(
+    row: dict,
+    storage_options: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cache: FeatureCache | None = None,
+) -> dict:
+    """{"shard", "chunk", "urls", "previous"} -> {"shard", "chunk", "meta", "arrays"} (see payload.py)."""
+    urls = list(row["urls"])
+    unchanged = unchanged_images(list(row.get("previous") or []), storage_options)
+    items, data = [], {}
+    for index, url in enumerate(urls):
+        item = ChunkItem(url)
+        items.append(item)
+        try:
+            data[index] = read_bytes(url, storage_options)
+        except Exception as error:  # missing object, permission, timeout: the job goes on
+            item.error = f"read failed: {short_reason(error)}"
+            continue
+        item.sha256 = content_sha256(data[index])
+        item.carried = (url, item.sha256) in unchanged
+    wanted = {item.sha256 for item in items if item.sha256 and not item.carried}
+    cached, problems = cache.load(urls, wanted) if cache is not None and wanted else ({}, [])
+    chunk = Chunk(int(row["shard"]), int(row["chunk"]), items, tuple(problems))
+    for index, item in enumerate(items):
+        if item.error is not None or item.carried:
+            continue
+        entry = cached.get(item.sha256)
+        if entry is not None:
+            item.source, item.input_size, item.original_size = "cached", entry.input_size, entry.original_size
+            chunk.features[index] = entry.features
+            continue
+        try:
+            resized = resize_longest_side(decode_image(data.pop(index), redact(item.url), max_pixels))
+        except Exception as error:
+            item.error = f"decode failed: {short_reason(error)}"
+            continue
+        item.source, item.input_size, item.original_size = "pixels", resized.input_size, resized.original_size
+        chunk.pixels[index] = resized.pixels
+    meta, arrays = pack_chunk(chunk)
+    return {"shard": chunk.shard, "chunk": chunk.index, "meta": meta, "arrays": arrays}

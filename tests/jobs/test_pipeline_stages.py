@@ -1,0 +1,220 @@
+"""The pipeline's stages: chunks of a shard, the tensor-only model actor, the CPU finish
+stage, the driver's gathering and commit, and the speed defaults on CPU.
+
+Unit level without Ray, plus one Ray job whose shard spans several chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import jobs.commit
+from jobs.cache import FeatureCache
+from jobs.cli import build_parser
+from jobs.finish import finish_chunk
+from jobs.gather import ShardGatherer
+from jobs.payload import ipc_to_table, unpack_results
+from jobs.pipeline import plan_chunks
+from jobs.prepare import prepare_chunk
+from jobs.segment import SegmentOptions, run_segment
+from jobs.worker import SegmentActor
+from persam_core.acceleration import EncoderSpeed, resolve_speed
+from persam_core.concept import Concept, persam_targets, reference_cells
+from persam_core.masks import decode_rle
+from persam_core.models import model_fingerprint
+from persam_core.predictor import encode_images
+from persam_core.preprocess import resize_longest_side
+
+MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]
+SOURCES = ("cat/01", "cat/02", "duck_toy/01", "duck_toy/02", "colorful_sneaker/01")
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def concepts(perseg_sample, tiny_sam, tmp_path_factory) -> list[Path]:
+    """Two PerSAM concepts of the tiny random model, as files."""
+    from jobs.images import decode_image, decode_mask
+
+    folder = tmp_path_factory.mktemp("concepts")
+    paths = []
+    for name in ("cat", "duck_toy"):
+        image = decode_image((perseg_sample / "Images" / name / "00.jpg").read_bytes(), "image")
+        mask = decode_mask((perseg_sample / "Annotations" / name / "00.png").read_bytes(), "mask")
+        cells = reference_cells(encode_images(tiny_sam, [resize_longest_side(image)]), [mask], ["mask"])
+        feature, embedding = persam_targets(cells)
+        concept = Concept(name, "persam", feature.numpy(), embedding.numpy(), model_fingerprint(tiny_sam, "tiny"))
+        paths.append(folder / f"{name}.json")
+        paths[-1].write_text(concept.to_json())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(perseg_sample, tmp_path_factory) -> Path:
+    """Five small sample photos and one broken file."""
+    folder = tmp_path_factory.mktemp("images")
+    for source in SOURCES:
+        with Image.open(perseg_sample / "Images" / f"{source}.jpg") as picture:
+            picture = picture.convert("RGB")
+            picture.thumbnail((256, 256))
+            picture.save(folder / f"{source.replace('/', '_')}.jpg", quality=90)
+    (folder / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    return folder
+
+
+# ---------------------------------------------------------------------------- chunks and the gatherer
+
+
+def test_chunks_never_span_shards_and_keep_url_order():
+    shards = [{"shard": 3, "urls": [f"u{i}" for i in range(5)], "previous": ["p"]}, {"shard": 7, "urls": ["v"]}]
+    chunks = plan_chunks(shards, 2)
+    assert [(c["shard"], c["chunk"], c["urls"]) for c in chunks] == [
+        (3, 0, ["u0", "u1"]), (3, 1, ["u2", "u3"]), (3, 2, ["u4"]), (7, 0, ["v"])]
+    assert [s["chunks"] for s in shards] == [3, 1]
+    assert all(c["previous"] == ["p"] for c in chunks[:3]) and chunks[3]["previous"] == []
+
+
+def test_a_shard_is_handed_on_once_after_its_last_chunk_and_duplicates_are_dropped():
+    handed = []
+    shards = {0: {"shard": 0, "chunks": 3}, 1: {"shard": 1, "chunks": 1}}
+    with ShardGatherer(shards, lambda shard, chunks: handed.append((shard["shard"], [c["chunk"] for c in chunks]))) as gather:
+        arrivals = [(0, 2), (1, 0), (0, 0), (0, 2), (1, 0), (0, 1), (0, 1), (0, 0)]  # retried tasks deliver twice
+        fresh = [gather.add({"shard": s, "chunk": c, "copy": n}) for n, (s, c) in enumerate(arrivals)]
+        gather.results()
+    assert fresh == [True, True, True, False, False, True, False, False]
+    assert sorted(handed) == [(0, [0, 1, 2]), (1, [0])]  # each shard once, its chunks in order
+
+
+def test_a_shard_missing_a_chunk_is_an_error_not_a_silent_gap():
+    with ShardGatherer({0: {"shard": 0, "chunks": 2}}, lambda shard, chunks: None) as gather:
+        gather.add({"shard": 0, "chunk": 0})
+        with pytest.raises(RuntimeError, match="did not receive all their chunks"):
+            gather.results()
+
+
+def test_a_failed_commit_stops_the_job():
+    def broken(shard, chunks):
+        raise OSError("output: disk full")
+
+    with ShardGatherer({0: {"shard": 0, "chunks": 1}, 1: {"shard": 1, "chunks": 1}}, broken) as gather:
+        gather.add({"shard": 0, "chunk": 0})
+        gather.pool.shutdown(wait=True)  # let the commit fail
+        with pytest.raises(OSError, match="disk full"):
+            gather.add({"shard": 1, "chunk": 0})
+
+
+# ---------------------------------------------------------------------------- speed defaults on CPU
+
+
+def test_cli_defaults_resolve_to_the_exact_cpu_path():
+    for command in (["segment", "--concept", "c.json"], ["rank", "--concept", "c.json"]):
+        args = build_parser().parse_args([*command, *MODEL, "--input", "i", "--output", "o"])
+        assert (args.precision, args.fused_attention, args.compile_encoder, args.batch_size) == ("auto", None, None, None)
+        speed = resolve_speed("cpu", args.precision, args.fused_attention, args.compile_encoder, args.batch_size)
+        assert speed == EncoderSpeed(precision="fp32", fused_attention=False, compile=False, batch_size=1)
+        assert resolve_speed("cuda", args.precision, args.fused_attention, args.compile_encoder,
+                             args.batch_size) == EncoderSpeed("bf16", True, True, 16)
+
+
+def test_the_old_flags_still_parse():
+    args = build_parser().parse_args(["segment", "--concept", "c", *MODEL, "--input", "i", "--output", "o",
+                                      "--fused-attention", "--compile", "--precision", "fp16", "--batch-size", "4"])
+    assert (args.precision, args.fused_attention, args.compile_encoder, args.batch_size) == ("fp16", True, True, 4)
+    args = build_parser().parse_args(["rank", "--concept", "c", *MODEL, "--input", "i", "--output", "o",
+                                      "--no-fused-attention", "--no-compile"])
+    assert (args.fused_attention, args.compile_encoder) == (False, False)
+
+
+# ---------------------------------------------------------------------------- the actor does tensor work only
+
+
+@contextlib.contextmanager
+def no_host_work(monkeypatch):
+    """Every RLE, Arrow-table, Parquet and cache call fails the test while inside."""
+    import jobs.finish
+    import jobs.payload
+    import persam_core.masks
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host work (RLE, Arrow, Parquet or cache I/O) inside the model actor")
+
+    with monkeypatch.context() as patch:
+        for owner, name in ((persam_core.masks, "encode_rle"), (jobs.finish, "encode_rle"), (jobs.finish, "rows_to_table"),
+                            (jobs.payload, "table_to_ipc"), (jobs.finish, "table_to_ipc"), (pa, "table"),
+                            (pq, "write_table"), (pq, "read_table"), (pq, "ParquetFile"),
+                            (FeatureCache, "store"), (FeatureCache, "load")):
+            patch.setattr(owner, name, forbidden)
+        yield
+
+
+def test_the_actor_returns_arrays_and_the_finish_stage_builds_rows_and_the_cache(
+    concepts, images, tmp_path, monkeypatch
+):
+    import ray
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)  # concepts_box holds the texts themselves
+    texts = [p.read_text() for p in concepts]
+    fingerprint = Concept.from_json(texts[0]).model_fingerprint
+    cache = FeatureCache(str(tmp_path / "cache"), fingerprint, "fp16", num_shards=1)
+    urls = sorted(str(p) for p in images.iterdir())[:3]  # broken.jpg and two photos
+    prepared = prepare_chunk({"shard": 4, "chunk": 1, "urls": urls, "previous": []}, cache=cache)
+    actor = SegmentActor("tiny", "random:0", fingerprint, [texts], "cpu", threads=1, cache_dtype="fp16")
+    assert actor.speed == EncoderSpeed()  # CPU: fp32, eager, batch 1
+
+    with no_host_work(monkeypatch):
+        out = actor({"meta": [prepared["meta"]], "arrays": [prepared["arrays"]]})
+    assert set(out) == {"meta", "results"} and out["meta"][0] == prepared["meta"]
+    results = unpack_results(out["results"][0])
+    assert sorted(results.fresh) == results.encoded == [1, 2]  # item 0 is broken.jpg
+    assert results.masks is not None and sorted(set(results.masks.image_index.tolist())) == [1, 2]
+    assert all(a.dtype == np.float16 for a in results.fresh.values())
+
+    row = finish_chunk({key: values[0] for key, values in out.items()}, fingerprint,
+                       [("cat", "persam"), ("duck_toy", "persam")], cache=cache)
+    assert (row["shard"], row["chunk"], row["images"], row["encoded"], row["cache_hits"]) == (4, 1, 3, 2, 0)
+    table = ipc_to_table(row["table"]).to_pylist()
+    assert [(r["image_uri"], r["concept"]) for r in table] == [(u, c) for u in urls for c in ("cat", "duck_toy")]
+    assert [r["error"] is not None for r in table] == [True, True, False, False, False, False]
+    for r in table[2:]:
+        assert decode_rle(r["mask_rle"]).shape == (r["height"], r["width"]) and r["content_sha256"]
+    entries, problems = cache.load(urls)
+    assert problems == [] and set(entries) == {r["content_sha256"] for r in table[2:]}
+
+
+# ---------------------------------------------------------------------------- one shard, several chunks, on Ray
+
+
+def test_a_shard_of_several_chunks_commits_once_in_order(concepts, images, tmp_path, monkeypatch):
+    commits, progress = [], []
+    real_commit = jobs.commit.commit_shard
+
+    def counting(output, shard, digest, table, storage_options=None):
+        commits.append((shard, table.num_rows))
+        return real_commit(output, shard, digest, table, storage_options)
+
+    monkeypatch.setattr(jobs.commit, "commit_shard", counting)
+    output = tmp_path / "masks"
+    summary = run_segment(SegmentOptions(
+        "tiny", "random:0", [str(p) for p in concepts], str(images), str(output), device="cpu",
+        shard_size=100, chunk_size=2, batch_size=2, on_progress=progress.append), log=lambda line: None)
+
+    urls = sorted(str(p) for p in images.iterdir())
+    assert len(urls) == 6 and sorted(progress) == [2, 2, 2]  # three chunks, each reported once
+    assert commits == [(0, 12)]  # one shard, committed once, after its last chunk
+    parts = list(output.glob("part-*.parquet"))
+    assert len(parts) == 1 and summary.shards_run == 1 and summary.rows == 12 and summary.error_rows == 2
+    rows = pq.read_table(parts[0]).to_pylist()
+    assert [(r["image_uri"], r["concept"], r["instance"]) for r in rows] == [
+        (u, c, 0) for u in urls for c in ("cat", "duck_toy")]  # URL order, then concept order
+    assert json.loads((output / "_persam_job.json").read_text())["settings"]["precision"] == "fp32"
