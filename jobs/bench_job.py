@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
 
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept, ConceptTensors
@@ -99,9 +100,12 @@ def write_inputs(root: Path, pictures: list[np.ndarray], concepts: list[Concept]
     return images, files, float(np.mean(sizes)) / 1024
 
 
-def _in_process(options: JobBenchOptions, sam, device: str, pictures: list[np.ndarray],
+def _in_process(options: JobBenchOptions, sam: Sam, device: str, pictures: list[np.ndarray],
                 concepts: list[ConceptTensors]) -> tuple[dict, EncoderSpeed]:
-    """Encoder only, actor path (K = 1 and K) and the reference loop -> (figures, speed in effect)."""
+    """Encoder only, actor path (K = 1 and K) and the reference loop -> (figures, speed in effect).
+
+    pictures: [H, W, 3] uint8 each; sam stays the fp32 exact model (the reference loop's).
+    """
     speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size)
     progress(f"preparing the encoder ({speed})")
     prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
@@ -161,7 +165,7 @@ def run_job_bench(options: JobBenchOptions) -> dict:
     reference = encode_images(sam, [resize_longest_side(pictures[0])])[0]
     concepts = persam_concepts(reference, pictures[0].shape[:2], options.concepts, loaded.fingerprint)
     figures, speed = _in_process(options, sam, device, pictures, [ConceptTensors.on(c, device) for c in concepts])
-    del sam, reference
+    del sam, loaded, reference  # loaded.sam is the same module: both names go
     gc.collect()
     if device == "cuda":  # the job's actor needs the memory; the in-process peak is recorded first
         figures["peak_gpu_mb_in_process"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
