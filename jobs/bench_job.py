@@ -152,6 +152,8 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     return {"images_per_s": None if steady is None else round(steady, 3),
             "whole_images_per_s": round(summary.images / seconds, 3), "s": round(seconds, 2),
             "first_result_s": round(tracker.first_at - started, 2) if tracker.calls else None,
+            # how long the steady state was observed: results arriving in one burst make its rate meaningless
+            "steady_window_s": round(tracker.last_at - tracker.first_at, 3) if tracker.calls else None,
             "results": tracker.calls, "rows": table.num_rows, "error_rows": table.num_rows - table.column("error").null_count}
 
 
@@ -219,6 +221,7 @@ def job_table(result: dict) -> str:
     show = lambda value: "-" if value is None else f"{value:g}"  # noqa: E731
     rows = [
         ("job, steady state (images/s)", result.get("job_k1_images_per_s"), result.get("job_k_images_per_s")),
+        ("  observed over (s)", result.get("job_k1_steady_window_s"), result.get("job_k_steady_window_s")),
         ("job, whole incl. start-up (images/s)", result.get("job_k1_whole_images_per_s"), result.get("job_k_whole_images_per_s")),
         ("actor path in-process (images/s)", result.get("actor_k1_images_per_s"), result.get("actor_k_images_per_s")),
         ("encoder only (images/s)", result.get("encoder_images_per_s"), result.get("encoder_images_per_s")),
