@@ -43,21 +43,19 @@ class PipelineSpec:
     compile_encoder: bool = False
 
 
-def run_pipeline(spec: PipelineSpec, shards: list[dict], sink: Callable[[dict], dict],
-                 on_progress: Callable[[int], None] | None = None) -> list[dict]:
+def run_pipeline(spec: PipelineSpec, shards: list[dict], sink: Callable[[dict], dict]) -> list[dict]:
     """Run every shard ({"shard", "urls", "previous"}) through the stages -> sink results."""
     import ray
 
     started_here = start_ray()
     try:
-        return _run(ray, spec, shards, sink, on_progress)
+        return _run(ray, spec, shards, sink)
     finally:
         if started_here and local_cluster():
             ray.shutdown()
 
 
-def _run(ray, spec: PipelineSpec, shards: list[dict], sink: Callable[[dict], dict],
-         on_progress: Callable[[int], None] | None = None) -> list[dict]:
+def _run(ray, spec: PipelineSpec, shards: list[dict], sink: Callable[[dict], dict]) -> list[dict]:
     gpu = wants_gpu_actors(spec.device)
     if spec.num_actors:
         num_actors = spec.num_actors
@@ -103,7 +101,5 @@ def _run(ray, spec: PipelineSpec, shards: list[dict], sink: Callable[[dict], dic
         for result in dataset.iter_rows():
             results.append(result)
             bar.update(result["images"])
-            if on_progress is not None:
-                on_progress(result["images"])
             bar.set_postfix(rows=sum(r["rows"] for r in results), errors=sum(r["errors"] for r in results), refresh=False)
     return results

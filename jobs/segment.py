@@ -10,7 +10,7 @@ import hashlib
 import itertools
 from collections import Counter
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -51,7 +51,6 @@ class SegmentOptions:
     precision: str = "fp32"
     fused_attention: bool = False
     compile_encoder: bool = False
-    on_progress: Callable[[int], None] | None = None  # driver side: images of each result as it arrives
 
 
 @dataclass
@@ -242,7 +241,7 @@ def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRec
                 "problems": str(row["problems"] or "")}
 
     shards = [{"shard": s["shard"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])} for s in to_run]
-    results = run_pipeline(spec, shards, commit_row, options.on_progress)
+    results = run_pipeline(spec, shards, commit_row)
     for problem in (p for r in results for p in r["problems"].splitlines() if p):
         log(f"cache: {problem}")
     totals.update(run=len(to_run), **{k: sum(r[k] for r in results)
