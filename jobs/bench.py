@@ -1,10 +1,16 @@
 """`persam bench`: per-image costs of every path, measured side by side in one process.
 
 Images are generated (seeded, photo-like sizes, mixed); K concepts are fitted on the first
-image with K different masks. The reference-style loop is the original's way of working:
-batch 1, fp32, `SamPredictor.set_image` for every (image, concept), three decodes.
-Variants (bf16, fp16, fused attention, compiled) are timed on the encoder and their final
-masks compared with the fp32 path's (mean and min IoU).
+image with K different masks. Every timed path is the batched cascade (`segment_batch`:
+all images of an encoder batch x all concepts in one call) at the speed settings
+`resolve_speed` gives on this device (CUDA: bf16, fused attention, compiled, batch 16;
+CPU: the exact fp32 path, batch 1), and its final masks are compared with the fp32 exact
+path's. The reference-style loop is the original's way of working: batch 1, fp32,
+`SamPredictor.set_image` for every (image, concept), three decodes. Variants (fp32, bf16,
+fp16, fused attention) are timed on the encoder at the same batch size and their final
+masks compared with the fp32 exact path's (mean and min IoU).
+
+`persam bench --job` (bench_job.py) times the real Ray job against these paths.
 """
 
 from __future__ import annotations
@@ -12,34 +18,52 @@ from __future__ import annotations
 import copy
 import json
 import resource
+import sys
 import time
-from typing import Callable
+from dataclasses import asdict, replace
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
 
-from persam_core.acceleration import compile_encoder, enable_fused_attention
-from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
+from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
+from persam_core.batch import EncodedBatch, HostResults
+from persam_core.cascade import score_batch, segment_batch
+from persam_core.concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
 from persam_core.metrics import iou
-from persam_core.persam import ConceptTensors, prior_for, segment_persam
-from persam_core.persam_f import fit_mask_weights, segment_persam_f
+from persam_core.persam import segment_persam
+from persam_core.persam_f import fit_mask_weights
 from persam_core.predictor import EncodedImage, encode_images
-from persam_core.preprocess import resize_longest_side
+from persam_core.preprocess import ResizedImage, resize_longest_side
 
 from .checkpoints import load_model
 
 PHOTO_SIZES = [(768, 1024), (1024, 768), (600, 800), (1080, 1440), (480, 640)]
 
 
-def synthetic_images(count: int, seed: int = 0) -> list[np.ndarray]:
-    """Blocky random colour fields: [H, W, 3] uint8 at photo-like sizes."""
-    generator = np.random.default_rng(seed)
+def progress(message: str) -> None:
+    """Phase lines go to stderr, so that a run cut short shows where it was."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def synthetic_images(count: int, seed: int = 0, sizes: Sequence[tuple[int, int]] = PHOTO_SIZES,
+                     grain: int = 0) -> list[np.ndarray]:
+    """Blocky random colour fields: [H, W, 3] uint8, sizes (H, W) in turn.
+
+    grain > 0 adds uniform noise in [-grain, grain] (from its own generator, so the fields
+    stay the same), which gives JPEG files of photo-like byte sizes.
+    """
+    generator, noise = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     images = []
     for index in range(count):
-        height, width = PHOTO_SIZES[index % len(PHOTO_SIZES)]
+        height, width = sizes[index % len(sizes)]
         coarse = generator.integers(0, 256, size=(height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
-        images.append(np.ascontiguousarray(np.kron(coarse, np.ones((64, 64, 1), dtype=np.uint8))[:height, :width]))
+        image = np.kron(coarse, np.ones((64, 64, 1), dtype=np.uint8))[:height, :width]
+        if grain:
+            image = np.clip(image + noise.integers(-grain, grain + 1, size=image.shape, dtype=np.int16), 0, 255)
+        images.append(np.ascontiguousarray(image.astype(np.uint8)))
     return images
 
 
@@ -54,7 +78,8 @@ def concept_masks(height: int, width: int, count: int) -> list[np.ndarray]:
     return masks
 
 
-def _timed(function: Callable[[], object]) -> tuple[float, object]:
+def timed(function: Callable[[], object]) -> tuple[float, object]:
+    """-> (seconds, value); CUDA work queued by `function` is waited for inside the timing."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -64,78 +89,138 @@ def _timed(function: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
-def _concepts(sam, reference: EncodedImage, picture: np.ndarray, count: int, device: str) -> tuple[list[ConceptTensors], ConceptTensors]:
-    persam_concepts, persam_f = [], None
-    for index, mask in enumerate(concept_masks(*picture.shape[:2], count)):
-        cells = reference_cells([reference], [mask], [f"bench mask {index}"])
-        feature, embedding = persam_targets(cells)
-        concept = Concept(f"c{index}", "persam", feature.cpu().numpy(), embedding.cpu().numpy(), "bench")
-        persam_concepts.append(ConceptTensors.on(concept, device))
-        if persam_f is None:
-            target = persam_f_target_feature(cells)
-            weights, _ = fit_mask_weights(sam, [reference], [mask], target, epochs=5)
-            persam_f = ConceptTensors.on(Concept("f", "persam-f", target.cpu().numpy(), embedding.cpu().numpy(), "bench", weights), device)
-    return persam_concepts, persam_f
+def persam_concepts(reference: EncodedImage, shape: tuple[int, int], count: int, fingerprint: str) -> list[Concept]:
+    """K PerSAM concepts fitted on one encoded image with K different masks (shape: (H, W))."""
+    concepts = []
+    for index, mask in enumerate(concept_masks(*shape, count)):
+        feature, embedding = persam_targets(reference_cells([reference], [mask], [f"bench mask {index}"]))
+        concepts.append(Concept(f"c{index}", "persam", feature.cpu().numpy(), embedding.cpu().numpy(), fingerprint))
+    return concepts
 
 
-def _variants(sam, resized, fp32_masks, concept: ConceptTensors, images: int) -> dict:
-    """Encoder time per image and mask IoU against fp32, for each faster path."""
+def is_exact(speed: EncoderSpeed) -> bool:
+    return speed.precision == "fp32" and not speed.fused_attention and not speed.compile
+
+
+def speed_model(sam: Sam, speed: EncoderSpeed, log: Callable[[str], None] = progress) -> tuple[Sam, EncoderSpeed]:
+    """-> (a model running at `speed`, the settings in effect). The exact path is `sam`
+    itself; any other is a copy, because prepare_encoder changes the model in place and
+    the fp32 exact path must stay available for comparison."""
+    if is_exact(speed):
+        return sam, speed
+    model = copy.deepcopy(sam)
+    return model, prepare_encoder(model, speed, log)
+
+
+def encode_in_batches(model: Sam, resized: Sequence[ResizedImage], speed: EncoderSpeed) -> Iterator[list[EncodedImage]]:
+    """Encoder batches of speed.batch_size; padded when compiled (one shape, no recompiling)."""
+    pad = speed.batch_size if speed.compile else None
+    for start in range(0, len(resized), speed.batch_size):
+        yield encode_images(model, resized[start : start + speed.batch_size], speed.precision, pad_to=pad)
+
+
+def batched(encoded: Sequence[EncodedImage], size: int) -> list[list[EncodedImage]]:
+    return [list(encoded[start : start + size]) for start in range(0, len(encoded), size)]
+
+
+def segment_all(model: Sam, batches: Iterable[Sequence[EncodedImage]], concepts: Sequence[ConceptTensors]) -> list[HostResults]:
+    """One segment_batch call per encoder batch (all its images x all concepts)."""
+    return [segment_batch(model, EncodedBatch.of(batch), concepts) for batch in batches]
+
+
+def final_masks(results: Sequence[HostResults], concept_index: int | None = None) -> list[np.ndarray]:
+    """Every row's [h, w] bool mask in row order (image, concept), optionally one concept's."""
+    return [part.mask(row) for part in results for row in range(len(part))
+            if concept_index is None or part.concept_index[row] == concept_index]
+
+
+def warm_up(model: Sam, resized: Sequence[ResizedImage], speed: EncoderSpeed, concepts: Sequence[ConceptTensors]) -> None:
+    """One untimed batch on CUDA (kernel selection, allocator growth); nothing to do on CPU."""
+    if next(model.parameters()).device.type == "cuda":
+        segment_all(model, [next(encode_in_batches(model, resized[: speed.batch_size], speed))], concepts)
+
+
+def _variants(sam: Sam, resized: Sequence[ResizedImage], exact_masks: list[np.ndarray], concept: ConceptTensors,
+              batch_size: int, default_row: dict) -> dict:
+    """Encoder time per image and mask IoU against the fp32 exact path, for each eager path."""
     report = {}
-    options = [("bf16", "bf16", False, False), ("fp16", "fp16", False, False), ("fused_fp32", "fp32", True, False),
-               ("fused_bf16", "bf16", True, False), ("compiled_bf16", "bf16", True, True)]
-    for name, precision, fused, compiled in options:
+    options = [("fp32", EncoderSpeed("fp32")), ("bf16", EncoderSpeed("bf16")), ("fp16", EncoderSpeed("fp16")),
+               ("fused_fp32", EncoderSpeed("fp32", True)), ("fused_bf16", EncoderSpeed("bf16", True))]
+    for name, speed in options:
+        speed = replace(speed, batch_size=batch_size)
         model = copy.deepcopy(sam)
-        if fused:
-            enable_fused_attention(model)
-        if compiled:
-            compile_encoder(model)
-            encode_images(model, resized[:1], precision)  # compile outside the timing
-        seconds, encoded = _timed(lambda: [e for r in resized for e in encode_images(model, [r], precision)])
-        ious = [iou(segment_persam(model, e, concept).mask, m) for e, m in zip(encoded, fp32_masks)]
-        report[name] = {"encoder_s_per_image": round(seconds / images, 4), "mean_iou_vs_fp32": round(float(np.mean(ious)), 4),
+        prepare_encoder(model, speed)
+        warm_up(model, resized, speed, [concept])
+        seconds, encoded = timed(lambda: [e for b in encode_in_batches(model, resized, speed) for e in b])
+        ious = [iou(a, b) for a, b in zip(final_masks(segment_all(model, batched(encoded, batch_size), [concept])), exact_masks)]
+        report[name] = {"encoder_s_per_image": round(seconds / len(resized), 4), "mean_iou_vs_fp32": round(float(np.mean(ious)), 4),
                         "min_iou_vs_fp32": round(float(np.min(ious)), 4)}
+        del model, encoded
+    report["default"] = default_row
     return report
 
 
 def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, device: str, epochs: int = 1000,
-              variants: bool | None = None) -> dict:
-    sam = load_model(model_type, checkpoint).sam.to(device)
+              variants: bool | None = None, precision: str = "auto", batch_size: int | None = None) -> dict:
+    progress(f"loading {model_type} on {device}")
+    loaded = load_model(model_type, checkpoint)
+    sam = loaded.sam.to(device)
+    speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size)
     pictures = synthetic_images(images)
-    resize_seconds, resized = _timed(lambda: [resize_longest_side(p) for p in pictures])
+    resize_seconds, resized = timed(lambda: [resize_longest_side(p) for p in pictures])
+    progress(f"fitting {concepts} concepts and PerSAM-F ({epochs} epochs)")
     reference = encode_images(sam, resized[:1])[0]
-    persam_concepts, persam_f_concept = _concepts(sam, reference, pictures[0], concepts, device)
+    fitted = [ConceptTensors.on(c, device) for c in persam_concepts(reference, pictures[0].shape[:2], concepts, loaded.fingerprint)]
     mask = concept_masks(*pictures[0].shape[:2], 1)[0]
-    target = persam_f_target_feature(reference_cells([reference], [mask], ["bench"]))
-    fit_seconds, _ = _timed(lambda: fit_mask_weights(sam, [reference], [mask], target, epochs=epochs))
+    cells = reference_cells([reference], [mask], ["bench"])
+    target = persam_f_target_feature(cells)
+    fit_seconds, (weights, _) = timed(lambda: fit_mask_weights(sam, [reference], [mask], target, epochs=epochs))
+    persam_f = ConceptTensors.on(Concept("f", "persam-f", target.cpu().numpy(), persam_targets(cells)[1].cpu().numpy(),
+                                         loaded.fingerprint, weights), device)
 
-    encoder_seconds, encoded = _timed(lambda: [e for r in resized for e in encode_images(sam, [r])])
-    persam_seconds, fp32_results = _timed(lambda: [segment_persam(sam, e, persam_concepts[0]) for e in encoded])
-    persam_f_seconds, _ = _timed(lambda: [segment_persam_f(sam, e, persam_f_concept) for e in encoded])
-    k_seconds, _ = _timed(lambda: [segment_persam(sam, e, c) for e in encoded for c in persam_concepts])
-    half = persam_concepts[: max(1, len(persam_concepts) // 2)]
-    k_half_seconds, _ = _timed(lambda: [segment_persam(sam, e, c) for e in encoded for c in half])
+    progress(f"preparing the encoder ({speed})")
+    compile_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
+    warm_up(fast, resized, speed, fitted)
+    progress("timing the batched paths")
+    encoder_seconds, encoded = timed(lambda: [e for b in encode_in_batches(fast, resized, speed) for e in b])
+    batches = batched(encoded, speed.batch_size)
+    persam_seconds, _ = timed(lambda: segment_all(fast, batches, fitted[:1]))
+    persam_f_seconds, _ = timed(lambda: segment_all(fast, batches, [persam_f]))
+    k_seconds, k_results = timed(lambda: segment_all(fast, batches, fitted))
+    half = fitted[: max(1, len(fitted) // 2)]
+    k_half_seconds, _ = timed(lambda: segment_all(fast, batches, half))
     cached = [(e.features.cpu().numpy().astype(np.float16), e.input_size, e.original_size) for e in encoded]
 
-    def from_cache() -> list[EncodedImage]:  # what a warm --cache hands the actor (fp16 on disk)
-        return [EncodedImage(torch.as_tensor(f.astype(np.float32), device=device), i, o) for f, i, o in cached]
+    def from_cache() -> list[list[EncodedImage]]:  # what a warm --cache hands the actor (fp16 on disk)
+        return batched([EncodedImage(torch.as_tensor(f.astype(np.float32), device=device), i, o) for f, i, o in cached],
+                       speed.batch_size)
 
-    cached_seconds, _ = _timed(lambda: [segment_persam(sam, e, persam_concepts[0]) for e in from_cache()])
-    rank_warm_seconds, _ = _timed(lambda: [prior_for(sam, e, persam_concepts[0]).presence for e in from_cache()])
-    prior_seconds, _ = _timed(lambda: [prior_for(sam, e, persam_concepts[0]).presence for e in encoded])
+    cached_seconds, _ = timed(lambda: segment_all(fast, from_cache(), fitted[:1]))
+    rank_warm_seconds, _ = timed(lambda: [score_batch(fast, EncodedBatch.of(b), fitted[:1]) for b in from_cache()])
+    prior_seconds, _ = timed(lambda: [score_batch(fast, EncodedBatch.of(b), fitted[:1]) for b in batches])
 
+    progress("fp32 exact path (mask agreement)")
+    exact_results = k_results
+    if not is_exact(speed):
+        exact_encoded = [e for r in resized for e in encode_images(sam, [r])]
+        exact_results = segment_all(sam, batched(exact_encoded, speed.batch_size), fitted)
+    ious = [iou(a, b) for a, b in zip(final_masks(k_results), final_masks(exact_results))]
+
+    progress("reference-style loop")
     predictor = SamPredictor(sam)
 
     def reference_loop() -> None:
         for picture in pictures:
-            for concept in persam_concepts:  # the reference re-encodes for every concept
+            for concept in fitted:  # the reference re-encodes for every concept
                 predictor.set_image(picture)
                 features = EncodedImage(predictor.features[0], predictor.input_size, predictor.original_size)
                 segment_persam(sam, features, concept)
 
-    reference_seconds, _ = _timed(reference_loop)
+    reference_seconds, _ = timed(reference_loop)
     per = lambda seconds: round(seconds / images, 4)  # noqa: E731
     result = {
         "model_type": model_type, "device": device, "images": images, "concepts": concepts, "fit_epochs": epochs,
+        "speed": asdict(speed), "encoder_prepare_s": round(compile_seconds, 2),
         "resize_s_per_image": per(resize_seconds),
         "encoder_s_per_image": per(encoder_seconds),
         "persam_s_per_image": per(resize_seconds + encoder_seconds + persam_seconds),
@@ -148,17 +233,23 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
         "cache_bytes_per_image_fp16": int(cached[0][0].nbytes),
         "reference_loop_s_per_image": per(reference_seconds),
         "persam_f_fit_s": round(fit_seconds, 2),
+        "mask_iou_vs_fp32_mean": round(float(np.mean(ious)), 4),
+        "mask_iou_vs_fp32_min": round(float(np.min(ious)), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    result["images_per_s"] = round(1 / result["persam_s_per_image"], 3)
-    result["pipeline_over_encoder"] = round(result["persam_s_per_image"] / result["encoder_s_per_image"], 3)
-    result["k_over_one_concept"] = round(result["k_concepts_s_per_image"] / result["persam_s_per_image"], 3)
+    result["images_per_s"] = round(1 / max(result["persam_s_per_image"], 1e-9), 3)
+    result["pipeline_over_encoder"] = round(result["persam_s_per_image"] / max(result["encoder_s_per_image"], 1e-9), 3)
+    result["k_over_one_concept"] = round(result["k_concepts_s_per_image"] / max(result["persam_s_per_image"], 1e-9), 3)
     result["rank_cold_over_warm"] = round(result["rank_cold_s_per_image"] / max(result["rank_warm_s_per_image"], 1e-9), 1)
-    result["reference_over_k_concepts"] = round(result["reference_loop_s_per_image"] / result["k_concepts_s_per_image"], 2)
+    result["reference_over_k_concepts"] = round(result["reference_loop_s_per_image"] / max(result["k_concepts_s_per_image"], 1e-9), 2)
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if variants if variants is not None else device == "cuda":
-        result["variants"] = _variants(sam, resized, [r.mask for r in fp32_results], persam_concepts[0], images)
+        progress("variants")
+        default_row = {"encoder_s_per_image": result["encoder_s_per_image"], "mean_iou_vs_fp32": result["mask_iou_vs_fp32_mean"],
+                       "min_iou_vs_fp32": result["mask_iou_vs_fp32_min"], **asdict(speed)}
+        del fast, encoded, batches
+        result["variants"] = _variants(sam, resized, final_masks(exact_results, 0), fitted[0], speed.batch_size, default_row)
     return result
 
 

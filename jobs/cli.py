@@ -131,7 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=1000, help="PerSAM-F fit epochs to time")
     bench.add_argument("--json", action="store_true", help="last line: one JSON object")
     bench.add_argument("--variants", action="store_true", default=None,
-                       help="also time bf16/fp16/fused/compiled encoders and their IoU vs fp32 (default on CUDA)")
+                       help="also time fp32/bf16/fp16/fused encoders and their IoU vs fp32 (default on CUDA)")
+    bench.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="image-encoder precision (auto: bf16 on CUDA, fp32 on CPU)")
+    bench.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default: 16 on CUDA, 1 on CPU)")
+    bench.add_argument("--job", action="store_true",
+                       help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
+    bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")
+    bench.add_argument("--shard-size", type=int, default=None, help="--job: images per shard (default: images / 8, at most 32)")
     return parser
 
 
@@ -196,8 +203,19 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.images < 1 or args.concepts < 1:
             raise ValueError("--images and --concepts must be at least 1")
-        print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts,
-                              resolve_device(args.device), args.epochs, args.variants), args.json)
+        if any(v is not None and v < 1 for v in (args.batch_size, args.num_actors, args.shard_size)):
+            raise ValueError("--batch-size, --num-actors and --shard-size must be at least 1")
+        if args.job:
+            from .bench_job import JobBenchOptions, job_table, run_job_bench
+
+            result = run_job_bench(JobBenchOptions(args.model_type, args.checkpoint, args.images, args.concepts, args.device,
+                                                   args.precision, args.batch_size, args.num_actors, args.shard_size))
+            print(job_table(result))
+            if args.json:
+                print(json.dumps(result))
+            return 0
+        print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts, resolve_device(args.device),
+                              args.epochs, args.variants, args.precision, args.batch_size), args.json)
         return 0
     raise AssertionError(args.command)
 

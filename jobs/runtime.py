@@ -37,6 +37,7 @@ def start_ray() -> bool:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
         return True
     ray.init(
+        address="local",  # not None: Ray would join whatever `ray start` cluster this machine last ran
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         logging_level=logging.WARNING,

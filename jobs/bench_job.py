@@ -1,0 +1,239 @@
+"""`persam bench --job`: the real Ray job against the in-process paths, side by side.
+
+N generated photo-like JPEGs (1024x768 and 768x1024) and K PerSAM concepts fitted in this
+process are written to a temporary folder; `run_segment` (the code of `persam segment`)
+runs on them twice on one Ray, with 1 concept and with K. Beside each job:
+
+- the actor path: what the model actor does, without Ray, on already-resized images
+  (encode in batches at the default speed settings + segment_batch -> host results);
+- the encoder alone at the same settings;
+- the reference-style loop (SamPredictor.set_image fp32 + one-image PerSAM, K = 1).
+
+Job rates: steady state = images after the first result / time from the first result to
+the last (start-up and the first chunk excluded); whole = all images / the job's wall
+time, start-up included. The in-process paths run first, so the encoder is compiled
+once here and the job's actors find inductor's on-disk cache warm.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+
+from persam_core.acceleration import EncoderSpeed, resolve_speed
+from persam_core.concept import Concept, ConceptTensors
+from persam_core.persam import segment_persam
+from persam_core.predictor import EncodedImage, encode_images
+from persam_core.preprocess import resize_longest_side
+
+from . import commit
+from .bench import encode_in_batches, persam_concepts, progress, segment_all, speed_model, synthetic_images, timed, warm_up
+from .checkpoints import load_model
+from .runtime import local_cluster, resolve_device, start_ray
+from .segment import SegmentOptions, run_segment
+
+JOB_SIZES = [(1024, 768), (768, 1024)]
+# Noise amplitude that brings the generated JPEGs (quality 90) to photo-like byte sizes.
+JPEG_GRAIN = 12
+REFERENCE_LOOP_IMAGES = 16
+
+
+@dataclass
+class JobBenchOptions:
+    model_type: str
+    checkpoint: str = "random:0"
+    images: int = 64
+    concepts: int = 8
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    num_actors: int | None = None
+    shard_size: int | None = None  # None: several shards even for a few images (steady state needs 2+ results)
+
+
+class Progress:
+    """on_progress target: when the first and the last result reached the driver."""
+
+    def __init__(self) -> None:
+        self.calls, self.images, self.first_images = 0, 0, 0
+        self.first_at = self.last_at = 0.0
+
+    def __call__(self, images: int) -> None:
+        now = time.perf_counter()
+        if self.calls == 0:
+            self.first_at, self.first_images = now, images
+        self.calls, self.images, self.last_at = self.calls + 1, self.images + images, now
+
+    def steady_rate(self) -> float | None:
+        """Images after the first result per second until the last; None with one result."""
+        if self.calls < 2 or self.last_at <= self.first_at:
+            return None
+        return (self.images - self.first_images) / (self.last_at - self.first_at)
+
+
+def write_inputs(root: Path, pictures: list[np.ndarray], concepts: list[Concept]) -> tuple[Path, list[str], float]:
+    """JPEGs under root/images, concept files under root/concepts -> (image dir, concept files, mean KiB)."""
+    images, concept_dir = root / "images", root / "concepts"
+    images.mkdir()
+    concept_dir.mkdir()
+    sizes = []
+    for index, picture in enumerate(pictures):
+        path = images / f"img{index:05d}.jpg"
+        Image.fromarray(picture).save(path, quality=90)
+        sizes.append(path.stat().st_size)
+    files = []
+    for concept in concepts:
+        path = concept_dir / f"{concept.name}.json"
+        path.write_text(concept.to_json())
+        files.append(str(path))
+    return images, files, float(np.mean(sizes)) / 1024
+
+
+def _in_process(options: JobBenchOptions, sam: Sam, device: str, pictures: list[np.ndarray],
+                concepts: list[ConceptTensors]) -> tuple[dict, EncoderSpeed]:
+    """Encoder only, actor path (K = 1 and K) and the reference loop -> (figures, speed in effect).
+
+    pictures: [H, W, 3] uint8 each; sam stays the fp32 exact model (the reference loop's).
+    """
+    speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size)
+    progress(f"preparing the encoder ({speed})")
+    prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
+    resized = [resize_longest_side(p) for p in pictures]
+    warm_up(fast, resized, speed, concepts)
+    count = len(resized)
+    progress("encoder only")
+    encoder_seconds, _ = timed(lambda: [None for _ in encode_in_batches(fast, resized, speed)])
+    figures = {"encoder_prepare_s": round(prepare_seconds, 2), "encoder_images_per_s": round(count / encoder_seconds, 3)}
+    for name, chosen in (("k1", concepts[:1]), ("k", concepts)):
+        progress(f"actor path, {len(chosen)} concept(s)")
+        seconds, _ = timed(lambda: [segment_all(fast, [b], chosen) for b in encode_in_batches(fast, resized, speed)])
+        figures[f"actor_{name}_images_per_s"] = round(count / seconds, 3)
+    del fast
+
+    reference_pictures = pictures[:REFERENCE_LOOP_IMAGES]
+    progress(f"reference-style loop on {len(reference_pictures)} images")
+    predictor = SamPredictor(sam)
+
+    def reference_loop() -> None:
+        for picture in reference_pictures:
+            predictor.set_image(picture)
+            segment_persam(sam, EncodedImage(predictor.features[0], predictor.input_size, predictor.original_size), concepts[0])
+
+    seconds, _ = timed(reference_loop)
+    figures["reference_loop_images"] = len(reference_pictures)
+    figures["reference_loop_images_per_s"] = round(len(reference_pictures) / seconds, 3)
+    return figures, speed
+
+
+def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: Path, concept_files: list[str], output: Path,
+         shard_size: int) -> dict:
+    """One `persam segment` run -> its rates and the row counts of its output."""
+    tracker = Progress()
+    # The in-process settings, passed explicitly: the job runs at exactly the settings timed above.
+    job_options = SegmentOptions(
+        options.model_type, options.checkpoint, concept_files, str(image_dir), str(output), device,
+        batch_size=speed.batch_size, num_actors=options.num_actors, shard_size=shard_size, precision=speed.precision,
+        fused_attention=speed.fused_attention, compile_encoder=speed.compile, on_progress=tracker)
+    started = time.perf_counter()
+    seconds, summary = timed(lambda: run_segment(job_options, log=progress))
+    table = pq.read_table(output, columns=["error"])
+    steady = tracker.steady_rate()
+    return {"images_per_s": None if steady is None else round(steady, 3),
+            "whole_images_per_s": round(summary.images / seconds, 3), "s": round(seconds, 2),
+            "first_result_s": round(tracker.first_at - started, 2) if tracker.calls else None,
+            # how long the steady state was observed: results arriving in one burst make its rate meaningless
+            "steady_window_s": round(tracker.last_at - tracker.first_at, 3) if tracker.calls else None,
+            "results": tracker.calls, "rows": table.num_rows, "error_rows": table.num_rows - table.column("error").null_count}
+
+
+def run_job_bench(options: JobBenchOptions) -> dict:
+    device = resolve_device(options.device)
+    progress(f"loading {options.model_type} on {device}")
+    loaded = load_model(options.model_type, options.checkpoint)
+    sam = loaded.sam.to(device)
+    progress(f"generating {options.images} images, fitting {options.concepts} concepts")
+    pictures = synthetic_images(options.images, sizes=JOB_SIZES, grain=JPEG_GRAIN)
+    reference = encode_images(sam, [resize_longest_side(pictures[0])])[0]
+    concepts = persam_concepts(reference, pictures[0].shape[:2], options.concepts, loaded.fingerprint)
+    figures, speed = _in_process(options, sam, device, pictures, [ConceptTensors.on(c, device) for c in concepts])
+    del sam, loaded, reference  # loaded.sam is the same module: both names go
+    gc.collect()
+    if device == "cuda":  # the job's actor needs the memory; the in-process peak is recorded first
+        figures["peak_gpu_mb_in_process"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        torch.cuda.empty_cache()
+    shard_size = options.shard_size or max(1, min(commit.DEFAULT_SHARD_SIZE, options.images // 8))
+    result = {"mode": "job", "model_type": options.model_type, "device": device, "images": options.images,
+              "concepts": options.concepts, "speed": asdict(speed), "shard_size": shard_size,
+              "shards": commit.shard_count(options.images, shard_size), "num_actors": options.num_actors}
+    if device == "cuda":
+        result["device_name"] = torch.cuda.get_device_name()
+    result.update(figures)
+    with tempfile.TemporaryDirectory(prefix="persam-bench-") as folder:
+        root = Path(folder)
+        image_dir, files, jpeg_kib = write_inputs(root, pictures, concepts)
+        result["jpeg_kib_mean"] = round(jpeg_kib, 1)
+        progress("starting Ray")
+        ray_seconds, started_here = timed(start_ray)
+        result["ray_start_s"] = round(ray_seconds, 2)
+        try:
+            for name, chosen in (("k1", files[:1]), ("k", files)):
+                progress(f"job with {len(chosen)} concept(s)")
+                job = _job(options, device, speed, image_dir, chosen, root / f"out-{name}", shard_size)
+                result.update({f"job_{name}_{key}": value for key, value in job.items()})
+        finally:
+            if started_here and local_cluster():
+                import ray
+
+                ray.shutdown()
+    _ratios(result)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def _ratios(result: dict) -> None:
+    def ratio(top: str, bottom: str) -> float | None:
+        a, b = result.get(top), result.get(bottom)
+        return None if a is None or not b else round(a / b, 3)
+
+    result["job_k1_over_encoder"] = ratio("job_k1_images_per_s", "encoder_images_per_s")
+    result["job_k_over_encoder"] = ratio("job_k_images_per_s", "encoder_images_per_s")
+    result["job_k_over_job_k1"] = ratio("job_k_images_per_s", "job_k1_images_per_s")
+    result["job_k1_over_reference_loop"] = ratio("job_k1_images_per_s", "reference_loop_images_per_s")
+    result["actor_k1_over_encoder"] = ratio("actor_k1_images_per_s", "encoder_images_per_s")
+    result["actor_k_over_encoder"] = ratio("actor_k_images_per_s", "encoder_images_per_s")
+    result["job_k1_over_actor_k1"] = ratio("job_k1_images_per_s", "actor_k1_images_per_s")
+
+
+def job_table(result: dict) -> str:
+    """The side-by-side table (K = 1 | K = --concepts) of a run_job_bench result."""
+    k = result["concepts"]
+    show = lambda value: "-" if value is None else f"{value:g}"  # noqa: E731
+    rows = [
+        ("job, steady state (images/s)", result.get("job_k1_images_per_s"), result.get("job_k_images_per_s")),
+        ("  observed over (s)", result.get("job_k1_steady_window_s"), result.get("job_k_steady_window_s")),
+        ("job, whole incl. start-up (images/s)", result.get("job_k1_whole_images_per_s"), result.get("job_k_whole_images_per_s")),
+        ("actor path in-process (images/s)", result.get("actor_k1_images_per_s"), result.get("actor_k_images_per_s")),
+        ("encoder only (images/s)", result.get("encoder_images_per_s"), result.get("encoder_images_per_s")),
+        (f"reference loop, {result.get('reference_loop_images')} images (images/s)", result.get("reference_loop_images_per_s"), None),
+        ("job / encoder", result.get("job_k1_over_encoder"), result.get("job_k_over_encoder")),
+        ("actor / encoder", result.get("actor_k1_over_encoder"), result.get("actor_k_over_encoder")),
+        ("job / actor path", result.get("job_k1_over_actor_k1"), None),
+        ("job(K) / job(1)", None, result.get("job_k_over_job_k1")),
+        ("job(1) / reference loop", result.get("job_k1_over_reference_loop"), None),
+        ("rows written", result.get("job_k1_rows"), result.get("job_k_rows")),
+    ]
+    lines = [f"{result['model_type']} on {result.get('device_name', result['device'])}, {result['images']} images, "
+             f"speed {result['speed']}", f"{'path':<44} {'K=1':>10} {f'K={k}':>10}"]
+    lines += [f"{name:<44} {show(one):>10} {show(many):>10}" for name, one, many in rows]
+    return "\n".join(lines)

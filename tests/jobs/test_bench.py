@@ -1,0 +1,72 @@
+"""`persam bench`: the batched in-process paths and `--job` (the real Ray job) on the tiny model.
+
+Rates on a shared CPU are noise; these tests check the contract: the keys, positive
+rates, and that each job wrote one row per (image, concept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from jobs.bench_job import Progress
+from jobs.cli import main
+
+MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
+SPEC_KEYS = ("encoder_s_per_image", "persam_s_per_image", "persam_f_s_per_image", "k_concepts_s_per_image",
+             "cached_s_per_image", "reference_loop_s_per_image", "peak_rss_mb")
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def bench_json(argv: list[str]) -> tuple[dict, str]:
+    """Run `persam bench` in this process -> (the JSON of its last line, what it wrote to stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["bench", *MODEL, "--json", *argv])
+    assert rc == 0, err.getvalue()[-2000:]
+    return json.loads(out.getvalue().strip().splitlines()[-1]), err.getvalue()
+
+
+def test_in_process_bench_times_the_batched_paths():
+    result, err = bench_json(["--images", "2", "--concepts", "2", "--epochs", "2"])
+    for key in SPEC_KEYS:
+        assert result[key] > 0, key
+    assert result["speed"] == {"precision": "fp32", "fused_attention": False, "compile": False, "batch_size": 1}
+    # On CPU the default path is the fp32 exact path.
+    assert result["mask_iou_vs_fp32_mean"] == result["mask_iou_vs_fp32_min"] == 1.0
+    assert "bench: timing the batched paths" in err
+
+
+def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
+    images, concepts = 6, 2
+    result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts)])
+    assert (result["mode"], result["images"], result["concepts"]) == ("job", images, concepts)
+    assert (result["job_k1_rows"], result["job_k_rows"]) == (images, images * concepts)
+    assert result["job_k1_error_rows"] == result["job_k_error_rows"] == 0
+    for key in ("encoder_images_per_s", "actor_k1_images_per_s", "actor_k_images_per_s", "reference_loop_images_per_s",
+                "job_k1_whole_images_per_s", "job_k_whole_images_per_s", "peak_rss_mb", "ray_start_s"):
+        assert result[key] > 0, key
+    for job in ("job_k1", "job_k"):  # a steady state needs two results: near certain with 6 hashed shards
+        steady = result[f"{job}_images_per_s"]
+        assert steady > 0 if result[f"{job}_results"] >= 2 else steady is None
+    for key in ("job_k1_over_encoder", "job_k_over_job_k1", "job_k1_over_reference_loop", "actor_k_over_encoder"):
+        assert key in result
+    assert "bench: job with 2 concept(s)" in err
+
+
+def test_steady_state_starts_after_the_first_result(monkeypatch):
+    clock = iter([10.0, 12.0, 14.0])
+    monkeypatch.setattr("jobs.bench_job.time.perf_counter", lambda: next(clock))
+    tracker = Progress()
+    tracker(4)
+    assert tracker.steady_rate() is None  # one result: no steady state yet
+    tracker(3)
+    tracker(5)
+    assert tracker.steady_rate() == pytest.approx(8 / 4)
