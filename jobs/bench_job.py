@@ -140,11 +140,12 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
          shard_size: int) -> dict:
     """One `persam segment` run -> its rates and the row counts of its output."""
     tracker = Progress()
-    # The in-process settings, passed explicitly: the job runs at exactly the settings timed above.
+    # The flags as given (None / "auto" = the job's own defaults, resolved on its actor, as
+    # `persam segment` does); they resolve to the settings timed in-process above.
     job_options = SegmentOptions(
         options.model_type, options.checkpoint, concept_files, str(image_dir), str(output), device,
-        batch_size=speed.batch_size, num_actors=options.num_actors, shard_size=shard_size, precision=speed.precision,
-        fused_attention=speed.fused_attention, compile_encoder=speed.compile, on_progress=tracker)
+        batch_size=options.batch_size, num_actors=options.num_actors, shard_size=shard_size,
+        precision=options.precision, on_progress=tracker)
     started = time.perf_counter()
     seconds, summary = timed(lambda: run_segment(job_options, log=progress))
     table = pq.read_table(output, columns=["error"])
