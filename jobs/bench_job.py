@@ -168,6 +168,7 @@ def run_job_bench(options: JobBenchOptions) -> dict:
     reference = encode_images(sam, [resize_longest_side(pictures[0])])[0]
     concepts = persam_concepts(reference, pictures[0].shape[:2], options.concepts, loaded.fingerprint)
     figures, speed = _in_process(options, sam, device, pictures, [ConceptTensors.on(c, device) for c in concepts])
+    progress(f"in-process figures: {figures}")  # each phase's figures as soon as known (a cut run keeps them)
     del sam, loaded, reference  # loaded.sam is the same module: both names go
     gc.collect()
     if device == "cuda":  # the job's actor needs the memory; the in-process peak is recorded first
@@ -192,6 +193,7 @@ def run_job_bench(options: JobBenchOptions) -> dict:
                 progress(f"job with {len(chosen)} concept(s)")
                 job = _job(options, device, speed, image_dir, chosen, root / f"out-{name}", shard_size)
                 result.update({f"job_{name}_{key}": value for key, value in job.items()})
+                progress(f"job with {len(chosen)} concept(s): {job}")
         finally:
             if started_here and local_cluster():
                 import ray

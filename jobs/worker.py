@@ -87,6 +87,14 @@ def segment_chunk(
 ) -> ChunkResults:
     """Every (image, concept) pair of the chunk -> results.masks, image_index = item index."""
     batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
+    return cascade_chunk(sam, batches, results, concepts, max_instances, min_similarity)
+
+
+def cascade_chunk(
+    sam, batches: list[Batch], results: ChunkResults, concepts: Sequence[ConceptTensors], max_instances: int = 1,
+    min_similarity: float | None = None,
+) -> ChunkResults:
+    """The batched cascade over each encoded batch -> results.masks (image_index = item index)."""
     parts = []
     for batch in batches:
         run = lambda images: segment_batch(sam, EncodedBatch.of(images), concepts, max_instances, min_similarity)  # noqa: E731
@@ -102,6 +110,12 @@ def score_chunk(sam, chunk: Chunk, concepts: Sequence[ConceptTensors], speed: En
                 cache_dtype: str | None = None) -> ChunkResults:
     """Presence score and positive point per (image, concept), no mask decoding (persam rank)."""
     batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
+    return score_batches(sam, chunk, batches, results, concepts)
+
+
+def score_batches(sam, chunk: Chunk, batches: list[Batch], results: ChunkResults,
+                  concepts: Sequence[ConceptTensors]) -> ChunkResults:
+    """The location prior of each encoded batch -> results.similarity [N, K], results.point [N, K, 2]."""
     results.similarity = np.full((len(chunk.items), len(concepts)), np.nan, np.float32)
     results.point = np.zeros((len(chunk.items), len(concepts), 2), np.int32)
     for batch in batches:
@@ -116,8 +130,10 @@ class SegmentActor:
 
     task "segment" computes masks; task "score" (persam rank) only the presence score.
     Ray Data runs up to two calls at once (max_concurrent_calls_per_actor=2 with true
-    multi-threading, see pipeline.py): the lock keeps the device work of one chunk at a
-    time, while the other call unpacks its chunk or packs its results.
+    multi-threading, see pipeline.py). Two locks make them a two-stage pipeline: while one
+    call runs its chunk's cascade (many small kernels, launched from Python), the other
+    queues its chunk's encoder work, so the GPU has the encoder to run whenever the cascade
+    leaves it waiting for the host; unpacking and packing happen outside both locks.
     """
 
     def __init__(
@@ -146,21 +162,22 @@ class SegmentActor:
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in texts]
         self.task, self.cache_dtype = task, cache_dtype
         self.max_instances, self.min_similarity = max_instances, min_similarity
-        self.device_lock = threading.Lock()
+        self.encode_lock, self.cascade_lock = threading.Lock(), threading.Lock()
 
     def compute(self, chunk: Chunk) -> ChunkResults:
-        if self.task == "score":
-            return score_chunk(self.sam, chunk, self.concepts, self.speed, self.cache_dtype)
-        return segment_chunk(self.sam, chunk, self.concepts, self.speed, self.max_instances, self.min_similarity,
-                             self.cache_dtype)
+        with self.encode_lock:  # queued on the device; no host read unless a cache needs the features
+            batches, results = encode_chunk(self.sam, chunk, self.speed, self.cache_dtype)
+        with self.cascade_lock:
+            if self.task == "score":
+                return score_batches(self.sam, chunk, batches, results, self.concepts)
+            return cascade_chunk(self.sam, batches, results, self.concepts, self.max_instances, self.min_similarity)
 
     def __call__(self, batch: dict) -> dict:
         """{"meta", "arrays"} per chunk -> {"meta" (passed on), "results"} (see payload.py)."""
         out: dict[str, list] = {"meta": [], "results": []}
         for meta, arrays in zip(batch["meta"], batch["arrays"]):
             chunk = unpack_chunk(meta, arrays)
-            with self.device_lock:
-                results = self.compute(chunk)
+            results = self.compute(chunk)
             out["meta"].append(meta)
             out["results"].append(pack_results(results))
         return {key: np.array(values, dtype=object) for key, values in out.items()}

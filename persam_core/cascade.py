@@ -26,13 +26,12 @@ from segment_anything.modeling import Sam
 
 from .batch import EncodedBatch, HostResults, empty_host_results
 from .concept import ConceptTensors
-from .pairs import PairBatch, boxes_of
+from .pairs import PairBatch, boxes_of, to_device
 from .persam import persam_passes
 from .refine import CascadeOutput
 from .persam_f import persam_f_passes
 from .prior import attention_biases, negative_points, positive_points, similarity_maps, upsample_similarities
 
-BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy.packbits order
 STATS = ("present", "score", "similarity", "point_x", "point_y", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "area")
 
 
@@ -93,7 +92,7 @@ def _prompts(pairs: PairBatch, similarity: Tensor, pair_ids: Sequence[int], foun
 def _cascade(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _ConceptStack, positive: Tensor,
              negative: Tensor, bias: Tensor) -> CascadeOutput:
     """PerSAM pairs through persam_passes, PerSAM-F pairs through persam_f_passes (one batch each)."""
-    concept_index = torch.tensor(list(concept_of_pair), dtype=torch.long).to(pairs.device, non_blocking=True)
+    concept_index = to_device(list(concept_of_pair), torch.long, pairs.device)
     outputs = []
     for persam_f in (False, True):
         rows = [r for r, k in enumerate(concept_of_pair) if stack.is_persam_f[k] == persam_f]
@@ -101,7 +100,7 @@ def _cascade(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _ConceptSt
             continue
         whole = len(rows) == len(pairs)
         sub = pairs if whole else pairs.subset(rows)
-        index = None if whole else torch.tensor(rows, dtype=torch.long).to(pairs.device, non_blocking=True)
+        index = None if whole else to_device(rows, torch.long, pairs.device)
         take = (lambda t: t) if whole else (lambda t: t[index])  # noqa: E731
         k = take(concept_index)
         if persam_f:
@@ -128,7 +127,7 @@ def _present_only(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _Conc
     empty = torch.ones(len(pairs), dtype=torch.bool, device=device)
     rows = present.nonzero().flatten().tolist()
     if rows:
-        index = torch.tensor(rows, dtype=torch.long, device=device)
+        index = to_device(rows, torch.long, device)
         sub = pairs if len(rows) == len(pairs) else pairs.subset(rows)
         output = _cascade(sub, [concept_of_pair[r] for r in rows], stack, positive[index], negative[index], bias[index])
         low = low.to(output.low_res.dtype)
@@ -142,7 +141,7 @@ def _pack_bits(masks: Tensor) -> Tensor:
     pad = (-flat.shape[1]) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(flat.shape[0], pad)], dim=1)
-    weights = torch.tensor(BIT_WEIGHTS, dtype=torch.uint8, device=masks.device)
+    weights = 2 ** torch.arange(7, -1, -1, device=masks.device, dtype=torch.uint8)  # packbits order, no host copy
     return (flat.view(flat.shape[0], -1, 8) * weights).sum(2, dtype=torch.uint8)
 
 
@@ -222,7 +221,7 @@ def segment_batch(
         if not ids:
             break
         sub = pairs.subset(ids)
-        index = torch.tensor(ids, dtype=torch.long, device=pairs.device)
+        index = to_device(ids, torch.long, pairs.device)
         positive, negative, bias, peak = _prompts(sub, similarity[index], ids, found)
         keep = torch.ones_like(peak, dtype=torch.bool) if min_similarity is None else peak >= min_similarity
         output = _cascade(sub, [concept_of_pair[i] for i in ids], stack, positive, negative, bias)
@@ -232,7 +231,11 @@ def segment_batch(
 
 def _to_host(rows: _Rows, batch: EncodedBatch, count_concepts: int, filtered: bool) -> HostResults:
     """Order the accepted rows by (pair, instance), gather their bits into one buffer, copy once."""
-    accepted = [a.cpu().numpy() for a in rows.accepted] if filtered else [np.ones(len(p), bool) for p in rows.pair_ids]
+    if filtered:  # one read of every chunk's flags (several instances only)
+        flags = torch.cat(rows.accepted).cpu().numpy()
+        accepted = np.split(flags, np.cumsum([len(p) for p in rows.pair_ids])[:-1])
+    else:
+        accepted = [np.ones(len(p), bool) for p in rows.pair_ids]
     entries = sorted(
         (pair, instance, chunk, position)
         for chunk, (pairs, instance, ok) in enumerate(zip(rows.pair_ids, rows.instances, accepted))
@@ -249,9 +252,9 @@ def _to_host(rows: _Rows, batch: EncodedBatch, count_concepts: int, filtered: bo
         slots = [(position, order[(chunk, position)]) for position in range(packed.shape[0]) if (chunk, position) in order]
         if not slots:
             continue
-        positions = torch.tensor([p for p, _ in slots], dtype=torch.long).to(device, non_blocking=True)
-        targets = torch.tensor([s for _, s in slots], dtype=torch.long).to(device, non_blocking=True)
-        starts = torch.tensor([offsets[s] for _, s in slots], dtype=torch.long).to(device, non_blocking=True)
+        positions = to_device([p for p, _ in slots], torch.long, device)
+        targets = to_device([s for _, s in slots], torch.long, device)
+        starts = to_device([int(offsets[s]) for _, s in slots], torch.long, device)
         width = packed.shape[1]
         bits[(starts[:, None] + torch.arange(width, device=device)).flatten()] = packed[positions].flatten()
         stats[targets] = rows.stats[chunk][positions]

@@ -21,6 +21,7 @@ from torch import Tensor
 from segment_anything.modeling import Sam
 
 from .decoder import decode_masks
+from .prompts import encode_prompts
 
 FULL_RES_CHUNK = 32  # pairs upsampled at once: 32 x 3 masks x 1024^2 fp32 = 384 MiB
 
@@ -66,7 +67,7 @@ class PairBatch:
         for row, image in enumerate(image_of_pair):
             by_size.setdefault((tuple(input_sizes[image]), tuple(original_sizes[image])), []).append(row)
         groups = tuple(
-            SizeGroup(torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True), tuple(rows), size[0], size[1])
+            SizeGroup(to_device(rows, torch.long, device), tuple(rows), size[0], size[1])
             for size, rows in by_size.items()
         )
         # Python floats (float64) exactly as ResizeLongestSide.apply_coords computes them.
@@ -76,9 +77,9 @@ class PairBatch:
         return cls(
             sam,
             features,
-            torch.tensor(list(image_of_pair), dtype=torch.long).to(device, non_blocking=True),
+            to_device(list(image_of_pair), torch.long, device),
             groups,
-            torch.tensor(scale, dtype=torch.float64).reshape(-1, 2).to(device, non_blocking=True),
+            to_device(scale, torch.float64, device).reshape(-1, 2),
             tuple(image_of_pair),
             tuple(tuple(s) for s in input_sizes),
             tuple(tuple(s) for s in original_sizes),
@@ -144,7 +145,7 @@ class PairBatch:
             corners = box.to(torch.float64).reshape(-1, 2, 2) * self.scale[:, None]
             boxes = corners.reshape(-1, 4).to(torch.float32)
         masks = None if mask_input is None else mask_input[:, None].to(torch.float32)
-        sparse, dense = self.sam.prompt_encoder(points=(coords, labels.to(torch.int)), boxes=boxes, masks=masks)
+        sparse, dense = encode_prompts(self.sam.prompt_encoder, coords, labels.to(torch.int), boxes, masks)
         return decode_masks(
             self.sam.mask_decoder,
             self.features[self.image_index],
@@ -155,6 +156,15 @@ class PairBatch:
             attention_bias=attention_bias,
             target_embedding=target_embedding,
         )
+
+
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host values -> a device tensor without waiting: from pinned memory, the copy is queued
+    like a kernel (from pageable memory it would wait until the GPU's queue is empty)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def boxes_of(masks: Tensor) -> Tensor:

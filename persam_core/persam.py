@@ -48,7 +48,8 @@ def persam_passes(
     positive/negative: [P, 2] (x, y); attention_bias: [P, 1, 1, 4096]; target_embedding: [P, 1, 256].
     """
     points = torch.stack([positive, negative], dim=1)  # [P, 2, 2]
-    labels = torch.tensor([1, 0], device=points.device).expand(points.shape[0], 2)
+    labels = torch.zeros(points.shape[:2], dtype=torch.long, device=points.device)
+    labels[:, 0] = 1  # positive, negative (built on the device: no host copy to wait for)
     first, _ = pairs.decode(
         points, labels, multimask=False, attention_bias=attention_bias, target_embedding=target_embedding
     )
