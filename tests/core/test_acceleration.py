@@ -51,3 +51,43 @@ def test_cuda_bf16_fused_encoder_close_to_fp32(tiny_sam, resized):
     enable_fused_attention(model)
     fast = encode_images(model, [resized], "bf16")[0].features
     assert (fast - reference).norm() / reference.norm() < 0.05
+
+
+def test_speed_defaults_fast_on_cuda_exact_on_cpu():
+    from persam_core.acceleration import EncoderSpeed, resolve_speed
+
+    assert resolve_speed("cuda") == EncoderSpeed("bf16", True, True, 16)
+    assert resolve_speed("cpu") == EncoderSpeed("fp32", False, False, 1)
+    assert resolve_speed("cuda", "fp32") == EncoderSpeed("fp32", False, False, 16)  # the exact path, batched
+    assert resolve_speed("cuda", compile=False, batch_size=4) == EncoderSpeed("bf16", True, False, 4)
+    with pytest.raises(ValueError, match="--precision"):
+        resolve_speed("cpu", "int8")
+
+
+def test_failed_compile_falls_back_to_eager_with_one_line(tiny_sam, resized, monkeypatch):
+    from persam_core import acceleration
+    from persam_core.acceleration import EncoderSpeed, prepare_encoder
+
+    model = copy.deepcopy(tiny_sam)
+    eager = model.image_encoder
+
+    class Fails(torch.nn.Module):  # what a compiled module without a working compiler does on first call
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("no compiler here\nsecond line")
+
+    def broken_compile(sam):
+        sam.image_encoder = Fails()
+
+    monkeypatch.setattr(acceleration, "compile_encoder", broken_compile)
+    lines = []
+    speed = prepare_encoder(model, EncoderSpeed("fp32", False, True, 2), log=lines.append)
+    assert speed == EncoderSpeed("fp32", False, False, 2)
+    assert model.image_encoder is eager
+    assert len(lines) == 1 and "RuntimeError: no compiler here" in lines[0] and "eager" in lines[0]
+    assert encode_images(model, [resized])[0].features.shape == (256, 64, 64)
+
+
+def test_padded_batches_give_the_same_features(tiny_sam, resized):
+    alone = encode_images(tiny_sam, [resized])[0].features
+    padded = encode_images(tiny_sam, [resized], pad_to=3)
+    assert len(padded) == 1 and torch.allclose(padded[0].features, alone, atol=1e-5)
