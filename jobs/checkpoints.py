@@ -38,8 +38,15 @@ def cache_dir() -> Path:
 
 
 def redact(url: str) -> str:
-    """Drop credentials and query strings from a URL before it is printed or stored."""
+    """Drop credentials and query strings from a URL before it is printed or stored.
+
+    Only URLs with a scheme (s3://, https://) have userinfo and query strings; a local
+    path or file:// URL keeps its `?` (`what?.jpg` is a file name)."""
+    if "://" not in url:
+        return url
     url = re.sub(r"//[^/@]*@", "//", url)
+    if url.startswith("file://"):
+        return url
     return url.split("?", 1)[0]
 
 

@@ -23,7 +23,18 @@
 
 Two jobs writing the same output at once compute the same shards and publish the same
 names with the same content: the last rename/PUT wins and nothing is duplicated, only
-work is wasted. Different jobs on one output are refused by the job record.
+work is wasted. Different jobs on one output are refused by the job record. Races
+between them are tolerated: a file that the other run already removed counts as removed.
+
+Stale temp files: a publish writes its temp file in one go and renames it at once, so a
+temp file of ours (`<our name>.tmp-<hex>`) untouched for STALE_TEMP_SECONDS (one hour)
+belongs to a publish that died; the next run's open_job deletes it. Younger ones may
+belong to a live writer on another machine (whose liveness we cannot see) and are left.
+
+Foreign files: only `part-<shard>-<digest>.parquet` files holding our schema (a subset of
+MASK_SCHEMA's columns, same types) are ours. Anything else in the output (`notes.parquet`,
+a look-alike part file of another schema, an unreadable one) is reported in one line and
+left alone: never read as rows, never deleted.
 """
 
 from __future__ import annotations
@@ -34,8 +45,11 @@ import json
 import math
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +64,12 @@ JOB_FILE = "_persam_job.json"
 # count their first run recorded.
 DEFAULT_SHARD_SIZE = 1024
 PART_FILE = re.compile(r"^part-(\d+)-([0-9a-f]{12})\.parquet$")
+# Temp files of our own publishes (publish_bytes); another tool's `*.tmp-*` is foreign.
+TEMP_FILE = re.compile(r"^(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json)\.tmp-[0-9a-f]+$")
+# A publish writes its temp file in one go and renames it within seconds: an hour without
+# a write means its writer died (mtime, not pids: writers may be on other machines).
+STALE_TEMP_SECONDS = 3600.0
+Log = Callable[[str], None]
 
 
 class OutputError(ValueError):
@@ -126,8 +146,68 @@ def _root(output: str, storage_options: dict | None):
     return fs, root.rstrip("/")
 
 
-def open_job(output: str, record: JobRecord, storage_options: dict | None = None) -> tuple[JobRecord, dict[int, dict[str, str]]]:
-    """Record the job (or read back an earlier run's) -> (record, {shard: {digest: path}})."""
+def is_our_schema(schema: pa.Schema) -> bool:
+    """A part file's schema is ours: its columns are MASK_SCHEMA's (older runs wrote fewer), same types."""
+    ours = {f.name: f.type for f in MASK_SCHEMA}
+    names = set(schema.names)
+    return {"image_uri", "concept"} <= names and all(f.name in ours and f.type == ours[f.name] for f in schema)
+
+
+def report_foreign(paths: list[str], log: Log | None) -> None:
+    """One line for files persam did not write (base names only: the output URL may hold secrets)."""
+    if paths and log is not None:
+        names = sorted(os.path.basename(p.rstrip("/")) for p in paths)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        log(f"note: the output holds {len(names)} files persam did not write, left alone: {shown}")
+
+
+def _age_seconds(info: dict, now: float) -> float | None:
+    """Seconds since the listing entry was last modified; None when the store does not say."""
+    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    if isinstance(modified, datetime):
+        modified = modified.timestamp()
+    elif isinstance(modified, str):
+        try:
+            modified = datetime.fromisoformat(modified.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return now - float(modified) if isinstance(modified, (int, float)) else None
+
+
+def _scan_output(fs, root: str, log: Log | None) -> dict[int, dict[str, str]]:
+    """One listing of the output: part files by shard; stale temp files swept; others reported."""
+    committed: dict[int, dict[str, str]] = {}
+    foreign, now = [], time.time()
+    for info in fs.ls(root, detail=True):
+        path = info["name"]
+        name = os.path.basename(path.rstrip("/"))
+        parsed = parse_part_path(path) if info.get("type") != "directory" else None
+        if parsed is not None:
+            committed.setdefault(parsed[0], {})[parsed[1]] = path
+        elif TEMP_FILE.match(name):
+            age = _age_seconds(info, now)
+            if age is not None and age > STALE_TEMP_SECONDS:
+                _remove_quietly(fs, path)
+        elif name != JOB_FILE:
+            foreign.append(path)
+    report_foreign(foreign, log)
+    return committed
+
+
+def _remove_quietly(fs, path: str) -> None:
+    """Remove `path`; one already gone (another run removed it first) counts as removed."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def open_job(
+    output: str, record: JobRecord, storage_options: dict | None = None, log: Log | None = None
+) -> tuple[JobRecord, dict[int, dict[str, str]]]:
+    """Record the job (or read back an earlier run's) -> (record, {shard: {digest: path}}).
+
+    Sweeps stale temp files of dead publishes and reports foreign files (module docstring)."""
     fs, root = _root(output, storage_options)
     job_path = f"{root}/{JOB_FILE}"
     try:
@@ -148,11 +228,7 @@ def open_job(output: str, record: JobRecord, storage_options: dict | None = None
             record = JobRecord(int(previous["num_shards"]), record.concepts, record.model_fingerprint, record.settings)
         else:
             publish_bytes(fs, job_path, record.to_json().encode())
-        committed: dict[int, dict[str, str]] = {}
-        for path in fs.glob(f"{root}/part-*.parquet"):
-            parsed = parse_part_path(path)
-            if parsed is not None:
-                committed.setdefault(parsed[0], {})[parsed[1]] = path
+        committed = _scan_output(fs, root, log)
     except OutputError:
         raise
     except (OSError, PermissionError, ValueError) as error:
@@ -180,10 +256,32 @@ def plan_shards(
     return ShardPlan(to_run, up_to_date, superseded)
 
 
-def remove_files(output: str, paths: list[str], storage_options: dict | None = None) -> None:
+def _part_schema(fs, path: str) -> pa.Schema | None:
+    """The Parquet schema of `path` (footer only); None when it is not Parquet; FileNotFoundError if gone."""
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).schema_arrow
+    except FileNotFoundError:
+        raise
+    except Exception:
+        return None
+
+
+def remove_files(output: str, paths: list[str], storage_options: dict | None = None, log: Log | None = None) -> None:
+    """Delete our superseded part files. One already gone (a concurrent identical run removed
+    it) counts as removed; one not holding our schema is foreign: reported and kept."""
     fs, _ = _root(output, storage_options)
+    foreign = []
     for path in paths:
-        fs.rm_file(path)
+        try:
+            schema = _part_schema(fs, path)
+        except FileNotFoundError:
+            continue
+        if parse_part_path(path) is None or schema is None or not is_our_schema(schema):
+            foreign.append(path)
+            continue
+        _remove_quietly(fs, path)
+    report_foreign(foreign, log)
 
 
 def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_options: dict | None = None) -> str:
@@ -198,14 +296,17 @@ def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_
 
 def read_parts(paths: list[str], storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table | None:
     """The rows of published part files (those of `columns` the files have: ranged reads of
-    just those columns on object stores); unreadable files are skipped (their images are
-    recomputed) -> None when nothing could be read."""
+    just those columns on object stores); unreadable files and files of another schema
+    (foreign, never read as ours) are skipped (their images are recomputed) -> None when
+    nothing could be read."""
     tables = []
     for path in paths:
         fs, root = url_to_fs(path, **(storage_options or {}))
         try:
             with fs.open(root, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
+                if not is_our_schema(parquet.schema_arrow):
+                    continue
                 present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
                 tables.append(parquet.read(columns=present))
         except Exception:

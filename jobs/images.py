@@ -5,7 +5,8 @@ OpenCV's imread does for the reference), so `width`/`height`/masks in the output
 that orientation. Alpha is dropped (the stored colour is kept, as imread does); 16-bit
 samples are scaled to 8 bits by >> 8 (imread's conversion); palette, grayscale and CMYK
 are converted to RGB; animations and multi-page files give their first frame. Anything
-larger than `max_pixels` is refused before decoding (decompression-bomb guard).
+larger than `max_pixels` is refused before decoding (decompression-bomb guard). Only the
+decoders of DECODER_FORMATS are used, whatever the file's name or content.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ DEFAULT_MAX_PIXELS = 100_000_000
 # Our own `max_pixels` check (before decoding) replaces PIL's fixed bomb limit, so that
 # --max-pixels can be raised or lowered.
 Image.MAX_IMAGE_PIXELS = None
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# The only decoders bytes ever reach, whatever the file is named: the formats we list, so
+# a `.jpg` holding EPS (Ghostscript), PSD or another rarely exercised decoder is an error
+# row, not an attack surface. (JPEG's opener also reads camera MPO files.)
+DECODER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 
 class ImageDecodeError(ValueError):
@@ -30,7 +35,7 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageDecodeError(f"{source}: empty file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=list(DECODER_FORMATS))
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ImageDecodeError(f"{source}: not a decodable image ({type(error).__name__})") from None
     width, height = image.size

@@ -1,5 +1,9 @@
 """`--input` -> image URLs: a directory/prefix (recursive), a glob, or a manifest.
 
+Paths are literal first: an existing directory, prefix or file is listed as is, whatever
+characters its name holds (`photos [2024]`, `what?`, `a*b`); a path is a glob only when
+it does not exist literally and holds a wildcard (`*`, `?`, `[`).
+
 Listing streams directory by directory (fsspec `walk`), so the driver never asks a
 bucket for everything at once; for lakes of hundreds of millions of objects, pass a
 manifest (`.parquet` / `.csv` / `.txt` of URLs) instead of listing every run.
@@ -14,6 +18,7 @@ from typing import Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
+from .checkpoints import redact
 from .images import IMAGE_EXTENSIONS
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
@@ -87,12 +92,14 @@ def list_images(url: str, storage_options: dict | None = None) -> Iterator[tuple
         return
     fs, path = url_to_fs(url, **options)
     name = (lambda p: fs.unstrip_protocol(p)) if "://" in url else (lambda p: p)
-    if any(char in path for char in "*?["):
-        found = fs.glob(path, detail=True)
-        yield from ((name(p), version_token(found[p])) for p in sorted(found) if is_image_name(p))
-        return
+    # Literal first: an existing directory/prefix/file named `photos [2024]` or `what?` is
+    # never glob-expanded; only a path that does not exist and has a wildcard is a glob.
     if not fs.exists(path):
-        raise InputError(f"{url}: input not found; pass an existing directory, prefix, glob or manifest")
+        if any(char in path for char in "*?["):
+            found = fs.glob(path, detail=True)
+            yield from ((name(p), version_token(found[p])) for p in sorted(found) if is_image_name(p))
+            return
+        raise InputError(f"{redact(url)}: input not found; pass an existing directory, prefix, glob or manifest")
     if fs.isfile(path):
         yield url, version_token(fs.info(path))
         return

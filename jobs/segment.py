@@ -22,14 +22,16 @@ from persam_core.concept import Concept, ConceptError
 from . import commit
 from .cache import FeatureCache
 from .checkpoints import load_model, random_weights_note, redact
+from .images import IMAGE_EXTENSIONS
 from .inputs import InputError, is_manifest, list_images
 from .payload import ipc_to_table
 from .pipeline import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
 from .runtime import check_device_option, expected_device_type, local_cluster, start_ray
 
-
 # A manifest is planned and run in chunks of this many images (bounded driver memory).
 MANIFEST_WAVE_IMAGES = 500_000
+# Named in "no images found" errors; the list itself is owned by jobs/images.py.
+EXTENSIONS_NOTE = " ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 @dataclass
@@ -135,7 +137,7 @@ def list_all_images(options) -> dict[str, str]:
     """{image url: version token} of the whole --input (see waves() for manifests)."""
     images = dict(list_images(options.input, options.storage_options))
     if not images:
-        raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
+        raise InputError(f"{redact(options.input)}: no images found (extensions: {EXTENSIONS_NOTE})")
     return images
 
 
@@ -170,7 +172,7 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
     batches = waves(options)
     first = next(batches, None)
     if not first:
-        raise InputError(f"{redact(options.input)}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
+        raise InputError(f"{redact(options.input)}: no images found (extensions: {EXTENSIONS_NOTE})")
     # (a manifest shorter than one wave is sharded like a listing of its size)
     shards_per_wave = commit.shard_count(len(first), options.shard_size)
     if cache is not None and not manifest:  # a new job adopts the cache's sharding: one cache file per job shard
@@ -186,7 +188,7 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
         "manifest_wave_images": MANIFEST_WAVE_IMAGES if manifest else None,
     }
     record = commit.JobRecord(shards_per_wave, tuple(c.name for c in concepts), fingerprint, settings)
-    record, committed = commit.open_job(options.output, record, options.storage_options)
+    record, committed = commit.open_job(options.output, record, options.storage_options, log)
     spec = PipelineSpec(
         options.model_type, options.checkpoint, fingerprint, [c.to_json() for c in concepts], options.device,
         options.num_actors, options.max_pixels, options.storage_options, "segment",
@@ -208,7 +210,7 @@ def run_segment(options: SegmentOptions, log=print) -> SegmentSummary:
         waves_seen = index + 1
         stale = [p for s, files in committed.items() if s >= waves_seen * record.num_shards for p in files.values()]
         totals.update(removed=count_removed(stale, set(), options.storage_options))
-        commit.remove_files(options.output, stale, options.storage_options)
+        commit.remove_files(options.output, stale, options.storage_options, log)
     t = totals
     return SegmentSummary(t["images"], t["rows"], t["errors"], t["run"], t["skipped"], redact(options.output),
                           time.perf_counter() - started, t["encoded"], t["cache_hits"], t["carried"], t["removed"])
@@ -229,7 +231,7 @@ def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRec
     # others are replaced by their shard's commit, and read for the rows they carry over.
     dropped = [p for s, ps in superseded.items() if s not in running for p in ps]
     totals.update(removed=count_removed(dropped, set(urls), options.storage_options), skipped=plan.up_to_date)
-    commit.remove_files(options.output, dropped, options.storage_options)
+    commit.remove_files(options.output, dropped, options.storage_options, log)
     log(f"{len(urls)} images x {len(spec.concept_texts)} concepts; {len(to_run)} shards to run, "
         f"{plan.up_to_date} already committed")
     if not to_run:
@@ -242,7 +244,7 @@ def _run_wave(options: SegmentOptions, spec: PipelineSpec, record: commit.JobRec
         table, removed = commit.assemble_shard(shard["shard"], [ipc_to_table(c["table"]) for c in chunks], carried,
                                                shard["previous"], shard["urls"], list(record.concepts), storage)
         commit.commit_shard(output, shard["shard"], shard["digest"], table, storage)
-        commit.remove_files(output, shard["previous"], storage)  # only after the new file is public
+        commit.remove_files(output, shard["previous"], storage, log)  # only after the new file is public
         errors = sum(1 for e in table.column("error").to_pylist() if e is not None)
         return {"shard": shard["shard"], "rows": table.num_rows, "errors": errors, "images": len(shard["urls"]),
                 "encoded": sum(int(c["encoded"]) for c in chunks), "cache_hits": sum(int(c["cache_hits"]) for c in chunks),

@@ -21,9 +21,9 @@ from jobs.schema import MASK_SCHEMA, rows_to_table
 # Relative paths, deliberately created out of order; the ones after None are not images.
 IMAGES = [
     "z.jpg", "A.JPG", "m.Png", "c.jpeg", "d.webp", "e.bmp", "f.tif", "g.TIFF",
-    "b_dir/y.png", "b_dir/x.JPEG", "a_dir/sub/deep.jpg", "a_dir/k.jpg",
+    "b_dir/y.png", "b_dir/x.JPEG", "a_dir/sub/deep.jpg", "a_dir/k.jpg", "c_dir/x.gif",
 ]
-NOT_IMAGES = ["notes.txt", "meta.json", "README", "photo.jpg.bak", "a_dir/labels.csv", "b_dir/.DS_Store", "c_dir/x.gif"]
+NOT_IMAGES = ["notes.txt", "meta.json", "README", "photo.jpg.bak", "a_dir/labels.csv", "b_dir/.DS_Store", "c_dir/x.svg"]
 
 
 @pytest.fixture
