@@ -132,11 +132,16 @@ def publish_bytes(fs, path: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:  # a full disk or a kill must not leave the temp file behind
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
     else:
         fs.pipe_file(path, data)
 

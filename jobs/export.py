@@ -16,6 +16,7 @@ from persam_core.masks import decode_rle
 
 from .images import decode_image
 from .inputs import read_bytes
+from .outputs import check_output_file, check_output_folder, write_atomically
 from .overlays import render_overlay, safe_file_name
 
 REQUIRED_COLUMNS = ("image_uri", "concept", "width", "height", "mask_rle", "bbox", "area", "score", "error")
@@ -115,11 +116,14 @@ def export_subjects(rows: list[dict], output: Path, locate, storage_options: dic
 
 
 def run_export(kind: str, masks_url: str, output: str, images_root: str | None = None, storage_options: dict | None = None) -> str:
+    if kind == "coco":  # where the result goes is checked before the masks are read
+        check_output_file(output, "--output", storage_options, "coco.json")
+    elif kind in ("overlays", "subjects"):
+        check_output_folder(output, "--output", storage_options)
     rows = read_mask_rows(masks_url, storage_options)
     if kind == "coco":
         document = coco_document(rows)
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(document))
+        write_atomically(output, json.dumps(document).encode("utf-8"), storage_options)
         return f"{len(document['annotations'])} annotations on {len(document['images'])} images -> {output}"
     target = Path(output)
     target.mkdir(parents=True, exist_ok=True)

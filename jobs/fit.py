@@ -17,6 +17,7 @@ from persam_core.preprocess import resize_longest_side
 from .checkpoints import load_model, random_weights_note, redact
 from .images import decode_image, decode_mask
 from .inputs import read_bytes
+from .outputs import check_output_file, write_atomically
 
 
 @dataclass
@@ -84,6 +85,7 @@ def run_fit(options: FitOptions, log=print) -> Concept:
         raise ConceptError("give one --mask for every --image (several pairs = several shots)")
     if not options.name or any(ch in options.name for ch in "/\\\0") or options.name in (".", ".."):
         raise ConceptError(f"--name {options.name!r}: use a plain name without '/', '\\\\' or '..'")
+    check_output_file(options.out, "--out", options.storage_options, f"{options.name}.json")
     _check_writable(options.out, options.storage_options)
     images = [decode_image(_read(u, "image", options.storage_options), redact(u)) for u in options.images]
     masks = [decode_mask(_read(u, "mask", options.storage_options), redact(u)) for u in options.masks]
@@ -98,8 +100,8 @@ def run_fit(options: FitOptions, log=print) -> Concept:
     started = time.perf_counter()
     concept = fit_concept(model.sam.to(options.device), model.fingerprint, images, masks, options.method, options.name,
                           options.epochs, [redact(u) for u in options.masks], [redact(u) for u in options.images], log)
-    with fsspec.open(options.out, "w", **(options.storage_options or {})) as handle:
-        handle.write(concept.to_json())
+    # A killed or failing write must never leave a half concept that `segment` would then refuse.
+    write_atomically(options.out, concept.to_json().encode("utf-8"), options.storage_options)
     log(f"concept {concept.name!r} ({concept.method}, {len(images)} shot(s)) -> {redact(options.out)} "
         f"in {time.perf_counter() - started:.1f} s")
     return concept

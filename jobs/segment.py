@@ -24,6 +24,7 @@ from .cache import FeatureCache
 from .checkpoints import load_model, random_weights_note, redact
 from .images import IMAGE_EXTENSIONS
 from .inputs import InputError, is_manifest, list_images
+from .outputs import check_output_folder
 from .payload import ipc_to_table
 from .pipeline import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
 from .runtime import check_device_option, expected_device_type, local_cluster, start_ray
@@ -120,6 +121,9 @@ def prepare_job(options, concepts: list[Concept], log) -> tuple[str, FeatureCach
     if (options.batch_size is not None and options.batch_size < 1) or options.chunk_size < 1:
         raise ValueError("--batch-size and --chunk-size must be at least 1")
     resolve_speed("cpu", options.precision)  # refuses an unknown precision before any work
+    check_output_folder(options.output, "--output", options.storage_options)  # before the model loads
+    if options.cache:
+        check_output_folder(options.cache, "--cache", options.storage_options)
     model = load_model(options.model_type, options.checkpoint, options.storage_options)
     for concept in concepts:
         concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")

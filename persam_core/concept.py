@@ -24,6 +24,19 @@ METHODS = ("persam", "persam-f")
 FORMAT = "persam-concept/1"
 FEATURE_DIM = 256
 
+# Bounds on what a concept file may hold. t is written as e / ||e|| in float32, whose norm is 1
+# within ~1e-7; 1e-3 leaves room for rounding yet catches a zeroed or rescaled vector (which
+# would give similarity 0 or 1e23 and a NaN score downstream).
+UNIT_NORM_TOLERANCE = 1e-3
+# e is a mean of SAM encoder cells; the encoder's neck ends in a LayerNorm, so one cell has a
+# norm of about sqrt(256) = 16 times its affine scale (16 with random weights, whose pooled e
+# measures 8 to 10; the released weights' learnt scales keep it in the tens). A mean of cells is
+# at most their largest norm, so 1e4 is a margin of hundreds; below 1e-6 the cells cancelled out
+# and t = e / ||e|| is not determined.
+EMBEDDING_NORM_RANGE = (1e-6, 1e4)
+# PerSAM-F stores (1 - w1 - w2, w1, w2), which sums to 1 up to float32 rounding (~1e-7).
+WEIGHT_SUM_TOLERANCE = 1e-3
+
 
 class ConceptError(ValueError):
     """A reference or concept file that cannot be used; the message says what to do."""
@@ -66,16 +79,18 @@ class Concept:
             concept = cls(
                 name=str(document["name"]),
                 method=str(document["method"]),
-                target_feature=_vector(document["target_feature"], FEATURE_DIM),
-                target_embedding=_vector(document["target_embedding"], FEATURE_DIM),
+                target_feature=_vector(document["target_feature"], FEATURE_DIM, "target_feature"),
+                target_embedding=_vector(document["target_embedding"], FEATURE_DIM, "target_embedding"),
                 model_fingerprint=str(document["model_fingerprint"]),
-                mask_weights=None if document.get("mask_weights") is None else _vector(document["mask_weights"], 3),
+                mask_weights=(None if document.get("mask_weights") is None
+                              else _vector(document["mask_weights"], 3, "mask_weights")),
                 references=tuple(str(r) for r in document.get("references", [])),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConceptError(f"{source}: corrupt concept file ({error}); re-create it with `persam fit`") from None
         if concept.method not in METHODS or (concept.method == "persam-f") != (concept.mask_weights is not None):
             raise ConceptError(f"{source}: inconsistent method/mask weights; re-create it with `persam fit`")
+        _check_values(concept, source)
         return concept
 
     def require_fingerprint(self, fingerprint: str, source: str = "concept") -> None:
@@ -87,11 +102,32 @@ class Concept:
             )
 
 
-def _vector(values: Sequence[float], length: int) -> np.ndarray:
+def _check_values(concept: Concept, source: str) -> None:
+    """Refuse vectors that parse but cannot be a fitted concept (zeroed, rescaled, unnormalised)."""
+    redo = "re-create it with `persam fit`"
+    feature_norm = float(np.linalg.norm(concept.target_feature.astype(np.float64)))
+    if abs(feature_norm - 1.0) > UNIT_NORM_TOLERANCE:
+        raise ConceptError(f"{source}: target_feature has norm {feature_norm:.6g} (expected 1); {redo}")
+    embedding_norm = float(np.linalg.norm(concept.target_embedding.astype(np.float64)))
+    low, high = EMBEDDING_NORM_RANGE
+    if not low <= embedding_norm <= high:
+        raise ConceptError(
+            f"{source}: target_embedding has norm {embedding_norm:.6g} (expected {low:g} to {high:g}); {redo}")
+    if concept.mask_weights is not None:
+        total = float(concept.mask_weights.astype(np.float64).sum())
+        if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+            raise ConceptError(f"{source}: mask_weights sum to {total:.6g} (expected 1); {redo}")
+
+
+def _vector(values: Sequence[float], length: int, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
-    if array.shape != (length,) or not np.all(np.isfinite(array)):
-        raise ValueError(f"expected {length} finite numbers")
-    return array.astype(np.float32)
+    if array.shape != (length,):
+        raise ValueError(f"{name}: expected {length} finite float32 numbers")
+    with np.errstate(over="ignore"):
+        single = array.astype(np.float32)
+    if not np.all(np.isfinite(single)):  # checked after the cast: 1e39 is a finite double but inf in float32
+        raise ValueError(f"{name}: expected {length} finite float32 numbers")
+    return single
 
 
 def reference_cells(encoded: Sequence[EncodedImage], masks: Sequence[np.ndarray], sources: Sequence[str]) -> Tensor:

@@ -1,0 +1,56 @@
+"""Where a command writes, checked before any work: --out / --output / --cache that cannot
+take the result fail before a model is loaded (README "Bad input"); writes are atomic."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from .checkpoints import redact
+from .commit import OutputError, publish_bytes
+
+
+def _blocker(url: str, storage_options: dict | None) -> tuple[object, str, str | None]:
+    """-> (fs, path, reason the location cannot be created, or None). Creates nothing, so a
+    refused job leaves no folder behind."""
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    path = path.rstrip("/") or path
+    if not isinstance(fs, LocalFileSystem):
+        return fs, path, None  # object stores have no parent folders to get in the way; the write itself tells
+    for ancestor in (Path(path), *Path(path).parents):
+        if ancestor.exists():
+            if ancestor != Path(path) and not ancestor.is_dir():
+                return fs, path, f"{ancestor} is a file, so nothing can be created under it"
+            folder = ancestor if ancestor.is_dir() else ancestor.parent
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return fs, path, f"{folder} is not writable"
+            break
+    return fs, path, None
+
+
+def check_output_file(url: str, flag: str, storage_options: dict | None = None, example: str = "result.json") -> None:
+    """A file the command will write: not an existing folder, its folder creatable."""
+    fs, path, reason = _blocker(url, storage_options)
+    if fs.isdir(path):
+        raise OutputError(f"{redact(url)}: {flag} is an existing folder; pass a file path such as "
+                          f"{redact(url).rstrip('/')}/{example}")
+    if reason:
+        raise OutputError(f"{redact(url)}: {flag} is not writable ({reason}); pass a writable path")
+
+
+def check_output_folder(url: str, flag: str, storage_options: dict | None = None) -> None:
+    """A folder the command will write into: not an existing file, creatable."""
+    fs, path, reason = _blocker(url, storage_options)
+    if fs.isfile(path):
+        raise OutputError(f"{redact(url)}: {flag} is an existing file; pass a folder path (it holds several files)")
+    if reason:
+        raise OutputError(f"{redact(url)}: {flag} is not writable ({reason}); pass a writable path")
+
+
+def write_atomically(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """The whole file or nothing: temp file in the same folder + rename locally, one PUT remotely."""
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    publish_bytes(fs, path, data)
