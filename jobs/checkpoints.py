@@ -21,6 +21,8 @@ from segment_anything.modeling import Sam
 
 from persam_core.models import ModelError, build_from_state_dict, build_random, fingerprint, load_state_dict_file, model_fingerprint
 
+from .redaction import redact  # noqa: F401  (re-exported: the URL rule lives in redaction.py)
+
 SAM_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 # Published files and their SHA-256 (checked whenever a downloaded file carries one of these names).
 OFFICIAL_CHECKPOINTS = {
@@ -35,19 +37,6 @@ _RANDOM = re.compile(r"^random:(\d+)$")
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PERSAM_CACHE") or Path.home() / ".cache" / "persam")
-
-
-def redact(url: str) -> str:
-    """Drop credentials and query strings from a URL before it is printed or stored.
-
-    Only URLs with a scheme (s3://, https://) have userinfo and query strings; a local
-    path or file:// URL keeps its `?` (`what?.jpg` is a file name)."""
-    if "://" not in url:
-        return url
-    url = re.sub(r"//[^/@]*@", "//", url)
-    if url.startswith("file://"):
-        return url
-    return url.split("?", 1)[0]
 
 
 def random_seed(spec: str) -> int | None:

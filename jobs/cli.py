@@ -220,14 +220,42 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _secrets(args: argparse.Namespace) -> set[str]:
+    """What the user gave that could hold a credential: URL userinfo / query strings, storage options."""
+    from .redaction import secret_option_values, secrets_in
+
+    found = secrets_in(vars(args).values())
+    try:
+        options = json.loads(getattr(args, "storage_options", None) or "{}")
+    except json.JSONDecodeError:
+        options = {}
+    return found | (secret_option_values(options) if isinstance(options, dict) else set())
+
+
+def _one_line(error: BaseException, secrets: set[str], with_type: bool) -> str:
+    from .redaction import scrub
+
+    # KeyError's str() is a repr (newlines escaped): take the message itself where there is one
+    single = len(error.args) == 1 and isinstance(error.args[0], str)
+    text = (error.args[0] if single else str(error)).strip()
+    first = text.splitlines()[0] if text else ""
+    line = f"{type(error).__name__}: {first}" if with_type and first else (first or type(error).__name__)
+    return scrub(line, secrets)[:1000]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input or configuration (our errors name the file and what to
+    do); 1 any other failure. Either way one line on stderr, credentials scrubbed, no traceback."""
     args = build_parser().parse_args(argv)
+    secrets = _secrets(args)
     try:
         return _run(args)
     except (ValueError, OSError) as error:  # our errors carry a one-line reason naming the file
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"persam {args.command}: error: {message}", file=sys.stderr)
+        print(f"persam {args.command}: error: {_one_line(error, secrets, False)}", file=sys.stderr)
         return 2
+    except Exception as error:  # a library's error (e.g. botocore's, which may quote a signed URL)
+        print(f"persam {args.command}: failed: {_one_line(error, secrets, True)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

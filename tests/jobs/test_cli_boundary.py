@@ -1,0 +1,45 @@
+"""The CLI boundary: any error is one scrubbed line with a documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import cli
+from jobs.redaction import redact, scrub, secrets_in
+
+SECRET_KEY, SECRET_TOKEN, SIGNATURE = "AKIAEXAMPLEKEY", "sEcReT/tOkEn+value", "X-Amz-Signature=deadbeefcafe"
+
+
+@pytest.mark.parametrize("failure,code,word", [
+    (RuntimeError, 1, "failed"),  # a library's error
+    (KeyError, 1, "failed"),
+    (ValueError, 2, "error"),  # ours: bad input
+    (OSError, 2, "error"),
+])
+def test_any_error_is_one_scrubbed_line(monkeypatch, capsys, failure, code, word):
+    url = f"s3://{SECRET_KEY}:{SECRET_TOKEN}@bucket/photos/?{SIGNATURE}"
+
+    def explode(args):
+        raise failure(f"while reading {url} with token {SECRET_TOKEN}\nsecond line\nTraceback (most recent call last)")
+
+    monkeypatch.setattr(cli, "_run", explode)
+    options = json.dumps({"key": "OPTIONKEY123", "secret": "OPTIONSECRET456", "client_kwargs": {"region_name": "eu"}})
+    exit_code = cli.main(["export", "coco", "--masks", url, "--output", "out.json", "--storage-options", options])
+    captured = capsys.readouterr()
+    assert exit_code == code
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"persam export: {word}:")
+    for secret in (SECRET_KEY, SECRET_TOKEN, "deadbeefcafe", "OPTIONKEY123", "OPTIONSECRET456"):
+        assert secret not in captured.err and secret not in captured.out
+    assert "Traceback" not in captured.err
+    assert "s3://bucket/photos/" in lines[0]  # the redacted URL still names the place
+
+
+def test_scrub_and_redact_rules():
+    text = "GET https://user:pw@host.example/a/b.jpg?sig=abc&token=xyz failed; local what?.jpg kept"
+    assert scrub(text) == "GET https://host.example/a/b.jpg failed; local what?.jpg kept"
+    assert redact("s3://k:s@b/p/x.jpg?versionId=1") == "s3://b/p/x.jpg"
+    assert redact("photos/what?.jpg") == "photos/what?.jpg"
+    assert secrets_in(["s3://k3y:s3cret@b/p?sig=123", {"a": ["https://h/x?tok=999"]}]) >= {"k3y", "s3cret", "sig=123", "tok=999"}
