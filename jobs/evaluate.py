@@ -165,7 +165,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def perseg_metrics(scores: dict) -> dict:
-    """Counts per concept -> SPEC §4 metrics (+ the paper's 32-concept subset)."""
+    """Counts per concept -> the metrics.json metrics (+ the paper's 32-concept subset)."""
     per_concept = {name: {"miou": ratio_or_one(s["intersection"], s["union"]),
                           "biou": ratio_or_one(s["b_intersection"], s["b_union"]),
                           "images": s["images"], "errors": s["errors"]} for name, s in sorted(scores.items())}

@@ -1,4 +1,4 @@
-"""The mask Parquet schema (SPEC §3): one row per (image, concept, instance).
+"""The mask Parquet schema: one row per (image, concept, instance).
 
 `width`/`height` and masks are in displayed orientation (EXIF applied). `mask_rle` is
 COCO compressed RLE (`pycocotools.mask.decode` reads it); `bbox` is COCO xywh; `point`
