@@ -1,4 +1,4 @@
-"""The `persam` command line (SPEC §4). Argument parsing and error reporting only."""
+"""The `persam` command line. Argument parsing and error reporting only."""
 
 from __future__ import annotations
 
@@ -222,14 +222,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _secrets(args: argparse.Namespace) -> set[str]:
     """What the user gave that could hold a credential: URL userinfo / query strings, storage options."""
-    from .redaction import secret_option_values, secrets_in
+    from .redaction import secrets_in
 
     found = secrets_in(vars(args).values())
     try:
         options = json.loads(getattr(args, "storage_options", None) or "{}")
     except json.JSONDecodeError:
         options = {}
-    return found | (secret_option_values(options) if isinstance(options, dict) else set())
+    return found | (secrets_in([options], every_string=True) if isinstance(options, dict) else set())
 
 
 def _one_line(error: BaseException, secrets: set[str], with_type: bool) -> str:

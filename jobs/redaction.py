@@ -32,15 +32,17 @@ def redact(url: str) -> str:
     return url.split("?", 1)[0]
 
 
-def secrets_in(values: Iterable[object]) -> set[str]:
-    """The secret parts of user-given values: URL userinfo and query strings, and every
-    string inside option mappings (storage options hold keys and tokens)."""
+def secrets_in(values: Iterable[object], every_string: bool = False) -> set[str]:
+    """The secret parts of user-given values (nested in dicts and lists): URL userinfo and
+    query strings; with every_string, every string (storage options hold keys and tokens)."""
     found: set[str] = set()
     for value in values:
         if isinstance(value, dict):
-            found |= secrets_in(value.values())
+            found |= secrets_in(value.values(), every_string)
         elif isinstance(value, (list, tuple)):
-            found |= secrets_in(value)
+            found |= secrets_in(value, every_string)
+        elif isinstance(value, str) and every_string:
+            found.add(value)
         elif isinstance(value, str) and "://" in value:
             match = _USERINFO.match(value)
             if match:  # the userinfo and each of its parts
@@ -50,17 +52,6 @@ def secrets_in(values: Iterable[object]) -> set[str]:
             if query:
                 found |= {query, *(pair.split("=", 1)[-1] for pair in query.split("&"))}
     return {s for s in found if len(s) >= 3}
-
-
-def secret_option_values(options: dict) -> set[str]:
-    """Every string value (at any depth) of a storage-options mapping."""
-    found: set[str] = set()
-    for value in options.values():
-        if isinstance(value, dict):
-            found |= secret_option_values(value)
-        elif isinstance(value, str) and len(value) >= 3:
-            found.add(value)
-    return found
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:

@@ -67,11 +67,23 @@ class _ConceptStack:
         )
 
 
-def _prompts(pairs: PairBatch, similarity: Tensor, pair_ids: Sequence[int], found: dict[int, Tensor] | None):
+def _all_pairs(sam: Sam, batch: EncodedBatch, concepts: Sequence[ConceptTensors]):
+    """Every (image, concept) pair, image-major -> (concepts stacked, PairBatch, concept of each
+    pair (host), S: [P, 64, 64] from one matrix product)."""
+    stack = _ConceptStack.of(concepts, batch.features.device)
+    image_of_pair = [b for b in range(len(batch)) for _ in concepts]
+    concept_of_pair = [k for _ in range(len(batch)) for k in range(len(concepts))]
+    pairs = PairBatch.build(sam, batch.features, image_of_pair, batch.input_sizes, batch.original_sizes)
+    return stack, pairs, concept_of_pair, similarity_maps(batch.features, stack.targets).flatten(0, 1)
+
+
+def _prompts(pairs: PairBatch, similarity: Tensor, pair_ids: Sequence[int], found: dict[int, Tensor] | None,
+             points_only: bool = False):
     """-> positive [P, 2], negative [P, 2] (x, y), attention bias [P, 1, 1, 4096], peak [P] of S'.
 
     similarity: [P, 64, 64]; found: pixels of earlier instances ([H, W] bool) by pair id,
     lowered to the map's minimum first (the next instance is searched elsewhere).
+    points_only: the positive points alone (rank needs no decoder prompts); the rest stay empty.
     """
     count, device = len(pairs), pairs.device
     positive = torch.empty(count, 2, dtype=torch.long, device=device)
@@ -83,7 +95,10 @@ def _prompts(pairs: PairBatch, similarity: Tensor, pair_ids: Sequence[int], foun
         if found is not None:
             taken = torch.stack([found[pair_ids[r]] for r in rows_host])
             upsampled = torch.where(taken, upsampled.flatten(1).amin(1)[:, None, None], upsampled)
-        positive[rows], negative[rows] = positive_points(upsampled), negative_points(upsampled)
+        positive[rows] = positive_points(upsampled)
+        if points_only:
+            continue
+        negative[rows] = negative_points(upsampled)
         bias[rows] = attention_biases(upsampled, tuple(similarity.shape[1:]))
         peak[rows] = upsampled.flatten(1).amax(1)
     return positive, negative, bias, peak
@@ -196,12 +211,8 @@ def segment_batch(
         raise ValueError("max_instances must be at least 1")
     if len(batch) == 0 or not concepts:
         return empty_host_results()
-    count_images, count_concepts = len(batch), len(concepts)
-    stack = _ConceptStack.of(concepts, batch.features.device)
-    image_of_pair = [b for b in range(count_images) for _ in range(count_concepts)]
-    concept_of_pair = [k for _ in range(count_images) for k in range(count_concepts)]
-    pairs = PairBatch.build(sam, batch.features, image_of_pair, batch.input_sizes, batch.original_sizes)
-    similarity = similarity_maps(batch.features, stack.targets).flatten(0, 1)  # [P, 64, 64]
+    count_concepts = len(concepts)
+    stack, pairs, concept_of_pair, similarity = _all_pairs(sam, batch, concepts)
     presence = similarity.flatten(1).amax(1)
     present = torch.ones_like(presence, dtype=torch.bool) if min_similarity is None else presence >= min_similarity
 
@@ -279,12 +290,9 @@ def _to_host(rows: _Rows, batch: EncodedBatch, count_concepts: int, filtered: bo
 @torch.no_grad()
 def score_batch(sam: Sam, batch: EncodedBatch, concepts: Sequence[ConceptTensors]) -> tuple[np.ndarray, np.ndarray]:
     """Location prior only (no decoding) -> (similarity [B, K] float32, point [B, K, 2] int32 (x, y))."""
-    stack = _ConceptStack.of(concepts, batch.features.device)
     count_images, count_concepts = len(batch), len(concepts)
-    pairs = PairBatch.build(sam, batch.features, [b for b in range(count_images) for _ in range(count_concepts)],
-                            batch.input_sizes, batch.original_sizes)
-    similarity = similarity_maps(batch.features, stack.targets).flatten(0, 1)
-    positive, _, _, _ = _prompts(pairs, similarity, range(len(pairs)), None)
+    _, pairs, _, similarity = _all_pairs(sam, batch, concepts)
+    positive, _, _, _ = _prompts(pairs, similarity, range(len(pairs)), None, points_only=True)
     presence = similarity.flatten(1).amax(1)
     return (presence.cpu().numpy().reshape(count_images, count_concepts).astype(np.float32),
             positive.cpu().numpy().reshape(count_images, count_concepts, 2).astype(np.int32))
