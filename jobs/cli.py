@@ -10,8 +10,8 @@ from typing import Sequence
 from persam_core.acceleration import GPU_BATCH_SIZE, SPEED_PRECISIONS
 from persam_core.models import MODEL_TYPES
 
-from .commit import DEFAULT_SHARD_SIZE
-from .pipeline import DEFAULT_CHUNK_IMAGES
+from jobs.pipeline.commit import DEFAULT_SHARD_SIZE
+from jobs.pipeline.run import DEFAULT_CHUNK_IMAGES
 
 MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
 CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     storage = _storage_options(args.storage_options)
     if args.command == "fit":
-        from .fit import FitOptions, run_fit
-        from .runtime import resolve_device
+        from jobs.commands.fit import FitOptions, run_fit
+        from jobs.pipeline.session import resolve_device
 
         if args.epochs < 1:
             raise ValueError("--epochs must be at least 1")
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
                            args.out, args.epochs, resolve_device(args.device), storage))
         return 0
     if args.command == "segment":
-        from .segment import SegmentOptions, run_segment
+        from jobs.commands.segment import SegmentOptions, run_segment
 
         if _below_one(args.batch_size, args.num_actors, args.max_instances, args.chunk_size, args.shard_size):
             raise ValueError("--batch-size, --chunk-size, --shard-size, --num-actors and --max-instances must be at least 1")
@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
         print(summary.line())
         return 0
     if args.command == "rank":
-        from .rank import RankOptions, run_rank
+        from jobs.commands.rank import RankOptions, run_rank
 
         if args.top_k < 0 or _below_one(args.batch_size, args.num_actors, args.chunk_size, args.shard_size):
             raise ValueError("--top-k must be >= 0; --batch-size, --chunk-size, --shard-size and --num-actors >= 1")
@@ -181,12 +181,12 @@ def _run(args: argparse.Namespace) -> int:
             fused_attention=args.fused_attention, compile_encoder=args.compile_encoder, chunk_size=args.chunk_size))
         return 0
     if args.command == "export":
-        from .export import run_export
+        from jobs.export import run_export
 
         print(run_export(args.kind, args.masks, args.output, args.images, storage))
         return 0
     if args.command == "eval":
-        from .evaluate import EvalOptions, run_eval
+        from jobs.commands.eval_perseg import EvalOptions, run_eval
 
         if _below_one(args.batch_size, args.num_actors):
             raise ValueError("--batch-size and --num-actors must be at least 1")
@@ -198,15 +198,15 @@ def _run(args: argparse.Namespace) -> int:
         print("done: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" -> {args.output}/metrics.json")
         return 0
     if args.command == "bench":
-        from .bench import print_bench, run_bench
-        from .runtime import resolve_device
+        from jobs.commands.bench import print_bench, run_bench
+        from jobs.pipeline.session import resolve_device
 
         if args.images < 1 or args.concepts < 1:
             raise ValueError("--images and --concepts must be at least 1")
         if any(v is not None and v < 1 for v in (args.batch_size, args.num_actors, args.shard_size)):
             raise ValueError("--batch-size, --num-actors and --shard-size must be at least 1")
         if args.job:
-            from .bench_job import JobBenchOptions, job_table, run_job_bench
+            from jobs.commands.bench_job import JobBenchOptions, job_table, run_job_bench
 
             result = run_job_bench(JobBenchOptions(args.model_type, args.checkpoint, args.images, args.concepts, args.device,
                                                    args.precision, args.batch_size, args.num_actors, args.shard_size))
@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _secrets(args: argparse.Namespace) -> set[str]:
     """What the user gave that could hold a credential: URL userinfo / query strings, storage options."""
-    from .redaction import secrets_in
+    from jobs.storage.redaction import secrets_in
 
     found = secrets_in(vars(args).values())
     try:
@@ -233,7 +233,7 @@ def _secrets(args: argparse.Namespace) -> set[str]:
 
 
 def _one_line(error: BaseException, secrets: set[str], with_type: bool) -> str:
-    from .redaction import scrub
+    from jobs.storage.redaction import scrub
 
     # KeyError's str() is a repr (newlines escaped): take the message itself where there is one
     single = len(error.args) == 1 and isinstance(error.args[0], str)

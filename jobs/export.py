@@ -14,10 +14,10 @@ from PIL import Image
 
 from persam_core.masks import decode_rle
 
-from .images import decode_image
-from .inputs import read_bytes
-from .outputs import check_output_file, check_output_folder, write_atomically
-from .overlays import render_overlay, safe_file_name
+from jobs.storage.images import decode_image
+from jobs.storage.listing import read_bytes
+from jobs.storage.outputs import check_output_file, check_output_folder, write_atomically
+from jobs.overlays import render_overlay, safe_file_name
 
 REQUIRED_COLUMNS = ("image_uri", "concept", "width", "height", "mask_rle", "bbox", "area", "score", "error")
 

@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from jobs.cli import main
-from jobs.evaluate import PAPER_SKIPPED, perseg_metrics
+from jobs.commands.eval_perseg import PAPER_SKIPPED, perseg_metrics
 from persam_core.evaluation import boundary_counts, davis_j
 from synthetic import make_davis, save_palette_png
 
@@ -41,7 +41,7 @@ def error_lines(result: SimpleNamespace) -> list[str]:
 def ray_session():
     import ray
 
-    from jobs.runtime import start_ray
+    from jobs.pipeline.session import start_ray
 
     started = start_ray()
     yield
@@ -160,7 +160,7 @@ def layout_state_dict() -> dict[str, torch.Tensor]:
 
 
 def test_vit_t_loads_the_official_layout_strictly_and_encodes(tmp_path: Path) -> None:
-    from jobs.checkpoints import load_model
+    from jobs.storage.checkpoints import load_model
     from persam_core.models import ModelError, build_from_state_dict
     from persam_core.predictor import encode_images
     from persam_core.preprocess import resize_longest_side

@@ -11,10 +11,10 @@ import numpy as np
 from PIL import Image
 
 from jobs.cli import main
-from jobs.finish import mask_rows
-from jobs.images import decode_image, decode_mask
-from jobs.payload import Chunk, ChunkItem, ChunkResults
-from jobs.worker import segment_chunk
+from jobs.pipeline.finish import mask_rows
+from jobs.storage.images import decode_image, decode_mask
+from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
+from jobs.pipeline.actors import segment_chunk
 from persam_core.acceleration import EncoderSpeed
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.preprocess import ResizedImage

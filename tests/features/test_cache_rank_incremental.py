@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from feature_tools import TINY, by_name, iou, run_cli, save_small
-from jobs.cache import CACHE_SCHEMA, FeatureCache
-from jobs.rank import RANKING_FILE, ranking_table
-from jobs.schema import MASK_SCHEMA, RANK_SCHEMA
+from jobs.pipeline.cache import CACHE_SCHEMA, FeatureCache
+from jobs.commands.rank import RANKING_FILE, ranking_table
+from jobs.storage.schema import MASK_SCHEMA, RANK_SCHEMA
 from persam_core.masks import decode_rle
 from persam_core.models import model_fingerprint
 

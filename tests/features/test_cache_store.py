@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from feature_tools import iou, make_chunk, segment_rows
-from jobs.cache import CACHE_SCHEMA, CacheError, CachedFeatures, FeatureCache
-from jobs.payload import Chunk, ChunkItem, pack_chunk, unpack_chunk
+from jobs.pipeline.cache import CACHE_SCHEMA, CacheError, CachedFeatures, FeatureCache
+from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk, unpack_chunk
 from persam_core.masks import decode_rle
 from persam_core.preprocess import resize_longest_side
 

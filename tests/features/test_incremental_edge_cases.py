@@ -19,19 +19,19 @@ import pytest
 from PIL import Image
 
 from feature_tools import MODEL, run_cli, save_small
-from jobs import commit
-from jobs.cache import CACHE_SCHEMA, FeatureCache
-from jobs.schema import rows_to_table
-from jobs.finish import finish_chunk
-from jobs.prepare import prepare_chunk
-from jobs.worker import SegmentActor
+from jobs.pipeline import commit
+from jobs.pipeline.cache import CACHE_SCHEMA, FeatureCache
+from jobs.storage.schema import rows_to_table
+from jobs.pipeline.finish import finish_chunk
+from jobs.pipeline.prepare import prepare_chunk
+from jobs.pipeline.actors import SegmentActor
 from persam_core.masks import area_px, bbox_xywh, encode_rle
 from persam_core.models import model_fingerprint
 
 
 
 def in_process(spec, chunks: list[dict]):
-    """jobs.pipeline.ray_stream's stages, without Ray."""
+    """jobs.pipeline.run.ray_stream's stages, without Ray."""
     from persam_core.concept import Concept
 
     cache = (FeatureCache(spec.cache["url"], spec.fingerprint, spec.cache["dtype"], spec.storage_options,
@@ -53,14 +53,14 @@ def in_process(spec, chunks: list[dict]):
 def no_ray(monkeypatch):
     import ray
 
-    import jobs.pipeline
-    import jobs.rank
+    import jobs.pipeline.run
+    import jobs.commands.rank
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "get", lambda ref: ref)  # concepts_box holds the texts themselves
-    monkeypatch.setattr(jobs.pipeline, "ray_stream", in_process)
-    monkeypatch.setattr(jobs.pipeline, "start_ray", lambda: False)
-    monkeypatch.setattr(jobs.rank, "start_ray", lambda: False)
+    monkeypatch.setattr(jobs.pipeline.run, "ray_stream", in_process)
+    monkeypatch.setattr(jobs.pipeline.run, "start_ray", lambda: False)
+    monkeypatch.setattr(jobs.commands.rank, "start_ray", lambda: False)
 
 
 def ok(result: SimpleNamespace) -> str:

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from jobs.bench_job import Progress
+from jobs.commands.bench_job import Progress
 from jobs.cli import main
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
@@ -63,7 +63,7 @@ def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
 
 def test_steady_state_starts_after_the_first_result(monkeypatch):
     clock = iter([10.0, 12.0, 14.0])
-    monkeypatch.setattr("jobs.bench_job.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("jobs.commands.bench_job.time.perf_counter", lambda: next(clock))
     tracker = Progress()
     tracker(4)
     assert tracker.steady_rate() is None  # one result: no steady state yet

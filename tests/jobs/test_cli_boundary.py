@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jobs import cli
-from jobs.redaction import redact, scrub, secrets_in
+from jobs.storage.redaction import redact, scrub, secrets_in
 
 SECRET_KEY, SECRET_TOKEN, SIGNATURE = "AKIAEXAMPLEKEY", "sEcReT/tOkEn+value", "X-Amz-Signature=deadbeefcafe"
 

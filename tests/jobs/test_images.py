@@ -1,4 +1,4 @@
-"""jobs.images: every odd file a data lake holds -> [H, W, 3] uint8 RGB, or a clear error."""
+"""jobs.storage.images: every odd file a data lake holds -> [H, W, 3] uint8 RGB, or a clear error."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from jobs.images import ImageDecodeError, decode_image, decode_mask
+from jobs.storage.images import ImageDecodeError, decode_image, decode_mask
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -1,4 +1,4 @@
-"""jobs.inputs (--input listing) and jobs.commit (the shard commit protocol), without Ray."""
+"""jobs.storage.listing (--input listing) and jobs.pipeline.commit (the shard commit protocol), without Ray."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import commit
-from jobs.inputs import InputError, is_image_name, list_image_urls
-from jobs.schema import MASK_SCHEMA, rows_to_table
+from jobs.pipeline import commit
+from jobs.storage.listing import InputError, is_image_name, list_image_urls
+from jobs.storage.schema import MASK_SCHEMA, rows_to_table
 
 # ---------------------------------------------------------------------------- inputs
 

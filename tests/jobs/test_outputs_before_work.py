@@ -10,10 +10,10 @@ import fsspec
 import numpy as np
 import pytest
 
-import jobs.checkpoints
-import jobs.fit
-import jobs.segment
-from jobs import outputs
+import jobs.storage.checkpoints
+import jobs.commands.fit
+import jobs.commands.segment
+from jobs.storage import outputs
 from jobs.cli import main
 from persam_core.concept import Concept
 
@@ -27,7 +27,7 @@ def _no_model(monkeypatch):
         raise AssertionError("the model was loaded before the output was checked")
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for module in (jobs.checkpoints, jobs.fit, jobs.segment):
+    for module in (jobs.storage.checkpoints, jobs.commands.fit, jobs.commands.segment):
         monkeypatch.setattr(module, "load_model", refuse)
 
 

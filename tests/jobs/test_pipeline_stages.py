@@ -16,16 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import jobs.commit
-from jobs.cache import FeatureCache
+import jobs.pipeline.commit
+from jobs.pipeline.cache import FeatureCache
 from jobs.cli import build_parser
-from jobs.finish import finish_chunk
-from jobs.gather import ShardGatherer
-from jobs.payload import ipc_to_table, unpack_results
-from jobs.pipeline import plan_chunks
-from jobs.prepare import prepare_chunk
-from jobs.segment import SegmentOptions, run_segment
-from jobs.worker import SegmentActor
+from jobs.pipeline.finish import finish_chunk
+from jobs.pipeline.gather import ShardGatherer
+from jobs.pipeline.payload import ipc_to_table, unpack_results
+from jobs.pipeline.run import plan_chunks
+from jobs.pipeline.prepare import prepare_chunk
+from jobs.commands.segment import SegmentOptions, run_segment
+from jobs.pipeline.actors import SegmentActor
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept, persam_targets, reference_cells
 from persam_core.masks import decode_rle
@@ -45,7 +45,7 @@ def _no_cluster(monkeypatch):
 @pytest.fixture(scope="module")
 def concepts(perseg_sample, tiny_sam, tmp_path_factory) -> list[Path]:
     """Two PerSAM concepts of the tiny random model, as files."""
-    from jobs.images import decode_image, decode_mask
+    from jobs.storage.images import decode_image, decode_mask
 
     folder = tmp_path_factory.mktemp("concepts")
     paths = []
@@ -142,16 +142,16 @@ def test_the_old_flags_still_parse():
 @contextlib.contextmanager
 def no_host_work(monkeypatch):
     """Every RLE, Arrow-table, Parquet and cache call fails the test while inside."""
-    import jobs.finish
-    import jobs.payload
+    import jobs.pipeline.finish
+    import jobs.pipeline.payload
     import persam_core.masks
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host work (RLE, Arrow, Parquet or cache I/O) inside the model actor")
 
     with monkeypatch.context() as patch:
-        for owner, name in ((persam_core.masks, "encode_rle"), (jobs.finish, "encode_rle"), (jobs.finish, "rows_to_table"),
-                            (jobs.payload, "table_to_ipc"), (jobs.finish, "table_to_ipc"), (pa, "table"),
+        for owner, name in ((persam_core.masks, "encode_rle"), (jobs.pipeline.finish, "encode_rle"), (jobs.pipeline.finish, "rows_to_table"),
+                            (jobs.pipeline.payload, "table_to_ipc"), (jobs.pipeline.finish, "table_to_ipc"), (pa, "table"),
                             (pq, "write_table"), (pq, "read_table"), (pq, "ParquetFile"),
                             (FeatureCache, "store"), (FeatureCache, "load")):
             patch.setattr(owner, name, forbidden)
@@ -197,13 +197,13 @@ def test_the_actor_returns_arrays_and_the_finish_stage_builds_rows_and_the_cache
 
 def test_a_shard_of_several_chunks_commits_once_in_order(concepts, images, tmp_path, monkeypatch):
     commits, progress = [], []
-    real_commit = jobs.commit.commit_shard
+    real_commit = jobs.pipeline.commit.commit_shard
 
     def counting(output, shard, digest, table, storage_options=None):
         commits.append((shard, table.num_rows))
         return real_commit(output, shard, digest, table, storage_options)
 
-    monkeypatch.setattr(jobs.commit, "commit_shard", counting)
+    monkeypatch.setattr(jobs.pipeline.commit, "commit_shard", counting)
     output = tmp_path / "masks"
     summary = run_segment(SegmentOptions(
         "tiny", "random:0", [str(p) for p in concepts], str(images), str(output), device="cpu",

@@ -1,6 +1,6 @@
-"""Concurrent runs and odd names: jobs.commit under races (tolerant removals, stale temp
+"""Concurrent runs and odd names: jobs.pipeline.commit under races (tolerant removals, stale temp
 sweeping, foreign files left alone), literal --input paths, redaction of local paths, and
-the decoder allowlist of jobs.images. No Ray: the functions are called directly."""
+the decoder allowlist of jobs.storage.images. No Ray: the functions are called directly."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs import commit
-from jobs.checkpoints import redact
-from jobs.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from jobs.inputs import is_image_name, list_image_urls, read_bytes
-from jobs.schema import rows_to_table
+from jobs.pipeline import commit
+from jobs.storage.checkpoints import redact
+from jobs.storage.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from jobs.storage.listing import is_image_name, list_image_urls, read_bytes
+from jobs.storage.schema import rows_to_table
 
 
 def _record(num_shards: int = 4) -> commit.JobRecord:
@@ -166,8 +166,8 @@ def test_other_formats_named_jpg_never_reach_their_decoder(fmt):
 
 
 def test_a_pcx_named_jpg_becomes_an_error_row_in_the_prepare_stage(tmp_path):
-    from jobs.payload import unpack_chunk
-    from jobs.prepare import prepare_chunk
+    from jobs.pipeline.payload import unpack_chunk
+    from jobs.pipeline.prepare import prepare_chunk
 
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(path, "PCX")

@@ -22,8 +22,8 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from jobs.cli import main
-from jobs.commit import shard_of
-from jobs.inputs import list_image_urls
+from jobs.pipeline.commit import shard_of
+from jobs.storage.listing import list_image_urls
 from persam_core.models import model_fingerprint
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import pytest
 
-from jobs import checkpoints
+from jobs.storage import checkpoints
 from jobs.overlays import safe_file_name
 from persam_core.models import ModelError, build_random, model_fingerprint
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from jobs.images import decode_image
+from jobs.storage.images import decode_image
 from persam_core.preprocess import resize_longest_side
 
 from lake_tools import ACCESS_KEY, SECRET_KEY

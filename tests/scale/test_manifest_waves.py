@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import jobs.segment as segment
+import jobs.commands.segment as segment
 from jobs.cli import main
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
@@ -43,7 +43,7 @@ def test_manifest_in_waves_resumes_and_drops_removed_images(tmp_path, perseg_sam
 def test_manifests_stream_with_an_optional_version_column(tmp_path, suffix):
     import pyarrow as pa
 
-    from jobs.inputs import list_images
+    from jobs.storage.listing import list_images
 
     path = tmp_path / f"m{suffix}"
     if suffix == ".csv":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.commit import shard_of
+from jobs.pipeline.commit import shard_of
 from lake_tools import ACCESS_KEY, PERSAM, REPO, SECRET_KEY, run_persam
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]

@@ -19,15 +19,15 @@ import fsspec
 from persam_core.acceleration import resolve_speed
 from persam_core.concept import Concept, ConceptError
 
-from . import commit
-from .cache import FeatureCache
-from .checkpoints import load_model, random_weights_note, redact
-from .images import IMAGE_EXTENSIONS
-from .inputs import InputError, is_manifest, list_images
-from .outputs import check_output_folder
-from .payload import ipc_to_table
-from .pipeline import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
-from .runtime import check_device_option, expected_device_type, local_cluster, start_ray
+from jobs.pipeline import commit
+from jobs.pipeline.cache import FeatureCache
+from jobs.storage.checkpoints import load_model, random_weights_note, redact
+from jobs.storage.images import IMAGE_EXTENSIONS
+from jobs.storage.listing import InputError, is_manifest, list_images
+from jobs.storage.outputs import check_output_folder
+from jobs.pipeline.payload import ipc_to_table
+from jobs.pipeline.run import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
+from jobs.pipeline.session import check_device_option, expected_device_type, local_cluster, start_ray
 
 # A manifest is planned and run in chunks of this many images (bounded driver memory).
 MANIFEST_WAVE_IMAGES = 500_000

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from persam_core.preprocess import resize_longest_side
 
-from . import commit
-from .cache import FeatureCache, content_sha256
-from .checkpoints import redact
-from .images import DEFAULT_MAX_PIXELS, decode_image
-from .inputs import read_bytes
-from .payload import Chunk, ChunkItem, pack_chunk, short_reason
+from jobs.pipeline import commit
+from jobs.pipeline.cache import FeatureCache, content_sha256
+from jobs.storage.checkpoints import redact
+from jobs.storage.images import DEFAULT_MAX_PIXELS, decode_image
+from jobs.storage.listing import read_bytes
+from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk, short_reason
 
 
 def unchanged_images(previous: list[str], storage_options: dict | None) -> set[tuple[str, str]]:

@@ -23,9 +23,9 @@ import pyarrow as pa
 from persam_core.batch import HostResults
 from persam_core.masks import encode_rle
 
-from .cache import CachedFeatures, FeatureCache
-from .payload import Chunk, ChunkItem, ChunkResults, table_to_ipc, unpack_chunk, unpack_results
-from .schema import RANK_SCHEMA, rows_to_table
+from jobs.pipeline.cache import CachedFeatures, FeatureCache
+from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults, table_to_ipc, unpack_chunk, unpack_results
+from jobs.storage.schema import RANK_SCHEMA, rows_to_table
 
 ConceptLabel = tuple[str, str]  # (name, method) of a concept, in the job's concept order
 

@@ -28,10 +28,10 @@ from tqdm import tqdm
 from persam_core.evaluation import davis_f, davis_j, davis_statistics
 from persam_core.video import SequenceTracker, VideoSettings
 
-from .checkpoints import load_model, random_weights_note, redact
-from .evaluate import EvalError, EvalOptions, _join, _listing, _percent, _title, write_metrics
-from .images import decode_image
-from .inputs import read_bytes
+from jobs.storage.checkpoints import load_model, random_weights_note, redact
+from jobs.commands.eval_perseg import EvalError, EvalOptions, _join, _listing, _percent, _title, write_metrics
+from jobs.storage.images import decode_image
+from jobs.storage.listing import read_bytes
 
 VOID_LABEL = 255
 
@@ -130,7 +130,7 @@ class VideoWorker:
                  settings: dict, storage_options: dict | None = None) -> None:
         import torch
 
-        from .runtime import resolve_device
+        from jobs.pipeline.session import resolve_device
 
         torch.set_num_threads(max(1, threads))
         loaded = load_model(model_type, checkpoint, storage_options)
@@ -206,7 +206,7 @@ def video_markdown(metrics: dict, title: str) -> str:
 def _run_pool(ray, options: EvalOptions, specs: list[dict], fingerprint: str, settings: dict, predictions: str) -> list[dict]:
     from ray.util import ActorPool
 
-    from .runtime import actor_resources, local_cluster, wants_gpu_actors
+    from jobs.pipeline.session import actor_resources, local_cluster, wants_gpu_actors
 
     gpu = wants_gpu_actors(options.device)
     count = options.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
@@ -226,7 +226,7 @@ def _run_pool(ray, options: EvalOptions, specs: list[dict], fingerprint: str, se
 
 
 def run_video_eval(options: EvalOptions, log=print) -> dict:
-    from .runtime import check_device_option, local_cluster, start_ray
+    from jobs.pipeline.session import check_device_option, local_cluster, start_ray
 
     started = time.perf_counter()
     check_device_option(options.device)

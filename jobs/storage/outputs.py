@@ -9,8 +9,8 @@ from pathlib import Path
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from .checkpoints import redact
-from .commit import OutputError, publish_bytes
+from jobs.storage.checkpoints import redact
+from jobs.pipeline.commit import OutputError, publish_bytes
 
 
 def _blocker(url: str, storage_options: dict | None) -> tuple[object, str, str | None]:

@@ -18,8 +18,8 @@ from typing import Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
-from .checkpoints import redact
-from .images import IMAGE_EXTENSIONS
+from jobs.storage.checkpoints import redact
+from jobs.storage.images import IMAGE_EXTENSIONS
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
 URL_COLUMNS = ("image_uri", "uri", "url", "path")

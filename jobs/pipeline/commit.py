@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from .schema import MASK_SCHEMA
+from jobs.storage.schema import MASK_SCHEMA
 
 JOB_FILE = "_persam_job.json"
 # Images per shard (one Parquet file each): 100M images make ~100k files of a few MB per

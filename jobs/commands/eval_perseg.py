@@ -28,10 +28,10 @@ from persam_core.evaluation import BOUNDARY_DILATION_RATIO, boundary_counts, rat
 from persam_core.masks import decode_rle
 from persam_core.persam_f import DEFAULT_EPOCHS
 
-from .checkpoints import load_model, random_weights_note, redact
-from .fit import fit_concept
-from .images import IMAGE_EXTENSIONS, decode_image, decode_mask
-from .inputs import read_bytes
+from jobs.storage.checkpoints import load_model, random_weights_note, redact
+from jobs.commands.fit import fit_concept
+from jobs.storage.images import IMAGE_EXTENSIONS, decode_image, decode_mask
+from jobs.storage.listing import read_bytes
 
 REFERENCE_STEM = "00"
 # The reference's eval_mioU.py skips these; the paper's figures are over the other 32.
@@ -219,12 +219,12 @@ def run_eval(options: EvalOptions, log=print) -> dict:
     if options.epochs is not None and options.epochs < 1:
         raise EvalError("--epochs must be at least 1")
     if options.video:
-        from .evaluate_video import run_video_eval
+        from jobs.commands.eval_video import run_video_eval
 
         return run_video_eval(options, log)
-    from .runtime import check_device_option, resolve_device
-    from .segment import SegmentOptions, run_segment
-    from .export import read_mask_rows
+    from jobs.pipeline.session import check_device_option, resolve_device
+    from jobs.commands.segment import SegmentOptions, run_segment
+    from jobs.export import read_mask_rows
 
     started = time.perf_counter()
     check_device_option(options.device)

@@ -15,9 +15,9 @@ from PIL import Image, ImageDraw
 
 from persam_core.models import ModelError
 
-from .checkpoints import fetch, official_url
-from .cli import main as persam
-from .export import run_export
+from jobs.storage.checkpoints import fetch, official_url
+from jobs.cli import main as persam
+from jobs.export import run_export
 
 MODEL_TYPE = "vit_b"
 # Rough outline of Chelsea the cat's head in skimage.data.chelsea() (451 x 300 px).

@@ -14,10 +14,10 @@ from persam_core.persam_f import fit_mask_weights
 from persam_core.predictor import encode_images
 from persam_core.preprocess import resize_longest_side
 
-from .checkpoints import load_model, random_weights_note, redact
-from .images import decode_image, decode_mask
-from .inputs import read_bytes
-from .outputs import check_output_file, write_atomically
+from jobs.storage.checkpoints import load_model, random_weights_note, redact
+from jobs.storage.images import decode_image, decode_mask
+from jobs.storage.listing import read_bytes
+from jobs.storage.outputs import check_output_file, write_atomically
 
 
 @dataclass

@@ -38,7 +38,7 @@ from persam_core.persam_f import fit_mask_weights
 from persam_core.predictor import EncodedImage, encode_images
 from persam_core.preprocess import ResizedImage, resize_longest_side
 
-from .checkpoints import load_model
+from jobs.storage.checkpoints import load_model
 
 PHOTO_SIZES = [(768, 1024), (1024, 768), (600, 800), (1080, 1440), (480, 640)]
 

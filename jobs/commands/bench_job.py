@@ -37,11 +37,11 @@ from persam_core.persam import segment_persam
 from persam_core.predictor import EncodedImage, encode_images
 from persam_core.preprocess import resize_longest_side
 
-from . import commit
-from .bench import encode_in_batches, persam_concepts, progress, segment_all, speed_model, synthetic_images, timed, warm_up
-from .checkpoints import load_model
-from .runtime import local_cluster, resolve_device, start_ray
-from .segment import SegmentOptions, run_segment
+from jobs.pipeline import commit
+from jobs.commands.bench import encode_in_batches, persam_concepts, progress, segment_all, speed_model, synthetic_images, timed, warm_up
+from jobs.storage.checkpoints import load_model
+from jobs.pipeline.session import local_cluster, resolve_device, start_ray
+from jobs.commands.segment import SegmentOptions, run_segment
 
 JOB_SIZES = [(1024, 768), (768, 1024)]
 # Noise amplitude that brings the generated JPEGs (quality 90) to photo-like byte sizes.

@@ -22,10 +22,10 @@ from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.predictor import EncodedImage, encode_images
 
-from .cache import DTYPES
-from .checkpoints import load_model
-from .payload import Chunk, ChunkResults, pack_results, short_reason, unpack_chunk
-from .runtime import resolve_device
+from jobs.pipeline.cache import DTYPES
+from jobs.storage.checkpoints import load_model
+from jobs.pipeline.payload import Chunk, ChunkResults, pack_results, short_reason, unpack_chunk
+from jobs.pipeline.session import resolve_device
 
 Batch = tuple[list[int], list[EncodedImage]]  # item indices of a chunk, and their features on the device
 

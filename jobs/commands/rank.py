@@ -17,13 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from . import commit
-from .checkpoints import redact
-from .payload import ipc_to_table
-from .pipeline import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
-from .runtime import local_cluster, start_ray
-from .schema import MASK_SCHEMA
-from .segment import list_all_images, prepare_job, read_concepts
+from jobs.pipeline import commit
+from jobs.storage.checkpoints import redact
+from jobs.pipeline.payload import ipc_to_table
+from jobs.pipeline.run import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
+from jobs.pipeline.session import local_cluster, start_ray
+from jobs.storage.schema import MASK_SCHEMA
+from jobs.commands.segment import list_all_images, prepare_job, read_concepts
 
 RANKING_FILE = "ranking.parquet"
 

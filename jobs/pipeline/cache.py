@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .commit import publish_bytes, shard_of
+from jobs.pipeline.commit import publish_bytes, shard_of
 
 FEATURE_SHAPE = (256, 64, 64)
 INDEX_KEY = b"persam.content_sha256"  # footer metadata: the hashes of a file's entries, one per row group

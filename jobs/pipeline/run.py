@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from persam_core.concept import Concept
 
-from .cache import FeatureCache
-from .finish import finish_chunk
-from .gather import ShardGatherer
-from .prepare import prepare_chunk
-from .runtime import actor_resources, local_cluster, start_ray, wants_gpu_actors
-from .worker import SegmentActor
+from jobs.pipeline.cache import FeatureCache
+from jobs.pipeline.finish import finish_chunk
+from jobs.pipeline.gather import ShardGatherer
+from jobs.pipeline.prepare import prepare_chunk
+from jobs.pipeline.session import actor_resources, local_cluster, start_ray, wants_gpu_actors
+from jobs.pipeline.actors import SegmentActor
 
 # Images per model-actor call: one GPU batch at the CUDA default batch size, small enough
 # that two chunks in flight per actor keep it busy while the CPU stages run.
