@@ -10,8 +10,7 @@ from typing import Sequence
 from persam_core.acceleration import GPU_BATCH_SIZE, SPEED_PRECISIONS
 from persam_core.models import MODEL_TYPES
 
-from jobs.pipeline.commit import DEFAULT_SHARD_SIZE
-from jobs.pipeline.run import DEFAULT_CHUNK_IMAGES
+from jobs.spec import CACHE_DTYPES, METHODS, RUNNERS, JobSpec, ModelSpec, SpeedSpec
 
 MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
 CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
@@ -29,28 +28,28 @@ def _storage_options(text: str | None) -> dict:
     return value
 
 
-def _below_one(*values: int | None) -> bool:
-    """Any given (not None) count below 1?"""
-    return any(v is not None and v < 1 for v in values)
+def _names(text: str) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c']."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _add_model(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     # Model types are checked by the registry so the error lists the valid ones.
     parser.add_argument("--model-type", required=True, help=MODEL_TYPE_HELP)
-    parser.add_argument("--checkpoint", required=checkpoint_required, default="random:0", help=CHECKPOINT_HELP)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--checkpoint", required=checkpoint_required, default=ModelSpec.checkpoint, help=CHECKPOINT_HELP)
+    parser.add_argument("--device", default=ModelSpec.device, help="auto, cpu or cuda")
     parser.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
 
 
 def _add_cache(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="embedding cache URL: encoder features stored once per image and model")
-    parser.add_argument("--cache-dtype", choices=("fp16", "fp32"), default="fp16",
+    parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=JobSpec.cache_dtype,
                         help="feature precision in the cache (fp16: 2 MiB per image, fp32: 4 MiB)")
 
 
 def _add_speed(parser: argparse.ArgumentParser) -> None:
     """The encoder's speed settings; None / auto resolve on each actor's device (acceleration.resolve_speed)."""
-    parser.add_argument("--precision", choices=SPEED_PRECISIONS, default="auto",
+    parser.add_argument("--precision", choices=SPEED_PRECISIONS, default=SpeedSpec.precision,
                         help="image-encoder precision (default auto: bf16 on CUDA, fp32 on CPU; fp32 is the "
                              "reference path, the others are measured against it by `bench`)")
     parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
@@ -60,9 +59,17 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the image encoder (default: on with CUDA bf16/fp16, else off)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_IMAGES,
-                        help=f"images per model-actor call, within one shard (default {DEFAULT_CHUNK_IMAGES}, "
+    parser.add_argument("--chunk-size", type=int, default=SpeedSpec.chunk_size,
+                        help=f"images per model-actor call, within one shard (default {SpeedSpec.chunk_size}, "
                              "at least --batch-size)")
+
+
+def _add_job(parser: argparse.ArgumentParser) -> None:
+    """Settings of every command that runs the pipeline."""
+    parser.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    parser.add_argument("--runner", choices=RUNNERS, default=JobSpec.runner,
+                        help="ray: Ray Data (local Ray, or the cluster in RAY_ADDRESS); local: the same stages "
+                             "in this process, one chunk after another (debugging, small inputs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,36 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="learn a concept from reference image(s) + mask(s)")
     _add_model(fit)
-    fit.add_argument("--image", action="append", required=True, help="reference image URL (repeat for several shots)")
-    fit.add_argument("--mask", action="append", required=True, help="its mask (any non-zero pixel is the object)")
-    fit.add_argument("--method", choices=("persam", "persam-f"), default="persam")
+    fit.add_argument("--image", dest="images", action="append", required=True,
+                     help="reference image URL (repeat for several shots)")
+    fit.add_argument("--mask", dest="masks", action="append", required=True,
+                     help="its mask (any non-zero pixel is the object)")
+    fit.add_argument("--method", choices=METHODS, default=JobSpec.method)
     fit.add_argument("--name", required=True, help="concept name (a plain word)")
     fit.add_argument("--out", required=True, help="concept file to write (JSON)")
-    fit.add_argument("--epochs", type=int, default=1000, help="PerSAM-F fitting epochs (default 1000)")
+    fit.add_argument("--epochs", type=int, default=None, help="PerSAM-F fitting epochs (default 1000)")
 
     segment = commands.add_parser("segment", help="segment concepts in every image of --input (Ray Data job)")
     _add_model(segment)
-    segment.add_argument("--concept", action="append", required=True, help="concept file or directory (repeatable)")
+    segment.add_argument("--concept", dest="concepts", action="append", required=True,
+                         help="concept file or directory (repeatable)")
     segment.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
     segment.add_argument("--output", required=True, help="Parquet dataset directory (any fsspec URL)")
-    segment.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
-    segment.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                         help=f"images per committed Parquet shard of a new output (default {DEFAULT_SHARD_SIZE})")
-    segment.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images become error rows")
-    segment.add_argument("--max-instances", type=int, default=1, help="instances per (image, concept), >= 1")
+    _add_job(segment)
+    segment.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
+                         help=f"images per committed Parquet shard of a new output (default {JobSpec.shard_size})")
+    segment.add_argument("--max-pixels", type=int, default=JobSpec.max_pixels, help="larger images become error rows")
+    segment.add_argument("--max-instances", type=int, default=JobSpec.max_instances,
+                         help="instances per (image, concept), >= 1")
     _add_cache(segment)
     _add_speed(segment)
     segment.add_argument("--min-similarity", type=float, default=None,
                          help="presence threshold in [0, 1]: rows below it get present=false and an empty mask")
     rank = commands.add_parser("rank", help="rank every image of --input by the presence of one concept")
     _add_model(rank)
-    rank.add_argument("--concept", required=True, help="concept file written by `persam fit`")
+    rank.add_argument("--concept", dest="concepts", action="append", required=True,
+                      help="concept file written by `persam fit`")
     rank.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
     rank.add_argument("--output", required=True, help="directory for ranking.parquet (any fsspec URL)")
-    rank.add_argument("--top-k", type=int, default=10, help="images that also get a mask (default 10)")
-    rank.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
-    rank.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                      help=f"images per shard (and cache shard; default {DEFAULT_SHARD_SIZE})")
+    rank.add_argument("--top-k", type=int, default=JobSpec.top_k, help=f"images that also get a mask (default {JobSpec.top_k})")
+    _add_job(rank)
+    rank.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
+                      help=f"images per shard (and cache shard; default {JobSpec.shard_size})")
     _add_cache(rank)
     _add_speed(rank)
 
@@ -115,13 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(evaluate)
     evaluate.add_argument("--data", required=True, help="PerSeg root (Images/, Annotations/) or DAVIS 2017 root (--video)")
     evaluate.add_argument("--output", required=True, help="directory for metrics.json, metrics.md and the masks")
-    evaluate.add_argument("--method", choices=("persam", "persam-f"), default="persam")
+    evaluate.add_argument("--method", choices=METHODS, default=JobSpec.method)
     evaluate.add_argument("--video", action="store_true", help="DAVIS 2017 layout: J, F and J&F")
     evaluate.add_argument("--epochs", type=int, default=None, help="PerSAM-F fit epochs (default 1000; video 800)")
-    evaluate.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    _add_job(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=None,
                           help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
-    evaluate.add_argument("--sequences", default=None,
+    evaluate.add_argument("--sequences", type=_names, default=None,
                           help="comma-separated DAVIS sequences (default: ImageSets/2017/val.txt, else all)")
 
     bench = commands.add_parser("bench", help="time encoder, PerSAM, PerSAM-F, K concepts and the reference loop")
@@ -144,80 +156,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     storage = _storage_options(args.storage_options)
-    if args.command == "fit":
-        from jobs.commands.fit import FitOptions, run_fit
-        from jobs.pipeline.session import resolve_device
-
-        if args.epochs < 1:
-            raise ValueError("--epochs must be at least 1")
-        run_fit(FitOptions(args.model_type, args.checkpoint, args.image, args.mask, args.method, args.name,
-                           args.out, args.epochs, resolve_device(args.device), storage))
-        return 0
-    if args.command == "segment":
-        from jobs.commands.segment import SegmentOptions, run_segment
-
-        if _below_one(args.batch_size, args.num_actors, args.max_instances, args.chunk_size, args.shard_size):
-            raise ValueError("--batch-size, --chunk-size, --shard-size, --num-actors and --max-instances must be at least 1")
-        if args.min_similarity is not None and not 0.0 <= args.min_similarity <= 1.0:
-            raise ValueError(f"--min-similarity {args.min_similarity}: give a cosine-similarity threshold in [0, 1]")
-        summary = run_segment(SegmentOptions(
-            args.model_type, args.checkpoint, args.concept, args.input, args.output, args.device,
-            batch_size=args.batch_size, num_actors=args.num_actors, shard_size=args.shard_size,
-            max_pixels=args.max_pixels, storage_options=storage, max_instances=args.max_instances,
-            min_similarity=args.min_similarity, cache=args.cache, cache_dtype=args.cache_dtype,
-            precision=args.precision, fused_attention=args.fused_attention, compile_encoder=args.compile_encoder,
-            chunk_size=args.chunk_size))
-        print(summary.line())
-        return 0
-    if args.command == "rank":
-        from jobs.commands.rank import RankOptions, run_rank
-
-        if args.top_k < 0 or _below_one(args.batch_size, args.num_actors, args.chunk_size, args.shard_size):
-            raise ValueError("--top-k must be >= 0; --batch-size, --chunk-size, --shard-size and --num-actors >= 1")
-        run_rank(RankOptions(
-            args.model_type, args.checkpoint, args.concept, args.input, args.output, args.top_k, args.device,
-            batch_size=args.batch_size, num_actors=args.num_actors, shard_size=args.shard_size,
-            storage_options=storage, cache=args.cache, cache_dtype=args.cache_dtype, precision=args.precision,
-            fused_attention=args.fused_attention, compile_encoder=args.compile_encoder, chunk_size=args.chunk_size))
-        return 0
     if args.command == "export":
         from jobs.export import run_export
 
         print(run_export(args.kind, args.masks, args.output, args.images, storage))
         return 0
-    if args.command == "eval":
-        from jobs.commands.eval_perseg import EvalOptions, run_eval
-
-        if _below_one(args.batch_size, args.num_actors):
-            raise ValueError("--batch-size and --num-actors must be at least 1")
-        sequences = [s.strip() for s in args.sequences.split(",") if s.strip()] if args.sequences else None
-        metrics = run_eval(EvalOptions(
-            args.model_type, args.checkpoint, args.data, args.output, args.method, args.video, args.device,
-            args.epochs, args.num_actors, args.batch_size, sequences, storage))
-        keys = ("jf", "j", "f") if args.video else ("miou", "biou")
-        print("done: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" -> {args.output}/metrics.json")
-        return 0
     if args.command == "bench":
-        from jobs.commands.bench import print_bench, run_bench
-        from jobs.pipeline.session import resolve_device
+        return _bench(args)
+    spec = JobSpec.from_args(args, storage)  # refuses impossible values before any work
+    if spec.command == "fit":
+        from jobs.commands.fit import run_fit
 
-        if args.images < 1 or args.concepts < 1:
-            raise ValueError("--images and --concepts must be at least 1")
-        if any(v is not None and v < 1 for v in (args.batch_size, args.num_actors, args.shard_size)):
-            raise ValueError("--batch-size, --num-actors and --shard-size must be at least 1")
-        if args.job:
-            from jobs.commands.bench_job import JobBenchOptions, job_table, run_job_bench
+        run_fit(spec)
+    elif spec.command == "segment":
+        from jobs.commands.segment import run_segment
 
-            result = run_job_bench(JobBenchOptions(args.model_type, args.checkpoint, args.images, args.concepts, args.device,
-                                                   args.precision, args.batch_size, args.num_actors, args.shard_size))
-            print(job_table(result))
-            if args.json:
-                print(json.dumps(result))
-            return 0
-        print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts, resolve_device(args.device),
-                              args.epochs, args.variants, args.precision, args.batch_size), args.json)
+        print(run_segment(spec).line())
+    elif spec.command == "rank":
+        from jobs.commands.rank import run_rank
+
+        run_rank(spec)
+    elif spec.command == "eval":
+        from jobs.commands.eval_perseg import run_perseg_eval
+        from jobs.commands.eval_video import run_video_eval
+
+        metrics = (run_video_eval if spec.video else run_perseg_eval)(spec)
+        keys = ("jf", "j", "f") if spec.video else ("miou", "biou")
+        print("done: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" -> {args.output}/metrics.json")
+    else:
+        raise AssertionError(spec.command)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jobs.commands.bench import print_bench, run_bench
+    from jobs.pipeline.session import resolve_device
+
+    if args.images < 1 or args.concepts < 1:
+        raise ValueError("--images and --concepts must be at least 1")
+    if any(v is not None and v < 1 for v in (args.batch_size, args.num_actors, args.shard_size)):
+        raise ValueError("--batch-size, --num-actors and --shard-size must be at least 1")
+    if args.job:
+        from jobs.commands.bench_job import JobBenchOptions, job_table, run_job_bench
+
+        result = run_job_bench(JobBenchOptions(args.model_type, args.checkpoint, args.images, args.concepts, args.device,
+                                               args.precision, args.batch_size, args.num_actors, args.shard_size))
+        print(job_table(result))
+        if args.json:
+            print(json.dumps(result))
         return 0
-    raise AssertionError(args.command)
+    print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts, resolve_device(args.device),
+                          args.epochs, args.variants, args.precision, args.batch_size), args.json)
+    return 0
 
 
 def _secrets(args: argparse.Namespace) -> set[str]:

@@ -15,8 +15,9 @@ from PIL import Image
 from persam_core.masks import decode_rle
 
 from jobs.storage.images import decode_image
-from jobs.storage.listing import read_bytes
-from jobs.storage.outputs import check_output_file, check_output_folder, write_atomically
+from jobs.storage.files import read_bytes
+from jobs.storage.files import write_atomically
+from jobs.storage.outputs import check_output_file, check_output_folder
 from jobs.overlays import render_overlay, safe_file_name
 
 REQUIRED_COLUMNS = ("image_uri", "concept", "width", "height", "mask_rle", "bbox", "area", "score", "error")

@@ -37,11 +37,13 @@ from persam_core.persam import segment_persam
 from persam_core.predictor import EncodedImage, encode_images
 from persam_core.preprocess import resize_longest_side
 
-from jobs.pipeline import commit
 from jobs.commands.bench import encode_in_batches, persam_concepts, progress, segment_all, speed_model, synthetic_images, timed, warm_up
-from jobs.storage.checkpoints import load_model
+from jobs.commands.segment import run_segment
+from jobs.pipeline import commit
 from jobs.pipeline.session import local_cluster, resolve_device, start_ray
-from jobs.commands.segment import SegmentOptions, run_segment
+from jobs.spec import DEFAULT_SHARD_SIZE, JobSpec, ModelSpec, SpeedSpec
+from jobs.storage.checkpoints import load_model
+from jobs.storage.schema import ERROR, error_count
 
 JOB_SIZES = [(1024, 768), (768, 1024)]
 # Noise amplitude that brings the generated JPEGs (quality 90) to photo-like byte sizes.
@@ -142,20 +144,19 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     tracker = Progress()
     # The flags as given (None / "auto" = the job's own defaults, resolved on its actor, as
     # `persam segment` does); they resolve to the settings timed in-process above.
-    job_options = SegmentOptions(
-        options.model_type, options.checkpoint, concept_files, str(image_dir), str(output), device,
-        batch_size=options.batch_size, num_actors=options.num_actors, shard_size=shard_size,
-        precision=options.precision, on_progress=tracker)
+    spec = JobSpec("segment", ModelSpec(options.model_type, options.checkpoint, device),
+                   SpeedSpec(options.precision, batch_size=options.batch_size), concepts=tuple(concept_files),
+                   input=str(image_dir), output=str(output), num_actors=options.num_actors, shard_size=shard_size)
     started = time.perf_counter()
-    seconds, summary = timed(lambda: run_segment(job_options, log=progress))
-    table = pq.read_table(output, columns=["error"])
+    seconds, summary = timed(lambda: run_segment(spec, log=progress, on_progress=tracker))
+    table = pq.read_table(output, columns=[ERROR])
     steady = tracker.steady_rate()
     return {"images_per_s": None if steady is None else round(steady, 3),
             "whole_images_per_s": round(summary.images / seconds, 3), "s": round(seconds, 2),
             "first_result_s": round(tracker.first_at - started, 2) if tracker.calls else None,
             # how long the steady state was observed: results arriving in one burst make its rate meaningless
             "steady_window_s": round(tracker.last_at - tracker.first_at, 3) if tracker.calls else None,
-            "results": tracker.calls, "rows": table.num_rows, "error_rows": table.num_rows - table.column("error").null_count}
+            "results": tracker.calls, "rows": table.num_rows, "error_rows": error_count(table)}
 
 
 def run_job_bench(options: JobBenchOptions) -> dict:
@@ -174,7 +175,7 @@ def run_job_bench(options: JobBenchOptions) -> dict:
     if device == "cuda":  # the job's actor needs the memory; the in-process peak is recorded first
         figures["peak_gpu_mb_in_process"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         torch.cuda.empty_cache()
-    shard_size = options.shard_size or max(1, min(commit.DEFAULT_SHARD_SIZE, options.images // 8))
+    shard_size = options.shard_size or max(1, min(DEFAULT_SHARD_SIZE, options.images // 8))
     result = {"mode": "job", "model_type": options.model_type, "device": device, "images": options.images,
               "concepts": options.concepts, "speed": asdict(speed), "shard_size": shard_size,
               "shards": commit.shard_count(options.images, shard_size), "num_actors": options.num_actors}

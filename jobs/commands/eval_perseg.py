@@ -9,17 +9,15 @@
 
 The segment job decodes every concept in every target image; only a target's own
 concept is scored (the others cost decoder passes, not encodes). `--video` is DAVIS
-2017 J&F, see evaluate_video.py.
+2017 J&F, see eval_video.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
@@ -28,34 +26,21 @@ from persam_core.evaluation import BOUNDARY_DILATION_RATIO, boundary_counts, rat
 from persam_core.masks import decode_rle
 from persam_core.persam_f import DEFAULT_EPOCHS
 
-from jobs.storage.checkpoints import load_model, random_weights_note, redact
+from jobs.commands.eval_report import EvalError, percent, title, write_metrics, write_text
 from jobs.commands.fit import fit_concept
+from jobs.commands.segment import run_segment
+from jobs.pipeline.commit import part_files
+from jobs.pipeline.session import resolve_device
+from jobs.spec import JobSpec
+from jobs.storage.checkpoints import load_model, random_weights_note
+from jobs.storage.files import as_given, folder_entries, join_url, read_bytes
 from jobs.storage.images import IMAGE_EXTENSIONS, decode_image, decode_mask
-from jobs.storage.listing import read_bytes
+from jobs.storage.redaction import redact
+from jobs.storage.schema import CONCEPT, ERROR, IMAGE_URI, INSTANCE, MASK_RLE, read_parts
 
 REFERENCE_STEM = "00"
 # The reference's eval_mioU.py skips these; the paper's figures are over the other 32.
 PAPER_SKIPPED = ("physics_mug", "clock", "pink_sunglasses", "cat2", "red_teapot", "mug_skulls", "flower", "vase")
-
-
-class EvalError(ValueError):
-    """A dataset or output that cannot be evaluated; the message says what to do."""
-
-
-@dataclass
-class EvalOptions:
-    model_type: str
-    checkpoint: str
-    data: str
-    output: str
-    method: str = "persam"
-    video: bool = False
-    device: str = "auto"
-    epochs: int | None = None
-    num_actors: int | None = None
-    batch_size: int | None = None  # None: resolve_speed's default for the actor's device
-    sequences: list[str] | None = None
-    storage_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,15 +53,6 @@ class ConceptData:
     targets: tuple[tuple[str, str], ...]
 
 
-def _listing(fs, path: str) -> tuple[list[str], list[str]]:
-    """-> (sub-directory names, file names) of a directory, sorted."""
-    directories, files = [], []
-    for entry in fs.ls(path, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        (directories if entry["type"] == "directory" else files).append(name)
-    return sorted(directories), sorted(files)
-
-
 def _by_stem(names: list[str], extensions: tuple[str, ...]) -> dict[str, str]:
     return {os.path.splitext(n)[0]: n for n in names if n.lower().endswith(extensions) and not n.startswith(".")}
 
@@ -85,16 +61,16 @@ def scan_perseg(data: str, storage_options: dict | None = None) -> list[ConceptD
     """Check the PerSeg layout before any work -> its concepts, sorted by name."""
     fs, root = url_to_fs(data, **(storage_options or {}))
     root = root.rstrip("/")
-    url = (lambda p: fs.unstrip_protocol(p)) if "://" in data else (lambda p: p)
+    url = as_given(fs, data)
     for folder in ("Images", "Annotations"):
         if not fs.isdir(f"{root}/{folder}"):
             raise EvalError(f"{redact(data)}: no {folder}/ folder; expected the PerSeg layout "
                             "Images/<concept>/NN.jpg and Annotations/<concept>/NN.png")
     concepts = []
-    for name in _listing(fs, f"{root}/Images")[0]:
-        images = _by_stem(_listing(fs, f"{root}/Images/{name}")[1], IMAGE_EXTENSIONS)
+    for name in folder_entries(fs, f"{root}/Images")[0]:
+        images = _by_stem(folder_entries(fs, f"{root}/Images/{name}")[1], IMAGE_EXTENSIONS)
         mask_dir = f"{root}/Annotations/{name}"
-        masks = _by_stem(_listing(fs, mask_dir)[1], (".png",)) if fs.isdir(mask_dir) else {}
+        masks = _by_stem(folder_entries(fs, mask_dir)[1], (".png",)) if fs.isdir(mask_dir) else {}
         if REFERENCE_STEM not in images or REFERENCE_STEM not in masks:
             raise EvalError(f"{redact(data)}: concept {name!r} has no reference: Images/{name}/00.jpg and "
                             f"Annotations/{name}/00.png are both needed")
@@ -125,30 +101,21 @@ def fit_concepts(sam, fingerprint: str, concepts: list[ConceptData], method: str
     return fitted
 
 
-def _join(output: str, name: str) -> str:
-    return f"{output.rstrip('/')}/{name}"
-
-
-def _write_text(url: str, text: str, storage_options: dict | None) -> None:
-    with fsspec.open(url, "w", **(storage_options or {})) as handle:
-        handle.write(text)
-
-
 def score_rows(rows: list[dict], concepts: list[ConceptData], storage_options: dict | None = None) -> dict:
     """Mask rows of the segment job -> {concept: counts}; a target without a usable row scores empty."""
     by_image = {image: (data.name, mask) for data in concepts for image, mask in data.targets}
-    found = {(r["image_uri"], r["concept"]): r for r in rows if r.get("instance", 0) == 0}
+    found = {(r[IMAGE_URI], r[CONCEPT]): r for r in rows if r.get(INSTANCE, 0) == 0}
     scores = {data.name: {"intersection": 0, "union": 0, "b_intersection": 0, "b_union": 0, "images": 0, "errors": 0}
               for data in concepts}
     for image, (name, mask_url) in by_image.items():
         truth = decode_mask(read_bytes(mask_url, storage_options), redact(mask_url))
         row = found.get((image, name))
         score = scores[name]
-        if row is None or row["error"] is not None or row["mask_rle"] is None:
+        if row is None or row[ERROR] is not None or row[MASK_RLE] is None:
             score["errors"] += 1
             prediction = np.zeros_like(truth)
         else:
-            prediction = decode_rle(row["mask_rle"])
+            prediction = decode_rle(row[MASK_RLE])
         if prediction.shape != truth.shape:
             raise EvalError(f"{redact(mask_url)}: mask is {truth.shape[1]}x{truth.shape[0]} but its image "
                             f"{redact(image)} is {prediction.shape[1]}x{prediction.shape[0]}; fix the annotation")
@@ -184,72 +151,45 @@ def perseg_metrics(scores: dict) -> dict:
     }
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def perseg_markdown(metrics: dict, title: str) -> str:
     lines = [f"# {title}", "", "| concept | IoU | bIoU | targets | in paper's 32 |", "| --- | ---: | ---: | ---: | :---: |"]
     for name, value in metrics["per_concept"].items():
-        lines.append(f"| {name} | {_percent(value['miou'])} | {_percent(value['biou'])} | {value['images']} | "
+        lines.append(f"| {name} | {percent(value['miou'])} | {percent(value['biou'])} | {value['images']} | "
                      f"{'no' if name in PAPER_SKIPPED else 'yes'} |")
     subset = metrics["subset_32"]
     lines += ["", "| set | mIoU | bIoU | concepts |", "| --- | ---: | ---: | ---: |",
-              f"| all | {_percent(metrics['miou'])} | {_percent(metrics['biou'])} | {metrics['concepts']} |",
-              f"| paper's 32-concept subset | {_percent(subset['miou'])} | {_percent(subset['biou'])} | {subset['concepts']} |",
+              f"| all | {percent(metrics['miou'])} | {percent(metrics['biou'])} | {metrics['concepts']} |",
+              f"| paper's 32-concept subset | {percent(subset['miou'])} | {percent(subset['biou'])} | {subset['concepts']} |",
               "", f"bIoU: Boundary IoU, boundary width {metrics['boundary_dilation_ratio']} x image diagonal. "
               "Values in percent."]
     return "\n".join(lines) + "\n"
 
 
-def write_metrics(output: str, metrics: dict, markdown: str, storage_options: dict | None) -> None:
-    _write_text(_join(output, "metrics.json"), json.dumps(metrics, indent=1), storage_options)
-    _write_text(_join(output, "metrics.md"), markdown, storage_options)
-
-
-def _title(options: EvalOptions, benchmark: str, note: str | None) -> str:
-    title = f"{benchmark}: {options.method}, {options.model_type}"
-    return f"{title} (random weights: not meaningful)" if note else title
-
-
-def run_eval(options: EvalOptions, log=print) -> dict:
+def run_perseg_eval(spec: JobSpec, log=print) -> dict:
     """Evaluate and write metrics.json / metrics.md into --output -> the metrics."""
-    if options.method not in ("persam", "persam-f"):
-        raise EvalError(f"--method {options.method}: choose persam or persam-f")
-    if options.epochs is not None and options.epochs < 1:
-        raise EvalError("--epochs must be at least 1")
-    if options.video:
-        from jobs.commands.eval_video import run_video_eval
-
-        return run_video_eval(options, log)
-    from jobs.pipeline.session import check_device_option, resolve_device
-    from jobs.commands.segment import SegmentOptions, run_segment
-    from jobs.export import read_mask_rows
-
     started = time.perf_counter()
-    check_device_option(options.device)
-    concepts = scan_perseg(options.data, options.storage_options)
+    device = resolve_device(spec.model.device)
+    concepts = scan_perseg(spec.data, spec.storage_options)
     log(f"PerSeg: {len(concepts)} concepts, {sum(len(c.targets) for c in concepts)} target images")
-    model = load_model(options.model_type, options.checkpoint, options.storage_options)
-    note = random_weights_note(options.checkpoint)
-    sam = model.sam.to(resolve_device(options.device))
-    fitted = fit_concepts(sam, model.fingerprint, concepts, options.method, options.epochs or DEFAULT_EPOCHS,
-                          options.storage_options)
-    del sam, model
-    concept_dir = _join(options.output, "concepts")
+    model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
+    note = random_weights_note(spec.model.checkpoint)
+    fitted = fit_concepts(model.sam.to(device), model.fingerprint, concepts, spec.method, spec.epochs or DEFAULT_EPOCHS,
+                          spec.storage_options)
+    del model
+    concept_dir = join_url(spec.output, "concepts")
     for concept in fitted:
-        _write_text(_join(concept_dir, f"{concept.name}.json"), concept.to_json(), options.storage_options)
-    manifest = _join(options.output, "targets.txt")
-    _write_text(manifest, "".join(f"{image}\n" for c in concepts for image, _ in c.targets), options.storage_options)
-    masks = _join(options.output, "masks")
-    summary = run_segment(SegmentOptions(
-        options.model_type, options.checkpoint, [concept_dir], manifest, masks, options.device,
-        batch_size=options.batch_size, num_actors=options.num_actors, storage_options=options.storage_options), log)
+        write_text(join_url(concept_dir, f"{concept.name}.json"), concept.to_json(), spec.storage_options)
+    manifest = join_url(spec.output, "targets.txt")
+    write_text(manifest, "".join(f"{image}\n" for c in concepts for image, _ in c.targets), spec.storage_options)
+    masks = join_url(spec.output, "masks")
+    # the targets go through the segment job itself: distributed, resumable, same rows
+    summary = run_segment(replace(spec, command="segment", concepts=(concept_dir,), input=manifest, output=masks), log)
     log(summary.line())
-    metrics = perseg_metrics(score_rows(read_mask_rows(masks, options.storage_options), concepts, options.storage_options))
-    metrics.update(method=options.method, model_type=options.model_type, model_fingerprint=fitted[0].model_fingerprint,
+    rows = read_parts(part_files(masks, spec.storage_options), spec.storage_options)
+    metrics = perseg_metrics(score_rows(rows.to_pylist() if rows is not None else [], concepts, spec.storage_options))
+    metrics.update(method=spec.method, model_type=spec.model.model_type, model_fingerprint=fitted[0].model_fingerprint,
                    seconds=round(time.perf_counter() - started, 1))
     if note:
         metrics["note"] = note
-    write_metrics(options.output, metrics, perseg_markdown(metrics, _title(options, "PerSeg", note)), options.storage_options)
+    write_metrics(spec.output, metrics, perseg_markdown(metrics, title(spec, "PerSeg", note)), spec.storage_options)
     return metrics

@@ -28,10 +28,14 @@ from tqdm import tqdm
 from persam_core.evaluation import davis_f, davis_j, davis_statistics
 from persam_core.video import SequenceTracker, VideoSettings
 
-from jobs.storage.checkpoints import load_model, random_weights_note, redact
-from jobs.commands.eval_perseg import EvalError, EvalOptions, _join, _listing, _percent, _title, write_metrics
+from jobs.commands.eval_report import EvalError, percent, title, write_metrics
+from jobs.pipeline.job import load_checked_model
+from jobs.pipeline.session import check_device_option, plan_actors, ray_session, resolve_device
+from jobs.spec import JobSpec
+from jobs.storage.checkpoints import load_model, random_weights_note
+from jobs.storage.files import as_given, folder_entries, join_url, read_bytes
 from jobs.storage.images import decode_image
-from jobs.storage.listing import read_bytes
+from jobs.storage.redaction import redact
 
 VOID_LABEL = 255
 
@@ -62,17 +66,17 @@ def scan_davis(data: str, storage_options: dict | None = None, sequences: list[s
     """Check the DAVIS layout before any work -> [{"name", "frames": [url], "masks": [url]}]."""
     fs, root = url_to_fs(data, **(storage_options or {}))
     root = root.rstrip("/")
-    url = (lambda p: fs.unstrip_protocol(p)) if "://" in data else (lambda p: p)
+    url = as_given(fs, data)
     images_root, masks_root = f"{root}/JPEGImages/480p", f"{root}/Annotations/480p"
     for folder in (images_root, masks_root):
         if not fs.isdir(folder):
             raise EvalError(f"{redact(data)}: no {folder[len(root) + 1:]}/ folder; expected the DAVIS 2017 layout "
                             "JPEGImages/480p/<sequence>/00000.jpg and Annotations/480p/<sequence>/00000.png")
     specs = []
-    for name in _sequence_names(fs, root, sequences, _listing(fs, masks_root)[0]):
-        frames = [f for f in _listing(fs, f"{images_root}/{name}")[1] if f.lower().endswith((".jpg", ".jpeg"))] \
+    for name in _sequence_names(fs, root, sequences, folder_entries(fs, masks_root)[0]):
+        frames = [f for f in folder_entries(fs, f"{images_root}/{name}")[1] if f.lower().endswith((".jpg", ".jpeg"))] \
             if fs.isdir(f"{images_root}/{name}") else []
-        masks = [f for f in _listing(fs, f"{masks_root}/{name}")[1] if f.lower().endswith(".png")]
+        masks = [f for f in folder_entries(fs, f"{masks_root}/{name}")[1] if f.lower().endswith(".png")]
         stems = [os.path.splitext(f)[0] for f in frames]
         if stems != [os.path.splitext(m)[0] for m in masks]:
             missing = sorted(set(stems) ^ {os.path.splitext(m)[0] for m in masks})
@@ -126,20 +130,14 @@ def _write_png(url: str, labels: np.ndarray, palette: list[int], storage_options
 class VideoWorker:
     """Ray actor: SAM loaded once; `run` tracks and scores one whole sequence."""
 
-    def __init__(self, model_type: str, checkpoint: str, expected_fingerprint: str, device: str, threads: int,
-                 settings: dict, storage_options: dict | None = None) -> None:
+    def __init__(self, spec: JobSpec, expected_fingerprint: str, threads: int) -> None:
         import torch
 
-        from jobs.pipeline.session import resolve_device
-
         torch.set_num_threads(max(1, threads))
-        loaded = load_model(model_type, checkpoint, storage_options)
-        if loaded.fingerprint != expected_fingerprint:
-            raise RuntimeError(f"{loaded.source}: this node loaded weights {loaded.fingerprint}, the job expects "
-                               f"{expected_fingerprint}; the checkpoint changed under the job")
-        self.sam = loaded.sam.to(resolve_device(device))
+        self.sam = load_checked_model(spec, expected_fingerprint).sam.to(resolve_device(spec.model.device))
+        settings = {"method": spec.method, **({"epochs": spec.epochs} if spec.epochs is not None else {})}
         self.settings = VideoSettings(**settings)
-        self.storage = storage_options
+        self.storage = spec.storage_options
 
     def run(self, spec: dict, predictions: str) -> dict:
         started = time.perf_counter()
@@ -152,13 +150,13 @@ class VideoWorker:
         palette = palette or davis_palette()
         tracker = SequenceTracker(self.sam, decode_image(read_bytes(spec["frames"][0], storage), redact(spec["frames"][0])),
                                   first, self.settings)
-        _write_png(_join(predictions, f"{name}/{os.path.basename(spec['masks'][0])}"), first.astype(np.uint8), palette, storage)
+        _write_png(join_url(predictions, f"{name}/{os.path.basename(spec['masks'][0])}"), first.astype(np.uint8), palette, storage)
         scores = {label: {"j": [], "f": []} for label in labels}
         last = len(spec["frames"]) - 1
         for index in range(1, last + 1):
             frame = decode_image(read_bytes(spec["frames"][index], storage), redact(spec["frames"][index]))
             predicted = tracker.step(frame)
-            _write_png(_join(predictions, f"{name}/{os.path.basename(spec['masks'][index])}"), predicted, palette, storage)
+            _write_png(join_url(predictions, f"{name}/{os.path.basename(spec['masks'][index])}"), predicted, palette, storage)
             if index == last:  # DAVIS scores neither the first nor the last frame
                 continue
             truth, _ = read_labels(spec["masks"][index], storage)
@@ -194,69 +192,52 @@ def video_metrics(results: list[dict]) -> dict:
 def video_markdown(metrics: dict, title: str) -> str:
     lines = [f"# {title}", "", "| sequence | J | F | J&F | objects | frames |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, value in metrics["per_sequence"].items():
-        lines.append(f"| {name} | {_percent(value['j'])} | {_percent(value['f'])} | {_percent(value['jf'])} | "
+        lines.append(f"| {name} | {percent(value['j'])} | {percent(value['f'])} | {percent(value['jf'])} | "
                      f"{value['objects']} | {value['frames']} |")
     lines += ["", "| J&F | J | J recall | J decay | F | F recall | F decay |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-              "| " + " | ".join(_percent(metrics[k]) for k in ("jf", "j", "j_recall", "j_decay", "f", "f_recall", "f_decay")) + " |",
+              "| " + " | ".join(percent(metrics[k]) for k in ("jf", "j", "j_recall", "j_decay", "f", "f_recall", "f_decay")) + " |",
               "", "Means over all objects of all sequences, frames between the first and the last "
               "(davis2017-evaluation, semi-supervised). Values in percent."]
     return "\n".join(lines) + "\n"
 
 
-def _run_pool(ray, options: EvalOptions, specs: list[dict], fingerprint: str, settings: dict, predictions: str) -> list[dict]:
+def _run_pool(spec: JobSpec, sequences: list[dict], fingerprint: str, predictions: str) -> list[dict]:
+    import ray
     from ray.util import ActorPool
 
-    from jobs.pipeline.session import actor_resources, local_cluster, wants_gpu_actors
-
-    gpu = wants_gpu_actors(options.device)
-    count = options.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
-    count = min(count, len(specs))
-    resources = actor_resources(count, gpu)
-    threads = max(1, (os.cpu_count() or 1) // count) if local_cluster() else max(1, int(resources.get("num_cpus", 1) + 0.999))
-    worker = ray.remote(VideoWorker).options(max_restarts=1, max_task_retries=1, **resources)
-    actors = [worker.remote(options.model_type, options.checkpoint, fingerprint, options.device, threads, settings,
-                            options.storage_options) for _ in range(count)]
-    pool = ActorPool(actors)
+    plan = plan_actors(spec.model.device, spec.num_actors, work_items=len(sequences))
+    worker = ray.remote(VideoWorker).options(max_restarts=1, max_task_retries=1, **plan.resources)
+    pool = ActorPool([worker.remote(spec, fingerprint, plan.threads) for _ in range(plan.count)])
     results = []
-    with tqdm(total=len(specs), unit="seq", desc="eval", file=sys.stderr, mininterval=1.0) as progress:
-        for result in pool.map_unordered(lambda actor, spec: actor.run.remote(spec, predictions), specs):
+    with tqdm(total=len(sequences), unit="seq", desc="eval", file=sys.stderr, mininterval=1.0) as progress:
+        for result in pool.map_unordered(lambda actor, sequence: actor.run.remote(sequence, predictions), sequences):
             results.append(result)
             progress.update(1)
     return results
 
 
-def run_video_eval(options: EvalOptions, log=print) -> dict:
-    from jobs.pipeline.session import check_device_option, local_cluster, start_ray
-
-    started = time.perf_counter()
-    check_device_option(options.device)
-    specs = scan_davis(options.data, options.storage_options, options.sequences)
-    log(f"DAVIS: {len(specs)} sequences, {sum(len(s['frames']) for s in specs)} frames")
-    model = load_model(options.model_type, options.checkpoint, options.storage_options)
-    fingerprint = model.fingerprint
-    del model  # the actors load their own copy
-    note = random_weights_note(options.checkpoint)
-    if note:
-        log(f"note: {note}")
-    settings = {"method": options.method}
-    if options.epochs is not None:
-        settings["epochs"] = options.epochs
+def run_video_eval(spec: JobSpec, log=print) -> dict:
     import ray
 
-    started_ray = start_ray()
+    started = time.perf_counter()
+    check_device_option(spec.model.device)
+    sequences = scan_davis(spec.data, spec.storage_options, list(spec.sequences) if spec.sequences else None)
+    log(f"DAVIS: {len(sequences)} sequences, {sum(len(s['frames']) for s in sequences)} frames")
+    fingerprint = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options).fingerprint
+    note = random_weights_note(spec.model.checkpoint)  # the actors load their own copy
+    if note:
+        log(f"note: {note}")
     try:
-        results = _run_pool(ray, options, specs, fingerprint, settings, _join(options.output, "predictions"))
+        with ray_session():
+            results = _run_pool(spec, sequences, fingerprint, join_url(spec.output, "predictions"))
     except ray.exceptions.RayError as error:  # a sequence's or an actor's failure: its first line
         cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else error
         text = str(cause).strip().splitlines()
         raise EvalError(text[0] if text else type(cause).__name__) from None
-    finally:
-        if started_ray and local_cluster():
-            ray.shutdown()
     metrics = video_metrics(results)
-    metrics.update(method=options.method, model_type=options.model_type, model_fingerprint=fingerprint,
+    metrics.update(method=spec.method, model_type=spec.model.model_type, model_fingerprint=fingerprint,
                    seconds=round(time.perf_counter() - started, 1))
     if note:
         metrics["note"] = note
-    write_metrics(options.output, metrics, video_markdown(metrics, _title(options, "DAVIS 2017", note)), options.storage_options)
+    write_metrics(spec.output, metrics, video_markdown(metrics, title(spec, "DAVIS 2017", note)), spec.storage_options)
     return metrics

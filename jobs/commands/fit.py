@@ -3,35 +3,23 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
-import fsspec
 import numpy as np
+from fsspec.core import url_to_fs
 
 from persam_core.concept import Concept, ConceptError, persam_f_target_feature, persam_targets, reference_cells
-from persam_core.persam_f import fit_mask_weights
+from persam_core.persam_f import DEFAULT_EPOCHS, fit_mask_weights
 from persam_core.predictor import encode_images
 from persam_core.preprocess import resize_longest_side
 
-from jobs.storage.checkpoints import load_model, random_weights_note, redact
+from jobs.pipeline.session import resolve_device
+from jobs.spec import JobSpec
+from jobs.storage.checkpoints import load_model, random_weights_note
+from jobs.storage.files import read_bytes, write_atomically
 from jobs.storage.images import decode_image, decode_mask
-from jobs.storage.listing import read_bytes
-from jobs.storage.outputs import check_output_file, write_atomically
-
-
-@dataclass
-class FitOptions:
-    model_type: str
-    checkpoint: str
-    images: Sequence[str]
-    masks: Sequence[str]
-    method: str
-    name: str
-    out: str
-    epochs: int = 1000
-    device: str = "cpu"
-    storage_options: dict | None = None
+from jobs.storage.outputs import check_output_file, probe_writable
+from jobs.storage.redaction import redact
 
 
 def _read(url: str, what: str, storage_options: dict | None) -> bytes:
@@ -39,18 +27,6 @@ def _read(url: str, what: str, storage_options: dict | None) -> bytes:
         return read_bytes(url, storage_options)
     except Exception as error:
         raise ConceptError(f"{redact(url)}: cannot read the {what} ({type(error).__name__}); check the path") from None
-
-
-def _check_writable(out: str, storage_options: dict | None) -> None:
-    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
-    parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    try:
-        fs.makedirs(parent, exist_ok=True)
-        probe = f"{path}.probe"
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
-    except Exception as error:
-        raise ConceptError(f"{redact(out)}: --out is not writable ({type(error).__name__}); pass a writable path") from None
 
 
 def fit_concept(
@@ -79,30 +55,32 @@ def fit_concept(
     )
 
 
-def run_fit(options: FitOptions, log=print) -> Concept:
+def run_fit(spec: JobSpec, log=print) -> Concept:
     """Encode the shots, pool their kept cells, fit PerSAM-F if asked, write the concept."""
-    if len(options.images) != len(options.masks) or not options.images:
+    device = resolve_device(spec.model.device)
+    if len(spec.images) != len(spec.masks) or not spec.images:
         raise ConceptError("give one --mask for every --image (several pairs = several shots)")
-    if not options.name or any(ch in options.name for ch in "/\\\0") or options.name in (".", ".."):
-        raise ConceptError(f"--name {options.name!r}: use a plain name without '/', '\\\\' or '..'")
-    check_output_file(options.out, "--out", options.storage_options, f"{options.name}.json")
-    _check_writable(options.out, options.storage_options)
-    images = [decode_image(_read(u, "image", options.storage_options), redact(u)) for u in options.images]
-    masks = [decode_mask(_read(u, "mask", options.storage_options), redact(u)) for u in options.masks]
-    for mask, url in zip(masks, options.masks):
+    if not spec.name or any(ch in spec.name for ch in "/\\\0") or spec.name in (".", ".."):
+        raise ConceptError(f"--name {spec.name!r}: use a plain name without '/', '\\\\' or '..'")
+    check_output_file(spec.out, "--out", spec.storage_options, f"{spec.name}.json")
+    fs, path = url_to_fs(spec.out, **spec.storage_options)
+    probe_writable(fs, path.rsplit("/", 1)[0] if "/" in path else ".", spec.out, "--out")
+    images = [decode_image(_read(u, "image", spec.storage_options), redact(u)) for u in spec.images]
+    masks = [decode_mask(_read(u, "mask", spec.storage_options), redact(u)) for u in spec.masks]
+    for mask, url in zip(masks, spec.masks):
         if mask.all():
             log(f"warning: {redact(url)}: mask covers the whole image; the concept will be the whole scene")
 
-    model = load_model(options.model_type, options.checkpoint, options.storage_options)
-    note = random_weights_note(options.checkpoint)
+    model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
+    note = random_weights_note(spec.model.checkpoint)
     if note:
         log(f"note: {note}")
     started = time.perf_counter()
-    concept = fit_concept(model.sam.to(options.device), model.fingerprint, images, masks, options.method, options.name,
-                          options.epochs, [redact(u) for u in options.masks], [redact(u) for u in options.images], log)
+    concept = fit_concept(model.sam.to(device), model.fingerprint, images, masks, spec.method, spec.name,
+                          spec.epochs or DEFAULT_EPOCHS, [redact(u) for u in spec.masks], [redact(u) for u in spec.images], log)
     # A killed or failing write must never leave a half concept that `segment` would then refuse.
-    write_atomically(options.out, concept.to_json().encode("utf-8"), options.storage_options)
-    log(f"concept {concept.name!r} ({concept.method}, {len(images)} shot(s)) -> {redact(options.out)} "
+    write_atomically(spec.out, concept.to_json().encode("utf-8"), spec.storage_options)
+    log(f"concept {concept.name!r} ({concept.method}, {len(images)} shot(s)) -> {redact(spec.out)} "
         f"in {time.perf_counter() - started:.1f} s")
     return concept
 

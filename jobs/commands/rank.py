@@ -9,51 +9,33 @@ similarity (highest first), masks for the top k.
 from __future__ import annotations
 
 import io
-import json
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from jobs.pipeline import commit
-from jobs.storage.checkpoints import redact
-from jobs.pipeline.payload import ipc_to_table
-from jobs.pipeline.run import DEFAULT_CHUNK_IMAGES, PipelineSpec, run_pipeline
-from jobs.pipeline.session import local_cluster, start_ray
-from jobs.storage.schema import MASK_SCHEMA
-from jobs.commands.segment import list_all_images, prepare_job, read_concepts
+from jobs.pipeline.actors import ModelActor, ScoreActor, SegmentActor
+from jobs.pipeline.job import PreparedJob, prepare_job
+from jobs.pipeline.payload import FinishedChunk
+from jobs.pipeline.run import run_pipeline
+from jobs.pipeline.session import ray_session
+from jobs.spec import JobSpec
+from jobs.storage.concept_files import read_concepts
+from jobs.storage.files import join_url, publish_bytes
+from jobs.storage.listing import list_all_images
+from jobs.storage.redaction import redact
+from jobs.storage.schema import IMAGE_URI, RANK, SIMILARITY, ranking_table
 
 RANKING_FILE = "ranking.parquet"
 
 
-@dataclass
-class RankOptions:
-    model_type: str
-    checkpoint: str
-    concept: str
-    input: str
-    output: str
-    top_k: int = 10
-    device: str = "auto"
-    batch_size: int | None = None  # None: resolve_speed's default for the actor's device
-    num_actors: int | None = None
-    shard_size: int = commit.DEFAULT_SHARD_SIZE
-    storage_options: dict = field(default_factory=dict)
-    cache: str | None = None
-    cache_dtype: str = "fp16"
-    precision: str = "auto"
-    fused_attention: bool | None = None
-    compile_encoder: bool | None = None
-    chunk_size: int = DEFAULT_CHUNK_IMAGES
-
-
-def _collect(shard: dict, chunks: list[dict]) -> dict:
+def _collect(shard: dict, chunks: list[FinishedChunk]) -> dict:
     """A shard's chunks -> its rows (a ranking is global: nothing is committed per shard)."""
-    return {"table": pa.concat_tables([ipc_to_table(c["table"]) for c in chunks]),
-            "encoded": sum(int(c["encoded"]) for c in chunks), "cache_hits": sum(int(c["cache_hits"]) for c in chunks),
-            "problems": [p for c in chunks for p in json.loads(c["problems"])]}
+    return {"table": pa.concat_tables([c.rows() for c in chunks]), "encoded": sum(c.encoded for c in chunks),
+            "cache_hits": sum(c.cache_hits for c in chunks), "problems": [p for c in chunks for p in c.problems]}
 
 
 def _shards(urls: list[str], num_shards: int) -> list[dict]:
@@ -62,69 +44,45 @@ def _shards(urls: list[str], num_shards: int) -> list[dict]:
     return [{"shard": s["shard"], "urls": s["urls"], "previous": []} for s in plan.to_run]
 
 
-def ranking_table(scores: pa.Table, masks: pa.Table | None) -> pa.Table:
-    """Scores sorted by similarity (nulls last) joined with the top-k mask columns."""
-    rows = sorted(scores.to_pylist(), key=lambda r: (r["similarity"] is None, -(r["similarity"] or 0.0), r["image_uri"]))
-    by_url = {m["image_uri"]: m for m in (masks.to_pylist() if masks is not None else []) if m["instance"] == 0}
-    out = []
-    for rank, row in enumerate(rows, start=1):
-        mask = by_url.get(row["image_uri"], {})
-        out.append({**row, "rank": rank, "width": mask.get("width"), "height": mask.get("height"),
-                    "mask_rle": mask.get("mask_rle"), "bbox": mask.get("bbox"), "area": mask.get("area"),
-                    "score": mask.get("score")})
-    schema = pa.schema([*scores.schema, pa.field("rank", pa.int64()),
-                        *(MASK_SCHEMA.field(n) for n in ("width", "height", "mask_rle", "bbox", "area", "score"))])
-    return pa.Table.from_pylist(out, schema=schema)
-
-
-def run_rank(options: RankOptions, log=print) -> pa.Table:
+def run_rank(spec: JobSpec, log=print) -> pa.Table:
     started = time.perf_counter()
-    concepts = read_concepts([options.concept], options.storage_options)
+    concepts = read_concepts(spec.concepts, spec.storage_options)
     if len(concepts) != 1:
-        raise ValueError(f"{options.concept}: rank takes exactly one concept, found {len(concepts)}")
-    fingerprint, feature_cache = prepare_job(options, concepts, log)
-    urls = list(list_all_images(options))  # a ranking is global: every image's score is kept
-    num_shards = commit.shard_count(len(urls), options.shard_size)
+        raise ValueError(f"{', '.join(map(redact, spec.concepts))}: rank takes exactly one concept, found {len(concepts)}")
+    fingerprint, feature_cache = prepare_job(spec, concepts, log)
+    urls = list(list_all_images(spec.input, spec.storage_options))  # a ranking is global: every image's score is kept
+    num_shards = commit.shard_count(len(urls), spec.shard_size)
     if feature_cache is not None:  # follow the cache's sharding: one cache file per shard
         num_shards = feature_cache.adopt_layout(num_shards)
-    cache = {"url": options.cache, "dtype": options.cache_dtype, "num_shards": num_shards} if options.cache else None
-    spec = PipelineSpec(options.model_type, options.checkpoint, fingerprint, [concepts[0].to_json()], options.device,
-                        options.num_actors, storage_options=options.storage_options, task="score", cache=cache,
-                        precision=options.precision, fused_attention=options.fused_attention,
-                        compile_encoder=options.compile_encoder, batch_size=options.batch_size,
-                        chunk_size=options.chunk_size)
-    import ray
-
-    started_here = start_ray()  # one Ray for both passes
-    try:
-        return _rank(options, spec, concepts[0], urls, num_shards, started, log)
-    finally:
-        if started_here and local_cluster():
-            ray.shutdown()
+    job = PreparedJob(spec, fingerprint, (concepts[0].to_json(),), num_shards if feature_cache is not None else None)
+    with ray_session() if spec.runner == "ray" else nullcontext():  # one Ray for both passes
+        return _rank(job, concepts[0].name, urls, num_shards, started, log)
 
 
-def _rank(options: RankOptions, spec: PipelineSpec, concept, urls: list[str], num_shards: int, started: float, log) -> pa.Table:
-    results = run_pipeline(spec, _shards(urls, num_shards), _collect)
+def _pass(job: PreparedJob, actor: type[ModelActor], urls: list[str], num_shards: int) -> list[dict]:
+    return run_pipeline(job, actor, _shards(urls, num_shards), _collect)
+
+
+def _rank(job: PreparedJob, concept: str, urls: list[str], num_shards: int, started: float, log) -> pa.Table:
+    spec = job.spec
+    results = _pass(job, ScoreActor, urls, num_shards)
     scores = pa.concat_tables([r["table"] for r in results])
     encoded, hits = sum(r["encoded"] for r in results), sum(r["cache_hits"] for r in results)
     for problem in dict.fromkeys(p for r in results for p in r["problems"]):
         log(f"cache: {problem}")
 
-    top = [r["image_uri"] for r in ranking_table(scores, None).to_pylist()[: options.top_k] if r["similarity"] is not None]
-    masks = None
-    if top:
-        spec.task = "segment"
-        masks = pa.concat_tables([r["table"] for r in run_pipeline(spec, _shards(top, num_shards), _collect)])
+    top = [r[IMAGE_URI] for r in ranking_table(scores, None).to_pylist()[: spec.top_k] if r[SIMILARITY] is not None]
+    masks = pa.concat_tables([r["table"] for r in _pass(job, SegmentActor, top, num_shards)]) if top else None
     ranking = ranking_table(scores, masks)
 
-    fs, root = url_to_fs(options.output, **options.storage_options)
+    fs, root = url_to_fs(spec.output, **spec.storage_options)
     fs.makedirs(root, exist_ok=True)
     buffer = io.BytesIO()
     pq.write_table(ranking, buffer, compression="zstd")
-    commit.publish_bytes(fs, f"{root.rstrip('/')}/{RANKING_FILE}", buffer.getvalue())
-    for row in ranking.to_pylist()[: min(options.top_k, 10)]:
-        similarity = "n/a" if row["similarity"] is None else f"{row['similarity']:.4f}"
-        log(f"  #{row['rank']:<3} {similarity:>6}  {row['image_uri']}")
-    log(f"done: {ranking.num_rows} images ranked for {concept.name!r}, {encoded} encoded, {hits} from cache, "
-        f"masks for the top {len(top)} -> {redact(options.output)}/{RANKING_FILE} in {time.perf_counter() - started:.1f} s")
+    publish_bytes(fs, join_url(root, RANKING_FILE), buffer.getvalue())
+    for row in ranking.to_pylist()[: min(spec.top_k, 10)]:
+        similarity = "n/a" if row[SIMILARITY] is None else f"{row[SIMILARITY]:.4f}"
+        log(f"  #{row[RANK]:<3} {similarity:>6}  {redact(row[IMAGE_URI])}")
+    log(f"done: {ranking.num_rows} images ranked for {concept!r}, {encoded} encoded, {hits} from cache, "
+        f"masks for the top {len(top)} -> {redact(spec.output)}/{RANKING_FILE} in {time.perf_counter() - started:.1f} s")
     return ranking

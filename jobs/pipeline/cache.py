@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from jobs.pipeline.commit import publish_bytes, shard_of
+from jobs.pipeline.commit import shard_of
+from jobs.storage.files import publish_bytes
+from jobs.storage.outputs import probe_writable
 
 FEATURE_SHAPE = (256, 64, 64)
 INDEX_KEY = b"persam.content_sha256"  # footer metadata: the hashes of a file's entries, one per row group
@@ -72,13 +74,7 @@ class FeatureCache:
 
     def check_writable(self) -> None:
         """Fail before any work when the cache cannot be written."""
-        probe = f"{self.root}/.probe-{uuid.uuid4().hex}"
-        try:
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(probe, b"")
-            self.fs.rm_file(probe)
-        except Exception as error:
-            raise CacheError(f"{self.url}: --cache is not writable ({type(error).__name__}); pass a writable location") from None
+        probe_writable(self.fs, self.root, self.url, "--cache", CacheError)
 
     def adopt_layout(self, proposed_shards: int) -> int:
         """The cache's shard count (recorded by its first job) -> set and returned."""

@@ -46,7 +46,6 @@ import math
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
@@ -54,15 +53,14 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
-from jobs.storage.schema import MASK_SCHEMA
+from jobs.storage.files import as_given, publish_bytes
+from jobs.storage.outputs import OutputError
+from jobs.storage.schema import (
+    IMAGE_URI, MASK_SCHEMA, image_uris, is_our_schema, ordered_rows, read_parts, select_rows_of,
+)
 
 JOB_FILE = "_persam_job.json"
-# Images per shard (one Parquet file each): 100M images make ~100k files of a few MB per
-# concept, and a killed job loses at most the shards in flight. Outputs keep the shard
-# count their first run recorded.
-DEFAULT_SHARD_SIZE = 1024
 PART_FILE = re.compile(r"^part-(\d+)-([0-9a-f]{12})\.parquet$")
 # Temp files of our own publishes (publish_bytes); another tool's `*.tmp-*` is foreign.
 TEMP_FILE = re.compile(r"^(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json)\.tmp-[0-9a-f]+$")
@@ -70,10 +68,6 @@ TEMP_FILE = re.compile(r"^(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json)\.tm
 # a write means its writer died (mtime, not pids: writers may be on other machines).
 STALE_TEMP_SECONDS = 3600.0
 Log = Callable[[str], None]
-
-
-class OutputError(ValueError):
-    """An --output that cannot hold this job; the message says what to do."""
 
 
 def shard_of(url: str, num_shards: int) -> int:
@@ -100,7 +94,7 @@ def shard_of_path(path: str) -> int:
     return parse_part_path(path)[0]
 
 
-def shard_count(num_images: int, shard_size: int = DEFAULT_SHARD_SIZE) -> int:
+def shard_count(num_images: int, shard_size: int) -> int:
     return max(1, math.ceil(num_images / max(1, shard_size)))
 
 
@@ -127,35 +121,9 @@ class ShardPlan:
     superseded: list[str]  # files of shards whose images changed, deleted after the new publish
 
 
-def publish_bytes(fs, path: str, data: bytes) -> None:
-    """Make `path` appear with `data` atomically (rename locally, one PUT remotely)."""
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:  # a full disk or a kill must not leave the temp file behind
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
-    else:
-        fs.pipe_file(path, data)
-
-
 def _root(output: str, storage_options: dict | None):
     fs, root = url_to_fs(output, **(storage_options or {}))
     return fs, root.rstrip("/")
-
-
-def is_our_schema(schema: pa.Schema) -> bool:
-    """A part file's schema is ours: its columns are MASK_SCHEMA's (older runs wrote fewer), same types."""
-    ours = {f.name: f.type for f in MASK_SCHEMA}
-    names = set(schema.names)
-    return {"image_uri", "concept"} <= names and all(f.name in ours and f.type == ours[f.name] for f in schema)
 
 
 def report_foreign(paths: list[str], log: Log | None) -> None:
@@ -299,26 +267,6 @@ def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_
     return path
 
 
-def read_parts(paths: list[str], storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table | None:
-    """The rows of published part files (those of `columns` the files have: ranged reads of
-    just those columns on object stores); unreadable files and files of another schema
-    (foreign, never read as ours) are skipped (their images are recomputed) -> None when
-    nothing could be read."""
-    tables = []
-    for path in paths:
-        fs, root = url_to_fs(path, **(storage_options or {}))
-        try:
-            with fs.open(root, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                if not is_our_schema(parquet.schema_arrow):
-                    continue
-                present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
-                tables.append(parquet.read(columns=present))
-        except Exception:
-            continue
-    return pa.concat_tables(tables, promote_options="default") if tables else None
-
-
 def assemble_shard(
     shard: int, computed: list[pa.Table], carried_urls: set[str], previous: list[str], urls: list[str], concepts: list[str],
     storage_options: dict | None = None,
@@ -329,20 +277,21 @@ def assemble_shard(
     tables = [t.select(MASK_SCHEMA.names).cast(MASK_SCHEMA) for t in computed]
     removed = 0
     if previous:
-        old = read_parts(previous, storage_options, None if carried_urls else ["image_uri"])
-        old_urls = old.column("image_uri").to_pylist() if old is not None else []
-        removed = len(set(old_urls) - set(urls))
+        old = read_parts(previous, storage_options, None if carried_urls else [IMAGE_URI])
+        old_urls = set(image_uris(old))
+        removed = len(old_urls - set(urls))
         if carried_urls and old is not None:
-            keep = old.filter(pa.array([u in carried_urls for u in old_urls], pa.bool_()))
-            tables.append(keep.select(MASK_SCHEMA.names).cast(MASK_SCHEMA))
+            tables.append(select_rows_of(old, carried_urls))
     table = pa.concat_tables(tables) if tables else MASK_SCHEMA.empty_table()
-    present = set(table.column("image_uri").to_pylist())
-    if set(urls) - present:  # e.g. the previous file vanished between the prepare and the commit
-        raise OutputError(f"{', '.join(previous) or f'shard {shard}'}: rows of {len(set(urls) - present)} unchanged "
+    missing = set(urls) - set(image_uris(table))
+    if missing:  # e.g. the previous file vanished between the prepare and the commit
+        raise OutputError(f"{', '.join(previous) or f'shard {shard}'}: rows of {len(missing)} unchanged "
                           "images could not be read back; rerun the job (they will be recomputed)")
-    url_order = {u: i for i, u in enumerate(urls)}
-    concept_order = {c: i for i, c in enumerate(concepts)}
-    keys = list(zip((url_order[u] for u in table.column("image_uri").to_pylist()),
-                    (concept_order.get(c, len(concepts)) for c in table.column("concept").to_pylist()),
-                    (i or 0 for i in table.column("instance").to_pylist())))
-    return table.take(pa.array(sorted(range(len(keys)), key=keys.__getitem__), pa.int64())), removed
+    return ordered_rows(table, urls, concepts), removed
+
+
+def part_files(output: str, storage_options: dict | None = None) -> list[str]:
+    """The published part files of an output, in shard order (for readers: eval, exports)."""
+    fs, root = _root(output, storage_options)
+    paths = [info["name"] for info in fs.ls(root, detail=True) if parse_part_path(info["name"]) is not None]
+    return [as_given(fs, output)(p) for p in sorted(paths)]

@@ -13,45 +13,35 @@ image's features (2-4 MiB) through the driver.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from persam_core.batch import HostResults
 from persam_core.masks import encode_rle
 
 from jobs.pipeline.cache import CachedFeatures, FeatureCache
-from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults, table_to_ipc, unpack_chunk, unpack_results
-from jobs.storage.schema import RANK_SCHEMA, rows_to_table
+from jobs.pipeline.job import PreparedJob
+from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults, FinishedChunk, table_to_ipc, unpack_chunk, unpack_results
+from jobs.storage.schema import mask_row, rank_rows_to_table, rows_to_table, score_row
 
 ConceptLabel = tuple[str, str]  # (name, method) of a concept, in the job's concept order
 
 
 def error_row(item: ChunkItem, concept: ConceptLabel, reason: str, fingerprint: str) -> dict:
-    size = item.original_size
-    return {
-        "image_uri": item.url, "concept": concept[0], "method": concept[1], "instance": 0, "present": False,
-        "width": None if size is None else size[1], "height": None if size is None else size[0],
-        "mask_rle": None, "bbox": None, "area": 0, "score": None, "similarity": None, "point": None,
-        "error": reason, "model_fingerprint": fingerprint, "content_sha256": item.sha256,
-    }
+    return mask_row(item.url, concept[0], concept[1], fingerprint, item.sha256, size=item.original_size, error=reason)
 
 
 def result_row(item: ChunkItem, concept: ConceptLabel, masks: HostResults, row: int, fingerprint: str) -> dict:
     mask = masks.mask(row)
-    height, width = mask.shape
     score = float(masks.score[row])
-    return {
-        "image_uri": item.url, "concept": concept[0], "method": concept[1], "instance": int(masks.instance[row]),
-        "present": bool(masks.present[row]), "width": width, "height": height, "mask_rle": encode_rle(mask),
-        "bbox": [int(v) for v in masks.bbox[row]], "area": int(masks.area[row]),
-        "score": None if math.isnan(score) else score, "similarity": float(masks.similarity[row]),
-        "point": [int(v) for v in masks.point[row]], "error": None, "model_fingerprint": fingerprint,
-        "content_sha256": item.sha256,
-    }
+    return mask_row(
+        item.url, concept[0], concept[1], fingerprint, item.sha256, size=mask.shape, instance=int(masks.instance[row]),
+        present=bool(masks.present[row]), mask_rle=encode_rle(mask), bbox=[int(v) for v in masks.bbox[row]],
+        area=int(masks.area[row]), score=None if math.isnan(score) else score,
+        similarity=float(masks.similarity[row]), point=[int(v) for v in masks.point[row]],
+    )
 
 
 def mask_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLabel], fingerprint: str) -> list[dict]:
@@ -84,9 +74,8 @@ def score_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLa
             if error is None and (similarity is None or math.isnan(similarity)):
                 error = "no result for this image"
             good = error is None
-            rows.append({"image_uri": item.url, "concept": concept[0], "similarity": similarity if good else None,
-                         "point": [int(v) for v in results.point[index, k]] if good else None, "error": error,
-                         "model_fingerprint": fingerprint, "content_sha256": item.sha256})
+            rows.append(score_row(item.url, concept[0], fingerprint, item.sha256, similarity if good else None,
+                                  [int(v) for v in results.point[index, k]] if good else None, error))
     return rows
 
 
@@ -97,19 +86,19 @@ def store_fresh(cache: FeatureCache, chunk: Chunk, results: ChunkResults) -> Non
             features, chunk.items[i].input_size, chunk.items[i].original_size)) for i, features in results.fresh.items()})
 
 
-def finish_chunk(row: dict, fingerprint: str, concepts: list[ConceptLabel], task: str = "segment",
-                 cache: FeatureCache | None = None) -> dict:
-    """{"meta", "results"} -> {"shard", "chunk", "images", "table" (Arrow IPC), counts} for the driver."""
+def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict:
+    """{"meta", "results"} -> FinishedChunk.to_row() for the driver: mask rows, or with
+    `scores_only` (rank's first pass) one score row per (image, concept)."""
     chunk, results = unpack_chunk(row["meta"]), unpack_results(row["results"])
+    cache = job.cache()
     if cache is not None:
         store_fresh(cache, chunk, results)
-    if task == "score":
-        table = pa.Table.from_pylist(score_rows(chunk, results, concepts, fingerprint), schema=RANK_SCHEMA)
+    if scores_only:
+        table = rank_rows_to_table(score_rows(chunk, results, job.labels(), job.fingerprint))
     else:
-        table = rows_to_table(mask_rows(chunk, results, concepts, fingerprint))
-    return {
-        "shard": chunk.shard, "chunk": chunk.index, "images": len(chunk.items), "table": table_to_ipc(table),
-        "encoded": len(results.encoded), "cache_hits": sum(item.source == "cached" for item in chunk.items),
-        "carried": json.dumps([item.url for item in chunk.items if item.carried]),
-        "problems": json.dumps(list(chunk.cache_problems)),
-    }
+        table = rows_to_table(mask_rows(chunk, results, job.labels(), job.fingerprint))
+    return FinishedChunk(
+        chunk.shard, chunk.index, len(chunk.items), table_to_ipc(table), len(results.encoded),
+        sum(item.source == "cached" for item in chunk.items), tuple(item.url for item in chunk.items if item.carried),
+        tuple(chunk.cache_problems),
+    ).to_row()

@@ -11,25 +11,27 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
+from jobs.pipeline.payload import FinishedChunk
+
 COMMIT_THREADS = 4
 
 
 class ShardGatherer:
     """shards: {shard id: the shard's row, with "chunks" (how many it has)}."""
 
-    def __init__(self, shards: dict[int, dict], on_shard: Callable[[dict, list[dict]], dict],
+    def __init__(self, shards: dict[int, dict], on_shard: Callable[[dict, list[FinishedChunk]], dict],
                  threads: int = COMMIT_THREADS) -> None:
         self.shards, self.on_shard = shards, on_shard
-        self.received: dict[int, dict[int, dict]] = {}  # chunks of shards still incomplete
+        self.received: dict[int, dict[int, FinishedChunk]] = {}  # chunks of shards still incomplete
         self.done: set[int] = set()  # shards handed on
         self.futures: list[Future] = []
         self.running: list[Future] = []  # handed on, not yet seen finished
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="commit")
 
-    def add(self, chunk: dict) -> bool:
-        """A chunk's result row ({"shard", "chunk", ...}) -> False if it is a duplicate."""
+    def add(self, chunk: FinishedChunk) -> bool:
+        """A chunk's result -> False if it is a duplicate."""
         self._raise_failed()
-        shard, index = int(chunk["shard"]), int(chunk["chunk"])
+        shard, index = chunk.shard, chunk.chunk
         if shard in self.done or index in self.received.get(shard, {}):  # a copy from a retried task
             return False
         parts = self.received.setdefault(shard, {})

@@ -2,14 +2,14 @@
 
     driver ──{"shard", "chunk", "urls", "previous"}──► prepare (CPU task)
            ──{"meta", "arrays"}──► SegmentActor (GPU) ──{"meta", "results"}──► finish (CPU task)
-           ──{"shard", "chunk", "table", counts}──► driver (gathers a shard's chunks, commits it)
+           ──FinishedChunk.to_row()──► driver (gathers a shard's chunks, commits it)
 
 A *chunk* is a few images of one shard (the unit of work of the model actor); a shard is
 what becomes one Parquet file. `meta` is the chunk's JSON header (per image: URL, content
 hash, error, sizes, where its features come from) and passes the actor untouched; `arrays`
 (npz) holds only what the actor needs on the device: resized pixels or cached features;
-`results` (npz) is what the actor computed, host numpy only, without rows; `table` is the
-chunk's rows as Arrow IPC.
+`results` (npz) is what the actor computed, host numpy only, without rows; a
+`FinishedChunk` is the chunk's rows (Arrow IPC) and counts, as the driver receives them.
 """
 
 from __future__ import annotations
@@ -73,6 +73,38 @@ class ChunkResults:
     similarity: np.ndarray | None = None
     point: np.ndarray | None = None
     fresh: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FinishedChunk:
+    """One chunk's rows and counts, from the CPU stage after the actor to the driver.
+
+    table: the rows as Arrow IPC (table_to_ipc); carried: URLs whose rows the committer
+    copies from the shard's previous file; problems: cache problems, one line each."""
+
+    shard: int
+    chunk: int
+    images: int
+    table: bytes
+    encoded: int = 0
+    cache_hits: int = 0
+    carried: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    def to_row(self) -> dict:
+        """-> a Ray Data row: numbers and bytes, lists as JSON (no pickled objects)."""
+        return {"shard": self.shard, "chunk": self.chunk, "images": self.images, "table": self.table,
+                "encoded": self.encoded, "cache_hits": self.cache_hits,
+                "carried": json.dumps(list(self.carried)), "problems": json.dumps(list(self.problems))}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "FinishedChunk":
+        return cls(int(row["shard"]), int(row["chunk"]), int(row["images"]), bytes(row["table"]),
+                   int(row["encoded"]), int(row["cache_hits"]), tuple(json.loads(row["carried"])),
+                   tuple(json.loads(row["problems"])))
+
+    def rows(self) -> pa.Table:
+        return ipc_to_table(self.table)
 
 
 def short_reason(error: BaseException) -> str:

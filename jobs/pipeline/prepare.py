@@ -12,32 +12,20 @@ from __future__ import annotations
 
 from persam_core.preprocess import resize_longest_side
 
-from jobs.pipeline import commit
-from jobs.pipeline.cache import FeatureCache, content_sha256
-from jobs.storage.checkpoints import redact
-from jobs.storage.images import DEFAULT_MAX_PIXELS, decode_image
-from jobs.storage.listing import read_bytes
+from jobs.pipeline.cache import content_sha256
+from jobs.pipeline.job import PreparedJob
+from jobs.storage.redaction import redact
+from jobs.storage.images import decode_image
+from jobs.storage.files import read_bytes
 from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk, short_reason
+from jobs.storage.schema import good_images
 
 
-def unchanged_images(previous: list[str], storage_options: dict | None) -> set[tuple[str, str]]:
-    """(url, content_sha256) of the good rows in a shard's previous files (hash column only)."""
-    table = commit.read_parts(previous, storage_options, columns=["image_uri", "content_sha256", "error"])
-    if table is None or "content_sha256" not in table.column_names:
-        return set()
-    rows = zip(*(table.column(c).to_pylist() for c in ("image_uri", "content_sha256", "error")))
-    return {(url, sha) for url, sha, error in rows if sha and error is None}
-
-
-def prepare_chunk(
-    row: dict,
-    storage_options: dict | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    cache: FeatureCache | None = None,
-) -> dict:
+def prepare_chunk(row: dict, job: PreparedJob) -> dict:
     """{"shard", "chunk", "urls", "previous"} -> {"shard", "chunk", "meta", "arrays"} (see payload.py)."""
+    storage_options, max_pixels, cache = job.spec.storage_options, job.spec.max_pixels, job.cache()
     urls = list(row["urls"])
-    unchanged = unchanged_images(list(row.get("previous") or []), storage_options)
+    unchanged = good_images(list(row.get("previous") or []), storage_options)
     items, data = [], {}
     for index, url in enumerate(urls):
         item = ChunkItem(url)

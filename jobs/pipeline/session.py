@@ -1,9 +1,14 @@
-"""Where the job runs: embedded local Ray or the cluster in RAY_ADDRESS; which device."""
+"""Where the job runs: embedded local Ray or the cluster in RAY_ADDRESS; which device; how
+many model actors with which resources. The one place that starts and stops Ray."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -46,6 +51,20 @@ def start_ray() -> bool:
     return True
 
 
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Ray for the duration of the block: joined or started here; an embedded local Ray
+    started here is shut down at the end (a cluster's and a caller's Ray are left running)."""
+    import ray
+
+    started_here = start_ray()
+    try:
+        yield
+    finally:
+        if started_here and local_cluster():
+            ray.shutdown()
+
+
 def local_cluster() -> bool:
     return not os.environ.get("RAY_ADDRESS")
 
@@ -78,3 +97,28 @@ def actor_resources(num_actors: int, gpu: bool) -> dict:
     total = float(ray.cluster_resources().get("CPU", 1))
     spare = total - 1 if total > 1 else total / 2  # read tasks must always find a slot
     return {"num_cpus": max(0.25, min(1.0, spare / max(1, num_actors)))}
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    count: int
+    resources: dict  # Ray resources per actor: num_cpus (+ num_gpus)
+    threads: int  # torch threads per actor
+
+
+def plan_actors(device: str, num_actors: int | None, work_items: int | None = None) -> ActorPlan:
+    """--num-actors (default: one per GPU on a GPU cluster, else 1), at most one per work
+    item, with their resources and torch threads. Locally the actors share this machine's
+    cores; on a cluster each uses the CPUs it reserved (rounded up: a fraction still runs)."""
+    import ray
+
+    gpu = wants_gpu_actors(device)
+    count = num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
+    if work_items is not None:
+        count = max(1, min(count, work_items))
+    resources = actor_resources(count, gpu)
+    if local_cluster():
+        threads = max(1, (os.cpu_count() or 1) // count)
+    else:
+        threads = max(1, math.ceil(resources["num_cpus"]))
+    return ActorPlan(count, resources, threads)

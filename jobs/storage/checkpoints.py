@@ -21,7 +21,7 @@ from segment_anything.modeling import Sam
 
 from persam_core.models import ModelError, build_from_state_dict, build_random, fingerprint, load_state_dict_file, model_fingerprint
 
-from jobs.storage.redaction import redact  # noqa: F401  (re-exported: the URL rule lives in redaction.py)
+from jobs.storage.redaction import redact
 
 SAM_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 # Published files and their SHA-256 (checked whenever a downloaded file carries one of these names).

@@ -18,7 +18,8 @@ from typing import Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
-from jobs.storage.checkpoints import redact
+from jobs.storage.files import as_given
+from jobs.storage.redaction import redact
 from jobs.storage.images import IMAGE_EXTENSIONS
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
@@ -91,7 +92,7 @@ def list_images(url: str, storage_options: dict | None = None) -> Iterator[tuple
         yield from _manifest_entries(url, options)
         return
     fs, path = url_to_fs(url, **options)
-    name = (lambda p: fs.unstrip_protocol(p)) if "://" in url else (lambda p: p)
+    name = as_given(fs, url)
     # Literal first: an existing directory/prefix/file named `photos [2024]` or `what?` is
     # never glob-expanded; only a path that does not exist and has a wildcard is a glob.
     if not fs.exists(path):
@@ -116,6 +117,36 @@ def list_image_urls(url: str, storage_options: dict | None = None) -> Iterator[s
     return (image for image, _ in list_images(url, storage_options))
 
 
-def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
-    with fsspec.open(url, "rb", **(storage_options or {})) as handle:
-        return handle.read()
+# A manifest is planned and run in waves of this many images (bounded driver memory).
+MANIFEST_WAVE_IMAGES = 500_000
+# Named in "no images found" errors; the list itself is owned by jobs/storage/images.py.
+EXTENSIONS_NOTE = " ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+
+def no_images(url: str) -> InputError:
+    return InputError(f"{redact(url)}: no images found (extensions: {EXTENSIONS_NOTE})")
+
+
+def list_all_images(url: str, storage_options: dict | None = None) -> dict[str, str]:
+    """{image url: version token} of the whole input (see waves() for manifests)."""
+    images = dict(list_images(url, storage_options))
+    if not images:
+        raise no_images(url)
+    return images
+
+
+def waves(url: str, storage_options: dict | None = None) -> Iterator[dict[str, str]]:
+    """The input in planning waves of {url: version}: everything at once for a listing;
+    consecutive chunks of MANIFEST_WAVE_IMAGES for a manifest, so the driver never holds
+    more than one chunk of a lake-sized manifest (shards are hashed within each chunk)."""
+    if not is_manifest(url):
+        yield list_all_images(url, storage_options)
+        return
+    chunk: dict[str, str] = {}
+    for image, version in list_images(url, storage_options):
+        chunk[image] = version
+        if len(chunk) == MANIFEST_WAVE_IMAGES:
+            yield chunk
+            chunk = {}
+    if chunk:
+        yield chunk

@@ -4,13 +4,17 @@ take the result fail before a model is loaded (README "Bad input"); writes are a
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs.storage.checkpoints import redact
-from jobs.pipeline.commit import OutputError, publish_bytes
+from jobs.storage.redaction import redact
+
+
+class OutputError(ValueError):
+    """An --output that cannot hold this job; the message says what to do."""
 
 
 def _blocker(url: str, storage_options: dict | None) -> tuple[object, str, str | None]:
@@ -50,7 +54,13 @@ def check_output_folder(url: str, flag: str, storage_options: dict | None = None
         raise OutputError(f"{redact(url)}: {flag} is not writable ({reason}); pass a writable path")
 
 
-def write_atomically(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    """The whole file or nothing: temp file in the same folder + rename locally, one PUT remotely."""
-    fs, path = url_to_fs(url, **(storage_options or {}))
-    publish_bytes(fs, path, data)
+def probe_writable(fs, folder: str, shown: str, flag: str, error_type: type[ValueError] = OutputError) -> None:
+    """Create `folder` and write + remove an empty probe file in it: the one test of write
+    permission that holds for every store (object stores have no permission bits to read)."""
+    probe = f"{folder.rstrip('/')}/.persam-probe-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(folder, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as error:
+        raise error_type(f"{redact(shown)}: {flag} is not writable ({type(error).__name__}); pass a writable location") from None

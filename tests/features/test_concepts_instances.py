@@ -324,7 +324,7 @@ def test_concept_from_other_weights_fails_before_work(job, perseg_sample, tmp_pa
 
 
 def test_a_concept_directory_gives_every_concept_in_it(job, tmp_path):
-    from jobs.commands.segment import read_concepts
+    from jobs.storage.concept_files import read_concepts
 
     folder = tmp_path / "concepts"
     folder.mkdir()

@@ -1,9 +1,8 @@
 """Edge cases of the cache, incremental reruns, rank and export, without Ray.
 
-`in_process` replaces Ray Data's stream by the very same stages called in order in this
-process (prepare_chunk -> SegmentActor -> finish_chunk); chunk planning, gathering and
-committing are the real ones. So these cases cost seconds; the Ray path itself is covered
-by test_cache_rank_incremental.py.
+The jobs run with `--runner local`: the product's own stages (prepare -> model actor ->
+finish) in this process, with the real chunk planning, gathering and committing. So these
+cases cost seconds; the Ray path itself is covered by test_cache_rank_incremental.py.
 """
 
 from __future__ import annotations
@@ -19,48 +18,14 @@ import pytest
 from PIL import Image
 
 from feature_tools import MODEL, run_cli, save_small
+
+LOCAL = ["--runner", "local"]
 from jobs.pipeline import commit
 from jobs.pipeline.cache import CACHE_SCHEMA, FeatureCache
 from jobs.storage.schema import rows_to_table
-from jobs.pipeline.finish import finish_chunk
-from jobs.pipeline.prepare import prepare_chunk
-from jobs.pipeline.actors import SegmentActor
 from persam_core.masks import area_px, bbox_xywh, encode_rle
 from persam_core.models import model_fingerprint
 
-
-
-def in_process(spec, chunks: list[dict]):
-    """jobs.pipeline.run.ray_stream's stages, without Ray."""
-    from persam_core.concept import Concept
-
-    cache = (FeatureCache(spec.cache["url"], spec.fingerprint, spec.cache["dtype"], spec.storage_options,
-                          spec.cache["num_shards"]) if spec.cache else None)
-    actor = SegmentActor(
-        model_type=spec.model_type, checkpoint=spec.checkpoint, expected_fingerprint=spec.fingerprint,
-        concepts_box=[spec.concept_texts], device=spec.device, threads=1, storage_options=spec.storage_options,
-        max_instances=spec.max_instances, min_similarity=spec.min_similarity, task=spec.task,
-        precision=spec.precision, fused_attention=spec.fused_attention, compile_encoder=spec.compile_encoder,
-        batch_size=spec.batch_size, cache_dtype=spec.cache["dtype"] if spec.cache else None)
-    labels = [(c.name, c.method) for c in map(Concept.from_json, spec.concept_texts)]
-    for chunk in chunks:
-        prepared = prepare_chunk(chunk, storage_options=spec.storage_options, max_pixels=spec.max_pixels, cache=cache)
-        out = actor({key: [prepared[key]] for key in ("meta", "arrays")})
-        yield finish_chunk({key: values[0] for key, values in out.items()}, spec.fingerprint, labels, spec.task, cache)
-
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch):
-    import ray
-
-    import jobs.pipeline.run
-    import jobs.commands.rank
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "get", lambda ref: ref)  # concepts_box holds the texts themselves
-    monkeypatch.setattr(jobs.pipeline.run, "ray_stream", in_process)
-    monkeypatch.setattr(jobs.pipeline.run, "start_ray", lambda: False)
-    monkeypatch.setattr(jobs.commands.rank, "start_ray", lambda: False)
 
 
 def ok(result: SimpleNamespace) -> str:
@@ -81,17 +46,19 @@ def concept(perseg_sample, tmp_path_factory) -> Path:
 
 
 def segment(concept: Path, images: Path, output: Path, *extra: str) -> SimpleNamespace:
-    return run_cli(["segment", *MODEL, "--concept", str(concept), "--input", str(images), "--output", str(output), *extra])
+    return run_cli(["segment", *MODEL, *LOCAL, "--concept", str(concept), "--input", str(images), "--output", str(output),
+                    *extra])
 
 
 def rank(concept: Path, images: Path, output: Path, *extra: str) -> SimpleNamespace:
-    return run_cli(["rank", *MODEL, "--concept", str(concept), "--input", str(images), "--output", str(output), *extra])
+    return run_cli(["rank", *MODEL, *LOCAL, "--concept", str(concept), "--input", str(images), "--output", str(output),
+                    *extra])
 
 
 # ---------------------------------------------------------------------------- the stand-in is faithful
 
 
-def test_in_process_pipeline_matches_the_contract(perseg_sample, concept, tmp_path):
+def test_the_local_runner_matches_the_contract(perseg_sample, concept, tmp_path):
     images = tmp_path / "images"
     save_small(perseg_sample, "cat/01", images / "a.jpg")
     save_small(perseg_sample, "duck_toy/01", images / "b.jpg")

@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.pipeline import commit
+from jobs.storage.files import publish_bytes
 from jobs.storage.listing import InputError, is_image_name, list_image_urls
+from jobs.storage.outputs import OutputError
 from jobs.storage.schema import MASK_SCHEMA, rows_to_table
 
 # ---------------------------------------------------------------------------- inputs
@@ -159,16 +161,16 @@ def test_shard_count():
 def test_publish_bytes_local_is_atomic_and_leaves_no_temp_files(tmp_path):
     fs = fsspec.filesystem("file")
     target = tmp_path / "deep" / "dir" / "part-00001.parquet"
-    commit.publish_bytes(fs, str(target), b"first")
+    publish_bytes(fs, str(target), b"first")
     assert target.read_bytes() == b"first"
-    commit.publish_bytes(fs, str(target), b"second version")
+    publish_bytes(fs, str(target), b"second version")
     assert target.read_bytes() == b"second version"
     assert sorted(p.name for p in target.parent.iterdir()) == ["part-00001.parquet"]
 
 
 def test_publish_bytes_object_store():
     fs = fsspec.filesystem("memory")
-    commit.publish_bytes(fs, "/persam-test/out/part-00002.parquet", b"payload")
+    publish_bytes(fs, "/persam-test/out/part-00002.parquet", b"payload")
     assert fs.cat_file("/persam-test/out/part-00002.parquet") == b"payload"
     assert fs.ls("/persam-test/out", detail=False) == ["/persam-test/out/part-00002.parquet"]
     fs.rm("/persam-test", recursive=True)
@@ -205,24 +207,24 @@ def test_open_job_records_and_lists_committed_shards(tmp_path):
 def test_open_job_refuses_another_concept_set(tmp_path):
     output = str(tmp_path / "masks")
     commit.open_job(output, _record())
-    with pytest.raises(commit.OutputError) as error:
+    with pytest.raises(OutputError) as error:
         commit.open_job(output, _record(concepts=("cat",)))
     message = str(error.value)
     assert "another --output" in message and "cat" in message
-    with pytest.raises(commit.OutputError):
+    with pytest.raises(OutputError):
         commit.open_job(output, _record(concepts=("cat", "duck", "sneaker")))
 
 
 def test_open_job_refuses_other_model_weights(tmp_path):
     output = str(tmp_path / "masks")
     commit.open_job(output, _record())
-    with pytest.raises(commit.OutputError, match="another --output"):
+    with pytest.raises(OutputError, match="another --output"):
         commit.open_job(output, _record(fingerprint="tiny:ffffffffffffffff"))
 
 
 def test_open_job_unwritable_output(tmp_path):
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(commit.OutputError, match="writable"):
+    with pytest.raises(OutputError, match="writable"):
         commit.open_job(str(tmp_path / "a_file" / "masks"), _record())
 
 

@@ -13,7 +13,7 @@ import pytest
 import jobs.storage.checkpoints
 import jobs.commands.fit
 import jobs.commands.segment
-from jobs.storage import outputs
+from jobs.storage import files
 from jobs.cli import main
 from persam_core.concept import Concept
 
@@ -105,14 +105,14 @@ def test_export_output_checked_before_the_masks_are_read(kind, make, phrase, tmp
 
 def test_a_failing_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "c.json"
-    outputs.write_atomically(str(path), b"old")
+    files.write_atomically(str(path), b"old")
 
     def disk_full(descriptor: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
-        outputs.write_atomically(str(path), b"new and longer")
+        files.write_atomically(str(path), b"new and longer")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
 
@@ -122,5 +122,5 @@ def test_remote_write_is_one_whole_object(monkeypatch):
     calls = []
     monkeypatch.setattr(type(fs), "pipe_file", lambda self, path, data, **kw: calls.append((path, data)))
     monkeypatch.setattr(type(fs), "open", lambda *a, **kw: pytest.fail("streamed write"))
-    outputs.write_atomically("memory://bucket/concepts/c.json", b'{"a": 1}')
+    files.write_atomically("memory://bucket/concepts/c.json", b'{"a": 1}')
     assert calls == [("/bucket/concepts/c.json", b'{"a": 1}')]

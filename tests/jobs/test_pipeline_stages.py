@@ -21,10 +21,12 @@ from jobs.pipeline.cache import FeatureCache
 from jobs.cli import build_parser
 from jobs.pipeline.finish import finish_chunk
 from jobs.pipeline.gather import ShardGatherer
-from jobs.pipeline.payload import ipc_to_table, unpack_results
+from jobs.pipeline.payload import FinishedChunk, unpack_results
 from jobs.pipeline.run import plan_chunks
 from jobs.pipeline.prepare import prepare_chunk
-from jobs.commands.segment import SegmentOptions, run_segment
+from jobs.commands.segment import run_segment
+from jobs.pipeline.job import PreparedJob
+from jobs.spec import JobSpec, ModelSpec, SpeedSpec
 from jobs.pipeline.actors import SegmentActor
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept, persam_targets, reference_cells
@@ -88,9 +90,9 @@ def test_chunks_never_span_shards_and_keep_url_order():
 def test_a_shard_is_handed_on_once_after_its_last_chunk_and_duplicates_are_dropped():
     handed = []
     shards = {0: {"shard": 0, "chunks": 3}, 1: {"shard": 1, "chunks": 1}}
-    with ShardGatherer(shards, lambda shard, chunks: handed.append((shard["shard"], [c["chunk"] for c in chunks]))) as gather:
+    with ShardGatherer(shards, lambda shard, chunks: handed.append((shard["shard"], [c.chunk for c in chunks]))) as gather:
         arrivals = [(0, 2), (1, 0), (0, 0), (0, 2), (1, 0), (0, 1), (0, 1), (0, 0)]  # retried tasks deliver twice
-        fresh = [gather.add({"shard": s, "chunk": c, "copy": n}) for n, (s, c) in enumerate(arrivals)]
+        fresh = [gather.add(FinishedChunk(s, c, 1, b"")) for s, c in arrivals]
         gather.results()
     assert fresh == [True, True, True, False, False, True, False, False]
     assert sorted(handed) == [(0, [0, 1, 2]), (1, [0])]  # each shard once, its chunks in order
@@ -98,7 +100,7 @@ def test_a_shard_is_handed_on_once_after_its_last_chunk_and_duplicates_are_dropp
 
 def test_a_shard_missing_a_chunk_is_an_error_not_a_silent_gap():
     with ShardGatherer({0: {"shard": 0, "chunks": 2}}, lambda shard, chunks: None) as gather:
-        gather.add({"shard": 0, "chunk": 0})
+        gather.add(FinishedChunk(0, 0, 1, b""))
         with pytest.raises(RuntimeError, match="did not receive all their chunks"):
             gather.results()
 
@@ -108,10 +110,10 @@ def test_a_failed_commit_stops_the_job():
         raise OSError("output: disk full")
 
     with ShardGatherer({0: {"shard": 0, "chunks": 1}, 1: {"shard": 1, "chunks": 1}}, broken) as gather:
-        gather.add({"shard": 0, "chunk": 0})
+        gather.add(FinishedChunk(0, 0, 1, b""))
         gather.pool.shutdown(wait=True)  # let the commit fail
         with pytest.raises(OSError, match="disk full"):
-            gather.add({"shard": 1, "chunk": 0})
+            gather.add(FinishedChunk(1, 0, 1, b""))
 
 
 # ---------------------------------------------------------------------------- speed defaults on CPU
@@ -161,15 +163,14 @@ def no_host_work(monkeypatch):
 def test_the_actor_returns_arrays_and_the_finish_stage_builds_rows_and_the_cache(
     concepts, images, tmp_path, monkeypatch
 ):
-    import ray
-
-    monkeypatch.setattr(ray, "get", lambda ref: ref)  # concepts_box holds the texts themselves
-    texts = [p.read_text() for p in concepts]
+    texts = tuple(p.read_text() for p in concepts)
     fingerprint = Concept.from_json(texts[0]).model_fingerprint
-    cache = FeatureCache(str(tmp_path / "cache"), fingerprint, "fp16", num_shards=1)
+    spec = JobSpec("segment", ModelSpec("tiny", "random:0", "cpu"), cache=str(tmp_path / "cache"), cache_dtype="fp16")
+    job = PreparedJob(spec, fingerprint, texts, cache_shards=1)
+    cache = job.cache()
     urls = sorted(str(p) for p in images.iterdir())[:3]  # broken.jpg and two photos
-    prepared = prepare_chunk({"shard": 4, "chunk": 1, "urls": urls, "previous": []}, cache=cache)
-    actor = SegmentActor("tiny", "random:0", fingerprint, [texts], "cpu", threads=1, cache_dtype="fp16")
+    prepared = prepare_chunk({"shard": 4, "chunk": 1, "urls": urls, "previous": []}, job)
+    actor = SegmentActor(job, threads=1)
     assert actor.speed == EncoderSpeed()  # CPU: fp32, eager, batch 1
 
     with no_host_work(monkeypatch):
@@ -180,10 +181,10 @@ def test_the_actor_returns_arrays_and_the_finish_stage_builds_rows_and_the_cache
     assert results.masks is not None and sorted(set(results.masks.image_index.tolist())) == [1, 2]
     assert all(a.dtype == np.float16 for a in results.fresh.values())
 
-    row = finish_chunk({key: values[0] for key, values in out.items()}, fingerprint,
-                       [("cat", "persam"), ("duck_toy", "persam")], cache=cache)
-    assert (row["shard"], row["chunk"], row["images"], row["encoded"], row["cache_hits"]) == (4, 1, 3, 2, 0)
-    table = ipc_to_table(row["table"]).to_pylist()
+    assert job.labels() == [("cat", "persam"), ("duck_toy", "persam")]
+    row = FinishedChunk.from_row(finish_chunk({key: values[0] for key, values in out.items()}, job))
+    assert (row.shard, row.chunk, row.images, row.encoded, row.cache_hits) == (4, 1, 3, 2, 0)
+    table = row.rows().to_pylist()
     assert [(r["image_uri"], r["concept"]) for r in table] == [(u, c) for u in urls for c in ("cat", "duck_toy")]
     assert [r["error"] is not None for r in table] == [True, True, False, False, False, False]
     for r in table[2:]:
@@ -205,9 +206,9 @@ def test_a_shard_of_several_chunks_commits_once_in_order(concepts, images, tmp_p
 
     monkeypatch.setattr(jobs.pipeline.commit, "commit_shard", counting)
     output = tmp_path / "masks"
-    summary = run_segment(SegmentOptions(
-        "tiny", "random:0", [str(p) for p in concepts], str(images), str(output), device="cpu",
-        shard_size=100, chunk_size=2, batch_size=2, on_progress=progress.append), log=lambda line: None)
+    spec = JobSpec("segment", ModelSpec("tiny", "random:0", "cpu"), SpeedSpec(chunk_size=2, batch_size=2),
+                   concepts=tuple(str(p) for p in concepts), input=str(images), output=str(output), shard_size=100)
+    summary = run_segment(spec, log=lambda line: None, on_progress=progress.append)
 
     urls = sorted(str(p) for p in images.iterdir())
     assert len(urls) == 6 and sorted(progress) == [2, 2, 2]  # three chunks, each reported once

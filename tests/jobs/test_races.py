@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from jobs.pipeline import commit
-from jobs.storage.checkpoints import redact
+from jobs.storage.redaction import redact
 from jobs.storage.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from jobs.storage.listing import is_image_name, list_image_urls, read_bytes
+from jobs.storage.files import read_bytes
+from jobs.storage.listing import is_image_name, list_image_urls
+from jobs.storage import schema
 from jobs.storage.schema import rows_to_table
 
 
@@ -85,7 +87,7 @@ def test_foreign_files_are_reported_never_read_nor_deleted(tmp_path):
     # The image set changed: all three part-named files are superseded, only ours is ours.
     plan = commit.plan_shards(["a.jpg"], 1, committed)
     assert sorted(plan.superseded) == sorted([str(lookalike), str(garbage), ours])
-    table = commit.read_parts(plan.superseded)
+    table = schema.read_parts(plan.superseded)
     assert table.column("image_uri").to_pylist() == ["z.jpg"]  # the look-alike's rows are not ours
     lines.clear()
     commit.remove_files(output, plan.superseded, log=lines.append)
@@ -103,9 +105,9 @@ def test_foreign_note_shows_base_names_only():
 
 
 def test_our_schema_accepts_older_runs_without_the_hash_column():
-    assert commit.is_our_schema(_table().schema)
-    assert commit.is_our_schema(_table().drop_columns(["content_sha256"]).schema)
-    assert not commit.is_our_schema(pa.schema([("image_uri", pa.string()), ("concept", pa.int64())]))
+    assert schema.is_our_schema(_table().schema)
+    assert schema.is_our_schema(_table().drop_columns(["content_sha256"]).schema)
+    assert not schema.is_our_schema(pa.schema([("image_uri", pa.string()), ("concept", pa.int64())]))
 
 
 # ---------------------------------------------------------------------------- literal inputs
@@ -166,12 +168,15 @@ def test_other_formats_named_jpg_never_reach_their_decoder(fmt):
 
 
 def test_a_pcx_named_jpg_becomes_an_error_row_in_the_prepare_stage(tmp_path):
+    from jobs.pipeline.job import PreparedJob
     from jobs.pipeline.payload import unpack_chunk
     from jobs.pipeline.prepare import prepare_chunk
+    from jobs.spec import JobSpec, ModelSpec
 
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(path, "PCX")
-    prepared = prepare_chunk({"shard": 0, "chunk": 0, "urls": [str(path)], "previous": []})
+    job = PreparedJob(JobSpec("segment", ModelSpec("tiny")), "fingerprint", ())
+    prepared = prepare_chunk({"shard": 0, "chunk": 0, "urls": [str(path)], "previous": []}, job)
     item = unpack_chunk(prepared["meta"], prepared["arrays"]).items[0]
     assert item.error.startswith("decode failed:") and "not a decodable image" in item.error
 

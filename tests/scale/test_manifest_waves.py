@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import jobs.commands.segment as segment
+from jobs.storage import listing
 from jobs.cli import main
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
@@ -19,7 +19,7 @@ def _rows(output: Path) -> list[dict]:
 
 def test_manifest_in_waves_resumes_and_drops_removed_images(tmp_path, perseg_sample, tiny_concept, monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(segment, "MANIFEST_WAVE_IMAGES", 4)  # 9 images: 3 waves of at most 4
+    monkeypatch.setattr(listing, "MANIFEST_WAVE_IMAGES", 4)  # 9 images: 3 waves of at most 4
     images = sorted(str(p) for p in (perseg_sample / "Images").glob("*/*.jpg"))
     manifest, output = tmp_path / "images.txt", tmp_path / "masks"
     manifest.write_text("\n".join(images) + "\n")

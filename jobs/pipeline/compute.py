@@ -1,0 +1,120 @@
+"""The model actors' device work on one chunk, as plain functions (tests and `bench` call
+them without Ray): images with pixels are encoded in batches of `speed.batch_size`,
+images with cached features skip the encoder, and the batched cascade (or, for `rank`,
+only the location prior) runs once per batch. Results are host numpy
+(payload.ChunkResults); rows, RLE, Arrow and every cache or Parquet access happen in the
+CPU stages (prepare.py, finish.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from persam_core.acceleration import EncoderSpeed
+from persam_core.batch import EncodedBatch, HostResults
+from persam_core.cascade import score_batch, segment_batch
+from persam_core.concept import ConceptTensors
+from persam_core.predictor import EncodedImage, encode_images
+
+from jobs.pipeline.cache import DTYPES
+from jobs.pipeline.payload import Chunk, ChunkResults, short_reason
+
+Batch = tuple[list[int], list[EncodedImage]]  # item indices of a chunk, and their features on the device
+
+
+def encode_chunk(sam, chunk: Chunk, speed: EncoderSpeed, cache_dtype: str | None = None) -> tuple[list[Batch], ChunkResults]:
+    """Features of every image of the chunk that has pixels or cached features, in batches
+    of speed.batch_size -> (batches, results with failures, encoded items and, when
+    `cache_dtype` is given, the fresh features in that dtype for the cache)."""
+    results, batches = ChunkResults(), []
+    size = max(1, speed.batch_size)
+    pending = [i for i, item in enumerate(chunk.items) if item.source == "pixels"]
+    for start in range(0, len(pending), size):
+        indices = pending[start : start + size]
+        try:  # padded to one shape: the compiled encoder never recompiles
+            encoded = encode_images(sam, [chunk.resized(i) for i in indices], speed.precision,
+                                    pad_to=size if speed.compile else None)
+        except Exception as error:  # e.g. out of memory on one batch: record, go on
+            results.failures.update({i: f"encode failed: {short_reason(error)}" for i in indices})
+            continue
+        batches.append((indices, encoded))
+        results.encoded += indices
+        if cache_dtype is not None:  # cast on the device: half the bytes cross to the host in fp16
+            dtype = getattr(torch, np.dtype(DTYPES[cache_dtype]).name)
+            host = torch.stack([e.features for e in encoded]).to(dtype).cpu().numpy()
+            results.fresh.update({i: host[n] for n, i in enumerate(indices)})
+    cached = [i for i, item in enumerate(chunk.items) if item.source == "cached"]
+    for start in range(0, len(cached), size):
+        indices = cached[start : start + size]
+        batches.append((indices, [EncodedImage(torch.from_numpy(chunk.features[i]).to(sam.device).float(),
+                                               chunk.items[i].input_size, chunk.items[i].original_size)
+                                  for i in indices]))
+    return batches, results
+
+
+def per_batch(
+    run: Callable[[list[EncodedImage]], object], batch: Batch, failures: dict[int, str], what: str
+) -> list[tuple[list[int], object]]:
+    """run(batch) -> [(indices, output)]; if the batch fails, each image alone, so that one
+    bad image becomes error rows ("<what> failed: ...") and the others succeed."""
+    indices, encoded = batch
+    try:
+        return [(indices, run(encoded))]
+    except Exception as error:
+        if len(indices) == 1:
+            failures[indices[0]] = f"{what} failed: {short_reason(error)}"
+            return []
+    done = []
+    for index, image in zip(indices, encoded):
+        try:
+            done.append(([index], run([image])))
+        except Exception as error:
+            failures[index] = f"{what} failed: {short_reason(error)}"
+    return done
+
+
+def segment_chunk(
+    sam, chunk: Chunk, concepts: Sequence[ConceptTensors], speed: EncoderSpeed, max_instances: int = 1,
+    min_similarity: float | None = None, cache_dtype: str | None = None,
+) -> ChunkResults:
+    """Every (image, concept) pair of the chunk -> results.masks, image_index = item index."""
+    batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
+    return cascade_chunk(sam, batches, results, concepts, max_instances, min_similarity)
+
+
+def cascade_chunk(
+    sam, batches: list[Batch], results: ChunkResults, concepts: Sequence[ConceptTensors], max_instances: int = 1,
+    min_similarity: float | None = None,
+) -> ChunkResults:
+    """The batched cascade over each encoded batch -> results.masks (image_index = item index)."""
+    parts = []
+    for batch in batches:
+        run = lambda images: segment_batch(sam, EncodedBatch.of(images), concepts, max_instances, min_similarity)  # noqa: E731
+        for indices, host in per_batch(run, batch, results.failures, "segment"):
+            # batch positions -> item indices of the chunk
+            parts.append(HostResults(**{**host.to_arrays(),
+                                        "image_index": np.asarray(indices, np.int32)[host.image_index]}))
+    results.masks = HostResults.concatenate(parts, [0] * len(parts))
+    return results
+
+
+def score_chunk(sam, chunk: Chunk, concepts: Sequence[ConceptTensors], speed: EncoderSpeed,
+                cache_dtype: str | None = None) -> ChunkResults:
+    """Presence score and positive point per (image, concept), no mask decoding (persam rank)."""
+    batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
+    return score_batches(sam, chunk, batches, results, concepts)
+
+
+def score_batches(sam, chunk: Chunk, batches: list[Batch], results: ChunkResults,
+                  concepts: Sequence[ConceptTensors]) -> ChunkResults:
+    """The location prior of each encoded batch -> results.similarity [N, K], results.point [N, K, 2]."""
+    results.similarity = np.full((len(chunk.items), len(concepts)), np.nan, np.float32)
+    results.point = np.zeros((len(chunk.items), len(concepts), 2), np.int32)
+    for batch in batches:
+        run = lambda images: score_batch(sam, EncodedBatch.of(images), concepts)  # noqa: E731
+        for indices, (similarity, point) in per_batch(run, batch, results.failures, "score"):
+            results.similarity[indices], results.point[indices] = similarity, point
+    return results

@@ -1,0 +1,84 @@
+"""What the driver settles before any stage runs, shared by `segment`, `rank` and `eval`.
+
+`prepare_job` makes every check that needs no Ray (device, outputs, weights against the
+concepts, the cache) and returns a `PreparedJob`: the spec plus what the driver learned
+(the model's fingerprint, the concepts as JSON, the cache's layout). That object is what
+every stage and actor receives, whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from persam_core.acceleration import resolve_speed
+from persam_core.concept import Concept
+
+from jobs.pipeline.cache import FeatureCache
+from jobs.pipeline.session import check_device_option, expected_device_type
+from jobs.spec import JobSpec
+from jobs.storage.checkpoints import LoadedModel, load_model, random_weights_note
+from jobs.storage.outputs import check_output_folder
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    spec: JobSpec
+    fingerprint: str  # the weights every actor must load
+    concept_texts: tuple[str, ...]  # Concept.to_json() of each concept, in the job's order
+    cache_shards: int | None = None  # the cache's shard count; None: no --cache
+
+    def concepts(self) -> list[Concept]:
+        return [Concept.from_json(text) for text in self.concept_texts]
+
+    def labels(self) -> list[tuple[str, str]]:
+        """(name, method) of each concept, in the job's order."""
+        return [(c.name, c.method) for c in self.concepts()]
+
+    def cache(self) -> FeatureCache | None:
+        if self.cache_shards is None:
+            return None
+        spec = self.spec
+        return FeatureCache(spec.cache, self.fingerprint, spec.cache_dtype, spec.storage_options, self.cache_shards)
+
+
+def expected_precision(spec: JobSpec) -> str:
+    """The encoder precision the actors will run at, as far as the driver can tell: GPU
+    actors (--device cuda, or auto on a cluster with GPUs) resolve "auto" as CUDA does."""
+    speed = spec.speed
+    return resolve_speed(expected_device_type(spec.model.device), speed.precision, speed.fused_attention,
+                         speed.compile_encoder, speed.batch_size).precision
+
+
+def prepare_job(spec: JobSpec, concepts: list[Concept], log: Log) -> tuple[str, FeatureCache | None]:
+    """Checks that need no Ray: device, outputs, weights vs concepts, cache -> (model
+    fingerprint, the cache or None). Outputs are checked before the model loads."""
+    check_device_option(spec.model.device)
+    resolve_speed("cpu", spec.speed.precision)  # refuses an unknown precision before any work
+    check_output_folder(spec.output, "--output", spec.storage_options)
+    if spec.cache:
+        check_output_folder(spec.cache, "--cache", spec.storage_options)
+    model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
+    for concept in concepts:
+        concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")
+    cache = None
+    if spec.cache:
+        cache = FeatureCache(spec.cache, model.fingerprint, spec.cache_dtype, spec.storage_options)
+        cache.check_writable()
+    note = random_weights_note(spec.model.checkpoint)
+    if note:
+        log(f"note: {note}")
+    return model.fingerprint, cache
+
+
+def load_checked_model(spec: JobSpec, expected_fingerprint: str) -> LoadedModel:
+    """The job's SAM on an actor's node, refusing weights other than the driver's."""
+    loaded = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
+    if loaded.fingerprint != expected_fingerprint:
+        raise RuntimeError(
+            f"{loaded.source}: this node loaded weights {loaded.fingerprint}, the job expects "
+            f"{expected_fingerprint}; the checkpoint changed under the job"
+        )
+    return loaded

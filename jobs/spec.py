@@ -1,0 +1,131 @@
+"""The job spec: every setting of one `persam` run, built once from the command line.
+
+`JobSpec.from_args` builds it from argparse's namespace *by field name*, so the parser's
+`dest` names are the spec's field names; the parser takes its defaults from here. The spec
+is frozen and handed whole to every stage and actor: adding an option means the parser
+(its flag and help), a field here and the code that uses it — nothing copies settings on.
+
+    cli.py --argparse--> JobSpec --> commands/* --> PreparedJob(spec, ...) --> stages, actors
+
+Fields are grouped by who reads them: `ModelSpec` (which SAM, where it runs), `SpeedSpec`
+(the encoder's speed settings, resolved on each actor's device) and the job's own fields.
+`export` and `bench` have no JobSpec: they read masks or time code and take their few
+arguments directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from jobs.storage.images import DEFAULT_MAX_PIXELS
+
+# Images per committed Parquet shard: 100M images make ~100k files of a few MB per concept,
+# and a killed job loses at most the shards in flight. Outputs keep the shard count their
+# first run recorded.
+DEFAULT_SHARD_SIZE = 1024
+# Images per model-actor call: one GPU batch at the CUDA default batch size, small enough
+# that two chunks in flight per actor keep it busy while the CPU stages run.
+DEFAULT_CHUNK_IMAGES = 16
+# How the stages run: "ray" (Ray Data: local Ray, or the cluster in RAY_ADDRESS) or "local"
+# (the same stage functions in this process, one after another: debugging, small inputs).
+RUNNERS = ("ray", "local")
+METHODS = ("persam", "persam-f")
+CACHE_DTYPES = ("fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which SAM and where it runs. `device` "auto" resolves on each actor's node."""
+
+    model_type: str
+    checkpoint: str = "random:0"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    """The image encoder's speed settings. None / "auto" resolve on each actor's device
+    (persam_core.acceleration.resolve_speed): bf16 + fused + compile + batch 16 on CUDA."""
+
+    precision: str = "auto"
+    fused_attention: bool | None = None
+    compile_encoder: bool | None = None
+    batch_size: int | None = None
+    chunk_size: int = DEFAULT_CHUNK_IMAGES
+
+    def images_per_chunk(self) -> int:
+        """A chunk holds at least one encoder batch."""
+        return max(1, self.chunk_size, self.batch_size or 1)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    command: str
+    model: ModelSpec
+    speed: SpeedSpec = SpeedSpec()
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec for every URL
+    # segment, rank, eval
+    concepts: tuple[str, ...] = ()  # concept files or folders of them
+    input: str | None = None
+    output: str | None = None
+    num_actors: int | None = None  # None: one per GPU, else 1
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_instances: int = 1
+    min_similarity: float | None = None
+    cache: str | None = None
+    cache_dtype: str = "fp16"
+    top_k: int = 10
+    runner: str = "ray"
+    # fit, eval
+    images: tuple[str, ...] = ()
+    masks: tuple[str, ...] = ()
+    method: str = "persam"
+    name: str | None = None
+    out: str | None = None
+    epochs: int | None = None  # None: the command's default (fit and PerSeg 1000, video 800)
+    data: str | None = None
+    video: bool = False
+    sequences: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse impossible values with the flag's name (before any work)."""
+        counts = {"--batch-size": self.speed.batch_size, "--chunk-size": self.speed.chunk_size,
+                  "--num-actors": self.num_actors, "--shard-size": self.shard_size,
+                  "--max-instances": self.max_instances, "--epochs": self.epochs, "--max-pixels": self.max_pixels}
+        low = [flag for flag, value in counts.items() if value is not None and value < 1]
+        if low:
+            raise ValueError(f"{', '.join(low)}: give a count of at least 1")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k {self.top_k}: give 0 or more")
+        if self.min_similarity is not None and not 0.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"--min-similarity {self.min_similarity}: give a cosine-similarity threshold in [0, 1]")
+        if self.model.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device {self.model.device}: choose auto, cpu or cuda")
+        for flag, value, allowed in (("--runner", self.runner, RUNNERS), ("--method", self.method, METHODS),
+                                     ("--cache-dtype", self.cache_dtype, CACHE_DTYPES)):
+            if value not in allowed:
+                raise ValueError(f"{flag} {value}: choose {', '.join(allowed)}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, storage_options: dict[str, Any] | None = None) -> "JobSpec":
+        """The parsed command line -> the spec, field by field (argparse dest = field name)."""
+        given = vars(args)
+
+        def pick(kind) -> dict[str, Any]:
+            return {f.name: _frozen(given[f.name]) for f in fields(kind) if f.name in given}
+
+        nested = {"model": ModelSpec(**pick(ModelSpec)), "speed": SpeedSpec(**pick(SpeedSpec)),
+                  "storage_options": dict(storage_options or {})}
+        own = {k: v for k, v in pick(cls).items() if k not in nested and k != "command"}
+        return cls(command=args.command, **nested, **own)
+
+
+def _frozen(value: Any) -> Any:
+    """Repeatable flags arrive as lists: the spec holds tuples."""
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,46 @@
+"""`--concept` URLs -> concepts: concept files (JSON written by `persam fit`) or folders of them."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fsspec.core import url_to_fs
+
+from persam_core.concept import Concept, ConceptError
+
+from jobs.storage.files import as_given
+from jobs.storage.redaction import redact
+
+MAX_CONCEPT_BYTES = 1 << 20  # a concept file is a few KB: more is not one of ours
+
+
+def concept_files(paths: Sequence[str], storage_options: dict) -> list[str]:
+    """Files as given; a folder -> its *.json files, sorted."""
+    files: list[str] = []
+    for path in paths:
+        fs, root = url_to_fs(path, **storage_options)
+        if fs.isdir(root):
+            files.extend(map(as_given(fs, path), sorted(fs.glob(f"{root.rstrip('/')}/*.json"))))
+        else:
+            files.append(path)
+    return files
+
+
+def read_concepts(paths: Sequence[str], storage_options: dict) -> list[Concept]:
+    """Concept files (or folders of *.json) -> concepts, names unique."""
+    concepts = []
+    for path in concept_files(paths, storage_options):
+        try:
+            fs, key = url_to_fs(path, **storage_options)
+            with fs.open(key, "rb") as handle:
+                text = handle.read(MAX_CONCEPT_BYTES).decode("utf-8", errors="replace")
+        except (OSError, ValueError) as error:
+            raise ConceptError(f"{redact(path)}: cannot read concept file ({type(error).__name__}); "
+                               "pass a file written by `persam fit`") from None
+        concepts.append(Concept.from_json(text, source=redact(path)))
+    names = [c.name for c in concepts]
+    if not concepts:
+        raise ConceptError("no concept given: pass --concept FILE (written by `persam fit`)")
+    if len(set(names)) != len(names):
+        raise ConceptError(f"concept names must be unique, got {names}")
+    return concepts

@@ -1,0 +1,65 @@
+"""Bytes in and out of any fsspec URL: read, publish atomically, join, list one folder.
+
+One owner for each storage move that several commands make, so that "put the protocol
+back on a listed path" or "write the whole file or nothing" is written once.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    with fsspec.open(url, "rb", **(storage_options or {})) as handle:
+        return handle.read()
+
+
+def publish_bytes(fs, path: str, data: bytes) -> None:
+    """Make `path` appear with `data` atomically: temp file `<path>.tmp-<hex>` + rename
+    locally, one whole-object PUT on object stores (readers never see a partial object)."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:  # a full disk or a kill must not leave the temp file behind
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_atomically(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """The whole file or nothing at `url` (see publish_bytes)."""
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    publish_bytes(fs, path, data)
+
+
+def join_url(base: str, name: str) -> str:
+    """`base` (folder URL or path) / `name`."""
+    return f"{base.rstrip('/')}/{name}"
+
+
+def as_given(fs, given: str):
+    """-> a function turning paths `fs` lists back into URLs of the same form as `given`:
+    fsspec drops the protocol (`bucket/key`), a remote URL needs it back; local paths stay."""
+    return (lambda path: fs.unstrip_protocol(path)) if "://" in given else (lambda path: path)
+
+
+def folder_entries(fs, path: str) -> tuple[list[str], list[str]]:
+    """-> (sub-folder names, file names) directly under `path`, sorted."""
+    folders, files = [], []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        (folders if entry["type"] == "directory" else files).append(name)
+    return sorted(folders), sorted(files)
