@@ -14,7 +14,7 @@ from jobs.cli import main
 from jobs.pipeline.finish import mask_rows
 from jobs.storage.images import decode_image, decode_mask
 from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
-from jobs.pipeline.actors import segment_chunk
+from jobs.pipeline.compute import segment_chunk
 from persam_core.acceleration import EncoderSpeed
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.preprocess import ResizedImage

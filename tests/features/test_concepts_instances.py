@@ -1,6 +1,6 @@
 """Issue 5: K concepts in one encoder pass, presence, the job with its exports, bad input.
 
-Unit level (no Ray): the model actor's device work (jobs.pipeline.actors.segment_chunk) and the
+Unit level (no Ray): the model actor's device work (jobs.pipeline.compute.segment_chunk) and the
 finish stage's rows (jobs.pipeline.finish.mask_rows) on a hand-built chunk with the tiny random
 model. Job level: one module-scoped `persam segment` run (two concepts, --max-instances 2)
 feeds the export tests. Several instances and several shots: test_instances_shots.py.
@@ -110,20 +110,20 @@ def test_encoder_batches_cover_every_image_once(tiny_sam, fingerprint, concepts,
 
 def test_a_failing_batch_is_retried_image_by_image(tiny_sam, fingerprint, concepts, shard_images, monkeypatch):
     """One image the cascade cannot take becomes error rows; the others of its batch succeed."""
-    import jobs.pipeline.actors
+    import jobs.pipeline.compute
 
     # three crops of distinct sizes: the size tells the images apart inside the batch
     images = [(f"crop{i}", f"sha{i}", resize_longest_side(np.ascontiguousarray(
         shard_images[i][2].pixels[: 200 + 10 * i, :300]))) for i in range(3)]
     bad = images[1][2].original_size
-    real = jobs.pipeline.actors.segment_batch
+    real = jobs.pipeline.compute.segment_batch
 
     def fragile(sam, batch, *args, **kwargs):
         if bad in batch.original_sizes:
             raise RuntimeError("CUDA error: an illegal memory access\nsecond line")
         return real(sam, batch, *args, **kwargs)
 
-    monkeypatch.setattr(jobs.pipeline.actors, "segment_batch", fragile)
+    monkeypatch.setattr(jobs.pipeline.compute, "segment_batch", fragile)
     ks = [concepts["cat"], concepts["duck_toy"]]
     rows, results = segment_rows(tiny_sam, fingerprint, ks, make_chunk(images), batch_size=3)
     assert [(r["image_uri"], r["concept"]) for r in rows] == [(url, c.concept.name) for url, _, _ in images for c in ks]

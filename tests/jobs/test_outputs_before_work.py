@@ -12,7 +12,7 @@ import pytest
 
 import jobs.storage.checkpoints
 import jobs.commands.fit
-import jobs.commands.segment
+import jobs.pipeline.job
 from jobs.storage import files
 from jobs.cli import main
 from persam_core.concept import Concept
@@ -27,7 +27,7 @@ def _no_model(monkeypatch):
         raise AssertionError("the model was loaded before the output was checked")
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for module in (jobs.storage.checkpoints, jobs.commands.fit, jobs.commands.segment):
+    for module in (jobs.storage.checkpoints, jobs.commands.fit, jobs.pipeline.job):
         monkeypatch.setattr(module, "load_model", refuse)
 
 
