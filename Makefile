@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.commands.demo demo-output
+	$(BIN)/python -m jobs.demo demo-output
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

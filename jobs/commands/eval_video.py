@@ -18,6 +18,7 @@ import io
 import os
 import sys
 import time
+from dataclasses import replace
 
 import fsspec
 import numpy as np
@@ -135,8 +136,8 @@ class VideoWorker:
 
         torch.set_num_threads(max(1, threads))
         self.sam = load_checked_model(spec, expected_fingerprint).sam.to(resolve_device(spec.model.device))
-        settings = {"method": spec.method, **({"epochs": spec.epochs} if spec.epochs is not None else {})}
-        self.settings = VideoSettings(**settings)
+        defaults = VideoSettings(method=spec.method)  # its own epoch default (800) unless --epochs
+        self.settings = defaults if spec.epochs is None else replace(defaults, epochs=spec.epochs)
         self.storage = spec.storage_options
 
     def run(self, spec: dict, predictions: str) -> dict:

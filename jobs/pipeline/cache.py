@@ -35,12 +35,13 @@ from fsspec.core import url_to_fs
 from jobs.pipeline.commit import shard_of
 from jobs.storage.files import publish_bytes
 from jobs.storage.outputs import probe_writable
+from jobs.storage.schema import CONTENT_SHA256
 
 FEATURE_SHAPE = (256, 64, 64)
 INDEX_KEY = b"persam.content_sha256"  # footer metadata: the hashes of a file's entries, one per row group
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 CACHE_SCHEMA = pa.schema([
-    ("content_sha256", pa.string()), ("input_h", pa.int32()), ("input_w", pa.int32()),
+    (CONTENT_SHA256, pa.string()), ("input_h", pa.int32()), ("input_w", pa.int32()),
     ("original_h", pa.int32()), ("original_w", pa.int32()), ("dtype", pa.string()),
     ("features", pa.binary()), ("features_sha1", pa.string()),
 ])
@@ -109,7 +110,7 @@ class FeatureCache:
             if index is not None:
                 hashes = index.decode().split("\n") if index else []
             else:
-                hashes = parquet.read(columns=["content_sha256"]).column("content_sha256").to_pylist()
+                hashes = parquet.read(columns=[CONTENT_SHA256]).column(CONTENT_SHA256).to_pylist()
             group_of_row = [g for g in range(parquet.num_row_groups) for _ in range(parquet.metadata.row_group(g).num_rows)]
             if len(group_of_row) != len(hashes):
                 raise ValueError("index does not match the row groups")
@@ -131,9 +132,9 @@ class FeatureCache:
                 for row in rows:
                     entry = _checked(row)
                     if entry is None:
-                        corrupt.append(row["content_sha256"])
+                        corrupt.append(row[CONTENT_SHA256])
                     else:
-                        entries[row["content_sha256"]] = entry
+                        entries[row[CONTENT_SHA256]] = entry
         # A corrupt copy is only a problem when no other file holds a good one (entries are
         # never rewritten in place: the rerun that recomputed it wrote a new file).
         problems += [f"cache entry {sha[:12]} corrupt: recomputed" for sha in dict.fromkeys(corrupt) if sha not in entries]
@@ -155,7 +156,7 @@ class FeatureCache:
             for sha, entry in sorted(entries.items()):
                 blob = np.ascontiguousarray(entry.features.astype(DTYPES[self.dtype])).tobytes()
                 rows.append({
-                    "content_sha256": sha, "input_h": entry.input_size[0], "input_w": entry.input_size[1],
+                    CONTENT_SHA256: sha, "input_h": entry.input_size[0], "input_w": entry.input_size[1],
                     "original_h": entry.original_size[0], "original_w": entry.original_size[1],
                     "dtype": self.dtype, "features": blob, "features_sha1": hashlib.sha1(blob).hexdigest(),
                 })

@@ -20,10 +20,11 @@ from fsspec.core import url_to_fs
 
 from jobs.storage.files import as_given
 from jobs.storage.redaction import redact
+from jobs.storage.schema import IMAGE_URI
 from jobs.storage.images import IMAGE_EXTENSIONS
 
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
-URL_COLUMNS = ("image_uri", "uri", "url", "path")
+URL_COLUMNS = (IMAGE_URI, "uri", "url", "path")  # a persam output or a ranking is a manifest too
 
 
 class InputError(ValueError):
