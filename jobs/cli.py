@@ -72,24 +72,23 @@ def _add_job(parser: argparse.ArgumentParser) -> None:
                              "in this process, one chunk after another (debugging, small inputs)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_fit(commands) -> None:
     fit = commands.add_parser("fit", help="learn a concept from reference image(s) + mask(s)")
     _add_model(fit)
-    fit.add_argument("--image", dest="images", action="append", required=True,
+    fit.add_argument("--image", dest="images", metavar="IMAGE", action="append", required=True,
                      help="reference image URL (repeat for several shots)")
-    fit.add_argument("--mask", dest="masks", action="append", required=True,
+    fit.add_argument("--mask", dest="masks", metavar="MASK", action="append", required=True,
                      help="its mask (any non-zero pixel is the object)")
     fit.add_argument("--method", choices=METHODS, default=JobSpec.method)
     fit.add_argument("--name", required=True, help="concept name (a plain word)")
     fit.add_argument("--out", required=True, help="concept file to write (JSON)")
     fit.add_argument("--epochs", type=int, default=None, help="PerSAM-F fitting epochs (default 1000)")
 
+
+def _add_segment(commands) -> None:
     segment = commands.add_parser("segment", help="segment concepts in every image of --input (Ray Data job)")
     _add_model(segment)
-    segment.add_argument("--concept", dest="concepts", action="append", required=True,
+    segment.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
                          help="concept file or directory (repeatable)")
     segment.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
     segment.add_argument("--output", required=True, help="Parquet dataset directory (any fsspec URL)")
@@ -103,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed(segment)
     segment.add_argument("--min-similarity", type=float, default=None,
                          help="presence threshold in [0, 1]: rows below it get present=false and an empty mask")
+
+
+def _add_rank(commands) -> None:
     rank = commands.add_parser("rank", help="rank every image of --input by the presence of one concept")
     _add_model(rank)
-    rank.add_argument("--concept", dest="concepts", action="append", required=True,
+    rank.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
                       help="concept file written by `persam fit`")
     rank.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
     rank.add_argument("--output", required=True, help="directory for ranking.parquet (any fsspec URL)")
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(rank)
     _add_speed(rank)
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser("export", help="mask Parquet -> COCO JSON, overlay gallery or subject crops")
     export.add_argument("kind", choices=("coco", "overlays", "subjects"))
     export.add_argument("--masks", required=True, help="the --output of `persam segment`")
@@ -123,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--images", default=None, help="where the images are now, if they moved")
     export.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="PerSeg mIoU/bIoU, or DAVIS 2017 J&F with --video (Ray job)")
     _add_model(evaluate)
     evaluate.add_argument("--data", required=True, help="PerSeg root (Images/, Annotations/) or DAVIS 2017 root (--video)")
@@ -136,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sequences", type=_names, default=None,
                           help="comma-separated DAVIS sequences (default: ImageSets/2017/val.txt, else all)")
 
+
+def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time encoder, PerSAM, PerSAM-F, K concepts and the reference loop")
     _add_model(bench, checkpoint_required=False)
     bench.add_argument("--images", type=int, required=True, help="generated images to time")
@@ -151,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
     bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")
     bench.add_argument("--shard-size", type=int, default=None, help="--job: images per shard (default: images / 8, at most 32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_fit, _add_segment, _add_rank, _add_export, _add_eval, _add_bench):
+        add(commands)
     return parser
 
 

@@ -162,6 +162,10 @@ def _variants(sam: Sam, resized: Sequence[ResizedImage], exact_masks: list[np.nd
 
 def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, device: str, epochs: int = 1000,
               variants: bool | None = None, precision: str = "auto", batch_size: int | None = None) -> dict:
+    """Every in-process path timed on the same generated images -> the figures.
+
+    One straight sequence of timed phases over shared state (model, images, concepts):
+    long, but read top to bottom it is the benchmark's protocol."""
     progress(f"loading {model_type} on {device}")
     loaded = load_model(model_type, checkpoint)
     sam = loaded.sam.to(device)
