@@ -25,7 +25,7 @@ from jobs.pipeline.session import ray_session
 from jobs.spec import JobSpec
 from jobs.storage.concept_files import read_concepts
 from jobs.storage.files import join_url, publish_bytes
-from jobs.storage.listing import list_all_images
+from jobs.storage.listing import credential_free, list_all_images
 from jobs.storage.redaction import redact
 from jobs.storage.schema import IMAGE_URI, RANK, SIMILARITY, ranking_table
 
@@ -38,10 +38,11 @@ def _collect(shard: dict, chunks: list[FinishedChunk]) -> dict:
             "cache_hits": sum(c.cache_hits for c in chunks), "problems": [p for c in chunks for p in c.problems]}
 
 
-def _shards(urls: list[str], num_shards: int) -> list[dict]:
+def _shards(urls: list[str], num_shards: int, sources: dict[str, str]) -> list[dict]:
     """The same stable-hash shards as `segment` (so cache files line up), all to run."""
     plan = commit.plan_shards(urls, num_shards, {})
-    return [{"shard": s["shard"], "urls": s["urls"], "previous": []} for s in plan.to_run]
+    return [{"shard": s["shard"], "urls": s["urls"], "previous": [],
+             "sources": {u: sources[u] for u in s["urls"] if u in sources}} for s in plan.to_run]
 
 
 def run_rank(spec: JobSpec, log=print) -> pa.Table:
@@ -50,29 +51,32 @@ def run_rank(spec: JobSpec, log=print) -> pa.Table:
     if len(concepts) != 1:
         raise ValueError(f"{', '.join(map(redact, spec.concepts))}: rank takes exactly one concept, found {len(concepts)}")
     fingerprint, feature_cache = prepare_job(spec, concepts, log)
-    urls = list(list_all_images(spec.input, spec.storage_options))  # a ranking is global: every image's score is kept
+    # a ranking is global: every image's score is kept
+    names, sources = credential_free(list_all_images(spec.input, spec.storage_options))
+    urls = list(names)
     num_shards = commit.shard_count(len(urls), spec.shard_size)
     if feature_cache is not None:  # follow the cache's sharding: one cache file per shard
         num_shards = feature_cache.adopt_layout(num_shards)
     job = PreparedJob(spec, fingerprint, (concepts[0].to_json(),), num_shards if feature_cache is not None else None)
     with ray_session() if spec.runner == "ray" else nullcontext():  # one Ray for both passes
-        return _rank(job, concepts[0].name, urls, num_shards, started, log)
+        return _rank(job, concepts[0].name, urls, sources, num_shards, started, log)
 
 
-def _pass(job: PreparedJob, actor: type[ModelActor], urls: list[str], num_shards: int) -> list[dict]:
-    return run_pipeline(job, actor, _shards(urls, num_shards), _collect)
-
-
-def _rank(job: PreparedJob, concept: str, urls: list[str], num_shards: int, started: float, log) -> pa.Table:
+def _rank(job: PreparedJob, concept: str, urls: list[str], sources: dict[str, str], num_shards: int, started: float,
+          log) -> pa.Table:
     spec = job.spec
-    results = _pass(job, ScoreActor, urls, num_shards)
+
+    def one_pass(actor: type[ModelActor], images: list[str]) -> list[dict]:
+        return run_pipeline(job, actor, _shards(images, num_shards, sources), _collect)
+
+    results = one_pass(ScoreActor, urls)
     scores = pa.concat_tables([r["table"] for r in results])
     encoded, hits = sum(r["encoded"] for r in results), sum(r["cache_hits"] for r in results)
     for problem in dict.fromkeys(p for r in results for p in r["problems"]):
         log(f"cache: {problem}")
 
     top = [r[IMAGE_URI] for r in ranking_table(scores, None).to_pylist()[: spec.top_k] if r[SIMILARITY] is not None]
-    masks = pa.concat_tables([r["table"] for r in _pass(job, SegmentActor, top, num_shards)]) if top else None
+    masks = pa.concat_tables([r["table"] for r in one_pass(SegmentActor, top)]) if top else None
     ranking = ranking_table(scores, masks)
 
     fs, root = url_to_fs(spec.output, **spec.storage_options)

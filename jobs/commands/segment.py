@@ -23,7 +23,7 @@ from jobs.pipeline.session import ray_session
 from jobs.spec import JobSpec
 from jobs.storage import listing
 from jobs.storage.concept_files import read_concepts
-from jobs.storage.listing import is_manifest, no_images, waves
+from jobs.storage.listing import credential_free, is_manifest, no_images, waves
 from jobs.storage.redaction import redact
 from jobs.storage.schema import error_count, images_in
 
@@ -101,6 +101,7 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
               totals: Counter, log, on_progress: Callable[[int], None] | None) -> None:
     """Plan one wave's shards (global ids offset..offset+num_shards), drop stale files, run, commit."""
     output, storage = job.spec.output, job.spec.storage_options
+    versions, sources = credential_free(versions)
     urls = list(versions)
     local = {s - offset: files for s, files in committed.items() if offset <= s < offset + record.num_shards}
     plan = commit.plan_shards(urls, record.num_shards, local, versions)
@@ -122,8 +123,9 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
     def commit_chunks(shard: dict, chunks: list[FinishedChunk]) -> dict:
         """All chunks of one shard arrived: carry unchanged rows, order, publish, drop old files."""
         carried = {url for c in chunks for url in c.carried}
-        table, removed = commit.assemble_shard(shard["shard"], [c.rows() for c in chunks], carried,
-                                               shard["previous"], shard["urls"], list(record.concepts), storage)
+        table, removed = commit.assemble_shard(
+            shard["shard"], [c.rows() for c in chunks], carried, shard["previous"], shard["urls"], list(record.concepts),
+            storage, published=commit.part_path(output, shard["shard"], shard["digest"], storage))
         commit.commit_shard(output, shard["shard"], shard["digest"], table, storage)
         commit.remove_files(output, shard["previous"], storage, log)  # only after the new file is public
         return {"shard": shard["shard"], "rows": table.num_rows, "errors": error_count(table),
@@ -131,8 +133,8 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
                 "cache_hits": sum(c.cache_hits for c in chunks), "carried": len(carried), "removed": removed,
                 "problems": list(dict.fromkeys(p for c in chunks for p in c.problems))}
 
-    shards = [{"shard": s["shard"], "digest": s["digest"], "urls": s["urls"], "previous": superseded.get(s["shard"], [])}
-              for s in to_run]
+    shards = [{"shard": s["shard"], "digest": s["digest"], "urls": s["urls"], "previous": superseded.get(s["shard"], []),
+               "sources": {u: sources[u] for u in s["urls"] if u in sources}} for s in to_run]
     results = run_pipeline(job, SegmentActor, shards, commit_chunks, on_progress)
     for problem in dict.fromkeys(p for r in results for p in r["problems"]):
         log(f"cache: {problem}")

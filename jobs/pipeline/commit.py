@@ -257,6 +257,12 @@ def remove_files(output: str, paths: list[str], storage_options: dict | None = N
     report_foreign(foreign, log)
 
 
+def part_path(output: str, shard: int, digest: str, storage_options: dict | None = None) -> str:
+    """Where shard `shard` of `digest` is published in `output`."""
+    fs, root = _root(output, storage_options)
+    return as_given(fs, output)(f"{root}/{shard_name(shard, digest)}")
+
+
 def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_options: dict | None = None) -> str:
     """Write one shard's rows as one Parquet file, published atomically -> its path."""
     fs, root = _root(output, storage_options)
@@ -269,11 +275,15 @@ def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_
 
 def assemble_shard(
     shard: int, computed: list[pa.Table], carried_urls: set[str], previous: list[str], urls: list[str], concepts: list[str],
-    storage_options: dict | None = None,
+    storage_options: dict | None = None, published: str | None = None,
 ) -> tuple[pa.Table, int]:
     """A shard's rows: those computed now plus those of `carried_urls` copied from its
     `previous` files, ordered by the shard's URL order, concept order, instance
-    -> (rows, images of the previous files no longer in the shard)."""
+    -> (rows, images of the previous files no longer in the shard).
+
+    `published`: the path this shard's commit will have. When an identical run committed
+    it first and so removed the previous files, the carried rows are read from it: same
+    digest, so the same images in the same versions."""
     tables = [t.select(MASK_SCHEMA.names).cast(MASK_SCHEMA) for t in computed]
     removed = 0
     if previous:
@@ -282,6 +292,11 @@ def assemble_shard(
         removed = len(old_urls - set(urls))
         if carried_urls and old is not None:
             tables.append(select_rows_of(old, carried_urls))
+    lost = carried_urls - {u for t in tables for u in image_uris(t)}
+    if lost and published is not None:
+        done = read_parts([published], storage_options)
+        if done is not None:
+            tables.append(select_rows_of(done, lost))
     table = pa.concat_tables(tables) if tables else MASK_SCHEMA.empty_table()
     missing = set(urls) - set(image_uris(table))
     if missing:  # e.g. the previous file vanished between the prepare and the commit

@@ -14,7 +14,7 @@ from persam_core.preprocess import resize_longest_side
 
 from jobs.pipeline.cache import content_sha256
 from jobs.pipeline.job import PreparedJob
-from jobs.storage.redaction import redact
+from jobs.storage.redaction import redact, scrub, secrets_in
 from jobs.storage.images import decode_image
 from jobs.storage.files import read_bytes
 from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk, short_reason
@@ -22,18 +22,23 @@ from jobs.storage.schema import good_images
 
 
 def prepare_chunk(row: dict, job: PreparedJob) -> dict:
-    """{"shard", "chunk", "urls", "previous"} -> {"shard", "chunk", "meta", "arrays"} (see payload.py)."""
+    """{"shard", "chunk", "urls", "previous", "sources"} -> {"shard", "chunk", "meta", "arrays"} (see
+    payload.py). `urls` are the images' credential-free names (rows, hashing, cache);
+    `sources` maps those whose reading URL holds credentials to that URL, used only here."""
     storage_options, max_pixels, cache = job.spec.storage_options, job.spec.max_pixels, job.cache()
     urls = list(row["urls"])
     unchanged = good_images(list(row.get("previous") or []), storage_options)
     items, data = [], {}
+    sources = dict(row.get("sources") or {})
     for index, url in enumerate(urls):
         item = ChunkItem(url)
         items.append(item)
+        source = sources.get(url, url)
         try:
-            data[index] = read_bytes(url, storage_options)
+            data[index] = read_bytes(source, storage_options)
         except Exception as error:  # missing object, permission, timeout: the job goes on
-            item.error = f"read failed: {short_reason(error)}"
+            # a library's message may quote the URL it read, signature included
+            item.error = scrub(f"read failed: {short_reason(error)}", secrets_in([source]))
             continue
         item.sha256 = content_sha256(data[index])
         item.carried = (url, item.sha256) in unchanged

@@ -43,15 +43,19 @@ OnShard = Callable[[dict, list[FinishedChunk]], dict]
 
 
 def plan_chunks(shards: list[dict], chunk_size: int) -> list[dict]:
-    """Shards ({"shard", "urls", "previous"}) -> chunks ({"shard", "chunk", "urls", "previous"})
-    of at most chunk_size images, in URL order; sets each shard's "chunks" (its count)."""
+    """Shards ({"shard", "urls", "previous"}) -> chunks ({"shard", "chunk", "urls", "previous",
+    "sources"}) of at most chunk_size images, in URL order; sets each shard's "chunks" (its
+    count). `sources` (reading URLs that hold credentials, see listing.credential_free) go
+    only to the chunks of their images."""
     chunks = []
     for shard in shards:
-        urls = list(shard["urls"])
+        urls, sources = list(shard["urls"]), shard.get("sources") or {}
         shard["chunks"] = max(1, math.ceil(len(urls) / chunk_size))
         for index in range(shard["chunks"]):
-            chunks.append({"shard": shard["shard"], "chunk": index, "urls": urls[index * chunk_size : (index + 1) * chunk_size],
-                           "previous": list(shard.get("previous") or [])})
+            part = urls[index * chunk_size : (index + 1) * chunk_size]
+            chunks.append({"shard": shard["shard"], "chunk": index, "urls": part,
+                           "previous": list(shard.get("previous") or []),
+                           "sources": {u: sources[u] for u in part if u in sources}})
     return chunks
 
 

@@ -151,3 +151,17 @@ def waves(url: str, storage_options: dict | None = None) -> Iterator[dict[str, s
             chunk = {}
     if chunk:
         yield chunk
+
+
+def credential_free(versions: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """{url: version} as listed -> ({name: version}, {name: reading URL}): each image is
+    named by its redacted URL (no userinfo, no signed query string) wherever it is hashed,
+    printed or stored; the reading URL, credentials and all, is kept aside for the read
+    only. A manifest may hold such URLs; names stay stable when signatures are renewed."""
+    named, sources = {}, {}
+    for url, version in versions.items():
+        name = redact(url)
+        named[name] = version
+        if name != url:
+            sources[name] = url
+    return named, sources

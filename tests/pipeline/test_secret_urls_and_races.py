@@ -1,0 +1,104 @@
+"""Two guarantees of the job: credentials in a manifest's URLs never reach the output, and
+two identical runs racing on one output both succeed.
+
+Both run through the CLI with `--runner local` (the product's stages in this process), so
+a `memory://` store can hold the images whose URLs carry credentials."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from jobs.pipeline import commit
+from jobs.storage.schema import ERROR, IMAGE_URI, mask_row, rows_to_table
+
+MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
+SECRET = "sEcReT-KeY-1234"
+
+
+@pytest.fixture()
+def concept(perseg_sample, tmp_path) -> Path:
+    out = tmp_path / "cat.json"
+    assert main(["fit", *MODEL, "--image", str(perseg_sample / "Images/cat/00.jpg"),
+                 "--mask", str(perseg_sample / "Annotations/cat/00.png"), "--name", "cat", "--out", str(out)]) == 0
+    return out
+
+
+def _everything_written(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+def test_manifest_urls_with_credentials_are_read_but_never_stored_or_printed(perseg_sample, concept, tmp_path, capsys):
+    memory = fsspec.filesystem("memory")
+    photo = (perseg_sample / "Images/cat/01.jpg").read_bytes()
+    readable = [f"memory://reader:{SECRET}@lake/a.jpg", f"memory://lake/b.jpg?X-Amz-Signature={SECRET}&X-Amz-Date=1"]
+    for url in readable:
+        memory.pipe(url, photo)
+    missing = f"memory://reader:{SECRET}@lake/gone.jpg"
+    manifest, output = tmp_path / "images.txt", tmp_path / "masks"
+    manifest.write_text("\n".join([*readable, missing]) + "\n")
+    capsys.readouterr()
+    try:
+        assert main(["segment", *MODEL, "--runner", "local", "--concept", str(concept),
+                     "--input", str(manifest), "--output", str(output)]) == 0
+    finally:
+        for url in readable:
+            memory.rm(url)
+    printed = capsys.readouterr()
+    rows = pq.read_table(output).to_pylist()
+    assert sorted(r[IMAGE_URI] for r in rows) == ["memory://lake/a.jpg", "memory://lake/b.jpg", "memory://lake/gone.jpg"]
+    assert [r[IMAGE_URI] for r in rows if r[ERROR]] == ["memory://lake/gone.jpg"]  # read, except the missing one
+    assert SECRET.encode() not in _everything_written(output)
+    assert SECRET not in printed.out + printed.err
+
+
+def test_carried_rows_come_from_an_identical_run_that_committed_first(tmp_path):
+    output = str(tmp_path / "out")
+    urls = ["a.jpg", "b.jpg"]
+    old = rows_to_table([mask_row(u, "cat", "persam", "fp", "sha-" + u) for u in urls])
+    old_path = commit.commit_shard(output, 0, "0" * 12, old)
+    # the other run recomputed b, carried a, published the new digest, removed the old file
+    done = commit.commit_shard(output, 0, "1" * 12, old)
+    Path(old_path).unlink()
+    computed = rows_to_table([mask_row("b.jpg", "cat", "persam", "fp", "sha-b.jpg", area=7)])
+    with pytest.raises(ValueError, match="rerun the job"):  # without the published file: a clear error
+        commit.assemble_shard(0, [computed], {"a.jpg"}, [old_path], urls, ["cat"])
+    table, removed = commit.assemble_shard(0, [computed], {"a.jpg"}, [old_path], urls, ["cat"], published=done)
+    assert table.column(IMAGE_URI).to_pylist() == urls and removed == 0
+    assert table.num_rows == 2 and isinstance(table, pa.Table)
+
+
+def test_two_identical_runs_after_a_change_both_succeed(perseg_sample, concept, tmp_path, monkeypatch):
+    """The second run plans against the state before the first one's commit (as two runs
+    started at once do): its superseded file is gone by the time it commits."""
+    images, output = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    for name in ("01", "02"):
+        (images / f"{name}.jpg").write_bytes((perseg_sample / f"Images/cat/{name}.jpg").read_bytes())
+    argv = ["segment", *MODEL, "--runner", "local", "--concept", str(concept), "--input", str(images),
+            "--output", str(output)]
+    assert main(argv) == 0
+    (images / "02.jpg").write_bytes((perseg_sample / "Images/duck_toy/01.jpg").read_bytes())
+
+    first = {}
+    real_plan = commit.plan_shards
+
+    def plan_once(*args, **kwargs):  # both runs get the plan made before either commits
+        if "plan" not in first:
+            first["plan"] = real_plan(*args, **kwargs)
+        return first["plan"]
+
+    monkeypatch.setattr(commit, "plan_shards", plan_once)
+    assert main(argv) == 0
+    assert main(argv) == 0  # its superseded file was removed by the first run
+    rows = pq.read_table(output).to_pylist()
+    assert sorted(r[IMAGE_URI] for r in rows) == sorted(str(p) for p in images.iterdir())
+    assert len(list(output.glob("part-*.parquet"))) == 1
+    record = json.loads((output / "_persam_job.json").read_text())
+    assert record["num_shards"] == 1
