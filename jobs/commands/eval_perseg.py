@@ -35,6 +35,7 @@ from jobs.spec import JobSpec
 from jobs.storage.checkpoints import load_model, random_weights_note
 from jobs.storage.files import as_given, folder_entries, join_url, read_bytes
 from jobs.storage.images import IMAGE_EXTENSIONS, decode_image, decode_mask
+from jobs.storage.outputs import check_output_folder
 from jobs.storage.redaction import redact
 from jobs.storage.schema import CONCEPT, ERROR, IMAGE_URI, INSTANCE, MASK_RLE, read_parts
 
@@ -169,6 +170,7 @@ def run_perseg_eval(spec: JobSpec, log=print) -> dict:
     """Evaluate and write metrics.json / metrics.md into --output -> the metrics."""
     started = time.perf_counter()
     device = resolve_device(spec.model.device)
+    check_output_folder(spec.output, "--output", spec.storage_options)  # before the model loads
     concepts = scan_perseg(spec.data, spec.storage_options)
     log(f"PerSeg: {len(concepts)} concepts, {sum(len(c.targets) for c in concepts)} target images")
     model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)

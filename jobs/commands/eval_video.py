@@ -36,6 +36,7 @@ from jobs.spec import JobSpec
 from jobs.storage.checkpoints import load_model, random_weights_note
 from jobs.storage.files import as_given, folder_entries, join_url, read_bytes
 from jobs.storage.images import decode_image
+from jobs.storage.outputs import check_output_folder
 from jobs.storage.redaction import redact
 
 VOID_LABEL = 255
@@ -222,6 +223,7 @@ def run_video_eval(spec: JobSpec, log=print) -> dict:
 
     started = time.perf_counter()
     check_device_option(spec.model.device)
+    check_output_folder(spec.output, "--output", spec.storage_options)  # before the model loads
     sequences = scan_davis(spec.data, spec.storage_options, list(spec.sequences) if spec.sequences else None)
     log(f"DAVIS: {len(sequences)} sequences, {sum(len(s['frames']) for s in sequences)} frames")
     fingerprint = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options).fingerprint

@@ -76,6 +76,10 @@ def fetch(url: str, storage_options: dict | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node, however many actors start
+        # Downloads only happen under this lock, and a dead process holds no lock: every
+        # partial file found now is the leftover of a killed download.
+        for leftover in target.parent.glob(f"{name}.part*"):
+            leftover.unlink(missing_ok=True)
         if not target.exists():
             partial = target.with_suffix(target.suffix + f".part{os.getpid()}")
             try:
