@@ -102,3 +102,39 @@ def test_two_identical_runs_after_a_change_both_succeed(perseg_sample, concept, 
     assert len(list(output.glob("part-*.parquet"))) == 1
     record = json.loads((output / "_persam_job.json").read_text())
     assert record["num_shards"] == 1
+
+
+def test_secrets_in_every_url_flag_never_reach_output_files_or_messages(perseg_sample, concept, tmp_path, capsys):
+    """--concept, --output and --cache URLs with userinfo (the memory store keeps it as part
+    of the path, so the run works): the secret is in no message and no file's content."""
+    memory = fsspec.filesystem("memory")
+    base = f"memory://user:{SECRET}@bucket"
+    memory.pipe(f"{base}/concepts/cat.json", concept.read_bytes())
+    memory.pipe(f"{base}/photos/a.jpg", (perseg_sample / "Images/cat/01.jpg").read_bytes())
+    manifest = tmp_path / "images.txt"
+    manifest.write_text(f"{base}/photos/a.jpg\n{base}/photos/missing.jpg\n")
+    argv = ["segment", *MODEL, "--runner", "local", "--concept", f"{base}/concepts/cat.json", "--input", str(manifest),
+            "--output", f"{base}/masks", "--cache", f"{base}/cache"]
+    capsys.readouterr()
+    try:
+        assert main(argv) == 0
+        assert main(argv) == 0  # a rerun reads the job record and the cache back
+        written = [memory.cat_file(p) for p in memory.find(f"{base}/masks") + memory.find(f"{base}/cache")]
+    finally:
+        memory.rm(f"{base}", recursive=True)
+    printed = capsys.readouterr()
+    assert len(written) >= 3  # job record, a part file, cache files
+    assert all(SECRET.encode() not in data for data in written)
+    assert SECRET not in printed.out + printed.err and "memory://bucket/masks" in printed.out
+
+
+@pytest.mark.parametrize("flag", ["--output", "--cache"])
+def test_a_refused_url_is_named_without_its_secret(concept, tmp_path, capsys, flag):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    url = f"file://{blocker}/sub?token={SECRET}" if flag == "--cache" else f"https://user:{SECRET}@host/out"
+    argv = ["segment", *MODEL, "--runner", "local", "--concept", str(concept), "--input", str(tmp_path),
+            "--output", str(tmp_path / "out"), flag, url]
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and SECRET not in err and "Traceback" not in err
