@@ -11,6 +11,7 @@ from persam_core.acceleration import GPU_BATCH_SIZE, SPEED_PRECISIONS
 from persam_core.models import MODEL_TYPES
 
 from .commit import DEFAULT_SHARD_SIZE
+from .exports import EXPORT_KINDS
 from .pipeline import DEFAULT_CHUNK_IMAGES
 
 MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
@@ -104,11 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(rank)
     _add_speed(rank)
 
-    export = commands.add_parser("export", help="mask Parquet -> COCO JSON, overlay gallery or subject crops")
-    export.add_argument("kind", choices=("coco", "overlays", "subjects"))
+    export = commands.add_parser("export", help="mask Parquet -> COCO, Label Studio, Hugging Face datasets, "
+                                 "review gallery or subject crops")
+    export.add_argument("kind", choices=EXPORT_KINDS, help="coco: COCO instances JSON; label-studio: tasks JSON with "
+                        "brush pre-annotations; hf-dataset: `datasets` Parquet + card; overlays: review gallery; "
+                        "subjects: masked crops")
     export.add_argument("--masks", required=True, help="the --output of `persam segment`")
-    export.add_argument("--output", required=True, help="JSON file (coco) or directory")
+    export.add_argument("--output", required=True, help="JSON file (coco, label-studio) or folder (any fsspec URL)")
     export.add_argument("--images", default=None, help="where the images are now, if they moved")
+    export.add_argument("--image-root", default=None, help="coco / hf-dataset file names are relative to this "
+                        "(default: --images, else the common folder of the image URIs)")
     export.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
 
     evaluate = commands.add_parser("eval", help="PerSeg mIoU/bIoU, or DAVIS 2017 J&F with --video (Ray job)")
@@ -183,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from .export import run_export
 
-        print(run_export(args.kind, args.masks, args.output, args.images, storage))
+        print(run_export(args.kind, args.masks, args.output, args.images, storage, args.image_root))
         return 0
     if args.command == "eval":
         from .evaluate import EvalOptions, run_eval

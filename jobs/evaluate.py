@@ -224,7 +224,7 @@ def run_eval(options: EvalOptions, log=print) -> dict:
         return run_video_eval(options, log)
     from .runtime import check_device_option, resolve_device
     from .segment import SegmentOptions, run_segment
-    from .export import read_mask_rows
+    from .exports.rows import read_mask_rows
 
     started = time.perf_counter()
     check_device_option(options.device)

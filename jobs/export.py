@@ -1,137 +1,48 @@
-"""`persam export`: mask Parquet -> COCO instances JSON, overlay gallery, subject crops."""
+"""`persam export KIND`: the mask Parquet of `persam segment` -> files other tools import.
+
+A thin dispatcher: each kind is one module of jobs/exports (its docstring says what it
+writes). Where the result goes is checked before the masks are read; the masks are read
+shard by shard; problems with single images or files are one line each on the log.
+"""
 
 from __future__ import annotations
 
-import html
-import json
-import os
-from pathlib import Path
+from typing import Callable
 
-import numpy as np
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
-from PIL import Image
+from .exports import EXPORT_KINDS
+from .exports.rows import ExportError, MaskDataset
+from .outputs import check_output_file, check_output_folder
 
-from persam_core.masks import decode_rle
-
-from .images import decode_image
-from .inputs import read_bytes
-from .outputs import check_output_file, check_output_folder, write_atomically
-from .overlays import render_overlay, safe_file_name
-
-REQUIRED_COLUMNS = ("image_uri", "concept", "width", "height", "mask_rle", "bbox", "area", "score", "error")
+FILE_KINDS = {"coco": "coco.json", "label-studio": "tasks.json"}  # one file (example name); the others write a folder
 
 
-class ExportError(ValueError):
-    """A masks dataset that cannot be exported; the message says what to do."""
-
-
-def read_mask_rows(masks_url: str, storage_options: dict | None = None) -> list[dict]:
-    try:
-        fs, root = url_to_fs(masks_url, **(storage_options or {}))
-        paths = sorted(fs.glob(f"{root.rstrip('/')}/**/*.parquet")) if fs.isdir(root) else [root]
-        tables = [pq.read_table(p, filesystem=fs) for p in paths]
-    except (OSError, ValueError) as error:
-        raise ExportError(f"{masks_url}: cannot read the masks Parquet ({type(error).__name__}); pass the --output of `persam segment`") from None
-    if not tables:
-        raise ExportError(f"{masks_url}: no Parquet files found; pass the --output of `persam segment`")
-    missing = [c for c in REQUIRED_COLUMNS if c not in tables[0].column_names]
-    if missing:
-        raise ExportError(f"{masks_url}: Parquet lacks the columns {missing}; pass the --output of `persam segment`")
-    return [row for table in tables for row in table.to_pylist()]
-
-
-def _usable(row: dict) -> bool:
-    return row["error"] is None and row["mask_rle"] is not None and row.get("present", True) is not False and row["area"] > 0
-
-
-def coco_document(rows: list[dict]) -> dict:
-    """COCO instances: images, categories = concepts, annotations with RLE segmentation."""
-    image_ids: dict[str, int] = {}
-    images, annotations = [], []
-    categories = {name: i + 1 for i, name in enumerate(sorted({r["concept"] for r in rows}))}
-    for row in rows:
-        if row["image_uri"] not in image_ids and row["width"] is not None:
-            image_ids[row["image_uri"]] = len(image_ids) + 1
-            images.append({"id": image_ids[row["image_uri"]], "file_name": row["image_uri"],
-                           "width": row["width"], "height": row["height"]})
-    for row in rows:
-        if _usable(row):
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_ids[row["image_uri"]],
-                "category_id": categories[row["concept"]], "segmentation": dict(row["mask_rle"]),
-                "bbox": [float(v) for v in row["bbox"]], "area": float(row["area"]), "iscrowd": 0,
-                "score": float(row["score"]) if row["score"] is not None else 0.0,
-                "instance": int(row.get("instance") or 0),
-            })
-    return {
-        "info": {"description": "persam segment masks"},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i, "name": n, "supercategory": "concept"} for n, i in categories.items()],
-    }
-
-
-def _image_locator(rows: list[dict], images_root: str | None):
-    if not images_root:
-        return lambda uri: uri
-    prefix = os.path.commonpath([os.path.dirname(r["image_uri"]) for r in rows])
-    return lambda uri: f"{images_root.rstrip('/')}/{os.path.relpath(uri, prefix)}"
-
-
-def export_overlays(rows: list[dict], output: Path, locate, storage_options: dict | None) -> list[Path]:
-    written = []
-    for row in filter(_usable, rows):
-        image = decode_image(read_bytes(locate(row["image_uri"]), storage_options), row["image_uri"])
-        caption = f"{row['concept']} #{row.get('instance') or 0} score {row['score']:.2f} sim {row['similarity']:.2f}"
-        path = output / f"{safe_file_name(row['image_uri'], row['concept'], str(row.get('instance') or 0))}.png"
-        render_overlay(image, decode_rle(row["mask_rle"]), tuple(row["point"]) if row["point"] else None, caption).save(
-            path, compress_level=1)
-        written.append(path)
-    cards = "\n".join(f'<figure><img src="{html.escape(p.name)}" loading="lazy"><figcaption>{html.escape(p.stem)}</figcaption></figure>' for p in written)
-    (output / "index.html").write_text(
-        "<!doctype html><meta charset=utf-8><title>persam overlays</title>"
-        "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px}img{max-width:320px}</style>\n" + cards
-    )
-    return written
-
-
-def export_subjects(rows: list[dict], output: Path, locate, storage_options: dict | None) -> list[Path]:
-    """RGBA crops with transparent background + white-background JPEGs, per concept folder."""
-    written = []
-    for row in filter(_usable, rows):
-        image = decode_image(read_bytes(locate(row["image_uri"]), storage_options), row["image_uri"])
-        mask = decode_rle(row["mask_rle"])
-        x, y, w, h = row["bbox"]
-        crop, crop_mask = image[y : y + h, x : x + w], mask[y : y + h, x : x + w]
-        folder = output / safe_file_name(row["concept"])
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = safe_file_name(row["image_uri"], row["concept"], str(row.get("instance") or 0))
-        rgba = np.dstack([crop, crop_mask.astype(np.uint8) * 255])
-        Image.fromarray(rgba, "RGBA").save(folder / f"{stem}.png", compress_level=1)
-        white = np.where(crop_mask[..., None], crop, 255).astype(np.uint8)
-        Image.fromarray(white).save(folder / f"{stem}.jpg", quality=95)
-        written += [folder / f"{stem}.png", folder / f"{stem}.jpg"]
-    return written
-
-
-def run_export(kind: str, masks_url: str, output: str, images_root: str | None = None, storage_options: dict | None = None) -> str:
-    if kind == "coco":  # where the result goes is checked before the masks are read
-        check_output_file(output, "--output", storage_options, "coco.json")
-    elif kind in ("overlays", "subjects"):
+def run_export(kind: str, masks_url: str, output: str, images: str | None = None, storage_options: dict | None = None,
+               image_root: str | None = None, log: Callable[[str], None] = print) -> str:
+    """-> the summary line. `images`: where the images are now (--images); `image_root`:
+    what COCO / hf-dataset file names are relative to (--image-root)."""
+    if kind not in EXPORT_KINDS:
+        raise ExportError(f"unknown export {kind!r}: choose one of {', '.join(EXPORT_KINDS)}")
+    if kind in FILE_KINDS:
+        check_output_file(output, "--output", storage_options, FILE_KINDS[kind])
+    else:
         check_output_folder(output, "--output", storage_options)
-    rows = read_mask_rows(masks_url, storage_options)
+    dataset = MaskDataset(masks_url, storage_options, log)
     if kind == "coco":
-        document = coco_document(rows)
-        write_atomically(output, json.dumps(document).encode("utf-8"), storage_options)
-        return f"{len(document['annotations'])} annotations on {len(document['images'])} images -> {output}"
-    target = Path(output)
-    target.mkdir(parents=True, exist_ok=True)
-    locate = _image_locator(rows, images_root)
+        from .exports.coco import export_coco
+
+        return export_coco(dataset, output, images, image_root, storage_options, log)
+    if kind == "label-studio":
+        from .exports.label_studio import export_label_studio
+
+        return export_label_studio(dataset, output, images, storage_options, log)
+    if kind == "hf-dataset":
+        from .exports.hf_dataset import export_hf_dataset
+
+        return export_hf_dataset(dataset, output, images, image_root, storage_options, log)
     if kind == "overlays":
-        written = export_overlays(rows, target, locate, storage_options)
-        return f"{len(written)} overlays + index.html -> {target}"
-    if kind == "subjects":
-        written = export_subjects(rows, target, locate, storage_options)
-        return f"{len(written)} subject files -> {target}"
-    raise ExportError(f"unknown export {kind!r}: choose coco, overlays or subjects")
+        from .exports.gallery import export_gallery
+
+        return export_gallery(dataset, output, images, storage_options, log)
+    from .exports.subjects import export_subjects
+
+    return export_subjects(dataset, output, images, storage_options, log)
