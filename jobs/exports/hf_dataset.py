@@ -125,7 +125,7 @@ def export_hf_dataset(dataset: MaskDataset, output: str, images: str | None, ima
         for row in kept:
             located = locator.locate(row["image_uri"])
             records.append({**{c: row.get(c) for c in COLUMNS}, "image_uri": redact(located),
-                            "file_name": locator.file_name(row["image_uri"])[0], "mask": mask_png(row["mask_rle"])})
+                            "file_name": locator.file_name(row["image_uri"])[0], "mask": None if row.get("present") is False else mask_png(row["mask_rle"])})
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), buffer, compression="zstd")
         folder.write(f"data/train-{files:05d}.parquet", buffer.getvalue())

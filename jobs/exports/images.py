@@ -138,7 +138,7 @@ class ImageReader:
             return self._problem("undecodable", f"{error}; {outcome}")
         sized = next((r for r in rows if r.get("width") is not None), None)
         if sized is not None and pixels.shape[:2] != (sized["height"], sized["width"]):
-            return self._problem("changed", f"{shown}: the image is now {pixels.shape[1]}x{pixels.shape[0]}, its masks "
+            return self._problem("resized", f"{shown}: the image is now {pixels.shape[1]}x{pixels.shape[0]}, its masks "
                                             f"are {sized['width']}x{sized['height']} (changed since segment); {outcome}")
         if changed:
             self.problems["changed"] += 1
