@@ -50,7 +50,7 @@ def export_coco(dataset: MaskDataset, output: str, images: str | None, image_roo
         "licenses": [],
         "categories": [{"id": i, "name": n, "supercategory": "concept"} for n, i in categories.items()],
     }
-    counts = {"images": 0, "annotations": 0, "outside": 0}
+    counts = {"images": 0, "annotations": 0}
     with atomic_file(output, storage_options) as out, tempfile.TemporaryFile() as spool:
         out.write(json.dumps(head)[:-1].encode() + b', "images": [')
         for rows in dataset.shards(COLUMNS):
@@ -61,7 +61,6 @@ def export_coco(dataset: MaskDataset, output: str, images: str | None, image_roo
                     ids[uri] = counts["images"] = counts["images"] + 1
                     name, inside = locator.file_name(uri)
                     if not inside:
-                        counts["outside"] += 1
                         log(f"outside --image-root: {name}: file_name is its full URI")
                     image = {"id": ids[uri], "file_name": name, "width": row["width"], "height": row["height"]}
                     out.write(b"," * (counts["images"] > 1) + json.dumps(image).encode())

@@ -32,12 +32,19 @@ def _outline(mask: torch.Tensor, width: int) -> torch.Tensor:
 def draw_overlay(image: np.ndarray, mask: np.ndarray | None, point: tuple[int, int] | None) -> Image.Image:
     """image: [H, W, 3] uint8; mask: [H, W] bool or None (absent: the image alone) -> RGB overlay."""
     picture = torch.from_numpy(image.copy()).permute(2, 0, 1)  # a copy: decoded arrays may be read-only
-    side = min(picture.shape[1:])
+    height, width = image.shape[:2]
+    side = min(height, width)
     if mask is not None and mask.any():
-        region = torch.from_numpy(mask)
-        picture = draw_segmentation_masks(picture, region, alpha=0.5, colors=TINT)
-        # opaque: a plain assignment (draw_segmentation_masks would blend the whole image again)
-        picture[:, _outline(region, max(1, side // 256))] = torch.tensor(OUTLINE, dtype=torch.uint8)[:, None]
+        ring = max(1, side // 256)
+        # draw within the mask's box (+ the ring): draw_segmentation_masks blends every pixel it is given
+        rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        top, bottom = max(0, rows[0] - ring), min(height, rows[-1] + 1 + ring)
+        left, right = max(0, columns[0] - ring), min(width, columns[-1] + 1 + ring)
+        region = torch.from_numpy(np.ascontiguousarray(mask[top:bottom, left:right]))
+        box = draw_segmentation_masks(picture[:, top:bottom, left:right], region, alpha=0.5, colors=TINT)
+        # opaque: a plain assignment (draw_segmentation_masks would blend the box again)
+        box[:, _outline(region, ring)] = torch.tensor(OUTLINE, dtype=torch.uint8)[:, None]
+        picture[:, top:bottom, left:right] = box
     if point is not None:
         radius = max(3, side // 100)
         picture = draw_keypoints(picture, torch.tensor([[point]], dtype=torch.float32), colors=POINT, radius=radius)

@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,7 +98,7 @@ class MaskDataset:
         others = []
         for path in paths:
             match = _PARTITION.search(path[len(root):])
-            piece = _Piece(path, match.group(1) if match else None)
+            piece = _Piece(path, unquote(match.group(1)) if match else None)  # Hive escapes e.g. "/" as %2F
             parsed = parse_part_path(path)
             if parsed is None:
                 others.append((False, [piece]))
