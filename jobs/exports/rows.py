@@ -75,7 +75,11 @@ class MaskDataset:
         try:
             self.fs, root = url_to_fs(url, **(storage_options or {}))
             root = root.rstrip("/") or root
+            if not self.fs.exists(root):
+                raise ExportError(f"{self.shown}: not found; pass the --output of `persam segment`")
             paths = sorted(self._data_files(root)) if self.fs.isdir(root) else [root]
+        except ExportError:
+            raise
         except (OSError, ValueError) as error:
             raise ExportError(f"{self.shown}: cannot read the masks Parquet ({type(error).__name__}); "
                               "pass the --output of `persam segment`") from None
