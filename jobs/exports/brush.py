@@ -1,6 +1,6 @@
 """Label Studio's brush RLE: the bytes `label_studio_sdk.converter.brush.mask2rle` writes
 for an [H, W] uint8 mask (255 on the object), computed with numpy instead of the SDK's
-bit-string loop. Byte-equal to the SDK's output (tests/features/test_export_tools.py).
+bit-string loop. Byte-equal to the SDK's output (tests/exports/test_export_label_studio.py).
 
 The format (rle-pack): a bit stream of a 32-bit value count (H * W * 4: the RGBA image,
 every channel the mask value), the word size minus 1 (5 bits: 7), four run-length field
