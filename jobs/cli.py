@@ -10,6 +10,7 @@ from typing import Sequence
 from persam_core.acceleration import GPU_BATCH_SIZE, SPEED_PRECISIONS
 from persam_core.models import MODEL_TYPES
 
+from jobs.exports import EXPORT_KINDS
 from jobs.spec import CACHE_DTYPES, METHODS, RUNNERS, JobSpec, ModelSpec, SpeedSpec
 
 MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
@@ -120,11 +121,16 @@ def _add_rank(commands) -> None:
 
 
 def _add_export(commands) -> None:
-    export = commands.add_parser("export", help="mask Parquet -> COCO JSON, overlay gallery or subject crops")
-    export.add_argument("kind", choices=("coco", "overlays", "subjects"))
+    export = commands.add_parser("export", help="mask Parquet -> COCO, Label Studio, Hugging Face datasets, "
+                                 "review gallery or subject crops")
+    export.add_argument("kind", choices=EXPORT_KINDS, help="coco: COCO instances JSON; label-studio: tasks JSON with "
+                        "brush pre-annotations; hf-dataset: `datasets` Parquet + card; overlays: review gallery; "
+                        "subjects: masked crops")
     export.add_argument("--masks", required=True, help="the --output of `persam segment`")
-    export.add_argument("--output", required=True, help="JSON file (coco) or directory")
+    export.add_argument("--output", required=True, help="JSON file (coco, label-studio) or folder (any fsspec URL)")
     export.add_argument("--images", default=None, help="where the images are now, if they moved")
+    export.add_argument("--image-root", default=None, help="coco / hf-dataset file names are relative to this "
+                        "(default: --images, else the common folder of the image URIs)")
     export.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
 
 
@@ -172,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     storage = _storage_options(args.storage_options)
     if args.command == "export":
-        from jobs.export import run_export
+        from jobs.commands.export import run_export
 
-        print(run_export(args.kind, args.masks, args.output, args.images, storage))
+        print(run_export(args.kind, args.masks, args.output, args.images, storage, args.image_root))
         return 0
     if args.command == "bench":
         return _bench(args)

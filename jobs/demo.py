@@ -17,7 +17,7 @@ from persam_core.models import ModelError
 
 from jobs.storage.checkpoints import fetch, official_url
 from jobs.cli import main as persam
-from jobs.export import run_export
+from jobs.commands.export import run_export
 
 MODEL_TYPE = "vit_b"
 # Rough outline of Chelsea the cat's head in skimage.data.chelsea() (451 x 300 px).
@@ -68,10 +68,9 @@ def main(root: str = "demo-output") -> int:
     if code:
         return code
     print(run_export("overlays", str(output), str(base / "overlays")))
-    overlays = sorted((base / "overlays").glob("*.png"))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     print(f"  masks (Parquet): {output}")
-    print(f"  overlays (PNG):  {', '.join(str(p) for p in overlays)}")
+    print(f"  review gallery:  {base / 'overlays' / 'index.html'}")
     print("  real SAM weights: persam segment --model-type vit_h --checkpoint /path/to/sam_vit_h_4b8939.pth ...")
     return 0
 

@@ -87,6 +87,7 @@ NOT_A_COLUMN = {
     ("pipeline/payload.py", "error"): "a key of the chunk header, a format payload.py owns",
     ("pipeline/payload.py", "similarity"): "an array of the actor's results, a format payload.py owns",
     ("pipeline/payload.py", "point"): "an array of the actor's results, a format payload.py owns",
+    ("exports/label_studio.py", "score"): "Label Studio's own field of a prediction and of a region",
 }
 
 

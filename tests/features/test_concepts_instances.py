@@ -26,7 +26,7 @@ from pycocotools.cocoeval import COCOeval
 
 from feature_tools import MODEL, assert_one_error_line, fit_cli, iou, make_chunk, run_cli, segment_rows
 from jobs.storage.images import decode_image
-from jobs.overlays import safe_file_name
+from jobs.exports.names import safe_file_name
 from persam_core.instances import segment_instances
 from persam_core.masks import decode_rle
 from persam_core.persam import prior_for, segment_persam
@@ -240,7 +240,9 @@ def test_export_coco_loads_and_evaluates(job, tmp_path):
     good = usable(job.rows)
     assert len(gt.getAnnIds()) == len(good) > 0
     assert {c["name"] for c in gt.loadCats(gt.getCatIds())} == {"cat", "duck_toy"}
-    assert {i["file_name"] for i in gt.loadImgs(gt.getImgIds())} == set(job.urls)
+    # file names relative to the images' common folder, as CVAT and FiftyOne match them
+    assert {i["file_name"] for i in gt.loadImgs(gt.getImgIds())} == {str(Path(u).relative_to(job.images)) for u in job.urls}
+    assert document["info"]["image_root"] == str(job.images)
     for ann in document["annotations"]:
         image = gt.loadImgs(ann["image_id"])[0]
         assert gt.annToMask(ann).shape == (image["height"], image["width"])
@@ -253,19 +255,21 @@ def test_export_coco_loads_and_evaluates(job, tmp_path):
     assert evaluation.stats[0] == pytest.approx(1.0)  # the masks scored against themselves
 
 
-def test_export_overlays_writes_pngs_and_a_gallery(job, tmp_path):
+def test_export_overlays_writes_a_gallery_of_thumbnails_and_full_size_overlays(job, tmp_path):
     out = tmp_path / "overlays"
     result = run_cli(["export", "overlays", "--masks", str(job.output), "--output", str(out)])
     assert result.rc == 0, result.err
-    pngs = sorted(out.glob("*.png"))
+    full, thumbs = sorted((out / "full").glob("*.jpg")), sorted((out / "thumbs").glob("*.jpg"))
     good = usable(job.rows)
-    assert len(pngs) == len(good)
+    assert len(full) == len(thumbs) == len(good)  # every row of this job is present
     index = (out / "index.html").read_text()
-    assert all(p.name in index for p in pngs)
+    assert all(f'href="full/{p.name}"' in index and f'src="thumbs/{p.name}"' in index for p in full)
     for row in good[:3]:
-        path = out / f"{safe_file_name(row['image_uri'], row['concept'], str(row['instance']))}.png"
-        with Image.open(path) as picture:
+        name = f"{safe_file_name(row['image_uri'], row['concept'], str(row['instance']))}.jpg"
+        with Image.open(out / "full" / name) as picture:
             assert picture.size == (row["width"], row["height"])
+        with Image.open(out / "thumbs" / name) as picture:
+            assert max(picture.size) == min(512, max(row["width"], row["height"]))
 
 
 def test_export_subjects_rgba_and_white_jpeg(job, tmp_path):

@@ -176,4 +176,4 @@ def test_export_relocated_images_of_a_single_image_dataset(tmp_path):
     pq.write_table(rows_to_table(rows), masks / "part-00000-000000000000.parquet")
     result = run_cli(["export", "overlays", "--masks", str(masks), "--output", str(tmp_path / "ov"), "--images", str(new)])
     ok(result)
-    assert len(list((tmp_path / "ov").glob("*.png"))) == 2
+    assert len(list((tmp_path / "ov" / "full").glob("*.jpg"))) == len(list((tmp_path / "ov" / "thumbs").glob("*.jpg"))) == 2

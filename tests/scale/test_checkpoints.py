@@ -6,7 +6,7 @@ import torch
 import pytest
 
 from jobs.storage import checkpoints
-from jobs.overlays import safe_file_name
+from jobs.exports.names import safe_file_name
 from persam_core.models import ModelError, build_random, model_fingerprint
 
 from lake_tools import ACCESS_KEY, SECRET_KEY
