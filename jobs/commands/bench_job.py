@@ -40,7 +40,7 @@ from persam_core.preprocess import resize_longest_side
 from jobs.commands.bench import encode_in_batches, persam_concepts, progress, segment_all, speed_model, synthetic_images, timed, warm_up
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
-from jobs.pipeline.session import local_cluster, resolve_device, start_ray
+from jobs.pipeline.session import ray_session, resolve_device
 from jobs.spec import DEFAULT_SHARD_SIZE, JobSpec, ModelSpec, SpeedSpec
 from jobs.storage.checkpoints import load_model
 from jobs.storage.schema import ERROR, error_count
@@ -187,19 +187,14 @@ def run_job_bench(options: JobBenchOptions) -> dict:
         image_dir, files, jpeg_kib = write_inputs(root, pictures, concepts)
         result["jpeg_kib_mean"] = round(jpeg_kib, 1)
         progress("starting Ray")
-        ray_seconds, started_here = timed(start_ray)
-        result["ray_start_s"] = round(ray_seconds, 2)
-        try:
+        ray_started = time.perf_counter()
+        with ray_session():  # one Ray for both jobs
+            result["ray_start_s"] = round(time.perf_counter() - ray_started, 2)
             for name, chosen in (("k1", files[:1]), ("k", files)):
                 progress(f"job with {len(chosen)} concept(s)")
                 job = _job(options, device, speed, image_dir, chosen, root / f"out-{name}", shard_size)
                 result.update({f"job_{name}_{key}": value for key, value in job.items()})
                 progress(f"job with {len(chosen)} concept(s): {job}")
-        finally:
-            if started_here and local_cluster():
-                import ray
-
-                ray.shutdown()
     _ratios(result)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
