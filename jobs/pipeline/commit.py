@@ -16,7 +16,7 @@
    those two steps is repaired by the next run, which deletes a shard's superseded files
    before anything else. Interrupted writes leave only `*.tmp-*` files, which no reader
    matches. So whichever process dies, no row is lost or duplicated once a run finishes.
-4. A shard is computed in chunks (jobs/pipeline.py); the driver publishes it once, after
+4. A shard is computed in chunks (jobs/pipeline/run.py); the driver publishes it once, after
    its last chunk arrived, keeping one copy of a chunk that a retried task delivered
    twice. Rows of unchanged images (same URL, same content) are carried over from the
    shard's previous files; a shard's rows are ordered by URL, concept, instance.
