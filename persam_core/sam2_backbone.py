@@ -73,7 +73,13 @@ class Sam2Backbone:
         return resize_square(image, self.image_size)
 
     def encoder_input(self, resized: ResizedImage) -> Tensor:
-        pixels = torch.from_numpy(np.ascontiguousarray(resized.pixels, dtype=np.float32))
+        expected = (self.image_size, self.image_size, 3)
+        if resized.pixels.dtype != np.float32 or tuple(resized.pixels.shape) != expected:
+            raise ValueError(
+                f"SAM 2 encodes images resized by its own transform ({expected[0]}x{expected[1]} float32, "
+                f"Sam2Backbone.resize), got {resized.pixels.dtype} {tuple(resized.pixels.shape)}"
+            )
+        pixels = torch.from_numpy(np.ascontiguousarray(resized.pixels))
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         else:
@@ -107,6 +113,9 @@ class Sam2Backbone:
 
     def decode(self, features, high_res, coords, labels, boxes, mask_input, multimask, attention_bias,
                target_embedding) -> Decoded:
+        if self.model.sam_mask_decoder.use_high_res_features and len(high_res) != 2:
+            raise ValueError("SAM 2 decodes need the encoder's high-resolution features (EncodedImage.high_res); "
+                             "the 64x64 features alone are not enough")
         labels = labels.to(torch.int)
         if boxes is not None:  # the predictor's merge: box corners first, then the clicks
             # 2, 3 made on the device (a host tensor copied from pageable memory would wait for the GPU)
