@@ -5,8 +5,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
+# sam2 is published only as a source distribution. Its build requires torch (in pip's isolated
+# build environment: a second full torch download) and tries an optional CUDA extension (used
+# only for hole filling, which persam never asks for). So torch comes first and sam2 is built
+# against it, without the extension; the project's own install then finds sam2 in place.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -c constraints.txt setuptools wheel torch torchvision
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --no-build-isolation -c constraints.txt sam2
 	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,12 +1,16 @@
-"""PerSAM / PerSAM-F over segment_anything's modules: pure torch + numpy.
+"""PerSAM / PerSAM-F over segment_anything's and sam2's modules: pure torch + numpy.
 
 Every concept of the paper lives in one module named after it:
 
-    models      SAM registry (vit_h/l/b, tiny), weights loading, fingerprint
+    models      model registry (vit_h/l/b/t, tiny, sam2.1_t/s/b+/l, tiny_sam2), weights loading, fingerprint
+    sam2_models SAM 2.1 through sam2's own build_sam2 and hydra configs
+    backbone    what the cascade needs from a model (encode, prompts, decode, upsample); SAM's
+    sam2_backbone  SAM 2's, exactly as SAM2ImagePredictor drives it
     preprocess  image -> encoder input exactly as SamPredictor; mask -> 64x64 grid
     concept     reference features -> Concept (target feature, target embedding)
     prior       similarity map, positive/negative points, attention bias
     decoder     SAM's mask decoder + target-guided attention + target-semantic prompt
+    decoder_sam2  SAM 2's own mask decoder with its transformer wrapped for the same guidance
     pairs       P (image, concept) pairs decoded together; size groups for full-res work
     persam      the training-free three-pass cascade (batched; one image = batch of one)
     persam_f    the two-weight fit and its cascade (batched)

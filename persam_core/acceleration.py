@@ -7,6 +7,10 @@
   as fp32 so the location prior and the decoder stay in fp32;
 - torch.compile of the image encoder.
 
+SAM 2 (sam2.1_*): its Hiera encoder already attends through SDPA, so there is nothing to
+fuse (no module changes); reduced precision and compile apply to its `image_encoder` (which
+`forward_image` calls) as to SAM's.
+
 `resolve_speed` owns the defaults: on CUDA, without flags, bf16 + fused attention +
 batch 16 + compiled encoder (measured against fp32 by `persam bench`); on CPU the exact
 fp32 path, batch 1. `prepare_encoder` applies them once per process, warming the compiled
@@ -24,8 +28,9 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+
+from .backbone import Model, as_backbone
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPEED_PRECISIONS = ("auto", *PRECISIONS)
@@ -85,8 +90,9 @@ def _fused_forward(self: Attention, x: Tensor) -> Tensor:
     return self.proj(out)
 
 
-def enable_fused_attention(sam: Sam) -> int:
-    """Route every image-encoder attention through SDPA -> number of modules changed."""
+def enable_fused_attention(sam: Model) -> int:
+    """Route every SAM image-encoder attention through SDPA -> number of modules changed
+    (0 for SAM 2, whose encoder uses SDPA already)."""
     changed = 0
     for module in sam.image_encoder.modules():
         if isinstance(module, Attention):
@@ -95,11 +101,11 @@ def enable_fused_attention(sam: Sam) -> int:
     return changed
 
 
-def compile_encoder(sam: Sam) -> None:
+def compile_encoder(sam: Model) -> None:
     sam.image_encoder = torch.compile(sam.image_encoder, dynamic=False)
 
 
-def prepare_encoder(sam: Sam, speed: EncoderSpeed, log: Callable[[str], None] = print) -> EncoderSpeed:
+def prepare_encoder(sam: Model, speed: EncoderSpeed, log: Callable[[str], None] = print) -> EncoderSpeed:
     """Apply `speed` to `sam` (in place) -> the settings actually in effect.
 
     The compiled encoder is warmed up here on [batch_size, 3, 1024, 1024] (compilation
@@ -109,11 +115,11 @@ def prepare_encoder(sam: Sam, speed: EncoderSpeed, log: Callable[[str], None] = 
         enable_fused_attention(sam)
     if not speed.compile:
         return speed
-    eager = sam.image_encoder
+    eager, size = sam.image_encoder, as_backbone(sam).image_size
     compile_encoder(sam)
     try:
         device = next(eager.parameters()).device
-        warm = torch.zeros(speed.batch_size, 3, eager.img_size, eager.img_size, device=device)
+        warm = torch.zeros(speed.batch_size, 3, size, size, device=device)
         with torch.no_grad(), encoder_precision(speed.precision, device):
             sam.image_encoder(warm)
     except Exception as error:  # a missing compiler toolchain, an unsupported op: run eager

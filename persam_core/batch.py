@@ -18,30 +18,36 @@ from torch import Tensor
 
 from .predictor import EncodedImage
 
-ROW_FIELDS = ("image_index", "concept_index", "instance", "present", "score", "similarity", "point", "bbox", "area")
+ROW_FIELDS = ("image_index", "concept_index", "instance", "present", "score", "similarity", "point", "bbox", "area",
+              "object_score")
 
 
 @dataclass(frozen=True)
 class EncodedBatch:
-    """features: [B, 256, 64, 64]; input_sizes / original_sizes: (h, w) per image."""
+    """features: [B, 256, 64, 64]; input_sizes / original_sizes: (h, w) per image;
+    high_res: SAM 2's high-resolution features per level ([B, 32, 256, 256], [B, 64, 128, 128]), () for SAM."""
 
     features: Tensor
     input_sizes: tuple[tuple[int, int], ...]
     original_sizes: tuple[tuple[int, int], ...]
+    high_res: tuple[Tensor, ...] = ()
 
     @classmethod
     def of(cls, images: Sequence[EncodedImage]) -> "EncodedBatch":
+        levels = len(images[0].high_res) if images else 0
         return cls(
             torch.stack([image.features for image in images]),
             tuple(tuple(image.input_size) for image in images),
             tuple(tuple(image.original_size) for image in images),
+            tuple(torch.stack([image.high_res[level] for image in images]) for level in range(levels)),
         )
 
     def __len__(self) -> int:
         return len(self.input_sizes)
 
     def image(self, index: int) -> EncodedImage:
-        return EncodedImage(self.features[index], self.input_sizes[index], self.original_sizes[index])
+        return EncodedImage(self.features[index], self.input_sizes[index], self.original_sizes[index],
+                            tuple(level[index] for level in self.high_res))
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class HostResults:
     image_index, concept_index, instance: [R] int32 (indices into the batch / concept list);
     present: [R] bool; score: [R] float32 (NaN when absent); similarity: [R] float32;
     point: [R, 2] int32 (x, y); bbox: [R, 4] int32 COCO xywh; area: [R] int64;
+    object_score: [R] float32, SAM 2's object-score logit of the final decode (> 0: object
+    present by SAM 2's own judgement); NaN for SAM and for absent rows;
     mask_bits: packed masks (numpy.packbits, row-major, each mask padded to whole bytes);
     mask_offsets: [R + 1] int64 byte offsets of each row's mask; mask_sizes: [R, 2] (h, w).
     """
@@ -64,6 +72,7 @@ class HostResults:
     point: np.ndarray
     bbox: np.ndarray
     area: np.ndarray
+    object_score: np.ndarray
     mask_bits: np.ndarray
     mask_offsets: np.ndarray
     mask_sizes: np.ndarray
@@ -108,4 +117,5 @@ class HostResults:
 def empty_host_results() -> HostResults:
     z = lambda dtype, *shape: np.zeros((0, *shape), dtype=dtype)  # noqa: E731
     return HostResults(z(np.int32), z(np.int32), z(np.int32), z(bool), z(np.float32), z(np.float32),
-                       z(np.int32, 2), z(np.int32, 4), z(np.int64), z(np.uint8), np.zeros(1, np.int64), z(np.int32, 2))
+                       z(np.int32, 2), z(np.int32, 4), z(np.int64), z(np.float32), z(np.uint8), np.zeros(1, np.int64),
+                       z(np.int32, 2))

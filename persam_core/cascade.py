@@ -5,7 +5,8 @@ matrix product ([B, 256, 4096] x [K, 256]); each PerSAM pass is one mask-decoder
 all PerSAM pairs, each PerSAM-F pass one for all PerSAM-F pairs (3 calls per method present,
 whatever B and K). Points, attention biases, boxes, best-mask picks, PerSAM-F's weighted
 logits and the presence test are tensor ops on the model's device; nothing waits on the
-host until the results leave the device, once, at the end (`HostResults`).
+host until the results leave the device, once, at the end (`HostResults`). The model is a
+SAM or a SAM 2 (`backbone.py`); the cascade is the same for both.
 
 Presence (`min_similarity`) and several instances (`max_instances`) as in `instances.py`.
 The only host reads before the results leave: with `min_similarity`, one [P] flag vector
@@ -22,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from segment_anything.modeling import Sam
 
+from .backbone import Model
 from .batch import EncodedBatch, HostResults, empty_host_results
 from .concept import ConceptTensors
 from .pairs import PairBatch, boxes_of, to_device
@@ -32,7 +33,8 @@ from .refine import CascadeOutput
 from .persam_f import persam_f_passes
 from .prior import attention_biases, negative_points, positive_points, similarity_maps, upsample_similarities
 
-STATS = ("present", "score", "similarity", "point_x", "point_y", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "area")
+STATS = ("present", "score", "similarity", "point_x", "point_y", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "area",
+         "object_score")
 
 
 @dataclass
@@ -67,13 +69,13 @@ class _ConceptStack:
         )
 
 
-def _all_pairs(sam: Sam, batch: EncodedBatch, concepts: Sequence[ConceptTensors]):
+def _all_pairs(sam: Model, batch: EncodedBatch, concepts: Sequence[ConceptTensors]):
     """Every (image, concept) pair, image-major -> (concepts stacked, PairBatch, concept of each
     pair (host), S: [P, 64, 64] from one matrix product)."""
     stack = _ConceptStack.of(concepts, batch.features.device)
     image_of_pair = [b for b in range(len(batch)) for _ in concepts]
     concept_of_pair = [k for _ in range(len(batch)) for k in range(len(concepts))]
-    pairs = PairBatch.build(sam, batch.features, image_of_pair, batch.input_sizes, batch.original_sizes)
+    pairs = PairBatch.build(sam, batch.features, image_of_pair, batch.input_sizes, batch.original_sizes, batch.high_res)
     return stack, pairs, concept_of_pair, similarity_maps(batch.features, stack.targets).flatten(0, 1)
 
 
@@ -91,7 +93,7 @@ def _prompts(pairs: PairBatch, similarity: Tensor, pair_ids: Sequence[int], foun
     bias = torch.empty(count, 1, 1, similarity.shape[1] * similarity.shape[2], device=device)
     peak = torch.empty(count, device=device)
     for group, rows, rows_host in pairs.chunks():
-        upsampled = upsample_similarities(pairs.sam, similarity[rows], group.input_size, group.original_size)
+        upsampled = upsample_similarities(pairs.backbone, similarity[rows], group.input_size, group.original_size)
         if found is not None:
             taken = torch.stack([found[pair_ids[r]] for r in rows_host])
             upsampled = torch.where(taken, upsampled.flatten(1).amin(1)[:, None, None], upsampled)
@@ -128,9 +130,11 @@ def _cascade(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _ConceptSt
     low = torch.empty(len(pairs), *outputs[0][1].low_res.shape[1:], device=pairs.device)
     score = torch.empty(len(pairs), device=pairs.device)
     empty = torch.empty(len(pairs), dtype=torch.bool, device=pairs.device)
+    object_score = torch.empty(len(pairs), device=pairs.device)
     for index, output in outputs:
         low[index], score[index], empty[index] = output.low_res, output.score, output.empty
-    return CascadeOutput(low, score, empty)
+        object_score[index] = output.object_score
+    return CascadeOutput(low, score, empty, object_score)
 
 
 def _present_only(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _ConceptStack, positive: Tensor,
@@ -140,6 +144,7 @@ def _present_only(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _Conc
     low = torch.zeros(len(pairs), 256, 256, device=device)
     score = torch.zeros(len(pairs), device=device)
     empty = torch.ones(len(pairs), dtype=torch.bool, device=device)
+    object_score = torch.full((len(pairs),), float("nan"), device=device)
     rows = present.nonzero().flatten().tolist()
     if rows:
         index = to_device(rows, torch.long, device)
@@ -147,7 +152,8 @@ def _present_only(pairs: PairBatch, concept_of_pair: Sequence[int], stack: _Conc
         output = _cascade(sub, [concept_of_pair[r] for r in rows], stack, positive[index], negative[index], bias[index])
         low = low.to(output.low_res.dtype)
         low[index], score[index], empty[index] = output.low_res, output.score, output.empty
-    return CascadeOutput(low, score, empty)
+        object_score[index] = output.object_score
+    return CascadeOutput(low, score, empty, object_score)
 
 
 def _pack_bits(masks: Tensor) -> Tensor:
@@ -171,7 +177,7 @@ def _collect(rows_out: _Rows, pairs: PairBatch, pair_ids: Sequence[int], instanc
     for group, rows, rows_host in pairs.chunks():
         high = pairs.to_original(output.low_res[rows][:, None], group)[:, 0]
         valid = (keep[rows] & ~output.empty[rows])[:, None, None]
-        masks = (high > pairs.sam.mask_threshold) & valid  # [p, H, W]
+        masks = (high > pairs.backbone.mask_threshold) & valid  # [p, H, W]
         area = masks.flatten(1).sum(1)
         accepted = torch.ones_like(keep[rows])
         if found is not None:
@@ -186,10 +192,13 @@ def _collect(rows_out: _Rows, pairs: PairBatch, pair_ids: Sequence[int], instanc
         box = boxes_of(masks)[:, :4]
         size = torch.where(area[:, None] > 0, box[:, 2:] - box[:, :2] + 1, torch.zeros_like(box[:, 2:]))
         present = keep[rows] if instance == 0 else torch.ones_like(keep[rows])
-        score = torch.where(keep[rows], output.score[rows].double(), torch.full_like(area, float("nan"), dtype=torch.float64))
+        nan = torch.full_like(area, float("nan"), dtype=torch.float64)
+        score = torch.where(keep[rows], output.score[rows].double(), nan)
+        object_score = torch.where(keep[rows], output.object_score[rows].double(), nan)
         rows_out.stats.append(torch.stack([
             present.double(), score, similarity[rows].double(), positive[rows, 0].double(), positive[rows, 1].double(),
             box[:, 0].double(), box[:, 1].double(), size[:, 0].double(), size[:, 1].double(), area.double(),
+            object_score,
         ], dim=1))
         rows_out.masks.append(_pack_bits(masks))
         rows_out.accepted.append(accepted)
@@ -200,7 +209,7 @@ def _collect(rows_out: _Rows, pairs: PairBatch, pair_ids: Sequence[int], instanc
 
 @torch.no_grad()
 def segment_batch(
-    sam: Sam,
+    sam: Model,
     batch: EncodedBatch,
     concepts: Sequence[ConceptTensors],
     max_instances: int = 1,
@@ -281,6 +290,7 @@ def _to_host(rows: _Rows, batch: EncodedBatch, count_concepts: int, filtered: bo
         point=host[:, 3:5].astype(np.int32),
         bbox=host[:, 5:9].astype(np.int32),
         area=host[:, 9].astype(np.int64),
+        object_score=host[:, 10].astype(np.float32),
         mask_bits=host_bits,
         mask_offsets=offsets,
         mask_sizes=sizes.astype(np.int32),
@@ -288,7 +298,7 @@ def _to_host(rows: _Rows, batch: EncodedBatch, count_concepts: int, filtered: bo
 
 
 @torch.no_grad()
-def score_batch(sam: Sam, batch: EncodedBatch, concepts: Sequence[ConceptTensors]) -> tuple[np.ndarray, np.ndarray]:
+def score_batch(sam: Model, batch: EncodedBatch, concepts: Sequence[ConceptTensors]) -> tuple[np.ndarray, np.ndarray]:
     """Location prior only (no decoding) -> (similarity [B, K] float32, point [B, K, 2] int32 (x, y))."""
     count_images, count_concepts = len(batch), len(concepts)
     _, pairs, _, similarity = _all_pairs(sam, batch, concepts)

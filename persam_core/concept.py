@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .backbone import as_backbone
 from .predictor import EncodedImage
-from .preprocess import reference_mask_grid
+from .preprocess import REFERENCE_MASK_VALUE, reference_mask_grid
 
 METHODS = ("persam", "persam-f")
 FORMAT = "persam-concept/1"
@@ -130,11 +131,15 @@ def _vector(values: Sequence[float], length: int, name: str) -> np.ndarray:
     return single
 
 
-def reference_cells(encoded: Sequence[EncodedImage], masks: Sequence[np.ndarray], sources: Sequence[str]) -> Tensor:
+def reference_cells(encoded: Sequence[EncodedImage], masks: Sequence[np.ndarray], sources: Sequence[str],
+                    model=None) -> Tensor:
     """Pool the features of the kept grid cells of every shot -> T: [n, 256].
 
     encoded[i].features: [256, 64, 64]; masks[i]: [H, W] bool at that image's size.
+    model: the model that encoded them (Sam or SAM2Base): its input transform decides which
+    grid cells a mask covers; None means SAM's (resize the longest side and pad).
     """
+    grid = reference_mask_grid if model is None else as_backbone(model).mask_grid
     cells = []
     for image, mask, source in zip(encoded, masks, sources):
         if tuple(mask.shape) != tuple(image.original_size):
@@ -144,10 +149,10 @@ def reference_cells(encoded: Sequence[EncodedImage], masks: Sequence[np.ndarray]
             )
         if not mask.any():
             raise ConceptError(f"{source}: mask is empty; give a mask with the object's pixels non-zero")
-        keep = reference_mask_grid(mask).to(image.features.device)
+        keep = grid(mask, REFERENCE_MASK_VALUE).to(image.features.device)
         if not keep.any():
             raise ConceptError(
-                f"{source}: mask is too small to cover any cell of SAM's 64x64 feature grid; "
+                f"{source}: mask is too small to cover any cell of the model's 64x64 feature grid; "
                 f"it needs a blob of about {minimum_blob_pixels(mask.shape)} px across"
             )
         cells.append(image.features.permute(1, 2, 0)[keep])

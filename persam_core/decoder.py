@@ -10,6 +10,9 @@ first add uses `tokens + e` (added once) as positional encoding, while the queri
 e before each layer, and the final token->image query gets e once more.
 
 With `attention_bias=None` and `target_embedding=None` this is SAM's MaskDecoder exactly.
+`guided_transformer` is shared with SAM 2 (`decoder_sam2.py`): both two-way transformers have
+the same layers, and an attention without bias is the module's own forward (SAM: softmax
+attention, SAM 2: scaled_dot_product_attention), so guidance off is each model exactly.
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ from segment_anything.modeling.transformer import Attention, TwoWayAttentionBloc
 
 
 def _attend(attention: Attention, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    """SAM's Attention.forward, plus the reference's second softmax over `attn + bias`."""
+    """The module's own forward; with a bias, softmax attention plus the reference's second
+    softmax over `attn + bias` (SAM 2's fused attention cannot take a bias after its softmax)."""
+    if bias is None:
+        return attention(q, k, v)
     q = attention._separate_heads(attention.q_proj(q), attention.num_heads)
     k = attention._separate_heads(attention.k_proj(k), attention.num_heads)
     v = attention._separate_heads(attention.v_proj(v), attention.num_heads)
     attn = q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[-1])
     attn = torch.softmax(attn, dim=-1)
-    if bias is not None:
-        attn = torch.softmax(attn + bias, dim=-1)
+    attn = torch.softmax(attn + bias, dim=-1)
     return attention.out_proj(attention._recombine_heads(attn @ v))
 
 
@@ -54,7 +59,7 @@ def _two_way_layer(
     return queries, keys
 
 
-def _transformer(
+def guided_transformer(
     transformer: TwoWayTransformer,
     image_embedding: Tensor,
     image_pe: Tensor,
@@ -62,7 +67,11 @@ def _transformer(
     bias: Tensor | None,
     target_embedding: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """image_embedding/image_pe: [B, 256, 64, 64]; tokens: [B, N, 256] -> (tokens, image tokens)."""
+    """TwoWayTransformer.forward with PerSAM's guidance, over SAM's or SAM 2's transformer.
+
+    image_embedding/image_pe: [B, 256, 64, 64]; tokens: [B, N, 256]; bias: [1 or B, 1, 1, 4096];
+    target_embedding: [1 or B, 1, 256] -> (tokens [B, N, 256], image tokens [B, 4096, 256]).
+    """
     keys = image_embedding.flatten(2).permute(0, 2, 1)
     key_pe = image_pe.flatten(2).permute(0, 2, 1)
     queries = tokens
@@ -107,7 +116,7 @@ def decode_masks(
     pos_src = torch.repeat_interleave(image_pe, batch, dim=0)
     b, c, h, w = src.shape
 
-    hs, src = _transformer(decoder.transformer, src, pos_src, tokens, attention_bias, target_embedding)
+    hs, src = guided_transformer(decoder.transformer, src, pos_src, tokens, attention_bias, target_embedding)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
 

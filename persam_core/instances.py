@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from segment_anything.modeling import Sam
 
+from .backbone import Model
 from .batch import EncodedBatch, HostResults
 from .cascade import segment_batch
 from .concept import ConceptTensors
@@ -38,14 +38,15 @@ def instance_results(results: HostResults) -> list[InstanceResult]:
         present = bool(results.present[row])
         score = float(results.score[row]) if present else 0.0
         point = (int(results.point[row, 0]), int(results.point[row, 1]))
-        result = Result(results.mask(row), score, float(results.similarity[row]), point)
+        result = Result(results.mask(row), score, float(results.similarity[row]), point,
+                        object_score=float(results.object_score[row]))
         out.append(InstanceResult(result, int(results.instance[row]), present))
     return out
 
 
 @torch.no_grad()
 def segment_instances(
-    sam: Sam,
+    sam: Model,
     encoded: EncodedImage,
     concept: ConceptTensors,
     max_instances: int = 1,

@@ -1,8 +1,9 @@
-"""SAM model registry, safe weight loading and the model fingerprint.
+"""Model registry (SAM and SAM 2.1), safe weight loading and the model fingerprint.
 
 `vit_h`, `vit_l`, `vit_b` are segment_anything's official builders; `tiny` uses the very
 same module classes with small dimensions, so tests exercise the real code paths in
-milliseconds. Outputs keep SAM's contract (features: [B, 256, 64, 64]) in every config.
+milliseconds. `sam2.1_t|s|b+|l` and `tiny_sam2` are built by the sam2 package's own
+`build_sam2` (see `sam2_models.py`). Every config yields features [B, 256, 64, 64].
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from .sam2_models import SAM2_MODEL_TYPES, build_sam2_model
 from .tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -72,12 +74,13 @@ def _build_mobile_sam() -> Sam:
     return sam_around(TinyViT())
 
 
-MODEL_BUILDERS: dict[str, Callable[[], Sam]] = {
+MODEL_BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "vit_h": partial(sam_model_registry["vit_h"], checkpoint=None),
     "vit_l": partial(sam_model_registry["vit_l"], checkpoint=None),
     "vit_b": partial(sam_model_registry["vit_b"], checkpoint=None),
     "vit_t": _build_mobile_sam,
     "tiny": _build_tiny,
+    **{model_type: partial(build_sam2_model, model_type) for model_type in SAM2_MODEL_TYPES},
 }
 MODEL_TYPES = tuple(MODEL_BUILDERS)
 
@@ -86,7 +89,11 @@ class ModelError(ValueError):
     """A model type or checkpoint that cannot be used; the message says what to do."""
 
 
-def _builder(model_type: str) -> Callable[[], Sam]:
+def is_sam2(model_type: str) -> bool:
+    return model_type in SAM2_MODEL_TYPES
+
+
+def _builder(model_type: str) -> Callable[[], torch.nn.Module]:
     if model_type not in MODEL_BUILDERS:
         raise ModelError(
             f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}"
@@ -94,8 +101,9 @@ def _builder(model_type: str) -> Callable[[], Sam]:
     return MODEL_BUILDERS[model_type]
 
 
-def build_random(model_type: str, seed: int) -> Sam:
-    """The architecture with `torch.manual_seed(seed)` initial weights (tests, offline demo)."""
+def build_random(model_type: str, seed: int) -> torch.nn.Module:
+    """The architecture with `torch.manual_seed(seed)` initial weights (tests, offline demo):
+    a segment_anything `Sam` or a sam2 `SAM2Base`."""
     builder = _builder(model_type)
     torch.manual_seed(seed)
     return builder().eval()
@@ -129,10 +137,23 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def check_architecture(model_type: str, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse a state dict whose keys or shapes do not match `model_type` (no memory used)."""
+def _skeleton(model_type: str) -> torch.nn.Module:
+    """The architecture without real weights where possible. SAM builds on the meta device;
+    SAM 2 is built on the CPU, because sam2 computes tensors at construction that a meta
+    build cannot hold (its RoPE tables, moved to CUDA when there is one)."""
+    if is_sam2(model_type):
+        return _builder(model_type)()
     with torch.device("meta"):
-        expected = _builder(model_type)().state_dict()
+        return _builder(model_type)()
+
+
+def check_architecture(model_type: str, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict whose keys or shapes do not match `model_type`."""
+    _compare(model_type, _skeleton(model_type).state_dict(), state_dict, source)
+
+
+def _compare(model_type: str, expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+             source: str) -> None:
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong = sorted(k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape))
@@ -146,8 +167,15 @@ def check_architecture(model_type: str, state_dict: Mapping[str, torch.Tensor], 
         )
 
 
-def build_from_state_dict(model_type: str, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Sam:
-    """Build `model_type` and load `state_dict` strictly, without a throw-away random init."""
+def build_from_state_dict(
+    model_type: str, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> torch.nn.Module:
+    """Build `model_type` and load `state_dict` strictly (SAM: without a throw-away random init)."""
+    if is_sam2(model_type):
+        model = _skeleton(model_type)
+        _compare(model_type, model.state_dict(), state_dict, source)
+        model.load_state_dict(state_dict, strict=True)
+        return model.float().eval()
     check_architecture(model_type, state_dict, source)
     with torch.device("meta"):
         sam = _builder(model_type)()
@@ -173,6 +201,6 @@ def fingerprint(state_dict: Mapping[str, torch.Tensor], model_type: str) -> str:
     return f"{model_type}:{digest.hexdigest()[:16]}"
 
 
-def model_fingerprint(sam: Sam, model_type: str) -> str:
+def model_fingerprint(sam: torch.nn.Module, model_type: str) -> str:
     """Fingerprint of a built model's weights (same as of the state dict it came from)."""
     return fingerprint(sam.state_dict(), model_type)

@@ -1,14 +1,15 @@
 """P (image, concept) pairs of one encoder batch, decoded together.
 
-Everything SAM does at low resolution (prompt encoder, mask decoder: [P, ..., 256, 256])
+Everything the model does at low resolution (prompt encoder, mask decoder: [P, ..., 256, 256])
 is one call for all pairs. What happens at each image's original size (the prior's S',
 a mask's tight box, the final mask) differs in shape from image to image, so it runs per
 *size group* (the pairs whose images share input and original size), in chunks of at
 most `FULL_RES_CHUNK` pairs to bound memory. Sizes are host metadata known before any
 GPU work, so grouping never reads the device.
 
-Prompt coordinates are scaled as SamPredictor does (`ResizeLongestSide.apply_coords`:
-float64 pixels x (new / old), then float32), so a batch of one is bit-identical to it.
+The model is a `Backbone` (SAM or SAM 2, see backbone.py). Prompt coordinates are mapped as
+its predictor does (SAM: float64 pixels x (new / old), then float32; SAM 2: float32 pixels /
+original size x 1024), so a batch of one is bit-identical to SamPredictor / SAM2ImagePredictor.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from segment_anything.modeling import Sam
 
-from .decoder import decode_masks
-from .prompts import encode_prompts
+from .backbone import Backbone, Decoded, as_backbone
 
 FULL_RES_CHUNK = 32  # pairs upsampled at once: 32 x 3 masks x 1024^2 fp32 = 384 MiB
 
@@ -38,30 +37,35 @@ class SizeGroup:
 
 @dataclass(frozen=True)
 class PairBatch:
-    """P pairs: image_index [P] (device) of features [B, 256, 64, 64]; groups by image size.
+    """P pairs: image_index [P] (device) of features [B, 256, 64, 64] (and, for SAM 2, of the
+    high-res features per level, [B, C, h, w] each); groups by image size.
 
-    scale: [P, 2] float64 (new_w / old_w, new_h / old_h) of each pair's image.
+    coordinates: [P, 2], what the backbone needs to map each pair's pixels to its input.
     """
 
-    sam: Sam
+    backbone: Backbone
     features: Tensor
     image_index: Tensor
     groups: tuple[SizeGroup, ...]
-    scale: Tensor
+    coordinates: Tensor
     image_of_pair: tuple[int, ...]
     input_sizes: tuple[tuple[int, int], ...]
     original_sizes: tuple[tuple[int, int], ...]
+    high_res: tuple[Tensor, ...] = ()
 
     @classmethod
     def build(
         cls,
-        sam: Sam,
+        model,
         features: Tensor,
         image_of_pair: Sequence[int],
         input_sizes: Sequence[tuple[int, int]],
         original_sizes: Sequence[tuple[int, int]],
+        high_res: Sequence[Tensor] = (),
     ) -> "PairBatch":
-        """image_of_pair: host list [P] of image indices; sizes per image ((h, w) each)."""
+        """model: Sam, SAM2Base or Backbone; image_of_pair: host list [P] of image indices; sizes
+        per image ((h, w) each); high_res: SAM 2's high-res features of the B images."""
+        backbone = as_backbone(model)
         device = features.device
         by_size: dict[tuple, list[int]] = {}
         for row, image in enumerate(image_of_pair):
@@ -70,25 +74,30 @@ class PairBatch:
             SizeGroup(to_device(rows, torch.long, device), tuple(rows), size[0], size[1])
             for size, rows in by_size.items()
         )
-        # Python floats (float64) exactly as ResizeLongestSide.apply_coords computes them.
-        scale = [
-            (input_sizes[i][1] / original_sizes[i][1], input_sizes[i][0] / original_sizes[i][0]) for i in image_of_pair
-        ]
+        table = backbone.coordinate_table([input_sizes[i] for i in image_of_pair], [original_sizes[i] for i in image_of_pair])
         return cls(
-            sam,
+            backbone,
             features,
             to_device(list(image_of_pair), torch.long, device),
             groups,
-            to_device(scale, torch.float64, device).reshape(-1, 2),
+            _to_device_tensor(table, device),
             tuple(image_of_pair),
             tuple(tuple(s) for s in input_sizes),
             tuple(tuple(s) for s in original_sizes),
+            tuple(high_res),
         )
+
+    @classmethod
+    def of_image(cls, model, encoded) -> "PairBatch":
+        """The batch of one pair on one EncodedImage (the one-image functions)."""
+        return cls.build(model, encoded.features[None], [0], [encoded.input_size], [encoded.original_size],
+                         tuple(level[None] for level in encoded.high_res))
 
     def subset(self, rows: Sequence[int]) -> "PairBatch":
         """The pairs `rows` (host indices into this batch) as a batch of their own."""
         return PairBatch.build(
-            self.sam, self.features, [self.image_of_pair[r] for r in rows], self.input_sizes, self.original_sizes
+            self.backbone, self.features, [self.image_of_pair[r] for r in rows], self.input_sizes, self.original_sizes,
+            self.high_res,
         )
 
     def __len__(self) -> int:
@@ -107,7 +116,7 @@ class PairBatch:
 
     def to_original(self, low: Tensor, group: SizeGroup) -> Tensor:
         """low: [p, M, 256, 256] logits of pairs of `group` -> [p, M, H, W] at the original size."""
-        return self.sam.postprocess_masks(low, group.input_size, group.original_size)
+        return self.backbone.postprocess(low, group.input_size, group.original_size)
 
     def per_chunk(self, low: Tensor, reduce: Callable[[Tensor, Tensor], Tensor], out_shape: tuple, dtype) -> Tensor:
         """Upsample low [P, M, 256, 256] chunk by chunk and reduce each [p, M, H, W] to [p, *out_shape]."""
@@ -118,7 +127,7 @@ class PairBatch:
 
     def mask_boxes(self, low: Tensor) -> tuple[Tensor, Tensor]:
         """low: [P, 256, 256] logits -> (tight box [P, 4] xyxy of the mask at original size, empty [P] bool)."""
-        threshold = self.sam.mask_threshold
+        threshold = self.backbone.mask_threshold
         packed = self.per_chunk(low[:, None], lambda high, rows: boxes_of(high[:, 0] > threshold), (5,), torch.long)
         return packed[:, :4], packed[:, 4].bool()
 
@@ -132,30 +141,41 @@ class PairBatch:
         multimask: bool = True,
         attention_bias: Tensor | None = None,
         target_embedding: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """SamPredictor.predict for every pair in one prompt-encoder and one mask-decoder call.
+    ) -> Decoded:
+        """The predictor's predict for every pair in one prompt-encoder and one mask-decoder call.
 
         points: [P, N, 2] (x, y) original pixels; labels: [P, N]; box: [P, 4] xyxy pixels;
-        mask_input: [P, 256, 256] low-res logits; attention_bias: [P, 1, 1, 4096];
-        target_embedding: [P, 1, 256]. -> (low-res logits [P, M, 256, 256], predicted IoU [P, M]).
+        mask_input: [P, 256, 256] low-res logits (see `feedback`); attention_bias: [P, 1, 1, 4096];
+        target_embedding: [P, 1, 256]. -> Decoded (low-res logits [P, M, 256, 256], predicted IoU
+        [P, M], object score [P]).
         """
-        coords = (points.to(torch.float64) * self.scale[:, None]).to(torch.float32)
+        coords = self.backbone.input_coordinates(points, self.coordinates)
         boxes = None
         if box is not None:
-            corners = box.to(torch.float64).reshape(-1, 2, 2) * self.scale[:, None]
-            boxes = corners.reshape(-1, 4).to(torch.float32)
+            boxes = self.backbone.input_coordinates(box.reshape(-1, 2, 2), self.coordinates).reshape(-1, 4)
         masks = None if mask_input is None else mask_input[:, None].to(torch.float32)
-        sparse, dense = encode_prompts(self.sam.prompt_encoder, coords, labels.to(torch.int), boxes, masks)
-        return decode_masks(
-            self.sam.mask_decoder,
+        return self.backbone.decode(
             self.features[self.image_index],
-            self.sam.prompt_encoder.get_dense_pe(),
-            sparse,
-            dense,
+            tuple(level[self.image_index] for level in self.high_res),
+            coords,
+            labels,
+            boxes,
+            masks,
             multimask,
-            attention_bias=attention_bias,
-            target_embedding=target_embedding,
+            attention_bias,
+            target_embedding,
         )
+
+    def feedback(self, low_res: Tensor) -> Tensor:
+        """Low-res logits of a decode, as the model's predictor returns them for a next pass."""
+        return self.backbone.mask_feedback(low_res)
+
+
+def _to_device_tensor(tensor: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor -> device, queued like a kernel on CUDA (see `to_device`)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:

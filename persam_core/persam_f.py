@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from segment_anything.modeling import Sam
 
+from .backbone import Model
 from .concept import ConceptTensors
 from .pairs import PairBatch, boxes_of
 from .persam import Result, prior_for
@@ -58,7 +58,7 @@ def full_weights(learned: Tensor) -> Tensor:
 
 
 def fit_mask_weights(
-    sam: Sam,
+    sam: Model,
     encoded: Sequence[EncodedImage],
     masks: Sequence[np.ndarray],
     target_feature: Tensor,
@@ -123,36 +123,39 @@ def persam_f_passes(pairs: PairBatch, positive: Tensor, mask_weights: Tensor) ->
     """
     points = positive[:, None]  # [P, 1, 2]
     labels = torch.ones(points.shape[:2], dtype=torch.long, device=points.device)
-    first, first_scores = pairs.decode(points, labels, multimask=True)
+    decoded = pairs.decode(points, labels, multimask=True)
+    first, first_scores = decoded.low_res, decoded.scores
     weights = mask_weights.to(first)
-    threshold = pairs.sam.mask_threshold
+    threshold = pairs.backbone.mask_threshold
 
     def weighted_box(high: Tensor, rows: Tensor) -> Tensor:  # high: [p, 3, H, W]
         return boxes_of((high * weights[rows][:, :, None, None]).sum(1) > threshold)
 
     packed = pairs.per_chunk(first, weighted_box, (5,), torch.long)
     box, empty = packed[:, :4], packed[:, 4].bool()
-    low_res = (first * weights[:, :, None, None]).sum(1)  # [P, 256, 256]
-    second, second_scores = pairs.decode(points, labels, box=box, mask_input=low_res, multimask=True)
-    refined = refine_with_box(pairs, points, labels, second, second_scores)
+    # The reference weights the logits the predictor returns (SAM 2's: clamped to +-32).
+    low_res = (pairs.feedback(first) * weights[:, :, None, None]).sum(1)  # [P, 256, 256]
+    second = pairs.decode(points, labels, box=box, mask_input=low_res, multimask=True)
+    refined = refine_with_box(pairs, points, labels, second.low_res, second.scores, second.object_score)
     # An empty weighted mask has nothing to refine (the reference crashes here): score = sum w_i * iou_i.
     return CascadeOutput(
         refined.low_res,
         torch.where(empty, (first_scores * weights).sum(1), refined.score),
         empty | refined.empty,
+        torch.where(empty, decoded.object_score, refined.object_score),
     )
 
 
 @torch.no_grad()
 def segment_persam_f(
-    sam: Sam, encoded: EncodedImage, concept: ConceptTensors, prior: LocationPrior | None = None
+    sam: Model, encoded: EncodedImage, concept: ConceptTensors, prior: LocationPrior | None = None
 ) -> Result:
     """PerSAM-F's cascade for one concept on one encoded image (the batch of one)."""
     if concept.mask_weights is None:
         raise ValueError(f"concept {concept.concept.name!r} has no PerSAM-F mask weights")
     prior = prior if prior is not None else prior_for(sam, encoded, concept)
     positive = positive_points(prior.upsampled[None])
-    pairs = PairBatch.build(sam, encoded.features[None], [0], [encoded.input_size], [encoded.original_size])
+    pairs = PairBatch.of_image(sam, encoded)
     output = persam_f_passes(pairs, positive, concept.mask_weights.reshape(1, 3))
     return Result(final_mask(pairs, output), float(output.score[0]), prior.presence,
-                  tuple(int(v) for v in positive[0]))
+                  tuple(int(v) for v in positive[0]), object_score=float(output.object_score[0]))

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from segment_anything.modeling import Sam
+
+from .backbone import as_backbone
 
 
 @dataclass(frozen=True)
@@ -82,22 +83,23 @@ def similarity_map(features: torch.Tensor, target_feature: torch.Tensor) -> torc
 
 
 def upsample_similarities(
-    sam: Sam, similarity: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    sam, similarity: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> torch.Tensor:
-    """S: [P, 64, 64] of images of one size -> S': [P, H, W] (x4 bilinear, then SAM's postprocess_masks)."""
+    """S: [P, 64, 64] of images of one size -> S': [P, H, W]: x4 bilinear to the low-res mask
+    grid, then the model's own mask upsampling (sam: Sam, SAM2Base or Backbone)."""
     upsampled = F.interpolate(similarity[:, None], scale_factor=4, mode="bilinear")
-    return sam.postprocess_masks(upsampled, input_size=input_size, original_size=original_size)[:, 0]
+    return as_backbone(sam).postprocess(upsampled, input_size, original_size)[:, 0]
 
 
 def upsample_to_image(
-    sam: Sam, similarity: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    sam, similarity: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> torch.Tensor:
     """S: [64, 64] -> S': [H, W]."""
     return upsample_similarities(sam, similarity[None], input_size, original_size)[0]
 
 
 def location_prior(
-    sam: Sam,
+    sam,
     features: torch.Tensor,
     target_feature: torch.Tensor,
     input_size: tuple[int, int],

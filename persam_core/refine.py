@@ -19,26 +19,33 @@ from .pairs import PairBatch, pick
 
 @dataclass(frozen=True)
 class CascadeOutput:
-    """Per pair: final low-res logits [P, 256, 256], score [P] (SAM's predicted IoU, or
-    PerSAM-F's weighted one), empty [P] bool (the final mask is known to be empty)."""
+    """Per pair: final low-res logits [P, 256, 256], score [P] (the predicted IoU, or
+    PerSAM-F's weighted one), empty [P] bool (the final mask is known to be empty),
+    object_score [P] (SAM 2's object-score logit of the decode that gave the mask; NaN for SAM)."""
 
     low_res: Tensor
     score: Tensor
     empty: Tensor
+    object_score: Tensor
 
 
-def refine_with_box(pairs: PairBatch, points: Tensor, labels: Tensor, low_res: Tensor, scores: Tensor) -> CascadeOutput:
-    """Cascaded refinement: best mask of (low_res [P, M, 256, 256], scores [P, M]) -> its tight
-    box + its logits -> best new mask. Pairs whose best mask is empty keep it (no box)."""
+def refine_with_box(pairs: PairBatch, points: Tensor, labels: Tensor, low_res: Tensor, scores: Tensor,
+                    object_score: Tensor | None = None) -> CascadeOutput:
+    """Cascaded refinement: best mask of (low_res [P, M, 256, 256], scores [P, M]; object_score
+    [P] of that decode) -> its tight box + its logits -> best new mask. Pairs whose best mask is
+    empty keep it (no box)."""
     best = torch.argmax(scores, dim=1)  # first on ties, as numpy.argmax in the reference
     chosen, chosen_score = pick(low_res, best), pick(scores, best)
     box, empty = pairs.mask_boxes(chosen)
-    refined, refined_scores = pairs.decode(points, labels, box=box, mask_input=chosen, multimask=True)
-    final = torch.argmax(refined_scores, dim=1)
+    refined = pairs.decode(points, labels, box=box, mask_input=pairs.feedback(chosen), multimask=True)
+    final = torch.argmax(refined.scores, dim=1)
+    if object_score is None:
+        object_score = torch.full_like(chosen_score, float("nan"))
     return CascadeOutput(
-        torch.where(empty[:, None, None], chosen, pick(refined, final)),
-        torch.where(empty, chosen_score, pick(refined_scores, final)),
+        torch.where(empty[:, None, None], chosen, pick(refined.low_res, final)),
+        torch.where(empty, chosen_score, pick(refined.scores, final)),
         empty,
+        torch.where(empty, object_score, refined.object_score),
     )
 
 
@@ -46,4 +53,4 @@ def final_mask(pairs: PairBatch, output: CascadeOutput, row: int = 0) -> np.ndar
     """The final [H, W] bool mask of one pair, on the host (one-image path only)."""
     group = next(g for g in pairs.groups if row in g.rows_host)
     high = pairs.to_original(output.low_res[row : row + 1, None], group)[0, 0]
-    return ((high > pairs.sam.mask_threshold) & ~output.empty[row]).cpu().numpy()
+    return ((high > pairs.backbone.mask_threshold) & ~output.empty[row]).cpu().numpy()

@@ -45,6 +45,14 @@ def tiny_sam():
 
 
 @pytest.fixture(scope="session")
+def tiny_sam2():
+    """SAM 2 (sam2's SAM2Base) with a shrunken Hiera trunk: SAM 2's real code paths, fast."""
+    from persam_core.models import build_random
+
+    return build_random("tiny_sam2", 0)
+
+
+@pytest.fixture(scope="session")
 def vit_b_sam():
     from persam_core.models import build_random
 

@@ -1,7 +1,7 @@
 """Checkpoint specs -> a loaded SAM and its fingerprint.
 
 A spec is `random:SEED` (the architecture with torch.manual_seed(SEED) weights),
-`official` (the published file for the model type, SHA-256 checked), a local path, or
+`official` (the published file for the model type, SHA-256 checked where published), a local path, or
 any fsspec URL (s3://, gs://, https://...). Remote files are downloaded once per node
 into the cache (`PERSAM_CACHE`, default ~/.cache/persam) under a lock, written to a
 temporary name and renamed, so parallel actors never see half a file.
@@ -24,13 +24,19 @@ from persam_core.models import ModelError, build_from_state_dict, build_random, 
 from jobs.storage.redaction import redact
 
 SAM_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
+SAM2_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 # Published files and their SHA-256 (checked whenever a downloaded file carries one of these names).
-OFFICIAL_CHECKPOINTS = {
+OFFICIAL_CHECKPOINTS: dict[str, tuple[str, str | None]] = {
     "vit_h": (SAM_BASE + "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
     "vit_l": (SAM_BASE + "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
     "vit_b": (SAM_BASE + "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
     "vit_t": ("https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
               "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"),
+    # SAM 2.1 (files are {"model": state_dict}): Meta publishes no SHA-256 for them, so none is checked.
+    "sam2.1_t": (SAM2_BASE + "sam2.1_hiera_tiny.pt", None),
+    "sam2.1_s": (SAM2_BASE + "sam2.1_hiera_small.pt", None),
+    "sam2.1_b+": (SAM2_BASE + "sam2.1_hiera_base_plus.pt", None),
+    "sam2.1_l": (SAM2_BASE + "sam2.1_hiera_large.pt", None),
 }
 _RANDOM = re.compile(r"^random:(\d+)$")
 

@@ -1,0 +1,130 @@
+"""SAM 2 (sam2's `SAM2Base`) as a PerSAM backbone, exactly as `SAM2ImagePredictor` drives it.
+
+- Input: `SAM2Transforms` (to_tensor, resize to 1024 x 1024 with antialiasing, normalise). The
+  resize is the CPU-side step: `resize` keeps its float32 result, because rounding it to uint8
+  would change the features; `encoder_input` only normalises.
+- Features: `forward_image` (which also projects the two high-resolution levels for the
+  decoder), the no-memory embedding added to the lowest-resolution level: `image_embed`
+  [B, 256, 64, 64] is what PerSAM's prior and the concept see; the high-resolution features
+  [B, 32, 256, 256], [B, 64, 128, 128] feed the decoder's skips.
+- Prompts: pixel / original size * 1024 in float32; a box is two corner points (labels 2, 3)
+  before the clicks, as the predictor merges them; mask inputs are the predictor's low-res
+  logits, which it clamps to +-32 before handing them back.
+- Masks: bilinear upsampling of the 256 x 256 logits to the image. The predictor's optional
+  hole filling (`max_hole_area`, which needs sam2's CUDA extension) is off by default and never
+  used here, so the extension's absence changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchvision.transforms import functional as TF
+from sam2.modeling.sam2_base import SAM2Base
+
+from .backbone import Decoded
+from .decoder_sam2 import decode_masks_sam2
+from .preprocess import GRID_SIZE, ResizedImage
+
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+LOW_RES_CLAMP = 32.0  # SAM2ImagePredictor clamps the low-res logits it returns to +-32
+BOX_LABELS = (2, 3)  # SAM 2's prompt encoder: top-left and bottom-right box corners
+
+
+def resize_square(image: np.ndarray, size: int = 1024) -> ResizedImage:
+    """[H, W, 3] uint8 RGB -> ResizedImage with pixels [size, size, 3] float32 in [0, 1]
+    (SAM2Transforms' to_tensor + Resize, bit for bit)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
+    resized = TF.resize(TF.to_tensor(image), [size, size])  # [3, size, size]
+    return ResizedImage(np.ascontiguousarray(resized.permute(1, 2, 0).numpy()), (int(image.shape[0]), int(image.shape[1])))
+
+
+def square_mask_grid(mask: np.ndarray, value: int, size: int = 1024) -> Tensor:
+    """mask: [H, W] bool -> [64, 64] bool: the {0, value} mask through the image's transform
+    (red channel's mean/std), bilinear to 64 x 64, cells > 0 (PerSAM's reference-mask rule)."""
+    if mask.ndim != 2:
+        raise ValueError(f"expected an [H, W] mask, got shape {mask.shape}")
+    scaled = TF.to_tensor(mask.astype(np.uint8) * np.uint8(value))  # [1, H, W] in [0, 1]
+    normalised = TF.normalize(TF.resize(scaled, [size, size]), PIXEL_MEAN[:1], PIXEL_STD[:1])
+    return F.interpolate(normalised[None], size=(GRID_SIZE, GRID_SIZE), mode="bilinear")[0, 0] > 0
+
+
+class Sam2Backbone:
+    """A SAM2Base model (image mode: no memory) behind the Backbone protocol."""
+
+    def __init__(self, model: SAM2Base) -> None:
+        if not isinstance(model, SAM2Base):
+            raise TypeError(f"expected a segment_anything Sam or a sam2 SAM2Base, got {type(model).__name__}")
+        self.model = model
+        self.mask_threshold = 0.0
+        self.image_size = int(model.image_size)
+        # (256, 256), (128, 128), (64, 64) at 1024: the grid of each feature level, finest first
+        self.level_sizes = tuple((self.image_size // s, self.image_size // s) for s in (4, 8, 16))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def resize(self, image: np.ndarray) -> ResizedImage:
+        return resize_square(image, self.image_size)
+
+    def encoder_input(self, resized: ResizedImage) -> Tensor:
+        expected = (self.image_size, self.image_size, 3)
+        if resized.pixels.dtype != np.float32 or tuple(resized.pixels.shape) != expected:
+            raise ValueError(
+                f"SAM 2 encodes images resized by its own transform ({expected[0]}x{expected[1]} float32, "
+                f"Sam2Backbone.resize), got {resized.pixels.dtype} {tuple(resized.pixels.shape)}"
+            )
+        pixels = torch.from_numpy(np.ascontiguousarray(resized.pixels))
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        else:
+            pixels = pixels.to(self.device)
+        return TF.normalize(pixels.permute(2, 0, 1).contiguous(), PIXEL_MEAN, PIXEL_STD)[None]
+
+    def encode(self, batch: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """SAM2ImagePredictor.set_image_batch's features -> (image_embed, (level 0, level 1))."""
+        model = self.model
+        _, levels, _, _ = model._prepare_backbone_features(model.forward_image(batch))  # each [HW, B, C]
+        if model.directly_add_no_mem_embed:
+            levels[-1] = levels[-1] + model.no_mem_embed
+        maps = [level.permute(1, 2, 0).view(batch.shape[0], -1, *size) for level, size in zip(levels, self.level_sizes)]
+        return maps[-1], tuple(maps[:-1])
+
+    def mask_grid(self, mask: np.ndarray, value: int) -> Tensor:
+        return square_mask_grid(mask, value, self.image_size)
+
+    def coordinate_table(self, input_sizes, original_sizes) -> Tensor:
+        """(w, h) of each pair's original image, float32 (the predictor divides by them)."""
+        return torch.tensor([(o[1], o[0]) for o in original_sizes], dtype=torch.float32).reshape(-1, 2)
+
+    def input_coordinates(self, xy: Tensor, table: Tensor) -> Tensor:
+        return xy.to(torch.float32) / table[:, None] * self.image_size
+
+    def mask_feedback(self, low_res: Tensor) -> Tensor:
+        return torch.clamp(low_res, -LOW_RES_CLAMP, LOW_RES_CLAMP)
+
+    def postprocess(self, low_res: Tensor, input_size, original_size) -> Tensor:
+        return F.interpolate(low_res.float(), tuple(original_size), mode="bilinear", align_corners=False)
+
+    def decode(self, features, high_res, coords, labels, boxes, mask_input, multimask, attention_bias,
+               target_embedding) -> Decoded:
+        if self.model.sam_mask_decoder.use_high_res_features and len(high_res) != 2:
+            raise ValueError("SAM 2 decodes need the encoder's high-resolution features (EncodedImage.high_res); "
+                             "the 64x64 features alone are not enough")
+        labels = labels.to(torch.int)
+        if boxes is not None:  # the predictor's merge: box corners first, then the clicks
+            # 2, 3 made on the device (a host tensor copied from pageable memory would wait for the GPU)
+            corners = (BOX_LABELS[0] + torch.arange(2, dtype=torch.int, device=labels.device)).expand(labels.shape[0], -1)
+            coords = torch.cat([boxes.reshape(-1, 2, 2), coords], dim=1)
+            labels = torch.cat([corners, labels], dim=1)
+        sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
+        low_res, scores, object_score = decode_masks_sam2(
+            self.model.sam_mask_decoder, features, self.model.sam_prompt_encoder.get_dense_pe(), sparse, dense,
+            multimask, high_res, attention_bias=attention_bias, target_embedding=target_embedding,
+        )
+        return Decoded(low_res, scores, object_score)
