@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from jobs.checkpoints import OFFICIAL_CHECKPOINTS, load_model, official_url
+from jobs.storage.checkpoints import OFFICIAL_CHECKPOINTS, load_model, official_url
 from persam_core.models import model_fingerprint
 
 
