@@ -14,6 +14,7 @@ from PIL import Image
 
 from persam_core.masks import decode_rle
 
+from jobs.pipeline.output_files import output_tables
 from jobs.storage.images import decode_image
 from jobs.storage.files import read_bytes
 from jobs.storage.files import write_atomically
@@ -30,8 +31,10 @@ class ExportError(ValueError):
 def read_mask_rows(masks_url: str, storage_options: dict | None = None) -> list[dict]:
     try:
         fs, root = url_to_fs(masks_url, **(storage_options or {}))
-        paths = sorted(fs.glob(f"{root.rstrip('/')}/**/*.parquet")) if fs.isdir(root) else [root]
-        tables = [pq.read_table(p, filesystem=fs) for p in paths]
+        # a segment output (any layout) through its reader; any other Parquet folder as it is
+        tables = list(output_tables(masks_url, storage_options)) if fs.isdir(root) else []
+        paths = [] if tables else sorted(fs.glob(f"{root.rstrip('/')}/**/*.parquet")) if fs.isdir(root) else [root]
+        tables += [pq.read_table(p, filesystem=fs) for p in paths]
     except (OSError, ValueError) as error:
         raise ExportError(f"{masks_url}: cannot read the masks Parquet ({type(error).__name__}); pass the --output of `persam segment`") from None
     if not tables:
