@@ -241,7 +241,7 @@ def read_job_record(output: str, storage_options: dict | None = None) -> dict:
     if stored.get("layout") == BY_CONCEPT:
         paths = fs.glob(f"{root}/{PARTITION_PREFIX}*/{CONCEPT_FILE}")
         records = [json.loads(fs.cat_file(p)) for p in sorted(paths)]
-        stored["concepts"] = {r["concept"]: r for r in records}
+        stored["concepts"] = {r["name"]: r for r in records}
     return stored
 
 

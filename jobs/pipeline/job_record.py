@@ -81,7 +81,7 @@ class JobRecord:
 
     def concept_json(self, concept: str) -> str:
         """The record of `concept`'s partition (BY_CONCEPT)."""
-        return json.dumps({"concept": concept, "digest": self.concept_digests.get(concept),
+        return json.dumps({"name": concept, "digest": self.concept_digests.get(concept),
                            "model_fingerprint": self.model_fingerprint, "settings": self.settings,
                            **self.provenance}, indent=1)
 

@@ -191,7 +191,7 @@ def test_incremental_output_has_one_row_per_current_image(lake, incremental):
         assert row["content_sha256"] == hashlib.sha256(data).hexdigest() and row["error"] is None
         with Image.open(lake.images / name) as picture:
             assert (row["width"], row["height"]) == picture.size
-    parts = list((lake.root / "out1").glob("part-*.parquet"))
+    parts = list((lake.root / "out1").rglob("part-*.parquet"))
     assert len(parts) == 1 and not list((lake.root / "out1").glob("*.tmp-*"))
 
 
