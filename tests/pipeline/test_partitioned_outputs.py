@@ -26,7 +26,7 @@ from jobs.pipeline import commit
 from jobs.pipeline.job_record import FLAT, JobRecord
 from jobs.spec import JobSpec, ModelSpec, SpeedSpec
 from jobs.storage.outputs import OutputError
-from jobs.storage.schema import CONCEPT, IMAGE_URI, read_part
+from jobs.storage.schema import CONCEPT, IMAGE_URI
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
 SECRET = "sEcReT-KeY-9876"
