@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from segment_anything import SamPredictor
@@ -43,7 +42,7 @@ from jobs.pipeline import commit
 from jobs.pipeline.session import ray_session, resolve_device
 from jobs.spec import DEFAULT_SHARD_SIZE, JobSpec, ModelSpec, SpeedSpec
 from jobs.storage.checkpoints import load_model
-from jobs.storage.schema import ERROR, error_count
+from jobs.storage.schema import ERROR, error_count, read_parts
 
 JOB_SIZES = [(1024, 768), (768, 1024)]
 # Noise amplitude that brings the generated JPEGs (quality 90) to photo-like byte sizes.
@@ -149,7 +148,7 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
                    input=str(image_dir), output=str(output), num_actors=options.num_actors, shard_size=shard_size)
     started = time.perf_counter()
     seconds, summary = timed(lambda: run_segment(spec, log=progress, on_progress=tracker))
-    table = pq.read_table(output, columns=[ERROR])
+    table = read_parts(commit.part_files(str(output)), columns=[ERROR])
     steady = tracker.steady_rate()
     return {"images_per_s": None if steady is None else round(steady, 3),
             "whole_images_per_s": round(summary.images / seconds, 3), "s": round(seconds, 2),

@@ -1,7 +1,9 @@
 """`persam segment`: plan the shards of a job, run the pipeline, commit each shard.
 
 Committed shards are skipped on a rerun; shards whose images changed are recomputed,
-carrying over the rows of their unchanged images (see commit.py for the protocol).
+carrying over the rows of their unchanged images (see commit.py for the protocol). The
+output has one partition per concept: a concept added to an existing output is computed
+alone, and a shard that several concepts lack is encoded once for all of them.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import itertools
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from jobs.pipeline import commit
+from jobs.pipeline.job_record import persam_version, utc_now
 from jobs.pipeline.actors import SegmentActor
 from jobs.pipeline.job import PreparedJob, expected_precision, prepare_job
 from jobs.pipeline.payload import FinishedChunk
@@ -25,7 +28,7 @@ from jobs.storage import listing
 from jobs.storage.concept_files import read_concepts
 from jobs.storage.listing import credential_free, is_manifest, no_images, waves
 from jobs.storage.redaction import redact
-from jobs.storage.schema import error_count, images_in
+from jobs.storage.schema import CONCEPT, error_count, images_in, rows_of_concepts
 
 
 @dataclass
@@ -41,6 +44,9 @@ class SegmentSummary:
     cache_hits: int = 0
     carried: int = 0
     removed: int = 0
+    # {concept: {"shards_run", "shards_skipped", "rows"}}: a concept added to an output runs
+    # every shard while the others skip them all
+    per_concept: dict = field(default_factory=dict)
 
     def line(self) -> str:
         return (
@@ -76,68 +82,107 @@ def run_segment(spec: JobSpec, log=print, on_progress: Callable[[int], None] | N
         "precision": expected_precision(spec),  # other precisions give (slightly) other masks
         "max_instances": spec.max_instances,
         "min_similarity": spec.min_similarity,
-        # a concept re-fitted under the same name is a different job
-        "concept_digests": {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts},
         "manifest_wave_images": listing.MANIFEST_WAVE_IMAGES if manifest else None,
     }
-    record = commit.JobRecord(shards_per_wave, tuple(c.name for c in concepts), fingerprint, settings)
-    record, committed = commit.open_job(spec.output, record, spec.storage_options, log)
+    # a concept re-fitted under the same name is a different concept
+    digests = {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts}
+    provenance = {"persam_version": persam_version(), "model_type": spec.model.model_type,
+                  "checkpoint": redact(spec.model.checkpoint), "input": redact(spec.input), "created": utc_now()}
+    record = commit.JobRecord(shards_per_wave, tuple(c.name for c in concepts), fingerprint, settings,
+                              commit.BY_CONCEPT, digests, provenance)
+    record, committed = commit.open_output(spec.output, record, spec.storage_options, log)
     job = PreparedJob(spec, fingerprint, tuple(c.to_json() for c in concepts), cache.num_shards if cache else None)
     totals: Counter = Counter()
+    per_concept: dict[str, Counter] = {c.name: Counter() for c in concepts}
     with ray_session() if manifest and spec.runner == "ray" else nullcontext():  # waves share one Ray
         for index, versions in enumerate(itertools.chain([first], batches)):
-            _run_wave(job, record, committed, versions, index * record.num_shards, totals, log, on_progress)
+            _run_wave(job, record, committed, versions, index * record.num_shards, totals, per_concept, log,
+                      on_progress)
     if manifest:  # shards of waves past the manifest's end: images removed from it
         waves_seen = index + 1
-        stale = [p for s, files in committed.items() if s >= waves_seen * record.num_shards for p in files.values()]
+        stale = [p for shards in committed.values() for s, files in shards.items()
+                 if s >= waves_seen * record.num_shards for p in files.values()]
         totals.update(removed=count_removed(stale, set(), spec.storage_options))
         commit.remove_files(spec.output, stale, spec.storage_options, log)
     t = totals
     return SegmentSummary(t["images"], t["rows"], t["errors"], t["run"], t["skipped"], redact(spec.output),
-                          time.perf_counter() - started, t["encoded"], t["cache_hits"], t["carried"], t["removed"])
+                          time.perf_counter() - started, t["encoded"], t["cache_hits"], t["carried"], t["removed"],
+                          {name: dict(counts) for name, counts in per_concept.items()})
+
+
+def _concepts_of(partition: str, record: commit.JobRecord) -> list[str]:
+    """The concepts whose rows a partition holds: its own, or every one (older outputs' root)."""
+    return [partition] if partition else list(record.concepts)
 
 
 def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versions: dict[str, str], offset: int,
-              totals: Counter, log, on_progress: Callable[[int], None] | None) -> None:
-    """Plan one wave's shards (global ids offset..offset+num_shards), drop stale files, run, commit."""
+              totals: Counter, per_concept: dict[str, Counter], log, on_progress: Callable[[int], None] | None) -> None:
+    """Plan one wave's shards (global ids offset..offset+num_shards) in every partition, drop
+    stale files, run each group of shards lacking the same concepts, commit per partition."""
     output, storage = job.spec.output, job.spec.storage_options
     versions, sources = credential_free(versions)
     urls = list(versions)
-    local = {s - offset: files for s, files in committed.items() if offset <= s < offset + record.num_shards}
-    plan = commit.plan_shards(urls, record.num_shards, local, versions)
-    superseded: dict[int, list[str]] = {}
-    for path in plan.superseded:
-        superseded.setdefault(commit.shard_of_path(path), []).append(path)
-    to_run = [{**s, "shard": s["shard"] + offset} for s in plan.to_run]
-    running = {s["shard"] for s in to_run}
+    local = {partition: {s - offset: files for s, files in shards.items() if offset <= s < offset + record.num_shards}
+             for partition, shards in committed.items()}
+    plan = commit.plan_output(urls, record.num_shards, local, versions)
     # Superseded files of shards not rerun now (repairs, emptied shards) go at once; the
     # others are replaced by their shard's commit, and read for the rows they carry over.
-    dropped = [p for s, ps in superseded.items() if s not in running for p in ps]
-    totals.update(removed=count_removed(dropped, set(urls), storage), skipped=plan.up_to_date)
-    commit.remove_files(output, dropped, storage, log)
-    log(f"{len(urls)} images x {len(job.concept_texts)} concepts; {len(to_run)} shards to run, "
-        f"{plan.up_to_date} already committed")
-    if not to_run:
-        return
+    totals.update(removed=count_removed(plan.dropped, set(urls), storage), skipped=plan.skipped)
+    commit.remove_files(output, plan.dropped, storage, log)
+    for partition, count in plan.committed.items():
+        for name in _concepts_of(partition, record):
+            per_concept[name].update(shards_skipped=count)
+    lacking = "" if len(plan.committed) < 2 else " (" + ", ".join(
+        f"{p}: {sum(p in s['partitions'] for s in plan.shards)} to run" for p in plan.committed) + ")"
+    log(f"{len(urls)} images x {len(job.concept_texts)} concepts; {len(plan.shards)} shards to run{lacking}, "
+        f"{plan.skipped} already committed")
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for shard in plan.shards:
+        shard["shard"] += offset
+        shard["sources"] = {u: sources[u] for u in shard["urls"] if u in sources}
+        groups.setdefault(tuple(shard["partitions"]), []).append(shard)
+    texts = dict(zip((name for name, _ in job.labels()), job.concept_texts))
+    # one pipeline run per set of lacking concepts (usually one): each image is encoded once
+    with ray_session() if len(groups) > 1 and job.spec.runner == "ray" else nullcontext():
+        for partitions, shards in groups.items():
+            names = [n for p in partitions for n in _concepts_of(p, record)]
+            group_job = replace(job, concept_texts=tuple(texts[n] for n in names))
+            results = run_pipeline(group_job, SegmentActor, shards, _committer(job, record, log), on_progress)
+            for problem in dict.fromkeys(p for r in results for p in r["problems"]):
+                log(f"cache: {problem}")
+            for result in results:  # summed here: commits run on several threads
+                for name, counts in result["per_concept"].items():
+                    per_concept[name].update(counts)
+            totals.update(run=len(shards), **{k: sum(r[k] for r in results)
+                                           for k in ("rows", "errors", "images", "encoded", "cache_hits", "carried",
+                                                     "removed")})
+
+
+def _committer(job: PreparedJob, record: commit.JobRecord, log):
+    output, storage = job.spec.output, job.spec.storage_options
 
     def commit_chunks(shard: dict, chunks: list[FinishedChunk]) -> dict:
-        """All chunks of one shard arrived: carry unchanged rows, order, publish, drop old files."""
+        """All chunks of one shard arrived: per partition, carry unchanged rows, order,
+        publish, and only then drop its old files."""
         carried = {url for c in chunks for url in c.carried}
-        table, removed = commit.assemble_shard(
-            shard["shard"], [c.rows() for c in chunks], carried, shard["previous"], shard["urls"], list(record.concepts),
-            storage, published=commit.part_path(output, shard["shard"], shard["digest"], storage))
-        commit.commit_shard(output, shard["shard"], shard["digest"], table, storage)
-        commit.remove_files(output, shard["previous"], storage, log)  # only after the new file is public
-        return {"shard": shard["shard"], "rows": table.num_rows, "errors": error_count(table),
-                "images": len(shard["urls"]), "encoded": sum(c.encoded for c in chunks),
-                "cache_hits": sum(c.cache_hits for c in chunks), "carried": len(carried), "removed": removed,
+        computed = [c.rows() for c in chunks]
+        number, digest = shard["shard"], shard["digest"]
+        counts, per_concept = Counter(), {}
+        for partition in shard["partitions"]:
+            names = _concepts_of(partition, record)
+            previous = shard["previous_by_partition"].get(partition, [])
+            table, removed = commit.assemble_shard(
+                number, [rows_of_concepts(t, names) for t in computed], carried, previous, shard["urls"], names,
+                storage, published=commit.part_path(output, number, digest, storage, partition))
+            commit.commit_shard(output, number, digest, table, storage, partition, record.parquet_metadata(names))
+            commit.remove_files(output, previous, storage, log)  # only after the new file is public
+            counts.update(rows=table.num_rows, errors=error_count(table))
+            counts["removed"] = max(counts["removed"], removed)  # the same images in every partition
+            rows = Counter(table.column(CONCEPT).to_pylist())
+            per_concept.update({name: {"shards_run": 1, "rows": rows[name]} for name in names})
+        return {"shard": number, "rows": counts["rows"], "errors": counts["errors"], "images": len(shard["urls"]),
+                "encoded": sum(c.encoded for c in chunks), "cache_hits": sum(c.cache_hits for c in chunks),
+                "carried": len(carried), "removed": counts["removed"], "per_concept": per_concept,
                 "problems": list(dict.fromkeys(p for c in chunks for p in c.problems))}
 
-    shards = [{"shard": s["shard"], "digest": s["digest"], "urls": s["urls"], "previous": superseded.get(s["shard"], []),
-               "sources": {u: sources[u] for u in s["urls"] if u in sources}} for s in to_run]
-    results = run_pipeline(job, SegmentActor, shards, commit_chunks, on_progress)
-    for problem in dict.fromkeys(p for r in results for p in r["problems"]):
-        log(f"cache: {problem}")
-    totals.update(run=len(to_run), **{k: sum(r[k] for r in results)
-                                   for k in ("rows", "errors", "images", "encoded", "cache_hits", "carried", "removed")})
-
+    return commit_chunks

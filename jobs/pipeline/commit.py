@@ -1,25 +1,37 @@
 """Shard commit protocol: every (image, concept) row lands exactly once.
 
+Layout (job_record.py says which an output has): one Hive partition per concept,
+`<output>/concept=<name>/part-<shard>-<digest>.parquet`, each partition running the
+protocol below on its own, so adding a concept adds a partition and leaves the others'
+files untouched; or, for outputs of older runs, the part files directly in `<output>/`,
+every concept's rows in one file per shard ("partition" "" below).
+
 1. The job's images are split into `num_shards` shards by a stable hash of the URL
    (sha1, not Python's salted hash), so a rerun regroups them identically. The shard
-   count and the job's identity (concepts and their content, model fingerprint,
-   settings) are recorded once in `<output>/_persam_job.json`; a rerun reads the shard
+   count and the job's identity (model fingerprint, settings; the concepts' content in
+   their partitions' records) are recorded once (job_record.py); a rerun reads the shard
    count back and refuses a different identity.
-2. A shard is committed by publishing `<output>/part-<shard>-<digest>.parquet` in one
+2. A shard is committed by publishing `<partition>/part-<shard>-<digest>.parquet` in one
    atomic step: temp file + rename on local file systems, a single whole-object PUT on
    object stores (readers never see a partial object). `<digest>` hashes the shard's
    sorted image URLs and their version tokens from the listing (ETag, or size + mtime),
    so the file name says exactly which images, in which version, it covers.
-3. A rerun lists the part files. A shard whose current digest is published is skipped;
-   any other shard is recomputed whole (new images, removed images, or never finished),
-   and after its publish the shard's older files are deleted. A run that died between
-   those two steps is repaired by the next run, which deletes a shard's superseded files
-   before anything else. Interrupted writes leave only `*.tmp-*` files, which no reader
+3. A rerun lists the part files of each of its concepts' partitions. A shard whose current
+   digest is published in every partition is skipped; any other shard (new images, removed
+   images, never finished, a new concept) is recomputed whole for the concepts whose
+   partition lacks its digest (the encoder runs once per image for all of them), and after
+   each partition's publish the shard's older files there are deleted. A run that died
+   between those two steps is repaired by the next run, which deletes a shard's superseded
+   files before anything else. Interrupted writes leave only `*.tmp-*` files, which no reader
    matches. So whichever process dies, no row is lost or duplicated once a run finishes.
 4. A shard is computed in chunks (jobs/pipeline/run.py); the driver publishes it once, after
    its last chunk arrived, keeping one copy of a chunk that a retried task delivered
    twice. Rows of unchanged images (same URL, same content) are carried over from the
-   shard's previous files; a shard's rows are ordered by URL, concept, instance.
+   shard's previous files (an image is unchanged when it has good rows for every concept
+   being computed); a shard's rows are ordered by URL, concept, instance.
+
+Provenance: every part file carries key-value metadata `persam.*` (version, model type,
+fingerprint, concept digests, settings, layout, created time), see JobRecord.parquet_metadata.
 
 Two jobs writing the same output at once compute the same shards and publish the same
 names with the same content: the last rename/PUT wins and nothing is duplicated, only
@@ -32,9 +44,11 @@ belongs to a publish that died; the next run's open_job deletes it. Younger ones
 belong to a live writer on another machine (whose liveness we cannot see) and are left.
 
 Foreign files: only `part-<shard>-<digest>.parquet` files holding our schema (a subset of
-MASK_SCHEMA's columns, same types) are ours. Anything else in the output (`notes.parquet`,
-a look-alike part file of another schema, an unreadable one) is reported in one line and
-left alone: never read as rows, never deleted.
+MASK_SCHEMA's columns, same types; without the concept column in a partition) in the job's
+partitions (or an older output's root) are ours. Anything else in the output
+(`notes.parquet`, a look-alike part file of another schema, an unreadable one) is reported
+in one line and left alone: never read as rows, never deleted. Partitions of concepts not
+in this run are neither listed nor touched.
 """
 
 from __future__ import annotations
@@ -46,7 +60,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
 
@@ -54,16 +68,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from jobs.pipeline.job_record import (
+    BY_CONCEPT, CONCEPT_FILE, FLAT, JOB_FILE, JobRecord, agreed, check_concept_names, check_concept_record,
+)
+from jobs.pipeline.output_files import (
+    FLAT_PARTITION, output_tables, parse_part_path, part_files, partition_root, shard_name, shard_of_path,
+)
 from jobs.storage.files import as_given, publish_bytes
 from jobs.storage.outputs import OutputError
 from jobs.storage.schema import (
-    IMAGE_URI, MASK_SCHEMA, image_uris, is_our_schema, ordered_rows, read_parts, select_rows_of,
+    IMAGE_URI, MASK_SCHEMA, PARTITION_PREFIX, image_uris, is_our_schema, ordered_rows, partition_concept,
+    partition_folder, partition_rows, read_parts, select_rows_of,
 )
 
-JOB_FILE = "_persam_job.json"
-PART_FILE = re.compile(r"^part-(\d+)-([0-9a-f]{12})\.parquet$")
+# names of the record and the files, re-exported: callers (commands, tests) use them as commit.*
+__all__ = ["BY_CONCEPT", "FLAT", "JOB_FILE", "JobRecord", "output_tables", "part_files", "shard_name"]
 # Temp files of our own publishes (publish_bytes); another tool's `*.tmp-*` is foreign.
-TEMP_FILE = re.compile(r"^(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json)\.tmp-[0-9a-f]+$")
+TEMP_FILE = re.compile(r"^(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json|_persam_concept\.json)\.tmp-[0-9a-f]+$")
+Committed = dict[int, dict[str, str]]  # one partition's part files: {shard: {digest: path}}
 # A publish writes its temp file in one go and renames it within seconds: an hour without
 # a write means its writer died (mtime, not pids: writers may be on other machines).
 STALE_TEMP_SECONDS = 3600.0
@@ -80,36 +102,8 @@ def urls_digest(urls: list[str], tokens: dict[str, str] | None = None) -> str:
     return hashlib.sha1("\n".join(f"{u}\t{tokens.get(u, '')}" for u in sorted(urls)).encode()).hexdigest()[:12]
 
 
-def shard_name(shard: int, digest: str) -> str:
-    return f"part-{shard:05d}-{digest}.parquet"
-
-
-def parse_part_path(path: str) -> tuple[int, str] | None:
-    """(shard, digest) of a published part file's path; None for any other file."""
-    match = PART_FILE.match(os.path.basename(path))
-    return (int(match.group(1)), match.group(2)) if match else None
-
-
-def shard_of_path(path: str) -> int:
-    return parse_part_path(path)[0]
-
-
 def shard_count(num_images: int, shard_size: int) -> int:
     return max(1, math.ceil(num_images / max(1, shard_size)))
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """What makes two runs the same job: a rerun must agree on all of it."""
-
-    num_shards: int
-    concepts: tuple[str, ...]
-    model_fingerprint: str
-    settings: dict = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps({"num_shards": self.num_shards, "concepts": list(self.concepts),
-                           "model_fingerprint": self.model_fingerprint, "settings": self.settings})
 
 
 @dataclass
@@ -147,11 +141,11 @@ def _age_seconds(info: dict, now: float) -> float | None:
     return now - float(modified) if isinstance(modified, (int, float)) else None
 
 
-def _scan_output(fs, root: str, log: Log | None) -> dict[int, dict[str, str]]:
-    """One listing of the output: part files by shard; stale temp files swept; others reported."""
-    committed: dict[int, dict[str, str]] = {}
-    foreign, now = [], time.time()
-    for info in fs.ls(root, detail=True):
+def _scan_folder(fs, folder: str, now: float, allowed: set[str], foreign: list[str]) -> Committed:
+    """One listing of a folder: part files by shard; stale temp files swept; other files except
+    `allowed` names collected in `foreign`."""
+    committed: Committed = {}
+    for info in fs.ls(folder, detail=True):
         path = info["name"]
         name = os.path.basename(path.rstrip("/"))
         parsed = parse_part_path(path) if info.get("type") != "directory" else None
@@ -161,8 +155,26 @@ def _scan_output(fs, root: str, log: Log | None) -> dict[int, dict[str, str]]:
             age = _age_seconds(info, now)
             if age is not None and age > STALE_TEMP_SECONDS:
                 _remove_quietly(fs, path)
-        elif name != JOB_FILE:
+        elif name not in allowed:
             foreign.append(path)
+    return committed
+
+
+def _scan_output(fs, root: str, record: JobRecord, log: Log | None) -> dict[str, Committed]:
+    """The part files of the job's partitions -> {partition: {shard: {digest: path}}}; partition
+    "" is the root of a FLAT output. Other concepts' partitions are not even listed."""
+    foreign: list[str] = []
+    now = time.time()
+    if record.layout == FLAT:
+        committed = {FLAT_PARTITION: _scan_folder(fs, root, now, {JOB_FILE}, foreign)}
+    else:
+        top: list[str] = []  # in the root, part files are not ours: another tool's, or a copy
+        _scan_folder(fs, root, now, {JOB_FILE}, top)
+        foreign += [p for p in top if not os.path.basename(p.rstrip("/")).startswith(PARTITION_PREFIX)]
+        committed = {}
+        for concept in record.concepts:
+            folder = f"{root}/{partition_folder(concept)}"
+            committed[concept] = _scan_folder(fs, folder, now, {CONCEPT_FILE}, foreign) if fs.isdir(folder) else {}
     report_foreign(foreign, log)
     return committed
 
@@ -175,38 +187,62 @@ def _remove_quietly(fs, path: str) -> None:
         pass
 
 
-def open_job(
-    output: str, record: JobRecord, storage_options: dict | None = None, log: Log | None = None
-) -> tuple[JobRecord, dict[int, dict[str, str]]]:
-    """Record the job (or read back an earlier run's) -> (record, {shard: {digest: path}}).
+def _record_concepts(fs, root: str, output: str, record: JobRecord) -> None:
+    """Each concept's partition record: checked when there, written (first) when not."""
+    check_concept_names(output, record.concepts)
+    for concept in record.concepts:
+        path = f"{root}/{partition_folder(concept)}/{CONCEPT_FILE}"
+        if fs.exists(path):
+            check_concept_record(output, concept, json.loads(fs.cat_file(path)), record)
+        else:
+            publish_bytes(fs, path, record.concept_json(concept).encode())
 
-    Sweeps stale temp files of dead publishes and reports foreign files (module docstring)."""
+
+def open_output(
+    output: str, record: JobRecord, storage_options: dict | None = None, log: Log | None = None
+) -> tuple[JobRecord, dict[str, Committed]]:
+    """Record the job (or read back an earlier run's and check it) -> (the job's record,
+    {partition: {shard: {digest: path}}}). A new output gets `record.layout`; an existing
+    one keeps its own (job_record.py). Sweeps stale temp files of dead publishes and
+    reports foreign files (module docstring)."""
     fs, root = _root(output, storage_options)
     job_path = f"{root}/{JOB_FILE}"
     try:
         fs.makedirs(root, exist_ok=True)
         if fs.exists(job_path):
-            previous = json.loads(fs.cat_file(job_path))
-            same = (
-                sorted(previous["concepts"]) == sorted(record.concepts)
-                and previous["model_fingerprint"] == record.model_fingerprint
-                and previous.get("settings", {}) == record.settings
-            )
-            if not same:
-                raise OutputError(
-                    f"{output}: holds a job with concepts {previous['concepts']}, model "
-                    f"{previous['model_fingerprint']} and other settings or concept contents; "
-                    "use another --output for a different job"
-                )
-            record = JobRecord(int(previous["num_shards"]), record.concepts, record.model_fingerprint, record.settings)
+            record = agreed(output, json.loads(fs.cat_file(job_path)), record)
         else:
+            if record.layout == BY_CONCEPT:  # before anything is written
+                check_concept_names(output, record.concepts)
             publish_bytes(fs, job_path, record.to_json().encode())
-        committed = _scan_output(fs, root, log)
+        if record.layout == BY_CONCEPT:
+            _record_concepts(fs, root, output, record)
+        committed = _scan_output(fs, root, record, log)
     except OutputError:
         raise
     except (OSError, PermissionError, ValueError) as error:
         raise OutputError(f"{output}: cannot write the output ({type(error).__name__}); pass a writable --output") from None
     return record, committed
+
+
+def open_job(
+    output: str, record: JobRecord, storage_options: dict | None = None, log: Log | None = None
+) -> tuple[JobRecord, Committed]:
+    """open_output for a FLAT output (the layout of `record`s built without one) -> (record,
+    {shard: {digest: path}}) of the output's root."""
+    record, committed = open_output(output, record, storage_options, log)
+    return record, committed.get(FLAT_PARTITION, {})
+
+
+def read_job_record(output: str, storage_options: dict | None = None) -> dict:
+    """The output's root record, with {"concepts": {name: partition record}} for BY_CONCEPT."""
+    fs, root = _root(output, storage_options)
+    stored = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
+    if stored.get("layout") == BY_CONCEPT:
+        paths = fs.glob(f"{root}/{PARTITION_PREFIX}*/{CONCEPT_FILE}")
+        records = [json.loads(fs.cat_file(p)) for p in sorted(paths)]
+        stored["concepts"] = {r["name"]: r for r in records}
+    return stored
 
 
 def plan_shards(
@@ -250,22 +286,31 @@ def remove_files(output: str, paths: list[str], storage_options: dict | None = N
             schema = _part_schema(fs, path)
         except FileNotFoundError:
             continue
-        if parse_part_path(path) is None or schema is None or not is_our_schema(schema):
+        partitioned = partition_concept(path) is not None
+        if parse_part_path(path) is None or schema is None or not is_our_schema(schema, partitioned):
             foreign.append(path)
             continue
         _remove_quietly(fs, path)
     report_foreign(foreign, log)
 
 
-def part_path(output: str, shard: int, digest: str, storage_options: dict | None = None) -> str:
-    """Where shard `shard` of `digest` is published in `output`."""
-    fs, root = _root(output, storage_options)
+def part_path(output: str, shard: int, digest: str, storage_options: dict | None = None,
+              partition: str = FLAT_PARTITION) -> str:
+    """Where shard `shard` of `digest` is published in `output`'s `partition`."""
+    fs, root = _root(partition_root(output, partition), storage_options)
     return as_given(fs, output)(f"{root}/{shard_name(shard, digest)}")
 
 
-def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_options: dict | None = None) -> str:
-    """Write one shard's rows as one Parquet file, published atomically -> its path."""
-    fs, root = _root(output, storage_options)
+def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_options: dict | None = None,
+                 partition: str = FLAT_PARTITION, metadata: dict[str, str] | None = None) -> str:
+    """Write one shard's rows of `partition` as one Parquet file (in a concept's partition
+    without the concept column) with `metadata` as key-value metadata, published atomically
+    -> its path."""
+    fs, root = _root(partition_root(output, partition), storage_options)
+    if partition:
+        table = partition_rows(table)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     path = f"{root}/{shard_name(shard, digest)}"
@@ -305,8 +350,39 @@ def assemble_shard(
     return ordered_rows(table, urls, concepts), removed
 
 
-def part_files(output: str, storage_options: dict | None = None) -> list[str]:
-    """The published part files of an output, in shard order (for readers: eval, exports)."""
-    fs, root = _root(output, storage_options)
-    paths = [info["name"] for info in fs.ls(root, detail=True) if parse_part_path(info["name"]) is not None]
-    return [as_given(fs, output)(p) for p in sorted(paths)]
+@dataclass
+class OutputPlan:
+    """One wave's work over the job's partitions.
+
+    shards: the shards to run, {"shard", "digest", "urls", "partitions" (those lacking the
+    shard's digest, in the job's order), "previous" (their superseded files, flat: what the
+    prepare stage reads for unchanged images), "previous_by_partition"}.
+    committed: {partition: shards already committed}; skipped: shards committed in every
+    partition; dropped: superseded files of shards not rerun in their partition (deleted at once)."""
+
+    shards: list[dict]
+    committed: dict[str, int]
+    skipped: int
+    dropped: list[str]
+
+
+def plan_output(urls: list[str], num_shards: int, committed: dict[str, Committed],
+                tokens: dict[str, str] | None = None) -> OutputPlan:
+    """plan_shards per partition, merged per shard: a shard runs once, for every partition that lacks it."""
+    runs: dict[int, dict] = {}
+    counts, dropped = {}, []
+    for partition, shards in committed.items():
+        plan = plan_shards(urls, num_shards, shards, tokens)
+        counts[partition] = plan.up_to_date
+        for s in plan.to_run:
+            run = runs.setdefault(s["shard"], {**s, "partitions": [], "previous": [], "previous_by_partition": {}})
+            run["partitions"].append(partition)
+        for path in plan.superseded:
+            run = runs.get(shard_of_path(path))
+            if run is not None and partition in run["partitions"]:
+                run["previous"].append(path)
+                run["previous_by_partition"].setdefault(partition, []).append(path)
+            else:
+                dropped.append(path)
+    occupied = {shard_of(u, num_shards) for u in urls}
+    return OutputPlan([runs[s] for s in sorted(runs)], counts, len(occupied - set(runs)), dropped)

@@ -2,8 +2,8 @@
 
 Per image, in this order: read the bytes (a failure is an error row, the job goes on),
 hash them (SHA-256 of the content), and then
-- same URL and content as a good row of the shard's previous commit -> carried: its rows
-  are copied by the committer, nothing is computed;
+- same URL and content as good rows (one per concept of the run) of the shard's previous
+  commit -> carried: its rows are copied by the committer, nothing is computed;
 - features in the cache -> shipped to the actor, which skips the encoder;
 - otherwise decoded (EXIF, RGB, pixel limit) and resized to 1024 on the longest side.
 """
@@ -27,7 +27,8 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
     `sources` maps those whose reading URL holds credentials to that URL, used only here."""
     storage_options, max_pixels, cache = job.spec.storage_options, job.spec.max_pixels, job.cache()
     urls = list(row["urls"])
-    unchanged = good_images(list(row.get("previous") or []), storage_options)
+    # unchanged: good rows for every concept this run computes (a new concept has none)
+    unchanged = good_images(list(row.get("previous") or []), storage_options, [name for name, _ in job.labels()])
     items, data = [], {}
     sources = dict(row.get("sources") or {})
     for index, url in enumerate(urls):

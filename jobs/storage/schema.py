@@ -9,6 +9,11 @@ and masks are in displayed orientation (EXIF applied). `mask_rle` is COCO compre
 Scores (`persam rank`'s first pass): one row per (image, concept); the ranking file adds
 `rank` and the mask columns of the top k.
 
+Partitioned outputs (Hive style): a part file under a `concept=<name>/` folder holds one
+concept's rows without the `concept` column (the folder names it, as Spark, DuckDB and
+pyarrow expect: a column both in the files and in the path conflicts in pyarrow);
+`read_parts` puts the column back from the path, so every reader sees MASK_SCHEMA's columns.
+
 Other modules name columns through the constants below (`row[IMAGE_URI]`), build rows
 with `mask_row` / `score_row` and read part files with `read_parts`; a test checks that
 no column name is spelled as a literal anywhere else.
@@ -16,6 +21,7 @@ no column name is spelled as a literal anywhere else.
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -107,10 +113,37 @@ def ranking_table(scores: pa.Table, masks: pa.Table | None) -> pa.Table:
     return pa.Table.from_pylist(out, schema=RANKING_SCHEMA)
 
 
-def is_our_schema(schema: pa.Schema) -> bool:
-    """A part file's schema is ours: its columns are MASK_SCHEMA's (older runs wrote fewer), same types."""
+PARTITION_PREFIX = f"{CONCEPT}="  # the folder of one concept's part files: concept=<name>
+
+
+def partition_folder(concept: str) -> str:
+    """The folder name of `concept`'s partition (the name is validated by the committer)."""
+    return f"{PARTITION_PREFIX}{concept}"
+
+
+def partition_concept(path: str) -> str | None:
+    """The concept a part file's folder names (`.../concept=<name>/part-...`); None outside a partition."""
+    folder = posixpath.basename(posixpath.dirname(path.replace("\\", "/").rstrip("/")))
+    return folder[len(PARTITION_PREFIX):] if folder.startswith(PARTITION_PREFIX) else None
+
+
+def partition_rows(table: pa.Table) -> pa.Table:
+    """A partition's rows as written: the concept column dropped (its folder names it)."""
+    return table.drop_columns([CONCEPT]) if CONCEPT in table.column_names else table
+
+
+def rows_of_concepts(table: pa.Table, concepts: Sequence[str]) -> pa.Table:
+    """The rows of `table` whose concept is one of `concepts`."""
+    wanted = set(concepts)
+    return table.filter(pa.array([c in wanted for c in table.column(CONCEPT).to_pylist()], pa.bool_()))
+
+
+def is_our_schema(schema: pa.Schema, partitioned: bool = False) -> bool:
+    """A part file's schema is ours: its columns are MASK_SCHEMA's (older runs wrote fewer), same
+    types; a partition's files (`partitioned`) lack the concept column."""
     ours = {f.name: f.type for f in MASK_SCHEMA}
-    return {IMAGE_URI, CONCEPT} <= set(schema.names) and all(f.name in ours and f.type == ours[f.name] for f in schema)
+    required = {IMAGE_URI} if partitioned else {IMAGE_URI, CONCEPT}
+    return required <= set(schema.names) and all(f.name in ours and f.type == ours[f.name] for f in schema)
 
 
 def read_parts(paths: Sequence[str], storage_options: dict | None = None,
@@ -119,19 +152,29 @@ def read_parts(paths: Sequence[str], storage_options: dict | None = None,
     just those columns on object stores); unreadable files and files of another schema
     (foreign, never read as ours) are skipped (their images are recomputed) -> None when
     nothing could be read."""
-    tables = []
-    for path in paths:
-        fs, root = url_to_fs(path, **(storage_options or {}))
-        try:
-            with fs.open(root, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                if not is_our_schema(parquet.schema_arrow):
-                    continue
-                present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
-                tables.append(parquet.read(columns=present))
-        except Exception:
-            continue
+    tables = [table for table in map(lambda p: read_part(p, storage_options, columns), paths) if table is not None]
     return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def read_part(path: str, storage_options: dict | None = None, columns: Sequence[str] | None = None) -> pa.Table | None:
+    """One part file's rows (see read_parts), the concept column restored from a partition's
+    folder name; None when it is unreadable or not ours."""
+    concept = partition_concept(path)
+    fs, root = url_to_fs(path, **(storage_options or {}))
+    try:
+        with fs.open(root, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            if not is_our_schema(parquet.schema_arrow, partitioned=concept is not None):
+                return None
+            table = parquet.read(columns=None if columns is None else [c for c in columns if c in names])
+    except Exception:
+        return None
+    if concept is not None and CONCEPT not in table.column_names and (columns is None or CONCEPT in columns):
+        position = min(1, table.num_columns) if columns is None else list(columns).index(CONCEPT)
+        table = table.add_column(min(position, table.num_columns), MASK_SCHEMA.field(CONCEPT),
+                                 pa.array([concept] * table.num_rows, pa.string()))
+    return table
 
 
 def image_uris(table: pa.Table | None) -> list[str]:
@@ -143,13 +186,19 @@ def images_in(paths: Sequence[str], storage_options: dict | None = None) -> set[
     return set(image_uris(read_parts(paths, storage_options, [IMAGE_URI])))
 
 
-def good_images(paths: Sequence[str], storage_options: dict | None = None) -> set[tuple[str, str]]:
-    """(url, content_sha256) of the rows without error in part files (three columns read)."""
-    table = read_parts(paths, storage_options, [IMAGE_URI, CONTENT_SHA256, ERROR])
+def good_images(paths: Sequence[str], storage_options: dict | None = None,
+                concepts: Sequence[str] | None = None) -> set[tuple[str, str]]:
+    """(url, content_sha256) of the rows without error in part files (four columns read);
+    with `concepts`, only images that have such a row for every one of them."""
+    table = read_parts(paths, storage_options, [IMAGE_URI, CONTENT_SHA256, ERROR, CONCEPT])
     if table is None or CONTENT_SHA256 not in table.column_names:
         return set()
-    rows = zip(*(table.column(c).to_pylist() for c in (IMAGE_URI, CONTENT_SHA256, ERROR)))
-    return {(url, sha) for url, sha, error in rows if sha and error is None}
+    rows = zip(*(table.column(c).to_pylist() for c in (IMAGE_URI, CONTENT_SHA256, ERROR, CONCEPT)))
+    good: dict[tuple[str, str], set[str]] = {}
+    for url, sha, error, concept in rows:
+        if sha and error is None:
+            good.setdefault((url, sha), set()).add(concept)
+    return {image for image, found in good.items() if concepts is None or set(concepts) <= found}
 
 
 def error_count(table: pa.Table) -> int:

@@ -83,6 +83,7 @@ COLUMNS = set(MASK_SCHEMA.names) | set(RANKING_SCHEMA.names)
 NOT_A_COLUMN = {
     ("cli.py", "rank"): "the `persam rank` command",
     ("pipeline/commit.py", "model_fingerprint"): "a key of the job record, a file commit.py owns",
+    ("pipeline/job_record.py", "model_fingerprint"): "a key of the job record, a file job_record.py owns",
     ("pipeline/compute.py", "score"): "the task named in 'score failed: ...' error texts",
     ("pipeline/payload.py", "error"): "a key of the chunk header, a format payload.py owns",
     ("pipeline/payload.py", "similarity"): "an array of the actor's results, a format payload.py owns",

@@ -191,8 +191,8 @@ def test_incremental_output_has_one_row_per_current_image(lake, incremental):
         assert row["content_sha256"] == hashlib.sha256(data).hexdigest() and row["error"] is None
         with Image.open(lake.images / name) as picture:
             assert (row["width"], row["height"]) == picture.size
-    parts = list((lake.root / "out1").glob("part-*.parquet"))
-    assert len(parts) == 1 and not list((lake.root / "out1").glob("*.tmp-*"))
+    parts = list((lake.root / "out1").rglob("part-*.parquet"))
+    assert len(parts) == 1 and not list((lake.root / "out1").rglob("*.tmp-*"))
 
 
 def test_unchanged_rows_are_carried_as_they_were(cold, incremental):
@@ -202,10 +202,10 @@ def test_unchanged_rows_are_carried_as_they_were(cold, incremental):
 
 
 def test_rerun_without_changes_writes_nothing(lake, incremental):
-    before = {p.name: p.read_bytes() for p in (lake.root / "out1").iterdir()}
+    before = {str(p): p.read_bytes() for p in (lake.root / "out1").rglob("*") if p.is_file()}
     result = segment(lake, lake.root / "out1")  # every shard committed: no Ray job starts
     assert result.rc == 0 and "0 shards written (1 already committed)" in result.out
-    assert {p.name: p.read_bytes() for p in (lake.root / "out1").iterdir()} == before
+    assert {str(p): p.read_bytes() for p in (lake.root / "out1").rglob("*") if p.is_file()} == before
 
 
 # ---------------------------------------------------------------------------- bad cache URL

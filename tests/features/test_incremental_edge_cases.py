@@ -101,7 +101,7 @@ def two_shards(perseg_sample, concept, tmp_path):
 def test_deleted_image_of_an_emptied_shard_loses_its_rows(two_shards):
     rows = pq.read_table(two_shards.output).to_pylist()
     assert [Path(r["image_uri"]).name for r in rows] == [two_shards.keep]
-    assert len(list(two_shards.output.glob("part-*.parquet"))) == 1
+    assert len(list(two_shards.output.rglob("part-*.parquet"))) == 1
 
 
 def test_deleted_image_of_an_emptied_shard_is_reported(two_shards):

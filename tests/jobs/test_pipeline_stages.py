@@ -28,6 +28,7 @@ from jobs.commands.segment import run_segment
 from jobs.pipeline.job import PreparedJob
 from jobs.spec import JobSpec, ModelSpec, SpeedSpec
 from jobs.pipeline.actors import SegmentActor
+from jobs.storage.schema import read_part
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept, persam_targets, reference_cells
 from persam_core.masks import decode_rle
@@ -200,9 +201,9 @@ def test_a_shard_of_several_chunks_commits_once_in_order(concepts, images, tmp_p
     commits, progress = [], []
     real_commit = jobs.pipeline.commit.commit_shard
 
-    def counting(output, shard, digest, table, storage_options=None):
+    def counting(output, shard, digest, table, *args, **kwargs):
         commits.append((shard, table.num_rows))
-        return real_commit(output, shard, digest, table, storage_options)
+        return real_commit(output, shard, digest, table, *args, **kwargs)
 
     monkeypatch.setattr(jobs.pipeline.commit, "commit_shard", counting)
     output = tmp_path / "masks"
@@ -212,10 +213,10 @@ def test_a_shard_of_several_chunks_commits_once_in_order(concepts, images, tmp_p
 
     urls = sorted(str(p) for p in images.iterdir())
     assert len(urls) == 6 and sorted(progress) == [2, 2, 2]  # three chunks, each reported once
-    assert commits == [(0, 12)]  # one shard, committed once, after its last chunk
-    parts = list(output.glob("part-*.parquet"))
-    assert len(parts) == 1 and summary.shards_run == 1 and summary.rows == 12 and summary.error_rows == 2
-    rows = pq.read_table(parts[0]).to_pylist()
+    assert commits == [(0, 6), (0, 6)]  # one shard, committed once per concept partition, after its last chunk
+    parts = sorted(output.rglob("part-*.parquet"))
+    assert len(parts) == 2 and summary.shards_run == 1 and summary.rows == 12 and summary.error_rows == 2
+    rows = [row for part in parts for row in read_part(str(part)).to_pylist()]
     assert [(r["image_uri"], r["concept"], r["instance"]) for r in rows] == [
-        (u, c, 0) for u in urls for c in ("cat", "duck_toy")]  # URL order, then concept order
+        (u, c, 0) for c in ("cat", "duck_toy") for u in urls]  # a partition per concept, in URL order
     assert json.loads((output / "_persam_job.json").read_text())["settings"]["precision"] == "fp32"

@@ -99,7 +99,7 @@ def test_two_identical_runs_after_a_change_both_succeed(perseg_sample, concept, 
     assert main(argv) == 0  # its superseded file was removed by the first run
     rows = pq.read_table(output).to_pylist()
     assert sorted(r[IMAGE_URI] for r in rows) == sorted(str(p) for p in images.iterdir())
-    assert len(list(output.glob("part-*.parquet"))) == 1
+    assert len(list(output.rglob("part-*.parquet"))) == 1
     record = json.loads((output / "_persam_job.json").read_text())
     assert record["num_shards"] == 1
 

@@ -68,6 +68,6 @@ def test_ray_job_submit_runs_segment_on_the_gpu_node(two_node_cluster, tmp_path,
                    "--concept", str(tiny_concept), "--input", str(images), "--output", str(output)], env, timeout=400)
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
     assert "'num_gpus': 1" in submit.stdout  # the actor asked for the worker node's GPU
-    rows = [row for p in sorted(output.glob("part-*.parquet")) for row in pq.read_table(p).to_pylist()]
+    rows = [row for p in sorted(output.rglob("part-*.parquet")) for row in pq.read_table(p).to_pylist()]
     assert len(rows) == 3 and all(r["error"] is None for r in rows)
     assert env["RAY_AUTH_TOKEN"] not in submit.stdout + submit.stderr

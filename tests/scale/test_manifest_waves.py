@@ -9,12 +9,13 @@ import pytest
 
 from jobs.storage import listing
 from jobs.cli import main
+from jobs.storage.schema import read_part
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
 
 
 def _rows(output: Path) -> list[dict]:
-    return [row for p in sorted(output.glob("part-*.parquet")) for row in pq.read_table(p).to_pylist()]
+    return [row for p in sorted(output.rglob("part-*.parquet")) for row in read_part(str(p)).to_pylist()]
 
 
 def test_manifest_in_waves_resumes_and_drops_removed_images(tmp_path, perseg_sample, tiny_concept, monkeypatch, capsys):

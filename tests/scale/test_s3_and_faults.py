@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.pipeline.commit import shard_of
+from jobs.storage.schema import partition_concept, read_part
 from lake_tools import ACCESS_KEY, PERSAM, REPO, SECRET_KEY, run_persam
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
@@ -22,9 +23,11 @@ MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
 
 def read_rows(output: str, filesystem=None) -> list[dict]:
     if filesystem is not None:
-        paths = sorted(filesystem.glob(f"{output}/part-*.parquet"))
-        return [row for p in paths for row in pq.read_table(p, filesystem=filesystem).to_pylist()]
-    return [row for p in sorted(Path(output).glob("part-*.parquet")) for row in pq.read_table(p).to_pylist()]
+        paths = sorted(filesystem.glob(f"{output}/**/part-*.parquet"))
+        # a concept's partition names its concept in the folder, not in a column
+        return [{**row, "concept": partition_concept(p) or row.get("concept")}
+                for p in paths for row in pq.read_table(p, filesystem=filesystem).to_pylist()]
+    return [row for p in sorted(Path(output).rglob("part-*.parquet")) for row in read_part(str(p)).to_pylist()]
 
 
 def assert_exactly_once(rows: list[dict], expected_images: int, concepts: int = 1) -> None:
@@ -68,12 +71,14 @@ def test_s3_in_s3_out_with_bad_objects_and_rerun(s3, s3_env, perseg_sample, tiny
     assert_exactly_once(read_rows("lake/masks", s3), expected_images=6)
     print(f"first run {first_seconds:.1f} s, rerun {rerun_seconds:.1f} s")
 
-    metadata = [str(pq.ParquetFile(s3.open(p, "rb")).metadata.metadata) for p in s3.glob("lake/masks/*.parquet")]
-    assert_no_secrets(first.stdout, first.stderr, second.stdout, second.stderr, *metadata, s3.cat("lake/masks/_persam_job.json").decode())
+    metadata = [str(pq.ParquetFile(s3.open(p, "rb")).metadata.metadata) for p in s3.glob("lake/masks/**/*.parquet")]
+    records = [s3.cat(p).decode() for p in s3.glob("lake/masks/**/_persam_*.json")]
+    assert metadata and records
+    assert_no_secrets(first.stdout, first.stderr, second.stdout, second.stderr, *metadata, *records)
 
 
 def _part_files(output: Path) -> list[Path]:
-    return sorted(output.glob("part-*.parquet"))
+    return sorted(output.rglob("part-*.parquet"))
 
 
 def _start_job(args: list[str], env: dict) -> subprocess.Popen:

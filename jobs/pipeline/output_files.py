@@ -1,0 +1,70 @@
+"""The names of an output's files and the readers of its rows (layout: pipeline/commit.py).
+
+    <output>/_persam_job.json                         the job record (job_record.py)
+    <output>/concept=<name>/_persam_concept.json      a concept's record
+    <output>/concept=<name>/part-<shard>-<digest>.parquet   its rows, without the concept column
+    <output>/part-<shard>-<digest>.parquet            outputs of older runs: every concept's rows
+
+Everything that reads an output (eval, exports, benchmarks) goes through `part_files` /
+`output_tables`, so a layout change is made here once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+from fsspec.core import url_to_fs
+
+from jobs.storage.files import as_given
+from jobs.storage.schema import PARTITION_PREFIX, partition_folder, read_part
+
+PART_FILE = re.compile(r"^part-(\d+)-([0-9a-f]{12})\.parquet$")
+FLAT_PARTITION = ""  # the root of an output of older runs, holding every concept's rows
+
+
+def shard_name(shard: int, digest: str) -> str:
+    return f"part-{shard:05d}-{digest}.parquet"
+
+
+def parse_part_path(path: str) -> tuple[int, str] | None:
+    """(shard, digest) of a published part file's path; None for any other file."""
+    match = PART_FILE.match(os.path.basename(path))
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def shard_of_path(path: str) -> int:
+    return parse_part_path(path)[0]
+
+
+def partition_root(output: str, partition: str = FLAT_PARTITION) -> str:
+    """The folder of `partition` (a concept's name, or FLAT_PARTITION: the output's root)."""
+    return output.rstrip("/") + (f"/{partition_folder(partition)}" if partition else "")
+
+
+def part_files(output: str, storage_options: dict | None = None) -> list[str]:
+    """The published part files of an output, in partition then shard order (for readers:
+    eval, exports, benchmarks): those of every `concept=<name>/` partition, or of the root
+    (outputs of older runs)."""
+    fs, root = url_to_fs(output, **(storage_options or {}))
+    root, paths = root.rstrip("/"), []
+    for info in fs.ls(root, detail=True):
+        name = os.path.basename(info["name"].rstrip("/"))
+        if info.get("type") == "directory" and name.startswith(PARTITION_PREFIX):
+            paths += [p for p in fs.ls(info["name"], detail=False) if parse_part_path(p) is not None]
+        elif parse_part_path(info["name"]) is not None:
+            paths.append(info["name"])
+    return [as_given(fs, output)(p) for p in sorted(paths)]
+
+
+def output_tables(output: str, storage_options: dict | None = None,
+                  columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """The rows of an output, one table per part file (bounded memory), every table with
+    MASK_SCHEMA's columns (the concept column restored in partitions); files that are not
+    ours are skipped."""
+    for path in part_files(output, storage_options):
+        table = read_part(path, storage_options, columns)
+        if table is not None:
+            yield table
