@@ -111,7 +111,7 @@ def test_coco_streams_shard_by_shard(lake, tmp_path, monkeypatch):
     ok(export(lake, out))
     per_file = [pq.read_metadata(p).num_rows for p in parts]
     assert sorted(reads) == sorted(per_file * 2)  # two passes (names, then rows), one read per part file each
-    assert len(parts) == 8 and max(reads) < len(rows)
+    assert len(parts) >= 4 and max(reads) < len(rows)  # (URL hashing: a shard of 8 may stay empty)
     assert len(json.loads(out.read_text())["annotations"]) == 6 * 5
 
 
