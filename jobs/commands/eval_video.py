@@ -243,40 +243,37 @@ def video_markdown(metrics: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_pool(spec: JobSpec, sequences: list[dict], fingerprint: str, predictions: str) -> list[dict]:
+def run_clip_pool(worker_class: type, spec: JobSpec, items: list, fingerprint: str, *args,
+                  error_type: type[Exception] = EvalError) -> list[dict]:
+    """Ray: one model actor per planned slot, `actor.run(item, *args)` for each item, results as
+    they come (eval --video's sequences, track's clips); a failure -> error_type(its first line)."""
     import ray
     from ray.util import ActorPool
 
-    plan = plan_actors(spec.model.device, spec.num_actors, work_items=len(sequences))
-    worker = ray.remote(VideoWorker).options(max_restarts=1, max_task_retries=1, **plan.resources)
-    pool = ActorPool([worker.remote(spec, fingerprint, plan.threads) for _ in range(plan.count)])
+    plan = plan_actors(spec.model.device, spec.num_actors, work_items=len(items))
     results = []
-    with tqdm(total=len(sequences), unit="seq", desc="eval", file=sys.stderr, mininterval=1.0) as progress:
-        for result in pool.map_unordered(lambda actor, sequence: actor.run.remote(sequence, predictions), sequences):
-            results.append(result)
-            progress.update(1)
+    try:
+        with ray_session():
+            worker = ray.remote(worker_class).options(max_restarts=1, max_task_retries=1, **plan.resources)
+            pool = ActorPool([worker.remote(spec, fingerprint, plan.threads) for _ in range(plan.count)])
+            with tqdm(total=len(items), unit="clip", desc=spec.command, file=sys.stderr, mininterval=1.0) as progress:
+                for result in pool.map_unordered(lambda actor, item: actor.run.remote(item, *args), items):
+                    results.append(result)
+                    progress.update(1)
+    except ray.exceptions.RayError as error:  # an item's or an actor's failure: its first line
+        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else error
+        text = str(cause).strip().splitlines()
+        raise error_type(text[0] if text else type(cause).__name__) from None
     return results
 
 
-def _run_local(spec: JobSpec, sequences: list[dict], fingerprint: str, predictions: str) -> list[dict]:
-    """--runner local: the same worker in this process, one sequence after another."""
+def run_clip_local(worker_class: type, spec: JobSpec, items: list, fingerprint: str, *args) -> list[dict]:
+    """--runner local: the same worker in this process, one item after another."""
     import torch
 
-    worker = VideoWorker(spec, fingerprint, torch.get_num_threads())
-    return [worker.run(sequence, predictions)
-            for sequence in tqdm(sequences, unit="seq", desc="eval", file=sys.stderr, mininterval=1.0)]
-
-
-def _run_ray(spec: JobSpec, sequences: list[dict], fingerprint: str, predictions: str) -> list[dict]:
-    import ray
-
-    try:
-        with ray_session():
-            return _run_pool(spec, sequences, fingerprint, predictions)
-    except ray.exceptions.RayError as error:  # a sequence's or an actor's failure: its first line
-        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else error
-        text = str(cause).strip().splitlines()
-        raise EvalError(text[0] if text else type(cause).__name__) from None
+    worker = worker_class(spec, fingerprint, torch.get_num_threads())
+    return [worker.run(item, *args) for item in tqdm(items, unit="clip", desc=spec.command, file=sys.stderr,
+                                                       mininterval=1.0)]
 
 
 def run_video_eval(spec: JobSpec, log=print) -> dict:
@@ -293,10 +290,8 @@ def run_video_eval(spec: JobSpec, log=print) -> dict:
     note = random_weights_note(spec.model.checkpoint)  # the actors load their own copy
     if note:
         log(f"note: {note}")
-    if spec.runner == "local":
-        results = _run_local(spec, sequences, fingerprint, join_url(spec.output, "predictions"))
-    else:
-        results = _run_ray(spec, sequences, fingerprint, join_url(spec.output, "predictions"))
+    run = run_clip_local if spec.runner == "local" else run_clip_pool
+    results = run(VideoWorker, spec, sequences, fingerprint, join_url(spec.output, "predictions"))
     metrics = video_metrics(results)
     metrics.update(method=spec.method, mode=mode, model_type=spec.model.model_type, model_fingerprint=fingerprint,
                    seconds=round(time.perf_counter() - started, 1))
