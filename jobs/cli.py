@@ -149,6 +149,18 @@ def _add_eval(commands) -> None:
                           help="comma-separated DAVIS sequences (default: ImageSets/2017/val.txt, else all)")
 
 
+def _add_track(commands) -> None:
+    track = commands.add_parser("track", help="follow one concept through video clips with SAM 2's memory (Ray job)")
+    _add_model(track)
+    track.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
+                       help="concept file (one concept, fitted with the same SAM 2 weights)")
+    track.add_argument("--input", required=True, help="a clip's folder of frames (name order), or a folder of clip folders")
+    track.add_argument("--output", required=True, help="folder for <clip>/<frame>.png masks and track.json")
+    track.add_argument("--min-similarity", type=float, default=None,
+                       help="presence in [0, 1] from which the concept counts as found (default: the tracker's, see README)")
+    _add_job(track)
+
+
 def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="time encoder, PerSAM, PerSAM-F, K concepts and the reference loop")
     _add_model(bench, checkpoint_required=False)
@@ -170,7 +182,7 @@ def _add_bench(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_fit, _add_segment, _add_rank, _add_export, _add_eval, _add_bench):
+    for add in (_add_fit, _add_segment, _add_rank, _add_export, _add_eval, _add_track, _add_bench):
         add(commands)
     return parser
 
@@ -204,6 +216,12 @@ def _run(args: argparse.Namespace) -> int:
         metrics = (run_video_eval if spec.video else run_perseg_eval)(spec)
         keys = ("jf", "j", "f") if spec.video else ("miou", "biou")
         print("done: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" -> {args.output}/metrics.json")
+    elif spec.command == "track":
+        from jobs.commands.track import run_track
+
+        clips = run_track(spec)["clips"]
+        print(f"done: {len(clips)} clips, concept found in {sum(c['found_at'] is not None for c in clips)} "
+              f"-> {args.output}/track.json")
     else:
         raise AssertionError(spec.command)
     return 0

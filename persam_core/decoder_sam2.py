@@ -18,8 +18,10 @@ to every token of SAM's decoder.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import types
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -49,6 +51,21 @@ def enable_guidance(mask_decoder: torch.nn.Module) -> None:
     transformer._persam_guidance = True
 
 
+@contextlib.contextmanager
+def guidance(mask_decoder: torch.nn.Module, attention_bias: Tensor | None,
+             target_embedding: Tensor | None) -> Iterator[None]:
+    """Every decode of `mask_decoder` inside the block is guided (attention_bias: [P, 1, 1, 4096],
+    target_embedding: [P, 1, 256]; both None: unguided). For callers that reach the decoder
+    through sam2's own code, such as the video predictor's prompts (video_sam2.py)."""
+    enable_guidance(mask_decoder)
+    value = None if attention_bias is None and target_embedding is None else (attention_bias, target_embedding)
+    token = _GUIDANCE.set(value)
+    try:
+        yield
+    finally:
+        _GUIDANCE.reset(token)
+
+
 def decode_masks_sam2(
     mask_decoder: torch.nn.Module,
     image_embeddings: Tensor,
@@ -69,10 +86,7 @@ def decode_masks_sam2(
     Returns low-res logits [P, M, 256, 256], predicted IoU [P, M] (M = 3 or 1) and the
     object-score logit [P] (> 0: SAM 2 deems the object present).
     """
-    enable_guidance(mask_decoder)
-    guidance = None if attention_bias is None and target_embedding is None else (attention_bias, target_embedding)
-    token = _GUIDANCE.set(guidance)
-    try:
+    with guidance(mask_decoder, attention_bias, target_embedding):
         masks, iou_pred, _, object_score = mask_decoder(
             image_embeddings=image_embeddings,
             image_pe=image_pe,
@@ -82,6 +96,4 @@ def decode_masks_sam2(
             repeat_image=False,
             high_res_features=list(high_res_features) if high_res_features else None,
         )
-    finally:
-        _GUIDANCE.reset(token)
     return masks, iou_pred, object_score[:, 0]

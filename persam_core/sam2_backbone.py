@@ -90,9 +90,18 @@ class Sam2Backbone:
         """SAM2ImagePredictor.set_image_batch's features -> (image_embed, (level 0, level 1))."""
         model = self.model
         _, levels, _, _ = model._prepare_backbone_features(model.forward_image(batch))  # each [HW, B, C]
+        return self.embed_levels(levels)
+
+    def embed_levels(self, levels: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """sam2's prepared feature levels ([HW, B, C] each, finest first, as `_prepare_backbone_features`
+        and the video predictor's frame features hold them) -> (image_embed [B, 256, 64, 64],
+        (level 0, level 1)), the no-memory embedding added as SAM2ImagePredictor adds it."""
+        model = self.model
+        levels = list(levels)
         if model.directly_add_no_mem_embed:
             levels[-1] = levels[-1] + model.no_mem_embed
-        maps = [level.permute(1, 2, 0).view(batch.shape[0], -1, *size) for level, size in zip(levels, self.level_sizes)]
+        batch = levels[-1].shape[1]
+        maps = [level.permute(1, 2, 0).view(batch, -1, *size) for level, size in zip(levels, self.level_sizes)]
         return maps[-1], tuple(maps[:-1])
 
     def mask_grid(self, mask: np.ndarray, value: int) -> Tensor:

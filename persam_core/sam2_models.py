@@ -45,3 +45,14 @@ def build_sam2_model(model_type: str) -> torch.nn.Module:
 
     overrides = list(TINY_OVERRIDES) if model_type == "tiny_sam2" else []
     return build_sam2(CONFIGS[model_type], None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
+
+
+def build_sam2_video_model(model_type: str) -> torch.nn.Module:
+    """sam2's `SAM2VideoPredictor` for `model_type` (sam2's `build_sam2_video_predictor`, its
+    video post-processing included), randomly initialised on the CPU, in eval mode. It holds
+    the same modules, so a SAM2Base's state dict loads into it as it is."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    overrides = list(TINY_OVERRIDES) if model_type == "tiny_sam2" else []
+    return build_sam2_video_predictor(CONFIGS[model_type], None, device="cpu", mode="eval",
+                                      hydra_overrides_extra=overrides)

@@ -3,9 +3,13 @@
     scan JPEGImages/480p/<seq>/*.jpg + Annotations/480p/<seq>/*.png (counts, names and
     sizes checked before work; sequences: --sequences, else ImageSets/2017/val.txt when
     present, else every annotated sequence)
-    -> a pool of model actors; each call tracks one sequence, frames in order
-       (persam_core.video), writes its palette PNGs to <output>/predictions/<seq>/ and
-       returns per-object J and F of every frame but the first and the last
+    -> a pool of model actors (--runner local: one in this process); each call tracks one
+       sequence, frames in order, writes its palette PNGs to <output>/predictions/<seq>/ and
+       returns per-object J and F of every frame but the first and the last. The mode
+       follows the model: SAM re-localises every object in every frame with PerSAM's prior
+       (persam_core.video, the reference's video mode: `sam-prior`); SAM 2 propagates the
+       first frame's masks with its memory bank and re-prompts lost objects from the prior
+       (persam_core.video_sam2: `sam2-memory`)
     -> metrics.json / metrics.md: J, F, J&F (means over all objects, as the toolkit),
        recall and decay, per sequence and per object.
 
@@ -27,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from persam_core.evaluation import davis_f, davis_j, davis_statistics
+from persam_core.models import is_sam2
 from persam_core.video import SequenceTracker, VideoSettings
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics
@@ -40,6 +45,14 @@ from jobs.storage.outputs import check_output_folder
 from jobs.storage.redaction import redact
 
 VOID_LABEL = 255
+# metrics' "mode": how the sequences were tracked
+MODES = {"sam-prior": "SAM; PerSAM's prior re-localises every object in every frame (the reference's video mode)",
+         "sam2-memory": "SAM 2's memory bank propagates the first frame's masks; PerSAM's prior re-prompts "
+                        "objects SAM 2 loses"}
+
+
+def video_mode(model_type: str) -> str:
+    return "sam2-memory" if is_sam2(model_type) else "sam-prior"
 
 
 def _sequence_names(fs, root: str, requested: list[str] | None, available: list[str]) -> list[str]:
@@ -129,14 +142,32 @@ def _write_png(url: str, labels: np.ndarray, palette: list[int], storage_options
         handle.write(buffer.getvalue())
 
 
+class ClipFrames:
+    """A sequence's frames, read and decoded one index at a time ([H, W, 3] uint8 RGB)."""
+
+    def __init__(self, urls: list[str], storage_options: dict | None) -> None:
+        self.urls, self.storage = urls, storage_options
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return decode_image(read_bytes(self.urls[index], self.storage), redact(self.urls[index]))
+
+
 class VideoWorker:
-    """Ray actor: SAM loaded once; `run` tracks and scores one whole sequence."""
+    """Ray actor (or in process): the model loaded once; `run` tracks and scores one whole sequence."""
 
     def __init__(self, spec: JobSpec, expected_fingerprint: str, threads: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.sam = load_checked_model(spec, expected_fingerprint).sam.to(resolve_device(spec.model.device))
+        self.mode = video_mode(spec.model.model_type)
+        if self.mode == "sam2-memory":
+            from persam_core.video_sam2 import video_predictor
+
+            self.sam = video_predictor(self.sam, spec.model.model_type)
         defaults = VideoSettings(method=spec.method)  # its own epoch default (800) unless --epochs
         self.settings = defaults if spec.epochs is None else replace(defaults, epochs=spec.epochs)
         self.storage = spec.storage_options
@@ -150,14 +181,10 @@ class VideoWorker:
         if not labels:
             raise EvalError(f"{redact(spec['masks'][0])}: no object in the first annotation of sequence {name!r}")
         palette = palette or davis_palette()
-        tracker = SequenceTracker(self.sam, decode_image(read_bytes(spec["frames"][0], storage), redact(spec["frames"][0])),
-                                  first, self.settings)
         _write_png(join_url(predictions, f"{name}/{os.path.basename(spec['masks'][0])}"), first.astype(np.uint8), palette, storage)
         scores = {label: {"j": [], "f": []} for label in labels}
         last = len(spec["frames"]) - 1
-        for index in range(1, last + 1):
-            frame = decode_image(read_bytes(spec["frames"][index], storage), redact(spec["frames"][index]))
-            predicted = tracker.step(frame)
+        for index, predicted in self._track(ClipFrames(spec["frames"], storage), first):
             _write_png(join_url(predictions, f"{name}/{os.path.basename(spec['masks'][index])}"), predicted, palette, storage)
             if index == last:  # DAVIS scores neither the first nor the last frame
                 continue
@@ -166,6 +193,19 @@ class VideoWorker:
                 scores[label]["j"].append(davis_j(truth == label, predicted == label))
                 scores[label]["f"].append(davis_f(truth == label, predicted == label))
         return {"name": name, "objects": scores, "frames": len(spec["frames"]), "seconds": time.perf_counter() - started}
+
+    def _track(self, frames: ClipFrames, first: np.ndarray):
+        """-> (index, [H, W] uint8 labels) of frames 1 .. n-1, in order (frame 0 is the annotation)."""
+        if self.mode == "sam2-memory":
+            from persam_core.video_sam2 import MemoryTracker
+
+            tracked = MemoryTracker(self.sam, frames).from_masks(first)
+            next(tracked)  # frame 0: SAM 2's decode of the given masks; DAVIS keeps the annotation
+            yield from tracked
+            return
+        tracker = SequenceTracker(self.sam, frames[0], first, self.settings)
+        for index in range(1, len(frames)):
+            yield index, tracker.step(frames[index])
 
 
 def video_metrics(results: list[dict]) -> dict:
@@ -192,7 +232,7 @@ def video_metrics(results: list[dict]) -> dict:
 
 
 def video_markdown(metrics: dict, title: str) -> str:
-    lines = [f"# {title}", "", "| sequence | J | F | J&F | objects | frames |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"# {title}", "", f"Mode: `{metrics['mode']}`: {MODES[metrics['mode']]}.", "", "| sequence | J | F | J&F | objects | frames |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, value in metrics["per_sequence"].items():
         lines.append(f"| {name} | {percent(value['j'])} | {percent(value['f'])} | {percent(value['jf'])} | "
                      f"{value['objects']} | {value['frames']} |")
@@ -203,26 +243,46 @@ def video_markdown(metrics: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_pool(spec: JobSpec, sequences: list[dict], fingerprint: str, predictions: str) -> list[dict]:
+def run_clip_pool(worker_class: type, spec: JobSpec, items: list, fingerprint: str, *args,
+                  error_type: type[Exception] = EvalError) -> list[dict]:
+    """Ray: one model actor per planned slot, `actor.run(item, *args)` for each item, results as
+    they come (eval --video's sequences, track's clips); a failure -> error_type(its first line)."""
     import ray
     from ray.util import ActorPool
 
-    plan = plan_actors(spec.model.device, spec.num_actors, work_items=len(sequences))
-    worker = ray.remote(VideoWorker).options(max_restarts=1, max_task_retries=1, **plan.resources)
-    pool = ActorPool([worker.remote(spec, fingerprint, plan.threads) for _ in range(plan.count)])
+    plan = plan_actors(spec.model.device, spec.num_actors, work_items=len(items))
     results = []
-    with tqdm(total=len(sequences), unit="seq", desc="eval", file=sys.stderr, mininterval=1.0) as progress:
-        for result in pool.map_unordered(lambda actor, sequence: actor.run.remote(sequence, predictions), sequences):
-            results.append(result)
-            progress.update(1)
+    try:
+        with ray_session():
+            worker = ray.remote(worker_class).options(max_restarts=1, max_task_retries=1, **plan.resources)
+            pool = ActorPool([worker.remote(spec, fingerprint, plan.threads) for _ in range(plan.count)])
+            with tqdm(total=len(items), unit="clip", desc=spec.command, file=sys.stderr, mininterval=1.0) as progress:
+                for result in pool.map_unordered(lambda actor, item: actor.run.remote(item, *args), items):
+                    results.append(result)
+                    progress.update(1)
+    except ray.exceptions.RayError as error:  # an item's or an actor's failure: its first line
+        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else error
+        text = str(cause).strip().splitlines()
+        raise error_type(text[0] if text else type(cause).__name__) from None
     return results
 
 
-def run_video_eval(spec: JobSpec, log=print) -> dict:
-    import ray
+def run_clip_local(worker_class: type, spec: JobSpec, items: list, fingerprint: str, *args) -> list[dict]:
+    """--runner local: the same worker in this process, one item after another."""
+    import torch
 
+    worker = worker_class(spec, fingerprint, torch.get_num_threads())
+    return [worker.run(item, *args) for item in tqdm(items, unit="clip", desc=spec.command, file=sys.stderr,
+                                                       mininterval=1.0)]
+
+
+def run_video_eval(spec: JobSpec, log=print) -> dict:
     started = time.perf_counter()
     check_device_option(spec.model.device)
+    mode = video_mode(spec.model.model_type)
+    if mode == "sam2-memory" and spec.method != "persam":
+        raise EvalError(f"--method {spec.method}: SAM 2's video mode tracks with its memory and fits no mask "
+                        "weights; pass --method persam (or a SAM --model-type for PerSAM-F's video mode)")
     check_output_folder(spec.output, "--output", spec.storage_options)  # before the model loads
     sequences = scan_davis(spec.data, spec.storage_options, list(spec.sequences) if spec.sequences else None)
     log(f"DAVIS: {len(sequences)} sequences, {sum(len(s['frames']) for s in sequences)} frames")
@@ -230,15 +290,10 @@ def run_video_eval(spec: JobSpec, log=print) -> dict:
     note = random_weights_note(spec.model.checkpoint)  # the actors load their own copy
     if note:
         log(f"note: {note}")
-    try:
-        with ray_session():
-            results = _run_pool(spec, sequences, fingerprint, join_url(spec.output, "predictions"))
-    except ray.exceptions.RayError as error:  # a sequence's or an actor's failure: its first line
-        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else error
-        text = str(cause).strip().splitlines()
-        raise EvalError(text[0] if text else type(cause).__name__) from None
+    run = run_clip_local if spec.runner == "local" else run_clip_pool
+    results = run(VideoWorker, spec, sequences, fingerprint, join_url(spec.output, "predictions"))
     metrics = video_metrics(results)
-    metrics.update(method=spec.method, model_type=spec.model.model_type, model_fingerprint=fingerprint,
+    metrics.update(method=spec.method, mode=mode, model_type=spec.model.model_type, model_fingerprint=fingerprint,
                    seconds=round(time.perf_counter() - started, 1))
     if note:
         metrics["note"] = note
