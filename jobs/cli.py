@@ -1,19 +1,80 @@
-"""The `persam` command line. Argument parsing and error reporting only."""
+"""The `persam` command line: argument parsing, logging set-up, error reporting, exit codes.
+
+Module-level imports stay light (no torch, Ray, Pillow or pyarrow): `persam --help` and
+`--version` answer at once; each command imports its code when it runs.
+
+Exit codes (README "Logging and exit codes"):
+    0  done
+    1  unexpected failure (a library's error; the line gives its type)
+    2  usage error (argparse: unknown flag, missing argument)
+    3  bad input or configuration (the line names the file or flag and what to do)
+    4  the job ran and committed what it did, but more images failed than --max-error-rate allows
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from typing import Sequence
 
-from persam_core.acceleration import GPU_BATCH_SIZE, SPEED_PRECISIONS
-from persam_core.models import MODEL_TYPES
+from persam_core.options import GPU_BATCH_SIZE, MODEL_TYPES, SPEED_PRECISIONS
 
-from jobs.spec import CACHE_DTYPES, METHODS, RUNNERS, JobSpec, ModelSpec, SpeedSpec
+from jobs.logs import LOG_FORMATS, LOG_LEVELS
+from jobs.spec import (CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_INTERVAL, METHODS, RUNNERS, JobSpec,
+                       ModelSpec, SpeedSpec)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_JOB_FAILED = 0, 1, 2, 3, 4
+# Deprecated: "1" makes bad input exit 2 again, as before exit codes were split (removed in 0.3).
+LEGACY_EXIT_CODES = "PERSAM_LEGACY_EXIT_CODES"
+logger = logging.getLogger("jobs.cli")  # not __name__: `python -m jobs.cli` runs it as __main__
 
 MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
 CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, once: added where the help does not already
+    explain it (conditional defaults such as "16 on CUDA, 1 on CPU" are written out)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class VersionAction(argparse.Action):
+    """--version: the installed package's version, looked up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("persam")
+        except PackageNotFoundError:
+            found = "unknown (not installed)"
+        parser.exit(message=f"persam {found}\n")
+
+
+def _add_reporting(parser: argparse.ArgumentParser) -> None:
+    """How every command reports (jobs/logs.py)."""
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=JobSpec.log_level,
+                        help="debug also prints the full (redacted) traceback of an error")
+    parser.add_argument("--quiet", action="store_true", help="warnings and errors only (same as --log-level warning)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=JobSpec.log_format,
+                        help="json: one JSON object per line (time, level, logger, message) for log collectors")
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress-interval", type=float, default=DEFAULT_PROGRESS_INTERVAL, metavar="SECONDS",
+                        help="seconds between progress lines where stderr is not a terminal (a terminal gets a live bar)")
 
 
 def _storage_options(text: str | None) -> dict:
@@ -22,9 +83,9 @@ def _storage_options(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        raise SystemExit("persam: --storage-options must be a JSON object") from None
+        raise ValueError("--storage-options must be a JSON object") from None
     if not isinstance(value, dict):
-        raise SystemExit("persam: --storage-options must be a JSON object")
+        raise ValueError("--storage-options must be a JSON object")
     return value
 
 
@@ -50,7 +111,7 @@ def _add_cache(parser: argparse.ArgumentParser) -> None:
 def _add_speed(parser: argparse.ArgumentParser) -> None:
     """The encoder's speed settings; None / auto resolve on each actor's device (acceleration.resolve_speed)."""
     parser.add_argument("--precision", choices=SPEED_PRECISIONS, default=SpeedSpec.precision,
-                        help="image-encoder precision (default auto: bf16 on CUDA, fp32 on CPU; fp32 is the "
+                        help="image-encoder precision (auto: bf16 on CUDA, fp32 on CPU; fp32 is the "
                              "reference path, the others are measured against it by `bench`)")
     parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
                         help="encoder attention via scaled_dot_product_attention (default: on with CUDA "
@@ -60,8 +121,7 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
     parser.add_argument("--chunk-size", type=int, default=SpeedSpec.chunk_size,
-                        help=f"images per model-actor call, within one shard (default {SpeedSpec.chunk_size}, "
-                             "at least --batch-size)")
+                        help="images per model-actor call, within one shard (at least --batch-size)")
 
 
 def _add_job(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +130,13 @@ def _add_job(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runner", choices=RUNNERS, default=JobSpec.runner,
                         help="ray: Ray Data (local Ray, or the cluster in RAY_ADDRESS); local: the same stages "
                              "in this process, one chunk after another (debugging, small inputs)")
+    parser.add_argument("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE, metavar="SHARE",
+                        help="exit 4 (after committing) when a larger share of this run's images failed; "
+                             "a run in which every image failed always fails")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check and list the input, plan the shards, name concepts and model, then stop: "
+                             "no weights loaded, no Ray, nothing written")
+    _add_progress(parser)
 
 
 def _add_fit(commands) -> None:
@@ -83,6 +150,7 @@ def _add_fit(commands) -> None:
     fit.add_argument("--name", required=True, help="concept name (a plain word)")
     fit.add_argument("--out", required=True, help="concept file to write (JSON)")
     fit.add_argument("--epochs", type=int, default=None, help="PerSAM-F fitting epochs (default 1000)")
+    _add_progress(fit)
 
 
 def _add_segment(commands) -> None:
@@ -94,7 +162,7 @@ def _add_segment(commands) -> None:
     segment.add_argument("--output", required=True, help="Parquet dataset directory (any fsspec URL)")
     _add_job(segment)
     segment.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
-                         help=f"images per committed Parquet shard of a new output (default {JobSpec.shard_size})")
+                         help="images per committed Parquet shard of a new output")
     segment.add_argument("--max-pixels", type=int, default=JobSpec.max_pixels, help="larger images become error rows")
     segment.add_argument("--max-instances", type=int, default=JobSpec.max_instances,
                          help="instances per (image, concept), >= 1")
@@ -111,10 +179,10 @@ def _add_rank(commands) -> None:
                       help="concept file written by `persam fit`")
     rank.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
     rank.add_argument("--output", required=True, help="directory for ranking.parquet (any fsspec URL)")
-    rank.add_argument("--top-k", type=int, default=JobSpec.top_k, help=f"images that also get a mask (default {JobSpec.top_k})")
+    rank.add_argument("--top-k", type=int, default=JobSpec.top_k, help="images that also get a mask")
     _add_job(rank)
     rank.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
-                      help=f"images per shard (and cache shard; default {JobSpec.shard_size})")
+                      help="images per shard (and cache shard)")
     _add_cache(rank)
     _add_speed(rank)
 
@@ -162,11 +230,25 @@ def _add_bench(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action=VersionAction, help="print the installed version and exit")
+    commands = _Commands(parser.add_subparsers(dest="command", required=True))
     for add in (_add_fit, _add_segment, _add_rank, _add_export, _add_eval, _add_bench):
         add(commands)
     return parser
+
+
+class _Commands:
+    """Subcommand parsers with the shared help format and reporting flags."""
+
+    def __init__(self, subparsers) -> None:
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        parser = self.subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+        _add_reporting(parser)
+        return parser
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -174,8 +256,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from jobs.export import run_export
 
-        print(run_export(args.kind, args.masks, args.output, args.images, storage))
-        return 0
+        logger.info(run_export(args.kind, args.masks, args.output, args.images, storage))
+        return EXIT_OK
     if args.command == "bench":
         return _bench(args)
     spec = JobSpec.from_args(args, storage)  # refuses impossible values before any work
@@ -183,24 +265,41 @@ def _run(args: argparse.Namespace) -> int:
         from jobs.commands.fit import run_fit
 
         run_fit(spec)
-    elif spec.command == "segment":
+        return EXIT_OK
+    if spec.command == "segment":
         from jobs.commands.segment import run_segment
 
-        print(run_segment(spec).line())
-    elif spec.command == "rank":
+        summary = run_segment(spec)
+        if summary is None:  # --dry-run
+            return EXIT_OK
+        logger.info(summary.line())
+        return _judge(spec, summary.failed, summary.images)
+    if spec.command == "rank":
         from jobs.commands.rank import run_rank
+        from jobs.storage.schema import error_count
 
-        run_rank(spec)
-    elif spec.command == "eval":
+        ranking = run_rank(spec)
+        return EXIT_OK if ranking is None else _judge(spec, error_count(ranking), ranking.num_rows)
+    if spec.command == "eval":
         from jobs.commands.eval_perseg import run_perseg_eval
         from jobs.commands.eval_video import run_video_eval
 
         metrics = (run_video_eval if spec.video else run_perseg_eval)(spec)
+        if metrics is None:  # --dry-run
+            return EXIT_OK
         keys = ("jf", "j", "f") if spec.video else ("miou", "biou")
-        print("done: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" -> {args.output}/metrics.json")
-    else:
-        raise AssertionError(spec.command)
-    return 0
+        logger.info("done: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" -> {args.output}/metrics.json")
+        return _judge(spec, metrics.get("targets_failed", 0), metrics.get("targets_run", 0))
+    raise AssertionError(spec.command)
+
+
+def _judge(spec: JobSpec, failed: int, images: int) -> int:
+    """The failure policy, after the run committed its work: exit 4 when too many images failed."""
+    reason = spec.error_rate_exceeded(failed, images)
+    if reason is None:
+        return EXIT_OK
+    _report(spec.command, "failed", reason, EXIT_JOB_FAILED)
+    return EXIT_JOB_FAILED
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -248,19 +347,49 @@ def _one_line(error: BaseException, secrets: set[str], with_type: bool) -> str:
     return scrub(line, secrets)[:1000]
 
 
+def _report(command: str, word: str, line: str, code: int, traceback_text: str | None = None) -> None:
+    """The command's last word on stderr: one line (text), or one JSON object (--log-format json)."""
+    from jobs.logs import json_line, settings
+
+    text = f"persam {command}: {word}: {line}"
+    if settings().format == "json":
+        fields = {"command": command, "exit_code": code}
+        if traceback_text:
+            fields["traceback"] = traceback_text
+        print(json_line("error", text, **fields), file=sys.stderr)
+        return
+    if traceback_text:
+        print(traceback_text.rstrip("\n"), file=sys.stderr)
+    print(text, file=sys.stderr)
+
+
+def _bad_input_code() -> int:
+    return EXIT_USAGE if os.environ.get(LEGACY_EXIT_CODES) == "1" else EXIT_BAD_INPUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done; 2 bad input or configuration (our errors name the file and what to
-    do); 1 any other failure. Either way one line on stderr, credentials scrubbed, no traceback."""
-    args = build_parser().parse_args(argv)
+    """Exit codes in the module docstring. Any error ends in one line on stderr, credentials
+    scrubbed; the full traceback (scrubbed too) only with --log-level debug."""
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    from jobs.logs import configure, settings
+
+    configure(args.log_level, args.quiet, args.log_format)
     secrets = _secrets(args)
     try:
         return _run(args)
     except (ValueError, OSError) as error:  # our errors carry a one-line reason naming the file
-        print(f"persam {args.command}: error: {_one_line(error, secrets, False)}", file=sys.stderr)
-        return 2
+        failure, code, word, with_type = error, _bad_input_code(), "error", False
     except Exception as error:  # a library's error (e.g. botocore's, which may quote a signed URL)
-        print(f"persam {args.command}: failed: {_one_line(error, secrets, True)}", file=sys.stderr)
-        return 1
+        failure, code, word, with_type = error, EXIT_FAILED, "failed", True
+    trace = None
+    if settings().debug:
+        import traceback
+
+        from jobs.storage.redaction import scrub
+
+        trace = scrub("".join(traceback.format_exception(failure)), secrets)
+    _report(args.command, word, _one_line(failure, secrets, with_type), code, trace)
+    return code
 
 
 if __name__ == "__main__":

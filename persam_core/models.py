@@ -22,6 +22,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from .options import MODEL_TYPES
 from .tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -79,7 +80,7 @@ MODEL_BUILDERS: dict[str, Callable[[], Sam]] = {
     "vit_t": _build_mobile_sam,
     "tiny": _build_tiny,
 }
-MODEL_TYPES = tuple(MODEL_BUILDERS)
+assert tuple(MODEL_BUILDERS) == MODEL_TYPES, "options.MODEL_TYPES names the builders"
 
 
 class ModelError(ValueError):

@@ -310,3 +310,19 @@ def part_files(output: str, storage_options: dict | None = None) -> list[str]:
     fs, root = _root(output, storage_options)
     paths = [info["name"] for info in fs.ls(root, detail=True) if parse_part_path(info["name"]) is not None]
     return [as_given(fs, output)(p) for p in sorted(paths)]
+
+
+def read_job(output: str, storage_options: dict | None = None) -> tuple[dict | None, dict[int, dict[str, str]]]:
+    """What an output holds, read only (dry runs): its job record (None: none yet) and its part
+    files by shard ({shard: {digest: path}}). Nothing is written, swept or reported."""
+    fs, root = _root(output, storage_options)
+    if not fs.exists(root):
+        return None, {}
+    job_path = f"{root}/{JOB_FILE}"
+    record = json.loads(fs.cat_file(job_path)) if fs.exists(job_path) else None
+    committed: dict[int, dict[str, str]] = {}
+    for info in fs.ls(root, detail=True):
+        parsed = parse_part_path(info["name"]) if info.get("type") != "directory" else None
+        if parsed is not None:
+            committed.setdefault(parsed[0], {})[parsed[1]] = info["name"]
+    return record, committed

@@ -17,7 +17,7 @@ import pytest
 from jobs.storage.schema import MASK_SCHEMA, RANKING_SCHEMA
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-LAYERS = {"storage": 0, "spec": 1, "pipeline": 2, "commands": 3, "export": 3, "exports": 3, "overlays": 3, "cli": 4, "demo": 5}
+LAYERS = {"storage": 0, "logs": 0, "spec": 1, "pipeline": 2, "commands": 3, "export": 3, "exports": 3, "overlays": 3, "cli": 4, "demo": 5}
 MAX_LINES = 400
 
 

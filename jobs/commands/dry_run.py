@@ -1,0 +1,97 @@
+"""`--dry-run` of `segment`, `rank` and `eval`: what a run would do, found without doing it.
+
+The checks a run makes before any work (concept files, device, --output / --cache
+writability, the input listing or dataset layout) run as usual; then, instead of loading
+weights and starting Ray, the plan is logged: images, concepts, model, and for `segment`
+the shards a run would write, skip or recompute against what the output already holds.
+Nothing is written (beyond the writability probes every run makes and removes), nothing
+is loaded, no Ray is started.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from persam_core.concept import Concept
+
+from jobs.pipeline import commit
+from jobs.pipeline.job import concept_digests
+from jobs.spec import JobSpec
+from jobs.storage.checkpoints import random_weights_note
+from jobs.storage.listing import credential_free, is_manifest
+from jobs.storage.redaction import redact
+
+Log = Callable[[str], None]
+
+
+def describe_model(spec: JobSpec) -> str:
+    note = random_weights_note(spec.model.checkpoint)
+    return (f"model {spec.model.model_type}, checkpoint {redact(spec.model.checkpoint)} (not loaded"
+            + ("; random weights: masks would not be meaningful" if note else "") + f"), device {spec.model.device}")
+
+
+def describe_concepts(concepts: list[Concept]) -> str:
+    return ", ".join(f"{c.name} ({c.method}, weights {c.model_fingerprint})" for c in concepts)
+
+
+def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[dict[str, str]], log: Log) -> dict:
+    """Log the plan of `persam segment` -> its counts (tests read them)."""
+    log(f"dry run: {describe_model(spec)}")
+    log(f"dry run: {len(concepts)} concept(s): {describe_concepts(concepts)}")
+    record, committed = commit.read_job(spec.output, spec.storage_options)
+    _refusal(record, concepts, spec)
+    counts = {"images": 0, "to_run": 0, "new": 0, "recompute": 0, "skip": 0, "remove": 0, "waves": 0}
+    num_shards = int(record["num_shards"]) if record else None
+    for index, versions in enumerate(batches):
+        versions, _ = credential_free(versions)
+        urls = list(versions)
+        if num_shards is None:  # a new output: sharded by its first wave (a --cache's layout may differ)
+            num_shards = commit.shard_count(len(urls), spec.shard_size)
+        offset = index * num_shards
+        local = {s - offset: files for s, files in committed.items() if offset <= s < offset + num_shards}
+        plan = commit.plan_shards(urls, num_shards, local, versions)
+        replaced = {commit.shard_of_path(p) for p in plan.superseded}
+        running = {s["shard"] for s in plan.to_run}
+        counts["images"] += len(urls)
+        counts["waves"] += 1
+        counts["to_run"] += len(plan.to_run)
+        counts["recompute"] += len(running & replaced)
+        counts["new"] += len(running - replaced)
+        counts["skip"] += plan.up_to_date
+        counts["remove"] += len([p for p in plan.superseded if commit.shard_of_path(p) not in running])
+    kind = "manifest" if is_manifest(spec.input) else "listing"
+    log(f"dry run: input {redact(spec.input)} ({kind}): {counts['images']} images"
+        + (f" in {counts['waves']} waves" if counts["waves"] > 1 else ""))
+    state = "new output" if record is None else f"existing output, {sum(len(f) for f in committed.values())} part files"
+    log(f"dry run: output {redact(spec.output)} ({state}), {num_shards} shards per wave of at most "
+        f"{spec.shard_size} images" + (f", cache {redact(spec.cache)}" if spec.cache else ""))
+    log(f"dry run: {counts['to_run']} shards to run ({counts['new']} new, {counts['recompute']} to recompute: "
+        f"images changed), {counts['skip']} already committed, {counts['remove']} superseded files to remove; "
+        "nothing loaded or written")
+    return counts
+
+
+def _refusal(record: dict | None, concepts: list[Concept], spec: JobSpec) -> None:
+    """The output holds another job: the run would be refused, so the dry run is too."""
+    if record is None:
+        return
+    fingerprints = {c.model_fingerprint for c in concepts}
+    same = (sorted(record.get("concepts", [])) == sorted(c.name for c in concepts)
+            and {record.get("model_fingerprint")} == fingerprints
+            and record.get("settings", {}).get("concept_digests", concept_digests(concepts)) == concept_digests(concepts))
+    if not same:
+        raise ValueError(f"{redact(spec.output)}: holds a job with concepts {record.get('concepts')} and other "
+                         "weights or concept contents; a run would be refused: use another --output")
+
+
+def dry_run_rank(spec: JobSpec, concept: Concept, urls: list[str], num_shards: int, target: str, log: Log) -> None:
+    log(f"dry run: {describe_model(spec)}")
+    log(f"dry run: concept {describe_concepts([concept])}")
+    log(f"dry run: input {redact(spec.input)}: {len(urls)} images in {num_shards} shards, all scored; "
+        f"masks for the top {min(spec.top_k, len(urls))}")
+    log(f"dry run: output {redact(target)} (replaced whole); nothing loaded or written")
+
+
+def dry_run_eval(spec: JobSpec, what: str, log: Log) -> None:
+    log(f"dry run: {describe_model(spec)}")
+    log(f"dry run: {what}; method {spec.method}, output {redact(spec.output)}; nothing loaded or written")
