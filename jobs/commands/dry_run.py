@@ -41,7 +41,7 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
     record, committed = commit.read_job(spec.output, spec.storage_options)
     _refusal(record, concepts, spec)
     counts = {"images": 0, "to_run": 0, "new": 0, "recompute": 0, "skip": 0, "remove": 0, "waves": 0}
-    num_shards = int(record["num_shards"]) if record else None
+    num_shards = record.num_shards if record else None
     for index, versions in enumerate(batches):
         versions, _ = credential_free(versions)
         urls = list(versions)
@@ -71,16 +71,17 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
     return counts
 
 
-def _refusal(record: dict | None, concepts: list[Concept], spec: JobSpec) -> None:
-    """The output holds another job: the run would be refused, so the dry run is too."""
+def _refusal(record: commit.JobRecord | None, concepts: list[Concept], spec: JobSpec) -> None:
+    """The output holds another job: the run would be refused, so the dry run is too (the
+    other settings are compared by the run itself, which knows the actors' precision)."""
     if record is None:
         return
-    fingerprints = {c.model_fingerprint for c in concepts}
-    same = (sorted(record.get("concepts", [])) == sorted(c.name for c in concepts)
-            and {record.get("model_fingerprint")} == fingerprints
-            and record.get("settings", {}).get("concept_digests", concept_digests(concepts)) == concept_digests(concepts))
+    digests = concept_digests(concepts)
+    same = (sorted(record.concepts) == sorted(c.name for c in concepts)
+            and {record.model_fingerprint} == {c.model_fingerprint for c in concepts}
+            and record.settings.get("concept_digests", digests) == digests)
     if not same:
-        raise ValueError(f"{redact(spec.output)}: holds a job with concepts {record.get('concepts')} and other "
+        raise ValueError(f"{redact(spec.output)}: holds a job with concepts {list(record.concepts)} and other "
                          "weights or concept contents; a run would be refused: use another --output")
 
 

@@ -312,14 +312,18 @@ def part_files(output: str, storage_options: dict | None = None) -> list[str]:
     return [as_given(fs, output)(p) for p in sorted(paths)]
 
 
-def read_job(output: str, storage_options: dict | None = None) -> tuple[dict | None, dict[int, dict[str, str]]]:
+def read_job(output: str, storage_options: dict | None = None) -> tuple[JobRecord | None, dict[int, dict[str, str]]]:
     """What an output holds, read only (dry runs): its job record (None: none yet) and its part
     files by shard ({shard: {digest: path}}). Nothing is written, swept or reported."""
     fs, root = _root(output, storage_options)
     if not fs.exists(root):
         return None, {}
     job_path = f"{root}/{JOB_FILE}"
-    record = json.loads(fs.cat_file(job_path)) if fs.exists(job_path) else None
+    record = None
+    if fs.exists(job_path):
+        saved = json.loads(fs.cat_file(job_path))
+        record = JobRecord(int(saved["num_shards"]), tuple(saved["concepts"]), saved["model_fingerprint"],
+                           saved.get("settings", {}))
     committed: dict[int, dict[str, str]] = {}
     for info in fs.ls(root, detail=True):
         parsed = parse_part_path(info["name"]) if info.get("type") != "directory" else None

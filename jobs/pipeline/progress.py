@@ -35,7 +35,7 @@ class Progress:
         self.bar = None
         self.started = self.last = time.monotonic()
         mode = settings()
-        self.silent = mode.level in ("warning", "error")
+        self.silent = getattr(logging, mode.level.upper()) > logging.INFO
         if not self.silent and mode.interactive and mode.format == "text":
             from tqdm import tqdm
 

@@ -82,6 +82,8 @@ COLUMNS = set(MASK_SCHEMA.names) | set(RANKING_SCHEMA.names)
 # Words that are columns *and* something else, where the other meaning is meant.
 NOT_A_COLUMN = {
     ("cli.py", "rank"): "the `persam rank` command",
+    ("cli.py", "error"): "the word of the final error line and its log level",
+    ("logs.py", "error"): "a log level",
     ("pipeline/commit.py", "model_fingerprint"): "a key of the job record, a file commit.py owns",
     ("pipeline/compute.py", "score"): "the task named in 'score failed: ...' error texts",
     ("pipeline/payload.py", "error"): "a key of the chunk header, a format payload.py owns",

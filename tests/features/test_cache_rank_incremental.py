@@ -244,7 +244,7 @@ def ranked(lake, tmp_path_factory, cold):
         for output in ("out-cold", "out-warm"):
             result = run_cli(["rank", *TINY, "--checkpoint", "random:0", "--concept", str(lake.concept0),
                               "--input", str(images), "--output", str(root / output), "--top-k", "2",
-                              "--cache", str(root / "cache"), "--cache-dtype", "fp32"])
+                              "--cache", str(root / "cache"), "--cache-dtype", "fp32", "--max-error-rate", "0.5"])
             assert result.rc == 0, result.err[-3000:]
             runs.append(SimpleNamespace(result=result, rows=pq.read_table(root / output / RANKING_FILE).to_pylist()))
     return SimpleNamespace(cold=runs[0], warm=runs[1], images=images)
