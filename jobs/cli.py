@@ -60,7 +60,8 @@ class VersionAction(argparse.Action):
             found = version("persam")
         except PackageNotFoundError:
             found = "unknown (not installed)"
-        parser.exit(message=f"persam {found}\n")
+        print(f"persam {found}")
+        parser.exit()
 
 
 def _add_reporting(parser: argparse.ArgumentParser) -> None:
