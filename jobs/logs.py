@@ -8,9 +8,10 @@ cluster log collectors. `--quiet` keeps warnings and errors only.
 
 Ray's known noise on a healthy run, and what is done about each:
 
-- "Token authentication is enabled for this Ray cluster": Ray warns when it turns token auth
-  on by default for a local cluster. The embedded Ray sets `RAY_AUTH_MODE=token` itself
-  (session.py): the same protection, chosen explicitly, so nothing to warn about.
+- "Token authentication is enabled for this Ray cluster": Ray 2.60 turns token auth on for a
+  new local cluster when RAY_AUTH_MODE is unset, and says so. The protection is wanted (the
+  embedded Ray keeps it); presetting RAY_AUTH_MODE=token instead makes the GCS refuse the
+  driver (the token is then never generated), so the line is filtered on its logger.
 - "Progress bars disabled": Ray Data warns when its per-operator bars are off; ours replace
   them (pipeline/progress.py). Filtered by message on the logger that emits it.
 - `core_worker.cc ... constructor arguments in the object store and max_restarts > 0`: Ray

@@ -42,9 +42,6 @@ def start_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=ray_logging_level(), log_to_driver=True)
         return True
-    # Ray turns token auth on for a new local cluster when the mode is unset, and warns that
-    # it did; choosing it here keeps the protection and drops the warning.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(
         address="local",  # not None: Ray would join whatever `ray start` cluster this machine last ran
         include_dashboard=False,
