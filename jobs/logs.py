@@ -173,7 +173,10 @@ def native_stderr_filter(pattern: re.Pattern = NATIVE_NOISE) -> Iterator[None]:
         with os.fdopen(read_end, "rb") as source:
             for line in source:
                 if not pattern.search(line.decode("utf-8", "replace")):
-                    os.write(saved, line)
+                    try:
+                        os.write(saved, line)
+                    except OSError:  # the real stderr went away: nothing left to show it on
+                        return
 
     thread = threading.Thread(target=copy, name="stderr-filter", daemon=True)
     thread.start()
@@ -186,6 +189,7 @@ def native_stderr_filter(pattern: re.Pattern = NATIVE_NOISE) -> Iterator[None]:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
-        os.dup2(saved, 2)  # closes the pipe's last write end: the thread sees EOF
+        os.dup2(saved, 2)  # closes our write end: the thread sees EOF unless a child process holds one
         thread.join(timeout=5)
-        os.close(saved)
+        if not thread.is_alive():  # else keep `saved` open: a reused descriptor number would get its lines
+            os.close(saved)

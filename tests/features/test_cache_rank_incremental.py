@@ -36,7 +36,7 @@ def summary(result: SimpleNamespace) -> dict:
     last = result.out.strip().splitlines()[-1]
     match = COUNTS.search(last)
     assert match and last.startswith("done: "), last
-    images, rows = re.match(r"done: (\d+) images, (\d+) rows", last).groups()
+    images, rows = re.match(r"done: \d+ images committed in the output; this run: (\d+) images, (\d+) rows", last).groups()
     keys = ("encoded", "cache_hits", "unchanged", "removed")
     return {"images": int(images), "rows": int(rows), **{k: int(v) for k, v in zip(keys, match.groups())}}
 
