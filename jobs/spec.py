@@ -32,6 +32,10 @@ DEFAULT_CHUNK_IMAGES = 16
 # (the same stage functions in this process, one after another: debugging, small inputs).
 RUNNERS = ("ray", "local")
 METHODS = ("persam", "persam-f")
+# A run whose share of failed images (error rows) exceeds this fails, after committing.
+DEFAULT_MAX_ERROR_RATE = 0.05
+# Seconds between progress lines where no live bar is drawn (captured logs).
+DEFAULT_PROGRESS_INTERVAL = 30.0
 CACHE_DTYPES = ("fp16", "fp32")
 
 
@@ -79,6 +83,13 @@ class JobSpec:
     cache_dtype: str = "fp16"
     top_k: int = 10
     runner: str = "ray"
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # share of this run's images that may fail
+    dry_run: bool = False  # list, plan and report; no weights loaded, no Ray, nothing written
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL
+    # how the run reports (jobs/logs.py); carried so that the actors log as the driver does
+    log_level: str = "info"
+    quiet: bool = False
+    log_format: str = "text"
     # fit, eval
     images: tuple[str, ...] = ()
     masks: tuple[str, ...] = ()
@@ -105,12 +116,28 @@ class JobSpec:
             raise ValueError(f"--top-k {self.top_k}: give 0 or more")
         if self.min_similarity is not None and not 0.0 <= self.min_similarity <= 1.0:
             raise ValueError(f"--min-similarity {self.min_similarity}: give a cosine-similarity threshold in [0, 1]")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"--max-error-rate {self.max_error_rate}: give a share of images in [0, 1]")
+        if not self.progress_interval > 0:
+            raise ValueError(f"--progress-interval {self.progress_interval}: give seconds above 0")
         if self.model.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device {self.model.device}: choose auto, cpu or cuda")
         for flag, value, allowed in (("--runner", self.runner, RUNNERS), ("--method", self.method, METHODS),
                                      ("--cache-dtype", self.cache_dtype, CACHE_DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{flag} {value}: choose {', '.join(allowed)}")
+
+    def error_rate_exceeded(self, failed: int, images: int) -> str | None:
+        """The failure policy: None when `failed` of `images` (this run's) is acceptable, else
+        why the run failed. A run in which every image failed always fails."""
+        if images == 0 or failed == 0:
+            return None
+        if failed == images:
+            return f"all {images} images failed (see the error column)"
+        if failed / images > self.max_error_rate:
+            return (f"{failed} of {images} images failed ({100 * failed / images:.1f} %), more than "
+                    f"--max-error-rate {self.max_error_rate:g}; their error rows are committed")
+        return None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, storage_options: dict[str, Any] | None = None) -> "JobSpec":

@@ -31,10 +31,10 @@ from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 from .backbone import Model, as_backbone
+from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SPEED_PRECISIONS = ("auto", *PRECISIONS)
-GPU_BATCH_SIZE = 16
+assert SPEED_PRECISIONS == ("auto", *PRECISIONS), "options.SPEED_PRECISIONS names these"
 
 
 @dataclass(frozen=True)

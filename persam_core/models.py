@@ -23,6 +23,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from .options import MODEL_TYPES
 from .sam2_models import SAM2_MODEL_TYPES, build_sam2_model
 from .tiny_vit import TinyViT
 
@@ -82,7 +83,7 @@ MODEL_BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "tiny": _build_tiny,
     **{model_type: partial(build_sam2_model, model_type) for model_type in SAM2_MODEL_TYPES},
 }
-MODEL_TYPES = tuple(MODEL_BUILDERS)
+assert tuple(MODEL_BUILDERS) == MODEL_TYPES, "options.MODEL_TYPES names the builders"
 
 
 class ModelError(ValueError):

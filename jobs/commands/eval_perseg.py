@@ -14,6 +14,7 @@ concept is scored (the others cost decoder passes, not encodes). `--video` is DA
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from persam_core.persam_f import DEFAULT_EPOCHS
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics, write_text
 from jobs.commands.fit import fit_concept
+from jobs.commands.dry_run import dry_run_eval
 from jobs.commands.segment import run_segment
 from jobs.pipeline.commit import part_files
 from jobs.pipeline.session import resolve_device
@@ -38,6 +40,8 @@ from jobs.storage.images import IMAGE_EXTENSIONS, decode_image, decode_mask
 from jobs.storage.outputs import check_output_folder
 from jobs.storage.redaction import redact
 from jobs.storage.schema import CONCEPT, ERROR, IMAGE_URI, INSTANCE, MASK_RLE, read_parts
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_STEM = "00"
 # The reference's eval_mioU.py skips these; the paper's figures are over the other 32.
@@ -166,13 +170,17 @@ def perseg_markdown(metrics: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_perseg_eval(spec: JobSpec, log=print) -> dict:
+def run_perseg_eval(spec: JobSpec, log=logger.info) -> dict | None:
     """Evaluate and write metrics.json / metrics.md into --output -> the metrics."""
     started = time.perf_counter()
     device = resolve_device(spec.model.device)
     check_output_folder(spec.output, "--output", spec.storage_options)  # before the model loads
     concepts = scan_perseg(spec.data, spec.storage_options)
     log(f"PerSeg: {len(concepts)} concepts, {sum(len(c.targets) for c in concepts)} target images")
+    if spec.dry_run:
+        dry_run_eval(spec, f"PerSeg {redact(spec.data)}: {len(concepts)} concepts fitted on their image 00, "
+                           f"their targets segmented", log)
+        return None
     model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
     note = random_weights_note(spec.model.checkpoint)
     fitted = fit_concepts(model.sam.to(device), model.fingerprint, concepts, spec.method, spec.epochs or DEFAULT_EPOCHS,
@@ -189,6 +197,8 @@ def run_perseg_eval(spec: JobSpec, log=print) -> dict:
     log(summary.line())
     rows = read_parts(part_files(masks, spec.storage_options), spec.storage_options)
     metrics = perseg_metrics(score_rows(rows.to_pylist() if rows is not None else [], concepts, spec.storage_options))
+    # the failure policy (--max-error-rate) judges the targets this run segmented
+    metrics.update(targets_run=summary.images, targets_failed=summary.failed)
     metrics.update(method=spec.method, model_type=spec.model.model_type, model_fingerprint=fitted[0].model_fingerprint,
                    seconds=round(time.perf_counter() - started, 1))
     if note:

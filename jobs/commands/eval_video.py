@@ -18,9 +18,9 @@ Annotations are palette (index) PNGs: 0 background, 255 void (ignored, as the to
 
 from __future__ import annotations
 
+import logging
 import io
 import os
-import sys
 import time
 from dataclasses import replace
 
@@ -28,7 +28,6 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image
-from tqdm import tqdm
 
 from persam_core.evaluation import davis_f, davis_j, davis_statistics
 from persam_core.models import is_sam2
@@ -37,12 +36,16 @@ from persam_core.video import SequenceTracker, VideoSettings
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics
 from jobs.pipeline.job import load_checked_model
 from jobs.pipeline.session import check_device_option, plan_actors, ray_session, resolve_device
+from jobs.commands.dry_run import dry_run_eval
+from jobs.pipeline.progress import Progress
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import load_model, random_weights_note
 from jobs.storage.files import as_given, folder_entries, join_url, read_bytes
 from jobs.storage.images import decode_image
 from jobs.storage.outputs import check_output_folder
 from jobs.storage.redaction import redact
+
+logger = logging.getLogger(__name__)
 
 VOID_LABEL = 255
 # metrics' "mode": how the sequences were tracked
@@ -256,7 +259,7 @@ def run_clip_pool(worker_class: type, spec: JobSpec, items: list, fingerprint: s
         with ray_session():
             worker = ray.remote(worker_class).options(max_restarts=1, max_task_retries=1, **plan.resources)
             pool = ActorPool([worker.remote(spec, fingerprint, plan.threads) for _ in range(plan.count)])
-            with tqdm(total=len(items), unit="clip", desc=spec.command, file=sys.stderr, mininterval=1.0) as progress:
+            with Progress(len(items), spec.command, spec.progress_interval, unit="clips") as progress:
                 for result in pool.map_unordered(lambda actor, item: actor.run.remote(item, *args), items):
                     results.append(result)
                     progress.update(1)
@@ -272,11 +275,15 @@ def run_clip_local(worker_class: type, spec: JobSpec, items: list, fingerprint: 
     import torch
 
     worker = worker_class(spec, fingerprint, torch.get_num_threads())
-    return [worker.run(item, *args) for item in tqdm(items, unit="clip", desc=spec.command, file=sys.stderr,
-                                                       mininterval=1.0)]
+    results = []
+    with Progress(len(items), spec.command, spec.progress_interval, unit="clips") as progress:
+        for item in items:
+            results.append(worker.run(item, *args))
+            progress.update(1)
+    return results
 
 
-def run_video_eval(spec: JobSpec, log=print) -> dict:
+def run_video_eval(spec: JobSpec, log=logger.info) -> dict | None:
     started = time.perf_counter()
     check_device_option(spec.model.device)
     mode = video_mode(spec.model.model_type)
@@ -286,6 +293,9 @@ def run_video_eval(spec: JobSpec, log=print) -> dict:
     check_output_folder(spec.output, "--output", spec.storage_options)  # before the model loads
     sequences = scan_davis(spec.data, spec.storage_options, list(spec.sequences) if spec.sequences else None)
     log(f"DAVIS: {len(sequences)} sequences, {sum(len(s['frames']) for s in sequences)} frames")
+    if spec.dry_run:
+        dry_run_eval(spec, f"DAVIS {redact(spec.data)}: {len(sequences)} sequences", log)
+        return None
     fingerprint = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options).fingerprint
     note = random_weights_note(spec.model.checkpoint)  # the actors load their own copy
     if note:

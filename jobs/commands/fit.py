@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Sequence
 
@@ -13,13 +14,16 @@ from persam_core.persam_f import DEFAULT_EPOCHS, fit_mask_weights
 from persam_core.predictor import encode_images
 from persam_core.preprocess import resize_longest_side
 
+from jobs.pipeline.progress import describe_left
 from jobs.pipeline.session import resolve_device
-from jobs.spec import JobSpec
+from jobs.spec import DEFAULT_PROGRESS_INTERVAL, JobSpec
 from jobs.storage.checkpoints import load_model, random_weights_note
 from jobs.storage.files import read_bytes, write_atomically
 from jobs.storage.images import decode_image, decode_mask
 from jobs.storage.outputs import check_output_file, probe_writable
 from jobs.storage.redaction import redact
+
+logger = logging.getLogger(__name__)
 
 
 def _read(url: str, what: str, storage_options: dict | None) -> bytes:
@@ -29,11 +33,33 @@ def _read(url: str, what: str, storage_options: dict | None) -> bytes:
         raise ConceptError(f"{redact(url)}: cannot read the {what} ({type(error).__name__}); check the path") from None
 
 
+class FitProgress:
+    """PerSAM-F's `on_epoch` callback: a line every `interval` seconds with the epoch, the
+    loss and the time left (epochs cost the same, so the rate so far predicts the rest)."""
+
+    def __init__(self, epochs: int, interval: float, log) -> None:
+        self.epochs, self.interval, self.log = epochs, interval, log
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, epoch: int, loss: float) -> None:
+        now = time.monotonic()
+        done = epoch + 1
+        if now - self.last < self.interval or done == self.epochs:
+            return
+        self.last = now
+        elapsed = now - self.started
+        left = elapsed / done * (self.epochs - done)
+        self.log(f"PerSAM-F: epoch {done}/{self.epochs}, loss {loss:.4f}, {elapsed:.0f} s so far, "
+                 f"{describe_left(left)} left")
+
+
 def fit_concept(
     sam, fingerprint: str, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], method: str, name: str,
-    epochs: int, mask_sources: Sequence[str], references: Sequence[str], log=print,
+    epochs: int, mask_sources: Sequence[str], references: Sequence[str], log=logger.info,
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
 ) -> Concept:
-    """Shots (images [H, W, 3] uint8, masks [H, W] bool) -> the concept; cells of all shots pooled."""
+    """Shots (images [H, W, 3] uint8, masks [H, W] bool) -> the concept; cells of all shots pooled.
+    PerSAM-F logs its progress every `progress_interval` seconds."""
     encoded = encode_images(sam, [resize_longest_side(image) for image in images])
     cells = reference_cells(encoded, masks, mask_sources)
     target_feature, target_embedding = persam_targets(cells)
@@ -41,7 +67,10 @@ def fit_concept(
     if method == "persam-f":
         target_feature = persam_f_target_feature(cells)
         fit_started = time.perf_counter()
-        weights, losses = fit_mask_weights(sam, encoded, masks, target_feature, epochs=epochs)
+        sizes = ", ".join(f"{m.shape[1]}x{m.shape[0]}" for m in masks)
+        log(f"PerSAM-F: fitting {epochs} epochs on {len(masks)} shot(s) ({sizes} px)")
+        weights, losses = fit_mask_weights(sam, encoded, masks, target_feature, epochs=epochs,
+                                           on_epoch=FitProgress(epochs, progress_interval, log))
         log(f"PerSAM-F: {epochs} epochs in {time.perf_counter() - fit_started:.1f} s, "
             f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, weights {[round(float(w), 4) for w in weights]}")
     return Concept(
@@ -55,7 +84,7 @@ def fit_concept(
     )
 
 
-def run_fit(spec: JobSpec, log=print) -> Concept:
+def run_fit(spec: JobSpec, log=logger.info) -> Concept:
     """Encode the shots, pool their kept cells, fit PerSAM-F if asked, write the concept."""
     device = resolve_device(spec.model.device)
     if len(spec.images) != len(spec.masks) or not spec.images:
@@ -69,7 +98,7 @@ def run_fit(spec: JobSpec, log=print) -> Concept:
     masks = [decode_mask(_read(u, "mask", spec.storage_options), redact(u)) for u in spec.masks]
     for mask, url in zip(masks, spec.masks):
         if mask.all():
-            log(f"warning: {redact(url)}: mask covers the whole image; the concept will be the whole scene")
+            logger.warning(f"{redact(url)}: mask covers the whole image; the concept will be the whole scene")
 
     model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
     note = random_weights_note(spec.model.checkpoint)
@@ -77,7 +106,8 @@ def run_fit(spec: JobSpec, log=print) -> Concept:
         log(f"note: {note}")
     started = time.perf_counter()
     concept = fit_concept(model.sam.to(device), model.fingerprint, images, masks, spec.method, spec.name,
-                          spec.epochs or DEFAULT_EPOCHS, [redact(u) for u in spec.masks], [redact(u) for u in spec.images], log)
+                          spec.epochs or DEFAULT_EPOCHS, [redact(u) for u in spec.masks], [redact(u) for u in spec.images], log,
+                          spec.progress_interval)
     # A killed or failing write must never leave a half concept that `segment` would then refuse.
     write_atomically(spec.out, concept.to_json().encode("utf-8"), spec.storage_options)
     log(f"concept {concept.name!r} ({concept.method}, {len(images)} shot(s)) -> {redact(spec.out)} "

@@ -9,6 +9,7 @@ similarity (highest first), masks for the top k.
 from __future__ import annotations
 
 import io
+import logging
 import time
 from contextlib import nullcontext
 
@@ -16,9 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from jobs.commands.dry_run import dry_run_rank
 from jobs.pipeline import commit
 from jobs.pipeline.actors import ModelActor, ScoreActor, SegmentActor
-from jobs.pipeline.job import PreparedJob, prepare_job
+from jobs.pipeline.job import PreparedJob, check_job, prepare_job
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session
@@ -27,9 +29,10 @@ from jobs.storage.concept_files import read_concepts
 from jobs.storage.files import join_url, publish_bytes
 from jobs.storage.listing import credential_free, list_all_images
 from jobs.storage.redaction import redact
-from jobs.storage.schema import IMAGE_URI, RANK, SIMILARITY, ranking_table
+from jobs.storage.schema import IMAGE_URI, RANK, SIMILARITY, error_count, ranking_table
 
 RANKING_FILE = "ranking.parquet"
+logger = logging.getLogger(__name__)
 
 
 def _collect(shard: dict, chunks: list[FinishedChunk]) -> dict:
@@ -45,16 +48,21 @@ def _shards(urls: list[str], num_shards: int, sources: dict[str, str]) -> list[d
              "sources": {u: sources[u] for u in s["urls"] if u in sources}} for s in plan.to_run]
 
 
-def run_rank(spec: JobSpec, log=print) -> pa.Table:
+def run_rank(spec: JobSpec, log=logger.info) -> pa.Table | None:
+    """-> the ranking (one row per image); None for --dry-run."""
     started = time.perf_counter()
     concepts = read_concepts(spec.concepts, spec.storage_options)
     if len(concepts) != 1:
         raise ValueError(f"{', '.join(map(redact, spec.concepts))}: rank takes exactly one concept, found {len(concepts)}")
-    fingerprint, feature_cache = prepare_job(spec, concepts, log)
-    # a ranking is global: every image's score is kept
+    check_job(spec)
+    # a ranking is global: every image's score is kept; listed before any weights load
     names, sources = credential_free(list_all_images(spec.input, spec.storage_options))
     urls = list(names)
     num_shards = commit.shard_count(len(urls), spec.shard_size)
+    if spec.dry_run:
+        dry_run_rank(spec, concepts[0], urls, num_shards, join_url(spec.output, RANKING_FILE), log)
+        return None
+    fingerprint, feature_cache = prepare_job(spec, concepts, log)
     if feature_cache is not None:  # follow the cache's sharding: one cache file per shard
         num_shards = feature_cache.adopt_layout(num_shards)
     job = PreparedJob(spec, fingerprint, (concepts[0].to_json(),), num_shards if feature_cache is not None else None)
@@ -87,6 +95,6 @@ def _rank(job: PreparedJob, concept: str, urls: list[str], sources: dict[str, st
     for row in ranking.to_pylist()[: min(spec.top_k, 10)]:
         similarity = "n/a" if row[SIMILARITY] is None else f"{row[SIMILARITY]:.4f}"
         log(f"  #{row[RANK]:<3} {similarity:>6}  {redact(row[IMAGE_URI])}")
-    log(f"done: {ranking.num_rows} images ranked for {concept!r}, {encoded} encoded, {hits} from cache, "
+    log(f"done: {ranking.num_rows} images ranked for {concept!r} ({error_count(scores)} failed), {encoded} encoded, {hits} from cache, "
         f"masks for the top {len(top)} -> {redact(spec.output)}/{RANKING_FILE} in {time.perf_counter() - started:.1f} s")
     return ranking

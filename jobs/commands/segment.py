@@ -8,18 +8,21 @@ alone, and a shard that several concepts lack is encoded once for all of them.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
+import logging
 import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import pyarrow.compute as pc
+
+from jobs.commands.dry_run import dry_run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.job_record import persam_version, utc_now
 from jobs.pipeline.actors import SegmentActor
-from jobs.pipeline.job import PreparedJob, expected_precision, prepare_job
+from jobs.pipeline.job import PreparedJob, check_job, concept_digests, expected_precision, prepare_job
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session
@@ -28,7 +31,9 @@ from jobs.storage import listing
 from jobs.storage.concept_files import read_concepts
 from jobs.storage.listing import credential_free, is_manifest, no_images, waves
 from jobs.storage.redaction import redact
-from jobs.storage.schema import CONCEPT, error_count, images_in, rows_of_concepts
+from jobs.storage.schema import CONCEPT, ERROR, IMAGE_URI, error_count, images_in, rows_of_concepts
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,10 +52,13 @@ class SegmentSummary:
     # {concept: {"shards_run", "shards_skipped", "rows"}}: a concept added to an output runs
     # every shard while the others skip them all
     per_concept: dict = field(default_factory=dict)
+    committed: int = 0  # images committed in the output after this run, all runs together
+    failed: int = 0  # images of the shards this run wrote that have error rows
 
     def line(self) -> str:
         return (
-            f"done: {self.images} images, {self.rows} rows, {self.error_rows} error rows, "
+            f"done: {self.committed} images committed in the output; this run: "
+            f"{self.images} images, {self.rows} rows, {self.error_rows} error rows, "
             f"{self.shards_run} shards written ({self.shards_skipped} already committed), "
             f"{self.encoded} encoded, {self.cache_hits} from cache, {self.carried} unchanged, {self.removed} removed "
             f"-> {self.output} in {self.seconds:.1f} s"
@@ -62,16 +70,26 @@ def count_removed(paths: list[str], current: set[str], storage_options: dict | N
     return len(images_in(paths, storage_options) - current)
 
 
-def run_segment(spec: JobSpec, log=print, on_progress: Callable[[int], None] | None = None) -> SegmentSummary:
-    """on_progress(images) is called in the driver as each chunk's rows arrive (benchmarks)."""
+def failed_images(table) -> set[str]:
+    """Images with an error row in a shard's table."""
+    return set(table.filter(pc.is_valid(table.column(ERROR))).column(IMAGE_URI).to_pylist())
+
+
+def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], None] | None = None) -> SegmentSummary | None:
+    """on_progress(images) is called in the driver as each chunk's rows arrive (benchmarks).
+    -> the summary; None for --dry-run (the plan is logged, nothing loaded or written)."""
     started = time.perf_counter()
     concepts = read_concepts(spec.concepts, spec.storage_options)
-    fingerprint, cache = prepare_job(spec, concepts, log)
+    check_job(spec)
     manifest = is_manifest(spec.input)
-    batches = waves(spec.input, spec.storage_options)
+    batches = waves(spec.input, spec.storage_options)  # the input is listed before any weights load
     first = next(batches, None)
     if not first:
         raise no_images(spec.input)
+    if spec.dry_run:
+        dry_run_segment(spec, concepts, itertools.chain([first], batches), log)
+        return None
+    fingerprint, cache = prepare_job(spec, concepts, log)
     # (a manifest shorter than one wave is sharded like a listing of its size)
     shards_per_wave = commit.shard_count(len(first), spec.shard_size)
     if cache is not None and not manifest:  # a new job adopts the cache's sharding: one cache file per job shard
@@ -85,7 +103,7 @@ def run_segment(spec: JobSpec, log=print, on_progress: Callable[[int], None] | N
         "manifest_wave_images": listing.MANIFEST_WAVE_IMAGES if manifest else None,
     }
     # a concept re-fitted under the same name is a different concept
-    digests = {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts}
+    digests = concept_digests(concepts)
     provenance = {"persam_version": persam_version(), "model_type": spec.model.model_type,
                   "checkpoint": redact(spec.model.checkpoint), "input": redact(spec.input), "created": utc_now()}
     record = commit.JobRecord(shards_per_wave, tuple(c.name for c in concepts), fingerprint, settings,
@@ -107,7 +125,7 @@ def run_segment(spec: JobSpec, log=print, on_progress: Callable[[int], None] | N
     t = totals
     return SegmentSummary(t["images"], t["rows"], t["errors"], t["run"], t["skipped"], redact(spec.output),
                           time.perf_counter() - started, t["encoded"], t["cache_hits"], t["carried"], t["removed"],
-                          {name: dict(counts) for name, counts in per_concept.items()})
+                          {name: dict(counts) for name, counts in per_concept.items()}, t["committed"], t["failed"])
 
 
 def _concepts_of(partition: str, record: commit.JobRecord) -> list[str]:
@@ -127,7 +145,8 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
     plan = commit.plan_output(urls, record.num_shards, local, versions)
     # Superseded files of shards not rerun now (repairs, emptied shards) go at once; the
     # others are replaced by their shard's commit, and read for the rows they carry over.
-    totals.update(removed=count_removed(plan.dropped, set(urls), storage), skipped=plan.skipped)
+    # every listed image is committed once the wave's shards are (a failing shard raises)
+    totals.update(removed=count_removed(plan.dropped, set(urls), storage), skipped=plan.skipped, committed=len(urls))
     commit.remove_files(output, plan.dropped, storage, log)
     for partition, count in plan.committed.items():
         for name in _concepts_of(partition, record):
@@ -154,8 +173,8 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
                 for name, counts in result["per_concept"].items():
                     per_concept[name].update(counts)
             totals.update(run=len(shards), **{k: sum(r[k] for r in results)
-                                           for k in ("rows", "errors", "images", "encoded", "cache_hits", "carried",
-                                                     "removed")})
+                                           for k in ("rows", "errors", "failed", "images", "encoded", "cache_hits",
+                                                     "carried", "removed")})
 
 
 def _committer(job: PreparedJob, record: commit.JobRecord, log):
@@ -167,7 +186,7 @@ def _committer(job: PreparedJob, record: commit.JobRecord, log):
         carried = {url for c in chunks for url in c.carried}
         computed = [c.rows() for c in chunks]
         number, digest = shard["shard"], shard["digest"]
-        counts, per_concept = Counter(), {}
+        counts, per_concept, failed = Counter(), {}, set()
         for partition in shard["partitions"]:
             names = _concepts_of(partition, record)
             previous = shard["previous_by_partition"].get(partition, [])
@@ -177,10 +196,12 @@ def _committer(job: PreparedJob, record: commit.JobRecord, log):
             commit.commit_shard(output, number, digest, table, storage, partition, record.parquet_metadata(names))
             commit.remove_files(output, previous, storage, log)  # only after the new file is public
             counts.update(rows=table.num_rows, errors=error_count(table))
+            failed |= failed_images(table)
             counts["removed"] = max(counts["removed"], removed)  # the same images in every partition
             rows = Counter(table.column(CONCEPT).to_pylist())
             per_concept.update({name: {"shards_run": 1, "rows": rows[name]} for name in names})
-        return {"shard": number, "rows": counts["rows"], "errors": counts["errors"], "images": len(shard["urls"]),
+        return {"shard": number, "rows": counts["rows"], "errors": counts["errors"], "failed": len(failed),
+                "images": len(shard["urls"]),
                 "encoded": sum(c.encoded for c in chunks), "cache_hits": sum(c.cache_hits for c in chunks),
                 "carried": len(carried), "removed": counts["removed"], "per_concept": per_concept,
                 "problems": list(dict.fromkeys(p for c in chunks for p in c.problems))}

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import io
 import json
 import os
@@ -35,6 +37,8 @@ from jobs.storage.files import as_given, folder_entries, join_url, write_atomica
 from jobs.storage.images import IMAGE_EXTENSIONS
 from jobs.storage.outputs import check_output_folder
 from jobs.storage.redaction import redact
+
+logger = logging.getLogger(__name__)
 
 
 class TrackError(ValueError):
@@ -89,7 +93,7 @@ class TrackWorker:
                 "reprompts": found[1:], "seconds": round(time.perf_counter() - started, 1)}
 
 
-def run_track(spec: JobSpec, log=print) -> dict:
+def run_track(spec: JobSpec, log=logger.info) -> dict:
     check_device_option(spec.model.device)
     if not is_sam2(spec.model.model_type):
         raise TrackError(f"--model-type {spec.model.model_type}: persam track follows the concept with SAM 2's "

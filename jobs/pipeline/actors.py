@@ -14,6 +14,7 @@ it waiting for the host; unpacking and packing happen outside both locks.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -22,10 +23,13 @@ import torch
 from persam_core.acceleration import prepare_encoder, resolve_speed
 from persam_core.concept import Concept, ConceptTensors
 
+from jobs.logs import configure as configure_logging
 from jobs.pipeline.compute import Batch, cascade_chunk, encode_chunk, score_batches
 from jobs.pipeline.job import PreparedJob, load_checked_model
 from jobs.pipeline.payload import Chunk, ChunkResults, pack_results, unpack_chunk
 from jobs.pipeline.session import resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 class ModelActor:
@@ -35,6 +39,7 @@ class ModelActor:
 
     def __init__(self, job: PreparedJob, threads: int) -> None:
         spec = job.spec
+        configure_logging(spec.log_level, spec.quiet, spec.log_format)  # an actor's process logs as the driver's
         if threads > 0:
             torch.set_num_threads(threads)
         loaded = load_checked_model(spec, job.fingerprint)
@@ -44,7 +49,7 @@ class ModelActor:
         self.fingerprint = loaded.fingerprint
         s = spec.speed
         speed = resolve_speed(self.sam.device.type, s.precision, s.fused_attention, s.compile_encoder, s.batch_size)
-        self.speed = prepare_encoder(self.sam, speed, log=print)
+        self.speed = prepare_encoder(self.sam, speed, log=logger.info)
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in job.concept_texts]
         self.job = job
         self.cache_dtype = spec.cache_dtype if job.cache_shards is not None else None

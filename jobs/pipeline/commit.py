@@ -72,7 +72,8 @@ from jobs.pipeline.job_record import (
     BY_CONCEPT, CONCEPT_FILE, FLAT, JOB_FILE, JobRecord, agreed, check_concept_names, check_concept_record,
 )
 from jobs.pipeline.output_files import (
-    FLAT_PARTITION, output_tables, parse_part_path, part_files, partition_root, shard_name, shard_of_path,
+    FLAT_PARTITION, output_tables, parse_part_path, part_files, partition_root, read_job_record, read_output, shard_name,
+    shard_of_path,
 )
 from jobs.storage.files import as_given, publish_bytes
 from jobs.storage.outputs import OutputError
@@ -82,7 +83,8 @@ from jobs.storage.schema import (
 )
 
 # names of the record and the files, re-exported: callers (commands, tests) use them as commit.*
-__all__ = ["BY_CONCEPT", "FLAT", "JOB_FILE", "JobRecord", "output_tables", "part_files", "shard_name"]
+__all__ = ["BY_CONCEPT", "FLAT", "JOB_FILE", "JobRecord", "output_tables", "part_files", "read_job_record",
+           "read_output", "shard_name"]
 # Temp files of our own publishes (publish_bytes); another tool's `*.tmp-*` is foreign.
 TEMP_FILE = re.compile(r"^(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json|_persam_concept\.json)\.tmp-[0-9a-f]+$")
 Committed = dict[int, dict[str, str]]  # one partition's part files: {shard: {digest: path}}
@@ -232,17 +234,6 @@ def open_job(
     {shard: {digest: path}}) of the output's root."""
     record, committed = open_output(output, record, storage_options, log)
     return record, committed.get(FLAT_PARTITION, {})
-
-
-def read_job_record(output: str, storage_options: dict | None = None) -> dict:
-    """The output's root record, with {"concepts": {name: partition record}} for BY_CONCEPT."""
-    fs, root = _root(output, storage_options)
-    stored = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
-    if stored.get("layout") == BY_CONCEPT:
-        paths = fs.glob(f"{root}/{PARTITION_PREFIX}*/{CONCEPT_FILE}")
-        records = [json.loads(fs.cat_file(p)) for p in sorted(paths)]
-        stored["concepts"] = {r["name"]: r for r in records}
-    return stored
 
 
 def plan_shards(

@@ -8,6 +8,7 @@ every stage and actor receives, whole.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,6 +45,12 @@ class PreparedJob:
         return FeatureCache(spec.cache, self.fingerprint, spec.cache_dtype, spec.storage_options, self.cache_shards)
 
 
+def concept_digests(concepts: list[Concept]) -> dict[str, str]:
+    """Concept name -> digest of its file's content: a concept re-fitted under the same name
+    is a different job (the job record keeps these)."""
+    return {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts}
+
+
 def expected_precision(spec: JobSpec) -> str:
     """The encoder precision the actors will run at, as far as the driver can tell: GPU
     actors (--device cuda, or auto on a cluster with GPUs) resolve "auto" as CUDA does."""
@@ -52,14 +59,20 @@ def expected_precision(spec: JobSpec) -> str:
                          speed.compile_encoder, speed.batch_size).precision
 
 
-def prepare_job(spec: JobSpec, concepts: list[Concept], log: Log) -> tuple[str, FeatureCache | None]:
-    """Checks that need no Ray: device, outputs, weights vs concepts, cache -> (model
-    fingerprint, the cache or None). Outputs are checked before the model loads."""
+def check_job(spec: JobSpec) -> None:
+    """The checks that need neither weights nor Ray: device, precision, --output, --cache."""
     check_device_option(spec.model.device)
     resolve_speed("cpu", spec.speed.precision)  # refuses an unknown precision before any work
     check_output_folder(spec.output, "--output", spec.storage_options)
     if spec.cache:
         check_output_folder(spec.cache, "--cache", spec.storage_options)
+
+
+def prepare_job(spec: JobSpec, concepts: list[Concept], log: Log) -> tuple[str, FeatureCache | None]:
+    """Checks that need no Ray: device, outputs, weights vs concepts, cache -> (model
+    fingerprint, the cache or None). Outputs are checked before the model loads; the
+    commands list the input before they call this (a typo costs no weights download)."""
+    check_job(spec)
     model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
     for concept in concepts:
         concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")

@@ -11,6 +11,7 @@ Everything that reads an output (eval, exports, benchmarks) goes through `part_f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Iterator, Sequence
@@ -18,6 +19,7 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 from fsspec.core import url_to_fs
 
+from jobs.pipeline.job_record import BY_CONCEPT, CONCEPT_FILE, JOB_FILE
 from jobs.storage.files import as_given
 from jobs.storage.schema import PARTITION_PREFIX, partition_folder, read_part
 
@@ -68,3 +70,37 @@ def output_tables(output: str, storage_options: dict | None = None,
         table = read_part(path, storage_options, columns)
         if table is not None:
             yield table
+
+
+def read_job_record(output: str, storage_options: dict | None = None) -> dict:
+    """The output's root record, with {"concepts": {name: partition record}} for BY_CONCEPT."""
+    fs, root = url_to_fs(output, **(storage_options or {}))
+    root = root.rstrip("/")
+    stored = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
+    if stored.get("layout") == BY_CONCEPT:
+        paths = fs.glob(f"{root}/{PARTITION_PREFIX}*/{CONCEPT_FILE}")
+        records = [json.loads(fs.cat_file(p)) for p in sorted(paths)]
+        stored["concepts"] = {r["name"]: r for r in records}
+    return stored
+
+
+def read_output(output: str, concepts: list[str], storage_options: dict | None = None) -> tuple[dict | None, dict[str, dict[int, dict[str, str]]]]:
+    """What an output holds, read only (dry runs): its root record with the concept records
+    (None: a new output) and the part files of `concepts`' partitions (the root's, for a FLAT
+    output) -> (record, {partition: {shard: {digest: path}}}). Nothing is written or swept."""
+    fs, root = url_to_fs(output, **(storage_options or {}))
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{JOB_FILE}"):
+        return None, {}
+    stored = read_job_record(output, storage_options)
+    by_concept = stored.get("layout") == BY_CONCEPT
+    folders = {c: f"{root}/{partition_folder(c)}" for c in concepts} if by_concept else {FLAT_PARTITION: root}
+    committed: dict[str, dict[int, dict[str, str]]] = {}
+    for partition, folder in folders.items():
+        shards: dict[int, dict[str, str]] = {}
+        for info in fs.ls(folder, detail=True) if fs.isdir(folder) else []:
+            parsed = parse_part_path(info["name"]) if info.get("type") != "directory" else None
+            if parsed is not None:
+                shards.setdefault(parsed[0], {})[parsed[1]] = info["name"]
+        committed[partition] = shards
+    return stored, committed

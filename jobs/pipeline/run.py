@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from typing import Callable, Iterator
 
-from tqdm import tqdm
-
+from jobs.logs import native_stderr_filter, ray_logging_level
 from jobs.pipeline.actors import ModelActor
 from jobs.pipeline.finish import finish_chunk
 from jobs.pipeline.gather import ShardGatherer
 from jobs.pipeline.job import PreparedJob
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.prepare import prepare_chunk
+from jobs.pipeline.progress import Progress
 from jobs.pipeline.session import plan_actors, ray_session
 
 # Decoded chunks are large; the reservation also keeps Ray Data from fusing the CPU stage
@@ -39,6 +38,7 @@ FINISH_TASK_CPUS = 0.5
 # Calls in flight per actor: one on the device, one unpacking or packing on the host.
 ACTOR_CONCURRENT_CALLS = 2
 
+logger = logging.getLogger(__name__)
 OnShard = Callable[[dict, list[FinishedChunk]], dict]
 
 
@@ -68,8 +68,8 @@ def run_pipeline(
     chunks = plan_chunks(shards, job.spec.speed.images_per_chunk())
     by_id = {s["shard"]: s for s in shards}
     stream = local_stream if job.spec.runner == "local" else ray_stream
-    with ShardGatherer(by_id, on_shard) as gatherer, tqdm(
-        total=sum(len(s["urls"]) for s in shards), unit="img", desc=job.spec.command, file=sys.stderr, mininterval=1.0
+    with ShardGatherer(by_id, on_shard) as gatherer, Progress(
+        sum(len(s["urls"]) for s in shards), job.spec.command, job.spec.progress_interval
     ) as bar:
         for row in stream(job, actor, chunks):
             finished = FinishedChunk.from_row(row)
@@ -94,12 +94,12 @@ def ray_stream(job: PreparedJob, actor: type[ModelActor], chunks: list[dict]) ->
     """The chunks through prepare -> actor -> finish on Ray Data -> finish's rows."""
     import ray
 
-    with ray_session():
+    with ray_session(), native_stderr_filter():  # see jobs/logs.py for the line it drops
         plan = plan_actors(job.spec.model.device, job.spec.num_actors)
-        print(f"{plan.count} model actor(s), each with {plan.resources}; {len(chunks)} chunks")
+        logger.info(f"{plan.count} model actor(s), each with {plan.resources}; {len(chunks)} chunks")
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # one image-level bar instead of per-operator logs
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        context.enable_progress_bars = False  # one image-level progress (progress.py) instead of per-operator logs
+        logging.getLogger("ray.data").setLevel(ray_logging_level())
         # Ray Data restarts killed actors and retries their tasks by default (max_restarts=-1);
         # a chunk delivered twice is dropped by the gatherer.
         dataset = (

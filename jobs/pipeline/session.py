@@ -3,7 +3,6 @@ many model actors with which resources. The one place that starts and stops Ray.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from contextlib import contextmanager
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from jobs.logs import ray_logging_level
 
 
 def check_device_option(device: str) -> str:
@@ -39,13 +40,13 @@ def start_ray() -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(logging_level=ray_logging_level(), log_to_driver=True)
         return True
     ray.init(
         address="local",  # not None: Ray would join whatever `ray start` cluster this machine last ran
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
+        logging_level=ray_logging_level(),
         configure_logging=True,
     )
     return True

@@ -17,7 +17,8 @@ import pytest
 from jobs.storage.schema import MASK_SCHEMA, RANKING_SCHEMA
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-LAYERS = {"storage": 0, "spec": 1, "pipeline": 2, "commands": 3, "export": 3, "exports": 3, "overlays": 3, "cli": 4, "demo": 5}
+LAYERS = {"storage": 0, "logs": 0, "spec": 1, "pipeline": 2, "commands": 3, "exports": 3,
+          "cli": 4, "cli_parser": 4, "demo": 5}
 MAX_LINES = 400
 
 
@@ -82,6 +83,8 @@ COLUMNS = set(MASK_SCHEMA.names) | set(RANKING_SCHEMA.names)
 # Words that are columns *and* something else, where the other meaning is meant.
 NOT_A_COLUMN = {
     ("cli.py", "rank"): "the `persam rank` command",
+    ("cli.py", "error"): "the word of the final error line and its log level",
+    ("logs.py", "error"): "a log level",
     ("pipeline/commit.py", "model_fingerprint"): "a key of the job record, a file commit.py owns",
     ("pipeline/job_record.py", "model_fingerprint"): "a key of the job record, a file job_record.py owns",
     ("pipeline/compute.py", "score"): "the task named in 'score failed: ...' error texts",

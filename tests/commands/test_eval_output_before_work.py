@@ -21,7 +21,7 @@ def test_eval_output_that_is_a_file_fails_before_the_model_loads(video, tmp_path
     blocker = tmp_path / "metrics"
     blocker.write_text("not a folder")
     argv = ["eval", *MODEL, "--data", str(tmp_path / "data"), "--output", str(blocker), *(["--video"] if video else [])]
-    assert main(argv) == 2
+    assert main(argv) == 3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--output is an existing file" in err
     assert blocker.read_text() == "not a folder"

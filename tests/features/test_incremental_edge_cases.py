@@ -138,7 +138,7 @@ def test_rank_with_an_unreadable_image_among_the_printed_rows(perseg_sample, con
     save_small(perseg_sample, "cat/01", images / "a.jpg")
     (images / "broken.jpg").write_bytes(b"not an image")
     result = rank(concept, images, tmp_path / "out")  # default --top-k 10 prints both rows
-    ok(result)
+    assert result.rc == 4 and "1 of 2 images failed" in result.err  # --max-error-rate: the ranking is written first
     rows = pq.read_table(tmp_path / "out" / "ranking.parquet").to_pylist()
     assert [Path(r["image_uri"]).name for r in rows] == ["a.jpg", "broken.jpg"]
 

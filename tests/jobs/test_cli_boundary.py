@@ -15,8 +15,8 @@ SECRET_KEY, SECRET_TOKEN, SIGNATURE = "AKIAEXAMPLEKEY", "sEcReT/tOkEn+value", "X
 @pytest.mark.parametrize("failure,code,word", [
     (RuntimeError, 1, "failed"),  # a library's error
     (KeyError, 1, "failed"),
-    (ValueError, 2, "error"),  # ours: bad input
-    (OSError, 2, "error"),
+    (ValueError, 3, "error"),  # ours: bad input
+    (OSError, 3, "error"),
 ])
 def test_any_error_is_one_scrubbed_line(monkeypatch, capsys, failure, code, word):
     url = f"s3://{SECRET_KEY}:{SECRET_TOKEN}@bucket/photos/?{SIGNATURE}"

@@ -52,7 +52,7 @@ def test_fit_out_an_existing_folder(tmp_path, capsys):
     # The image and mask do not exist either: the output is checked before they are read.
     rc = main(["fit", *TINY, "--image", str(tmp_path / "a.jpg"), "--mask", str(tmp_path / "a.png"),
                "--name", "mug", "--out", str(folder)])
-    assert rc == 2
+    assert rc == 3
     _one_line_error(capsys, "fit", folder, f"existing folder; pass a file path such as {folder}/mug.json")
     assert list(folder.iterdir()) == [] and not list(tmp_path.glob("*.probe"))
 
@@ -63,7 +63,7 @@ def test_output_an_existing_file(command, concept_file, tmp_path, capsys):
     blocker.write_bytes(b"not a folder")
     rc = main([command, *TINY, "--concept", str(concept_file), "--input", str(tmp_path / "photos"),
                "--output", str(blocker)])
-    assert rc == 2
+    assert rc == 3
     _one_line_error(capsys, command, blocker, "--output is an existing file")
     assert blocker.read_bytes() == b"not a folder"
 
@@ -72,7 +72,7 @@ def test_output_under_a_file(concept_file, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     rc = main(["rank", *TINY, "--concept", str(concept_file), "--input", str(tmp_path), "--output", str(blocker / "out")])
-    assert rc == 2
+    assert rc == 3
     _one_line_error(capsys, "rank", blocker / "out", "not writable")
 
 
@@ -82,7 +82,7 @@ def test_cache_an_existing_file(concept_file, tmp_path, capsys):
     output = tmp_path / "out"
     rc = main(["rank", *TINY, "--concept", str(concept_file), "--input", str(tmp_path), "--output", str(output),
                "--cache", str(blocker)])
-    assert rc == 2
+    assert rc == 3
     _one_line_error(capsys, "rank", blocker, "--cache is an existing file")
     assert not output.exists()  # nothing created by a refused job
 
@@ -96,7 +96,7 @@ def test_export_output_checked_before_the_masks_are_read(kind, make, phrase, tmp
     target = tmp_path / "target"
     make(target)
     rc = main(["export", kind, "--masks", str(tmp_path / "no-such-masks"), "--output", str(target)])
-    assert rc == 2
+    assert rc == 3
     _one_line_error(capsys, "export", target, phrase)
 
 

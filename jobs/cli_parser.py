@@ -1,0 +1,241 @@
+"""The `persam` argument parser: every subcommand's flags, help texts, defaults from jobs/spec.py.
+
+Flags land in argparse `dest`s named like JobSpec's fields (JobSpec.from_args picks them up
+by name). Imports stay light: `persam --help` must not load torch, Ray or pyarrow.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from persam_core.options import GPU_BATCH_SIZE, MODEL_TYPES, SPEED_PRECISIONS
+
+from jobs.exports import EXPORT_KINDS
+from jobs.logs import LOG_FORMATS, LOG_LEVELS
+from jobs.spec import (CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_INTERVAL, METHODS, RUNNERS, JobSpec,
+                       ModelSpec, SpeedSpec)
+
+MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
+CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, once: added where the help does not already
+    explain it (conditional defaults such as "16 on CUDA, 1 on CPU" are written out)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class VersionAction(argparse.Action):
+    """--version: the installed package's version, looked up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("persam")
+        except PackageNotFoundError:
+            found = "unknown (not installed)"
+        print(f"persam {found}")
+        parser.exit()
+
+
+def _add_reporting(parser: argparse.ArgumentParser) -> None:
+    """How every command reports (jobs/logs.py)."""
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=JobSpec.log_level,
+                        help="debug also prints the full (redacted) traceback of an error")
+    parser.add_argument("--quiet", action="store_true", help="warnings and errors only (same as --log-level warning)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=JobSpec.log_format,
+                        help="json: one JSON object per line (time, level, logger, message) for log collectors")
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress-interval", type=float, default=DEFAULT_PROGRESS_INTERVAL, metavar="SECONDS",
+                        help="seconds between progress lines where stderr is not a terminal (a terminal gets a live bar)")
+
+
+def _names(text: str) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c']."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _add_model(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
+    # Model types are checked by the registry so the error lists the valid ones.
+    parser.add_argument("--model-type", required=True, help=MODEL_TYPE_HELP)
+    parser.add_argument("--checkpoint", required=checkpoint_required, default=ModelSpec.checkpoint, help=CHECKPOINT_HELP)
+    parser.add_argument("--device", default=ModelSpec.device, help="auto, cpu or cuda")
+    parser.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
+
+
+def _add_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", default=None, help="embedding cache URL: encoder features stored once per image and model")
+    parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=JobSpec.cache_dtype,
+                        help="feature precision in the cache (fp16: 2 MiB per image, fp32: 4 MiB)")
+
+
+def _add_speed(parser: argparse.ArgumentParser) -> None:
+    """The encoder's speed settings; None / auto resolve on each actor's device (acceleration.resolve_speed)."""
+    parser.add_argument("--precision", choices=SPEED_PRECISIONS, default=SpeedSpec.precision,
+                        help="image-encoder precision (auto: bf16 on CUDA, fp32 on CPU; fp32 is the "
+                             "reference path, the others are measured against it by `bench`)")
+    parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
+                        help="encoder attention via scaled_dot_product_attention (default: on with CUDA "
+                             "bf16/fp16, else off)")
+    parser.add_argument("--compile", dest="compile_encoder", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the image encoder (default: on with CUDA bf16/fp16, else off)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
+    parser.add_argument("--chunk-size", type=int, default=SpeedSpec.chunk_size,
+                        help="images per model-actor call, within one shard (at least --batch-size)")
+
+
+def _add_job(parser: argparse.ArgumentParser) -> None:
+    """Settings of every command that runs the pipeline."""
+    parser.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    parser.add_argument("--runner", choices=RUNNERS, default=JobSpec.runner,
+                        help="ray: Ray Data (local Ray, or the cluster in RAY_ADDRESS); local: the same stages "
+                             "in this process, one chunk after another (debugging, small inputs)")
+    parser.add_argument("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE, metavar="SHARE",
+                        help="exit 4 (after committing) when a larger share of this run's images failed; "
+                             "a run in which every image failed always fails")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check and list the input, plan the shards, name concepts and model, then stop: "
+                             "no weights loaded, no Ray, nothing written")
+    _add_progress(parser)
+
+
+def _add_fit(commands) -> None:
+    fit = commands.add_parser("fit", help="learn a concept from reference image(s) + mask(s)")
+    _add_model(fit)
+    fit.add_argument("--image", dest="images", metavar="IMAGE", action="append", required=True,
+                     help="reference image URL (repeat for several shots)")
+    fit.add_argument("--mask", dest="masks", metavar="MASK", action="append", required=True,
+                     help="its mask (any non-zero pixel is the object)")
+    fit.add_argument("--method", choices=METHODS, default=JobSpec.method)
+    fit.add_argument("--name", required=True, help="concept name (a plain word)")
+    fit.add_argument("--out", required=True, help="concept file to write (JSON)")
+    fit.add_argument("--epochs", type=int, default=None, help="PerSAM-F fitting epochs (default 1000)")
+    _add_progress(fit)
+
+
+def _add_segment(commands) -> None:
+    segment = commands.add_parser("segment", help="segment concepts in every image of --input (Ray Data job)")
+    _add_model(segment)
+    segment.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
+                         help="concept file or directory (repeatable)")
+    segment.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
+    segment.add_argument("--output", required=True, help="Parquet dataset directory (any fsspec URL)")
+    _add_job(segment)
+    segment.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
+                         help="images per committed Parquet shard of a new output")
+    segment.add_argument("--max-pixels", type=int, default=JobSpec.max_pixels, help="larger images become error rows")
+    segment.add_argument("--max-instances", type=int, default=JobSpec.max_instances,
+                         help="instances per (image, concept), >= 1")
+    _add_cache(segment)
+    _add_speed(segment)
+    segment.add_argument("--min-similarity", type=float, default=None,
+                         help="presence threshold in [0, 1]: rows below it get present=false and an empty mask")
+
+
+def _add_rank(commands) -> None:
+    rank = commands.add_parser("rank", help="rank every image of --input by the presence of one concept")
+    _add_model(rank)
+    rank.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
+                      help="concept file written by `persam fit`")
+    rank.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
+    rank.add_argument("--output", required=True, help="directory for ranking.parquet (any fsspec URL)")
+    rank.add_argument("--top-k", type=int, default=JobSpec.top_k, help="images that also get a mask")
+    _add_job(rank)
+    rank.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
+                      help="images per shard (and cache shard)")
+    _add_cache(rank)
+    _add_speed(rank)
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser("export", help="mask Parquet -> COCO, Label Studio, Hugging Face datasets, "
+                                 "review gallery or subject crops")
+    export.add_argument("kind", choices=EXPORT_KINDS, help="coco: COCO instances JSON; label-studio: tasks JSON with "
+                        "brush pre-annotations; hf-dataset: `datasets` Parquet + card; overlays: review gallery; "
+                        "subjects: masked crops")
+    export.add_argument("--masks", required=True, help="the --output of `persam segment`")
+    export.add_argument("--output", required=True, help="JSON file (coco, label-studio) or folder (any fsspec URL)")
+    export.add_argument("--images", default=None, help="where the images are now, if they moved")
+    export.add_argument("--image-root", default=None, help="coco / hf-dataset file names are relative to this "
+                        "(default: --images, else the common folder of the image URIs)")
+    export.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
+
+
+def _add_eval(commands) -> None:
+    evaluate = commands.add_parser("eval", help="PerSeg mIoU/bIoU, or DAVIS 2017 J&F with --video (Ray job)")
+    _add_model(evaluate)
+    evaluate.add_argument("--data", required=True, help="PerSeg root (Images/, Annotations/) or DAVIS 2017 root (--video)")
+    evaluate.add_argument("--output", required=True, help="directory for metrics.json, metrics.md and the masks")
+    evaluate.add_argument("--method", choices=METHODS, default=JobSpec.method)
+    evaluate.add_argument("--video", action="store_true", help="DAVIS 2017 layout: J, F and J&F")
+    evaluate.add_argument("--epochs", type=int, default=None, help="PerSAM-F fit epochs (default 1000; video 800)")
+    _add_job(evaluate)
+    evaluate.add_argument("--batch-size", type=int, default=None,
+                          help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
+    evaluate.add_argument("--sequences", type=_names, default=None,
+                          help="comma-separated DAVIS sequences (default: ImageSets/2017/val.txt, else all)")
+
+
+def _add_track(commands) -> None:
+    track = commands.add_parser("track", help="follow one concept through video clips with SAM 2's memory (Ray job)")
+    _add_model(track)
+    track.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
+                       help="concept file (one concept, fitted with the same SAM 2 weights)")
+    track.add_argument("--input", required=True, help="a clip's folder of frames (name order), or a folder of clip folders")
+    track.add_argument("--output", required=True, help="folder for <clip>/<frame>.png masks and track.json")
+    track.add_argument("--min-similarity", type=float, default=None,
+                       help="presence in [0, 1] from which the concept counts as found (default: the tracker's, see README)")
+    _add_job(track)
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser("bench", help="time encoder, PerSAM, PerSAM-F, K concepts and the reference loop")
+    _add_model(bench, checkpoint_required=False)
+    bench.add_argument("--images", type=int, required=True, help="generated images to time")
+    bench.add_argument("--concepts", type=int, default=8, help="K concepts per image")
+    bench.add_argument("--epochs", type=int, default=1000, help="PerSAM-F fit epochs to time")
+    bench.add_argument("--json", action="store_true", help="last line: one JSON object")
+    bench.add_argument("--variants", action="store_true", default=None,
+                       help="also time fp32/bf16/fp16/fused encoders and their IoU vs fp32 (default on CUDA)")
+    bench.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="image-encoder precision (auto: bf16 on CUDA, fp32 on CPU)")
+    bench.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default: 16 on CUDA, 1 on CPU)")
+    bench.add_argument("--job", action="store_true",
+                       help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
+    bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")
+    bench.add_argument("--shard-size", type=int, default=None, help="--job: images per shard (default: images / 8, at most 32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persam", description="PerSAM / PerSAM-F personalised segmentation at scale",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action=VersionAction, help="print the installed version and exit")
+    commands = _Commands(parser.add_subparsers(dest="command", required=True))
+    for add in (_add_fit, _add_segment, _add_rank, _add_export, _add_eval, _add_track, _add_bench):
+        add(commands)
+    return parser
+
+
+class _Commands:
+    """Subcommand parsers with the shared help format and reporting flags."""
+
+    def __init__(self, subparsers) -> None:
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        parser = self.subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+        _add_reporting(parser)
+        return parser
