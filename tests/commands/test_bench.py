@@ -20,11 +20,6 @@ SPEC_KEYS = ("encoder_s_per_image", "persam_s_per_image", "persam_f_s_per_image"
              "cached_s_per_image", "reference_loop_s_per_image", "peak_rss_mb")
 
 
-@pytest.fixture(autouse=True)
-def _no_cluster(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 def bench_json(argv: list[str]) -> tuple[dict, str]:
     """Run `persam bench` in this process -> (the JSON of its last line, what it wrote to stderr)."""
     out, err = io.StringIO(), io.StringIO()

@@ -1,13 +1,13 @@
-"""`persam segment` end to end on an embedded local Ray: output contract, resume, refusals.
+"""`persam segment` end to end: output contract, resume, refusals.
 
-One module-scoped job (two concepts over the sample images plus two broken files) feeds
-most assertions; the crash-resume test reruns one shard of a copy. Two Ray runs in all.
+One module-scoped job on an embedded local Ray (two concepts over the shared sample lake:
+nine photos and two broken files) feeds most assertions and proves the Ray wiring; the
+crash-resume and new-image reruns go through `--runner local` (the same stages in this
+process), and so does MobileSAM (vit_t) through the job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from jobs.cli import main
+from cli_tools import LOCAL, error_lines, run_cli
 from jobs.pipeline.commit import shard_of
 from jobs.storage.listing import list_image_urls
 from persam_core.models import model_fingerprint
@@ -36,13 +36,6 @@ DONE = re.compile(r"^done: (\d+) images, (\d+) rows, (\d+) error rows, (\d+) sha
                   r"-> (.+) in ([0-9.]+) s$")
 
 
-def run_cli(argv: list[str]) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue())
-
-
 def done_line(result: SimpleNamespace) -> dict:
     lines = result.out.strip().splitlines()
     assert lines, result.err
@@ -50,10 +43,6 @@ def done_line(result: SimpleNamespace) -> dict:
     assert match, lines[-1]
     keys = ("images", "rows", "errors", "written", "skipped", "output", "seconds")
     return {k: (v if k == "output" else float(v) if k == "seconds" else int(v)) for k, v in zip(keys, match.groups())}
-
-
-def error_lines(result: SimpleNamespace) -> list[str]:
-    return [line for line in result.err.splitlines() if line.startswith("persam ")]
 
 
 def fit(sample: Path, concept: str, out: Path, *extra: str, checkpoint: str = "random:0", name: str | None = None) -> None:
@@ -74,35 +63,17 @@ def read_rows(output: Path) -> list[dict]:
     return pq.read_table(output).to_pylist()
 
 
-@pytest.fixture(autouse=True)
-def _no_cluster(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 @pytest.fixture(scope="module")
-def job(perseg_sample, tmp_path_factory):
-    """Fit two concepts, then segment every sample image + two broken files, 2 images per shard."""
-    root = tmp_path_factory.mktemp("segment")
-    images = root / "images"
-    for source in sorted((perseg_sample / "Images").rglob("*.jpg")):
-        target = images / source.relative_to(perseg_sample / "Images")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)  # copyfile: the sample is read-only, the copy must not be
-    (images / "broken.jpg").write_text("<html>this is not an image</html>\n")
-    (images / "zero.png").write_bytes(b"")
-
-    concepts = root / "concepts"
-    concepts.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)
-        fit(perseg_sample, "cat", concepts / "cat.json", "--method", "persam")
-        fit(perseg_sample, "duck_toy", concepts / "duck_toy.json", "--method", "persam-f", "--epochs", "3")
-        output = root / "masks"
-        argv = ["segment", *MODEL, "--concept", str(concepts / "cat.json"), "--concept", str(concepts / "duck_toy.json"),
-                "--input", str(images), "--output", str(output), "--shard-size", "2", "--device", "cpu"]
-        result = run_cli(argv)
-    return SimpleNamespace(root=root, images=images, concepts=concepts, output=output, argv=argv, result=result,
-                           urls=list(list_image_urls(str(images))))
+def job(sample_lake, tmp_path_factory):
+    """Segment every lake image (nine photos, two broken files) for cat and duck_toy on an
+    embedded local Ray: 2 images per shard, 1 per chunk, so shards arrive in pieces."""
+    output = tmp_path_factory.mktemp("segment") / "masks"
+    argv = ["segment", *MODEL, "--concept", str(sample_lake.cat), "--concept", str(sample_lake.duck),
+            "--input", str(sample_lake.images), "--output", str(output), "--shard-size", "2", "--chunk-size", "1",
+            "--device", "cpu"]
+    result = run_cli(argv)
+    return SimpleNamespace(images=sample_lake.images, concepts=sample_lake.concepts, output=output, argv=argv,
+                           result=result, urls=list(list_image_urls(str(sample_lake.images))))
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +218,7 @@ def test_crash_resume_recomputes_only_the_lost_shard(job, rows, tmp_path):
     # The concepts as a directory this time: same job identity, so the record still matches.
     argv = [*argv[: argv.index("--concept")], "--concept", str(job.concepts),
             *argv[argv.index("--input"):]]
-    result = run_cli(argv)
+    result = run_cli([*argv, *LOCAL])
     assert result.rc == 0, result.err[-3000:]
     summary = done_line(result)
     assert summary["written"] == 1 and summary["skipped"] == len(parts) - 1
@@ -327,6 +298,25 @@ def test_new_image_in_a_committed_shard_is_not_silently_skipped(job, tmp_path):
     manifest.write_text("\n".join([*job.urls, str(extra)]) + "\n")
 
     argv = [str(manifest) if a == str(job.images) else str(output) if a == str(job.output) else a for a in job.argv]
-    result = run_cli(argv)
+    result = run_cli([*argv, *LOCAL])
     new_rows = [r for r in read_rows(output) if r["image_uri"] == str(extra)]
     assert result.rc != 0 or len(new_rows) == len(CONCEPTS), result.out
+
+
+# ---------------------------------------------------------------------------- MobileSAM (vit_t)
+
+
+def test_vit_t_segments_through_the_segment_job(tmp_path: Path, perseg_sample: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(perseg_sample / "Images" / "cat" / "01.jpg", images / "01.jpg")
+    model = ["--model-type", "vit_t", "--checkpoint", "random:0"]
+    fit = run_cli(["fit", *model, "--image", str(perseg_sample / "Images" / "cat" / "00.jpg"),
+                   "--mask", str(perseg_sample / "Annotations" / "cat" / "00.png"), "--name", "cat",
+                   "--out", str(tmp_path / "cat.json")])
+    assert fit.rc == 0, fit.err
+    result = run_cli(["segment", *model, *LOCAL, "--concept", str(tmp_path / "cat.json"), "--input", str(images),
+                      "--output", str(tmp_path / "masks")])
+    assert result.rc == 0, result.err
+    rows = pq.read_table(tmp_path / "masks").to_pylist()
+    assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["model_fingerprint"].startswith("vit_t:")
