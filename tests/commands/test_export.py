@@ -151,37 +151,37 @@ def test_export_subjects_rgba_and_white_jpeg(job, tmp_path):
 # ---------------------------------------------------------------------------- bad input
 
 
-def test_duplicate_concept_names_fail_before_work(job, perseg_sample, tmp_path):
+def test_duplicate_concept_names_fail_before_work(sample_lake, perseg_sample, tmp_path):
     impostor = tmp_path / "also-cat.json"
     fit_cli(perseg_sample, [("duck_toy", "01")], impostor, name="cat")
     output = tmp_path / "out"
-    result = run_cli(["segment", *MODEL, "--concept", str(job.cat), "--concept", str(impostor),
-                      "--input", str(job.images), "--output", str(output)])
+    result = run_cli(["segment", *MODEL, "--concept", str(sample_lake.cat), "--concept", str(impostor),
+                      "--input", str(sample_lake.images), "--output", str(output)])
     assert_one_error_line(result, "unique")
     assert not output.exists()
 
 
-def test_concept_from_other_weights_fails_before_work(job, perseg_sample, tmp_path):
+def test_concept_from_other_weights_fails_before_work(sample_lake, perseg_sample, tmp_path):
     other = tmp_path / "other.json"
     fit_cli(perseg_sample, [("cat", "00")], other, name="cat1", checkpoint="random:1")
     output = tmp_path / "out"
-    result = run_cli(["segment", *MODEL, "--concept", str(job.duck), "--concept", str(other),
-                      "--input", str(job.images), "--output", str(output)])
+    result = run_cli(["segment", *MODEL, "--concept", str(sample_lake.duck), "--concept", str(other),
+                      "--input", str(sample_lake.images), "--output", str(output)])
     assert_one_error_line(result, "cat1")
     assert not output.exists()
 
 
-def test_a_concept_directory_gives_every_concept_in_it(job, tmp_path):
+def test_a_concept_directory_gives_every_concept_in_it(sample_lake, tmp_path):
     from jobs.storage.concept_files import read_concepts
 
     folder = tmp_path / "concepts"
     folder.mkdir()
-    shutil.copyfile(job.cat, folder / "cat.json")
-    shutil.copyfile(job.duck, folder / "duck.json")
+    shutil.copyfile(sample_lake.cat, folder / "cat.json")
+    shutil.copyfile(sample_lake.duck, folder / "duck.json")
     (folder / "notes.txt").write_text("not a concept")
     assert [c.name for c in read_concepts([str(folder)], {})] == ["cat", "duck_toy"]
     with pytest.raises(ValueError, match="unique"):
-        read_concepts([str(folder), str(job.cat)], {})
+        read_concepts([str(folder), str(sample_lake.cat)], {})
 
 
 def test_export_of_a_parquet_lacking_columns_fails(tmp_path):

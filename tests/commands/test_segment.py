@@ -243,12 +243,12 @@ def test_crash_resume_recomputes_only_the_lost_shard(job, rows, tmp_path):
 # ---------------------------------------------------------------------------- refusals before any work
 
 
-def test_concept_from_other_weights_is_refused(job, perseg_sample, tmp_path):
+def test_concept_from_other_weights_is_refused(sample_lake, perseg_sample, tmp_path):
     foreign = tmp_path / "cat_seed1.json"
     fit(perseg_sample, "cat", foreign, "--method", "persam", checkpoint="random:1", name="cat1")
     output = tmp_path / "masks"
-    result = run_cli(["segment", *MODEL, "--concept", str(job.concepts / "cat.json"), "--concept", str(foreign),
-                      "--input", str(job.images), "--output", str(output)])
+    result = run_cli(["segment", *MODEL, "--concept", str(sample_lake.cat), "--concept", str(foreign),
+                      "--input", str(sample_lake.images), "--output", str(output)])
     assert result.rc != 0
     lines = error_lines(result)
     assert len(lines) == 1, result.err
@@ -267,19 +267,19 @@ def test_another_concept_set_on_the_same_output_is_refused(job):
     assert files_state(job.output) == before
 
 
-def test_empty_input_is_refused(job, tmp_path):
+def test_empty_input_is_refused(sample_lake, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    result = run_cli(["segment", *MODEL, "--concept", str(job.concepts / "cat.json"),
+    result = run_cli(["segment", *MODEL, "--concept", str(sample_lake.cat),
                       "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "masks")])
     assert result.rc != 0
     lines = error_lines(result)
     assert len(lines) == 1 and "no images found" in lines[0], result.err
 
 
-def test_a_non_concept_file_is_refused(job, tmp_path):
-    result = run_cli(["segment", *MODEL, "--concept", str(job.images / "cat" / "00.jpg"),
-                      "--input", str(job.images), "--output", str(tmp_path / "masks")])
+def test_a_non_concept_file_is_refused(sample_lake, tmp_path):
+    result = run_cli(["segment", *MODEL, "--concept", str(sample_lake.images / "cat" / "00.jpg"),
+                      "--input", str(sample_lake.images), "--output", str(tmp_path / "masks")])
     assert result.rc != 0
     lines = error_lines(result)
     assert len(lines) == 1 and "00.jpg" in lines[0] and "persam fit" in lines[0], result.err
