@@ -34,6 +34,7 @@ def test_in_process_bench_times_the_batched_paths():
     assert "bench: timing the batched paths" in err
 
 
+@pytest.mark.slow
 def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     images, concepts = 6, 2
     result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts)])

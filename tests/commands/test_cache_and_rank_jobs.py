@@ -253,6 +253,7 @@ def rank_counts(result) -> tuple[int, int, int]:
     return tuple(int(v) for v in match.groups())
 
 
+@pytest.mark.slow
 def test_rank_writes_a_sorted_ranking_with_top_k_masks(ranked):
     rows = ranked.cold.rows
     assert [r["rank"] for r in rows] == list(range(1, 6))
@@ -270,6 +271,7 @@ def test_rank_writes_a_sorted_ranking_with_top_k_masks(ranked):
     assert [h[-1] for h in hits[:2]] == [rows[0]["image_uri"], rows[1]["image_uri"]]
 
 
+@pytest.mark.slow
 def test_rank_agrees_with_segment(ranked, cold):
     """fp32 cache: the ranking's similarity/point/masks equal the fresh-feature segment rows."""
     segment_rows = by_name(cold.rows)
@@ -285,6 +287,7 @@ def test_rank_agrees_with_segment(ranked, cold):
     assert compared >= 2  # 3 of the 4 good images are in `cold`: a top-2 mask is always among them
 
 
+@pytest.mark.slow
 def test_rank_with_a_warm_cache_never_encodes(ranked):
     assert rank_counts(ranked.cold.result) == (5, 4, 0)
     assert rank_counts(ranked.warm.result) == (5, 0, 4)

@@ -19,6 +19,8 @@ import pytest
 
 from cli_tools import REPO
 
+pytestmark = pytest.mark.slow  # every test here runs Ray in child processes
+
 BIN = Path(sys.executable).parent
 
 

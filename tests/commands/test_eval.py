@@ -45,6 +45,7 @@ def perseg_run(perseg_sample: Path, tmp_path_factory, ray_session) -> tuple[Path
     return output, run_cli(["eval", *MODEL, "--data", str(perseg_sample), "--output", str(output)])
 
 
+@pytest.mark.slow
 def test_perseg_eval_writes_the_spec_metrics(perseg_run) -> None:
     output, result = perseg_run
     assert result.rc == 0, result.err
@@ -61,6 +62,7 @@ def test_perseg_eval_writes_the_spec_metrics(perseg_run) -> None:
     assert result.out.strip().splitlines()[-1].startswith("done: miou ")
 
 
+@pytest.mark.slow
 def test_perseg_eval_scores_the_segment_jobs_masks(perseg_run, perseg_sample: Path) -> None:
     """Σ intersection / Σ union per concept recomputed from the Parquet rows and the PNGs."""
     output, _ = perseg_run
@@ -82,6 +84,7 @@ def test_perseg_eval_scores_the_segment_jobs_masks(perseg_run, perseg_sample: Pa
         assert metrics["per_concept"][concept]["biou"] == pytest.approx(b_inter / b_union)
 
 
+@pytest.mark.slow
 def test_perseg_eval_rerun_resumes_with_the_same_numbers(perseg_run, perseg_sample: Path) -> None:
     output, _ = perseg_run
     before = json.loads((output / "metrics.json").read_text())
@@ -104,6 +107,7 @@ def test_subset_32_leaves_out_the_concepts_the_reference_skips() -> None:
 # ---- DAVIS ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_video_eval_on_generated_sequences(tmp_path: Path, ray_session) -> None:
     data = make_davis(tmp_path / "davis", {"boxes": 4, "short": 3, "not-in-val": 3})
     (data / "ImageSets" / "2017").mkdir(parents=True)

@@ -20,6 +20,8 @@ import pytest
 from cli_tools import ACCESS_KEY, MODEL, PERSAM, REPO, SECRET_KEY, run_persam
 from jobs.pipeline.commit import shard_of
 
+pytestmark = pytest.mark.slow  # every test here runs Ray in child processes
+
 
 @pytest.fixture()
 def many_images(tmp_path, perseg_sample) -> Path:

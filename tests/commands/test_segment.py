@@ -89,6 +89,7 @@ def good_rows(rows):
 # ---------------------------------------------------------------------------- the job's output
 
 
+@pytest.mark.slow
 def test_job_succeeds_and_reports_its_summary(job, rows):
     assert job.result.rc == 0
     summary = done_line(job.result)
@@ -101,6 +102,7 @@ def test_job_succeeds_and_reports_its_summary(job, rows):
     assert "not meaningful" in job.result.out.lower()  # random weights are announced
 
 
+@pytest.mark.slow
 def test_one_row_per_image_and_concept(job, rows):
     keys = [(r["image_uri"], r["concept"]) for r in rows]
     assert len(keys) == len(set(keys))
@@ -108,6 +110,7 @@ def test_one_row_per_image_and_concept(job, rows):
     assert {r["instance"] for r in rows} == {0}
 
 
+@pytest.mark.slow
 def test_broken_files_are_error_rows(job, rows):
     for row in rows:
         broken = Path(row["image_uri"]).name in BROKEN
@@ -122,6 +125,7 @@ def test_broken_files_are_error_rows(job, rows):
     assert "not a decodable image" in reasons["broken.jpg"]
 
 
+@pytest.mark.slow
 def test_parquet_schema_has_the_spec_columns(job):
     schema = pq.read_schema(next(job.output.glob("part-*.parquet")))
     assert set(SPEC_COLUMNS) <= set(schema.names)
@@ -144,6 +148,7 @@ def test_parquet_schema_has_the_spec_columns(job):
     assert len(schemas) == 1
 
 
+@pytest.mark.slow
 def test_rows_carry_the_model_fingerprint_and_method(rows, tiny_sam):
     fingerprint = model_fingerprint(tiny_sam, "tiny")
     assert {r["model_fingerprint"] for r in rows} == {fingerprint}
@@ -152,6 +157,7 @@ def test_rows_carry_the_model_fingerprint_and_method(rows, tiny_sam):
         assert methods == {"cat": "persam", "duck_toy": "persam-f"}
 
 
+@pytest.mark.slow
 def test_masks_decode_with_pycocotools_and_match_area_and_bbox(job, rows):
     sizes = {}
     for row in good_rows(rows):
@@ -183,6 +189,7 @@ def test_masks_decode_with_pycocotools_and_match_area_and_bbox(job, rows):
         assert -1.0 - 1e-4 <= row["similarity"] <= 1.0 + 1e-4
 
 
+@pytest.mark.slow
 def test_output_holds_only_committed_files(job):
     names = sorted(p.name for p in job.output.iterdir())
     assert "_persam_job.json" in names
@@ -193,6 +200,7 @@ def test_output_holds_only_committed_files(job):
 # ---------------------------------------------------------------------------- reruns
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_committed_shard(job, rows):
     before = files_state(job.output)
     result = run_cli(job.argv)
@@ -204,6 +212,7 @@ def test_rerun_skips_every_committed_shard(job, rows):
     assert read_rows(job.output) == rows
 
 
+@pytest.mark.slow
 def test_crash_resume_recomputes_only_the_lost_shard(job, rows, tmp_path):
     output = tmp_path / "masks"
     shutil.copytree(job.output, output)
@@ -257,6 +266,7 @@ def test_concept_from_other_weights_is_refused(sample_lake, perseg_sample, tmp_p
     assert not output.exists()  # refused before the output (or Ray) was touched
 
 
+@pytest.mark.slow
 def test_another_concept_set_on_the_same_output_is_refused(job):
     before = files_state(job.output)
     result = run_cli(["segment", *MODEL, "--concept", str(job.concepts / "cat.json"),
@@ -285,6 +295,7 @@ def test_a_non_concept_file_is_refused(sample_lake, tmp_path):
     assert len(lines) == 1 and "00.jpg" in lines[0] and "persam fit" in lines[0], result.err
 
 
+@pytest.mark.slow
 def test_new_image_in_a_committed_shard_is_not_silently_skipped(job, tmp_path):
     output = tmp_path / "masks"
     shutil.copytree(job.output, output)
