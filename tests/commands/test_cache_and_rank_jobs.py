@@ -4,9 +4,8 @@ Segment jobs chained through module fixtures so the order is fixed whatever the 
 cold (3 encoded) -> warm (3 from cache) -> other weights (own fingerprint directory) ->
 corrupted entry (recomputed, reported) -> incremental rerun (new, changed, deleted image);
 these run with `--runner local` (the product's stages in this process; the segment job's
-Ray wiring is proven by test_segment.py). Rank cold on an fp32 cache runs on an embedded
-local Ray (rank's wiring), rank warm with the local runner. The cache's unit-level tests are
-in pipeline/test_cache.py.
+Ray wiring is proven by test_segment.py). Rank cold / warm on an fp32 cache run on one
+embedded local Ray (rank's wiring). The cache's unit-level tests are in pipeline/test_cache.py.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from cli_tools import LOCAL, TINY, run_cli
 from sample_tools import by_name, iou, save_small
 from jobs.pipeline.cache import CACHE_SCHEMA, FeatureCache
 from jobs.commands.rank import RANKING_FILE, ranking_table
+from jobs.pipeline.session import ray_session
 from jobs.storage.schema import MASK_SCHEMA, RANK_SCHEMA
 from persam_core.masks import decode_rle
 from persam_core.models import model_fingerprint
@@ -228,7 +228,7 @@ def test_unwritable_cache_fails_before_work(lake, tmp_path):
 
 @pytest.fixture(scope="module")
 def ranked(lake, tmp_path_factory, cold):
-    """rank --top-k 2 twice on an fp32 cache: cold (on Ray), then warm (local runner).
+    """rank --top-k 2 twice on an fp32 cache, on one embedded Ray: cold, then warm.
     Inputs: a, b, c as in `cold`, e, broken."""
     root = tmp_path_factory.mktemp("rank")
     images = root / "images"
@@ -238,12 +238,15 @@ def ranked(lake, tmp_path_factory, cold):
     save_small(lake.sample, "cat/02", images / "e.jpg")
     (images / "broken.jpg").write_bytes(b"not an image")
     runs = []
-    for output, runner in (("out-cold", []), ("out-warm", LOCAL)):
-        result = run_cli(["rank", *TINY, *runner, "--checkpoint", "random:0", "--concept", str(lake.concept0),
-                          "--input", str(images), "--output", str(root / output), "--top-k", "2",
-                          "--cache", str(root / "cache"), "--cache-dtype", "fp32"])
-        assert result.rc == 0, result.err[-3000:]
-        runs.append(SimpleNamespace(result=result, rows=pq.read_table(root / output / RANKING_FILE).to_pylist()))
+    # One embedded Ray for both runs: the runs compare bit for bit, and the local runner's
+    # torch thread count differs from the actors' (mask scores differ in the 7th digit).
+    with ray_session():
+        for output in ("out-cold", "out-warm"):
+            result = run_cli(["rank", *TINY, "--checkpoint", "random:0", "--concept", str(lake.concept0),
+                              "--input", str(images), "--output", str(root / output), "--top-k", "2",
+                              "--cache", str(root / "cache"), "--cache-dtype", "fp32"])
+            assert result.rc == 0, result.err[-3000:]
+            runs.append(SimpleNamespace(result=result, rows=pq.read_table(root / output / RANKING_FILE).to_pylist()))
     return SimpleNamespace(cold=runs[0], warm=runs[1], images=images)
 
 
