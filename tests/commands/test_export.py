@@ -62,6 +62,7 @@ def usable(rows):
     return [r for r in rows if r["error"] is None and r["present"] and r["area"] > 0]
 
 
+@pytest.mark.slow
 def test_job_rows_cover_images_times_concepts_with_consistent_instances(job):
     rows = job.rows
     assert len(job.urls) == 9
@@ -81,6 +82,7 @@ def test_job_rows_cover_images_times_concepts_with_consistent_instances(job):
     assert f"{len(rows)} rows" in job.result.out.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_export_coco_loads_and_evaluates(job, tmp_path):
     path = tmp_path / "coco" / "masks.json"
     result = run_cli(["export", "coco", "--masks", str(job.output), "--output", str(path)])
@@ -103,6 +105,7 @@ def test_export_coco_loads_and_evaluates(job, tmp_path):
     assert evaluation.stats[0] == pytest.approx(1.0)  # the masks scored against themselves
 
 
+@pytest.mark.slow
 def test_export_overlays_writes_pngs_and_a_gallery(job, tmp_path):
     out = tmp_path / "overlays"
     result = run_cli(["export", "overlays", "--masks", str(job.output), "--output", str(out)])
@@ -118,6 +121,7 @@ def test_export_overlays_writes_pngs_and_a_gallery(job, tmp_path):
             assert picture.size == (row["width"], row["height"])
 
 
+@pytest.mark.slow
 def test_export_subjects_rgba_and_white_jpeg(job, tmp_path):
     out = tmp_path / "subjects"
     result = run_cli(["export", "subjects", "--masks", str(job.output), "--output", str(out)])
