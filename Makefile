@@ -3,7 +3,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-quick install clean
 
 # sam2 is published only as a source distribution. Its build requires torch (in pip's isolated
 # build environment: a second full torch download) and tries an optional CUDA extension (used
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (the real vit_b architecture, whole jobs on Ray)
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,18 +1,46 @@
-"""Shared fixtures: the PerSeg sample data and randomly initialised SAM models."""
+"""Shared fixtures: the environment, the PerSeg sample data, randomly initialised SAM models,
+concepts fitted on the sample, the sample as a small lake, and a loopback S3 endpoint.
+
+Helpers that tests import (the CLI runners, sample tools, reference oracles) are plain
+modules beside this file or beside the tests that use them.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+
+from cli_tools import ACCESS_KEY, SECRET_KEY, run_cli
+from sample_tools import load_pair
 
 # Measured on the 2-core dev VM: one intra-op thread is faster than two (tiny decode 0.13 s vs
 # 0.2-1.9 s, vit_b encode 23 s vs 29 s; the whole suite 2 min vs 6 min). PERSAM_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("PERSAM_TEST_THREADS", "1")))
 
 SAMPLE_RELATIVE = Path("shared") / "data" / "perseg-sample"
+BROKEN = ("broken.jpg", "zero.png")
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_cluster():
+    """Every job here runs on an embedded local Ray (or `--runner local`), never on a cluster
+    a developer's shell points RAY_ADDRESS at. Session scope: module fixtures run jobs too."""
+    patch = pytest.MonkeyPatch()
+    patch.delenv("RAY_ADDRESS", raising=False)
+    yield
+    patch.undo()
+
+
+# ---------------------------------------------------------------------------- sample data and models
 
 
 def find_perseg_sample() -> Path | None:
@@ -57,3 +85,111 @@ def vit_b_sam():
     from persam_core.models import build_random
 
     return build_random("vit_b", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_fingerprint(tiny_sam) -> str:
+    """The fingerprint of `--model-type tiny --checkpoint random:0`."""
+    from persam_core.models import model_fingerprint
+
+    return model_fingerprint(tiny_sam, "tiny")
+
+
+@pytest.fixture(scope="session")
+def concept_tensors(perseg_sample, tiny_sam, tiny_fingerprint) -> dict:
+    """PerSAM concepts (ConceptTensors on CPU) from each sample concept's 00 shot, computed in
+    this process, plus a PerSAM-F one ("duck_f", fixed mask weights)."""
+    from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
+    from persam_core.persam import ConceptTensors
+    from persam_core.predictor import encode_images
+    from persam_core.preprocess import resize_longest_side
+
+    made = {}
+    for name in ("cat", "duck_toy", "colorful_sneaker"):
+        image, mask = load_pair(perseg_sample, name, "00")
+        cells = reference_cells(encode_images(tiny_sam, [resize_longest_side(image)]), [mask], ["mask"])
+        feature, embedding = persam_targets(cells)
+        made[name] = ConceptTensors.on(Concept(name, "persam", feature.numpy(), embedding.numpy(), tiny_fingerprint),
+                                       "cpu")
+        if name == "duck_toy":
+            made["duck_f"] = ConceptTensors.on(Concept(
+                "duck_f", "persam-f", persam_f_target_feature(cells).numpy(), embedding.numpy(), tiny_fingerprint,
+                mask_weights=np.array([0.2, 0.3, 0.5], dtype=np.float32)), "cpu")
+    return made
+
+
+# ---------------------------------------------------------------------------- the sample as a lake
+
+
+def _fit(sample: Path, concept: str, out: Path, *extra: str) -> Path:
+    result = run_cli(["fit", "--model-type", "tiny", "--checkpoint", "random:0",
+                      "--image", str(sample / "Images" / concept / "00.jpg"),
+                      "--mask", str(sample / "Annotations" / concept / "00.png"),
+                      "--name", concept, "--out", str(out), *extra])
+    assert result.rc == 0, result.err
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_lake(perseg_sample, tmp_path_factory) -> SimpleNamespace:
+    """What the segment jobs here read: every sample image (copied: the sample is read-only,
+    the copy need not be) plus two broken files, and the concepts cat (PerSAM) and duck_toy
+    (PerSAM-F, 3 epochs) fitted by `persam fit` on their 00 shots with tiny random:0 weights.
+    Tests read it, never change it."""
+    root = tmp_path_factory.mktemp("lake")
+    images = root / "images"
+    for source in sorted((perseg_sample / "Images").rglob("*.jpg")):
+        target = images / source.relative_to(perseg_sample / "Images")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    (images / "broken.jpg").write_text("<html>this is not an image</html>\n")
+    (images / "zero.png").write_bytes(b"")
+    concepts = root / "concepts"
+    concepts.mkdir()
+    cat = _fit(perseg_sample, "cat", concepts / "cat.json", "--method", "persam")
+    duck = _fit(perseg_sample, "duck_toy", concepts / "duck_toy.json", "--method", "persam-f", "--epochs", "3")
+    good = sorted(str(p) for p in images.rglob("*.jpg") if p.name not in BROKEN)
+    return SimpleNamespace(root=root, images=images, concepts=concepts, cat=cat, duck=duck, good_urls=good,
+                           sample=perseg_sample)
+
+
+@pytest.fixture(scope="session")
+def tiny_concept(sample_lake) -> Path:
+    """A PerSAM concept file fitted on the sample cat with tiny random:0 weights."""
+    return sample_lake.cat
+
+
+# ---------------------------------------------------------------------------- S3 on loopback
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint (moto server) on 127.0.0.1."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(s3_endpoint, monkeypatch) -> dict:
+    """The standard AWS variables, pointing s3fs (in this process and children) at moto."""
+    values = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return dict(os.environ)
+
+
+@pytest.fixture()
+def s3(s3_env):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem()

@@ -74,6 +74,7 @@ def assert_batched_equals_single(sam, encoded, concepts, **options) -> HostResul
     return batched
 
 
+@pytest.mark.slow
 def test_mixed_sizes_both_methods_equal_one_at_a_time(tiny_sam, encoded, concepts):
     batched = assert_batched_equals_single(tiny_sam, encoded, concepts)
     assert len(batched) == len(encoded) * len(concepts)
@@ -94,6 +95,7 @@ def test_one_image_functions_are_the_batch_of_one(tiny_sam, encoded, concepts):
         assert np.array_equal(result.mask, single.mask(0)) and result.point == tuple(single.point[0])
 
 
+@pytest.mark.slow
 def test_empty_pass_two_masks_skip_the_box_pass(tiny_sam, encoded, concepts):
     """A threshold between the pairs' best pass-2 logits empties some pass-2 masks, not all."""
     peaks = []
@@ -123,6 +125,7 @@ def test_absent_concepts_under_min_similarity(tiny_sam, encoded, concepts):
     assert (batched.area[absent] == 0).all() and np.isnan(batched.score[absent]).all()
 
 
+@pytest.mark.slow
 def test_three_instances_equal_one_at_a_time(tiny_sam, encoded, concepts):
     batched = assert_batched_equals_single(tiny_sam, encoded, concepts[:4], max_instances=3)
     assert (batched.instance > 0).any()

@@ -1,4 +1,4 @@
-"""persam_core against SAM's own predictor and against the reference PerSAM (SPEC §1).
+"""persam_core against SAM's own predictor and against the reference PerSAM.
 
 The reference is `reference_oracle`, a literal transcription of ZrrSkywalker/Personalize-SAM.
 Fidelity bar (fp32, CPU, same weights and inputs): points within 1 px, final-mask IoU >= 0.98.

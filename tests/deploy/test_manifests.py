@@ -201,8 +201,7 @@ def test_cluster_jobs_fit_the_cluster_they_run_on(where, tokens, obj, cluster):
     name = Path(args.checkpoint).name
     if name.startswith("sam_vit_"):
         assert name.startswith(f"sam_{args.model_type}_"), f"--checkpoint {name} is not a {args.model_type} checkpoint"
-    concepts = args.concepts
-    for url in (args.input, args.output, *concepts):
+    for url in (args.input, args.output, *args.concepts):
         assert "://" in url, f"{url}: cluster jobs read and write object storage, not pod-local paths"
 
 

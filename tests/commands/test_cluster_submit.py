@@ -17,7 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from lake_tools import REPO
+from cli_tools import REPO
+
+pytestmark = pytest.mark.slow  # every test here runs Ray in child processes
 
 BIN = Path(sys.executable).parent
 
@@ -33,12 +35,10 @@ def _ray(args: list[str], env: dict, timeout: float = 120) -> subprocess.Complet
 
 
 @pytest.fixture()
-def two_node_cluster(tmp_path, monkeypatch):
+def two_node_cluster(tmp_path):
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the ray CLI is not installed")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
     env.update({
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's driver must find `persam`
         "RAY_AUTH_MODE": "token",

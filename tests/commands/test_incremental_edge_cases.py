@@ -2,7 +2,8 @@
 
 The jobs run with `--runner local`: the product's own stages (prepare -> model actor ->
 finish) in this process, with the real chunk planning, gathering and committing. So these
-cases cost seconds; the Ray path itself is covered by test_cache_rank_incremental.py.
+cases cost seconds; the Ray path itself is covered by test_segment.py and
+test_cache_and_rank_jobs.py.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from feature_tools import MODEL, run_cli, save_small
-
-LOCAL = ["--runner", "local"]
+from cli_tools import LOCAL, MODEL, run_cli
 from jobs.pipeline import commit
 from jobs.pipeline.cache import CACHE_SCHEMA, FeatureCache
 from jobs.storage.schema import rows_to_table
 from persam_core.masks import area_px, bbox_xywh, encode_rle
 from persam_core.models import model_fingerprint
-
+from sample_tools import save_small
 
 
 def ok(result: SimpleNamespace) -> str:
@@ -34,15 +33,9 @@ def ok(result: SimpleNamespace) -> str:
 
 
 @pytest.fixture(scope="module")
-def concept(perseg_sample, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("concept") / "cat.json"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)
-        result = run_cli(["fit", *MODEL, "--name", "cat", "--out", str(out),
-                          "--image", str(perseg_sample / "Images/cat/00.jpg"),
-                          "--mask", str(perseg_sample / "Annotations/cat/00.png")])
-    assert result.rc == 0, result.err
-    return out
+def concept(tiny_concept) -> Path:
+    """cat/00, PerSAM, tiny random:0 (the shared concept file)."""
+    return tiny_concept
 
 
 def segment(concept: Path, images: Path, output: Path, *extra: str) -> SimpleNamespace:

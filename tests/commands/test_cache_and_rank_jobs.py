@@ -1,10 +1,11 @@
-"""Issue 6: the embedding cache, `persam rank`, incremental reruns.
+"""The embedding cache, `persam rank` and incremental reruns across whole jobs.
 
-Seven Ray runs in all, chained through module fixtures so the order is fixed whatever the
-test order: cold (3 encoded) -> warm (3 from cache) -> other weights (own fingerprint
-directory) -> corrupted entry (recomputed, reported) -> incremental rerun (new, changed,
-deleted image); and rank cold / warm on an fp32 cache. The cache's unit-level tests are in
-test_cache_store.py.
+Segment jobs chained through module fixtures so the order is fixed whatever the test order:
+cold (3 encoded) -> warm (3 from cache) -> other weights (own fingerprint directory) ->
+corrupted entry (recomputed, reported) -> incremental rerun (new, changed, deleted image);
+these run with `--runner local` (the product's stages in this process; the segment job's
+Ray wiring is proven by test_segment.py). Rank cold / warm on an fp32 cache run on one
+embedded local Ray (rank's wiring). The cache's unit-level tests are in pipeline/test_cache.py.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from feature_tools import TINY, by_name, iou, run_cli, save_small
+from cli_tools import LOCAL, TINY, run_cli
+from sample_tools import by_name, iou, save_small
 from jobs.pipeline.cache import CACHE_SCHEMA, FeatureCache
 from jobs.commands.rank import RANKING_FILE, ranking_table
+from jobs.pipeline.session import ray_session
 from jobs.storage.schema import MASK_SCHEMA, RANK_SCHEMA
 from persam_core.masks import decode_rle
 from persam_core.models import model_fingerprint
@@ -55,19 +58,15 @@ def lake(perseg_sample, tmp_path_factory):
     images.mkdir()
     for name, source in SOURCES.items():
         save_small(perseg_sample, source, images / f"{name}.jpg")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)
-        concept0 = fit(perseg_sample, root / "cat0.json", "random:0")
-        concept1 = fit(perseg_sample, root / "cat1.json", "random:1")
+    concept0 = fit(perseg_sample, root / "cat0.json", "random:0")
+    concept1 = fit(perseg_sample, root / "cat1.json", "random:1")
     return SimpleNamespace(root=root, images=images, cache=root / "cache", concept0=concept0, concept1=concept1,
                            sample=perseg_sample)
 
 
 def segment(lake, output: Path, *extra: str, checkpoint: str = "random:0", concept: Path | None = None) -> SimpleNamespace:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)
-        return run_cli(["segment", *TINY, "--checkpoint", checkpoint, "--concept", str(concept or lake.concept0),
-                        "--input", str(lake.images), "--output", str(output), "--cache", str(lake.cache), *extra])
+    return run_cli(["segment", *TINY, *LOCAL, "--checkpoint", checkpoint, "--concept", str(concept or lake.concept0),
+                    "--input", str(lake.images), "--output", str(output), "--cache", str(lake.cache), *extra])
 
 
 def cache_files(lake, fingerprint: str) -> list[Path]:
@@ -203,7 +202,7 @@ def test_unchanged_rows_are_carried_as_they_were(cold, incremental):
 
 def test_rerun_without_changes_writes_nothing(lake, incremental):
     before = {str(p): p.read_bytes() for p in (lake.root / "out1").rglob("*") if p.is_file()}
-    result = segment(lake, lake.root / "out1")  # every shard committed: no Ray job starts
+    result = segment(lake, lake.root / "out1")  # every shard committed: nothing runs
     assert result.rc == 0 and "0 shards written (1 already committed)" in result.out
     assert {str(p): p.read_bytes() for p in (lake.root / "out1").rglob("*") if p.is_file()} == before
 
@@ -211,8 +210,7 @@ def test_rerun_without_changes_writes_nothing(lake, incremental):
 # ---------------------------------------------------------------------------- bad cache URL
 
 
-def test_unwritable_cache_fails_before_work(lake, tmp_path, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_unwritable_cache_fails_before_work(lake, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a regular file")
     output = tmp_path / "out"
@@ -230,7 +228,8 @@ def test_unwritable_cache_fails_before_work(lake, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ranked(lake, tmp_path_factory, cold):
-    """rank --top-k 2 twice on an fp32 cache: cold, then warm. Inputs: a, b, c as in `cold`, e, broken."""
+    """rank --top-k 2 twice on an fp32 cache, on one embedded Ray: cold, then warm.
+    Inputs: a, b, c as in `cold`, e, broken."""
     root = tmp_path_factory.mktemp("rank")
     images = root / "images"
     images.mkdir()
@@ -239,8 +238,9 @@ def ranked(lake, tmp_path_factory, cold):
     save_small(lake.sample, "cat/02", images / "e.jpg")
     (images / "broken.jpg").write_bytes(b"not an image")
     runs = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)
+    # One embedded Ray for both runs: the runs compare bit for bit, and the local runner's
+    # torch thread count differs from the actors' (mask scores differ in the 7th digit).
+    with ray_session():
         for output in ("out-cold", "out-warm"):
             result = run_cli(["rank", *TINY, "--checkpoint", "random:0", "--concept", str(lake.concept0),
                               "--input", str(images), "--output", str(root / output), "--top-k", "2",
@@ -256,6 +256,7 @@ def rank_counts(result) -> tuple[int, int, int]:
     return tuple(int(v) for v in match.groups())
 
 
+@pytest.mark.slow
 def test_rank_writes_a_sorted_ranking_with_top_k_masks(ranked):
     rows = ranked.cold.rows
     assert [r["rank"] for r in rows] == list(range(1, 6))
@@ -273,6 +274,7 @@ def test_rank_writes_a_sorted_ranking_with_top_k_masks(ranked):
     assert [h[-1] for h in hits[:2]] == [rows[0]["image_uri"], rows[1]["image_uri"]]
 
 
+@pytest.mark.slow
 def test_rank_agrees_with_segment(ranked, cold):
     """fp32 cache: the ranking's similarity/point/masks equal the fresh-feature segment rows."""
     segment_rows = by_name(cold.rows)
@@ -288,6 +290,7 @@ def test_rank_agrees_with_segment(ranked, cold):
     assert compared >= 2  # 3 of the 4 good images are in `cold`: a top-2 mask is always among them
 
 
+@pytest.mark.slow
 def test_rank_with_a_warm_cache_never_encodes(ranked):
     assert rank_counts(ranked.cold.result) == (5, 4, 0)
     assert rank_counts(ranked.warm.result) == (5, 0, 4)

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_tools import ACCESS_KEY, SECRET_KEY
 from jobs.cli import main
 from jobs.storage.images import decode_image
 from persam_core.preprocess import resize_longest_side
-
-from lake_tools import ACCESS_KEY, SECRET_KEY
 
 TINY = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
 

@@ -6,32 +6,22 @@ rates, and that each job wrote one row per (image, concept).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
 
+from cli_tools import MODEL, run_cli
 from jobs.commands.bench_job import Progress
-from jobs.cli import main
 
-MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
 SPEC_KEYS = ("encoder_s_per_image", "persam_s_per_image", "persam_f_s_per_image", "k_concepts_s_per_image",
              "cached_s_per_image", "reference_loop_s_per_image", "peak_rss_mb")
 
 
-@pytest.fixture(autouse=True)
-def _no_cluster(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 def bench_json(argv: list[str]) -> tuple[dict, str]:
     """Run `persam bench` in this process -> (the JSON of its last line, what it wrote to stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["bench", *MODEL, "--json", *argv])
-    assert rc == 0, err.getvalue()[-2000:]
-    return json.loads(out.getvalue().strip().splitlines()[-1]), err.getvalue()
+    result = run_cli(["bench", *MODEL, "--json", *argv])
+    assert result.rc == 0, result.err[-2000:]
+    return json.loads(result.out.strip().splitlines()[-1]), result.err
 
 
 def test_in_process_bench_times_the_batched_paths():
@@ -44,6 +34,7 @@ def test_in_process_bench_times_the_batched_paths():
     assert "bench: timing the batched paths" in err
 
 
+@pytest.mark.slow
 def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     images, concepts = 6, 2
     result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts)])

@@ -1,7 +1,9 @@
 """The pipeline's stages: chunks of a shard, the tensor-only model actor, the CPU finish
 stage, the driver's gathering and commit, and the speed defaults on CPU.
 
-Unit level without Ray, plus one Ray job whose shard spans several chunks.
+Unit level, plus one job whose shard spans several chunks, all without Ray: the job runs the
+product's local runner (the same stages in this process); commands/test_segment.py's job proves the
+Ray wiring with several chunks per shard.
 """
 
 from __future__ import annotations
@@ -38,11 +40,6 @@ from persam_core.preprocess import resize_longest_side
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]
 SOURCES = ("cat/01", "cat/02", "duck_toy/01", "duck_toy/02", "colorful_sneaker/01")
-
-
-@pytest.fixture(autouse=True)
-def _no_cluster(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +191,7 @@ def test_the_actor_returns_arrays_and_the_finish_stage_builds_rows_and_the_cache
     assert problems == [] and set(entries) == {r["content_sha256"] for r in table[2:]}
 
 
-# ---------------------------------------------------------------------------- one shard, several chunks, on Ray
+# ---------------------------------------------------------------------------- one shard, several chunks
 
 
 def test_a_shard_of_several_chunks_commits_once_in_order(concepts, images, tmp_path, monkeypatch):
@@ -208,7 +205,8 @@ def test_a_shard_of_several_chunks_commits_once_in_order(concepts, images, tmp_p
     monkeypatch.setattr(jobs.pipeline.commit, "commit_shard", counting)
     output = tmp_path / "masks"
     spec = JobSpec("segment", ModelSpec("tiny", "random:0", "cpu"), SpeedSpec(chunk_size=2, batch_size=2),
-                   concepts=tuple(str(p) for p in concepts), input=str(images), output=str(output), shard_size=100)
+                   concepts=tuple(str(p) for p in concepts), input=str(images), output=str(output), shard_size=100,
+                   runner="local")
     summary = run_segment(spec, log=lambda line: None, on_progress=progress.append)
 
     urls = sorted(str(p) for p in images.iterdir())

@@ -1,4 +1,4 @@
-"""`persam fit`: the concept file it writes, and the one-line refusals of bad input (SPEC §3-4)."""
+"""`persam fit`: the concept file it writes, and the one-line refusals of bad input."""
 
 from __future__ import annotations
 
@@ -15,20 +15,10 @@ from PIL import Image
 
 from jobs.cli import main
 from persam_core.concept import Concept
-from persam_core.models import MODEL_TYPES, build_random, model_fingerprint
+from persam_core.models import MODEL_TYPES, build_random
 
 FEATURE_DIM = 256
 VENV_PERSAM = Path(sys.executable).with_name("persam")
-
-
-@pytest.fixture(autouse=True)
-def _no_cluster(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_fingerprint() -> str:
-    return model_fingerprint(build_random("tiny", 0), "tiny")
 
 
 def fit_argv(image, mask, out, *, method="persam", name="thing", model_type="tiny", checkpoint="random:0", extra=()):
@@ -120,14 +110,13 @@ def test_console_script_fit_smoke(perseg_sample, tmp_path, tiny_fingerprint):
     """The installed `persam` entry point runs end to end in a fresh process."""
     executable = [str(VENV_PERSAM)] if VENV_PERSAM.exists() else [sys.executable, "-m", "jobs.cli"]
     out = tmp_path / "sneaker.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(
         executable + fit_argv(
             perseg_sample / "Images" / "colorful_sneaker" / "00.jpg",
             perseg_sample / "Annotations" / "colorful_sneaker" / "00.png",
             out, name="colorful_sneaker",
         ),
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "colorful_sneaker" in result.stdout.strip().splitlines()[-1]

@@ -1,11 +1,14 @@
-"""The job at data-lake scale: S3 in and out, bad objects, reruns, killed driver and actor.
+"""The segment job against a data lake: S3 in and out, bad objects, reruns, killed driver
+and actor.
 
-Every test runs real services on loopback: moto's S3 server and local Ray clusters.
+Every test runs real services on loopback: moto's S3 server and local Ray clusters (in a
+child process: the CLI as it is deployed, and a driver that can be killed).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -14,11 +17,25 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from cli_tools import ACCESS_KEY, MODEL, PERSAM, REPO, SECRET_KEY, run_persam
 from jobs.pipeline.commit import shard_of
 from jobs.storage.schema import partition_concept, read_part
-from lake_tools import ACCESS_KEY, PERSAM, REPO, SECRET_KEY, run_persam
 
-MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
+pytestmark = pytest.mark.slow  # every test here runs Ray in child processes
+
+
+@pytest.fixture()
+def many_images(tmp_path, perseg_sample) -> Path:
+    """12 JPEGs (the sample images, each twice) in a flat folder."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for copy in range(2):
+        for path in sorted((perseg_sample / "Images").glob("*/*.jpg")):
+            shutil.copy(path, folder / f"{path.parent.name}_{path.stem}_{copy}.jpg")
+    # 9 sample images x 2 = 18; keep the job short
+    for extra in sorted(folder.iterdir())[12:]:
+        extra.unlink()
+    return folder
 
 
 def read_rows(output: str, filesystem=None) -> list[dict]:
@@ -106,8 +123,7 @@ def _chunked_shards(output: Path, images: Path, concept: Path) -> list[str]:
             "--shard-size", "4", "--chunk-size", "1"]
 
 
-def test_killed_driver_resumes_without_duplicates(tmp_path, many_images, tiny_concept, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_killed_driver_resumes_without_duplicates(tmp_path, many_images, tiny_concept):
     output = tmp_path / "masks"
     args = _one_image_per_shard(output, many_images, tiny_concept)
     job = _start_job(args, dict(os.environ))
@@ -132,10 +148,9 @@ def _actor_pids() -> list[int]:
     return pids
 
 
-def test_killed_actor_is_restarted_and_no_row_is_lost(tmp_path, many_images, tiny_concept, monkeypatch):
+def test_killed_actor_is_restarted_and_no_row_is_lost(tmp_path, many_images, tiny_concept):
     """Killed while shards are half done: their chunks in flight are retried, each shard is
     committed once, and no row is lost or duplicated."""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     output = tmp_path / "masks"
     job = _start_job(_chunked_shards(output, many_images, tiny_concept), dict(os.environ))
     try:

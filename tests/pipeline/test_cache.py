@@ -1,5 +1,5 @@
 """The embedding cache at unit level: stored and loaded features, dtypes, corrupt entries,
-per-chunk files and the legacy layout (the cache inside whole jobs: test_cache_rank_incremental.py)."""
+per-chunk files and the legacy layout (the cache inside whole jobs: commands/test_cache_and_rank_jobs.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from feature_tools import iou, make_chunk, segment_rows
+from sample_tools import iou, make_chunk, segment_rows
 from jobs.pipeline.cache import CACHE_SCHEMA, CacheError, CachedFeatures, FeatureCache
 from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk, unpack_chunk
 from persam_core.masks import decode_rle
@@ -21,13 +21,13 @@ from persam_core.preprocess import resize_longest_side
 
 
 @pytest.fixture(scope="module")
-def fp0(fingerprint) -> str:
-    return fingerprint
+def fp0(tiny_fingerprint) -> str:
+    return tiny_fingerprint
 
 
 @pytest.fixture(scope="module")
-def unit(perseg_sample, tiny_sam, fp0, concepts):
-    concept = concepts["cat"]  # what `persam fit` gives for cat/00 with the same weights
+def unit(perseg_sample, tiny_sam, fp0, concept_tensors):
+    concept = concept_tensors["cat"]  # what `persam fit` gives for cat/00 with the same weights
     items = []
     for name in ("cat/02", "duck_toy/02", "colorful_sneaker/02"):
         with Image.open(perseg_sample / "Images" / f"{name}.jpg") as picture:

@@ -1,4 +1,4 @@
-"""Issue 5, unit level: several instances per (image, concept) and several shots per concept.
+"""Several instances per (image, concept) and several shots per concept, at unit level.
 
 Instances: persam_core.instances.segment_instances on the tiny random model; two copies of
 cat/00 side by side give a real second instance. Shots: `persam fit` in-process against
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feature_tools import fit_cli, load_pair
+from cli_tools import fit_cli
+from sample_tools import load_pair
 from persam_core.concept import persam_f_target_feature, persam_targets, reference_cells
 from persam_core.instances import segment_instances
 from persam_core.persam import prior_for, segment_persam
@@ -39,15 +40,15 @@ def doubled(perseg_sample, tiny_sam):
 
 
 @pytest.fixture(scope="module")
-def doubled_instances(tiny_sam, concepts, doubled):
-    return segment_instances(tiny_sam, doubled, concepts["cat"], max_instances=3)
+def doubled_instances(tiny_sam, concept_tensors, doubled):
+    return segment_instances(tiny_sam, doubled, concept_tensors["cat"], max_instances=3)
 
 
-def test_instance_zero_is_the_single_result(tiny_sam, concepts, single, doubled, doubled_instances):
+def test_instance_zero_is_the_single_result(tiny_sam, concept_tensors, single, doubled, doubled_instances):
     single_image = single
     for concept, encoded, found in (
-        (concepts["cat"], doubled, doubled_instances),
-        (concepts["duck_f"], single_image, segment_instances(tiny_sam, single_image, concepts["duck_f"], 3)),
+        (concept_tensors["cat"], doubled, doubled_instances),
+        (concept_tensors["duck_f"], single_image, segment_instances(tiny_sam, single_image, concept_tensors["duck_f"], 3)),
     ):
         single = segment_instances(tiny_sam, encoded, concept, 1)
         assert len(single) == 1
@@ -81,22 +82,22 @@ def test_second_instance_is_found_in_a_doubled_image(doubled_instances):
     assert np.logical_and(second.mask, ~first.mask).sum() >= 0.5 * second.mask.sum()
 
 
-def test_search_stops_at_the_presence_threshold(tiny_sam, concepts, doubled, doubled_instances):
+def test_search_stops_at_the_presence_threshold(tiny_sam, concept_tensors, doubled, doubled_instances):
     if len(doubled_instances) < 2:
         pytest.skip("no second instance to threshold")
     presence, peak = doubled_instances[0].result.similarity, doubled_instances[1].result.similarity
     assert peak < presence
-    stopped = segment_instances(tiny_sam, doubled, concepts["cat"], 3, (presence + peak) / 2)
+    stopped = segment_instances(tiny_sam, doubled, concept_tensors["cat"], 3, (presence + peak) / 2)
     assert [f.instance for f in stopped] == [0] and stopped[0].present
     assert np.array_equal(stopped[0].result.mask, doubled_instances[0].result.mask)
-    going = segment_instances(tiny_sam, doubled, concepts["cat"], 3, peak - 1e-6)
+    going = segment_instances(tiny_sam, doubled, concept_tensors["cat"], 3, peak - 1e-6)
     assert len(going) >= 2
     assert np.array_equal(going[1].result.mask, doubled_instances[1].result.mask)
 
 
-def test_max_instances_below_one_is_refused(tiny_sam, concepts, doubled):
+def test_max_instances_below_one_is_refused(tiny_sam, concept_tensors, doubled):
     with pytest.raises(ValueError):
-        segment_instances(tiny_sam, doubled, concepts["cat"], 0)
+        segment_instances(tiny_sam, doubled, concept_tensors["cat"], 0)
 
 
 # ---------------------------------------------------------------------------- several shots

@@ -1,10 +1,10 @@
-"""`persam eval` end to end (PerSeg sample, generated DAVIS sequences), vit_t through
-`fit`/`segment`, and bad input. One embedded Ray session serves every job here."""
+"""`persam eval` end to end (PerSeg sample, generated DAVIS sequences) and bad input.
+
+One embedded Ray session serves every job here: the PerSeg eval's segment job on Ray Data
+and the video eval's actor pool, each once."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -13,28 +13,15 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from jobs.cli import main
+from cli_tools import error_lines, run_cli
 from jobs.commands.eval_perseg import PAPER_SKIPPED, perseg_metrics
 from persam_core.evaluation import boundary_counts, davis_j
 from synthetic import make_davis, save_palette_png
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]
-LAYOUT = Path(__file__).parent / "data" / "mobile_sam_state_dict.txt"
-
-
-def run_cli(argv: list[str]) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue())
-
-
-def error_lines(result: SimpleNamespace) -> list[str]:
-    return [line for line in result.err.splitlines() if line.startswith("persam ")]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +45,7 @@ def perseg_run(perseg_sample: Path, tmp_path_factory, ray_session) -> tuple[Path
     return output, run_cli(["eval", *MODEL, "--data", str(perseg_sample), "--output", str(output)])
 
 
+@pytest.mark.slow
 def test_perseg_eval_writes_the_spec_metrics(perseg_run) -> None:
     output, result = perseg_run
     assert result.rc == 0, result.err
@@ -74,6 +62,7 @@ def test_perseg_eval_writes_the_spec_metrics(perseg_run) -> None:
     assert result.out.strip().splitlines()[-1].startswith("done: miou ")
 
 
+@pytest.mark.slow
 def test_perseg_eval_scores_the_segment_jobs_masks(perseg_run, perseg_sample: Path) -> None:
     """Σ intersection / Σ union per concept recomputed from the Parquet rows and the PNGs."""
     output, _ = perseg_run
@@ -95,6 +84,7 @@ def test_perseg_eval_scores_the_segment_jobs_masks(perseg_run, perseg_sample: Pa
         assert metrics["per_concept"][concept]["biou"] == pytest.approx(b_inter / b_union)
 
 
+@pytest.mark.slow
 def test_perseg_eval_rerun_resumes_with_the_same_numbers(perseg_run, perseg_sample: Path) -> None:
     output, _ = perseg_run
     before = json.loads((output / "metrics.json").read_text())
@@ -117,6 +107,7 @@ def test_subset_32_leaves_out_the_concepts_the_reference_skips() -> None:
 # ---- DAVIS ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_video_eval_on_generated_sequences(tmp_path: Path, ray_session) -> None:
     data = make_davis(tmp_path / "davis", {"boxes": 4, "short": 3, "not-in-val": 3})
     (data / "ImageSets" / "2017").mkdir(parents=True)
@@ -140,63 +131,6 @@ def test_video_eval_on_generated_sequences(tmp_path: Path, ray_session) -> None:
                               np.array(Image.open(p)) == label) for p in predictions[1:-1]]
             assert metrics["per_object"][f"{sequence}_{label}"]["j"] == pytest.approx(np.mean(values))
     assert "| boxes |" in (output / "metrics.md").read_text()
-
-
-# ---- MobileSAM (vit_t) ------------------------------------------------------------------
-
-
-def layout_state_dict() -> dict[str, torch.Tensor]:
-    """Random tensors with the keys, dtypes and shapes of the official mobile_sam.pt."""
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for line in LAYOUT.read_text().splitlines():
-        name, dtype, *shape = line.split()
-        size = [int(s) for s in shape]
-        if dtype == "float32":
-            state[name] = torch.randn(size, generator=generator) * 0.02
-        else:
-            state[name] = torch.zeros(size, dtype=getattr(torch, dtype))
-    return state
-
-
-def test_vit_t_loads_the_official_layout_strictly_and_encodes(tmp_path: Path) -> None:
-    from jobs.storage.checkpoints import load_model
-    from persam_core.models import ModelError, build_from_state_dict
-    from persam_core.predictor import encode_images
-    from persam_core.preprocess import resize_longest_side
-
-    state = layout_state_dict()
-    path = tmp_path / "mobile_sam.pt"
-    torch.save(state, path)
-    loaded = load_model("vit_t", str(path))  # weights_only load + strict key/shape match
-    assert loaded.fingerprint.startswith("vit_t:")
-    for name, tensor in loaded.sam.state_dict().items():
-        assert torch.equal(tensor, state[name]), name
-    with torch.no_grad():
-        features = loaded.sam.image_encoder(torch.zeros(1, 3, 1024, 1024))
-    assert features.shape == (1, 256, 64, 64)
-    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
-    assert encode_images(loaded.sam, [resize_longest_side(image)])[0].features.shape == (256, 64, 64)
-    missing = dict(state)
-    missing.pop("image_encoder.neck.0.weight")
-    with pytest.raises(ModelError, match="not a vit_t checkpoint"):
-        build_from_state_dict("vit_t", missing, "mobile_sam.pt")
-
-
-def test_vit_t_segments_through_the_segment_job(tmp_path: Path, perseg_sample: Path, ray_session) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    shutil.copy(perseg_sample / "Images" / "cat" / "01.jpg", images / "01.jpg")
-    model = ["--model-type", "vit_t", "--checkpoint", "random:0"]
-    fit = run_cli(["fit", *model, "--image", str(perseg_sample / "Images" / "cat" / "00.jpg"),
-                   "--mask", str(perseg_sample / "Annotations" / "cat" / "00.png"), "--name", "cat",
-                   "--out", str(tmp_path / "cat.json")])
-    assert fit.rc == 0, fit.err
-    result = run_cli(["segment", *model, "--concept", str(tmp_path / "cat.json"), "--input", str(images),
-                      "--output", str(tmp_path / "masks")])
-    assert result.rc == 0, result.err
-    rows = pq.read_table(tmp_path / "masks").to_pylist()
-    assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["model_fingerprint"].startswith("vit_t:")
 
 
 # ---- bad input --------------------------------------------------------------------------

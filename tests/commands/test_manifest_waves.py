@@ -1,4 +1,5 @@
-"""A manifest is planned and run in bounded waves, resumably and exactly once."""
+"""A manifest is planned and run in bounded waves, resumably and exactly once (with
+`--runner local`: the waves are the driver's, the same on Ray)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.storage import listing
+from cli_tools import LOCAL, MODEL
 from jobs.cli import main
+from jobs.storage import listing
 from jobs.storage.schema import read_part
-
-MODEL = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
 
 
 def _rows(output: Path) -> list[dict]:
@@ -19,12 +19,12 @@ def _rows(output: Path) -> list[dict]:
 
 
 def test_manifest_in_waves_resumes_and_drops_removed_images(tmp_path, perseg_sample, tiny_concept, monkeypatch, capsys):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(listing, "MANIFEST_WAVE_IMAGES", 4)  # 9 images: 3 waves of at most 4
     images = sorted(str(p) for p in (perseg_sample / "Images").glob("*/*.jpg"))
     manifest, output = tmp_path / "images.txt", tmp_path / "masks"
     manifest.write_text("\n".join(images) + "\n")
-    argv = ["segment", *MODEL, "--concept", str(tiny_concept), "--input", str(manifest), "--output", str(output)]
+    argv = ["segment", *MODEL, *LOCAL, "--concept", str(tiny_concept), "--input", str(manifest),
+            "--output", str(output)]
 
     assert main(argv) == 0
     rows = _rows(output)

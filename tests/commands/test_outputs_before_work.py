@@ -26,7 +26,6 @@ def _no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for module in (jobs.storage.checkpoints, jobs.commands.fit, jobs.pipeline.job):
         monkeypatch.setattr(module, "load_model", refuse)
 

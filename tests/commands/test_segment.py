@@ -1,13 +1,13 @@
-"""`persam segment` end to end on an embedded local Ray: output contract, resume, refusals.
+"""`persam segment` end to end: output contract, resume, refusals.
 
-One module-scoped job (two concepts over the sample images plus two broken files) feeds
-most assertions; the crash-resume test reruns one shard of a copy. Two Ray runs in all.
+One module-scoped job on an embedded local Ray (two concepts over the shared sample lake:
+nine photos and two broken files) feeds most assertions and proves the Ray wiring; the
+crash-resume and new-image reruns go through `--runner local` (the same stages in this
+process), and so does MobileSAM (vit_t) through the job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from jobs.cli import main
+from cli_tools import LOCAL, error_lines, run_cli
 from jobs.pipeline.commit import shard_of
 from jobs.storage.listing import list_image_urls
 from jobs.storage.schema import read_part
@@ -37,13 +37,6 @@ DONE = re.compile(r"^done: (\d+) images committed in the output; this run: (\d+)
                   r"-> (.+) in ([0-9.]+) s$")
 
 
-def run_cli(argv: list[str]) -> SimpleNamespace:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue())
-
-
 def done_line(result: SimpleNamespace) -> dict:
     lines = result.out.strip().splitlines()
     assert lines, result.err
@@ -51,10 +44,6 @@ def done_line(result: SimpleNamespace) -> dict:
     assert match, lines[-1]
     keys = ("committed", "images", "rows", "errors", "written", "skipped", "output", "seconds")
     return {k: (v if k == "output" else float(v) if k == "seconds" else int(v)) for k, v in zip(keys, match.groups())}
-
-
-def error_lines(result: SimpleNamespace) -> list[str]:
-    return [line for line in result.err.splitlines() if line.startswith("persam ")]
 
 
 def fit(sample: Path, concept: str, out: Path, *extra: str, checkpoint: str = "random:0", name: str | None = None) -> None:
@@ -76,35 +65,17 @@ def read_rows(output: Path) -> list[dict]:
     return pq.read_table(output).to_pylist()
 
 
-@pytest.fixture(autouse=True)
-def _no_cluster(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 @pytest.fixture(scope="module")
-def job(perseg_sample, tmp_path_factory):
-    """Fit two concepts, then segment every sample image + two broken files, 2 images per shard."""
-    root = tmp_path_factory.mktemp("segment")
-    images = root / "images"
-    for source in sorted((perseg_sample / "Images").rglob("*.jpg")):
-        target = images / source.relative_to(perseg_sample / "Images")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)  # copyfile: the sample is read-only, the copy must not be
-    (images / "broken.jpg").write_text("<html>this is not an image</html>\n")
-    (images / "zero.png").write_bytes(b"")
-
-    concepts = root / "concepts"
-    concepts.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)
-        fit(perseg_sample, "cat", concepts / "cat.json", "--method", "persam")
-        fit(perseg_sample, "duck_toy", concepts / "duck_toy.json", "--method", "persam-f", "--epochs", "3")
-        output = root / "masks"
-        argv = ["segment", *MODEL, "--concept", str(concepts / "cat.json"), "--concept", str(concepts / "duck_toy.json"),
-                "--input", str(images), "--output", str(output), "--shard-size", "2", "--device", "cpu"]
-        result = run_cli(argv)
-    return SimpleNamespace(root=root, images=images, concepts=concepts, output=output, argv=argv, result=result,
-                           urls=list(list_image_urls(str(images))))
+def job(sample_lake, tmp_path_factory):
+    """Segment every lake image (nine photos, two broken files) for cat and duck_toy on an
+    embedded local Ray: 2 images per shard, 1 per chunk, so shards arrive in pieces."""
+    output = tmp_path_factory.mktemp("segment") / "masks"
+    argv = ["segment", *MODEL, "--concept", str(sample_lake.cat), "--concept", str(sample_lake.duck),
+            "--input", str(sample_lake.images), "--output", str(output), "--shard-size", "2", "--chunk-size", "1",
+            "--device", "cpu"]
+    result = run_cli(argv)
+    return SimpleNamespace(images=sample_lake.images, concepts=sample_lake.concepts, output=output, argv=argv,
+                           result=result, urls=list(list_image_urls(str(sample_lake.images))))
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +91,7 @@ def good_rows(rows):
 # ---------------------------------------------------------------------------- the job's output
 
 
+@pytest.mark.slow
 def test_job_commits_everything_then_fails_on_its_error_rate(job, rows):
     assert job.result.rc == 4  # undecodable files are error rows, committed; the share of them fails the job
     assert error_lines(job.result) == [f"persam segment: failed: 2 of 11 images failed (18.2 %), more than "
@@ -134,6 +106,7 @@ def test_job_commits_everything_then_fails_on_its_error_rate(job, rows):
     assert "not meaningful" in job.result.out.lower()  # random weights are announced
 
 
+@pytest.mark.slow
 def test_one_row_per_image_and_concept(job, rows):
     keys = [(r["image_uri"], r["concept"]) for r in rows]
     assert len(keys) == len(set(keys))
@@ -141,6 +114,7 @@ def test_one_row_per_image_and_concept(job, rows):
     assert {r["instance"] for r in rows} == {0}
 
 
+@pytest.mark.slow
 def test_broken_files_are_error_rows(job, rows):
     for row in rows:
         broken = Path(row["image_uri"]).name in BROKEN
@@ -155,6 +129,7 @@ def test_broken_files_are_error_rows(job, rows):
     assert "not a decodable image" in reasons["broken.jpg"]
 
 
+@pytest.mark.slow
 def test_parquet_schema_has_the_spec_columns(job):
     schema = read_part(str(next(job.output.rglob("part-*.parquet")))).schema  # the concept column from its folder
     assert set(SPEC_COLUMNS) <= set(schema.names)
@@ -177,6 +152,7 @@ def test_parquet_schema_has_the_spec_columns(job):
     assert len(schemas) == 1
 
 
+@pytest.mark.slow
 def test_rows_carry_the_model_fingerprint_and_method(rows, tiny_sam):
     fingerprint = model_fingerprint(tiny_sam, "tiny")
     assert {r["model_fingerprint"] for r in rows} == {fingerprint}
@@ -185,6 +161,7 @@ def test_rows_carry_the_model_fingerprint_and_method(rows, tiny_sam):
         assert methods == {"cat": "persam", "duck_toy": "persam-f"}
 
 
+@pytest.mark.slow
 def test_masks_decode_with_pycocotools_and_match_area_and_bbox(job, rows):
     sizes = {}
     for row in good_rows(rows):
@@ -216,6 +193,7 @@ def test_masks_decode_with_pycocotools_and_match_area_and_bbox(job, rows):
         assert -1.0 - 1e-4 <= row["similarity"] <= 1.0 + 1e-4
 
 
+@pytest.mark.slow
 def test_output_holds_only_committed_files(job):
     names = sorted(files_state(job.output))
     assert "_persam_job.json" in names
@@ -228,6 +206,7 @@ def test_output_holds_only_committed_files(job):
 # ---------------------------------------------------------------------------- reruns
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_committed_shard(job, rows):
     before = files_state(job.output)
     result = run_cli(job.argv)
@@ -240,6 +219,7 @@ def test_rerun_skips_every_committed_shard(job, rows):
     assert read_rows(job.output) == rows
 
 
+@pytest.mark.slow
 def test_crash_resume_recomputes_only_the_lost_shard(job, rows, tmp_path):
     output = tmp_path / "masks"
     shutil.copytree(job.output, output)
@@ -254,7 +234,7 @@ def test_crash_resume_recomputes_only_the_lost_shard(job, rows, tmp_path):
     # The concepts as a directory this time: same job identity, so the record still matches.
     argv = [*argv[: argv.index("--concept")], "--concept", str(job.concepts),
             *argv[argv.index("--input"):], "--max-error-rate", "1"]  # the lost shard may hold a broken file
-    result = run_cli(argv)
+    result = run_cli([*argv, *LOCAL])
     assert result.rc == 0, result.err[-3000:]
     summary = done_line(result)
     assert summary["written"] == 1 and summary["skipped"] == len({p.name for p in parts}) - 1
@@ -280,12 +260,12 @@ def test_crash_resume_recomputes_only_the_lost_shard(job, rows, tmp_path):
 # ---------------------------------------------------------------------------- refusals before any work
 
 
-def test_concept_from_other_weights_is_refused(job, perseg_sample, tmp_path):
+def test_concept_from_other_weights_is_refused(sample_lake, perseg_sample, tmp_path):
     foreign = tmp_path / "cat_seed1.json"
     fit(perseg_sample, "cat", foreign, "--method", "persam", checkpoint="random:1", name="cat1")
     output = tmp_path / "masks"
-    result = run_cli(["segment", *MODEL, "--concept", str(job.concepts / "cat.json"), "--concept", str(foreign),
-                      "--input", str(job.images), "--output", str(output)])
+    result = run_cli(["segment", *MODEL, "--concept", str(sample_lake.cat), "--concept", str(foreign),
+                      "--input", str(sample_lake.images), "--output", str(output)])
     assert result.rc != 0
     lines = error_lines(result)
     assert len(lines) == 1, result.err
@@ -294,6 +274,7 @@ def test_concept_from_other_weights_is_refused(job, perseg_sample, tmp_path):
     assert not output.exists()  # refused before the output (or Ray) was touched
 
 
+@pytest.mark.slow
 def test_a_subset_of_the_concepts_finds_its_partition_committed(job):
     """Concept sets may differ between runs (one partition per concept): cat alone is done."""
     before = files_state(job.output)
@@ -304,24 +285,25 @@ def test_a_subset_of_the_concepts_finds_its_partition_committed(job):
     assert files_state(job.output) == before
 
 
-def test_empty_input_is_refused(job, tmp_path):
+def test_empty_input_is_refused(sample_lake, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    result = run_cli(["segment", *MODEL, "--concept", str(job.concepts / "cat.json"),
+    result = run_cli(["segment", *MODEL, "--concept", str(sample_lake.cat),
                       "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "masks")])
     assert result.rc != 0
     lines = error_lines(result)
     assert len(lines) == 1 and "no images found" in lines[0], result.err
 
 
-def test_a_non_concept_file_is_refused(job, tmp_path):
-    result = run_cli(["segment", *MODEL, "--concept", str(job.images / "cat" / "00.jpg"),
-                      "--input", str(job.images), "--output", str(tmp_path / "masks")])
+def test_a_non_concept_file_is_refused(sample_lake, tmp_path):
+    result = run_cli(["segment", *MODEL, "--concept", str(sample_lake.images / "cat" / "00.jpg"),
+                      "--input", str(sample_lake.images), "--output", str(tmp_path / "masks")])
     assert result.rc != 0
     lines = error_lines(result)
     assert len(lines) == 1 and "00.jpg" in lines[0] and "persam fit" in lines[0], result.err
 
 
+@pytest.mark.slow
 def test_new_image_in_a_committed_shard_is_not_silently_skipped(job, tmp_path):
     output = tmp_path / "masks"
     shutil.copytree(job.output, output)
@@ -335,6 +317,25 @@ def test_new_image_in_a_committed_shard_is_not_silently_skipped(job, tmp_path):
     manifest.write_text("\n".join([*job.urls, str(extra)]) + "\n")
 
     argv = [str(manifest) if a == str(job.images) else str(output) if a == str(job.output) else a for a in job.argv]
-    result = run_cli(argv)
+    result = run_cli([*argv, *LOCAL])
     new_rows = [r for r in read_rows(output) if r["image_uri"] == str(extra)]
     assert result.rc != 0 or len(new_rows) == len(CONCEPTS), result.out
+
+
+# ---------------------------------------------------------------------------- MobileSAM (vit_t)
+
+
+def test_vit_t_segments_through_the_segment_job(tmp_path: Path, perseg_sample: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(perseg_sample / "Images" / "cat" / "01.jpg", images / "01.jpg")
+    model = ["--model-type", "vit_t", "--checkpoint", "random:0"]
+    fit = run_cli(["fit", *model, "--image", str(perseg_sample / "Images" / "cat" / "00.jpg"),
+                   "--mask", str(perseg_sample / "Annotations" / "cat" / "00.png"), "--name", "cat",
+                   "--out", str(tmp_path / "cat.json")])
+    assert fit.rc == 0, fit.err
+    result = run_cli(["segment", *model, *LOCAL, "--concept", str(tmp_path / "cat.json"), "--input", str(images),
+                      "--output", str(tmp_path / "masks")])
+    assert result.rc == 0, result.err
+    rows = pq.read_table(tmp_path / "masks").to_pylist()
+    assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["model_fingerprint"].startswith("vit_t:")
