@@ -3,9 +3,7 @@ schema helpers, written as part files the way `persam segment` commits them (no 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,18 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from jobs.cli import main
+from cli_tools import run_cli  # noqa: F401  (the export tests take it from here)
 from jobs.pipeline.commit import shard_name, shard_of
 from jobs.storage.schema import rows_to_table
 from persam_core.masks import area_px, bbox_xywh, encode_rle
-
-
-def run_cli(argv: list[str]) -> SimpleNamespace:
-    """jobs.cli.main in this process -> rc, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return SimpleNamespace(rc=rc, out=out.getvalue(), err=err.getvalue())
 
 
 def ok(result: SimpleNamespace) -> str:

@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import ACCESS_KEY, SECRET_KEY
+from cli_tools import ACCESS_KEY, SECRET_KEY
 from export_data import ok, run_cli, small_lake
 
 OPTIONS = json.dumps({"key": ACCESS_KEY, "secret": SECRET_KEY})
