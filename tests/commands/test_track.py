@@ -55,10 +55,10 @@ def test_track_writes_a_mask_per_frame_and_a_summary(concept_file: Path, tmp_pat
 def test_track_refuses_sam_and_several_concepts_before_work(concept_file: Path, tmp_path: Path, capsys) -> None:
     write_clip(tmp_path / "clip", 2, seed=0)
     base = ["track", "--checkpoint", "random:0", "--input", str(tmp_path / "clip"), "--output", str(tmp_path / "out")]
-    assert main([*base, "--model-type", "tiny", "--concept", str(concept_file)]) == 2
+    assert main([*base, "--model-type", "tiny", "--concept", str(concept_file)]) == 3
     assert "pass a SAM 2 model type" in capsys.readouterr().err
     other = tmp_path / "blue.json"
     other.write_text(concept_file.read_text().replace('"red"', '"blue"'))
-    assert main([*base, "--model-type", "tiny_sam2", "--concept", str(concept_file), "--concept", str(other)]) == 2
+    assert main([*base, "--model-type", "tiny_sam2", "--concept", str(concept_file), "--concept", str(other)]) == 3
     assert "one concept per run" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

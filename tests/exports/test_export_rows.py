@@ -37,7 +37,7 @@ def test_only_foreign_files_is_one_error_line_and_no_output(tmp_path):
     pq.write_table(pa.table({"note": ["not ours"]}), masks / "notes.parquet")
     out = tmp_path / "new" / "coco.json"
     result = run_cli(["export", "coco", "--masks", str(masks), "--output", str(out)])
-    assert result.rc == 2 and len(result.err.strip().splitlines()) == 1
+    assert result.rc == 3 and len(result.err.strip().splitlines()) == 1
     assert "no masks Parquet of `persam segment` found (lacks the columns" in result.err and "Traceback" not in result.err
     assert not (tmp_path / "new").exists()
 
@@ -86,4 +86,4 @@ def test_an_output_that_cannot_be_written_fails_before_reading(kind, tmp_path):
     else:
         target.write_text("x")  # a folder export given an existing file
     result = run_cli(["export", kind, "--masks", str(tmp_path / "no-such-masks"), "--output", str(target)])
-    assert result.rc == 2 and str(target) in result.err and "no-such-masks" not in result.err
+    assert result.rc == 3 and str(target) in result.err and "no-such-masks" not in result.err
