@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from persam_core.evaluation import davis_f, davis_j, davis_statistics
+from persam_core.models import is_sam2
 from persam_core.video import SequenceTracker, VideoSettings
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics
@@ -222,6 +223,9 @@ def run_video_eval(spec: JobSpec, log=print) -> dict:
     import ray
 
     started = time.perf_counter()
+    if is_sam2(spec.model.model_type):  # the video mode tracks with SAM's predictor; SAM 2's memory is not wired yet
+        raise EvalError(f"--video with --model-type {spec.model.model_type}: not supported yet; the video mode "
+                        "runs on SAM (vit_h, vit_l, vit_b, vit_t, tiny); SAM 2.1 evaluates images (PerSeg)")
     check_device_option(spec.model.device)
     check_output_folder(spec.output, "--output", spec.storage_options)  # before the model loads
     sequences = scan_davis(spec.data, spec.storage_options, list(spec.sequences) if spec.sequences else None)

@@ -217,6 +217,15 @@ def test_perseg_eval_runs_on_sam2(perseg_sample, tmp_path):
     assert metrics["model_fingerprint"].startswith("tiny_sam2:") and 0.0 <= metrics["miou"] <= 1.0
 
 
+def test_video_eval_on_sam2_is_refused_in_one_line_before_any_work(tmp_path):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["eval", "--video", *MODEL, "--data", str(tmp_path / "davis"), "--output", str(tmp_path / "out")])
+    lines = err.getvalue().strip().splitlines()
+    assert rc != 0 and len(lines) == 1 and "--video with --model-type tiny_sam2: not supported yet" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_times_sam2_in_the_same_table():
     result = run_cli(["bench", *MODEL, "--images", "1", "--concepts", "1", "--epochs", "1", "--json"])
     figures = json.loads(result.out.strip().splitlines()[-1])
