@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 
 from jobs.cli import main
 from jobs.commands.rank import RANKING_FILE
+from jobs.pipeline.cache import CachedFeatures, FeatureCache
 from jobs.pipeline.commit import part_files
 from jobs.storage.images import decode_image, decode_mask
 from jobs.storage.schema import (AREA, BBOX, CONCEPT, ERROR, IMAGE_URI, INSTANCE, MASK_RLE, POINT, PRESENT, SCORE,
@@ -215,6 +216,25 @@ def test_perseg_eval_runs_on_sam2(perseg_sample, tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (metrics["model_type"], metrics["images"], metrics["error_images"]) == ("tiny_sam2", 1, 0)
     assert metrics["model_fingerprint"].startswith("tiny_sam2:") and 0.0 <= metrics["miou"] <= 1.0
+
+
+def test_cache_entries_of_sam2_keep_their_high_res_levels_or_are_recomputed(tmp_path):
+    """No model needed: shapes are the cache's parameter (small ones here), dtype as --cache-dtype."""
+    shapes = ((2, 4, 4), (3, 2, 2))
+    generator = np.random.default_rng(0)
+    entry = CachedFeatures(generator.standard_normal((256, 64, 64)).astype(np.float32), (1024, 1024), (30, 40),
+                           tuple(generator.standard_normal(shape).astype(np.float32) for shape in shapes))
+    cache = FeatureCache(str(tmp_path), "tiny_sam2:0", "fp16", num_shards=1, high_res_shapes=shapes)
+    cache.store({"a.jpg": ("sha-a", entry)})
+    cache.store({"b.jpg": ("sha-b", CachedFeatures(entry.features, (1024, 1024), (30, 40)))})  # no levels: not SAM 2's
+    loaded, problems = cache.load(["a.jpg", "b.jpg"])
+    assert set(loaded) == {"sha-a"} and problems == ["cache entry sha-b corrupt: recomputed"]
+    back = loaded["sha-a"]
+    assert back.features.dtype == np.float16 and [level.shape for level in back.high_res] == list(shapes)
+    assert all(np.array_equal(a, b.astype(np.float16)) for a, b in zip(back.high_res, entry.high_res))
+    # the same files read as SAM's (no levels expected) give the features alone
+    sam_view, _ = FeatureCache(str(tmp_path), "tiny_sam2:0", "fp16", num_shards=1).load(["a.jpg"])
+    assert sam_view["sha-a"].high_res == () and np.array_equal(sam_view["sha-a"].features, back.features)
 
 
 def test_video_eval_on_sam2_is_refused_in_one_line_before_any_work(tmp_path):
