@@ -6,7 +6,8 @@ Every concept of the paper lives in one module named after it:
     sam2_models SAM 2.1 through sam2's own build_sam2 and hydra configs
     backbone    what the cascade needs from a model (encode, prompts, decode, upsample); SAM's
     sam2_backbone  SAM 2's, exactly as SAM2ImagePredictor drives it
-    preprocess  image -> encoder input exactly as SamPredictor; mask -> 64x64 grid
+    preprocess  image -> encoder input exactly as SamPredictor (and SAM 2's resize); mask -> 64x64 grid
+    inputs      each model family's resize and encoder outputs, by model type (no model built)
     concept     reference features -> Concept (target feature, target embedding)
     prior       similarity map, positive/negative points, attention bias
     decoder     SAM's mask decoder + target-guided attention + target-semantic prompt

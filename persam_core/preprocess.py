@@ -1,7 +1,8 @@
 """Image -> SAM encoder input, exactly as `SamPredictor.set_image`; mask -> 64x64 grid.
 
 Resizing is split from normalising so that CPU workers can resize (the costly, lossy
-step) and ship uint8 arrays, and the model actor only normalises and pads.
+step) and ship uint8 arrays, and the model actor only normalises and pads. SAM 2's resize
+(`resize_square`) lives here too, so that CPU workers can run it without importing sam2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torchvision.transforms import functional as TF
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -22,9 +24,9 @@ REFERENCE_MASK_VALUE = 128
 
 @dataclass(frozen=True)
 class ResizedImage:
-    """An RGB image resized so its longest side is 1024 (SAM's ResizeLongestSide).
-
-    pixels: [h, w, 3] uint8 with max(h, w) == 1024; original_size: (H, W) before resizing.
+    """An RGB image resized for the encoder: SAM's ResizeLongestSide (pixels [h, w, 3] uint8
+    with max(h, w) == 1024) or SAM 2's square resize (pixels [1024, 1024, 3] float32 in [0, 1]);
+    original_size: (H, W) before resizing.
     """
 
     pixels: np.ndarray
@@ -41,6 +43,18 @@ def resize_longest_side(image: np.ndarray) -> ResizedImage:
         raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
     resized = ResizeLongestSide(ENCODER_SIZE).apply_image(image)
     return ResizedImage(np.ascontiguousarray(resized), (int(image.shape[0]), int(image.shape[1])))
+
+
+def resize_square(image: np.ndarray, size: int = ENCODER_SIZE) -> ResizedImage:
+    """[H, W, 3] uint8 RGB -> ResizedImage with pixels [size, size, 3] float32 in [0, 1]
+    (SAM2Transforms' to_tensor + antialiased Resize, bit for bit). Rounding the result to
+    uint8 would change every encoder input by up to 0.5 / 255, hence float32."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
+    # to_tensor wraps the array without a copy and warns on read-only ones (a decoded PIL image)
+    writable = image if image.flags.writeable else image.copy()
+    resized = TF.resize(TF.to_tensor(writable), [size, size])  # [3, size, size]
+    return ResizedImage(np.ascontiguousarray(resized.permute(1, 2, 0).numpy()), (int(image.shape[0]), int(image.shape[1])))
 
 
 def to_encoder_input(sam: Sam, resized: ResizedImage) -> torch.Tensor:

@@ -26,21 +26,12 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from .backbone import Decoded
 from .decoder_sam2 import decode_masks_sam2
-from .preprocess import GRID_SIZE, ResizedImage
+from .preprocess import GRID_SIZE, ResizedImage, resize_square  # noqa: F401  (resize_square re-exported)
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 LOW_RES_CLAMP = 32.0  # SAM2ImagePredictor clamps the low-res logits it returns to +-32
 BOX_LABELS = (2, 3)  # SAM 2's prompt encoder: top-left and bottom-right box corners
-
-
-def resize_square(image: np.ndarray, size: int = 1024) -> ResizedImage:
-    """[H, W, 3] uint8 RGB -> ResizedImage with pixels [size, size, 3] float32 in [0, 1]
-    (SAM2Transforms' to_tensor + Resize, bit for bit)."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
-    resized = TF.resize(TF.to_tensor(image), [size, size])  # [3, size, size]
-    return ResizedImage(np.ascontiguousarray(resized.permute(1, 2, 0).numpy()), (int(image.shape[0]), int(image.shape[1])))
 
 
 def square_mask_grid(mask: np.ndarray, value: int, size: int = 1024) -> Tensor:

@@ -6,7 +6,9 @@ all images of an encoder batch x all concepts in one call) at the speed settings
 `resolve_speed` gives on this device (CUDA: bf16, fused attention, compiled, batch 16;
 CPU: the exact fp32 path, batch 1), and its final masks are compared with the fp32 exact
 path's. The reference-style loop is the original's way of working: batch 1, fp32,
-`SamPredictor.set_image` for every (image, concept), three decodes. Variants (fp32, bf16,
+`SamPredictor.set_image` (SAM 2: `SAM2ImagePredictor.set_image`) for every (image,
+concept), three decodes. Every model type runs the same protocol, so SAM 2.1's rows sit in
+the same table as vit_h's and vit_b's. Variants (fp32, bf16,
 fp16, fused attention) are timed on the encoder at the same batch size and their final
 masks compared with the fp32 exact path's (mean and min IoU).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 import resource
 import sys
 import time
@@ -26,9 +29,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
 
 from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
+from persam_core.backbone import Model, as_backbone
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
@@ -36,7 +39,8 @@ from persam_core.metrics import iou
 from persam_core.persam import segment_persam
 from persam_core.persam_f import fit_mask_weights
 from persam_core.predictor import EncodedImage, encode_images
-from persam_core.preprocess import ResizedImage, resize_longest_side
+from persam_core.models import is_sam2
+from persam_core.preprocess import ResizedImage
 
 from jobs.storage.checkpoints import load_model
 
@@ -89,11 +93,13 @@ def timed(function: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
-def persam_concepts(reference: EncodedImage, shape: tuple[int, int], count: int, fingerprint: str) -> list[Concept]:
-    """K PerSAM concepts fitted on one encoded image with K different masks (shape: (H, W))."""
+def persam_concepts(reference: EncodedImage, shape: tuple[int, int], count: int, fingerprint: str,
+                    model: Model | None = None) -> list[Concept]:
+    """K PerSAM concepts fitted on one encoded image with K different masks (shape: (H, W));
+    `model` (SAM or SAM 2) decides the masks' grid cells, None meaning SAM's."""
     concepts = []
     for index, mask in enumerate(concept_masks(*shape, count)):
-        feature, embedding = persam_targets(reference_cells([reference], [mask], [f"bench mask {index}"]))
+        feature, embedding = persam_targets(reference_cells([reference], [mask], [f"bench mask {index}"], model=model))
         concepts.append(Concept(f"c{index}", "persam", feature.cpu().numpy(), embedding.cpu().numpy(), fingerprint))
     return concepts
 
@@ -102,7 +108,34 @@ def is_exact(speed: EncoderSpeed) -> bool:
     return speed.precision == "fp32" and not speed.fused_attention and not speed.compile
 
 
-def speed_model(sam: Sam, speed: EncoderSpeed, log: Callable[[str], None] = progress) -> tuple[Sam, EncoderSpeed]:
+def reference_encoder(sam: Model, model_type: str) -> Callable[[np.ndarray], EncodedImage]:
+    """The original's per-image encode: SamPredictor.set_image, or SAM2ImagePredictor.set_image
+    for SAM 2 -> a function [H, W, 3] uint8 -> its EncodedImage (features as the predictor holds them)."""
+    if not is_sam2(model_type):
+        predictor = SamPredictor(sam)
+
+        def encode(picture: np.ndarray) -> EncodedImage:
+            predictor.set_image(picture)
+            return EncodedImage(predictor.features[0], predictor.input_size, predictor.original_size)
+
+        return encode
+    with warnings.catch_warnings():  # SAM2Transforms' torch.jit.script deprecation, not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        sam2_predictor = SAM2ImagePredictor(sam)
+
+    def encode_sam2(picture: np.ndarray) -> EncodedImage:
+        sam2_predictor.set_image(picture)
+        features = sam2_predictor._features  # the predictor's own: image_embed [1, 256, 64, 64], high_res_feats
+        size = as_backbone(sam).image_size
+        return EncodedImage(features["image_embed"][0], (size, size), tuple(sam2_predictor._orig_hw[0]),
+                            tuple(level[0] for level in features["high_res_feats"]))
+
+    return encode_sam2
+
+
+def speed_model(sam: Model, speed: EncoderSpeed, log: Callable[[str], None] = progress) -> tuple[Model, EncoderSpeed]:
     """-> (a model running at `speed`, the settings in effect). The exact path is `sam`
     itself; any other is a copy, because prepare_encoder changes the model in place and
     the fp32 exact path must stay available for comparison."""
@@ -112,7 +145,7 @@ def speed_model(sam: Sam, speed: EncoderSpeed, log: Callable[[str], None] = prog
     return model, prepare_encoder(model, speed, log)
 
 
-def encode_in_batches(model: Sam, resized: Sequence[ResizedImage], speed: EncoderSpeed) -> Iterator[list[EncodedImage]]:
+def encode_in_batches(model: Model, resized: Sequence[ResizedImage], speed: EncoderSpeed) -> Iterator[list[EncodedImage]]:
     """Encoder batches of speed.batch_size; padded when compiled (one shape, no recompiling)."""
     pad = speed.batch_size if speed.compile else None
     for start in range(0, len(resized), speed.batch_size):
@@ -123,7 +156,7 @@ def batched(encoded: Sequence[EncodedImage], size: int) -> list[list[EncodedImag
     return [list(encoded[start : start + size]) for start in range(0, len(encoded), size)]
 
 
-def segment_all(model: Sam, batches: Iterable[Sequence[EncodedImage]], concepts: Sequence[ConceptTensors]) -> list[HostResults]:
+def segment_all(model: Model, batches: Iterable[Sequence[EncodedImage]], concepts: Sequence[ConceptTensors]) -> list[HostResults]:
     """One segment_batch call per encoder batch (all its images x all concepts)."""
     return [segment_batch(model, EncodedBatch.of(batch), concepts) for batch in batches]
 
@@ -134,13 +167,13 @@ def final_masks(results: Sequence[HostResults], concept_index: int | None = None
             if concept_index is None or part.concept_index[row] == concept_index]
 
 
-def warm_up(model: Sam, resized: Sequence[ResizedImage], speed: EncoderSpeed, concepts: Sequence[ConceptTensors]) -> None:
+def warm_up(model: Model, resized: Sequence[ResizedImage], speed: EncoderSpeed, concepts: Sequence[ConceptTensors]) -> None:
     """One untimed batch on CUDA (kernel selection, allocator growth); nothing to do on CPU."""
     if next(model.parameters()).device.type == "cuda":
         segment_all(model, [next(encode_in_batches(model, resized[: speed.batch_size], speed))], concepts)
 
 
-def _variants(sam: Sam, resized: Sequence[ResizedImage], exact_masks: list[np.ndarray], concept: ConceptTensors,
+def _variants(sam: Model, resized: Sequence[ResizedImage], exact_masks: list[np.ndarray], concept: ConceptTensors,
               batch_size: int, default_row: dict) -> dict:
     """Encoder time per image and mask IoU against the fp32 exact path, for each eager path."""
     report = {}
@@ -171,12 +204,13 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     sam = loaded.sam.to(device)
     speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size)
     pictures = synthetic_images(images)
-    resize_seconds, resized = timed(lambda: [resize_longest_side(p) for p in pictures])
+    resize_seconds, resized = timed(lambda: [as_backbone(sam).resize(p) for p in pictures])
     progress(f"fitting {concepts} concepts and PerSAM-F ({epochs} epochs)")
     reference = encode_images(sam, resized[:1])[0]
-    fitted = [ConceptTensors.on(c, device) for c in persam_concepts(reference, pictures[0].shape[:2], concepts, loaded.fingerprint)]
+    fitted = [ConceptTensors.on(c, device)
+              for c in persam_concepts(reference, pictures[0].shape[:2], concepts, loaded.fingerprint, model=sam)]
     mask = concept_masks(*pictures[0].shape[:2], 1)[0]
-    cells = reference_cells([reference], [mask], ["bench"])
+    cells = reference_cells([reference], [mask], ["bench"], model=sam)
     target = persam_f_target_feature(cells)
     fit_seconds, (weights, _) = timed(lambda: fit_mask_weights(sam, [reference], [mask], target, epochs=epochs))
     persam_f = ConceptTensors.on(Concept("f", "persam-f", target.cpu().numpy(), persam_targets(cells)[1].cpu().numpy(),
@@ -193,10 +227,12 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     k_seconds, k_results = timed(lambda: segment_all(fast, batches, fitted))
     half = fitted[: max(1, len(fitted) // 2)]
     k_half_seconds, _ = timed(lambda: segment_all(fast, batches, half))
-    cached = [(e.features.cpu().numpy().astype(np.float16), e.input_size, e.original_size) for e in encoded]
+    half_host = lambda t: t.cpu().numpy().astype(np.float16)  # noqa: E731
+    cached = [(half_host(e.features), e.input_size, e.original_size, [half_host(h) for h in e.high_res]) for e in encoded]
+    on_device = lambda a: torch.as_tensor(a.astype(np.float32), device=device)  # noqa: E731
 
-    def from_cache() -> list[list[EncodedImage]]:  # what a warm --cache hands the actor (fp16 on disk)
-        return batched([EncodedImage(torch.as_tensor(f.astype(np.float32), device=device), i, o) for f, i, o in cached],
+    def from_cache() -> list[list[EncodedImage]]:  # what a warm --cache hands the actor (fp16 on disk; SAM 2 + high-res)
+        return batched([EncodedImage(on_device(f), i, o, tuple(on_device(h) for h in levels)) for f, i, o, levels in cached],
                        speed.batch_size)
 
     cached_seconds, _ = timed(lambda: segment_all(fast, from_cache(), fitted[:1]))
@@ -211,14 +247,12 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     ious = [iou(a, b) for a, b in zip(final_masks(k_results), final_masks(exact_results))]
 
     progress("reference-style loop")
-    predictor = SamPredictor(sam)
+    reference_encode = reference_encoder(sam, model_type)
 
     def reference_loop() -> None:
         for picture in pictures:
             for concept in fitted:  # the reference re-encodes for every concept
-                predictor.set_image(picture)
-                features = EncodedImage(predictor.features[0], predictor.input_size, predictor.original_size)
-                segment_persam(sam, features, concept)
+                segment_persam(sam, reference_encode(picture), concept)
 
     reference_seconds, _ = timed(reference_loop)
     per = lambda seconds: round(seconds / images, 4)  # noqa: E731
@@ -234,7 +268,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
         "cached_s_per_image": per(cached_seconds),
         "rank_cold_s_per_image": per(resize_seconds + encoder_seconds + prior_seconds),
         "rank_warm_s_per_image": per(rank_warm_seconds),
-        "cache_bytes_per_image_fp16": int(cached[0][0].nbytes),
+        "cache_bytes_per_image_fp16": int(cached[0][0].nbytes + sum(h.nbytes for h in cached[0][3])),
         "reference_loop_s_per_image": per(reference_seconds),
         "persam_f_fit_s": round(fit_seconds, 2),
         "mask_iou_vs_fp32_mean": round(float(np.mean(ious)), 4),

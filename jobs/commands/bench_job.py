@@ -7,7 +7,8 @@ runs on them twice on one Ray, with 1 concept and with K. Beside each job:
 - the actor path: what the model actor does, without Ray, on already-resized images
   (encode in batches at the default speed settings + segment_batch -> host results);
 - the encoder alone at the same settings;
-- the reference-style loop (SamPredictor.set_image fp32 + one-image PerSAM, K = 1).
+- the reference-style loop (SamPredictor.set_image fp32 + one-image PerSAM, K = 1;
+  SAM2ImagePredictor.set_image for SAM 2).
 
 Job rates: steady state = images after the first result / time from the first result to
 the last (start-up and the first chunk excluded); whole = all images / the job's wall
@@ -27,16 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
-
 from persam_core.acceleration import EncoderSpeed, resolve_speed
+from persam_core.backbone import Model, as_backbone
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.persam import segment_persam
-from persam_core.predictor import EncodedImage, encode_images
-from persam_core.preprocess import resize_longest_side
+from persam_core.predictor import encode_images
 
-from jobs.commands.bench import encode_in_batches, persam_concepts, progress, segment_all, speed_model, synthetic_images, timed, warm_up
+from jobs.commands.bench import (encode_in_batches, persam_concepts, progress, reference_encoder, segment_all, speed_model,
+                                 synthetic_images, timed, warm_up)
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.session import ray_session, resolve_device
@@ -101,7 +100,7 @@ def write_inputs(root: Path, pictures: list[np.ndarray], concepts: list[Concept]
     return images, files, float(np.mean(sizes)) / 1024
 
 
-def _in_process(options: JobBenchOptions, sam: Sam, device: str, pictures: list[np.ndarray],
+def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: list[np.ndarray],
                 concepts: list[ConceptTensors]) -> tuple[dict, EncoderSpeed]:
     """Encoder only, actor path (K = 1 and K) and the reference loop -> (figures, speed in effect).
 
@@ -110,7 +109,7 @@ def _in_process(options: JobBenchOptions, sam: Sam, device: str, pictures: list[
     speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size)
     progress(f"preparing the encoder ({speed})")
     prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
-    resized = [resize_longest_side(p) for p in pictures]
+    resized = [as_backbone(sam).resize(p) for p in pictures]
     warm_up(fast, resized, speed, concepts)
     count = len(resized)
     progress("encoder only")
@@ -124,12 +123,11 @@ def _in_process(options: JobBenchOptions, sam: Sam, device: str, pictures: list[
 
     reference_pictures = pictures[:REFERENCE_LOOP_IMAGES]
     progress(f"reference-style loop on {len(reference_pictures)} images")
-    predictor = SamPredictor(sam)
+    reference_encode = reference_encoder(sam, options.model_type)
 
     def reference_loop() -> None:
         for picture in reference_pictures:
-            predictor.set_image(picture)
-            segment_persam(sam, EncodedImage(predictor.features[0], predictor.input_size, predictor.original_size), concepts[0])
+            segment_persam(sam, reference_encode(picture), concepts[0])
 
     seconds, _ = timed(reference_loop)
     figures["reference_loop_images"] = len(reference_pictures)
@@ -165,8 +163,8 @@ def run_job_bench(options: JobBenchOptions) -> dict:
     sam = loaded.sam.to(device)
     progress(f"generating {options.images} images, fitting {options.concepts} concepts")
     pictures = synthetic_images(options.images, sizes=JOB_SIZES, grain=JPEG_GRAIN)
-    reference = encode_images(sam, [resize_longest_side(pictures[0])])[0]
-    concepts = persam_concepts(reference, pictures[0].shape[:2], options.concepts, loaded.fingerprint)
+    reference = encode_images(sam, [as_backbone(sam).resize(pictures[0])])[0]
+    concepts = persam_concepts(reference, pictures[0].shape[:2], options.concepts, loaded.fingerprint, model=sam)
     figures, speed = _in_process(options, sam, device, pictures, [ConceptTensors.on(c, device) for c in concepts])
     progress(f"in-process figures: {figures}")  # each phase's figures as soon as known (a cut run keeps them)
     del sam, loaded, reference  # loaded.sam is the same module: both names go

@@ -9,10 +9,10 @@ from typing import Sequence
 import numpy as np
 from fsspec.core import url_to_fs
 
+from persam_core.backbone import as_backbone
 from persam_core.concept import Concept, ConceptError, persam_f_target_feature, persam_targets, reference_cells
 from persam_core.persam_f import DEFAULT_EPOCHS, fit_mask_weights
 from persam_core.predictor import encode_images
-from persam_core.preprocess import resize_longest_side
 
 from jobs.pipeline.progress import describe_left
 from jobs.pipeline.session import resolve_device
@@ -59,9 +59,10 @@ def fit_concept(
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
 ) -> Concept:
     """Shots (images [H, W, 3] uint8, masks [H, W] bool) -> the concept; cells of all shots pooled.
+    `sam`: a SAM or SAM 2 model, whose own transform resizes the images and the masks.
     PerSAM-F logs its progress every `progress_interval` seconds."""
-    encoded = encode_images(sam, [resize_longest_side(image) for image in images])
-    cells = reference_cells(encoded, masks, mask_sources)
+    encoded = encode_images(sam, [as_backbone(sam).resize(image) for image in images])
+    cells = reference_cells(encoded, masks, mask_sources, model=sam)
     target_feature, target_embedding = persam_targets(cells)
     weights = None
     if method == "persam-f":

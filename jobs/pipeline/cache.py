@@ -15,8 +15,11 @@ chunk reads a footer per file and then only the row groups of its own images. Le
 only gain entries (jobs never evict each other's); delete the folder to reclaim space.
 Rows: `content_sha256`, `input_h/w`, `original_h/w`, `dtype`, `features`
 (raw bytes of [256, 64, 64]) and `features_sha1` (checked on read: a corrupt entry is
-recomputed and reported, never trusted). fp16 halves the size (2 MiB per image against
-4 MiB for fp32); its accuracy cost against fp32 is measured in the README.
+recomputed and reported, never trusted); for SAM 2 also `high_res` (its decoder's two
+high-resolution levels, [32, 256, 256] then [64, 128, 128], raw bytes back to back) and
+`high_res_sha1`, checked the same way (null for SAM; files written before SAM 2 lack the two
+columns and read as SAM's). fp16 halves the size: SAM 2 MiB per image against 4 MiB for fp32,
+SAM 2 8 MiB against 16 MiB; its accuracy cost against fp32 is measured in the README.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ CACHE_SCHEMA = pa.schema([
     (CONTENT_SHA256, pa.string()), ("input_h", pa.int32()), ("input_w", pa.int32()),
     ("original_h", pa.int32()), ("original_w", pa.int32()), ("dtype", pa.string()),
     ("features", pa.binary()), ("features_sha1", pa.string()),
+    ("high_res", pa.binary()), ("high_res_sha1", pa.string()),
 ])
+Shapes = tuple[tuple[int, ...], ...]
 
 
 class CacheError(ValueError):
@@ -53,11 +58,14 @@ class CacheError(ValueError):
 
 @dataclass(frozen=True)
 class CachedFeatures:
-    """features: [256, 64, 64] (fp16 or fp32) with the sizes SamPredictor would record."""
+    """features: [256, 64, 64] (fp16 or fp32) with the sizes the model's predictor would record;
+    high_res: SAM 2's high-resolution levels in the same dtype ([32, 256, 256], [64, 128, 128]),
+    () for SAM."""
 
     features: np.ndarray
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+    high_res: tuple[np.ndarray, ...] = ()
 
 
 def content_sha256(data: bytes) -> str:
@@ -65,11 +73,15 @@ def content_sha256(data: bytes) -> str:
 
 
 class FeatureCache:
+    """high_res_shapes: the per-image shape of each high-resolution level the model's entries
+    must hold (persam_core.inputs.input_format(model_type).high_res_shapes; () for SAM)."""
+
     def __init__(self, url: str, fingerprint: str, dtype: str = "fp16", storage_options: dict | None = None,
-                 num_shards: int | None = None) -> None:
+                 num_shards: int | None = None, high_res_shapes: Shapes = ()) -> None:
         if dtype not in DTYPES:
             raise CacheError(f"--cache-dtype {dtype}: choose fp16 or fp32")
         self.url, self.dtype, self.num_shards = url, dtype, num_shards
+        self.high_res_shapes = tuple(tuple(shape) for shape in high_res_shapes)
         self.fs, root = url_to_fs(url, **(storage_options or {}))
         self.root = f"{root.rstrip('/')}/{fingerprint.replace(':', '-')}/{dtype}"
 
@@ -130,7 +142,7 @@ class FeatureCache:
                     problems.append(f"cache file {path} unreadable ({type(error).__name__}): recomputed")
                     continue
                 for row in rows:
-                    entry = _checked(row)
+                    entry = _checked(row, self.high_res_shapes)
                     if entry is None:
                         corrupt.append(row[CONTENT_SHA256])
                     else:
@@ -154,11 +166,13 @@ class FeatureCache:
         for shard, entries in by_shard.items():
             rows = []
             for sha, entry in sorted(entries.items()):
-                blob = np.ascontiguousarray(entry.features.astype(DTYPES[self.dtype])).tobytes()
+                blob = self._bytes(entry.features)
+                high_res = b"".join(self._bytes(level) for level in entry.high_res) if entry.high_res else None
                 rows.append({
                     CONTENT_SHA256: sha, "input_h": entry.input_size[0], "input_w": entry.input_size[1],
                     "original_h": entry.original_size[0], "original_w": entry.original_size[1],
                     "dtype": self.dtype, "features": blob, "features_sha1": hashlib.sha1(blob).hexdigest(),
+                    "high_res": high_res, "high_res_sha1": None if high_res is None else hashlib.sha1(high_res).hexdigest(),
                 })
             table = pa.Table.from_pylist(rows, schema=CACHE_SCHEMA).replace_schema_metadata(
                 {INDEX_KEY: "\n".join(sorted(entries)).encode()})
@@ -166,13 +180,30 @@ class FeatureCache:
             pq.write_table(table, buffer, compression="none", row_group_size=1)
             publish_bytes(self.fs, f"{self.root}/shard-{shard:05d}-{uuid.uuid4().hex}.parquet", buffer.getvalue())
 
+    def _bytes(self, array: np.ndarray) -> bytes:
+        return np.ascontiguousarray(array.astype(DTYPES[self.dtype], copy=False)).tobytes()
 
-def _checked(row: dict) -> CachedFeatures | None:
-    """A cache row -> its features, or None when its blob fails the checks (size, dtype, SHA-1)."""
-    blob = row["features"] or b""
+
+def _checked(row: dict, high_res_shapes: Shapes = ()) -> CachedFeatures | None:
+    """A cache row -> its features, or None when a blob fails the checks (size, dtype, SHA-1)
+    or a SAM 2 entry lacks its high-resolution levels."""
     dtype = DTYPES.get(row["dtype"])
-    expected_size = int(np.prod(FEATURE_SHAPE)) * (np.dtype(dtype).itemsize if dtype else 0)
-    if dtype is None or len(blob) != expected_size or hashlib.sha1(blob).hexdigest() != row["features_sha1"]:
+    if dtype is None:
         return None
-    return CachedFeatures(np.frombuffer(blob, dtype=dtype).reshape(FEATURE_SHAPE),
-                          (row["input_h"], row["input_w"]), (row["original_h"], row["original_w"]))
+    features = _array(row["features"], row["features_sha1"], dtype, (FEATURE_SHAPE,))
+    high_res = _array(row.get("high_res"), row.get("high_res_sha1"), dtype, high_res_shapes) if high_res_shapes else ()
+    if features is None or high_res is None:
+        return None
+    return CachedFeatures(features[0], (row["input_h"], row["input_w"]), (row["original_h"], row["original_w"]),
+                          high_res)
+
+
+def _array(blob: bytes | None, sha1: str | None, dtype, shapes: Shapes) -> tuple[np.ndarray, ...] | None:
+    """A blob holding arrays of `shapes` back to back -> the arrays (read-only views), or None
+    when its size or SHA-1 is wrong."""
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    if not blob or len(blob) != sum(sizes) * np.dtype(dtype).itemsize or hashlib.sha1(blob).hexdigest() != sha1:
+        return None
+    flat = np.frombuffer(blob, dtype=dtype)
+    starts = np.cumsum([0] + sizes)
+    return tuple(flat[start : start + size].reshape(shape) for start, size, shape in zip(starts, sizes, shapes))

@@ -46,13 +46,27 @@ def encode_chunk(sam, chunk: Chunk, speed: EncoderSpeed, cache_dtype: str | None
             dtype = getattr(torch, np.dtype(DTYPES[cache_dtype]).name)
             host = torch.stack([e.features for e in encoded]).to(dtype).cpu().numpy()
             results.fresh.update({i: host[n] for n, i in enumerate(indices)})
+            levels = [torch.stack([e.high_res[level] for e in encoded]).to(dtype).cpu().numpy()
+                      for level in range(len(encoded[0].high_res))]  # SAM 2's decoder skips; none for SAM
+            if levels:
+                results.fresh_high_res.update({i: tuple(level[n] for level in levels) for n, i in enumerate(indices)})
     cached = [i for i, item in enumerate(chunk.items) if item.source == "cached"]
     for start in range(0, len(cached), size):
         indices = cached[start : start + size]
-        batches.append((indices, [EncodedImage(torch.from_numpy(chunk.features[i]).to(sam.device).float(),
-                                               chunk.items[i].input_size, chunk.items[i].original_size)
-                                  for i in indices]))
+        batches.append((indices, [cached_image(chunk, i, sam.device) for i in indices]))
     return batches, results
+
+
+def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Cached fp16/fp32 features -> fp32 on the device (what the cascade computes in)."""
+    return torch.from_numpy(array).to(device).float()
+
+
+def cached_image(chunk: Chunk, item: int, device: torch.device) -> EncodedImage:
+    """The cached features of one item (SAM 2: with its high-resolution levels) on the device."""
+    entry = chunk.items[item]
+    return EncodedImage(on_device(chunk.features[item], device), entry.input_size, entry.original_size,
+                        tuple(on_device(level, device) for level in chunk.high_res.get(item, ())))
 
 
 def per_batch(

@@ -83,7 +83,8 @@ def store_fresh(cache: FeatureCache, chunk: Chunk, results: ChunkResults) -> Non
     """Add the features the actor encoded for this chunk to the cache."""
     if results.fresh:
         cache.store({chunk.items[i].url: (chunk.items[i].sha256, CachedFeatures(
-            features, chunk.items[i].input_size, chunk.items[i].original_size)) for i, features in results.fresh.items()})
+            features, chunk.items[i].input_size, chunk.items[i].original_size, results.fresh_high_res.get(i, ())))
+            for i, features in results.fresh.items()})
 
 
 def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict:

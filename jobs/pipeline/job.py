@@ -14,6 +14,7 @@ from typing import Callable
 
 from persam_core.acceleration import resolve_speed
 from persam_core.concept import Concept
+from persam_core.inputs import input_format
 
 from jobs.pipeline.cache import FeatureCache
 from jobs.pipeline.session import check_device_option, expected_device_type
@@ -41,8 +42,13 @@ class PreparedJob:
     def cache(self) -> FeatureCache | None:
         if self.cache_shards is None:
             return None
-        spec = self.spec
-        return FeatureCache(spec.cache, self.fingerprint, spec.cache_dtype, spec.storage_options, self.cache_shards)
+        return feature_cache(self.spec, self.fingerprint, self.cache_shards)
+
+
+def feature_cache(spec: JobSpec, fingerprint: str, num_shards: int | None = None) -> FeatureCache:
+    """The job's --cache for the model of `fingerprint` (SAM 2 entries hold its high-res levels too)."""
+    return FeatureCache(spec.cache, fingerprint, spec.cache_dtype, spec.storage_options, num_shards,
+                        input_format(spec.model.model_type).high_res_shapes)
 
 
 def concept_digests(concepts: list[Concept]) -> dict[str, str]:
@@ -78,7 +84,7 @@ def prepare_job(spec: JobSpec, concepts: list[Concept], log: Log) -> tuple[str, 
         concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")
     cache = None
     if spec.cache:
-        cache = FeatureCache(spec.cache, model.fingerprint, spec.cache_dtype, spec.storage_options)
+        cache = feature_cache(spec, model.fingerprint)
         cache.check_writable()
     note = random_weights_note(spec.model.checkpoint)
     if note:

@@ -37,13 +37,15 @@ class ChunkItem:
     carried: bool = False
     source: str | None = None
     original_size: tuple[int, int] | None = None  # (H, W) as displayed (EXIF applied)
-    input_size: tuple[int, int] | None = None  # (h, w) after the resize to 1024 on the longest side
+    input_size: tuple[int, int] | None = None  # (h, w) after the model's resize (SAM 2: always 1024 x 1024)
 
 
 @dataclass
 class Chunk:
-    """pixels: item index -> [h, w, 3] uint8 (source "pixels");
-    features: item index -> [256, 64, 64] fp16/fp32 from the cache (source "cached")."""
+    """pixels: item index -> the resized pixels (source "pixels"): SAM [h, w, 3] uint8, SAM 2
+    [1024, 1024, 3] float32 (persam_core.inputs);
+    features: item index -> [256, 64, 64] fp16/fp32 from the cache (source "cached");
+    high_res: item index -> SAM 2's cached high-resolution levels, same dtype (absent for SAM)."""
 
     shard: int
     index: int
@@ -51,6 +53,7 @@ class Chunk:
     cache_problems: tuple[str, ...] = ()
     pixels: dict[int, np.ndarray] = field(default_factory=dict)
     features: dict[int, np.ndarray] = field(default_factory=dict)
+    high_res: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
 
     def resized(self, item: int) -> ResizedImage:
         return ResizedImage(self.pixels[item], tuple(self.items[item].original_size))
@@ -64,7 +67,8 @@ class ChunkResults:
     encoded: item indices that went through the encoder in this call;
     masks (task "segment"): HostResults whose image_index is the item index;
     similarity / point (task "score"): [N, K] float32 (NaN where not scored) / [N, K, 2] int32 (x, y);
-    fresh: item index -> [256, 64, 64] features just encoded, in the cache's dtype (for the cache).
+    fresh: item index -> [256, 64, 64] features just encoded, in the cache's dtype (for the cache);
+    fresh_high_res: item index -> SAM 2's high-resolution levels just encoded, same dtype.
     """
 
     failures: dict[int, str] = field(default_factory=dict)
@@ -73,6 +77,7 @@ class ChunkResults:
     similarity: np.ndarray | None = None
     point: np.ndarray | None = None
     fresh: dict[int, np.ndarray] = field(default_factory=dict)
+    fresh_high_res: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,21 @@ def _size(value) -> tuple[int, int] | None:
     return None if value is None else (int(value[0]), int(value[1]))
 
 
+def _level_arrays(prefix: str, levels: dict[int, tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
+    """{item: (level 0, level 1, ...)} -> npz entries "<prefix><level>_<item>"."""
+    return {f"{prefix}{level}_{i}": array for i, arrays in levels.items() for level, array in enumerate(arrays)}
+
+
+def _levels_of(archive, prefix: str) -> dict[int, tuple[np.ndarray, ...]]:
+    """The inverse of _level_arrays: npz entries "<prefix><level>_<item>" -> {item: levels in order}."""
+    found: dict[int, dict[int, np.ndarray]] = {}
+    for name in archive.files:
+        if name.startswith(prefix):
+            level, _, item = name[len(prefix):].partition("_")
+            found.setdefault(int(item), {})[int(level)] = archive[name]
+    return {item: tuple(levels[level] for level in sorted(levels)) for item, levels in found.items()}
+
+
 def pack_chunk(chunk: Chunk) -> tuple[bytes, bytes]:
     """-> (meta: JSON bytes, arrays: npz bytes)."""
     items = [{"url": i.url, "sha256": i.sha256, "error": i.error, "carried": i.carried, "source": i.source,
@@ -131,6 +151,7 @@ def pack_chunk(chunk: Chunk) -> tuple[bytes, bytes]:
     meta = {"shard": chunk.shard, "chunk": chunk.index, "items": items, "cache_problems": list(chunk.cache_problems)}
     arrays = {f"pixels_{i}": a for i, a in chunk.pixels.items()}
     arrays.update({f"features_{i}": a for i, a in chunk.features.items()})
+    arrays.update(_level_arrays("level", chunk.high_res))
     return json.dumps(meta).encode(), _npz(arrays, {})
 
 
@@ -148,11 +169,13 @@ def unpack_chunk(meta: bytes, arrays: bytes | None = None) -> Chunk:
                     chunk.pixels[int(index)] = archive[name]
                 elif kind == "features":
                     chunk.features[int(index)] = archive[name]
+            chunk.high_res = _levels_of(archive, "level")
     return chunk
 
 
 def pack_results(results: ChunkResults) -> bytes:
     arrays: dict[str, np.ndarray] = {f"fresh_{i}": a for i, a in results.fresh.items()}
+    arrays.update(_level_arrays("freshlevel", results.fresh_high_res))
     if results.masks is not None:
         arrays.update({f"masks_{k}": v for k, v in results.masks.to_arrays().items()})
     if results.similarity is not None:
@@ -171,6 +194,7 @@ def unpack_results(data: bytes) -> ChunkResults:
         if "similarity" in names:
             results.similarity, results.point = archive["similarity"], archive["point"]
         results.fresh = {int(n.rpartition("_")[2]): archive[n] for n in names if n.startswith("fresh_")}
+        results.fresh_high_res = _levels_of(archive, "freshlevel")
     return results
 
 

@@ -5,12 +5,13 @@ hash them (SHA-256 of the content), and then
 - same URL and content as good rows (one per concept of the run) of the shard's previous
   commit -> carried: its rows are copied by the committer, nothing is computed;
 - features in the cache -> shipped to the actor, which skips the encoder;
-- otherwise decoded (EXIF, RGB, pixel limit) and resized to 1024 on the longest side.
+- otherwise decoded (EXIF, RGB, pixel limit) and resized for the model's encoder
+  (persam_core.inputs: SAM's longest side to 1024 in uint8, SAM 2's 1024 x 1024 float32).
 """
 
 from __future__ import annotations
 
-from persam_core.preprocess import resize_longest_side
+from persam_core.inputs import input_format
 
 from jobs.pipeline.cache import content_sha256
 from jobs.pipeline.job import PreparedJob
@@ -26,6 +27,7 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
     payload.py). `urls` are the images' credential-free names (rows, hashing, cache);
     `sources` maps those whose reading URL holds credentials to that URL, used only here."""
     storage_options, max_pixels, cache = job.spec.storage_options, job.spec.max_pixels, job.cache()
+    resize = input_format(job.spec.model.model_type).resize
     urls = list(row["urls"])
     # unchanged: good rows for every concept this run computes (a new concept has none)
     unchanged = good_images(list(row.get("previous") or []), storage_options, [name for name, _ in job.labels()])
@@ -53,9 +55,11 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
         if entry is not None:
             item.source, item.input_size, item.original_size = "cached", entry.input_size, entry.original_size
             chunk.features[index] = entry.features
+            if entry.high_res:
+                chunk.high_res[index] = entry.high_res
             continue
         try:
-            resized = resize_longest_side(decode_image(data.pop(index), redact(item.url), max_pixels))
+            resized = resize(decode_image(data.pop(index), redact(item.url), max_pixels))
         except Exception as error:
             item.error = f"decode failed: {short_reason(error)}"
             continue
