@@ -15,6 +15,7 @@ from jobs.logs import LOG_FORMATS, LOG_LEVELS
 from jobs.spec import (CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_INTERVAL, METHODS, RUNNERS, JobSpec,
                        ModelSpec, SpeedSpec)
 
+INPUT_HELP = "directory/prefix, glob, or manifest (.parquet/.csv/.txt)"
 MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
 CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
 
@@ -112,6 +113,13 @@ def _add_job(parser: argparse.ArgumentParser) -> None:
     _add_progress(parser)
 
 
+def _add_concepts_and_io(parser: argparse.ArgumentParser, concept_help: str, input_help: str, output_help: str) -> None:
+    parser.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
+                        help=concept_help)
+    parser.add_argument("--input", required=True, help=input_help)
+    parser.add_argument("--output", required=True, help=output_help)
+
+
 def _add_fit(commands) -> None:
     fit = commands.add_parser("fit", help="learn a concept from reference image(s) + mask(s)")
     _add_model(fit)
@@ -129,10 +137,8 @@ def _add_fit(commands) -> None:
 def _add_segment(commands) -> None:
     segment = commands.add_parser("segment", help="segment concepts in every image of --input (Ray Data job)")
     _add_model(segment)
-    segment.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
-                         help="concept file or directory (repeatable)")
-    segment.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
-    segment.add_argument("--output", required=True, help="Parquet dataset directory (any fsspec URL)")
+    _add_concepts_and_io(segment, "concept file or directory (repeatable)", INPUT_HELP,
+                         "Parquet dataset directory (any fsspec URL)")
     _add_job(segment)
     segment.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
                          help="images per committed Parquet shard of a new output")
@@ -148,10 +154,8 @@ def _add_segment(commands) -> None:
 def _add_rank(commands) -> None:
     rank = commands.add_parser("rank", help="rank every image of --input by the presence of one concept")
     _add_model(rank)
-    rank.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
-                      help="concept file written by `persam fit`")
-    rank.add_argument("--input", required=True, help="directory/prefix, glob, or manifest (.parquet/.csv/.txt)")
-    rank.add_argument("--output", required=True, help="directory for ranking.parquet (any fsspec URL)")
+    _add_concepts_and_io(rank, "concept file written by `persam fit`", INPUT_HELP,
+                         "directory for ranking.parquet (any fsspec URL)")
     rank.add_argument("--top-k", type=int, default=JobSpec.top_k, help="images that also get a mask")
     _add_job(rank)
     rank.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
@@ -192,10 +196,9 @@ def _add_eval(commands) -> None:
 def _add_track(commands) -> None:
     track = commands.add_parser("track", help="follow one concept through video clips with SAM 2's memory (Ray job)")
     _add_model(track)
-    track.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
-                       help="concept file (one concept, fitted with the same SAM 2 weights)")
-    track.add_argument("--input", required=True, help="a clip's folder of frames (name order), or a folder of clip folders")
-    track.add_argument("--output", required=True, help="folder for <clip>/<frame>.png masks and track.json")
+    _add_concepts_and_io(track, "concept file (one concept, fitted with the same SAM 2 weights)",
+                         "a clip's folder of frames (name order), or a folder of clip folders",
+                         "folder for <clip>/<frame>.png masks and track.json")
     track.add_argument("--min-similarity", type=float, default=None,
                        help="presence in [0, 1] from which the concept counts as found (default: the tracker's, see README)")
     _add_job(track)
