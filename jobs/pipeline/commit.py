@@ -22,8 +22,8 @@ every concept's rows in one file per shard ("partition" "" below).
    partition lacks its digest (the encoder runs once per image for all of them), and after
    each partition's publish the shard's older files there are deleted. A run that died
    between those two steps is repaired by the next run, which deletes a shard's superseded
-   files before anything else. Interrupted writes leave only `*.tmp-*` files, which no reader
-   matches. So whichever process dies, no row is lost or duplicated once a run finishes.
+   files before anything else. Interrupted writes leave only hidden `.*.tmp-*` files, which no
+   reader matches (dataset readers skip `.`-files). So whichever process dies, no row is lost or duplicated once a run finishes.
 4. A shard is computed in chunks (jobs/pipeline/run.py); the driver publishes it once, after
    its last chunk arrived, keeping one copy of a chunk that a retried task delivered
    twice. Rows of unchanged images (same URL, same content) are carried over from the
@@ -39,7 +39,7 @@ work is wasted. Different jobs on one output are refused by the job record. Race
 between them are tolerated: a file that the other run already removed counts as removed.
 
 Stale temp files: a publish writes its temp file in one go and renames it at once, so a
-temp file of ours (`<our name>.tmp-<hex>`) untouched for STALE_TEMP_SECONDS (one hour)
+temp file of ours (`.<our name>.tmp-<hex>`) untouched for STALE_TEMP_SECONDS (one hour)
 belongs to a publish that died; the next run's open_job deletes it. Younger ones may
 belong to a live writer on another machine (whose liveness we cannot see) and are left.
 
@@ -85,8 +85,9 @@ from jobs.storage.schema import (
 # names of the record and the files, re-exported: callers (commands, tests) use them as commit.*
 __all__ = ["BY_CONCEPT", "FLAT", "JOB_FILE", "JobRecord", "output_tables", "part_files", "read_job_record",
            "read_output", "shard_name"]
-# Temp files of our own publishes (publish_bytes); another tool's `*.tmp-*` is foreign.
-TEMP_FILE = re.compile(r"^(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json|_persam_concept\.json)\.tmp-[0-9a-f]+$")
+# Temp files of our own publishes (publish_bytes: hidden; older versions' without the dot);
+# another tool's `*.tmp-*` is foreign.
+TEMP_FILE = re.compile(r"^\.?(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json|_persam_concept\.json)\.tmp-[0-9a-f]+$")
 Committed = dict[int, dict[str, str]]  # one partition's part files: {shard: {digest: path}}
 # A publish writes its temp file in one go and renames it within seconds: an hour without
 # a write means its writer died (mtime, not pids: writers may be on other machines).

@@ -20,11 +20,14 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
 
 
 def publish_bytes(fs, path: str, data: bytes) -> None:
-    """Make `path` appear with `data` atomically: temp file `<path>.tmp-<hex>` + rename
-    locally, one whole-object PUT on object stores (readers never see a partial object)."""
+    """Make `path` appear with `data` atomically: a hidden temp file `.<name>.tmp-<hex>` beside
+    it + rename locally, one whole-object PUT on object stores (readers never see a partial
+    object). Hidden, because pyarrow, pandas and Spark skip `.`-files when they read a folder
+    as a dataset: a publish in flight never breaks a whole-output read."""
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        folder, name = os.path.split(path)
+        os.makedirs(folder or ".", exist_ok=True)
+        temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
         try:
             with open(temporary, "wb") as handle:
                 handle.write(data)

@@ -95,3 +95,25 @@ def test_foreign_note_shows_base_names_only():
     commit.report_foreign(paths, lines.append)
     assert lines == ["note: the output holds 8 files persam did not write, left alone: "
                      "extra-0.txt, extra-1.txt, extra-2.txt, extra-3.txt, extra-4.txt and 3 more"]
+
+
+def test_a_publish_in_flight_is_hidden_from_whole_output_readers(tmp_path, monkeypatch):
+    """The temp file of a publish starts with a dot: pandas / pyarrow.dataset read the folder
+    as before while it exists, and the next run sweeps it once stale."""
+    import pandas as pd
+
+    from jobs.storage import files
+
+    output = tmp_path / "out"
+    commit.commit_shard(str(output), 0, "a" * 12, _table())
+    names = []
+    real_replace = files.os.replace
+
+    def interrupted(source, target):
+        names.append(os.path.basename(source))
+        assert len(pd.read_parquet(output)) == _table().num_rows  # the temp file is there, and invisible
+        real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    commit.commit_shard(str(output), 1, "b" * 12, _table())
+    assert names and names[0].startswith(".part-00001-") and commit.TEMP_FILE.match(names[0])
