@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
-from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,12 +28,14 @@ from fsspec.core import url_to_fs
 
 from jobs.pipeline.commit import parse_part_path
 from jobs.storage.redaction import redact
-from jobs.storage.schema import AREA, BBOX, CONCEPT, CONTENT_SHA256, ERROR, HEIGHT, IMAGE_URI, INSTANCE, MASK_RLE, METHOD, MODEL_FINGERPRINT, POINT, PRESENT, SCORE, SIMILARITY, WIDTH
+from jobs.storage.schema import (
+    AREA, BBOX, CONCEPT, CONTENT_SHA256, ERROR, HEIGHT, IMAGE_URI, INSTANCE, MASK_RLE, METHOD, MODEL_FINGERPRINT, POINT,
+    PRESENT, SCORE, SIMILARITY, WIDTH, partition_concept,
+)
 
 REQUIRED_COLUMNS = (IMAGE_URI, CONCEPT, WIDTH, HEIGHT, MASK_RLE, BBOX, AREA, SCORE, ERROR)
 # Columns later schema versions added: absent in a file -> None in its rows.
 OPTIONAL_COLUMNS = (METHOD, INSTANCE, PRESENT, SIMILARITY, POINT, MODEL_FINGERPRINT, CONTENT_SHA256)
-_PARTITION = re.compile(r"(?:^|/)concept=([^/]+)/")
 Log = Callable[[str], None]
 
 
@@ -102,8 +102,7 @@ class MaskDataset:
         shards: dict[int, list[_Piece]] = {}
         others = []
         for path in paths:
-            match = _PARTITION.search(path[len(root):])
-            piece = _Piece(path, unquote(match.group(1)) if match else None)  # Hive escapes e.g. "/" as %2F
+            piece = _Piece(path, partition_concept(path[len(root):]))  # relative: the root's own name never counts
             parsed = parse_part_path(path)
             if parsed is None:
                 others.append((False, [piece]))

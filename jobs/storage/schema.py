@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import posixpath
 from typing import Any, Sequence
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,9 +123,10 @@ def partition_folder(concept: str) -> str:
 
 
 def partition_concept(path: str) -> str | None:
-    """The concept a part file's folder names (`.../concept=<name>/part-...`); None outside a partition."""
+    """The concept a part file's folder names (`.../concept=<name>/part-...`); None outside a
+    partition. Unquoted as Hive writers escape names (ours are validated and never need it)."""
     folder = posixpath.basename(posixpath.dirname(path.replace("\\", "/").rstrip("/")))
-    return folder[len(PARTITION_PREFIX):] if folder.startswith(PARTITION_PREFIX) else None
+    return unquote(folder[len(PARTITION_PREFIX):]) if folder.startswith(PARTITION_PREFIX) else None
 
 
 def partition_rows(table: pa.Table) -> pa.Table:
