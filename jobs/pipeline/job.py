@@ -75,10 +75,8 @@ def check_job(spec: JobSpec) -> None:
 
 
 def prepare_job(spec: JobSpec, concepts: list[Concept], log: Log) -> tuple[str, FeatureCache | None]:
-    """Checks that need no Ray: device, outputs, weights vs concepts, cache -> (model
-    fingerprint, the cache or None). Outputs are checked before the model loads; the
-    commands list the input before they call this (a typo costs no weights download)."""
-    check_job(spec)
+    """After check_job and the input listing (a typo costs no weights download): the weights
+    vs the concepts, the cache -> (model fingerprint, the cache or None)."""
     model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
     for concept in concepts:
         concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")
