@@ -32,6 +32,7 @@ DEFAULT_CHUNK_IMAGES = 16
 # (the same stage functions in this process, one after another: debugging, small inputs).
 RUNNERS = ("ray", "local")
 METHODS = ("persam", "persam-f")
+DEVICES = ("auto", "cpu", "cuda")
 # A run whose share of failed images (error rows) exceeds this fails, after committing.
 DEFAULT_MAX_ERROR_RATE = 0.05
 # Seconds between progress lines where no live bar is drawn (captured logs).
@@ -120,8 +121,7 @@ class JobSpec:
             raise ValueError(f"--max-error-rate {self.max_error_rate}: give a share of images in [0, 1]")
         if not self.progress_interval > 0:
             raise ValueError(f"--progress-interval {self.progress_interval}: give seconds above 0")
-        if self.model.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device {self.model.device}: choose auto, cpu or cuda")
+        check_device(self.model.device)
         for flag, value, allowed in (("--runner", self.runner, RUNNERS), ("--method", self.method, METHODS),
                                      ("--cache-dtype", self.cache_dtype, CACHE_DTYPES)):
             if value not in allowed:
@@ -156,3 +156,11 @@ class JobSpec:
 def _frozen(value: Any) -> Any:
     """Repeatable flags arrive as lists: the spec holds tuples."""
     return tuple(value) if isinstance(value, list) else value
+
+
+def check_device(device: str) -> str:
+    """--device as given -> itself, or a one-line error (no CUDA touched: the driver may sit
+    on a CPU-only head; "auto" resolves on each actor's node)."""
+    if device not in DEVICES:
+        raise ValueError(f"--device {device}: choose {', '.join(DEVICES)}")
+    return device

@@ -35,7 +35,7 @@ from persam_core.video import SequenceTracker, VideoSettings
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics
 from jobs.pipeline.job import load_checked_model
-from jobs.pipeline.session import check_device_option, plan_actors, ray_session, resolve_device
+from jobs.pipeline.session import plan_actors, ray_session, resolve_device
 from jobs.commands.dry_run import dry_run_eval
 from jobs.pipeline.progress import Progress
 from jobs.spec import JobSpec
@@ -285,7 +285,6 @@ def run_clip_local(worker_class: type, spec: JobSpec, items: list, fingerprint: 
 
 def run_video_eval(spec: JobSpec, log=logger.info) -> dict | None:
     started = time.perf_counter()
-    check_device_option(spec.model.device)
     mode = video_mode(spec.model.model_type)
     if mode == "sam2-memory" and spec.method != "persam":
         raise EvalError(f"--method {spec.method}: SAM 2's video mode tracks with its memory and fits no mask "

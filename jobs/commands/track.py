@@ -29,7 +29,7 @@ from persam_core.video_sam2 import MemorySettings, MemoryTracker, video_predicto
 
 from jobs.commands.eval_video import ClipFrames, run_clip_local, run_clip_pool
 from jobs.pipeline.job import load_checked_model
-from jobs.pipeline.session import check_device_option, resolve_device
+from jobs.pipeline.session import resolve_device
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import load_model, random_weights_note
 from jobs.storage.concept_files import read_concepts
@@ -94,7 +94,6 @@ class TrackWorker:
 
 
 def run_track(spec: JobSpec, log=logger.info) -> dict:
-    check_device_option(spec.model.device)
     if not is_sam2(spec.model.model_type):
         raise TrackError(f"--model-type {spec.model.model_type}: persam track follows the concept with SAM 2's "
                          "memory; pass a SAM 2 model type (sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l)")

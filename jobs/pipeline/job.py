@@ -17,7 +17,7 @@ from persam_core.concept import Concept
 from persam_core.inputs import input_format
 
 from jobs.pipeline.cache import FeatureCache
-from jobs.pipeline.session import check_device_option, expected_device_type
+from jobs.pipeline.session import expected_device_type
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import LoadedModel, load_model, random_weights_note
 from jobs.storage.outputs import check_output_folder
@@ -66,8 +66,8 @@ def expected_precision(spec: JobSpec) -> str:
 
 
 def check_job(spec: JobSpec) -> None:
-    """The checks that need neither weights nor Ray: device, precision, --output, --cache."""
-    check_device_option(spec.model.device)
+    """The checks that need neither weights nor Ray (the spec checked --device): precision,
+    --output, --cache."""
     resolve_speed("cpu", spec.speed.precision)  # refuses an unknown precision before any work
     check_output_folder(spec.output, "--output", spec.storage_options)
     if spec.cache:

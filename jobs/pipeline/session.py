@@ -12,23 +12,15 @@ from typing import Iterator
 import torch
 
 from jobs.logs import ray_logging_level
-
-
-def check_device_option(device: str) -> str:
-    """Validate --device without touching CUDA (the driver may sit on a CPU-only head)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device {device}: choose auto, cpu or cuda")
-    return device
+from jobs.spec import check_device
 
 
 def resolve_device(device: str) -> str:
     """--device -> the torch device here: auto is cuda when one is visible, else cpu."""
-    if device == "auto":
+    if check_device(device) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: choose auto, cpu or cuda")
     return device
 
 
@@ -80,7 +72,7 @@ def wants_gpu_actors(device: str) -> bool:
 def expected_device_type(device: str) -> str:
     """The device type ("cuda" | "cpu") the model actors will get, as the driver can tell:
     --device cuda; auto with a local GPU, or on a cluster (RAY_ADDRESS) that has GPUs."""
-    check_device_option(device)
+    check_device(device)
     if device != "auto":
         return device
     if local_cluster():  # the embedded Ray sees this machine's GPUs
