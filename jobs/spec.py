@@ -162,5 +162,5 @@ def check_device(device: str) -> str:
     """--device as given -> itself, or a one-line error (no CUDA touched: the driver may sit
     on a CPU-only head; "auto" resolves on each actor's node)."""
     if device not in DEVICES:
-        raise ValueError(f"--device {device}: choose {', '.join(DEVICES)}")
+        raise ValueError(f"--device {device}: choose {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
     return device
