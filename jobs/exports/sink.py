@@ -8,14 +8,13 @@ no reader ever sees part of it and a failed export leaves nothing behind, not ev
 folders it would have created.
 
 `Folder(url)`: the files of a folder export (gallery, subjects, hf-dataset), each
-published with commit.publish_bytes (temp + rename locally, one PUT remotely).
+published with storage.files.publish_bytes (temp + rename locally, one PUT remotely).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -23,7 +22,7 @@ from typing import BinaryIO, Iterator
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from jobs.storage.files import publish_bytes
+from jobs.storage.files import local_atomic_writer, publish_bytes
 
 
 def _missing_folders(folder: str) -> list[Path]:
@@ -46,19 +45,11 @@ def atomic_file(url: str, storage_options: dict | None = None) -> Iterator[Binar
             spool.flush()
             fs.put_file(spool.name, path)
         return
-    folder = os.path.dirname(path) or "."
-    created = _missing_folders(folder)
-    os.makedirs(folder, exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    created = _missing_folders(os.path.dirname(path) or ".")
     try:
-        with open(temporary, "wb") as handle:
+        with local_atomic_writer(path) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
         for empty in created:  # deepest first; a folder someone else filled meanwhile stays
             try:
                 empty.rmdir()

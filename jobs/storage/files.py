@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -19,25 +21,33 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
         return handle.read()
 
 
+@contextmanager
+def local_atomic_writer(path: str) -> Iterator[BinaryIO]:
+    """A stream that becomes the local file `path` only when the block ends without error:
+    a hidden temp file `.<name>.tmp-<hex>` beside it, fsync'ed and renamed over `path`;
+    removed on any failure or kill signal. Hidden, because pyarrow, pandas and Spark skip
+    `.`-files when they read a folder as a dataset: a write in flight never breaks a read."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:  # a full disk or a kill must not leave the temp file behind
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
 def publish_bytes(fs, path: str, data: bytes) -> None:
-    """Make `path` appear with `data` atomically: a hidden temp file `.<name>.tmp-<hex>` beside
-    it + rename locally, one whole-object PUT on object stores (readers never see a partial
-    object). Hidden, because pyarrow, pandas and Spark skip `.`-files when they read a folder
-    as a dataset: a publish in flight never breaks a whole-output read."""
+    """Make `path` appear with `data` atomically: local_atomic_writer locally, one
+    whole-object PUT on object stores (readers never see a partial object)."""
     if isinstance(fs, LocalFileSystem):
-        folder, name = os.path.split(path)
-        os.makedirs(folder or ".", exist_ok=True)
-        temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:  # a full disk or a kill must not leave the temp file behind
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+        with local_atomic_writer(path) as handle:
+            handle.write(data)
     else:
         fs.pipe_file(path, data)
 
