@@ -47,9 +47,13 @@ def concepts(perseg_sample, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture()
 def images(perseg_sample, tmp_path) -> Path:
-    folder = tmp_path / "images"
+    """Three photos whose URLs fill both shards of --shard-size 2 (the hash of a URL includes
+    the temp path: the folder's name is picked so that neither shard stays empty)."""
+    names = (("a.jpg", "cat/01.jpg"), ("b.jpg", "cat/02.jpg"), ("c.jpg", "duck_toy/01.jpg"))
+    folder = next(tmp_path / f"images{i}" for i in range(100)
+                  if {commit.shard_of(str(tmp_path / f"images{i}" / n), 2) for n, _ in names} == {0, 1})
     folder.mkdir()
-    for name, source in (("a.jpg", "cat/01.jpg"), ("b.jpg", "cat/02.jpg"), ("c.jpg", "duck_toy/01.jpg")):
+    for name, source in names:
         shutil.copyfile(perseg_sample / "Images" / source, folder / name)
     return folder
 
