@@ -83,7 +83,7 @@ def _add_cache(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_speed(parser: argparse.ArgumentParser) -> None:
-    """The encoder's speed settings; None / auto resolve on each actor's device (acceleration.resolve_speed)."""
+    """The model's speed settings; None / auto resolve on each actor's device (acceleration.resolve_speed)."""
     parser.add_argument("--precision", choices=SPEED_PRECISIONS, default=SpeedSpec.precision,
                         help="image-encoder precision (auto: bf16 on CUDA, fp32 on CPU; fp32 is the "
                              "reference path, the others are measured against it by `bench`)")
@@ -96,6 +96,9 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
                         help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
     parser.add_argument("--chunk-size", type=int, default=SpeedSpec.chunk_size,
                         help="images per model-actor call, within one shard (at least --batch-size)")
+    parser.add_argument("--decoder-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay SAM's prompt encoder + mask decoder as CUDA graphs (one launch per pass "
+                             "instead of ~320; SAM only; default: off)")
 
 
 def _add_job(parser: argparse.ArgumentParser) -> None:

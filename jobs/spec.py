@@ -51,14 +51,16 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class SpeedSpec:
-    """The image encoder's speed settings. None / "auto" resolve on each actor's device
-    (persam_core.acceleration.resolve_speed): bf16 + fused + compile + batch 16 on CUDA."""
+    """The model's speed settings. None / "auto" resolve on each actor's device
+    (persam_core.acceleration.resolve_speed): bf16 + fused + compile + batch 16 on CUDA;
+    decoder graphs only when asked for."""
 
     precision: str = "auto"
     fused_attention: bool | None = None
     compile_encoder: bool | None = None
     batch_size: int | None = None
     chunk_size: int = DEFAULT_CHUNK_IMAGES
+    decoder_graphs: bool | None = None
 
     def images_per_chunk(self) -> int:
         """A chunk holds at least one encoder batch."""

@@ -5,7 +5,10 @@
   function over SAM's own modules;
 - reduced precision: the image encoder under autocast (bf16 / fp16); features come back
   as fp32 so the location prior and the decoder stay in fp32;
-- torch.compile of the image encoder.
+- torch.compile of the image encoder;
+- CUDA graphs of the mask decoder (`decoder_graphs.py`): each decode one replay instead of
+  ~320 kernel launches from Python. Off unless asked for (`--decoder-graphs`) until it has
+  been measured on a GPU against the eager decoder (`persam bench` prints both).
 
 SAM 2 (sam2.1_*): its Hiera encoder already attends through SDPA, so there is nothing to
 fuse (no module changes); reduced precision and compile apply to its `image_encoder` (which
@@ -31,6 +34,7 @@ from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 from .backbone import Model, as_backbone
+from .decoder_graphs import enable_decoder_graphs
 from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,12 +43,14 @@ assert SPEED_PRECISIONS == ("auto", *PRECISIONS), "options.SPEED_PRECISIONS name
 
 @dataclass(frozen=True)
 class EncoderSpeed:
-    """How the image encoder runs: precision (fp32|bf16|fp16), SDPA attention, compiled, batch."""
+    """How the model runs: the encoder's precision (fp32|bf16|fp16), SDPA attention, compiled,
+    batch; the decoder as CUDA graphs."""
 
     precision: str = "fp32"
     fused_attention: bool = False
     compile: bool = False
     batch_size: int = 1
+    decoder_graphs: bool = False
 
 
 def resolve_speed(
@@ -53,11 +59,14 @@ def resolve_speed(
     fused_attention: bool | None = None,
     compile: bool | None = None,
     batch_size: int | None = None,
+    decoder_graphs: bool | None = None,
 ) -> EncoderSpeed:
     """Flags (None / "auto" = not given) -> the settings in effect on `device_type` ("cuda"|"cpu").
 
     CUDA: bf16, fused, compiled, batch 16, unless told otherwise; an explicit fp32 keeps the
     exact path (no fused attention or compile unless asked for). CPU: fp32, batch 1.
+    Decoder graphs: only when asked for, on any device (graphs exist on CUDA only; elsewhere
+    the traced decoder runs, with the same results).
     """
     if precision not in SPEED_PRECISIONS:
         raise ValueError(f"--precision {precision}: choose {', '.join(SPEED_PRECISIONS)}")
@@ -67,6 +76,7 @@ def resolve_speed(
         fused_attention=fast if fused_attention is None else fused_attention,
         compile=fast if compile is None else compile,
         batch_size=(GPU_BATCH_SIZE if device_type == "cuda" else 1) if batch_size is None else batch_size,
+        decoder_graphs=bool(decoder_graphs),
     )
 
 
@@ -113,6 +123,9 @@ def prepare_encoder(sam: Model, speed: EncoderSpeed, log: Callable[[str], None] 
     """
     if speed.fused_attention:
         enable_fused_attention(sam)
+    if speed.decoder_graphs and not enable_decoder_graphs(sam, log):
+        log("note: --decoder-graphs applies to SAM (segment_anything) only; SAM 2 decodes run eagerly")
+        speed = replace(speed, decoder_graphs=False)
     if not speed.compile:
         return speed
     eager, size = sam.image_encoder, as_backbone(sam).image_size

@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 from segment_anything.modeling import Sam
 
-from .decoder import decode_masks
+from .decoder_graphs import decode_prompts
 from .preprocess import ResizedImage, reference_mask_grid, resize_longest_side, to_encoder_input
-from .prompts import encode_prompts
 
 
 Model = torch.nn.Module  # a segment_anything Sam or a sam2 SAM2Base
@@ -118,11 +117,8 @@ class SamBackbone:
 
     def decode(self, features, high_res, coords, labels, boxes, mask_input, multimask, attention_bias,
                target_embedding) -> Decoded:
-        sparse, dense = encode_prompts(self.model.prompt_encoder, coords, labels.to(torch.int), boxes, mask_input)
-        low_res, scores = decode_masks(
-            self.model.mask_decoder, features, self.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask,
-            attention_bias=attention_bias, target_embedding=target_embedding,
-        )
+        low_res, scores = decode_prompts(self.model, features, coords, labels.to(torch.int), boxes, mask_input,
+                                         multimask, attention_bias, target_embedding)
         return Decoded(low_res, scores, torch.full(scores.shape[:1], float("nan"), device=scores.device))
 
 

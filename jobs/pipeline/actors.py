@@ -48,7 +48,8 @@ class ModelActor:
         self.sam = loaded.sam.to(resolve_device(spec.model.device))
         self.fingerprint = loaded.fingerprint
         s = spec.speed
-        speed = resolve_speed(self.sam.device.type, s.precision, s.fused_attention, s.compile_encoder, s.batch_size)
+        speed = resolve_speed(self.sam.device.type, s.precision, s.fused_attention, s.compile_encoder, s.batch_size,
+                              s.decoder_graphs)
         self.speed = prepare_encoder(self.sam, speed, log=logger.info)
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in job.concept_texts]
         self.job = job

@@ -1,0 +1,162 @@
+"""SAM's prompt encoder + mask decoder for P pairs, eagerly or replayed as CUDA graphs.
+
+`decode_prompts` is what `SamBackbone.decode` runs: one prompt-encoder and one mask-decoder
+call (with PerSAM's guidance) for every pair of a pass. Eagerly, one such call is ~320 small
+kernels launched one by one from Python (counted with torch.profiler on the tiny model: 949
+of the cascade's 1394 top-level ops for B = 16, K = 1 are its three decodes), so on a GPU
+the host, not the device, sets the pace of the decoder, whatever B and K.
+
+`enable_decoder_graphs(sam)` replaces that with a CUDA-graph replay per call:
+`torch.compile(backend="cudagraphs", fullgraph=True, dynamic=False)` traces the function once
+per call signature (pass kind x pair count), and PyTorch's CUDA-graph trees record it once per
+thread and replay it afterwards (one launch instead of ~320), owning the memory pool.
+
+- P is padded to the next power of two (`pair_bucket`; padded rows repeat row 0 and are
+  dropped) so that the signatures stay few: a PerSAM cascade has 3 (PerSAM-F 3 more), times
+  the buckets that occur (B x K for full batches; subsets under --min-similarity or further
+  instances).
+- Outputs are cloned before they are returned: a replay reuses its output memory.
+- Exactness: a replay runs the eager kernels; padding only changes the decoder's batch
+  dimension (cuBLAS may tile another batch size differently: last-bit differences, as batching
+  itself). It is a speed option like the encoder's, never part of the fp32 exact path's defaults.
+- Only SAM (segment_anything): SAM 2's prompt encoder selects points by boolean indexing (a
+  host read, which a graph cannot hold); SAM 2 decodes stay eager.
+- Off the GPU the same trace runs through `aot_eager` (no graphs exist there): the tests use it
+  to check that the traced decode equals the eager one.
+- If tracing or recording fails, the decode runs eagerly from then on, with one log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .decoder import decode_masks
+from .prompts import encode_prompts
+
+logger = logging.getLogger(__name__)
+
+MIN_BUCKET = 8  # fewer pairs are padded to 8: tiny passes (the last instances) share one graph
+RECOMPILE_LIMIT = 64  # signatures: up to 6 pass kinds x ~9 buckets (torch's default limit is 8)
+
+
+def decode_eager(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
+                 mask_input: Tensor | None, multimask: bool, attention_bias: Tensor | None,
+                 target_embedding: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One prompt-encoder and one mask-decoder call of SAM for P pairs.
+
+    features: [P, 256, 64, 64]; coords: [P, N, 2] input pixels; labels: [P, N] int; boxes: [P, 4];
+    mask_input: [P, 1, 256, 256]; attention_bias: [P, 1, 1, 4096]; target_embedding: [P, 1, 256]
+    -> (low-res logits [P, M, 256, 256], predicted IoU [P, M]).
+    """
+    sparse, dense = encode_prompts(sam.prompt_encoder, coords, labels, boxes, mask_input)
+    return decode_masks(sam.mask_decoder, features, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask,
+                        attention_bias=attention_bias, target_embedding=target_embedding)
+
+
+def pair_bucket(count: int) -> int:
+    """P -> the padded pair count: the next power of two, at least MIN_BUCKET."""
+    bucket = MIN_BUCKET
+    while bucket < count:
+        bucket *= 2
+    return bucket
+
+
+def _pad_rows(tensor: Tensor | None, rows: int) -> Tensor | None:
+    """[P, ...] -> [rows, ...], the extra rows copies of row 0 (valid prompts, results dropped)."""
+    if tensor is None or tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor[:1].expand(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+class DecoderGraphs:
+    """`decode_eager` of one SAM, traced and replayed as CUDA graphs (see the module docstring)."""
+
+    def __init__(self, sam: torch.nn.Module, log: Callable[[str], None] = logger.info) -> None:
+        self.sam = sam
+        self.log = log
+        backend = "cudagraphs" if next(sam.parameters()).device.type == "cuda" else "aot_eager"
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        self.compiled = torch.compile(decode_eager, backend=backend, fullgraph=True, dynamic=False)
+        self.enabled = True
+        self.failed = False
+
+    def __call__(self, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
+                 mask_input: Tensor | None, multimask: bool, attention_bias: Tensor | None,
+                 target_embedding: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.failed:
+            return decode_eager(self.sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
+                                target_embedding)
+        count = features.shape[0]
+        rows = pair_bucket(count)
+        padded = [_pad_rows(t, rows) for t in (features, coords, labels, boxes, mask_input, attention_bias,
+                                                 target_embedding)]
+        try:
+            torch.compiler.cudagraph_mark_step_begin()  # earlier replays' outputs were cloned: reuse their memory
+            low_res, scores = self.compiled(self.sam, *padded[:5], multimask, *padded[5:])
+            return low_res[:count].clone(), scores[:count].clone()
+        except Exception as error:  # a tracing or capture failure: the eager decoder from now on
+            self.failed = True
+            lines = str(error).strip().splitlines()
+            self.log(f"note: CUDA graphs of the mask decoder failed ({type(error).__name__}: "
+                     f"{lines[0][:200] if lines else ''}); decoding eagerly")
+            return decode_eager(self.sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
+                                target_embedding)
+
+
+_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, DecoderGraphs]" = weakref.WeakKeyDictionary()
+
+
+def enable_decoder_graphs(sam: torch.nn.Module, log: Callable[[str], None] = logger.info) -> bool:
+    """Decode `sam`'s prompts through CUDA graphs from now on -> False for a SAM 2 (stays eager)."""
+    from segment_anything.modeling import Sam
+
+    if not isinstance(sam, Sam):
+        return False
+    if sam not in _GRAPHS:  # traced and recorded graphs are kept across disable / enable
+        _GRAPHS[sam] = DecoderGraphs(sam, log)
+    _GRAPHS[sam].enabled = True
+    return True
+
+
+def disable_decoder_graphs(sam: torch.nn.Module) -> None:
+    if sam in _GRAPHS:
+        _GRAPHS[sam].enabled = False
+
+
+def graphs_enabled(sam: torch.nn.Module) -> bool:
+    """Whether `sam`'s decodes go through graphs now (enabled, and neither tracing nor recording failed)."""
+    graphs = _GRAPHS.get(sam)
+    return graphs is not None and graphs.enabled and not graphs.failed
+
+
+@contextlib.contextmanager
+def decoder_graphs(sam: torch.nn.Module, enabled: bool) -> Iterator[bool]:
+    """Within the block, decode with graphs (enabled) or eagerly; as before after it (benchmarks
+    time both on one model) -> whether graphs are in use."""
+    before = sam in _GRAPHS and _GRAPHS[sam].enabled
+    if enabled:
+        enable_decoder_graphs(sam)
+    else:
+        disable_decoder_graphs(sam)
+    try:
+        yield graphs_enabled(sam)
+    finally:
+        (enable_decoder_graphs if before else disable_decoder_graphs)(sam)
+
+
+def decode_prompts(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
+                   mask_input: Tensor | None, multimask: bool, attention_bias: Tensor | None,
+                   target_embedding: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`decode_eager`, through `sam`'s graphs when they are enabled."""
+    graphs = _GRAPHS.get(sam)
+    if graphs is None or not graphs.enabled:
+        return decode_eager(sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
+                            target_embedding)
+    return graphs(features, coords, labels, boxes, mask_input, multimask, attention_bias, target_embedding)

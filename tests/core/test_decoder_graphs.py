@@ -1,0 +1,120 @@
+"""The mask decoder through `decoder_graphs`: the traced decode gives the eager results, pads
+pairs to few shapes, traces each shape once, and falls back to eager when tracing fails.
+
+On CPU the trace runs through aot_eager (graphs exist on CUDA only): what these tests prove is
+that the whole decode is one graph (fullgraph) computing what the eager decoder computes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
+from persam_core.batch import EncodedBatch
+from persam_core.cascade import segment_batch
+from persam_core.decoder_graphs import (MIN_BUCKET, decode_eager, decoder_graphs, enable_decoder_graphs,
+                                        graphs_enabled, pair_bucket)
+from persam_core.metrics import iou
+from tests.core.test_batched_cascade import concepts, encoded  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def graphed_sam(tiny_sam):
+    """A copy of the tiny SAM (the registry is per model: the shared fixture stays eager)."""
+    return copy.deepcopy(tiny_sam)
+
+
+def assert_same_rows(graphed, eager) -> None:
+    assert len(graphed) == len(eager)
+    for row in range(len(eager)):
+        assert (graphed.image_index[row], graphed.concept_index[row], graphed.instance[row]) == \
+            (eager.image_index[row], eager.concept_index[row], eager.instance[row])
+        assert tuple(graphed.point[row]) == tuple(eager.point[row])
+        assert graphed.present[row] == eager.present[row]
+        assert iou(graphed.mask(row), eager.mask(row)) >= 0.999
+        np.testing.assert_allclose(graphed.score[row], eager.score[row], atol=1e-4)
+
+
+def test_pair_buckets_are_powers_of_two():
+    assert [pair_bucket(n) for n in (1, MIN_BUCKET, MIN_BUCKET + 1, 16, 17, 128, 129)] == \
+        [MIN_BUCKET, MIN_BUCKET, 2 * MIN_BUCKET, 16, 32, 128, 256]
+
+
+@pytest.mark.parametrize("images,concept_slice,options", [
+    (4, slice(0, 6), {}),  # mixed sizes, K = 6 of both methods: 24 pairs padded to 32
+    (2, slice(0, 2), {"min_similarity": 0.3}),  # a subset of pairs reaches the decoder
+    (2, slice(0, 2), {"max_instances": 3}),  # further rounds: fewer pairs, padded to MIN_BUCKET
+], ids=["all-pairs", "min-similarity", "three-instances"])
+def test_traced_cascade_equals_eager(graphed_sam, encoded, concepts, images, concept_slice, options):  # noqa: F811
+    batch, chosen = EncodedBatch.of(encoded[:images]), concepts[concept_slice]
+    eager = segment_batch(graphed_sam, batch, chosen, **options)
+    with decoder_graphs(graphed_sam, True) as used:
+        assert used
+        graphed = segment_batch(graphed_sam, batch, chosen, **options)
+    assert not graphs_enabled(graphed_sam)  # as before the block
+    assert_same_rows(graphed, eager)
+    if "max_instances" in options:
+        assert max(eager.instance) > 0, "no further instance was searched: the test proves nothing"
+
+
+def test_each_shape_is_traced_once(graphed_sam, encoded, concepts):  # noqa: F811
+    batch = EncodedBatch.of(encoded[:2])
+    with decoder_graphs(graphed_sam, True):
+        segment_batch(graphed_sam, batch, concepts[:1])
+        traced = counters["stats"]["unique_graphs"]
+        segment_batch(graphed_sam, batch, concepts[:1])
+        segment_batch(graphed_sam, EncodedBatch.of(encoded[2:4]), concepts[2:3])  # same pass kinds, same bucket
+        assert counters["stats"]["unique_graphs"] == traced
+
+
+def test_padded_rows_do_not_change_the_decode(graphed_sam, encoded):  # noqa: F811
+    """Three pairs decoded as eight (row 0 repeated) give the three pairs' eager results."""
+    features = torch.stack([e.features for e in encoded[:3]])
+    coords = torch.tensor([[[100.0, 200.0], [500.0, 40.0]]] * 3)
+    labels = torch.tensor([[1, 0]] * 3, dtype=torch.int)
+    bias = torch.rand(3, 1, 1, 4096, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(3, 1, 256, generator=torch.Generator().manual_seed(1)) * 0.1
+    with torch.no_grad():
+        low, scores = decode_eager(graphed_sam, features, coords, labels, None, None, False, bias, target)
+        with decoder_graphs(graphed_sam, True):
+            from persam_core.decoder_graphs import decode_prompts
+
+            low_g, scores_g = decode_prompts(graphed_sam, features, coords, labels, None, None, False, bias, target)
+    assert low_g.shape == low.shape and scores_g.shape == scores.shape
+    torch.testing.assert_close(low_g, low, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores_g, scores, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_trace_falls_back_to_eager_with_one_line(tiny_sam, encoded, concepts):  # noqa: F811
+    sam, lines = copy.deepcopy(tiny_sam), []
+    assert enable_decoder_graphs(sam, log=lines.append)
+    from persam_core import decoder_graphs as module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture not permitted\nsecond line")
+
+    module._GRAPHS[sam].compiled = broken
+    batch = EncodedBatch.of(encoded[:2])
+    graphed = segment_batch(sam, batch, concepts[:2])
+    assert len(lines) == 1 and "RuntimeError: capture not permitted" in lines[0] and "decoding eagerly" in lines[0]
+    assert not graphs_enabled(sam)
+    assert_same_rows(graphed, segment_batch(tiny_sam, batch, concepts[:2]))
+
+
+def test_speed_settings(tiny_sam, tiny_sam2):
+    assert resolve_speed("cuda").decoder_graphs is False  # off until measured on a GPU
+    assert resolve_speed("cuda", decoder_graphs=True).decoder_graphs is True
+    assert resolve_speed("cpu", decoder_graphs=True).decoder_graphs is True
+    sam = copy.deepcopy(tiny_sam)
+    assert prepare_encoder(sam, EncoderSpeed(decoder_graphs=True), log=print).decoder_graphs
+    assert graphs_enabled(sam)
+    lines = []
+    sam2 = copy.deepcopy(tiny_sam2)
+    assert not prepare_encoder(sam2, EncoderSpeed(decoder_graphs=True), log=lines.append).decoder_graphs
+    assert lines == ["note: --decoder-graphs applies to SAM (segment_anything) only; SAM 2 decodes run eagerly"]
+    assert not graphs_enabled(sam2)
