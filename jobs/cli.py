@@ -110,13 +110,14 @@ def _bench(args: argparse.Namespace) -> int:
         from jobs.commands.bench_job import JobBenchOptions, job_table, run_job_bench
 
         result = run_job_bench(JobBenchOptions(args.model_type, args.checkpoint, args.images, args.concepts, args.device,
-                                               args.precision, args.batch_size, args.num_actors, args.shard_size))
+                                               args.precision, args.batch_size, args.num_actors, args.shard_size,
+                                               args.decoder_graphs))
         print(job_table(result))
         if args.json:
             print(json.dumps(result))
         return 0
     print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts, resolve_device(args.device),
-                          args.epochs, args.variants, args.precision, args.batch_size), args.json)
+                          args.epochs, args.variants, args.precision, args.batch_size, args.decoder_graphs), args.json)
     return 0
 
 

@@ -219,6 +219,9 @@ def _add_bench(commands) -> None:
     bench.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="image-encoder precision (auto: bf16 on CUDA, fp32 on CPU)")
     bench.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default: 16 on CUDA, 1 on CPU)")
+    bench.add_argument("--decoder-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="time the default path with the decoder as CUDA graphs (either way, on CUDA or "
+                            "with this flag, the cascade is also timed both ways side by side)")
     bench.add_argument("--job", action="store_true",
                        help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
     bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")

@@ -35,6 +35,7 @@ from persam_core.backbone import Model, as_backbone
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
+from persam_core.decoder_graphs import decoder_graphs
 from persam_core.metrics import iou
 from persam_core.persam import segment_persam
 from persam_core.persam_f import fit_mask_weights
@@ -105,7 +106,7 @@ def persam_concepts(reference: EncodedImage, shape: tuple[int, int], count: int,
 
 
 def is_exact(speed: EncoderSpeed) -> bool:
-    return speed.precision == "fp32" and not speed.fused_attention and not speed.compile
+    return speed.precision == "fp32" and not speed.fused_attention and not speed.compile and not speed.decoder_graphs
 
 
 def reference_encoder(sam: Model, model_type: str) -> Callable[[np.ndarray], EncodedImage]:
@@ -167,6 +168,29 @@ def final_masks(results: Sequence[HostResults], concept_index: int | None = None
             if concept_index is None or part.concept_index[row] == concept_index]
 
 
+def decoder_graph_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
+                          concept_sets: dict[str, Sequence[ConceptTensors]], images: int) -> dict:
+    """The cascade on the same encoded batches with the eager decoder and with decoder graphs,
+    per concept set: seconds per image each and the masks' agreement (tracing and recording
+    each shape happen once, untimed, and are reported apart)."""
+    with decoder_graphs(model, True) as used:
+        if not used:
+            return {"decoder_graphs": "not available for this model (SAM only)"}
+        prepare_seconds, _ = timed(lambda: [segment_all(model, batches, c) for c in concept_sets.values()])
+    figures: dict = {"decoder_graphs_prepare_s": round(prepare_seconds, 2)}
+    for name, chosen in concept_sets.items():
+        runs = {}
+        for enabled in (False, True):
+            with decoder_graphs(model, enabled):
+                runs[enabled] = timed(lambda: segment_all(model, batches, chosen))
+        ious = [iou(a, b) for a, b in zip(final_masks(runs[True][1]), final_masks(runs[False][1]))]
+        figures[f"cascade_{name}_eager_decoder_s_per_image"] = round(runs[False][0] / images, 4)
+        figures[f"cascade_{name}_decoder_graphs_s_per_image"] = round(runs[True][0] / images, 4)
+        figures[f"cascade_{name}_graphs_speedup"] = round(runs[False][0] / max(runs[True][0], 1e-9), 3)
+        figures[f"cascade_{name}_graphs_min_iou_vs_eager"] = round(float(np.min(ious)), 4)
+    return figures
+
+
 def warm_up(model: Model, resized: Sequence[ResizedImage], speed: EncoderSpeed, concepts: Sequence[ConceptTensors]) -> None:
     """One untimed batch on CUDA (kernel selection, allocator growth); nothing to do on CPU."""
     if next(model.parameters()).device.type == "cuda":
@@ -194,7 +218,8 @@ def _variants(sam: Model, resized: Sequence[ResizedImage], exact_masks: list[np.
 
 
 def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, device: str, epochs: int = 1000,
-              variants: bool | None = None, precision: str = "auto", batch_size: int | None = None) -> dict:
+              variants: bool | None = None, precision: str = "auto", batch_size: int | None = None,
+              decoder_graphs: bool | None = None) -> dict:
     """Every in-process path timed on the same generated images -> the figures.
 
     One straight sequence of timed phases over shared state (model, images, concepts):
@@ -202,7 +227,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     progress(f"loading {model_type} on {device}")
     loaded = load_model(model_type, checkpoint)
     sam = loaded.sam.to(device)
-    speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size)
+    speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size, decoder_graphs=decoder_graphs)
     pictures = synthetic_images(images)
     resize_seconds, resized = timed(lambda: [as_backbone(sam).resize(p) for p in pictures])
     progress(f"fitting {concepts} concepts and PerSAM-F ({epochs} epochs)")
@@ -280,6 +305,9 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     result["k_over_one_concept"] = round(result["k_concepts_s_per_image"] / max(result["persam_s_per_image"], 1e-9), 3)
     result["rank_cold_over_warm"] = round(result["rank_cold_s_per_image"] / max(result["rank_warm_s_per_image"], 1e-9), 1)
     result["reference_over_k_concepts"] = round(result["reference_loop_s_per_image"] / max(result["k_concepts_s_per_image"], 1e-9), 2)
+    if device == "cuda" or decoder_graphs is not None:
+        progress("the cascade with the eager decoder and with decoder graphs")
+        result.update(decoder_graph_figures(fast, batches, {"k1": fitted[:1], "k": fitted}, images))
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if variants if variants is not None else device == "cuda":

@@ -31,6 +31,8 @@ from PIL import Image
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.backbone import Model, as_backbone
 from persam_core.concept import Concept, ConceptTensors
+from persam_core.decoder_graphs import decoder_graphs
+from persam_core.models import is_sam2
 from persam_core.persam import segment_persam
 from persam_core.predictor import encode_images
 
@@ -60,6 +62,7 @@ class JobBenchOptions:
     batch_size: int | None = None
     num_actors: int | None = None
     shard_size: int | None = None  # None: several shards even for a few images (steady state needs 2+ results)
+    decoder_graphs: bool | None = None
 
 
 class Progress:
@@ -106,7 +109,8 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
 
     pictures: [H, W, 3] uint8 each; sam stays the fp32 exact model (the reference loop's).
     """
-    speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size)
+    speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size,
+                          decoder_graphs=options.decoder_graphs)
     progress(f"preparing the encoder ({speed})")
     prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
     resized = [as_backbone(sam).resize(p) for p in pictures]
@@ -115,10 +119,19 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     progress("encoder only")
     encoder_seconds, _ = timed(lambda: [None for _ in encode_in_batches(fast, resized, speed)])
     figures = {"encoder_prepare_s": round(prepare_seconds, 2), "encoder_images_per_s": round(count / encoder_seconds, 3)}
+    # the decoder timed both ways, side by side (SAM 2 decodes eagerly either way)
+    both = (device == "cuda" or options.decoder_graphs is not None) and not is_sam2(options.model_type)
     for name, chosen in (("k1", concepts[:1]), ("k", concepts)):
-        progress(f"actor path, {len(chosen)} concept(s)")
-        seconds, _ = timed(lambda: [segment_all(fast, [b], chosen) for b in encode_in_batches(fast, resized, speed)])
-        figures[f"actor_{name}_images_per_s"] = round(count / seconds, 3)
+        for graphs in ((False, True) if both else (speed.decoder_graphs,)):
+            with decoder_graphs(fast, graphs) as used:
+                label = "decoder_graphs" if used else "eager_decoder"
+                progress(f"actor path, {len(chosen)} concept(s), {label}")
+                if used:  # tracing and recording each shape once, untimed (the job's actors do it on their first chunk)
+                    segment_all(fast, [next(encode_in_batches(fast, resized[: speed.batch_size], speed))], chosen)
+                seconds, _ = timed(lambda: [segment_all(fast, [b], chosen) for b in encode_in_batches(fast, resized, speed)])
+            figures[f"actor_{name}_{label}_images_per_s"] = round(count / seconds, 3)
+            if graphs == speed.decoder_graphs:  # the settings the job runs at
+                figures[f"actor_{name}_images_per_s"] = figures[f"actor_{name}_{label}_images_per_s"]
     del fast
 
     reference_pictures = pictures[:REFERENCE_LOOP_IMAGES]
@@ -142,7 +155,8 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     # The flags as given (None / "auto" = the job's own defaults, resolved on its actor, as
     # `persam segment` does); they resolve to the settings timed in-process above.
     spec = JobSpec("segment", ModelSpec(options.model_type, options.checkpoint, device),
-                   SpeedSpec(options.precision, batch_size=options.batch_size), concepts=tuple(concept_files),
+                   SpeedSpec(options.precision, batch_size=options.batch_size, decoder_graphs=options.decoder_graphs),
+                   concepts=tuple(concept_files),
                    input=str(image_dir), output=str(output), num_actors=options.num_actors, shard_size=shard_size)
     started = time.perf_counter()
     seconds, summary = timed(lambda: run_segment(spec, log=progress, on_progress=tracker))
@@ -220,6 +234,10 @@ def job_table(result: dict) -> str:
         ("  observed over (s)", result.get("job_k1_steady_window_s"), result.get("job_k_steady_window_s")),
         ("job, whole incl. start-up (images/s)", result.get("job_k1_whole_images_per_s"), result.get("job_k_whole_images_per_s")),
         ("actor path in-process (images/s)", result.get("actor_k1_images_per_s"), result.get("actor_k_images_per_s")),
+        ("  with the eager decoder", result.get("actor_k1_eager_decoder_images_per_s"),
+         result.get("actor_k_eager_decoder_images_per_s")),
+        ("  with decoder graphs", result.get("actor_k1_decoder_graphs_images_per_s"),
+         result.get("actor_k_decoder_graphs_images_per_s")),
         ("encoder only (images/s)", result.get("encoder_images_per_s"), result.get("encoder_images_per_s")),
         (f"reference loop, {result.get('reference_loop_images')} images (images/s)", result.get("reference_loop_images_per_s"), None),
         ("job / encoder", result.get("job_k1_over_encoder"), result.get("job_k_over_encoder")),

@@ -25,19 +25,29 @@ def bench_json(argv: list[str]) -> tuple[dict, str]:
 
 
 def test_in_process_bench_times_the_batched_paths():
-    result, err = bench_json(["--images", "2", "--concepts", "2", "--epochs", "2"])
+    # --no-decoder-graphs: the default path (eager decoder), and the cascade timed both ways beside it
+    result, err = bench_json(["--images", "2", "--concepts", "2", "--epochs", "2", "--no-decoder-graphs"])
     for key in SPEC_KEYS:
         assert result[key] > 0, key
-    assert result["speed"] == {"precision": "fp32", "fused_attention": False, "compile": False, "batch_size": 1}
+    assert result["speed"] == {"precision": "fp32", "fused_attention": False, "compile": False, "batch_size": 1,
+                               "decoder_graphs": False}
     # On CPU the default path is the fp32 exact path.
     assert result["mask_iou_vs_fp32_mean"] == result["mask_iou_vs_fp32_min"] == 1.0
     assert "bench: timing the batched paths" in err
+    for k in ("k1", "k"):
+        assert result[f"cascade_{k}_eager_decoder_s_per_image"] > 0
+        assert result[f"cascade_{k}_decoder_graphs_s_per_image"] > 0
+        assert result[f"cascade_{k}_graphs_min_iou_vs_eager"] >= 0.999
 
 
 @pytest.mark.slow
 def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     images, concepts = 6, 2
-    result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts)])
+    result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts), "--decoder-graphs"])
+    assert result["speed"]["decoder_graphs"] is True  # the job's actors ran with them too
+    for key in ("actor_k1_eager_decoder_images_per_s", "actor_k_decoder_graphs_images_per_s"):
+        assert result[key] > 0, key
+    assert result["actor_k1_images_per_s"] == result["actor_k1_decoder_graphs_images_per_s"]
     assert (result["mode"], result["images"], result["concepts"]) == ("job", images, concepts)
     assert (result["job_k1_rows"], result["job_k_rows"]) == (images, images * concepts)
     assert result["job_k1_error_rows"] == result["job_k_error_rows"] == 0

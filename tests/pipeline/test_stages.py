@@ -34,7 +34,8 @@ from jobs.storage.schema import read_part
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept, persam_targets, reference_cells
 from persam_core.masks import decode_rle
-from persam_core.models import model_fingerprint
+from persam_core.decoder_graphs import graphs_enabled
+from persam_core.models import build_random, model_fingerprint
 from persam_core.predictor import encode_images
 from persam_core.preprocess import resize_longest_side
 
@@ -134,6 +135,17 @@ def test_the_old_flags_still_parse():
     args = build_parser().parse_args(["rank", "--concept", "c", *MODEL, "--input", "i", "--output", "o",
                                       "--no-fused-attention", "--no-compile"])
     assert (args.fused_attention, args.compile_encoder) == (False, False)
+
+
+def test_decoder_graphs_reach_the_actor():
+    args = build_parser().parse_args(["segment", "--concept", "c", "--model-type", "tiny", "--checkpoint", "random:0",
+                                      "--device", "cpu", "--input", "i", "--output", "o", "--decoder-graphs"])
+    spec = JobSpec.from_args(args)
+    assert spec.speed.decoder_graphs is True
+    actor = SegmentActor(PreparedJob(spec, model_fingerprint(build_random("tiny", 0), "tiny"), ()), threads=1)
+    assert actor.speed.decoder_graphs and graphs_enabled(actor.sam)
+    assert build_parser().parse_args(["segment", "--concept", "c", *MODEL, "--input", "i", "--output", "o"]
+                                     ).decoder_graphs is None  # off unless asked for
 
 
 # ---------------------------------------------------------------------------- the actor does tensor work only
