@@ -65,8 +65,21 @@ def join_url(base: str, name: str) -> str:
 
 def as_given(fs, given: str):
     """-> a function turning paths `fs` lists back into URLs of the same form as `given`:
-    fsspec drops the protocol (`bucket/key`), a remote URL needs it back; local paths stay."""
-    return (lambda path: fs.unstrip_protocol(path)) if "://" in given else (lambda path: path)
+    fsspec drops the protocol (`bucket/key`), a remote URL needs it back; local paths stay.
+
+    Paths under `given` are re-rooted on `given` itself: a store that keeps userinfo as part
+    of its paths (fsspec's memory://) would otherwise list `memory:///user:secret@…`, a form
+    in which `redact` cannot see the credentials (they are no longer after the `://`)."""
+    if "://" not in given:
+        return lambda path: path
+    root, base = fs._strip_protocol(given).rstrip("/"), given.rstrip("/")
+
+    def to_url(path: str) -> str:
+        if root and (path == root or path.startswith(root + "/")):
+            return base + path[len(root):]
+        return fs.unstrip_protocol(path)
+
+    return to_url
 
 
 def folder_entries(fs, path: str) -> tuple[list[str], list[str]]:

@@ -129,6 +129,27 @@ def test_secrets_in_every_url_flag_never_reach_output_files_or_messages(perseg_s
     assert SECRET not in printed.out + printed.err and "memory://bucket/masks" in printed.out
 
 
+def test_a_folder_input_with_credentials_is_listed_read_and_stored_redacted(perseg_sample, concept, capsys):
+    """memory:// keeps userinfo as part of its paths: the listed images keep the input's form,
+    so their names are redacted and the URL with credentials is used for the read only."""
+    memory = fsspec.filesystem("memory")
+    base = f"memory://user:{SECRET}@lake"
+    memory.pipe(f"{base}/photos/a.jpg", (perseg_sample / "Images/cat/01.jpg").read_bytes())
+    capsys.readouterr()
+    try:
+        assert main(["segment", *MODEL, "--runner", "local", "--concept", str(concept), "--input", f"{base}/photos",
+                     "--output", f"{base}/masks"]) == 0
+        part = next(p for p in memory.find(f"{base}/masks") if "/part-" in p)
+        rows = pq.read_table(memory.open(part)).to_pylist()
+        written = [memory.cat_file(p) for p in memory.find(f"{base}/masks")]
+    finally:
+        memory.rm(base, recursive=True)
+    assert [(r[IMAGE_URI], r[ERROR]) for r in rows] == [("memory://lake/photos/a.jpg", None)]
+    assert all(SECRET.encode() not in data for data in written)
+    printed = capsys.readouterr()
+    assert SECRET not in printed.out + printed.err
+
+
 @pytest.mark.parametrize("flag", ["--output", "--cache"])
 def test_a_refused_url_is_named_without_its_secret(concept, tmp_path, capsys, flag):
     blocker = tmp_path / "file"
