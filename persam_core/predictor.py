@@ -111,10 +111,3 @@ def predict(
     )
     return Prediction(decoded.low_res[0], decoded.scores[0], encoded, sam, decoded.object_score[0])
 
-
-def tight_box(mask: np.ndarray) -> np.ndarray | None:
-    """mask: [H, W] bool -> [x_min, y_min, x_max, y_max] pixels, or None when empty."""
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()])

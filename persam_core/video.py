@@ -36,9 +36,9 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .persam_f import optimise_mask_weights
-from .pairs import PairBatch
+from .pairs import PairBatch, boxes_of
 from .refine import refine_with_box
-from .predictor import EncodedImage, Prediction, encode_images, predict, tight_box
+from .predictor import EncodedImage, Prediction, encode_images, predict
 from .preprocess import ENCODER_SIZE, GRID_SIZE, reference_mask_grid, resize_longest_side
 from .prior import similarity_maps, upsample_similarities
 
@@ -188,14 +188,15 @@ class SequenceTracker:
             second = predict(sam, encoded, points, labels, mask_input=first.low_res[largest : largest + 1])
             return _box_refine(sam, encoded, points, labels, second)
         weights = obj.weights.to(first.low_res).reshape(3, 1, 1)
-        mask = ((first.high_res() * weights).sum(0) > sam.mask_threshold).cpu().numpy()
+        mask = (first.high_res() * weights).sum(0) > sam.mask_threshold
         low_res = (first.low_res * weights).sum(0)[None]
-        if not mask.any():  # the reference falls back to the best-scored mask
-            mask = (first.high_res(first.best_index()) > sam.mask_threshold).cpu().numpy()
-        tight = tight_box(mask)
-        if tight is None:
+        # One host read per object and frame: the video mode follows the reference's branches.
+        if not bool(mask.any()):  # the reference falls back to the best-scored mask
+            mask = first.high_res(first.best_index()) > sam.mask_threshold
+        tight = boxes_of(mask[None])[0]  # x_min, y_min, x_max, y_max, empty
+        if bool(tight[4]):
             return (first.high_res() * weights).sum(0)
-        second = predict(sam, encoded, points, labels, box_xyxy=tight, mask_input=low_res)
+        second = predict(sam, encoded, points, labels, box_xyxy=tight[:4].cpu().numpy(), mask_input=low_res)
         return _box_refine(sam, encoded, points, labels, second)
 
     @torch.no_grad()
