@@ -11,10 +11,10 @@ the host, not the device, sets the pace of the decoder, whatever B and K.
 per call signature (pass kind x pair count), and PyTorch's CUDA-graph trees record it once per
 thread and replay it afterwards (one launch instead of ~320), owning the memory pool.
 
-- P is padded to the next power of two (`pair_bucket`; padded rows repeat row 0 and are
-  dropped) so that the signatures stay few: a PerSAM cascade has 3 (PerSAM-F 3 more), times
-  the buckets that occur (B x K for full batches; subsets under --min-similarity or further
-  instances).
+- P is padded to a bucket (`pair_bucket`: 8, 12, 16, 24, 32, ...; padded rows repeat row 0
+  and are dropped) so that the signatures stay few: a PerSAM cascade has 3 (PerSAM-F 3
+  more), times the buckets that occur (B x K for full batches; subsets under
+  --min-similarity or further instances).
 - Outputs are cloned before they are returned: a replay reuses its output memory.
 - Exactness: a replay runs the eager kernels; padding only changes the decoder's batch
   dimension (cuBLAS may tile another batch size differently: last-bit differences, as batching
@@ -42,7 +42,7 @@ from .prompts import encode_prompts
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 8  # fewer pairs are padded to 8: tiny passes (the last instances) share one graph
-RECOMPILE_LIMIT = 64  # signatures: up to 6 pass kinds x ~9 buckets (torch's default limit is 8)
+RECOMPILE_LIMIT = 128  # signatures: up to 6 pass kinds x ~15 buckets (torch's default limit is 8)
 
 
 def decode_eager(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
@@ -60,11 +60,16 @@ def decode_eager(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels:
 
 
 def pair_bucket(count: int) -> int:
-    """P -> the padded pair count: the next power of two, at least MIN_BUCKET."""
+    """P -> the padded pair count: the next of 8, 12, 16, 24, 32, 48, ... (powers of two and
+    1.5x them). Padded pairs cost decoder work (on a GPU about as much as the launches a
+    replay saves, at a few dozen pairs), so the steps are finer than powers of two, and
+    B x K of a full batch (16 x 1, 2, 3, 4, 6, 8) needs none."""
     bucket = MIN_BUCKET
-    while bucket < count:
+    while True:
+        for candidate in (bucket, bucket * 3 // 2):
+            if candidate >= count:
+                return candidate
         bucket *= 2
-    return bucket
 
 
 def _pad_rows(tensor: Tensor | None, rows: int) -> Tensor | None:

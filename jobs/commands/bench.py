@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 import resource
 import sys
@@ -29,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from segment_anything import SamPredictor
+from torch.profiler import ProfilerActivity, profile
 
 from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
 from persam_core.backbone import Model, as_backbone
@@ -43,6 +45,7 @@ from persam_core.predictor import EncodedImage, encode_images
 from persam_core.models import is_sam2
 from persam_core.preprocess import ResizedImage
 
+from jobs.logs import native_stderr_filter
 from jobs.storage.checkpoints import load_model
 
 PHOTO_SIZES = [(768, 1024), (1024, 768), (600, 800), (1080, 1440), (480, 640)]
@@ -168,6 +171,26 @@ def final_masks(results: Sequence[HostResults], concept_index: int | None = None
             if concept_index is None or part.concept_index[row] == concept_index]
 
 
+# What torch's profiler (kineto) writes to fd 2 by itself on every start and stop.
+PROFILER_NOISE = re.compile(r"SyncActivityProfilerHandler|gpuGetDeviceCount|ActivityProfilerController")
+
+
+def host_dispatch(run: Callable[[], object]) -> dict:
+    """What `run` makes the host do, counted with torch.profiler: top-level torch ops
+    dispatched from Python, and on CUDA the kernel and graph launches (the host's pace)."""
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with native_stderr_filter(PROFILER_NOISE), profile(activities=activities) as profiler:
+        run()
+    events = profiler.events()
+    counts = {"torch_ops": sum(1 for e in events if e.name.startswith("aten::")
+                               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))}
+    if cuda:
+        counts["launches"] = sum(1 for e in events if e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel",
+                                                                          "cudaGraphLaunch")))
+    return counts
+
+
 def decoder_graph_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
                           concept_sets: dict[str, Sequence[ConceptTensors]], images: int) -> dict:
     """The cascade on the same encoded batches with the eager decoder and with decoder graphs,
@@ -183,6 +206,9 @@ def decoder_graph_figures(model: Model, batches: Sequence[Sequence[EncodedImage]
         for enabled in (False, True):
             with decoder_graphs(model, enabled):
                 runs[enabled] = timed(lambda: segment_all(model, batches, chosen))
+                label = "decoder_graphs" if enabled else "eager_decoder"
+                counts = host_dispatch(lambda: segment_all(model, batches[:1], chosen))
+                figures.update({f"cascade_{name}_{label}_{what}_per_batch": n for what, n in counts.items()})
         ious = [iou(a, b) for a, b in zip(final_masks(runs[True][1]), final_masks(runs[False][1]))]
         figures[f"cascade_{name}_eager_decoder_s_per_image"] = round(runs[False][0] / images, 4)
         figures[f"cascade_{name}_decoder_graphs_s_per_image"] = round(runs[True][0] / images, 4)

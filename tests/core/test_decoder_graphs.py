@@ -40,9 +40,12 @@ def assert_same_rows(graphed, eager) -> None:
         np.testing.assert_allclose(graphed.score[row], eager.score[row], atol=1e-4)
 
 
-def test_pair_buckets_are_powers_of_two():
-    assert [pair_bucket(n) for n in (1, MIN_BUCKET, MIN_BUCKET + 1, 16, 17, 128, 129)] == \
-        [MIN_BUCKET, MIN_BUCKET, 2 * MIN_BUCKET, 16, 32, 128, 256]
+def test_pair_buckets_are_few_and_fit_full_batches():
+    assert [pair_bucket(n) for n in (1, 8, 9, 13, 16, 17, 25, 33, 49, 100, 129)] == [8, 8, 12, 16, 16, 24, 32, 48, 64,
+                                                                                   128, 192]
+    assert all(pair_bucket(16 * k) == 16 * k for k in (1, 2, 3, 4, 6, 8))  # B = 16 images x K concepts
+    assert len({pair_bucket(n) for n in range(1, 257)}) == 11
+    assert pair_bucket(MIN_BUCKET) == MIN_BUCKET
 
 
 @pytest.mark.parametrize("images,concept_slice,options", [
