@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from persam_core.options import GPU_BATCH_SIZE, MODEL_TYPES, SPEED_PRECISIONS
+from persam_core.options import DECODER_PRECISIONS, GPU_BATCH_SIZE, MODEL_TYPES, SPEED_PRECISIONS
 
 from jobs.exports import EXPORT_KINDS
 from jobs.logs import LOG_FORMATS, LOG_LEVELS
@@ -99,6 +99,9 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="replay SAM's prompt encoder + mask decoder as CUDA graphs (one launch per pass "
                              "instead of ~320; SAM only; default: off)")
+    parser.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default=SpeedSpec.decoder_precision,
+                        help="SAM's prompt encoder + mask decoder: fp32 (the reference path) or bf16 autocast "
+                             "(SAM only; recorded in the output's settings)")
 
 
 def _add_job(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +225,8 @@ def _add_bench(commands) -> None:
     bench.add_argument("--decoder-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="time the default path with the decoder as CUDA graphs (either way, on CUDA or "
                             "with this flag, the cascade is also timed both ways side by side)")
+    bench.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default=SpeedSpec.decoder_precision,
+                       help="the decoder's precision on the default path (the variants are timed beside it)")
     bench.add_argument("--job", action="store_true",
                        help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
     bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")

@@ -53,7 +53,7 @@ class ModelSpec:
 class SpeedSpec:
     """The model's speed settings. None / "auto" resolve on each actor's device
     (persam_core.acceleration.resolve_speed): bf16 + fused + compile + batch 16 on CUDA;
-    decoder graphs only when asked for."""
+    decoder graphs and a bf16 decoder only when asked for."""
 
     precision: str = "auto"
     fused_attention: bool | None = None
@@ -61,6 +61,7 @@ class SpeedSpec:
     batch_size: int | None = None
     chunk_size: int = DEFAULT_CHUNK_IMAGES
     decoder_graphs: bool | None = None
+    decoder_precision: str = "fp32"
 
     def images_per_chunk(self) -> int:
         """A chunk holds at least one encoder batch."""

@@ -6,9 +6,10 @@
 - reduced precision: the image encoder under autocast (bf16 / fp16); features come back
   as fp32 so the location prior and the decoder stay in fp32;
 - torch.compile of the image encoder;
-- CUDA graphs of the mask decoder (`decoder_graphs.py`): each decode one replay instead of
-  ~320 kernel launches from Python. Off unless asked for (`--decoder-graphs`) until it has
-  been measured on a GPU against the eager decoder (`persam bench` prints both).
+- the mask decoder as CUDA graphs, and under bf16 autocast (`decoder_speed.py`): each decode
+  one replay instead of ~320 kernel launches from Python; half the bytes per pair. Off unless
+  asked for (`--decoder-graphs`, `--decoder-precision bf16`) until they have been measured on
+  a GPU against the eager fp32 decoder (`persam bench` prints them side by side).
 
 SAM 2 (sam2.1_*): its Hiera encoder already attends through SDPA, so there is nothing to
 fuse (no module changes); reduced precision and compile apply to its `image_encoder` (which
@@ -34,8 +35,8 @@ from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 from .backbone import Model, as_backbone
-from .decoder_graphs import enable_decoder_graphs
-from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS
+from .decoder_speed import configure_decoder
+from .options import DECODER_PRECISIONS, GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert SPEED_PRECISIONS == ("auto", *PRECISIONS), "options.SPEED_PRECISIONS names these"
@@ -51,6 +52,7 @@ class EncoderSpeed:
     compile: bool = False
     batch_size: int = 1
     decoder_graphs: bool = False
+    decoder_precision: str = "fp32"
 
 
 def resolve_speed(
@@ -60,16 +62,19 @@ def resolve_speed(
     compile: bool | None = None,
     batch_size: int | None = None,
     decoder_graphs: bool | None = None,
+    decoder_precision: str | None = None,
 ) -> EncoderSpeed:
     """Flags (None / "auto" = not given) -> the settings in effect on `device_type` ("cuda"|"cpu").
 
     CUDA: bf16, fused, compiled, batch 16, unless told otherwise; an explicit fp32 keeps the
     exact path (no fused attention or compile unless asked for). CPU: fp32, batch 1.
-    Decoder graphs: only when asked for, on any device (graphs exist on CUDA only; elsewhere
-    the traced decoder runs, with the same results).
+    Decoder graphs and decoder precision: only when asked for, on any device (graphs exist on
+    CUDA only; elsewhere the traced decoder runs, with the same results).
     """
     if precision not in SPEED_PRECISIONS:
         raise ValueError(f"--precision {precision}: choose {', '.join(SPEED_PRECISIONS)}")
+    if decoder_precision not in (None, *DECODER_PRECISIONS):
+        raise ValueError(f"--decoder-precision {decoder_precision}: choose {', '.join(DECODER_PRECISIONS)}")
     fast = device_type == "cuda" and precision in ("auto", "bf16", "fp16")
     return EncoderSpeed(
         precision=("bf16" if device_type == "cuda" else "fp32") if precision == "auto" else precision,
@@ -77,6 +82,7 @@ def resolve_speed(
         compile=fast if compile is None else compile,
         batch_size=(GPU_BATCH_SIZE if device_type == "cuda" else 1) if batch_size is None else batch_size,
         decoder_graphs=bool(decoder_graphs),
+        decoder_precision=decoder_precision or "fp32",
     )
 
 
@@ -123,9 +129,11 @@ def prepare_encoder(sam: Model, speed: EncoderSpeed, log: Callable[[str], None] 
     """
     if speed.fused_attention:
         enable_fused_attention(sam)
-    if speed.decoder_graphs and not enable_decoder_graphs(sam, log):
-        log("note: --decoder-graphs applies to SAM (segment_anything) only; SAM 2 decodes run eagerly")
-        speed = replace(speed, decoder_graphs=False)
+    graphs, precision = configure_decoder(sam, speed.decoder_graphs, speed.decoder_precision, log)
+    if (graphs, precision) != (speed.decoder_graphs, speed.decoder_precision):
+        log("note: --decoder-graphs and --decoder-precision apply to SAM (segment_anything) only; "
+            "SAM 2 decodes run as sam2 runs them")
+        speed = replace(speed, decoder_graphs=graphs, decoder_precision=precision)
     if not speed.compile:
         return speed
     eager, size = sam.image_encoder, as_backbone(sam).image_size

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from segment_anything.modeling import Sam
 
-from .decoder_graphs import decode_prompts
+from .decoder_speed import decode_prompts
 from .preprocess import ResizedImage, reference_mask_grid, resize_longest_side, to_encoder_input
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
 from torch.profiler import ProfilerActivity, profile
 
 from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
@@ -37,7 +38,7 @@ from persam_core.backbone import Model, as_backbone
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
-from persam_core.decoder_graphs import decoder_graphs
+from persam_core.decoder_speed import decoder_settings
 from persam_core.metrics import iou
 from persam_core.persam import segment_persam
 from persam_core.persam_f import fit_mask_weights
@@ -109,7 +110,8 @@ def persam_concepts(reference: EncodedImage, shape: tuple[int, int], count: int,
 
 
 def is_exact(speed: EncoderSpeed) -> bool:
-    return speed.precision == "fp32" and not speed.fused_attention and not speed.compile and not speed.decoder_graphs
+    return (speed.precision == "fp32" and not speed.fused_attention and not speed.compile and not speed.decoder_graphs
+            and speed.decoder_precision == "fp32")
 
 
 def reference_encoder(sam: Model, model_type: str) -> Callable[[np.ndarray], EncodedImage]:
@@ -191,29 +193,34 @@ def host_dispatch(run: Callable[[], object]) -> dict:
     return counts
 
 
-def decoder_graph_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
-                          concept_sets: dict[str, Sequence[ConceptTensors]], images: int) -> dict:
-    """The cascade on the same encoded batches with the eager decoder and with decoder graphs,
-    per concept set: seconds per image each and the masks' agreement (tracing and recording
-    each shape happen once, untimed, and are reported apart)."""
-    with decoder_graphs(model, True) as used:
-        if not used:
-            return {"decoder_graphs": "not available for this model (SAM only)"}
-        prepare_seconds, _ = timed(lambda: [segment_all(model, batches, c) for c in concept_sets.values()])
-    figures: dict = {"decoder_graphs_prepare_s": round(prepare_seconds, 2)}
+# label -> (decoder graphs, decoder precision); the first is the yardstick of the others' masks
+DECODER_VARIANTS = {"eager_decoder": (False, "fp32"), "decoder_graphs": (True, "fp32"),
+                    "bf16_decoder": (False, "bf16"), "bf16_decoder_graphs": (True, "bf16")}
+
+
+def decoder_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
+                    concept_sets: dict[str, Sequence[ConceptTensors]], images: int) -> dict:
+    """The cascade on the same encoded batches with each decoder variant, per concept set:
+    seconds per image, torch ops (and on CUDA launches) of one batch, and the masks' minimum
+    IoU against the eager fp32 decoder's. Tracing and recording graphs happen in an untimed
+    first run (the job's actors do it on their first chunks)."""
+    if not isinstance(model, Sam):
+        return {"decoder_variants": "SAM only: SAM 2 decodes as sam2 does"}
+    figures: dict = {}
     for name, chosen in concept_sets.items():
-        runs = {}
-        for enabled in (False, True):
-            with decoder_graphs(model, enabled):
-                runs[enabled] = timed(lambda: segment_all(model, batches, chosen))
-                label = "decoder_graphs" if enabled else "eager_decoder"
+        yardstick: list[np.ndarray] = []
+        for label, (graphs, precision) in DECODER_VARIANTS.items():
+            with decoder_settings(model, graphs, precision):
+                if graphs:
+                    segment_all(model, batches, chosen)
+                seconds, results = timed(lambda: segment_all(model, batches, chosen))
                 counts = host_dispatch(lambda: segment_all(model, batches[:1], chosen))
-                figures.update({f"cascade_{name}_{label}_{what}_per_batch": n for what, n in counts.items()})
-        ious = [iou(a, b) for a, b in zip(final_masks(runs[True][1]), final_masks(runs[False][1]))]
-        figures[f"cascade_{name}_eager_decoder_s_per_image"] = round(runs[False][0] / images, 4)
-        figures[f"cascade_{name}_decoder_graphs_s_per_image"] = round(runs[True][0] / images, 4)
-        figures[f"cascade_{name}_graphs_speedup"] = round(runs[False][0] / max(runs[True][0], 1e-9), 3)
-        figures[f"cascade_{name}_graphs_min_iou_vs_eager"] = round(float(np.min(ious)), 4)
+            masks = final_masks(results)
+            yardstick = yardstick or masks
+            key = f"cascade_{name}_{label}"
+            figures[f"{key}_s_per_image"] = round(seconds / images, 4)
+            figures.update({f"{key}_{what}_per_batch": n for what, n in counts.items()})
+            figures[f"{key}_min_iou_vs_eager_fp32"] = round(float(min(iou(a, b) for a, b in zip(masks, yardstick))), 4)
     return figures
 
 
@@ -245,7 +252,7 @@ def _variants(sam: Model, resized: Sequence[ResizedImage], exact_masks: list[np.
 
 def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, device: str, epochs: int = 1000,
               variants: bool | None = None, precision: str = "auto", batch_size: int | None = None,
-              decoder_graphs: bool | None = None) -> dict:
+              decoder_graphs: bool | None = None, decoder_precision: str = "fp32") -> dict:
     """Every in-process path timed on the same generated images -> the figures.
 
     One straight sequence of timed phases over shared state (model, images, concepts):
@@ -253,7 +260,8 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     progress(f"loading {model_type} on {device}")
     loaded = load_model(model_type, checkpoint)
     sam = loaded.sam.to(device)
-    speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size, decoder_graphs=decoder_graphs)
+    speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size, decoder_graphs=decoder_graphs,
+                          decoder_precision=decoder_precision)
     pictures = synthetic_images(images)
     resize_seconds, resized = timed(lambda: [as_backbone(sam).resize(p) for p in pictures])
     progress(f"fitting {concepts} concepts and PerSAM-F ({epochs} epochs)")
@@ -332,8 +340,10 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     result["rank_cold_over_warm"] = round(result["rank_cold_s_per_image"] / max(result["rank_warm_s_per_image"], 1e-9), 1)
     result["reference_over_k_concepts"] = round(result["reference_loop_s_per_image"] / max(result["k_concepts_s_per_image"], 1e-9), 2)
     if device == "cuda" or decoder_graphs is not None:
-        progress("the cascade with the eager decoder and with decoder graphs")
-        result.update(decoder_graph_figures(fast, batches, {"k1": fitted[:1], "k": fitted}, images))
+        progress("the cascade with each decoder variant")
+        # off the GPU the variants only show that they run: K = 1 is enough there
+        sets = {"k1": fitted[:1], "k": fitted} if device == "cuda" else {"k1": fitted[:1]}
+        result.update(decoder_figures(fast, batches, sets, images))
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if variants if variants is not None else device == "cuda":

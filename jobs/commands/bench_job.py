@@ -31,7 +31,7 @@ from PIL import Image
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.backbone import Model, as_backbone
 from persam_core.concept import Concept, ConceptTensors
-from persam_core.decoder_graphs import decoder_graphs
+from persam_core.decoder_speed import decoder_settings
 from persam_core.models import is_sam2
 from persam_core.persam import segment_persam
 from persam_core.predictor import encode_images
@@ -63,6 +63,7 @@ class JobBenchOptions:
     num_actors: int | None = None
     shard_size: int | None = None  # None: several shards even for a few images (steady state needs 2+ results)
     decoder_graphs: bool | None = None
+    decoder_precision: str = "fp32"
 
 
 class Progress:
@@ -110,7 +111,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     pictures: [H, W, 3] uint8 each; sam stays the fp32 exact model (the reference loop's).
     """
     speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size,
-                          decoder_graphs=options.decoder_graphs)
+                          decoder_graphs=options.decoder_graphs, decoder_precision=options.decoder_precision)
     progress(f"preparing the encoder ({speed})")
     prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
     resized = [as_backbone(sam).resize(p) for p in pictures]
@@ -123,7 +124,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     both = (device == "cuda" or options.decoder_graphs is not None) and not is_sam2(options.model_type)
     for name, chosen in (("k1", concepts[:1]), ("k", concepts)):
         for graphs in ((False, True) if both else (speed.decoder_graphs,)):
-            with decoder_graphs(fast, graphs) as used:
+            with decoder_settings(fast, graphs) as (used, _):
                 label = "decoder_graphs" if used else "eager_decoder"
                 progress(f"actor path, {len(chosen)} concept(s), {label}")
                 if used:  # tracing and recording each shape once, untimed (the job's actors do it on their first chunk)
@@ -155,7 +156,8 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     # The flags as given (None / "auto" = the job's own defaults, resolved on its actor, as
     # `persam segment` does); they resolve to the settings timed in-process above.
     spec = JobSpec("segment", ModelSpec(options.model_type, options.checkpoint, device),
-                   SpeedSpec(options.precision, batch_size=options.batch_size, decoder_graphs=options.decoder_graphs),
+                   SpeedSpec(options.precision, batch_size=options.batch_size, decoder_graphs=options.decoder_graphs,
+                             decoder_precision=options.decoder_precision),
                    concepts=tuple(concept_files),
                    input=str(image_dir), output=str(output), num_actors=options.num_actors, shard_size=shard_size)
     started = time.perf_counter()

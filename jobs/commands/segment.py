@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pyarrow.compute as pc
+from persam_core.models import is_sam2
 
 from jobs.commands.dry_run import dry_run_segment
 from jobs.pipeline import commit
@@ -102,6 +103,8 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
         "min_similarity": spec.min_similarity,
         "manifest_wave_images": listing.MANIFEST_WAVE_IMAGES if manifest else None,
     }
+    if spec.speed.decoder_precision != "fp32" and not is_sam2(spec.model.model_type):  # SAM 2 ignores it
+        settings["decoder_precision"] = spec.speed.decoder_precision  # absent = fp32: older outputs stay comparable
     # a concept re-fitted under the same name is a different concept
     digests = concept_digests(concepts)
     provenance = {"persam_version": persam_version(), "model_type": spec.model.model_type,

@@ -49,7 +49,7 @@ class ModelActor:
         self.fingerprint = loaded.fingerprint
         s = spec.speed
         speed = resolve_speed(self.sam.device.type, s.precision, s.fused_attention, s.compile_encoder, s.batch_size,
-                              s.decoder_graphs)
+                              s.decoder_graphs, s.decoder_precision)
         self.speed = prepare_encoder(self.sam, speed, log=logger.info)
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in job.concept_texts]
         self.job = job

@@ -25,21 +25,20 @@ def bench_json(argv: list[str]) -> tuple[dict, str]:
 
 
 def test_in_process_bench_times_the_batched_paths():
-    # --no-decoder-graphs: the default path (eager decoder), and the cascade timed both ways beside it
+    # --no-decoder-graphs: the default path (eager fp32 decoder), and the decoder variants timed beside it
     result, err = bench_json(["--images", "2", "--concepts", "2", "--epochs", "2", "--no-decoder-graphs"])
     for key in SPEC_KEYS:
         assert result[key] > 0, key
     assert result["speed"] == {"precision": "fp32", "fused_attention": False, "compile": False, "batch_size": 1,
-                               "decoder_graphs": False}
+                               "decoder_graphs": False, "decoder_precision": "fp32"}
     # On CPU the default path is the fp32 exact path.
     assert result["mask_iou_vs_fp32_mean"] == result["mask_iou_vs_fp32_min"] == 1.0
     assert "bench: timing the batched paths" in err
-    for k in ("k1", "k"):
-        assert result[f"cascade_{k}_eager_decoder_s_per_image"] > 0
-        assert result[f"cascade_{k}_decoder_graphs_s_per_image"] > 0
-        assert result[f"cascade_{k}_graphs_min_iou_vs_eager"] >= 0.999
-        for decoder in ("eager_decoder", "decoder_graphs"):  # counted with torch.profiler on one batch
-            assert result[f"cascade_{k}_{decoder}_torch_ops_per_batch"] > 300
+    for variant in ("eager_decoder", "decoder_graphs", "bf16_decoder", "bf16_decoder_graphs"):  # K = 1 off the GPU
+        assert result[f"cascade_k1_{variant}_s_per_image"] > 0
+        assert result[f"cascade_k1_{variant}_torch_ops_per_batch"] > 300  # counted with torch.profiler on one batch
+    assert result["cascade_k1_decoder_graphs_min_iou_vs_eager_fp32"] >= 0.999  # the same decoder, traced
+    assert result["cascade_k1_bf16_decoder_min_iou_vs_eager_fp32"] > 0.9
     assert "SyncActivityProfilerHandler" not in err  # the profiler's own lines are filtered
 
 

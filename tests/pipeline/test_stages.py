@@ -34,7 +34,7 @@ from jobs.storage.schema import read_part
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept, persam_targets, reference_cells
 from persam_core.masks import decode_rle
-from persam_core.decoder_graphs import graphs_enabled
+from persam_core.decoder_speed import graphs_enabled
 from persam_core.models import build_random, model_fingerprint
 from persam_core.predictor import encode_images
 from persam_core.preprocess import resize_longest_side
@@ -137,13 +137,14 @@ def test_the_old_flags_still_parse():
     assert (args.fused_attention, args.compile_encoder) == (False, False)
 
 
-def test_decoder_graphs_reach_the_actor():
+def test_decoder_settings_reach_the_actor():
     args = build_parser().parse_args(["segment", "--concept", "c", "--model-type", "tiny", "--checkpoint", "random:0",
-                                      "--device", "cpu", "--input", "i", "--output", "o", "--decoder-graphs"])
+                                      "--device", "cpu", "--input", "i", "--output", "o", "--decoder-graphs",
+                                      "--decoder-precision", "bf16"])
     spec = JobSpec.from_args(args)
-    assert spec.speed.decoder_graphs is True
+    assert (spec.speed.decoder_graphs, spec.speed.decoder_precision) == (True, "bf16")
     actor = SegmentActor(PreparedJob(spec, model_fingerprint(build_random("tiny", 0), "tiny"), ()), threads=1)
-    assert actor.speed.decoder_graphs and graphs_enabled(actor.sam)
+    assert actor.speed.decoder_graphs and actor.speed.decoder_precision == "bf16" and graphs_enabled(actor.sam)
     assert build_parser().parse_args(["segment", "--concept", "c", *MODEL, "--input", "i", "--output", "o"]
                                      ).decoder_graphs is None  # off unless asked for
 
@@ -230,3 +231,21 @@ def test_a_shard_of_several_chunks_commits_once_in_order(concepts, images, tmp_p
     assert [(r["image_uri"], r["concept"], r["instance"]) for r in rows] == [
         (u, c, 0) for c in ("cat", "duck_toy") for u in urls]  # a partition per concept, in URL order
     assert json.loads((output / "_persam_job.json").read_text())["settings"]["precision"] == "fp32"
+
+
+def test_a_bf16_decoder_is_recorded_and_a_rerun_in_fp32_is_refused(concepts, images, tmp_path):
+    """The bf16 decoder changes masks: the job record says so, and adding to that output with
+    the fp32 decoder would mix two kinds of masks."""
+    output = tmp_path / "masks"
+
+    def spec(precision: str) -> JobSpec:
+        return JobSpec("segment", ModelSpec("tiny", "random:0", "cpu"),
+                       SpeedSpec(decoder_precision=precision),
+                       concepts=(str(concepts[0]),), input=str(images), output=str(output), runner="local")
+
+    summary = run_segment(spec("bf16"), log=lambda line: None)
+    assert summary.rows == 6 and summary.error_rows == 1  # broken.jpg
+    settings = json.loads((output / "_persam_job.json").read_text())["settings"]
+    assert (settings["precision"], settings["decoder_precision"]) == ("fp32", "bf16")
+    with pytest.raises(Exception, match="settings"):
+        run_segment(spec("fp32"), log=lambda line: None)

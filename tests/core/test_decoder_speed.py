@@ -1,5 +1,6 @@
-"""The mask decoder through `decoder_graphs`: the traced decode gives the eager results, pads
-pairs to few shapes, traces each shape once, and falls back to eager when tracing fails.
+"""The mask decoder through `decoder_speed`: the traced decode gives the eager results, pads
+pairs to few shapes, traces each shape once, and falls back to eager when tracing fails; the
+bf16 decoder stays close to fp32 and leaves fp32 logits; SAM 2 keeps its own decoder.
 
 On CPU the trace runs through aot_eager (graphs exist on CUDA only): what these tests prove is
 that the whole decode is one graph (fullgraph) computing what the eager decoder computes.
@@ -17,8 +18,8 @@ from torch._dynamo.utils import counters
 from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import segment_batch
-from persam_core.decoder_graphs import (MIN_BUCKET, decode_eager, decoder_graphs, enable_decoder_graphs,
-                                        graphs_enabled, pair_bucket)
+from persam_core.decoder_speed import (MIN_BUCKET, configure_decoder, decode_eager, decode_prompts,
+                                       decoder_settings, graphs_enabled, pair_bucket)
 from persam_core.metrics import iou
 from tests.core.test_batched_cascade import concepts, encoded  # noqa: F401  (fixtures)
 
@@ -56,7 +57,7 @@ def test_pair_buckets_are_few_and_fit_full_batches():
 def test_traced_cascade_equals_eager(graphed_sam, encoded, concepts, images, concept_slice, options):  # noqa: F811
     batch, chosen = EncodedBatch.of(encoded[:images]), concepts[concept_slice]
     eager = segment_batch(graphed_sam, batch, chosen, **options)
-    with decoder_graphs(graphed_sam, True) as used:
+    with decoder_settings(graphed_sam, graphs=True) as (used, _):
         assert used
         graphed = segment_batch(graphed_sam, batch, chosen, **options)
     assert not graphs_enabled(graphed_sam)  # as before the block
@@ -67,7 +68,7 @@ def test_traced_cascade_equals_eager(graphed_sam, encoded, concepts, images, con
 
 def test_each_shape_is_traced_once(graphed_sam, encoded, concepts):  # noqa: F811
     batch = EncodedBatch.of(encoded[:2])
-    with decoder_graphs(graphed_sam, True):
+    with decoder_settings(graphed_sam, graphs=True):
         segment_batch(graphed_sam, batch, concepts[:1])
         traced = counters["stats"]["unique_graphs"]
         segment_batch(graphed_sam, batch, concepts[:1])
@@ -84,9 +85,7 @@ def test_padded_rows_do_not_change_the_decode(graphed_sam, encoded):  # noqa: F8
     target = torch.randn(3, 1, 256, generator=torch.Generator().manual_seed(1)) * 0.1
     with torch.no_grad():
         low, scores = decode_eager(graphed_sam, features, coords, labels, None, None, False, bias, target)
-        with decoder_graphs(graphed_sam, True):
-            from persam_core.decoder_graphs import decode_prompts
-
+        with decoder_settings(graphed_sam, graphs=True):
             low_g, scores_g = decode_prompts(graphed_sam, features, coords, labels, None, None, False, bias, target)
     assert low_g.shape == low.shape and scores_g.shape == scores.shape
     torch.testing.assert_close(low_g, low, atol=1e-4, rtol=1e-4)
@@ -95,13 +94,13 @@ def test_padded_rows_do_not_change_the_decode(graphed_sam, encoded):  # noqa: F8
 
 def test_a_failed_trace_falls_back_to_eager_with_one_line(tiny_sam, encoded, concepts):  # noqa: F811
     sam, lines = copy.deepcopy(tiny_sam), []
-    assert enable_decoder_graphs(sam, log=lines.append)
-    from persam_core import decoder_graphs as module
+    assert configure_decoder(sam, graphs=True, log=lines.append) == (True, "fp32")
+    from persam_core import decoder_speed as module
 
     def broken(*args, **kwargs):
         raise RuntimeError("capture not permitted\nsecond line")
 
-    module._GRAPHS[sam].compiled = broken
+    module._SETTINGS[sam].graphs.compiled = broken
     batch = EncodedBatch.of(encoded[:2])
     graphed = segment_batch(sam, batch, concepts[:2])
     assert len(lines) == 1 and "RuntimeError: capture not permitted" in lines[0] and "decoding eagerly" in lines[0]
@@ -109,15 +108,36 @@ def test_a_failed_trace_falls_back_to_eager_with_one_line(tiny_sam, encoded, con
     assert_same_rows(graphed, segment_batch(tiny_sam, batch, concepts[:2]))
 
 
+def test_bf16_decoder_stays_close_and_returns_fp32(graphed_sam, encoded, concepts):  # noqa: F811
+    batch = EncodedBatch.of(encoded[:2])
+    eager = segment_batch(graphed_sam, batch, concepts[:2])
+    with decoder_settings(graphed_sam, precision="bf16") as (_, precision):
+        assert precision == "bf16"
+        half = segment_batch(graphed_sam, batch, concepts[:2])
+        features = torch.stack([e.features for e in encoded[:2]])
+        low, scores = decode_prompts(graphed_sam, features, torch.tensor([[[10.0, 20.0]]] * 2),
+                                     torch.ones(2, 1, dtype=torch.int), None, None, True, None, None)
+    assert low.dtype == scores.dtype == torch.float32
+    assert [tuple(p) for p in half.point] == [tuple(p) for p in eager.point]  # the prior stays fp32
+    assert min(iou(half.mask(r), eager.mask(r)) for r in range(len(eager))) > 0.9
+    with pytest.raises(ValueError, match="--decoder-precision fp16: choose fp32, bf16"):
+        configure_decoder(graphed_sam, precision="fp16")
+
+
 def test_speed_settings(tiny_sam, tiny_sam2):
     assert resolve_speed("cuda").decoder_graphs is False  # off until measured on a GPU
+    assert resolve_speed("cuda").decoder_precision == "fp32"
     assert resolve_speed("cuda", decoder_graphs=True).decoder_graphs is True
-    assert resolve_speed("cpu", decoder_graphs=True).decoder_graphs is True
+    assert resolve_speed("cpu", decoder_graphs=True, decoder_precision="bf16").decoder_precision == "bf16"
+    with pytest.raises(ValueError, match="--decoder-precision"):
+        resolve_speed("cpu", decoder_precision="int8")
     sam = copy.deepcopy(tiny_sam)
-    assert prepare_encoder(sam, EncoderSpeed(decoder_graphs=True), log=print).decoder_graphs
-    assert graphs_enabled(sam)
+    speed = prepare_encoder(sam, EncoderSpeed(decoder_graphs=True, decoder_precision="bf16"), log=print)
+    assert speed.decoder_graphs and speed.decoder_precision == "bf16" and graphs_enabled(sam)
     lines = []
     sam2 = copy.deepcopy(tiny_sam2)
-    assert not prepare_encoder(sam2, EncoderSpeed(decoder_graphs=True), log=lines.append).decoder_graphs
-    assert lines == ["note: --decoder-graphs applies to SAM (segment_anything) only; SAM 2 decodes run eagerly"]
+    speed = prepare_encoder(sam2, EncoderSpeed(decoder_graphs=True, decoder_precision="bf16"), log=lines.append)
+    assert (speed.decoder_graphs, speed.decoder_precision) == (False, "fp32")
+    assert lines == ["note: --decoder-graphs and --decoder-precision apply to SAM (segment_anything) only; "
+                     "SAM 2 decodes run as sam2 runs them"]
     assert not graphs_enabled(sam2)

@@ -1,15 +1,17 @@
-"""SAM's prompt encoder + mask decoder for P pairs, eagerly or replayed as CUDA graphs.
+"""How SAM's prompt encoder + mask decoder run for P pairs: eagerly or replayed as CUDA
+graphs, in fp32 or under bf16 autocast. Both are speed options, off unless asked for.
 
 `decode_prompts` is what `SamBackbone.decode` runs: one prompt-encoder and one mask-decoder
 call (with PerSAM's guidance) for every pair of a pass. Eagerly, one such call is ~320 small
 kernels launched one by one from Python (counted with torch.profiler on the tiny model: 949
 of the cascade's 1394 top-level ops for B = 16, K = 1 are its three decodes), so on a GPU
-the host, not the device, sets the pace of the decoder, whatever B and K.
+the host, not the device, sets the decoder's pace at small P, whatever B and K.
 
-`enable_decoder_graphs(sam)` replaces that with a CUDA-graph replay per call:
-`torch.compile(backend="cudagraphs", fullgraph=True, dynamic=False)` traces the function once
-per call signature (pass kind x pair count), and PyTorch's CUDA-graph trees record it once per
-thread and replay it afterwards (one launch instead of ~320), owning the memory pool.
+Decoder graphs (`configure_decoder(sam, graphs=True)`) replace that with a CUDA-graph replay
+per call: `torch.compile(backend="cudagraphs", fullgraph=True, dynamic=False)` traces the
+function once per call signature (pass kind x pair count), and PyTorch's CUDA-graph trees
+record it once per thread and replay it afterwards (one launch instead of ~320), owning the
+memory pool.
 
 - P is padded to a bucket (`pair_bucket`: 8, 12, 16, 24, 32, ...; padded rows repeat row 0
   and are dropped) so that the signatures stay few: a PerSAM cascade has 3 (PerSAM-F 3
@@ -24,6 +26,13 @@ thread and replay it afterwards (one launch instead of ~320), owning the memory 
 - Off the GPU the same trace runs through `aot_eager` (no graphs exist there): the tests use it
   to check that the traced decode equals the eager one.
 - If tracing or recording fails, the decode runs eagerly from then on, with one log line.
+
+Decoder precision (`configure_decoder(sam, precision="bf16")`): at large P (many concepts) the
+decoder's own work sets the pace instead, about 3.7 GFLOP per pair and pass (torch.profiler,
+vit_b) in fp32 plus the memory traffic of [P, 4096, 256] tokens; bf16 autocast halves the
+bytes and runs the matmuls on tensor cores. Logits and scores come back as fp32. It changes
+masks (more than the encoder's bf16 does: the decoder has no later stage to absorb it), so
+it is recorded in the job's settings.
 """
 
 from __future__ import annotations
@@ -31,17 +40,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from .decoder import decode_masks
+from .options import DECODER_PRECISIONS
 from .prompts import encode_prompts
 
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 8  # fewer pairs are padded to 8: tiny passes (the last instances) share one graph
+DECODER_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+assert tuple(DECODER_DTYPES) == DECODER_PRECISIONS, "options.DECODER_PRECISIONS names these"
 RECOMPILE_LIMIT = 128  # signatures: up to 6 pass kinds x ~15 buckets (torch's default limit is 8)
 
 
@@ -89,7 +102,6 @@ class DecoderGraphs:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         self.compiled = torch.compile(decode_eager, backend=backend, fullgraph=True, dynamic=False)
-        self.enabled = True
         self.failed = False
 
     def __call__(self, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
@@ -115,53 +127,67 @@ class DecoderGraphs:
                                 target_embedding)
 
 
-_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, DecoderGraphs]" = weakref.WeakKeyDictionary()
+@dataclass
+class _Settings:
+    """How one model's decodes run; `graphs` keeps what was traced and recorded across
+    off / on (benchmarks time both ways on one model)."""
+
+    use_graphs: bool = False
+    precision: str = "fp32"
+    graphs: DecoderGraphs | None = None
 
 
-def enable_decoder_graphs(sam: torch.nn.Module, log: Callable[[str], None] = logger.info) -> bool:
-    """Decode `sam`'s prompts through CUDA graphs from now on -> False for a SAM 2 (stays eager)."""
+_SETTINGS: "weakref.WeakKeyDictionary[torch.nn.Module, _Settings]" = weakref.WeakKeyDictionary()
+
+
+def configure_decoder(sam: torch.nn.Module, graphs: bool | None = None, precision: str | None = None,
+                      log: Callable[[str], None] = logger.info) -> tuple[bool, str]:
+    """Set how `sam`'s decodes run from now on (None: as before) -> (graphs in use, precision).
+    A SAM 2 keeps its own decoder as it is: (False, "fp32")."""
     from segment_anything.modeling import Sam
 
+    if precision is not None and precision not in DECODER_PRECISIONS:
+        raise ValueError(f"--decoder-precision {precision}: choose {', '.join(DECODER_PRECISIONS)}")
     if not isinstance(sam, Sam):
-        return False
-    if sam not in _GRAPHS:  # traced and recorded graphs are kept across disable / enable
-        _GRAPHS[sam] = DecoderGraphs(sam, log)
-    _GRAPHS[sam].enabled = True
-    return True
-
-
-def disable_decoder_graphs(sam: torch.nn.Module) -> None:
-    if sam in _GRAPHS:
-        _GRAPHS[sam].enabled = False
+        return False, "fp32"
+    settings = _SETTINGS.setdefault(sam, _Settings())
+    if graphs is not None:
+        settings.use_graphs = graphs
+        if graphs and settings.graphs is None:
+            settings.graphs = DecoderGraphs(sam, log)
+    if precision is not None:
+        settings.precision = precision
+    return graphs_enabled(sam), settings.precision
 
 
 def graphs_enabled(sam: torch.nn.Module) -> bool:
-    """Whether `sam`'s decodes go through graphs now (enabled, and neither tracing nor recording failed)."""
-    graphs = _GRAPHS.get(sam)
-    return graphs is not None and graphs.enabled and not graphs.failed
+    """Whether `sam`'s decodes go through graphs now (asked for, and neither tracing nor recording failed)."""
+    settings = _SETTINGS.get(sam)
+    return settings is not None and settings.use_graphs and settings.graphs is not None and not settings.graphs.failed
 
 
 @contextlib.contextmanager
-def decoder_graphs(sam: torch.nn.Module, enabled: bool) -> Iterator[bool]:
-    """Within the block, decode with graphs (enabled) or eagerly; as before after it (benchmarks
-    time both on one model) -> whether graphs are in use."""
-    before = sam in _GRAPHS and _GRAPHS[sam].enabled
-    if enabled:
-        enable_decoder_graphs(sam)
-    else:
-        disable_decoder_graphs(sam)
+def decoder_settings(sam: torch.nn.Module, graphs: bool | None = None,
+                     precision: str | None = None) -> Iterator[tuple[bool, str]]:
+    """`configure_decoder` within the block, the settings before it after it."""
+    before = _SETTINGS.get(sam)
+    saved = (before.use_graphs, before.precision) if before is not None else (False, "fp32")
     try:
-        yield graphs_enabled(sam)
+        yield configure_decoder(sam, graphs, precision)
     finally:
-        (enable_decoder_graphs if before else disable_decoder_graphs)(sam)
+        if sam in _SETTINGS:
+            _SETTINGS[sam].use_graphs, _SETTINGS[sam].precision = saved
 
 
 def decode_prompts(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
                    mask_input: Tensor | None, multimask: bool, attention_bias: Tensor | None,
                    target_embedding: Tensor | None) -> tuple[Tensor, Tensor]:
-    """`decode_eager`, through `sam`'s graphs when they are enabled."""
-    graphs = _GRAPHS.get(sam)
-    if graphs is None or not graphs.enabled:
-        return decode_eager(sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
-                            target_embedding)
-    return graphs(features, coords, labels, boxes, mask_input, multimask, attention_bias, target_embedding)
+    """`decode_eager` as `configure_decoder` set it for `sam` -> fp32 logits and scores."""
+    settings = _SETTINGS.get(sam)
+    args = (features, coords, labels, boxes, mask_input, multimask, attention_bias, target_embedding)
+    if settings is None or (settings.precision == "fp32" and not graphs_enabled(sam)):
+        return decode_eager(sam, *args)
+    dtype = DECODER_DTYPES[settings.precision]
+    with contextlib.nullcontext() if dtype is None else torch.autocast(features.device.type, dtype=dtype):
+        low_res, scores = settings.graphs(*args) if graphs_enabled(sam) else decode_eager(sam, *args)
+    return low_res.float(), scores.float()
