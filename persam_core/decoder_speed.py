@@ -28,8 +28,9 @@ memory pool.
 - If tracing or recording fails, the decode runs eagerly from then on, with one log line.
 
 Decoder precision (`configure_decoder(sam, precision="bf16")`): at large P (many concepts) the
-decoder's own work sets the pace instead, about 3.7 GFLOP per pair and pass (torch.profiler,
-vit_b) in fp32 plus the memory traffic of [P, 4096, 256] tokens; bf16 autocast halves the
+decoder's own work sets the pace instead: 2.9 GFLOP of matrix products per pair and pass
+(torch.profiler, vit_b; transposed convolutions uncounted) in fp32, plus the memory traffic
+of [P, 4096, 256] tokens; bf16 autocast halves the
 bytes and runs the matmuls on tensor cores. Logits and scores come back as fp32. It changes
 masks (more than the encoder's bf16 does: the decoder has no later stage to absorb it), so
 it is recorded in the job's settings.
