@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 from .backbone import Model, as_backbone
-from .decoder_speed import configure_decoder
+from .decoder_speed import configure_decoder, describe
 from .options import DECODER_PRECISIONS, GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,8 +145,7 @@ def prepare_encoder(sam: Model, speed: EncoderSpeed, log: Callable[[str], None] 
             sam.image_encoder(warm)
     except Exception as error:  # a missing compiler toolchain, an unsupported op: run eager
         sam.image_encoder = eager
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        log(f"note: torch.compile of the image encoder failed ({type(error).__name__}: {reason}); running it eagerly")
+        log(f"note: torch.compile of the image encoder failed ({describe(error)}); running it eagerly")
         return replace(speed, compile=False)
     return speed
 

@@ -73,6 +73,12 @@ def decode_eager(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels:
                         attention_bias=attention_bias, target_embedding=target_embedding)
 
 
+def describe(error: BaseException) -> str:
+    """'Type: first line' of an error, short: what a fallback's one log line says."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 def pair_bucket(count: int) -> int:
     """P -> the padded pair count: the next of 8, 12, 16, 24, 32, 48, ... (powers of two and
     1.5x them). Padded pairs cost decoder work (on a GPU about as much as the launches a
@@ -108,24 +114,21 @@ class DecoderGraphs:
     def __call__(self, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
                  mask_input: Tensor | None, multimask: bool, attention_bias: Tensor | None,
                  target_embedding: Tensor | None) -> tuple[Tensor, Tensor]:
-        if self.failed:
-            return decode_eager(self.sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
-                                target_embedding)
-        count = features.shape[0]
-        rows = pair_bucket(count)
-        padded = [_pad_rows(t, rows) for t in (features, coords, labels, boxes, mask_input, attention_bias,
-                                                 target_embedding)]
-        try:
-            torch.compiler.cudagraph_mark_step_begin()  # earlier replays' outputs were cloned: reuse their memory
-            low_res, scores = self.compiled(self.sam, *padded[:5], multimask, *padded[5:])
-            return low_res[:count].clone(), scores[:count].clone()
-        except Exception as error:  # a tracing or capture failure: the eager decoder from now on
-            self.failed = True
-            lines = str(error).strip().splitlines()
-            self.log(f"note: CUDA graphs of the mask decoder failed ({type(error).__name__}: "
-                     f"{lines[0][:200] if lines else ''}); decoding eagerly")
-            return decode_eager(self.sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
-                                target_embedding)
+        """`decode_eager`'s arguments (without the model) -> its results, through the graphs."""
+        if not self.failed:
+            count = features.shape[0]
+            rows = pair_bucket(count)
+            padded = [_pad_rows(t, rows) for t in (features, coords, labels, boxes, mask_input)]
+            extra = [_pad_rows(t, rows) for t in (attention_bias, target_embedding)]
+            try:
+                torch.compiler.cudagraph_mark_step_begin()  # earlier replays' outputs were cloned: reuse their memory
+                low_res, scores = self.compiled(self.sam, *padded, multimask, *extra)
+                return low_res[:count].clone(), scores[:count].clone()
+            except Exception as error:  # a tracing or capture failure: the eager decoder from now on
+                self.failed = True
+                self.log(f"note: CUDA graphs of the mask decoder failed ({describe(error)}); decoding eagerly")
+        return decode_eager(self.sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
+                            target_embedding)
 
 
 @dataclass
