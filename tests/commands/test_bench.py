@@ -26,7 +26,7 @@ def bench_json(argv: list[str]) -> tuple[dict, str]:
 
 def test_in_process_bench_times_the_batched_paths():
     # --no-decoder-graphs: the default path (eager fp32 decoder), and the decoder variants timed beside it
-    result, err = bench_json(["--images", "2", "--concepts", "2", "--epochs", "2", "--no-decoder-graphs"])
+    result, err = bench_json(["--images", "1", "--concepts", "2", "--epochs", "2", "--no-decoder-graphs"])
     for key in SPEC_KEYS:
         assert result[key] > 0, key
     assert result["speed"] == {"precision": "fp32", "fused_attention": False, "compile": False, "batch_size": 1,
@@ -45,11 +45,7 @@ def test_in_process_bench_times_the_batched_paths():
 @pytest.mark.slow
 def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     images, concepts = 6, 2
-    result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts), "--decoder-graphs"])
-    assert result["speed"]["decoder_graphs"] is True  # the job's actors ran with them too
-    for key in ("actor_k1_eager_decoder_images_per_s", "actor_k_decoder_graphs_images_per_s"):
-        assert result[key] > 0, key
-    assert result["actor_k1_images_per_s"] == result["actor_k1_decoder_graphs_images_per_s"]
+    result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts)])
     assert (result["mode"], result["images"], result["concepts"]) == ("job", images, concepts)
     assert (result["job_k1_rows"], result["job_k_rows"]) == (images, images * concepts)
     assert result["job_k1_error_rows"] == result["job_k_error_rows"] == 0
