@@ -339,7 +339,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     result["k_over_one_concept"] = round(result["k_concepts_s_per_image"] / max(result["persam_s_per_image"], 1e-9), 3)
     result["rank_cold_over_warm"] = round(result["rank_cold_s_per_image"] / max(result["rank_warm_s_per_image"], 1e-9), 1)
     result["reference_over_k_concepts"] = round(result["reference_loop_s_per_image"] / max(result["k_concepts_s_per_image"], 1e-9), 2)
-    if device == "cuda" or decoder_graphs is not None:
+    if device == "cuda" or decoder_graphs is not None or decoder_precision != "fp32":
         progress("the cascade with each decoder variant")
         # off the GPU the variants only show that they run: K = 1 is enough there
         sets = {"k1": fitted[:1], "k": fitted} if device == "cuda" else {"k1": fitted[:1]}
