@@ -50,7 +50,7 @@ def test_pair_buckets_are_few_and_fit_full_batches():
 
 
 @pytest.mark.parametrize("images,concept_slice,options", [
-    (3, slice(0, 6), {}),  # mixed sizes, K = 6 of both methods: 18 pairs padded to 24
+    (2, slice(0, 4), {}),  # mixed sizes, K = 4 (two of each method): 8 pairs
     (2, slice(0, 2), {"min_similarity": 0.3}),  # a subset of pairs reaches the decoder, padded to MIN_BUCKET
 ], ids=["all-pairs", "min-similarity"])
 def test_traced_cascade_equals_eager(graphed_sam, encoded, concepts, images, concept_slice, options):  # noqa: F811
