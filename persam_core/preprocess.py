@@ -7,6 +7,8 @@ step) and ship uint8 arrays, and the model actor only normalises and pads. SAM 2
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,11 +59,26 @@ def resize_square(image: np.ndarray, size: int = ENCODER_SIZE) -> ResizedImage:
     return ResizedImage(np.ascontiguousarray(resized.permute(1, 2, 0).numpy()), (int(image.shape[0]), int(image.shape[1])))
 
 
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over `array`'s memory, also when it is read-only (the job's stages hand
+    pixels over as views of received bytes): every caller copies it before any write."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def array_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array -> a tensor on `device`, always a copy; to CUDA through pinned memory
+    without blocking (the copy overlaps the GPU's work)."""
+    tensor = host_tensor(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.clone() if device.type == "cpu" else tensor.to(device)
+
+
 def to_encoder_input(sam: Sam, resized: ResizedImage) -> torch.Tensor:
     """-> [1, 3, 1024, 1024] float: SAM's normalise + zero pad (as `set_torch_image`)."""
-    pixels = torch.from_numpy(np.ascontiguousarray(resized.pixels))
-    if sam.device.type == "cuda":  # pinned host memory: the copy overlaps the GPU's work
-        pixels = pixels.pin_memory().to(sam.device, non_blocking=True)
+    pixels = array_to_device(resized.pixels, sam.device)
     return sam.preprocess(pixels.permute(2, 0, 1).contiguous()[None])
 
 

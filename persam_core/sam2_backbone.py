@@ -26,7 +26,7 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from .backbone import Decoded
 from .decoder_sam2 import decode_masks_sam2
-from .preprocess import GRID_SIZE, ResizedImage, resize_square  # noqa: F401  (resize_square re-exported)
+from .preprocess import GRID_SIZE, ResizedImage, array_to_device, resize_square  # noqa: F401  (resize_square re-exported)
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
@@ -70,11 +70,7 @@ class Sam2Backbone:
                 f"SAM 2 encodes images resized by its own transform ({expected[0]}x{expected[1]} float32, "
                 f"Sam2Backbone.resize), got {resized.pixels.dtype} {tuple(resized.pixels.shape)}"
             )
-        pixels = torch.from_numpy(np.ascontiguousarray(resized.pixels))
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        else:
-            pixels = pixels.to(self.device)
+        pixels = array_to_device(resized.pixels, self.device)
         return TF.normalize(pixels.permute(2, 0, 1).contiguous(), PIXEL_MEAN, PIXEL_STD)[None]
 
     def encode(self, batch: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:

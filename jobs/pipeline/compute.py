@@ -18,6 +18,7 @@ from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import ConceptTensors
 from persam_core.predictor import EncodedImage, encode_images
+from persam_core.preprocess import array_to_device
 
 from jobs.pipeline.cache import DTYPES
 from jobs.pipeline.payload import Chunk, ChunkResults, short_reason
@@ -59,7 +60,7 @@ def encode_chunk(sam, chunk: Chunk, speed: EncoderSpeed, cache_dtype: str | None
 
 def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Cached fp16/fp32 features -> fp32 on the device (what the cascade computes in)."""
-    return torch.from_numpy(array).to(device).float()
+    return array_to_device(array, device).float()
 
 
 def cached_image(chunk: Chunk, item: int, device: torch.device) -> EncodedImage:

@@ -7,15 +7,23 @@
 A *chunk* is a few images of one shard (the unit of work of the model actor); a shard is
 what becomes one Parquet file. `meta` is the chunk's JSON header (per image: URL, content
 hash, error, sizes, where its features come from) and passes the actor untouched; `arrays`
-(npz) holds only what the actor needs on the device: resized pixels or cached features;
-`results` (npz) is what the actor computed, host numpy only, without rows; a
-`FinishedChunk` is the chunk's rows (Arrow IPC) and counts, as the driver receives them.
+(an array bundle) holds only what the actor needs on the device: resized pixels or cached
+features; `results` (an array bundle) is what the actor computed, host numpy only, without
+rows; a `FinishedChunk` is the chunk's rows (Arrow IPC) and counts, as the driver receives them.
+
+An array bundle is a JSON header (names, dtypes, shapes, offsets) followed by the arrays'
+raw bytes, each 64-byte aligned: packing is one copy; the model actor unpacks its chunk as
+read-only views (no copy), the finish stage its results as one copy. It replaced npz, whose
+zip framing (a CRC over every byte, a copy per member) cost host time in the actor on every
+chunk. For 16 images of 1024 x 768 x 3 uint8 (37 MiB) on the 2-vCPU development machine:
+npz save 25.0 ms / load 19.1 ms; bundle pack 16.0 ms / unpack 0.3 ms as views, 16.8 ms
+as a copy.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import struct
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -118,11 +126,40 @@ def short_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:500] if text else type(error).__name__
 
 
-def _npz(arrays: dict[str, np.ndarray], header: dict) -> bytes:
-    arrays = {**arrays, "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+_ALIGN = 64
+_LENGTH = struct.Struct("<Q")  # the JSON header's length, first in a bundle
+
+
+def bundle(arrays: dict[str, np.ndarray], header: dict) -> bytes:
+    """Arrays + a JSON-able header -> bytes: [length][JSON][pad][array 0][pad][array 1]..."""
+    contiguous = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+    entries, offset = [], 0
+    for name, array in contiguous.items():
+        entries.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset})
+        offset += -(-array.nbytes // _ALIGN) * _ALIGN
+    text = json.dumps({"header": header, "arrays": entries}).encode()
+    start = -(-(_LENGTH.size + len(text)) // _ALIGN) * _ALIGN
+    parts: list = [_LENGTH.pack(len(text)), text, bytes(start - _LENGTH.size - len(text))]
+    for entry, array in zip(entries, contiguous.values()):
+        parts.append(memoryview(array.reshape(-1).view(np.uint8)))
+        parts.append(bytes(-array.nbytes % _ALIGN))
+    return b"".join(parts)
+
+
+def unbundle(data: bytes, copy: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """bytes of `bundle` -> (header, {name: array}): writable views of one copy, or with
+    copy=False read-only views of `data` itself (the model actor's pixels: the device copy
+    is the only one it needs, see persam_core.preprocess.array_to_device)."""
+    buffer = bytearray(data) if copy else data
+    (length,) = _LENGTH.unpack_from(buffer)
+    layout = json.loads(bytes(buffer[_LENGTH.size : _LENGTH.size + length]))
+    start = -(-(_LENGTH.size + length) // _ALIGN) * _ALIGN
+    arrays = {}
+    for entry in layout["arrays"]:
+        dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays[entry["name"]] = np.frombuffer(buffer, dtype, count, start + entry["offset"]).reshape(shape)
+    return layout["header"], arrays
 
 
 def _size(value) -> tuple[int, int] | None:
@@ -130,29 +167,29 @@ def _size(value) -> tuple[int, int] | None:
 
 
 def _level_arrays(prefix: str, levels: dict[int, tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
-    """{item: (level 0, level 1, ...)} -> npz entries "<prefix><level>_<item>"."""
+    """{item: (level 0, level 1, ...)} -> bundle entries "<prefix><level>_<item>"."""
     return {f"{prefix}{level}_{i}": array for i, arrays in levels.items() for level, array in enumerate(arrays)}
 
 
-def _levels_of(archive, prefix: str) -> dict[int, tuple[np.ndarray, ...]]:
-    """The inverse of _level_arrays: npz entries "<prefix><level>_<item>" -> {item: levels in order}."""
+def _levels_of(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, tuple[np.ndarray, ...]]:
+    """The inverse of _level_arrays: entries "<prefix><level>_<item>" -> {item: levels in order}."""
     found: dict[int, dict[int, np.ndarray]] = {}
-    for name in archive.files:
+    for name, array in arrays.items():
         if name.startswith(prefix):
             level, _, item = name[len(prefix):].partition("_")
-            found.setdefault(int(item), {})[int(level)] = archive[name]
+            found.setdefault(int(item), {})[int(level)] = array
     return {item: tuple(levels[level] for level in sorted(levels)) for item, levels in found.items()}
 
 
 def pack_chunk(chunk: Chunk) -> tuple[bytes, bytes]:
-    """-> (meta: JSON bytes, arrays: npz bytes)."""
+    """-> (meta: JSON bytes, arrays: bundle bytes)."""
     items = [{"url": i.url, "sha256": i.sha256, "error": i.error, "carried": i.carried, "source": i.source,
               "original_size": i.original_size, "input_size": i.input_size} for i in chunk.items]
     meta = {"shard": chunk.shard, "chunk": chunk.index, "items": items, "cache_problems": list(chunk.cache_problems)}
     arrays = {f"pixels_{i}": a for i, a in chunk.pixels.items()}
     arrays.update({f"features_{i}": a for i, a in chunk.features.items()})
     arrays.update(_level_arrays("level", chunk.high_res))
-    return json.dumps(meta).encode(), _npz(arrays, {})
+    return json.dumps(meta).encode(), bundle(arrays, {})
 
 
 def unpack_chunk(meta: bytes, arrays: bytes | None = None) -> Chunk:
@@ -162,14 +199,14 @@ def unpack_chunk(meta: bytes, arrays: bytes | None = None) -> Chunk:
                        _size(e["input_size"])) for e in header["items"]]
     chunk = Chunk(int(header["shard"]), int(header["chunk"]), items, tuple(header["cache_problems"]))
     if arrays is not None:
-        with np.load(io.BytesIO(arrays), allow_pickle=False) as archive:
-            for name in archive.files:
-                kind, _, index = name.rpartition("_")
-                if kind == "pixels":
-                    chunk.pixels[int(index)] = archive[name]
-                elif kind == "features":
-                    chunk.features[int(index)] = archive[name]
-            chunk.high_res = _levels_of(archive, "level")
+        _, unpacked = unbundle(arrays, copy=False)
+        for name, array in unpacked.items():
+            kind, _, index = name.rpartition("_")
+            if kind == "pixels":
+                chunk.pixels[int(index)] = array
+            elif kind == "features":
+                chunk.features[int(index)] = array
+        chunk.high_res = _levels_of(unpacked, "level")
     return chunk
 
 
@@ -181,20 +218,18 @@ def pack_results(results: ChunkResults) -> bytes:
     if results.similarity is not None:
         arrays.update(similarity=results.similarity, point=results.point)
     header = {"failures": {str(i): r for i, r in results.failures.items()}, "encoded": results.encoded}
-    return _npz(arrays, header)
+    return bundle(arrays, header)
 
 
 def unpack_results(data: bytes) -> ChunkResults:
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        header = json.loads(archive["header"].tobytes())
-        names = set(archive.files)
-        results = ChunkResults({int(i): r for i, r in header["failures"].items()}, list(header["encoded"]))
-        if "masks_image_index" in names:
-            results.masks = HostResults.from_arrays({f.name: archive[f"masks_{f.name}"] for f in fields(HostResults)})
-        if "similarity" in names:
-            results.similarity, results.point = archive["similarity"], archive["point"]
-        results.fresh = {int(n.rpartition("_")[2]): archive[n] for n in names if n.startswith("fresh_")}
-        results.fresh_high_res = _levels_of(archive, "freshlevel")
+    header, arrays = unbundle(data)
+    results = ChunkResults({int(i): r for i, r in header["failures"].items()}, list(header["encoded"]))
+    if "masks_image_index" in arrays:
+        results.masks = HostResults.from_arrays({f.name: arrays[f"masks_{f.name}"] for f in fields(HostResults)})
+    if "similarity" in arrays:
+        results.similarity, results.point = arrays["similarity"], arrays["point"]
+    results.fresh = {int(n.rpartition("_")[2]): a for n, a in arrays.items() if n.startswith("fresh_")}
+    results.fresh_high_res = _levels_of(arrays, "freshlevel")
     return results
 
 
