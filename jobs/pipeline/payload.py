@@ -146,10 +146,11 @@ def bundle(arrays: dict[str, np.ndarray], header: dict) -> bytes:
     return b"".join(parts)
 
 
-def unbundle(data: bytes, copy: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+def unbundle(data: bytes | np.ndarray, copy: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """bytes of `bundle` -> (header, {name: array}): writable views of one copy, or with
     copy=False read-only views of `data` itself (the model actor's pixels: the device copy
-    is the only one it needs, see persam_core.preprocess.array_to_device)."""
+    is the only one it needs, see persam_core.preprocess.array_to_device). `data`: bytes or
+    a uint8 array (pack_chunk's)."""
     buffer = bytearray(data) if copy else data
     (length,) = _LENGTH.unpack_from(buffer)
     layout = json.loads(bytes(buffer[_LENGTH.size : _LENGTH.size + length]))
@@ -181,18 +182,20 @@ def _levels_of(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, tuple[np
     return {item: tuple(levels[level] for level in sorted(levels)) for item, levels in found.items()}
 
 
-def pack_chunk(chunk: Chunk) -> tuple[bytes, bytes]:
-    """-> (meta: JSON bytes, arrays: bundle bytes)."""
+def pack_chunk(chunk: Chunk) -> tuple[bytes, np.ndarray]:
+    """-> (meta: JSON bytes, arrays: the bundle as a uint8 array). As an array, Ray Data stores
+    it as a tensor column and hands the actor a read-only view of its object store (bytes
+    would be copied into a new Python object on every call)."""
     items = [{"url": i.url, "sha256": i.sha256, "error": i.error, "carried": i.carried, "source": i.source,
               "original_size": i.original_size, "input_size": i.input_size} for i in chunk.items]
     meta = {"shard": chunk.shard, "chunk": chunk.index, "items": items, "cache_problems": list(chunk.cache_problems)}
     arrays = {f"pixels_{i}": a for i, a in chunk.pixels.items()}
     arrays.update({f"features_{i}": a for i, a in chunk.features.items()})
     arrays.update(_level_arrays("level", chunk.high_res))
-    return json.dumps(meta).encode(), bundle(arrays, {})
+    return json.dumps(meta).encode(), np.frombuffer(bundle(arrays, {}), np.uint8)
 
 
-def unpack_chunk(meta: bytes, arrays: bytes | None = None) -> Chunk:
+def unpack_chunk(meta: bytes, arrays: bytes | np.ndarray | None = None) -> Chunk:
     """The chunk of `meta`; with `arrays`, also its pixels and cached features."""
     header = json.loads(bytes(meta))
     items = [ChunkItem(e["url"], e["sha256"], e["error"], e["carried"], e["source"], _size(e["original_size"]),
