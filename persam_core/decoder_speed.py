@@ -102,19 +102,20 @@ def _pad_rows(tensor: Tensor | None, rows: int) -> Tensor | None:
 class DecoderGraphs:
     """`decode_eager` of one SAM, traced and replayed as CUDA graphs (see the module docstring)."""
 
-    def __init__(self, sam: torch.nn.Module, log: Callable[[str], None] = logger.info) -> None:
-        self.sam = sam
+    def __init__(self, device_type: str, log: Callable[[str], None] = logger.info) -> None:
+        # No reference to the model here: the registry holds this per model weakly, so a model
+        # dropped by its owner (bench frees its copy before the job) is freed with its graphs.
         self.log = log
-        backend = "cudagraphs" if next(sam.parameters()).device.type == "cuda" else "aot_eager"
+        backend = "cudagraphs" if device_type == "cuda" else "aot_eager"
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         self.compiled = torch.compile(decode_eager, backend=backend, fullgraph=True, dynamic=False)
         self.failed = False
 
-    def __call__(self, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
-                 mask_input: Tensor | None, multimask: bool, attention_bias: Tensor | None,
+    def __call__(self, sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor,
+                 boxes: Tensor | None, mask_input: Tensor | None, multimask: bool, attention_bias: Tensor | None,
                  target_embedding: Tensor | None) -> tuple[Tensor, Tensor]:
-        """`decode_eager`'s arguments (without the model) -> its results, through the graphs."""
+        """`decode_eager`'s arguments -> its results, through the graphs."""
         if not self.failed:
             count = features.shape[0]
             rows = pair_bucket(count)
@@ -122,12 +123,12 @@ class DecoderGraphs:
             extra = [_pad_rows(t, rows) for t in (attention_bias, target_embedding)]
             try:
                 torch.compiler.cudagraph_mark_step_begin()  # earlier replays' outputs were cloned: reuse their memory
-                low_res, scores = self.compiled(self.sam, *padded, multimask, *extra)
+                low_res, scores = self.compiled(sam, *padded, multimask, *extra)
                 return low_res[:count].clone(), scores[:count].clone()
             except Exception as error:  # a tracing or capture failure: the eager decoder from now on
                 self.failed = True
                 self.log(f"note: CUDA graphs of the mask decoder failed ({describe(error)}); decoding eagerly")
-        return decode_eager(self.sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
+        return decode_eager(sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
                             target_embedding)
 
 
@@ -158,7 +159,7 @@ def configure_decoder(sam: torch.nn.Module, graphs: bool | None = None, precisio
     if graphs is not None:
         settings.use_graphs = graphs
         if graphs and settings.graphs is None:
-            settings.graphs = DecoderGraphs(sam, log)
+            settings.graphs = DecoderGraphs(next(sam.parameters()).device.type, log)
     if precision is not None:
         settings.precision = precision
     return graphs_enabled(sam), settings.precision
@@ -193,5 +194,5 @@ def decode_prompts(sam: torch.nn.Module, features: Tensor, coords: Tensor, label
         return decode_eager(sam, *args)
     dtype = DECODER_DTYPES[settings.precision]
     with contextlib.nullcontext() if dtype is None else torch.autocast(features.device.type, dtype=dtype):
-        low_res, scores = settings.graphs(*args) if graphs_enabled(sam) else decode_eager(sam, *args)
+        low_res, scores = settings.graphs(sam, *args) if graphs_enabled(sam) else decode_eager(sam, *args)
     return low_res.float(), scores.float()

@@ -140,3 +140,20 @@ def test_speed_settings(tiny_sam, tiny_sam2):
     assert lines == ["note: --decoder-graphs and --decoder-precision apply to SAM (segment_anything) only; "
                      "SAM 2 decodes run as sam2 runs them"]
     assert not graphs_enabled(sam2)
+
+
+def test_a_dropped_model_is_freed_with_its_graphs(tiny_sam, encoded):  # noqa: F811
+    """bench drops its fast copy before the job's actor needs the device memory."""
+    import gc
+    import weakref
+
+    sam = copy.deepcopy(tiny_sam)
+    configure_decoder(sam, graphs=True)
+    features = torch.stack([e.features for e in encoded[:1]])
+    with torch.no_grad():
+        decode_prompts(sam, features, torch.tensor([[[10.0, 20.0]]]), torch.ones(1, 1, dtype=torch.int), None, None,
+                       True, None, None)
+    alive = weakref.ref(sam)
+    del sam
+    gc.collect()
+    assert alive() is None
