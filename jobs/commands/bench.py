@@ -202,8 +202,8 @@ def decoder_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
                     concept_sets: dict[str, Sequence[ConceptTensors]], images: int) -> dict:
     """The cascade on the same encoded batches with each decoder variant, per concept set:
     seconds per image, torch ops (and on CUDA launches) of one batch, and the masks' minimum
-    IoU against the eager fp32 decoder's. Tracing and recording graphs happen in an untimed
-    first run (the job's actors do it on their first chunks)."""
+    IoU against the eager fp32 decoder's. On CUDA, tracing and recording graphs happen in an
+    untimed first run (the job's actors do it on their first chunks)."""
     if not isinstance(model, Sam):
         return {"decoder_variants": "SAM only: SAM 2 decodes as sam2 does"}
     figures: dict = {}
@@ -211,7 +211,7 @@ def decoder_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
         yardstick: list[np.ndarray] = []
         for label, (graphs, precision) in DECODER_VARIANTS.items():
             with decoder_settings(model, graphs, precision):
-                if graphs:
+                if graphs and torch.cuda.is_available():  # record every shape before timing (CPU: no graphs)
                     segment_all(model, batches, chosen)
                 seconds, results = timed(lambda: segment_all(model, batches, chosen))
                 counts = host_dispatch(lambda: segment_all(model, batches[:1], chosen))
