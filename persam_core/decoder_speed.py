@@ -46,6 +46,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
+from segment_anything.modeling import Sam
 
 from .decoder import decode_masks
 from .options import DECODER_PRECISIONS
@@ -149,8 +150,6 @@ def configure_decoder(sam: torch.nn.Module, graphs: bool | None = None, precisio
                       log: Callable[[str], None] = logger.info) -> tuple[bool, str]:
     """Set how `sam`'s decodes run from now on (None: as before) -> (graphs in use, precision).
     A SAM 2 keeps its own decoder as it is: (False, "fp32")."""
-    from segment_anything.modeling import Sam
-
     if precision is not None and precision not in DECODER_PRECISIONS:
         raise ValueError(f"--decoder-precision {precision}: choose {', '.join(DECODER_PRECISIONS)}")
     if not isinstance(sam, Sam):
@@ -190,9 +189,10 @@ def decode_prompts(sam: torch.nn.Module, features: Tensor, coords: Tensor, label
     """`decode_eager` as `configure_decoder` set it for `sam` -> fp32 logits and scores."""
     settings = _SETTINGS.get(sam)
     args = (features, coords, labels, boxes, mask_input, multimask, attention_bias, target_embedding)
-    if settings is None or (settings.precision == "fp32" and not graphs_enabled(sam)):
+    graphs = settings.graphs if graphs_enabled(sam) else None
+    if settings is None or (settings.precision == "fp32" and graphs is None):
         return decode_eager(sam, *args)
     dtype = DECODER_DTYPES[settings.precision]
     with contextlib.nullcontext() if dtype is None else torch.autocast(features.device.type, dtype=dtype):
-        low_res, scores = settings.graphs(sam, *args) if graphs_enabled(sam) else decode_eager(sam, *args)
+        low_res, scores = graphs(sam, *args) if graphs is not None else decode_eager(sam, *args)
     return low_res.float(), scores.float()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .backbone import Backbone, Decoded, as_backbone
+from .preprocess import tensor_to_device
 
 FULL_RES_CHUNK = 32  # pairs upsampled at once: 32 x 3 masks x 1024^2 fp32 = 384 MiB
 
@@ -80,7 +81,7 @@ class PairBatch:
             features,
             to_device(list(image_of_pair), torch.long, device),
             groups,
-            _to_device_tensor(table, device),
+            tensor_to_device(table, device),
             tuple(image_of_pair),
             tuple(tuple(s) for s in input_sizes),
             tuple(tuple(s) for s in original_sizes),
@@ -171,20 +172,9 @@ class PairBatch:
         return self.backbone.mask_feedback(low_res)
 
 
-def _to_device_tensor(tensor: Tensor, device: torch.device) -> Tensor:
-    """A CPU tensor -> device, queued like a kernel on CUDA (see `to_device`)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Host values -> a device tensor without waiting: from pinned memory, the copy is queued
-    like a kernel (from pageable memory it would wait until the GPU's queue is empty)."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    """Host values -> a device tensor without waiting (see preprocess.tensor_to_device)."""
+    return tensor_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def boxes_of(masks: Tensor) -> Tensor:

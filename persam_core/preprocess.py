@@ -67,13 +67,19 @@ def host_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def tensor_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor -> `device` without waiting: to CUDA from pinned memory the copy is queued
+    like a kernel (from pageable memory it would wait until the GPU's queue is empty)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def array_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host array -> a tensor on `device`, always a copy; to CUDA through pinned memory
-    without blocking (the copy overlaps the GPU's work)."""
+    """Host array -> a tensor on `device`, always a copy (the array may be a read-only view
+    of received bytes), to CUDA by `tensor_to_device`."""
     tensor = host_tensor(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.clone() if device.type == "cpu" else tensor.to(device)
+    return tensor.clone() if device.type == "cpu" else tensor_to_device(tensor, device)
 
 
 def to_encoder_input(sam: Sam, resized: ResizedImage) -> torch.Tensor:

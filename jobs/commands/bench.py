@@ -211,7 +211,7 @@ def decoder_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
         yardstick: list[np.ndarray] = []
         for label, (graphs, precision) in DECODER_VARIANTS.items():
             with decoder_settings(model, graphs, precision):
-                if graphs and torch.cuda.is_available():  # record every shape before timing (CPU: no graphs)
+                if graphs and next(model.parameters()).device.type == "cuda":  # record each shape (CPU: none)
                     segment_all(model, batches, chosen)
                 seconds, results = timed(lambda: segment_all(model, batches, chosen))
                 counts = host_dispatch(lambda: segment_all(model, batches[:1], chosen))

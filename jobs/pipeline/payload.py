@@ -130,19 +130,24 @@ _ALIGN = 64
 _LENGTH = struct.Struct("<Q")  # the JSON header's length, first in a bundle
 
 
+def _aligned(size: int) -> int:
+    """size rounded up to the next multiple of _ALIGN."""
+    return -(-size // _ALIGN) * _ALIGN
+
+
 def bundle(arrays: dict[str, np.ndarray], header: dict) -> bytes:
     """Arrays + a JSON-able header -> bytes: [length][JSON][pad][array 0][pad][array 1]..."""
     contiguous = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
     entries, offset = [], 0
     for name, array in contiguous.items():
         entries.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset})
-        offset += -(-array.nbytes // _ALIGN) * _ALIGN
+        offset += _aligned(array.nbytes)
     text = json.dumps({"header": header, "arrays": entries}).encode()
-    start = -(-(_LENGTH.size + len(text)) // _ALIGN) * _ALIGN
-    parts: list = [_LENGTH.pack(len(text)), text, bytes(start - _LENGTH.size - len(text))]
-    for entry, array in zip(entries, contiguous.values()):
+    head = _LENGTH.pack(len(text)) + text
+    parts: list = [head, bytes(_aligned(len(head)) - len(head))]
+    for array in contiguous.values():
         parts.append(memoryview(array.reshape(-1).view(np.uint8)))
-        parts.append(bytes(-array.nbytes % _ALIGN))
+        parts.append(bytes(_aligned(array.nbytes) - array.nbytes))
     return b"".join(parts)
 
 
@@ -154,7 +159,7 @@ def unbundle(data: bytes | np.ndarray, copy: bool = True) -> tuple[dict, dict[st
     buffer = bytearray(data) if copy else data
     (length,) = _LENGTH.unpack_from(buffer)
     layout = json.loads(bytes(buffer[_LENGTH.size : _LENGTH.size + length]))
-    start = -(-(_LENGTH.size + length) // _ALIGN) * _ALIGN
+    start = _aligned(_LENGTH.size + length)
     arrays = {}
     for entry in layout["arrays"]:
         dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
