@@ -26,6 +26,12 @@ memory pool.
 - Off the GPU the same trace runs through `aot_eager` (no graphs exist there): the tests use it
   to check that the traced decode equals the eager one.
 - If tracing or recording fails, the decode runs eagerly from then on, with one log line.
+- Threads: torch keeps the graph trees in thread-local state, and before torch 2.14 only the
+  thread that imported inductor's `cudagraph_trees` had that state (any other failed a bare
+  `assert torch._C._is_key_in_tls`: the graphs fell back to eager in Ray's actor threads on
+  torch 2.11). `_give_thread_graph_state` sets it up for the calling thread, as torch 2.14 does
+  itself. Callers should still decode on one thread (the job's actors do): each thread
+  records its own graphs.
 
 Decoder precision (`configure_decoder(sam, precision="bf16")`): at large P (many concepts) the
 decoder's own work sets the pace instead: 2.9 GFLOP of matrix products per pair and pass
@@ -40,7 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import weakref
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -100,6 +108,17 @@ def _pad_rows(tensor: Tensor | None, rows: int) -> Tensor | None:
     return torch.cat([tensor, tensor[:1].expand(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
+def _give_thread_graph_state() -> None:
+    """Set up cudagraph trees' per-thread state for this thread where torch did not (< 2.14)."""
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    # what torch's cudagraph_trees sets up for its importing thread (torch 2.14: `_initialize_tls`)
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
+
+
 class DecoderGraphs:
     """`decode_eager` of one SAM, traced and replayed as CUDA graphs (see the module docstring)."""
 
@@ -108,6 +127,7 @@ class DecoderGraphs:
         # dropped by its owner (bench frees its copy before the job) is freed with its graphs.
         self.log = log
         backend = "cudagraphs" if device_type == "cuda" else "aot_eager"
+        self.graph_trees = backend == "cudagraphs"
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         self.compiled = torch.compile(decode_eager, backend=backend, fullgraph=True, dynamic=False)
@@ -123,6 +143,8 @@ class DecoderGraphs:
             padded = [_pad_rows(t, rows) for t in (features, coords, labels, boxes, mask_input)]
             extra = [_pad_rows(t, rows) for t in (attention_bias, target_embedding)]
             try:
+                if self.graph_trees:
+                    _give_thread_graph_state()
                 torch.compiler.cudagraph_mark_step_begin()  # earlier replays' outputs were cloned: reuse their memory
                 low_res, scores = self.compiled(sam, *padded, multimask, *extra)
                 return low_res[:count].clone(), scores[:count].clone()

@@ -6,16 +6,20 @@ than the driver's), moved to the device, the encoder's speed settings applied
 Ray Data's columns: it unpacks each chunk, computes (compute.py) and packs the results.
 
 Ray Data runs up to two calls at once (max_concurrent_calls_per_actor=2 with true
-multi-threading, see run.py). Two locks make them a two-stage pipeline: while one call
-runs its chunk's cascade (many small kernels, launched from Python), the other queues
+multi-threading, see run.py). A lock and a thread make them a two-stage pipeline: while
+one chunk's cascade runs (many small kernels, launched from Python), the next call queues
 its chunk's encoder work, so the GPU has the encoder to run whenever the cascade leaves
-it waiting for the host; unpacking and packing happen outside both locks.
+it waiting for the host; unpacking and packing happen outside both. Every cascade runs
+on the actor's one cascade thread, not on Ray's call threads: torch keeps CUDA graphs
+(--decoder-graphs) per thread, so one thread records each decoder shape once and
+replays it for every chunk (two call threads would each record and hold their own).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -54,13 +58,14 @@ class ModelActor:
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in job.concept_texts]
         self.job = job
         self.cache_dtype = spec.cache_dtype if job.cache_shards is not None else None
-        self.encode_lock, self.cascade_lock = threading.Lock(), threading.Lock()
+        self.encode_lock = threading.Lock()
+        # one thread: the cascades run one at a time, and decoder graphs live on it (see above)
+        self.cascade_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cascade")
 
     def compute(self, chunk: Chunk) -> ChunkResults:
         with self.encode_lock:  # queued on the device; no host read unless a cache needs the features
             batches, results = encode_chunk(self.sam, chunk, self.speed, self.cache_dtype)
-        with self.cascade_lock:
-            return self.decode(chunk, batches, results)
+        return self.cascade_thread.submit(self.decode, chunk, batches, results).result()
 
     def decode(self, chunk: Chunk, batches: list[Batch], results: ChunkResults) -> ChunkResults:
         raise NotImplementedError
