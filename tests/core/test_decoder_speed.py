@@ -157,3 +157,27 @@ def test_a_dropped_model_is_freed_with_its_graphs(tiny_sam, encoded):  # noqa: F
     del sam
     gc.collect()
     assert alive() is None
+
+
+def test_a_thread_torch_did_not_set_up_gets_graph_state():
+    """torch < 2.14 set up cudagraph trees' thread-local state on the importing thread only (a
+    bare assert elsewhere: graphs fell back to eager in Ray's call threads on torch 2.11)."""
+    import threading
+
+    from torch._inductor import cudagraph_trees as trees
+
+    from persam_core.decoder_speed import _give_thread_graph_state
+
+    seen = {}
+
+    def fresh_thread() -> None:
+        seen["before"] = hasattr(trees.local, "tree_manager_containers")
+        _give_thread_graph_state()
+        _give_thread_graph_state()  # a second call keeps what the first set up
+        seen["containers"] = trees.get_obj(trees.local, "tree_manager_containers")
+        seen["lock"] = trees.get_obj(trees.local, "tree_manager_locks")[0]
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert seen["before"] is False and seen["containers"] == {} and seen["lock"] is not None
