@@ -74,9 +74,16 @@ def guided_transformer(
     -> (tokens [B, N, 256], image tokens [B, 4096, 256]).
     """
     keys = image_embedding.flatten(2).permute(0, 2, 1)
-    # SAM's layouts, kept: a contiguous copy of `keys` would be faster but changes the
-    # GEMMs' kernels and so the last bits (the oracle tests compare bit for bit). The
-    # positional encoding is the same for every pair: one contiguous [1, 4096, 256] copy
+    if keys.shape[0] > 1:
+        # Several pairs: token-major and contiguous once. SAM's permuted view sends each
+        # projection of the first layer through a batched GEMM over transposed matrices,
+        # with copies, and each add over strides (copies and adds were ~40 % of the
+        # decoder's GPU time at 128 pairs on an H100). One pair keeps SAM's layout, where
+        # the view folds into one transposed GEMM: the oracle tests compare that bit for bit
+        # with SAM. Several pairs never matched one bit for bit (batching changes the GEMMs);
+        # the batched tests hold them to the one-at-a-time masks (IoU >= 0.999).
+        keys = keys.contiguous()
+    # The positional encoding is the same for every pair: one contiguous [1, 4096, 256] copy
     # that broadcasts, instead of SAM's B repeats (same values, same adds).
     key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
     queries = tokens

@@ -182,8 +182,11 @@ def host_dispatch(run: Callable[[], object]) -> dict:
     dispatched from Python, and on CUDA the kernel and graph launches (the host's pace)."""
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    with native_stderr_filter(PROFILER_NOISE), profile(activities=activities) as profiler:
-        run()
+    with native_stderr_filter(PROFILER_NOISE), warnings.catch_warnings():
+        # its "Profiler clears events at the end of each cycle" warning on every use (seen on torch 2.11)
+        warnings.filterwarnings("ignore", message="Warning: Profiler clears events", category=UserWarning)
+        with profile(activities=activities) as profiler:
+            run()
     events = profiler.events()
     counts = {"torch_ops": sum(1 for e in events if e.name.startswith("aten::")
                                and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))}
