@@ -181,3 +181,26 @@ def test_a_thread_torch_did_not_set_up_gets_graph_state():
     thread.start()
     thread.join()
     assert seen["before"] is False and seen["containers"] == {} and seen["lock"] is not None
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_several_pairs_decode_as_each_pair_alone(tiny_sam, guided):
+    """Several pairs run the transformer on contiguous tokens, one pair on SAM's own layout
+    (bit for bit, the oracle tests): both give the same logits up to float rounding."""
+    generator = torch.Generator().manual_seed(0)
+    count, channels = 3, tiny_sam.prompt_encoder.embed_dim
+    height, width = tiny_sam.prompt_encoder.image_embedding_size
+    features = torch.randn(count, channels, height, width, generator=generator)
+    coords = torch.randint(0, 1024, (count, 2, 2), generator=generator).float()
+    labels = torch.tensor([[1, 0]] * count)
+    mask_input = torch.randn(count, 1, 4 * height, 4 * width, generator=generator)
+    bias = torch.rand(count, 1, 1, height * width, generator=generator) if guided else None
+    embedding = torch.randn(count, 1, channels, generator=generator) if guided else None
+    with torch.no_grad():
+        together = decode_eager(tiny_sam, features, coords, labels, None, mask_input, True, bias, embedding)
+        for row in range(count):
+            pick = lambda t: None if t is None else t[row : row + 1]  # noqa: E731
+            alone = decode_eager(tiny_sam, pick(features), pick(coords), pick(labels), None, pick(mask_input), True,
+                                 pick(bias), pick(embedding))
+            torch.testing.assert_close(together[0][row : row + 1], alone[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(together[1][row : row + 1], alone[1], rtol=1e-5, atol=1e-5)
