@@ -27,6 +27,7 @@ import torch
 from persam_core.acceleration import prepare_encoder, resolve_speed
 from persam_core.concept import Concept, ConceptTensors
 
+from jobs.host_memory import keep_large_buffers
 from jobs.logs import configure as configure_logging
 from jobs.pipeline.compute import Batch, cascade_chunk, encode_chunk, score_batches
 from jobs.pipeline.job import PreparedJob, load_checked_model
@@ -44,6 +45,7 @@ class ModelActor:
     def __init__(self, job: PreparedJob, threads: int) -> None:
         spec = job.spec
         configure_logging(spec.log_level, spec.quiet, spec.log_format)  # an actor's process logs as the driver's
+        keep_large_buffers()  # the actor's own process: its CPU tensors (see host_memory.py)
         if threads > 0:
             torch.set_num_threads(threads)
         loaded = load_checked_model(spec, job.fingerprint)
