@@ -1,15 +1,19 @@
 """The host allocator: large tensor buffers stay in the process between uses (glibc).
 
-glibc's malloc serves every request of 32 MiB and more (the top of its dynamic mmap
-threshold) with a fresh `mmap` and unmaps it on free, so each such CPU tensor costs page
-faults and zeroing on every use. The mask decoder on CPU allocates many: its token
-tensors are [P, 4096, 256] fp32, 4 MiB per pair, so from P = 8 pairs each one crosses the
-line. Measured on the development machine (2 vCPU, glibc 2.36, vit_b decoder, multimask
-pass): 70 ms per pair at P = 8 against 32 ms with the thresholds raised, and 2.1 s against
-1.05 s for P = 32 — the same as setting MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
-before start-up, which a process cannot do for itself. The cost: memory freed by tensors
-stays with the process (up to the thresholds) instead of going back to the system; a
-model process reuses it on the next batch anyway.
+By default glibc's malloc maps large requests with a fresh `mmap` (its threshold adapts
+up to 32 MiB) and gives freed memory at the top of the heap back (trim threshold), so
+CPU tensors of a few MiB and more are faulted in and zeroed again on every use. The mask
+decoder on CPU allocates many: its token tensors are [P, 4096, 256] fp32, 4 MiB per pair.
+Measured on the development machine (2 vCPU, glibc 2.36), one multimask decode of 8 pairs
+after a first one: 100-165 thousand page faults by default, 0-3 thousand with the
+thresholds raised; the vit_b decoder took 70 against 32 ms per pair at P = 8, and 2.1
+against 1.05 s at P = 32. This is what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
+do when set before start-up; `mallopt` sets them from inside the process.
+
+The cost: up to THRESHOLD of freed memory stays with the process instead of going back
+to the system (peak RSS of `persam bench` on vit_b, CPU: 3.7 GB before, 4.0 GB with 256
+MiB, 5.3 GB with 1 GiB, where the encoder's 0.8 GB attention maps stayed too). A model
+process reuses it on its next batch.
 
 Where the C library is not glibc (macOS, musl), this does nothing.
 """
@@ -24,7 +28,7 @@ import sys
 logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h> parameter numbers
-THRESHOLD = 1 << 30  # requests up to 1 GiB come from the heap; freed memory up to 1 GiB is kept
+THRESHOLD = 256 << 20  # requests up to 256 MiB (64 pairs of tokens) come from the heap; up to 256 MiB freed is kept
 
 
 def keep_large_buffers() -> bool:
