@@ -9,7 +9,9 @@ and that tensor is also the tokens' positional encoding, so every attention afte
 first add uses `tokens + e` (added once) as positional encoding, while the queries get
 e before each layer, and the final token->image query gets e once more.
 
-With `attention_bias=None` and `target_embedding=None` this is SAM's MaskDecoder exactly.
+With `attention_bias=None` and `target_embedding=None` this is SAM's MaskDecoder: bit for bit
+for one prompt; for several, to float rounding (their tokens run contiguous, see
+`guided_transformer`; SAM's own batched calls differ from its single ones as much).
 `guided_transformer` is shared with SAM 2 (`decoder_sam2.py`): both two-way transformers have
 the same layers, and an attention without bias is the module's own forward (SAM: softmax
 attention, SAM 2: scaled_dot_product_attention), so guidance off is each model exactly.
