@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes in the module docstring. Any error ends in one line on stderr, credentials
     scrubbed; the full traceback (scrubbed too) only with --log-level debug."""
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
-    from jobs.host_memory import keep_large_buffers
+    from jobs.pipeline.host_memory import keep_large_buffers
     from jobs.logs import configure, settings
 
     configure(args.log_level, args.quiet, args.log_format)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jobs.host_memory import keep_large_buffers
+from jobs.pipeline.host_memory import keep_large_buffers
 
 
 def glibc() -> bool:
@@ -21,7 +21,7 @@ def glibc() -> bool:
 
 DECODE_FAULTS = """
 import resource, sys, torch
-from jobs.host_memory import keep_large_buffers
+from jobs.pipeline.host_memory import keep_large_buffers
 from persam_core.decoder_speed import decode_eager
 from persam_core.models import build_random
 if sys.argv[1] == "kept":
