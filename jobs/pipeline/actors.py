@@ -27,9 +27,9 @@ import torch
 from persam_core.acceleration import prepare_encoder, resolve_speed
 from persam_core.concept import Concept, ConceptTensors
 
-from jobs.pipeline.host_memory import keep_large_buffers
 from jobs.logs import configure as configure_logging
 from jobs.pipeline.compute import Batch, cascade_chunk, encode_chunk, score_batches
+from jobs.pipeline.host_memory import keep_large_buffers
 from jobs.pipeline.job import PreparedJob, load_checked_model
 from jobs.pipeline.payload import Chunk, ChunkResults, pack_results, unpack_chunk
 from jobs.pipeline.session import resolve_device
