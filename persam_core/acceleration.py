@@ -35,8 +35,8 @@ from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 from .backbone import Model, as_backbone
-from .decoder_speed import configure_decoder, describe
-from .options import DECODER_PRECISIONS, GPU_BATCH_SIZE, SPEED_PRECISIONS
+from .decoder_speed import check_decoder_precision, configure_decoder, describe
+from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert SPEED_PRECISIONS == ("auto", *PRECISIONS), "options.SPEED_PRECISIONS names these"
@@ -73,8 +73,7 @@ def resolve_speed(
     """
     if precision not in SPEED_PRECISIONS:
         raise ValueError(f"--precision {precision}: choose {', '.join(SPEED_PRECISIONS)}")
-    if decoder_precision not in (None, *DECODER_PRECISIONS):
-        raise ValueError(f"--decoder-precision {decoder_precision}: choose {', '.join(DECODER_PRECISIONS)}")
+    check_decoder_precision(decoder_precision)
     fast = device_type == "cuda" and precision in ("auto", "bf16", "fp16")
     return EncoderSpeed(
         precision=("bf16" if device_type == "cuda" else "fp32") if precision == "auto" else precision,

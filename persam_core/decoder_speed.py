@@ -173,12 +173,17 @@ class _Settings:
 _SETTINGS: "weakref.WeakKeyDictionary[torch.nn.Module, _Settings]" = weakref.WeakKeyDictionary()
 
 
+def check_decoder_precision(precision: str | None) -> None:
+    """None (not given) or one of options.DECODER_PRECISIONS; anything else is a one-line error."""
+    if precision is not None and precision not in DECODER_PRECISIONS:
+        raise ValueError(f"--decoder-precision {precision}: choose {', '.join(DECODER_PRECISIONS)}")
+
+
 def configure_decoder(sam: torch.nn.Module, graphs: bool | None = None, precision: str | None = None,
                       log: Callable[[str], None] = logger.info) -> tuple[bool, str]:
     """Set how `sam`'s decodes run from now on (None: as before) -> (graphs in use, precision).
     A SAM 2 keeps its own decoder as it is: (False, "fp32")."""
-    if precision is not None and precision not in DECODER_PRECISIONS:
-        raise ValueError(f"--decoder-precision {precision}: choose {', '.join(DECODER_PRECISIONS)}")
+    check_decoder_precision(precision)
     if not isinstance(sam, Sam):
         return False, "fp32"
     settings = _SETTINGS.setdefault(sam, _Settings())
