@@ -185,7 +185,8 @@ def test_a_thread_torch_did_not_set_up_gets_graph_state():
 
 @pytest.mark.parametrize("guided", [False, True])
 def test_several_pairs_decode_as_each_pair_alone(tiny_sam, guided):
-    """Several pairs run the transformer on contiguous tokens, one pair on SAM's own layout
+    """Several pairs take the decoder's batched path (contiguous tokens, fused attention
+    where there is no bias, one layer_norm in the upscaling); one pair runs SAM's own modules
     (bit for bit, the oracle tests): both give the same logits up to float rounding."""
     generator = torch.Generator().manual_seed(0)
     count, channels = 3, tiny_sam.prompt_encoder.embed_dim
