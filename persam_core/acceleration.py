@@ -9,17 +9,27 @@
 - the mask decoder as CUDA graphs, and under bf16 autocast (`decoder_speed.py`): each decode
   one replay instead of ~320 kernel launches from Python; half the bytes per pair. Off unless
   asked for (`--decoder-graphs`, `--decoder-precision bf16`) until they have been measured on
-  a GPU against the eager fp32 decoder (`persam bench` prints them side by side).
+  a GPU against the eager fp32 decoder (`persam bench` prints them side by side);
+- TF32 matrix products (`tf32`): CUDA's fp32 matmuls (the location prior, the mask
+  decoder's projections) on tensor cores with a 10-bit mantissa. Measured on an H100, the
+  cascade of a vit_b batch of 16 images x 8 concepts took 122.6 instead of 147.9 ms, with
+  masks at min IoU 0.9992 against fp32 (random weights). It is torch's process-wide switch,
+  and torch.compile guards on it: a compiled encoder called under the other setting than
+  it was compiled under recompiles (dynamo's GLOBAL_STATE guard). So it is set once per
+  process, before the encoder is compiled (`prepare_encoder`), never toggled around the
+  decoder while the actor's encoder thread runs; `matmul_tf32` scopes it where one process
+  also needs the exact path (`bench`).
 
 SAM 2 (sam2.1_*): its Hiera encoder already attends through SDPA, so there is nothing to
 fuse (no module changes); reduced precision and compile apply to its `image_encoder` (which
 `forward_image` calls) as to SAM's.
 
 `resolve_speed` owns the defaults: on CUDA, without flags, bf16 + fused attention +
-batch 16 + compiled encoder (measured against fp32 by `persam bench`); on CPU the exact
-fp32 path, batch 1. `prepare_encoder` applies them once per process, warming the compiled
-encoder up on a batch of the size it will always see (partial batches are padded, so it
-never recompiles) and falling back to eager with one log line if compilation fails.
+batch 16 + compiled encoder + TF32 matmuls (measured against fp32 by `persam bench`); on
+CPU the exact fp32 path, batch 1. `prepare_encoder` applies them once per process,
+warming the compiled encoder up on a batch of the size it will always see (partial
+batches are padded, so it never recompiles) and falling back to eager with one log line
+if compilation fails.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ assert SPEED_PRECISIONS == ("auto", *PRECISIONS), "options.SPEED_PRECISIONS name
 @dataclass(frozen=True)
 class EncoderSpeed:
     """How the model runs: the encoder's precision (fp32|bf16|fp16), SDPA attention, compiled,
-    batch; the decoder as CUDA graphs."""
+    batch; the decoder as CUDA graphs and its precision; CUDA's fp32 matmuls in TF32."""
 
     precision: str = "fp32"
     fused_attention: bool = False
@@ -53,6 +63,7 @@ class EncoderSpeed:
     batch_size: int = 1
     decoder_graphs: bool = False
     decoder_precision: str = "fp32"
+    tf32: bool = False
 
 
 def resolve_speed(
@@ -63,11 +74,13 @@ def resolve_speed(
     batch_size: int | None = None,
     decoder_graphs: bool | None = None,
     decoder_precision: str | None = None,
+    tf32: bool | None = None,
 ) -> EncoderSpeed:
     """Flags (None / "auto" = not given) -> the settings in effect on `device_type` ("cuda"|"cpu").
 
-    CUDA: bf16, fused, compiled, batch 16, unless told otherwise; an explicit fp32 keeps the
-    exact path (no fused attention or compile unless asked for). CPU: fp32, batch 1.
+    CUDA: bf16, fused, compiled, batch 16, TF32 matmuls, unless told otherwise; an explicit
+    fp32 keeps the exact path (no fused attention, compile or TF32 unless asked for).
+    CPU: fp32, batch 1 (TF32 is CUDA's: off whatever asked, so that records stay true).
     Decoder graphs and decoder precision: only when asked for, on any device (graphs exist on
     CUDA only; elsewhere the traced decoder runs, with the same results).
     """
@@ -82,6 +95,7 @@ def resolve_speed(
         batch_size=(GPU_BATCH_SIZE if device_type == "cuda" else 1) if batch_size is None else batch_size,
         decoder_graphs=bool(decoder_graphs),
         decoder_precision=decoder_precision or "fp32",
+        tf32=device_type == "cuda" and (fast if tf32 is None else tf32),
     )
 
 
@@ -125,7 +139,10 @@ def prepare_encoder(sam: Model, speed: EncoderSpeed, log: Callable[[str], None] 
 
     The compiled encoder is warmed up here on [batch_size, 3, 1024, 1024] (compilation
     happens once, before any image arrives); if that fails, the eager encoder is restored.
+    TF32 is set for the whole process first: the compiled encoder must run under the
+    setting it was compiled under (see the module docstring).
     """
+    set_matmul_tf32(speed.tf32)
     if speed.fused_attention:
         enable_fused_attention(sam)
     graphs, precision = configure_decoder(sam, speed.decoder_graphs, speed.decoder_precision, log)
@@ -160,3 +177,21 @@ def encoder_precision(precision: str, device: torch.device | str) -> Iterator[No
         return
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
         yield
+
+
+def set_matmul_tf32(enabled: bool) -> bool:
+    """CUDA's fp32 matrix products in TF32 from now on, in the whole process -> the setting before.
+    (torch's own switch; its legacy spelling, which torch versions from 2.4 on all read.)"""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    return before
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled: bool) -> Iterator[None]:
+    """`set_matmul_tf32(enabled)` within the block, the setting before it after it."""
+    before = set_matmul_tf32(enabled)
+    try:
+        yield
+    finally:
+        set_matmul_tf32(before)

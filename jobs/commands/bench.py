@@ -33,7 +33,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from torch.profiler import ProfilerActivity, profile
 
-from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
+from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed, set_matmul_tf32
 from persam_core.backbone import Model, as_backbone
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
@@ -111,7 +111,7 @@ def persam_concepts(reference: EncodedImage, shape: tuple[int, int], count: int,
 
 def is_exact(speed: EncoderSpeed) -> bool:
     return (speed.precision == "fp32" and not speed.fused_attention and not speed.compile and not speed.decoder_graphs
-            and speed.decoder_precision == "fp32")
+            and speed.decoder_precision == "fp32" and not speed.tf32)
 
 
 def reference_encoder(sam: Model, model_type: str) -> Callable[[np.ndarray], EncodedImage]:
@@ -255,7 +255,7 @@ def _variants(sam: Model, resized: Sequence[ResizedImage], exact_masks: list[np.
 
 def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, device: str, epochs: int = 1000,
               variants: bool | None = None, precision: str = "auto", batch_size: int | None = None,
-              decoder_graphs: bool | None = None, decoder_precision: str = "fp32") -> dict:
+              decoder_graphs: bool | None = None, decoder_precision: str = "fp32", tf32: bool | None = None) -> dict:
     """Every in-process path timed on the same generated images -> the figures.
 
     One straight sequence of timed phases over shared state (model, images, concepts):
@@ -264,7 +264,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     loaded = load_model(model_type, checkpoint)
     sam = loaded.sam.to(device)
     speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size, decoder_graphs=decoder_graphs,
-                          decoder_precision=decoder_precision)
+                          decoder_precision=decoder_precision, tf32=tf32)
     pictures = synthetic_images(images)
     resize_seconds, resized = timed(lambda: [as_backbone(sam).resize(p) for p in pictures])
     progress(f"fitting {concepts} concepts and PerSAM-F ({epochs} epochs)")
@@ -302,6 +302,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     prior_seconds, _ = timed(lambda: [score_batch(fast, EncodedBatch.of(b), fitted[:1]) for b in batches])
 
     progress("fp32 exact path (mask agreement)")
+    set_matmul_tf32(False)  # prepare_encoder set the default path's TF32 for the process; this path is exact
     exact_results = k_results
     if not is_exact(speed):
         exact_encoded = [e for r in resized for e in encode_images(sam, [r])]
@@ -346,6 +347,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
         progress("the cascade with each decoder variant")
         # off the GPU the variants only show that they run: K = 1 is enough there
         sets = {"k1": fitted[:1], "k": fitted} if device == "cuda" else {"k1": fitted[:1]}
+        set_matmul_tf32(speed.tf32)  # the decoder variants beside the default path's (TF32 included)
         result.update(decoder_figures(fast, batches, sets, images))
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from persam_core.acceleration import EncoderSpeed, resolve_speed
+from persam_core.acceleration import EncoderSpeed, resolve_speed, set_matmul_tf32
 from persam_core.backbone import Model, as_backbone
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.decoder_speed import decoder_settings
@@ -64,6 +64,7 @@ class JobBenchOptions:
     shard_size: int | None = None  # None: several shards even for a few images (steady state needs 2+ results)
     decoder_graphs: bool | None = None
     decoder_precision: str = "fp32"
+    tf32: bool | None = None
 
 
 class Progress:
@@ -111,7 +112,8 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     pictures: [H, W, 3] uint8 each; sam stays the fp32 exact model (the reference loop's).
     """
     speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size,
-                          decoder_graphs=options.decoder_graphs, decoder_precision=options.decoder_precision)
+                          decoder_graphs=options.decoder_graphs, decoder_precision=options.decoder_precision,
+                          tf32=options.tf32)
     progress(f"preparing the encoder ({speed})")
     prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
     resized = [as_backbone(sam).resize(p) for p in pictures]
@@ -134,6 +136,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
             if graphs == speed.decoder_graphs:  # the settings the job runs at
                 figures[f"actor_{name}_images_per_s"] = figures[f"actor_{name}_{label}_images_per_s"]
     del fast
+    set_matmul_tf32(False)  # prepare_encoder set the actor path's TF32 for the process; the reference loop is fp32
 
     reference_pictures = pictures[:REFERENCE_LOOP_IMAGES]
     progress(f"reference-style loop on {len(reference_pictures)} images")
@@ -157,7 +160,7 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     # `persam segment` does); they resolve to the settings timed in-process above.
     spec = JobSpec("segment", ModelSpec(options.model_type, options.checkpoint, device),
                    SpeedSpec(options.precision, batch_size=options.batch_size, decoder_graphs=options.decoder_graphs,
-                             decoder_precision=options.decoder_precision),
+                             decoder_precision=options.decoder_precision, tf32=options.tf32),
                    concepts=tuple(concept_files),
                    input=str(image_dir), output=str(output), num_actors=options.num_actors, shard_size=shard_size)
     started = time.perf_counter()

@@ -23,7 +23,7 @@ from jobs.commands.dry_run import dry_run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.job_record import persam_version, utc_now
 from jobs.pipeline.actors import SegmentActor
-from jobs.pipeline.job import PreparedJob, check_job, concept_digests, expected_precision, prepare_job
+from jobs.pipeline.job import PreparedJob, check_job, concept_digests, expected_speed, prepare_job
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session
@@ -97,14 +97,17 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
         shards_per_wave = cache.adopt_layout(shards_per_wave)
     elif cache is not None:
         cache.adopt_layout(shards_per_wave)
+    speed = expected_speed(spec)
     settings = {
-        "precision": expected_precision(spec),  # other precisions give (slightly) other masks
+        "precision": speed.precision,  # other precisions give (slightly) other masks
         "max_instances": spec.max_instances,
         "min_similarity": spec.min_similarity,
         "manifest_wave_images": listing.MANIFEST_WAVE_IMAGES if manifest else None,
     }
     if spec.speed.decoder_precision != "fp32" and not is_sam2(spec.model.model_type):  # SAM 2 ignores it
         settings["decoder_precision"] = spec.speed.decoder_precision  # absent = fp32: older outputs stay comparable
+    if speed.tf32:
+        settings["tf32"] = True  # absent = off, as for outputs from before the setting
     # a concept re-fitted under the same name is a different concept
     digests = concept_digests(concepts)
     provenance = {"persam_version": persam_version(), "model_type": spec.model.model_type,

@@ -24,13 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from persam_core.acceleration import prepare_encoder, resolve_speed
+from persam_core.acceleration import prepare_encoder
 from persam_core.concept import Concept, ConceptTensors
 
 from jobs.logs import configure as configure_logging
 from jobs.pipeline.compute import Batch, cascade_chunk, encode_chunk, score_batches
 from jobs.pipeline.host_memory import keep_large_buffers
-from jobs.pipeline.job import PreparedJob, load_checked_model
+from jobs.pipeline.job import PreparedJob, load_checked_model, spec_speed
 from jobs.pipeline.payload import Chunk, ChunkResults, pack_results, unpack_chunk
 from jobs.pipeline.session import resolve_device
 
@@ -53,10 +53,8 @@ class ModelActor:
         # visible CUDA device (a fake GPU resource) still runs, on CPU, with CPU settings.
         self.sam = loaded.sam.to(resolve_device(spec.model.device))
         self.fingerprint = loaded.fingerprint
-        s = spec.speed
-        speed = resolve_speed(self.sam.device.type, s.precision, s.fused_attention, s.compile_encoder, s.batch_size,
-                              s.decoder_graphs, s.decoder_precision)
-        self.speed = prepare_encoder(self.sam, speed, log=logger.info)
+        # also sets TF32 for this whole process (acceleration.py: never switched per decode)
+        self.speed = prepare_encoder(self.sam, spec_speed(spec, self.sam.device.type), log=logger.info)
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in job.concept_texts]
         self.job = job
         self.cache_dtype = spec.cache_dtype if job.cache_shards is not None else None

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
-from persam_core.acceleration import resolve_speed
+from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept
 from persam_core.inputs import input_format
 
@@ -57,12 +57,17 @@ def concept_digests(concepts: list[Concept]) -> dict[str, str]:
     return {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts}
 
 
-def expected_precision(spec: JobSpec) -> str:
-    """The encoder precision the actors will run at, as far as the driver can tell: GPU
-    actors (--device cuda, or auto on a cluster with GPUs) resolve "auto" as CUDA does."""
-    speed = spec.speed
-    return resolve_speed(expected_device_type(spec.model.device), speed.precision, speed.fused_attention,
-                         speed.compile_encoder, speed.batch_size).precision
+def spec_speed(spec: JobSpec, device_type: str) -> EncoderSpeed:
+    """The spec's speed flags resolved on `device_type` ("cuda" | "cpu"): what an actor there runs at."""
+    s = spec.speed
+    return resolve_speed(device_type, s.precision, s.fused_attention, s.compile_encoder, s.batch_size, s.decoder_graphs,
+                         s.decoder_precision, s.tf32)
+
+
+def expected_speed(spec: JobSpec) -> EncoderSpeed:
+    """The settings the actors will run at, as far as the driver can tell: GPU actors
+    (--device cuda, or auto on a cluster with GPUs) resolve "auto" as CUDA does."""
+    return spec_speed(spec, expected_device_type(spec.model.device))
 
 
 def check_job(spec: JobSpec) -> None:

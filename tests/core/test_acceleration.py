@@ -56,10 +56,13 @@ def test_cuda_bf16_fused_encoder_close_to_fp32(tiny_sam, resized):
 def test_speed_defaults_fast_on_cuda_exact_on_cpu():
     from persam_core.acceleration import EncoderSpeed, resolve_speed
 
-    assert resolve_speed("cuda") == EncoderSpeed("bf16", True, True, 16)
+    assert resolve_speed("cuda") == EncoderSpeed("bf16", True, True, 16, tf32=True)
     assert resolve_speed("cpu") == EncoderSpeed("fp32", False, False, 1)
     assert resolve_speed("cuda", "fp32") == EncoderSpeed("fp32", False, False, 16)  # the exact path, batched
-    assert resolve_speed("cuda", compile=False, batch_size=4) == EncoderSpeed("bf16", True, False, 4)
+    assert resolve_speed("cuda", compile=False, batch_size=4) == EncoderSpeed("bf16", True, False, 4, tf32=True)
+    assert resolve_speed("cuda", tf32=False).tf32 is False
+    assert resolve_speed("cuda", "fp32", tf32=True).tf32 is True  # asked for: TF32 matmuls beside the fp32 encoder
+    assert resolve_speed("cpu", tf32=True).tf32 is False  # CUDA's switch: a CPU run records what it computed
     with pytest.raises(ValueError, match="--precision"):
         resolve_speed("cpu", "int8")
 
@@ -91,3 +94,31 @@ def test_padded_batches_give_the_same_features(tiny_sam, resized):
     alone = encode_images(tiny_sam, [resized])[0].features
     padded = encode_images(tiny_sam, [resized], pad_to=3)
     assert len(padded) == 1 and torch.allclose(padded[0].features, alone, atol=1e-5)
+
+
+def test_tf32_is_set_for_the_process_before_the_encoder_is_compiled(tiny_sam, monkeypatch):
+    """The compiled encoder must run under the TF32 setting it was compiled under (see the
+    next test), so prepare_encoder sets it first, for the whole process."""
+    from persam_core import acceleration
+    from persam_core.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder
+
+    at_compile = []
+    monkeypatch.setattr(acceleration, "compile_encoder", lambda sam: at_compile.append(torch.backends.cuda.matmul.allow_tf32))
+    with matmul_tf32(False):
+        speed = prepare_encoder(copy.deepcopy(tiny_sam), EncoderSpeed("bf16", False, True, 1, tf32=True), log=print)
+        assert speed.tf32 and at_compile == [True] and torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # matmul_tf32 restores the setting before it
+
+
+def test_a_compiled_function_recompiles_when_tf32_changes():
+    """Why TF32 is never switched around the decoder alone: torch.compile guards on it, so the
+    actor's compiled encoder, called on another thread meanwhile, would recompile."""
+    from persam_core.acceleration import matmul_tf32
+
+    compiled = torch.compile(lambda x: x @ x + 1, backend="eager", dynamic=False)
+    x = torch.ones(4, 4)
+    with matmul_tf32(False):
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True), matmul_tf32(True):
+            with pytest.raises(Exception, match="allow_tf32"):
+                compiled(x)

@@ -125,7 +125,7 @@ def test_cli_defaults_resolve_to_the_exact_cpu_path():
         speed = resolve_speed("cpu", args.precision, args.fused_attention, args.compile_encoder, args.batch_size)
         assert speed == EncoderSpeed(precision="fp32", fused_attention=False, compile=False, batch_size=1)
         assert resolve_speed("cuda", args.precision, args.fused_attention, args.compile_encoder,
-                             args.batch_size) == EncoderSpeed("bf16", True, True, 16)
+                             args.batch_size) == EncoderSpeed("bf16", True, True, 16, tf32=True)
 
 
 def test_the_old_flags_still_parse():
@@ -147,6 +147,17 @@ def test_decoder_settings_reach_the_actor():
     assert actor.speed.decoder_graphs and actor.speed.decoder_precision == "bf16" and graphs_enabled(actor.sam)
     assert build_parser().parse_args(["segment", "--concept", "c", *MODEL, "--input", "i", "--output", "o"]
                                      ).decoder_graphs is None  # off unless asked for
+
+
+@pytest.mark.parametrize("flags, recorded", [((), True), (("--no-tf32",), False), (("--precision", "fp32"), False)])
+def test_tf32_on_gpu_actors_is_what_the_job_records(flags, recorded):
+    """The driver records the settings its GPU actors will resolve (TF32 changes masks slightly):
+    on by default with CUDA bf16, off when refused or on the exact path."""
+    from jobs.pipeline.job import expected_speed
+
+    args = build_parser().parse_args(["segment", "--concept", "c", "--model-type", "tiny", "--checkpoint", "random:0",
+                                      "--device", "cuda", "--input", "i", "--output", "o", *flags])
+    assert expected_speed(JobSpec.from_args(args)).tf32 is recorded
 
 
 def test_every_cascade_runs_on_the_actors_one_cascade_thread(monkeypatch):
