@@ -111,14 +111,15 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = run_job_bench(JobBenchOptions(args.model_type, args.checkpoint, args.images, args.concepts, args.device,
                                                args.precision, args.batch_size, args.num_actors, args.shard_size,
-                                               args.decoder_graphs, args.decoder_precision, args.tf32))
+                                               args.decoder_graphs, args.decoder_precision, args.tf32,
+                                               args.decoder_compile))
         print(job_table(result))
         if args.json:
             print(json.dumps(result))
         return 0
     print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts, resolve_device(args.device),
                           args.epochs, args.variants, args.precision, args.batch_size, args.decoder_graphs,
-                          args.decoder_precision, args.tf32), args.json)
+                          args.decoder_precision, args.tf32, args.decoder_compile), args.json)
     return 0
 
 

@@ -102,6 +102,9 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default=SpeedSpec.decoder_precision,
                         help="SAM's prompt encoder + mask decoder: fp32 (the reference path) or bf16 autocast "
                              "(SAM only; recorded in the output's settings)")
+    parser.add_argument("--decoder-compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile SAM's prompt encoder + mask decoder (fused kernels; with "
+                             "--decoder-graphs, replayed as CUDA graphs too; SAM only; default: off)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                         help="CUDA's fp32 matrix products (location prior, mask decoder) in TF32 (default: on "
                              "with CUDA bf16/fp16, else off; recorded in the output's settings)")
@@ -230,6 +233,9 @@ def _add_bench(commands) -> None:
                             "with this flag, the cascade is also timed both ways side by side)")
     bench.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default=SpeedSpec.decoder_precision,
                        help="the decoder's precision on the default path (the variants are timed beside it)")
+    bench.add_argument("--decoder-compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="time the default path with the decoder compiled (on CUDA, or with this flag, "
+                            "the compiled decoder is also timed beside the others)")
     bench.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                        help="TF32 matmuls on the default path (default: on with CUDA bf16/fp16)")
     bench.add_argument("--job", action="store_true",

@@ -53,7 +53,7 @@ class ModelSpec:
 class SpeedSpec:
     """The model's speed settings. None / "auto" resolve on each actor's device
     (persam_core.acceleration.resolve_speed): bf16 + fused + compile + batch 16 + TF32
-    matmuls on CUDA; decoder graphs and a bf16 decoder only when asked for."""
+    matmuls on CUDA; decoder graphs, a compiled decoder and a bf16 decoder only when asked for."""
 
     precision: str = "auto"
     fused_attention: bool | None = None
@@ -63,6 +63,7 @@ class SpeedSpec:
     decoder_graphs: bool | None = None
     decoder_precision: str = "fp32"
     tf32: bool | None = None
+    decoder_compile: bool | None = None
 
     def images_per_chunk(self) -> int:
         """A chunk holds at least one encoder batch."""

@@ -6,10 +6,11 @@
 - reduced precision: the image encoder under autocast (bf16 / fp16); features come back
   as fp32 so the location prior and the decoder stay in fp32;
 - torch.compile of the image encoder;
-- the mask decoder as CUDA graphs, and under bf16 autocast (`decoder_speed.py`): each decode
-  one replay instead of ~320 kernel launches from Python; half the bytes per pair. Off unless
-  asked for (`--decoder-graphs`, `--decoder-precision bf16`) until they have been measured on
-  a GPU against the eager fp32 decoder (`persam bench` prints them side by side);
+- the mask decoder as CUDA graphs, compiled, and under bf16 autocast (`decoder_speed.py`):
+  each decode one replay instead of ~320 kernel launches from Python; its elementwise work
+  fused; half the bytes per pair. Off unless asked for (`--decoder-graphs`,
+  `--decoder-compile`, `--decoder-precision bf16`) until they have been measured on a GPU
+  against the eager fp32 decoder (`persam bench` prints them side by side);
 - TF32 matrix products (`tf32`): CUDA's fp32 matmuls (the location prior, the mask
   decoder's projections) on tensor cores with a 10-bit mantissa. Measured on an H100, the
   cascade of a vit_b batch of 16 images x 8 concepts took 122.6 instead of 147.9 ms, with
@@ -64,6 +65,7 @@ class EncoderSpeed:
     decoder_graphs: bool = False
     decoder_precision: str = "fp32"
     tf32: bool = False
+    decoder_compile: bool = False
 
 
 def resolve_speed(
@@ -75,14 +77,15 @@ def resolve_speed(
     decoder_graphs: bool | None = None,
     decoder_precision: str | None = None,
     tf32: bool | None = None,
+    decoder_compile: bool | None = None,
 ) -> EncoderSpeed:
     """Flags (None / "auto" = not given) -> the settings in effect on `device_type` ("cuda"|"cpu").
 
     CUDA: bf16, fused, compiled, batch 16, TF32 matmuls, unless told otherwise; an explicit
     fp32 keeps the exact path (no fused attention, compile or TF32 unless asked for).
     CPU: fp32, batch 1 (TF32 is CUDA's: off whatever asked, so that records stay true).
-    Decoder graphs and decoder precision: only when asked for, on any device (graphs exist on
-    CUDA only; elsewhere the traced decoder runs, with the same results).
+    Decoder graphs, compile and precision: only when asked for, on any device (graphs exist
+    on CUDA only; elsewhere the traced decoder runs, with the same results).
     """
     if precision not in SPEED_PRECISIONS:
         raise ValueError(f"--precision {precision}: choose {', '.join(SPEED_PRECISIONS)}")
@@ -96,6 +99,7 @@ def resolve_speed(
         decoder_graphs=bool(decoder_graphs),
         decoder_precision=decoder_precision or "fp32",
         tf32=device_type == "cuda" and (fast if tf32 is None else tf32),
+        decoder_compile=bool(decoder_compile),
     )
 
 
@@ -145,11 +149,12 @@ def prepare_encoder(sam: Model, speed: EncoderSpeed, log: Callable[[str], None] 
     set_matmul_tf32(speed.tf32)
     if speed.fused_attention:
         enable_fused_attention(sam)
-    graphs, precision = configure_decoder(sam, speed.decoder_graphs, speed.decoder_precision, log)
-    if (graphs, precision) != (speed.decoder_graphs, speed.decoder_precision):
-        log("note: --decoder-graphs and --decoder-precision apply to SAM (segment_anything) only; "
-            "SAM 2 decodes run as sam2 runs them")
-        speed = replace(speed, decoder_graphs=graphs, decoder_precision=precision)
+    mode = configure_decoder(sam, speed.decoder_graphs, speed.decoder_precision, log, speed.decoder_compile)
+    if mode != (speed.decoder_graphs, speed.decoder_precision, speed.decoder_compile):
+        log("note: --decoder-graphs, --decoder-compile and --decoder-precision apply to SAM (segment_anything) "
+            "only; SAM 2 decodes run as sam2 runs them")
+        speed = replace(speed, decoder_graphs=mode.graphs, decoder_precision=mode.precision,
+                        decoder_compile=mode.compiled)
     if not speed.compile:
         return speed
     eager, size = sam.image_encoder, as_backbone(sam).image_size

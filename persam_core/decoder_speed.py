@@ -1,5 +1,6 @@
-"""How SAM's prompt encoder + mask decoder run for P pairs: eagerly or replayed as CUDA
-graphs, in fp32 or under bf16 autocast. Both are speed options, off unless asked for.
+"""How SAM's prompt encoder + mask decoder run for P pairs: eagerly, replayed as CUDA
+graphs and/or compiled by torch.compile, in fp32 or under bf16 autocast. All are speed
+options, off unless asked for.
 
 Measured on an H100 (the cascade of one vit_b batch of 16 images, ms, K = 1 / K = 8): eager
 fp32 33.7 / 147.9, graphs 25.9 / 147.5, bf16 47.8 / 122.3, both 19.9 / 109.9. Graphs pay
@@ -30,13 +31,23 @@ memory pool.
   host read, which a graph cannot hold); SAM 2 decodes run as sam2 runs them.
 - Off the GPU the same trace runs through `aot_eager` (no graphs exist there): the tests use it
   to check that the traced decode equals the eager one.
-- If tracing or recording fails, the decode runs eagerly from then on, with one log line.
+- If tracing, compiling or recording fails, the decode runs eagerly from then on, with one
+  log line.
 - Threads: torch keeps the graph trees in thread-local state, and before torch 2.14 only the
   thread that imported inductor's `cudagraph_trees` had that state (any other failed a bare
   `assert torch._C._is_key_in_tls`: the graphs fell back to eager in Ray's actor threads on
   torch 2.11). `_give_thread_graph_state` sets it up for the calling thread, as torch 2.14 does
   itself. Callers should still decode on one thread (the job's actors do): each thread
   records its own graphs.
+
+Compiled decoder (`configure_decoder(sam, compiled=True)`): the same trace through
+inductor, which fuses the decoder's elementwise work (adds, layer norms, GELUs, softmaxes)
+into few kernels: at many pairs the decoder is paced by the memory traffic of its
+[P, 4096, 256] tokens and [P, 32, 256, 256] upscaled features, not by its matrix
+products. With graphs too, inductor's own CUDA graphs replay it (mode "reduce-overhead").
+Each signature compiles once (the buckets above): about 15-20 s for the vit_b decoder on
+the 2-vCPU development machine, where the compiled decode of 16 pairs took 444 ms against
+539 ms eager (8 pairs: 202 / 216 ms; logits within 3e-7). Not yet measured on a GPU.
 
 Decoder precision (`configure_decoder(sam, precision="bf16")`): at large P (many concepts) the
 decoder's own work sets the pace instead: 2.9 GFLOP of matrix products per pair and pass
@@ -56,8 +67,8 @@ import logging
 import threading
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -126,18 +137,25 @@ def _give_thread_graph_state() -> None:
     trees.local.tree_manager_locks = defaultdict(threading.Lock)
 
 
-class DecoderGraphs:
-    """`decode_eager` of one SAM, traced and replayed as CUDA graphs (see the module docstring)."""
+class TracedDecoder:
+    """`decode_eager` of one SAM, traced, then replayed as CUDA graphs (`graphs`) and/or compiled
+    by inductor (`compiled`), see the module docstring."""
 
-    def __init__(self, device_type: str, log: Callable[[str], None] = logger.info) -> None:
+    def __init__(self, device_type: str, graphs: bool = True, compiled: bool = False,
+                 log: Callable[[str], None] = logger.info) -> None:
         # No reference to the model here: the registry holds this per model weakly, so a model
         # dropped by its owner (bench frees its copy before the job) is freed with its graphs.
         self.log = log
-        backend = "cudagraphs" if device_type == "cuda" else "aot_eager"
-        self.graph_trees = backend == "cudagraphs"
+        self.graph_trees = graphs and device_type == "cuda"
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        self.compiled = torch.compile(decode_eager, backend=backend, fullgraph=True, dynamic=False)
+        if compiled:
+            mode = "reduce-overhead" if self.graph_trees else None  # inductor's own CUDA graphs
+            self.compiled = torch.compile(decode_eager, backend="inductor", mode=mode, fullgraph=True, dynamic=False)
+        else:
+            backend = "cudagraphs" if self.graph_trees else "aot_eager"  # no graphs off the GPU: the trace alone
+            self.compiled = torch.compile(decode_eager, backend=backend, fullgraph=True, dynamic=False)
+        self.what = "a compiled mask decoder" if compiled else "CUDA graphs of the mask decoder"
         self.failed = False
 
     def __call__(self, sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor,
@@ -152,24 +170,40 @@ class DecoderGraphs:
             try:
                 if self.graph_trees:
                     _give_thread_graph_state()
-                torch.compiler.cudagraph_mark_step_begin()  # earlier replays' outputs were cloned: reuse their memory
+                    torch.compiler.cudagraph_mark_step_begin()  # earlier replays' outputs were cloned: reuse their memory
                 low_res, scores = self.compiled(sam, *padded, multimask, *extra)
-                return low_res[:count].clone(), scores[:count].clone()
-            except Exception as error:  # a tracing or capture failure: the eager decoder from now on
+                if self.graph_trees:  # a replay reuses its output memory
+                    return low_res[:count].clone(), scores[:count].clone()
+                return low_res[:count], scores[:count]
+            except Exception as error:  # a tracing, compiling or capture failure: the eager decoder from now on
                 self.failed = True
-                self.log(f"note: CUDA graphs of the mask decoder failed ({describe(error)}); decoding eagerly")
+                self.log(f"note: {self.what} failed ({describe(error)}); decoding eagerly")
         return decode_eager(sam, features, coords, labels, boxes, mask_input, multimask, attention_bias,
                             target_embedding)
 
 
+class DecoderMode(NamedTuple):
+    """How a model's decodes run: replayed as CUDA graphs, in which precision, compiled."""
+
+    graphs: bool
+    precision: str
+    compiled: bool = False
+
+
 @dataclass
 class _Settings:
-    """How one model's decodes run; `graphs` keeps what was traced and recorded across
-    off / on (benchmarks time both ways on one model)."""
+    """How one model's decodes run; `traced` keeps what was traced, compiled and recorded, by
+    (graphs, compiled), across off / on (benchmarks time every way on one model)."""
 
     use_graphs: bool = False
     precision: str = "fp32"
-    graphs: DecoderGraphs | None = None
+    use_compiled: bool = False
+    traced: dict[tuple[bool, bool], TracedDecoder] = field(default_factory=dict)
+
+    def current(self) -> TracedDecoder | None:
+        """The traced decoder the settings ask for, unless none is asked for or it failed."""
+        traced = self.traced.get((self.use_graphs, self.use_compiled))
+        return traced if traced is not None and not traced.failed else None
 
 
 _SETTINGS: "weakref.WeakKeyDictionary[torch.nn.Module, _Settings]" = weakref.WeakKeyDictionary()
@@ -182,39 +216,50 @@ def check_decoder_precision(precision: str | None) -> None:
 
 
 def configure_decoder(sam: torch.nn.Module, graphs: bool | None = None, precision: str | None = None,
-                      log: Callable[[str], None] = logger.info) -> tuple[bool, str]:
-    """Set how `sam`'s decodes run from now on (None: as before) -> (graphs in use, precision).
-    A SAM 2 keeps its own decoder as it is: (False, "fp32")."""
+                      log: Callable[[str], None] = logger.info, compiled: bool | None = None) -> DecoderMode:
+    """Set how `sam`'s decodes run from now on (None: as before) -> the mode in effect.
+    A SAM 2 keeps its own decoder as it is: DecoderMode(False, "fp32", False)."""
     check_decoder_precision(precision)
     if not isinstance(sam, Sam):
-        return False, "fp32"
+        return DecoderMode(False, "fp32", False)
     settings = _SETTINGS.setdefault(sam, _Settings())
     if graphs is not None:
         settings.use_graphs = graphs
-        if graphs and settings.graphs is None:
-            settings.graphs = DecoderGraphs(next(sam.parameters()).device.type, log)
+    if compiled is not None:
+        settings.use_compiled = compiled
+    key = (settings.use_graphs, settings.use_compiled)
+    if any(key) and key not in settings.traced:
+        settings.traced[key] = TracedDecoder(next(sam.parameters()).device.type, *key, log=log)
     if precision is not None:
         settings.precision = precision
-    return graphs_enabled(sam), settings.precision
+    return decoder_mode(sam)
+
+
+def decoder_mode(sam: torch.nn.Module) -> DecoderMode:
+    """How `sam`'s decodes run now: graphs / compiled only where asked for and not failed."""
+    settings = _SETTINGS.get(sam)
+    if settings is None:
+        return DecoderMode(False, "fp32", False)
+    traced = settings.current() is not None
+    return DecoderMode(traced and settings.use_graphs, settings.precision, traced and settings.use_compiled)
 
 
 def graphs_enabled(sam: torch.nn.Module) -> bool:
     """Whether `sam`'s decodes go through graphs now (asked for, and neither tracing nor recording failed)."""
-    settings = _SETTINGS.get(sam)
-    return settings is not None and settings.use_graphs and settings.graphs is not None and not settings.graphs.failed
+    return decoder_mode(sam).graphs
 
 
 @contextlib.contextmanager
-def decoder_settings(sam: torch.nn.Module, graphs: bool | None = None,
-                     precision: str | None = None) -> Iterator[tuple[bool, str]]:
+def decoder_settings(sam: torch.nn.Module, graphs: bool | None = None, precision: str | None = None,
+                     compiled: bool | None = None) -> Iterator[DecoderMode]:
     """`configure_decoder` within the block, the settings before it after it."""
     before = _SETTINGS.get(sam)
-    saved = (before.use_graphs, before.precision) if before is not None else (False, "fp32")
+    saved = (before.use_graphs, before.precision, before.use_compiled) if before is not None else (False, "fp32", False)
     try:
-        yield configure_decoder(sam, graphs, precision)
+        yield configure_decoder(sam, graphs, precision, compiled=compiled)
     finally:
         if sam in _SETTINGS:
-            _SETTINGS[sam].use_graphs, _SETTINGS[sam].precision = saved
+            _SETTINGS[sam].use_graphs, _SETTINGS[sam].precision, _SETTINGS[sam].use_compiled = saved
 
 
 def decode_prompts(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
@@ -223,10 +268,10 @@ def decode_prompts(sam: torch.nn.Module, features: Tensor, coords: Tensor, label
     """`decode_eager` as `configure_decoder` set it for `sam` -> fp32 logits and scores."""
     settings = _SETTINGS.get(sam)
     args = (features, coords, labels, boxes, mask_input, multimask, attention_bias, target_embedding)
-    graphs = settings.graphs if graphs_enabled(sam) else None
-    if settings is None or (settings.precision == "fp32" and graphs is None):
+    traced = settings.current() if settings is not None else None
+    if settings is None or (settings.precision == "fp32" and traced is None):
         return decode_eager(sam, *args)
     dtype = DECODER_DTYPES[settings.precision]
     with contextlib.nullcontext() if dtype is None else torch.autocast(features.device.type, dtype=dtype):
-        low_res, scores = graphs(sam, *args) if graphs is not None else decode_eager(sam, *args)
+        low_res, scores = traced(sam, *args) if traced is not None else decode_eager(sam, *args)
     return low_res.float(), scores.float()

@@ -111,7 +111,7 @@ def persam_concepts(reference: EncodedImage, shape: tuple[int, int], count: int,
 
 def is_exact(speed: EncoderSpeed) -> bool:
     return (speed.precision == "fp32" and not speed.fused_attention and not speed.compile and not speed.decoder_graphs
-            and speed.decoder_precision == "fp32" and not speed.tf32)
+            and speed.decoder_precision == "fp32" and not speed.tf32 and not speed.decoder_compile)
 
 
 def reference_encoder(sam: Model, model_type: str) -> Callable[[np.ndarray], EncodedImage]:
@@ -197,24 +197,30 @@ def host_dispatch(run: Callable[[], object]) -> dict:
 
 
 # label -> (decoder graphs, decoder precision); the first is the yardstick of the others' masks
-DECODER_VARIANTS = {"eager_decoder": (False, "fp32"), "decoder_graphs": (True, "fp32"),
-                    "bf16_decoder": (False, "bf16"), "bf16_decoder_graphs": (True, "bf16")}
+# label -> (graphs, precision, compiled)
+DECODER_VARIANTS = {"eager_decoder": (False, "fp32", False), "decoder_graphs": (True, "fp32", False),
+                    "bf16_decoder": (False, "bf16", False), "bf16_decoder_graphs": (True, "bf16", False),
+                    "compiled_decoder": (False, "fp32", True), "compiled_decoder_graphs": (True, "fp32", True)}
 
 
 def decoder_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
-                    concept_sets: dict[str, Sequence[ConceptTensors]], images: int) -> dict:
+                    concept_sets: dict[str, Sequence[ConceptTensors]], images: int, compiled: bool = True) -> dict:
     """The cascade on the same encoded batches with each decoder variant, per concept set:
     seconds per image, torch ops (and on CUDA launches) of one batch, and the masks' minimum
-    IoU against the eager fp32 decoder's. On CUDA, tracing and recording graphs happen in an
-    untimed first run (the job's actors do it on their first chunks)."""
+    IoU against the eager fp32 decoder's. Tracing, compiling and recording graphs happen in
+    an untimed first run (the job's actors do it on their first chunks). compiled: also the
+    compiled variants (off the GPU only the one without graphs, the same compile)."""
     if not isinstance(model, Sam):
         return {"decoder_variants": "SAM only: SAM 2 decodes as sam2 does"}
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    variants = {label: v for label, v in DECODER_VARIANTS.items()
+                if not v[2] or (compiled and (on_gpu or not v[0]))}
     figures: dict = {}
     for name, chosen in concept_sets.items():
         yardstick: list[np.ndarray] = []
-        for label, (graphs, precision) in DECODER_VARIANTS.items():
-            with decoder_settings(model, graphs, precision):
-                if graphs and next(model.parameters()).device.type == "cuda":  # record each shape (CPU: none)
+        for label, (graphs, precision, compile_it) in variants.items():
+            with decoder_settings(model, graphs, precision, compile_it):
+                if compile_it or (graphs and on_gpu):  # compile / record each shape, untimed
                     segment_all(model, batches, chosen)
                 seconds, results = timed(lambda: segment_all(model, batches, chosen))
                 counts = host_dispatch(lambda: segment_all(model, batches[:1], chosen))
@@ -255,7 +261,8 @@ def _variants(sam: Model, resized: Sequence[ResizedImage], exact_masks: list[np.
 
 def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, device: str, epochs: int = 1000,
               variants: bool | None = None, precision: str = "auto", batch_size: int | None = None,
-              decoder_graphs: bool | None = None, decoder_precision: str = "fp32", tf32: bool | None = None) -> dict:
+              decoder_graphs: bool | None = None, decoder_precision: str = "fp32", tf32: bool | None = None,
+              decoder_compile: bool | None = None) -> dict:
     """Every in-process path timed on the same generated images -> the figures.
 
     One straight sequence of timed phases over shared state (model, images, concepts):
@@ -264,7 +271,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     loaded = load_model(model_type, checkpoint)
     sam = loaded.sam.to(device)
     speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size, decoder_graphs=decoder_graphs,
-                          decoder_precision=decoder_precision, tf32=tf32)
+                          decoder_precision=decoder_precision, tf32=tf32, decoder_compile=decoder_compile)
     pictures = synthetic_images(images)
     resize_seconds, resized = timed(lambda: [as_backbone(sam).resize(p) for p in pictures])
     progress(f"fitting {concepts} concepts and PerSAM-F ({epochs} epochs)")
@@ -343,12 +350,12 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     result["k_over_one_concept"] = round(result["k_concepts_s_per_image"] / max(result["persam_s_per_image"], 1e-9), 3)
     result["rank_cold_over_warm"] = round(result["rank_cold_s_per_image"] / max(result["rank_warm_s_per_image"], 1e-9), 1)
     result["reference_over_k_concepts"] = round(result["reference_loop_s_per_image"] / max(result["k_concepts_s_per_image"], 1e-9), 2)
-    if device == "cuda" or decoder_graphs is not None or decoder_precision != "fp32":
+    if device == "cuda" or decoder_graphs is not None or decoder_compile is not None or decoder_precision != "fp32":
         progress("the cascade with each decoder variant")
         # off the GPU the variants only show that they run: K = 1 is enough there
         sets = {"k1": fitted[:1], "k": fitted} if device == "cuda" else {"k1": fitted[:1]}
         set_matmul_tf32(speed.tf32)  # the decoder variants beside the default path's (TF32 included)
-        result.update(decoder_figures(fast, batches, sets, images))
+        result.update(decoder_figures(fast, batches, sets, images, compiled=device == "cuda" or bool(decoder_compile)))
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if variants if variants is not None else device == "cuda":

@@ -65,6 +65,12 @@ class JobBenchOptions:
     decoder_graphs: bool | None = None
     decoder_precision: str = "fp32"
     tf32: bool | None = None
+    decoder_compile: bool | None = None
+
+
+# (graphs, compiled) of the actor path's decoder -> its figures' label
+ACTOR_LABELS = {(False, False): "eager_decoder", (True, False): "decoder_graphs", (False, True): "compiled_decoder",
+                (True, True): "compiled_decoder_graphs"}
 
 
 class Progress:
@@ -113,7 +119,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     """
     speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size,
                           decoder_graphs=options.decoder_graphs, decoder_precision=options.decoder_precision,
-                          tf32=options.tf32)
+                          tf32=options.tf32, decoder_compile=options.decoder_compile)
     progress(f"preparing the encoder ({speed})")
     prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
     resized = [as_backbone(sam).resize(p) for p in pictures]
@@ -122,18 +128,24 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     progress("encoder only")
     encoder_seconds, _ = timed(lambda: [None for _ in encode_in_batches(fast, resized, speed)])
     figures = {"encoder_prepare_s": round(prepare_seconds, 2), "encoder_images_per_s": round(count / encoder_seconds, 3)}
-    # the decoder timed both ways, side by side (SAM 2 decodes eagerly either way)
-    both = (device == "cuda" or options.decoder_graphs is not None) and not is_sam2(options.model_type)
+    # the decoder timed several ways, side by side (SAM 2 decodes eagerly either way):
+    # (graphs, compiled): eager and graphs on CUDA or when graphs are named, compiled when named
+    modes = [(speed.decoder_graphs, speed.decoder_compile)]
+    if not is_sam2(options.model_type):
+        if device == "cuda" or options.decoder_graphs is not None:
+            modes += [(False, False), (True, False)]
+        if options.decoder_compile is not None:
+            modes += [(False, True)]
     for name, chosen in (("k1", concepts[:1]), ("k", concepts)):
-        for graphs in ((False, True) if both else (speed.decoder_graphs,)):
-            with decoder_settings(fast, graphs) as (used, _):
-                label = "decoder_graphs" if used else "eager_decoder"
+        for graphs, compiled in dict.fromkeys(modes):  # in order, once each
+            with decoder_settings(fast, graphs, compiled=compiled) as mode:
+                label = ACTOR_LABELS[(mode.graphs, mode.compiled)]
                 progress(f"actor path, {len(chosen)} concept(s), {label}")
-                if used:  # tracing and recording each shape once, untimed (the job's actors do it on their first chunk)
+                if mode.graphs or mode.compiled:  # tracing, compiling, recording each shape once, untimed (the actors: on their first chunk)
                     segment_all(fast, [next(encode_in_batches(fast, resized[: speed.batch_size], speed))], chosen)
                 seconds, _ = timed(lambda: [segment_all(fast, [b], chosen) for b in encode_in_batches(fast, resized, speed)])
             figures[f"actor_{name}_{label}_images_per_s"] = round(count / seconds, 3)
-            if graphs == speed.decoder_graphs:  # the settings the job runs at
+            if (graphs, compiled) == (speed.decoder_graphs, speed.decoder_compile):  # the settings the job runs at
                 figures[f"actor_{name}_images_per_s"] = figures[f"actor_{name}_{label}_images_per_s"]
     del fast
     set_matmul_tf32(False)  # prepare_encoder set the actor path's TF32 for the process; the reference loop is fp32
@@ -160,7 +172,8 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     # `persam segment` does); they resolve to the settings timed in-process above.
     spec = JobSpec("segment", ModelSpec(options.model_type, options.checkpoint, device),
                    SpeedSpec(options.precision, batch_size=options.batch_size, decoder_graphs=options.decoder_graphs,
-                             decoder_precision=options.decoder_precision, tf32=options.tf32),
+                             decoder_precision=options.decoder_precision, tf32=options.tf32,
+                             decoder_compile=options.decoder_compile),
                    concepts=tuple(concept_files),
                    input=str(image_dir), output=str(output), num_actors=options.num_actors, shard_size=shard_size)
     started = time.perf_counter()
@@ -239,10 +252,8 @@ def job_table(result: dict) -> str:
         ("  observed over (s)", result.get("job_k1_steady_window_s"), result.get("job_k_steady_window_s")),
         ("job, whole incl. start-up (images/s)", result.get("job_k1_whole_images_per_s"), result.get("job_k_whole_images_per_s")),
         ("actor path in-process (images/s)", result.get("actor_k1_images_per_s"), result.get("actor_k_images_per_s")),
-        ("  with the eager decoder", result.get("actor_k1_eager_decoder_images_per_s"),
-         result.get("actor_k_eager_decoder_images_per_s")),
-        ("  with decoder graphs", result.get("actor_k1_decoder_graphs_images_per_s"),
-         result.get("actor_k_decoder_graphs_images_per_s")),
+        *((f"  with {label.replace('_', ' ')}", result.get(f"actor_k1_{label}_images_per_s"),
+           result.get(f"actor_k_{label}_images_per_s")) for label in ACTOR_LABELS.values()),
         ("encoder only (images/s)", result.get("encoder_images_per_s"), result.get("encoder_images_per_s")),
         (f"reference loop, {result.get('reference_loop_images')} images (images/s)", result.get("reference_loop_images_per_s"), None),
         ("job / encoder", result.get("job_k1_over_encoder"), result.get("job_k_over_encoder")),

@@ -61,7 +61,7 @@ def spec_speed(spec: JobSpec, device_type: str) -> EncoderSpeed:
     """The spec's speed flags resolved on `device_type` ("cuda" | "cpu"): what an actor there runs at."""
     s = spec.speed
     return resolve_speed(device_type, s.precision, s.fused_attention, s.compile_encoder, s.batch_size, s.decoder_graphs,
-                         s.decoder_precision, s.tf32)
+                         s.decoder_precision, s.tf32, s.decoder_compile)
 
 
 def expected_speed(spec: JobSpec) -> EncoderSpeed:

@@ -30,7 +30,8 @@ def test_in_process_bench_times_the_batched_paths():
     for key in SPEC_KEYS:
         assert result[key] > 0, key
     assert result["speed"] == {"precision": "fp32", "fused_attention": False, "compile": False, "batch_size": 1,
-                               "decoder_graphs": False, "decoder_precision": "fp32", "tf32": False}
+                               "decoder_graphs": False, "decoder_precision": "fp32", "tf32": False,
+                               "decoder_compile": False}
     # On CPU the default path is the fp32 exact path.
     assert result["mask_iou_vs_fp32_mean"] == result["mask_iou_vs_fp32_min"] == 1.0
     assert "bench: timing the batched paths" in err

@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import segment_batch
-from persam_core.decoder_speed import (MIN_BUCKET, configure_decoder, decode_eager, decode_prompts,
+from persam_core.decoder_speed import (MIN_BUCKET, configure_decoder, decode_eager, decode_prompts, decoder_mode,
                                        decoder_settings, graphs_enabled, pair_bucket)
 from persam_core.metrics import iou
 from tests.core.test_batched_cascade import concepts, encoded  # noqa: F401  (fixtures)
@@ -56,8 +56,8 @@ def test_pair_buckets_are_few_and_fit_full_batches():
 def test_traced_cascade_equals_eager(graphed_sam, encoded, concepts, images, concept_slice, options):  # noqa: F811
     batch, chosen = EncodedBatch.of(encoded[:images]), concepts[concept_slice]
     eager = segment_batch(graphed_sam, batch, chosen, **options)
-    with decoder_settings(graphed_sam, graphs=True) as (used, _):
-        assert used
+    with decoder_settings(graphed_sam, graphs=True) as mode:
+        assert mode.graphs
         graphed = segment_batch(graphed_sam, batch, chosen, **options)
     assert not graphs_enabled(graphed_sam)  # as before the block
     assert_same_rows(graphed, eager)
@@ -91,15 +91,35 @@ def test_padded_rows_do_not_change_the_decode(graphed_sam, encoded):  # noqa: F8
     torch.testing.assert_close(scores_g, scores, atol=1e-5, rtol=1e-5)
 
 
+def test_the_compiled_decoder_equals_the_eager_one(tiny_sam, encoded):  # noqa: F811
+    """--decoder-compile: the same decode through inductor (fused kernels), padded to a bucket
+    like the graphs; one signature (~15 s to compile on the development machine)."""
+    sam = copy.deepcopy(tiny_sam)
+    features = torch.stack([e.features for e in encoded[:3]])
+    coords = torch.tensor([[[100.0, 200.0], [500.0, 40.0]]] * 3)
+    labels = torch.tensor([[1, 0]] * 3, dtype=torch.int)
+    mask_input = torch.randn(3, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        low, scores = decode_eager(sam, features, coords, labels, None, mask_input, True, None, None)
+        with decoder_settings(sam, compiled=True) as mode:
+            assert mode == (False, "fp32", True)
+            low_c, scores_c = decode_prompts(sam, features, coords, labels, None, mask_input, True, None, None)
+            assert decoder_mode(sam).compiled  # it compiled: no fallback
+    assert decoder_mode(sam) == (False, "fp32", False)  # as before the block
+    assert low_c.shape == low.shape and scores_c.shape == scores.shape
+    torch.testing.assert_close(low_c, low, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores_c, scores, atol=1e-5, rtol=1e-5)
+
+
 def test_a_failed_trace_falls_back_to_eager_with_one_line(tiny_sam, encoded, concepts):  # noqa: F811
     sam, lines = copy.deepcopy(tiny_sam), []
-    assert configure_decoder(sam, graphs=True, log=lines.append) == (True, "fp32")
+    assert configure_decoder(sam, graphs=True, log=lines.append) == (True, "fp32", False)
     from persam_core import decoder_speed as module
 
     def broken(*args, **kwargs):
         raise RuntimeError("capture not permitted\nsecond line")
 
-    module._SETTINGS[sam].graphs.compiled = broken
+    module._SETTINGS[sam].traced[(True, False)].compiled = broken
     batch = EncodedBatch.of(encoded[:2])
     graphed = segment_batch(sam, batch, concepts[:2])
     assert len(lines) == 1 and "RuntimeError: capture not permitted" in lines[0] and "decoding eagerly" in lines[0]
@@ -110,8 +130,8 @@ def test_a_failed_trace_falls_back_to_eager_with_one_line(tiny_sam, encoded, con
 def test_bf16_decoder_stays_close_and_returns_fp32(graphed_sam, encoded, concepts):  # noqa: F811
     batch = EncodedBatch.of(encoded[:2])
     eager = segment_batch(graphed_sam, batch, concepts[:2])
-    with decoder_settings(graphed_sam, precision="bf16") as (_, precision):
-        assert precision == "bf16"
+    with decoder_settings(graphed_sam, precision="bf16") as mode:
+        assert mode.precision == "bf16"
         half = segment_batch(graphed_sam, batch, concepts[:2])
         features = torch.stack([e.features for e in encoded[:2]])
         low, scores = decode_prompts(graphed_sam, features, torch.tensor([[[10.0, 20.0]]] * 2),
@@ -137,8 +157,8 @@ def test_speed_settings(tiny_sam, tiny_sam2):
     sam2 = copy.deepcopy(tiny_sam2)
     speed = prepare_encoder(sam2, EncoderSpeed(decoder_graphs=True, decoder_precision="bf16"), log=lines.append)
     assert (speed.decoder_graphs, speed.decoder_precision) == (False, "fp32")
-    assert lines == ["note: --decoder-graphs and --decoder-precision apply to SAM (segment_anything) only; "
-                     "SAM 2 decodes run as sam2 runs them"]
+    assert lines == ["note: --decoder-graphs, --decoder-compile and --decoder-precision apply to SAM "
+                     "(segment_anything) only; SAM 2 decodes run as sam2 runs them"]
     assert not graphs_enabled(sam2)
 
 

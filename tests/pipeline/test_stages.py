@@ -34,7 +34,7 @@ from jobs.storage.schema import read_part
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept, persam_targets, reference_cells
 from persam_core.masks import decode_rle
-from persam_core.decoder_speed import graphs_enabled
+from persam_core.decoder_speed import decoder_mode
 from persam_core.models import build_random, model_fingerprint
 from persam_core.predictor import encode_images
 from persam_core.preprocess import resize_longest_side
@@ -140,11 +140,12 @@ def test_the_old_flags_still_parse():
 def test_decoder_settings_reach_the_actor():
     args = build_parser().parse_args(["segment", "--concept", "c", "--model-type", "tiny", "--checkpoint", "random:0",
                                       "--device", "cpu", "--input", "i", "--output", "o", "--decoder-graphs",
-                                      "--decoder-precision", "bf16"])
+                                      "--decoder-precision", "bf16", "--decoder-compile"])
     spec = JobSpec.from_args(args)
-    assert (spec.speed.decoder_graphs, spec.speed.decoder_precision) == (True, "bf16")
+    assert (spec.speed.decoder_graphs, spec.speed.decoder_precision, spec.speed.decoder_compile) == (True, "bf16", True)
     actor = SegmentActor(PreparedJob(spec, model_fingerprint(build_random("tiny", 0), "tiny"), ()), threads=1)
-    assert actor.speed.decoder_graphs and actor.speed.decoder_precision == "bf16" and graphs_enabled(actor.sam)
+    assert actor.speed.decoder_graphs and actor.speed.decoder_precision == "bf16" and actor.speed.decoder_compile
+    assert decoder_mode(actor.sam) == (True, "bf16", True)
     assert build_parser().parse_args(["segment", "--concept", "c", *MODEL, "--input", "i", "--output", "o"]
                                      ).decoder_graphs is None  # off unless asked for
 
