@@ -234,8 +234,8 @@ def _add_bench(commands) -> None:
     bench.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default=SpeedSpec.decoder_precision,
                        help="the decoder's precision on the default path (the variants are timed beside it)")
     bench.add_argument("--decoder-compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="time the default path with the decoder compiled (on CUDA, or with this flag, "
-                            "the compiled decoder is also timed beside the others)")
+                       help="time the default path with the decoder compiled (with either spelling, the "
+                            "compiled decoder is also timed beside the other decoder variants)")
     bench.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                        help="TF32 matmuls on the default path (default: on with CUDA bf16/fp16)")
     bench.add_argument("--job", action="store_true",
