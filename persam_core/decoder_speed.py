@@ -44,10 +44,12 @@ Compiled decoder (`configure_decoder(sam, compiled=True)`): the same trace throu
 inductor, which fuses the decoder's elementwise work (adds, layer norms, GELUs, softmaxes)
 into few kernels: at many pairs the decoder is paced by the memory traffic of its
 [P, 4096, 256] tokens and [P, 32, 256, 256] upscaled features, not by its matrix
-products. With graphs too, inductor's own CUDA graphs replay it (mode "reduce-overhead").
-Each signature compiles once (the buckets above): about 15-20 s for the vit_b decoder on
-the 2-vCPU development machine, where the compiled decode of 16 pairs took 444 ms against
-539 ms eager (8 pairs: 202 / 216 ms; logits within 3e-7). Not yet measured on a GPU.
+products. Alone, it is not padded: each pass kind compiles for the first pair count and
+once more, with the count dynamic, at the second. With graphs too, inductor's own CUDA
+graphs replay it (mode "reduce-overhead"), padded to the buckets above. A compile takes
+about 15-20 s for the vit_b decoder on the 2-vCPU development machine, where the compiled
+decode of 16 pairs took 444 ms against 539 ms eager (8 pairs: 202 / 216 ms; logits within
+3e-7). Not yet measured on a GPU.
 
 Decoder precision (`configure_decoder(sam, precision="bf16")`): at large P (many concepts) the
 decoder's own work sets the pace instead: 2.9 GFLOP of matrix products per pair and pass
@@ -149,9 +151,14 @@ class TracedDecoder:
         self.graph_trees = graphs and device_type == "cuda"
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        # Graphs replay fixed shapes: pair counts are padded to buckets, each traced once. Compiled
+        # alone, the pair count is left as it is: a second count recompiles once with it dynamic
+        # (torch's automatic dynamic shapes), so no decoder work is spent on padding.
+        self.padded = graphs
         if compiled:
             mode = "reduce-overhead" if self.graph_trees else None  # inductor's own CUDA graphs
-            self.compiled = torch.compile(decode_eager, backend="inductor", mode=mode, fullgraph=True, dynamic=False)
+            self.compiled = torch.compile(decode_eager, backend="inductor", mode=mode, fullgraph=True,
+                                          dynamic=False if graphs else None)
         else:
             backend = "cudagraphs" if self.graph_trees else "aot_eager"  # no graphs off the GPU: the trace alone
             self.compiled = torch.compile(decode_eager, backend=backend, fullgraph=True, dynamic=False)
@@ -164,7 +171,7 @@ class TracedDecoder:
         """`decode_eager`'s arguments -> its results, through the graphs."""
         if not self.failed:
             count = features.shape[0]
-            rows = pair_bucket(count)
+            rows = pair_bucket(count) if self.padded else count
             padded = [_pad_rows(t, rows) for t in (features, coords, labels, boxes, mask_input)]
             extra = [_pad_rows(t, rows) for t in (attention_bias, target_embedding)]
             try:

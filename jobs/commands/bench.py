@@ -233,10 +233,15 @@ def decoder_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
     return figures
 
 
-def warm_up(model: Model, resized: Sequence[ResizedImage], speed: EncoderSpeed, concepts: Sequence[ConceptTensors]) -> None:
-    """One untimed batch on CUDA (kernel selection, allocator growth); nothing to do on CPU."""
-    if next(model.parameters()).device.type == "cuda":
-        segment_all(model, [next(encode_in_batches(model, resized[: speed.batch_size], speed))], concepts)
+def warm_up(model: Model, resized: Sequence[ResizedImage], speed: EncoderSpeed,
+            concept_sets: Sequence[Sequence[ConceptTensors]]) -> None:
+    """One untimed batch per concept set to be timed, on CUDA (kernel selection, allocator
+    growth) or with a traced decoder (tracing, compiling, recording each pair count and pass
+    kind); nothing to do on CPU otherwise."""
+    if next(model.parameters()).device.type == "cuda" or speed.decoder_graphs or speed.decoder_compile:
+        batch = next(encode_in_batches(model, resized[: speed.batch_size], speed))
+        for concepts in concept_sets:
+            segment_all(model, [batch], concepts)
 
 
 def _variants(sam: Model, resized: Sequence[ResizedImage], exact_masks: list[np.ndarray], concept: ConceptTensors,
@@ -249,7 +254,7 @@ def _variants(sam: Model, resized: Sequence[ResizedImage], exact_masks: list[np.
         speed = replace(speed, batch_size=batch_size)
         model = copy.deepcopy(sam)
         prepare_encoder(model, speed)
-        warm_up(model, resized, speed, [concept])
+        warm_up(model, resized, speed, [[concept]])
         seconds, encoded = timed(lambda: [e for b in encode_in_batches(model, resized, speed) for e in b])
         ious = [iou(a, b) for a, b in zip(final_masks(segment_all(model, batched(encoded, batch_size), [concept])), exact_masks)]
         report[name] = {"encoder_s_per_image": round(seconds / len(resized), 4), "mean_iou_vs_fp32": round(float(np.mean(ious)), 4),
@@ -287,14 +292,14 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
 
     progress(f"preparing the encoder ({speed})")
     compile_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
-    warm_up(fast, resized, speed, fitted)
+    half = fitted[: max(1, len(fitted) // 2)]
+    warm_up(fast, resized, speed, [fitted[:1], [persam_f], fitted, half])
     progress("timing the batched paths")
     encoder_seconds, encoded = timed(lambda: [e for b in encode_in_batches(fast, resized, speed) for e in b])
     batches = batched(encoded, speed.batch_size)
     persam_seconds, _ = timed(lambda: segment_all(fast, batches, fitted[:1]))
     persam_f_seconds, _ = timed(lambda: segment_all(fast, batches, [persam_f]))
     k_seconds, k_results = timed(lambda: segment_all(fast, batches, fitted))
-    half = fitted[: max(1, len(fitted) // 2)]
     k_half_seconds, _ = timed(lambda: segment_all(fast, batches, half))
     half_host = lambda t: t.cpu().numpy().astype(np.float16)  # noqa: E731
     cached = [(half_host(e.features), e.input_size, e.original_size, [half_host(h) for h in e.high_res]) for e in encoded]

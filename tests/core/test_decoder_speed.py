@@ -92,23 +92,24 @@ def test_padded_rows_do_not_change_the_decode(graphed_sam, encoded):  # noqa: F8
 
 
 def test_the_compiled_decoder_equals_the_eager_one(tiny_sam, encoded):  # noqa: F811
-    """--decoder-compile: the same decode through inductor (fused kernels), padded to a bucket
-    like the graphs; one signature (~15 s to compile on the development machine)."""
+    """--decoder-compile: the same decode through inductor (fused kernels), for a first pair
+    count and for a second one (compiled once more, the count dynamic; nothing padded)."""
     sam = copy.deepcopy(tiny_sam)
     features = torch.stack([e.features for e in encoded[:3]])
     coords = torch.tensor([[[100.0, 200.0], [500.0, 40.0]]] * 3)
     labels = torch.tensor([[1, 0]] * 3, dtype=torch.int)
     mask_input = torch.randn(3, 1, 256, 256, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        low, scores = decode_eager(sam, features, coords, labels, None, mask_input, True, None, None)
-        with decoder_settings(sam, compiled=True) as mode:
-            assert mode == (False, "fp32", True)
-            low_c, scores_c = decode_prompts(sam, features, coords, labels, None, mask_input, True, None, None)
+    with torch.no_grad(), decoder_settings(sam, compiled=True) as mode:
+        assert mode == (False, "fp32", True)
+        for count in (3, 2):
+            args = (features[:count], coords[:count], labels[:count], None, mask_input[:count], True, None, None)
+            low, scores = decode_eager(sam, *args)
+            low_c, scores_c = decode_prompts(sam, *args)
             assert decoder_mode(sam).compiled  # it compiled: no fallback
+            assert low_c.shape == low.shape and scores_c.shape == scores.shape
+            torch.testing.assert_close(low_c, low, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(scores_c, scores, atol=1e-5, rtol=1e-5)
     assert decoder_mode(sam) == (False, "fp32", False)  # as before the block
-    assert low_c.shape == low.shape and scores_c.shape == scores.shape
-    torch.testing.assert_close(low_c, low, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(scores_c, scores, atol=1e-5, rtol=1e-5)
 
 
 def test_a_failed_trace_falls_back_to_eager_with_one_line(tiny_sam, encoded, concepts):  # noqa: F811
