@@ -136,13 +136,10 @@ def _secrets(args: argparse.Namespace) -> set[str]:
 
 
 def _one_line(error: BaseException, secrets: set[str], with_type: bool) -> str:
+    from persam_core.errors import describe, message_line
     from jobs.storage.redaction import scrub
 
-    # KeyError's str() is a repr (newlines escaped): take the message itself where there is one
-    single = len(error.args) == 1 and isinstance(error.args[0], str)
-    text = (error.args[0] if single else str(error)).strip()
-    first = text.splitlines()[0] if text else ""
-    line = f"{type(error).__name__}: {first}" if with_type and first else (first or type(error).__name__)
+    line = describe(error, 1000) if with_type else (message_line(error) or type(error).__name__)
     return scrub(line, secrets)[:1000]
 
 

@@ -19,11 +19,12 @@ Every concept of the paper lives in one module named after it:
                 further instances as batched rounds; results leave the device once
     batch       EncodedBatch in, HostResults out (bit-packed masks, plain numpy)
     instances   presence threshold and several instances per image (one-image view)
-    acceleration  fused attention, bf16/fp16 encoder, torch.compile; applies the decoder's (options)
-    decoder_speed SAM's decoder eagerly or as CUDA graphs, fp32 or bf16 autocast (options)
+    acceleration  fused attention, bf16/fp16 encoder, torch.compile, TF32; applies the decoder's (options)
+    decoder_speed SAM's decoder eagerly, as CUDA graphs and/or compiled, fp32 or bf16 autocast (options)
     masks       COCO RLE, bbox, area
     metrics     IoU
     evaluation  PerSeg mIoU / boundary IoU, DAVIS J and F
     video       the reference's video mode (DAVIS)
     tiny_vit    MobileSAM's TinyViT image encoder (vit_t)
+    errors      how an error reads on one line (notes, error rows, the CLI)
 """

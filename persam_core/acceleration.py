@@ -46,7 +46,8 @@ from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 from .backbone import Model, as_backbone
-from .decoder_speed import check_decoder_precision, configure_decoder, describe
+from .decoder_speed import check_decoder_precision, configure_decoder
+from .errors import describe
 from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

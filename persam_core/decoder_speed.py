@@ -77,6 +77,7 @@ from torch import Tensor
 from segment_anything.modeling import Sam
 
 from .decoder import decode_masks
+from .errors import describe
 from .options import DECODER_PRECISIONS
 from .prompts import encode_prompts
 
@@ -100,12 +101,6 @@ def decode_eager(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels:
     sparse, dense = encode_prompts(sam.prompt_encoder, coords, labels, boxes, mask_input)
     return decode_masks(sam.mask_decoder, features, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask,
                         attention_bias=attention_bias, target_embedding=target_embedding)
-
-
-def describe(error: BaseException) -> str:
-    """'Type: first line' of an error, short: what a fallback's one log line says."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def pair_bucket(count: int) -> int:

@@ -17,11 +17,12 @@ from persam_core.acceleration import EncoderSpeed
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import ConceptTensors
+from persam_core.errors import describe
 from persam_core.predictor import EncodedImage, encode_images
 from persam_core.preprocess import array_to_device
 
 from jobs.pipeline.cache import DTYPES
-from jobs.pipeline.payload import Chunk, ChunkResults, short_reason
+from jobs.pipeline.payload import Chunk, ChunkResults
 
 Batch = tuple[list[int], list[EncodedImage]]  # item indices of a chunk, and their features on the device
 
@@ -39,7 +40,7 @@ def encode_chunk(sam, chunk: Chunk, speed: EncoderSpeed, cache_dtype: str | None
             encoded = encode_images(sam, [chunk.resized(i) for i in indices], speed.precision,
                                     pad_to=size if speed.compile else None)
         except Exception as error:  # e.g. out of memory on one batch: record, go on
-            results.failures.update({i: f"encode failed: {short_reason(error)}" for i in indices})
+            results.failures.update({i: f"encode failed: {describe(error)}" for i in indices})
             continue
         batches.append((indices, encoded))
         results.encoded += indices
@@ -80,14 +81,14 @@ def per_batch(
         return [(indices, run(encoded))]
     except Exception as error:
         if len(indices) == 1:
-            failures[indices[0]] = f"{what} failed: {short_reason(error)}"
+            failures[indices[0]] = f"{what} failed: {describe(error)}"
             return []
     done = []
     for index, image in zip(indices, encoded):
         try:
             done.append(([index], run([image])))
         except Exception as error:
-            failures[index] = f"{what} failed: {short_reason(error)}"
+            failures[index] = f"{what} failed: {describe(error)}"
     return done
 
 

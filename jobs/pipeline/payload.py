@@ -120,12 +120,6 @@ class FinishedChunk:
         return ipc_to_table(self.table)
 
 
-def short_reason(error: BaseException) -> str:
-    """An exception as one short line for an error row: 'Type: first line'."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}"[:500] if text else type(error).__name__
-
-
 _ALIGN = 64
 _LENGTH = struct.Struct("<Q")  # the JSON header's length, first in a bundle
 

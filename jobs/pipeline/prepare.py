@@ -11,6 +11,7 @@ hash them (SHA-256 of the content), and then
 
 from __future__ import annotations
 
+from persam_core.errors import describe
 from persam_core.inputs import input_format
 
 from jobs.pipeline.cache import content_sha256
@@ -18,7 +19,7 @@ from jobs.pipeline.job import PreparedJob
 from jobs.storage.redaction import redact, scrub, secrets_in
 from jobs.storage.images import decode_image
 from jobs.storage.files import read_bytes
-from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk, short_reason
+from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk
 from jobs.storage.schema import good_images
 
 
@@ -41,7 +42,7 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
             data[index] = read_bytes(source, storage_options)
         except Exception as error:  # missing object, permission, timeout: the job goes on
             # a library's message may quote the URL it read, signature included
-            item.error = scrub(f"read failed: {short_reason(error)}", secrets_in([source]))
+            item.error = scrub(f"read failed: {describe(error)}", secrets_in([source]))
             continue
         item.sha256 = content_sha256(data[index])
         item.carried = (url, item.sha256) in unchanged
@@ -61,7 +62,7 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
         try:
             resized = resize(decode_image(data.pop(index), redact(item.url), max_pixels))
         except Exception as error:
-            item.error = f"decode failed: {short_reason(error)}"
+            item.error = f"decode failed: {describe(error)}"
             continue
         item.source, item.input_size, item.original_size = "pixels", resized.input_size, resized.original_size
         chunk.pixels[index] = resized.pixels
