@@ -207,7 +207,8 @@ def decoder_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
                     concept_sets: dict[str, Sequence[ConceptTensors]], images: int, compiled: bool = True) -> dict:
     """The cascade on the same encoded batches with each decoder variant, per concept set:
     seconds per image, torch ops (and on CUDA launches) of one batch, and the masks' minimum
-    IoU against the eager fp32 decoder's. Tracing, compiling and recording graphs happen in
+    IoU against the eager fp32 decoder's (all under the default path's TF32 setting: on CUDA,
+    by default, TF32 matmuls). Tracing, compiling and recording graphs happen in
     an untimed first run (the job's actors do it on their first chunks). compiled: also the
     compiled variants (off the GPU only the one without graphs, the same compile)."""
     if not isinstance(model, Sam):
