@@ -105,7 +105,8 @@ def guided_transformer(
         # decoder's GPU time at 128 pairs on an H100). One pair keeps SAM's layout, where
         # the view folds into one transposed GEMM: the oracle tests compare that bit for bit
         # with SAM. Several pairs never matched one bit for bit (batching changes the GEMMs);
-        # the batched tests hold them to the one-at-a-time masks (IoU >= 0.999).
+        # the batched tests hold them to the one-at-a-time masks (IoU >= 0.999). The batched
+        # cascade hands its features over channels-last (pairs.py), so this copies nothing.
         keys = keys.contiguous()
     # The positional encoding is the same for every pair: one contiguous [1, 4096, 256] copy
     # that broadcasts, instead of SAM's B repeats (same values, same adds).

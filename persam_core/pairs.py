@@ -15,6 +15,7 @@ original size x 1024), so a batch of one is bit-identical to SamPredictor / SAM2
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -156,7 +157,7 @@ class PairBatch:
             boxes = self.backbone.input_coordinates(box.reshape(-1, 2, 2), self.coordinates).reshape(-1, 4)
         masks = None if mask_input is None else mask_input[:, None].to(torch.float32)
         return self.backbone.decode(
-            self.features[self.image_index],
+            self.pair_features(),
             tuple(level[self.image_index] for level in self.high_res),
             coords,
             labels,
@@ -166,6 +167,21 @@ class PairBatch:
             attention_bias,
             target_embedding,
         )
+
+    def pair_features(self) -> Tensor:
+        """Each pair's image features: [P, 256, 64, 64]. Several pairs get them channels-last
+        (token-major, as the decoder's transformer reads them): the gather, and the add of the
+        dense prompt after it, then write that layout directly, where SAM's layout costs the
+        decoder one more copy of [P, 4096, 256] per pass. Same values; one pair keeps SAM's
+        layout (bit for bit with its predictor)."""
+        if len(self) == 1:
+            return self.features[self.image_index]
+        return self._channels_last_features[self.image_index]  # indexing keeps the memory format
+
+    @cached_property
+    def _channels_last_features(self) -> Tensor:
+        """features in channels-last memory, once per batch of B images (not per pair or pass)."""
+        return self.features.contiguous(memory_format=torch.channels_last)
 
     def feedback(self, low_res: Tensor) -> Tensor:
         """Low-res logits of a decode, as the model's predictor returns them for a next pass."""

@@ -165,3 +165,19 @@ def test_results_travel_as_plain_arrays(tiny_sam, encoded, concepts):
     for row in range(len(batched)):
         assert np.array_equal(joined.mask(len(batched) + row), batched.mask(row))
     assert torch.is_tensor(encoded[0].features)  # inputs untouched
+
+
+def test_several_pairs_get_their_features_token_major(tiny_sam, encoded):
+    """The decoder's transformer reads image tokens contiguous: several pairs get each image's
+    features channels-last (same values), so no pass copies [P, 4096, 256] again; one pair
+    keeps SAM's layout (bit for bit with its predictor)."""
+    from persam_core.pairs import PairBatch
+
+    features = torch.stack([e.features for e in encoded[:2]])
+    sizes = [tuple(e.input_size) for e in encoded[:2]], [tuple(e.original_size) for e in encoded[:2]]
+    several = PairBatch.build(tiny_sam, features, [0, 0, 1], *sizes).pair_features()
+    assert torch.equal(several, features[[0, 0, 1]])
+    assert several.is_contiguous(memory_format=torch.channels_last)
+    assert several.flatten(2).permute(0, 2, 1).is_contiguous()  # what the transformer makes of it: no copy
+    one = PairBatch.build(tiny_sam, features, [1], *sizes).pair_features()
+    assert torch.equal(one, features[[1]]) and one.is_contiguous()
