@@ -246,11 +246,6 @@ def decoder_mode(sam: torch.nn.Module) -> DecoderMode:
     return DecoderMode(traced and settings.use_graphs, settings.precision, traced and settings.use_compiled)
 
 
-def graphs_enabled(sam: torch.nn.Module) -> bool:
-    """Whether `sam`'s decodes go through graphs now (asked for, and neither tracing nor recording failed)."""
-    return decoder_mode(sam).graphs
-
-
 @contextlib.contextmanager
 def decoder_settings(sam: torch.nn.Module, graphs: bool | None = None, precision: str | None = None,
                      compiled: bool | None = None) -> Iterator[DecoderMode]:

@@ -196,8 +196,7 @@ def host_dispatch(run: Callable[[], object]) -> dict:
     return counts
 
 
-# label -> (decoder graphs, decoder precision); the first is the yardstick of the others' masks
-# label -> (graphs, precision, compiled)
+# label -> (decoder graphs, decoder precision, compiled decoder); the first is the yardstick of the others' masks
 DECODER_VARIANTS = {"eager_decoder": (False, "fp32", False), "decoder_graphs": (True, "fp32", False),
                     "bf16_decoder": (False, "bf16", False), "bf16_decoder_graphs": (True, "bf16", False),
                     "compiled_decoder": (False, "fp32", True), "compiled_decoder_graphs": (True, "fp32", True)}

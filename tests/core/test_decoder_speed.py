@@ -19,7 +19,7 @@ from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_spee
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import segment_batch
 from persam_core.decoder_speed import (MIN_BUCKET, configure_decoder, decode_eager, decode_prompts, decoder_mode,
-                                       decoder_settings, graphs_enabled, pair_bucket)
+                                       decoder_settings, pair_bucket)
 from persam_core.metrics import iou
 from tests.core.test_batched_cascade import concepts, encoded  # noqa: F401  (fixtures)
 
@@ -59,7 +59,7 @@ def test_traced_cascade_equals_eager(graphed_sam, encoded, concepts, images, con
     with decoder_settings(graphed_sam, graphs=True) as mode:
         assert mode.graphs
         graphed = segment_batch(graphed_sam, batch, chosen, **options)
-    assert not graphs_enabled(graphed_sam)  # as before the block
+    assert not decoder_mode(graphed_sam).graphs  # as before the block
     assert_same_rows(graphed, eager)
     if "min_similarity" in options:
         assert 0 < sum(eager.present) < len(eager), "all or no pair present: the subset proves nothing"
@@ -124,7 +124,7 @@ def test_a_failed_trace_falls_back_to_eager_with_one_line(tiny_sam, encoded, con
     batch = EncodedBatch.of(encoded[:2])
     graphed = segment_batch(sam, batch, concepts[:2])
     assert len(lines) == 1 and "RuntimeError: capture not permitted" in lines[0] and "decoding eagerly" in lines[0]
-    assert not graphs_enabled(sam)
+    assert not decoder_mode(sam).graphs
     assert_same_rows(graphed, segment_batch(tiny_sam, batch, concepts[:2]))
 
 
@@ -153,14 +153,14 @@ def test_speed_settings(tiny_sam, tiny_sam2):
         resolve_speed("cpu", decoder_precision="int8")
     sam = copy.deepcopy(tiny_sam)
     speed = prepare_encoder(sam, EncoderSpeed(decoder_graphs=True, decoder_precision="bf16"), log=print)
-    assert speed.decoder_graphs and speed.decoder_precision == "bf16" and graphs_enabled(sam)
+    assert speed.decoder_graphs and speed.decoder_precision == "bf16" and decoder_mode(sam).graphs
     lines = []
     sam2 = copy.deepcopy(tiny_sam2)
     speed = prepare_encoder(sam2, EncoderSpeed(decoder_graphs=True, decoder_precision="bf16"), log=lines.append)
     assert (speed.decoder_graphs, speed.decoder_precision) == (False, "fp32")
     assert lines == ["note: --decoder-graphs, --decoder-compile and --decoder-precision apply to SAM "
                      "(segment_anything) only; SAM 2 decodes run as sam2 runs them"]
-    assert not graphs_enabled(sam2)
+    assert not decoder_mode(sam2).graphs
 
 
 def test_a_dropped_model_is_freed_with_its_graphs(tiny_sam, encoded):  # noqa: F811
