@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ JOB_SIZES = [(1024, 768), (768, 1024)]
 # Noise amplitude that brings the generated JPEGs (quality 90) to photo-like byte sizes.
 JPEG_GRAIN = 12
 REFERENCE_LOOP_IMAGES = 16
+T = TypeVar("T")
 
 
 @dataclass
@@ -111,6 +113,12 @@ def write_inputs(root: Path, pictures: list[np.ndarray], concepts: list[Concept]
     return images, files, float(np.mean(sizes)) / 1024
 
 
+def concept_sets(items: Sequence[T]) -> list[tuple[str, Sequence[T]]]:
+    """The concept sets timed: ("k1", the first), ("k", all); with one concept the second
+    would time the same work again, so only "k1" (the K column of the table stays empty)."""
+    return [("k1", items[:1])] + ([("k", items)] if len(items) > 1 else [])
+
+
 def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: list[np.ndarray],
                 concepts: list[ConceptTensors]) -> tuple[dict, EncoderSpeed]:
     """Encoder only, actor path (K = 1 and K) and the reference loop -> (figures, speed in effect).
@@ -123,7 +131,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     progress(f"preparing the encoder ({speed})")
     prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
     resized = [as_backbone(sam).resize(p) for p in pictures]
-    warm_up(fast, resized, speed, [concepts[:1], concepts])
+    warm_up(fast, resized, speed, [chosen for _, chosen in concept_sets(concepts)])
     count = len(resized)
     progress("encoder only")
     encoder_seconds, _ = timed(lambda: [None for _ in encode_in_batches(fast, resized, speed)])
@@ -136,7 +144,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
             modes += [(False, False), (True, False)]
         if options.decoder_compile is not None:
             modes += [(False, True)]
-    for name, chosen in (("k1", concepts[:1]), ("k", concepts)):
+    for name, chosen in concept_sets(concepts):
         for graphs, compiled in dict.fromkeys(modes):  # in order, once each
             with decoder_settings(fast, graphs, compiled=compiled) as mode:
                 label = ACTOR_LABELS[(mode.graphs, mode.compiled)]
@@ -219,7 +227,7 @@ def run_job_bench(options: JobBenchOptions) -> dict:
         ray_started = time.perf_counter()
         with ray_session():  # one Ray for both jobs
             result["ray_start_s"] = round(time.perf_counter() - ray_started, 2)
-            for name, chosen in (("k1", files[:1]), ("k", files)):
+            for name, chosen in concept_sets(files):
                 progress(f"job with {len(chosen)} concept(s)")
                 job = _job(options, device, speed, image_dir, chosen, root / f"out-{name}", shard_size)
                 result.update({f"job_{name}_{key}": value for key, value in job.items()})
@@ -263,7 +271,8 @@ def job_table(result: dict) -> str:
         ("job(1) / reference loop", result.get("job_k1_over_reference_loop"), None),
         ("rows written", result.get("job_k1_rows"), result.get("job_k_rows")),
     ]
+    columns = 2 if k > 1 else 1  # one concept: one job (concept_sets), one column
     lines = [f"{result['model_type']} on {result.get('device_name', result['device'])}, {result['images']} images, "
-             f"speed {result['speed']}", f"{'path':<44} {'K=1':>10} {f'K={k}':>10}"]
-    lines += [f"{name:<44} {show(one):>10} {show(many):>10}" for name, one, many in rows]
+             f"speed {result['speed']}", f"{'path':<44} {'K=1':>10} {f'K={k}':>10}"[: 44 + 11 * columns]]
+    lines += [f"{name:<44}" + "".join(f" {show(v):>10}" for v in values[:columns]) for name, *values in rows]
     return "\n".join(lines)

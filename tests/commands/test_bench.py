@@ -11,7 +11,7 @@ import json
 import pytest
 
 from cli_tools import MODEL, run_cli
-from jobs.commands.bench_job import Progress
+from jobs.commands.bench_job import Progress, concept_sets
 
 SPEC_KEYS = ("encoder_s_per_image", "persam_s_per_image", "persam_f_s_per_image", "k_concepts_s_per_image",
              "cached_s_per_image", "reference_loop_s_per_image", "peak_rss_mb")
@@ -70,3 +70,9 @@ def test_steady_state_starts_after_the_first_result(monkeypatch):
     tracker(3)
     tracker(5)
     assert tracker.steady_rate() == pytest.approx(8 / 4)
+
+
+def test_one_concept_is_timed_once():
+    # `--job --concepts 1` runs one job, not the same job twice (the K column stays empty)
+    assert concept_sets(["a"]) == [("k1", ["a"])]
+    assert concept_sets(["a", "b", "c"]) == [("k1", ["a"]), ("k", ["a", "b", "c"])]
