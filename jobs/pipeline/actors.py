@@ -13,6 +13,8 @@ it waiting for the host; unpacking and packing happen outside both. Every cascad
 on the actor's one cascade thread, not on Ray's call threads: torch keeps CUDA graphs
 (--decoder-graphs) per thread, so one thread records each decoder shape once and
 replays it for every chunk (two call threads would each record and hold their own).
+On CUDA the cascades also run on a stream of their own (cascade_stream.py), so that a
+cascade's final read waits for its own kernels, not for the next chunk's encoder batch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from persam_core.acceleration import prepare_encoder
 from persam_core.concept import Concept, ConceptTensors
 
 from jobs.logs import configure as configure_logging
+from jobs.pipeline.cascade_stream import CascadeStream
 from jobs.pipeline.compute import Batch, cascade_chunk, encode_chunk, score_batches
 from jobs.pipeline.host_memory import keep_large_buffers
 from jobs.pipeline.job import PreparedJob, load_checked_model, spec_speed
@@ -61,11 +64,19 @@ class ModelActor:
         self.encode_lock = threading.Lock()
         # one thread: the cascades run one at a time, and decoder graphs live on it (see above)
         self.cascade_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cascade")
+        self.cascade_stream = CascadeStream(self.sam.device)
 
     def compute(self, chunk: Chunk) -> ChunkResults:
         with self.encode_lock:  # queued on the device; no host read unless a cache needs the features
             batches, results = encode_chunk(self.sam, chunk, self.speed, self.cache_dtype)
-        return self.cascade_thread.submit(self.decode, chunk, batches, results).result()
+            encoded = self.cascade_stream.mark_encoded()
+        return self.cascade_thread.submit(self._cascade, chunk, batches, results, encoded).result()
+
+    def _cascade(self, chunk: Chunk, batches: list[Batch], results: ChunkResults,
+                 encoded: torch.cuda.Event | None) -> ChunkResults:
+        """`decode` on the cascade stream, after the chunk's encoder work (runs on the cascade thread)."""
+        with self.cascade_stream.running_after(encoded):
+            return self.decode(chunk, batches, results)
 
     def decode(self, chunk: Chunk, batches: list[Batch], results: ChunkResults) -> ChunkResults:
         raise NotImplementedError

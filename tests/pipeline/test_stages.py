@@ -161,29 +161,6 @@ def test_tf32_on_gpu_actors_is_what_the_job_records(flags, recorded):
     assert expected_speed(JobSpec.from_args(args)).tf32 is recorded
 
 
-def test_every_cascade_runs_on_the_actors_one_cascade_thread(monkeypatch):
-    """Ray calls come on two threads; torch keeps CUDA graphs per thread, so the cascades
-    (where decoder graphs are recorded and replayed) all run on the actor's one thread."""
-    import threading
-
-    import jobs.pipeline.actors as actors
-
-    monkeypatch.setattr(actors, "encode_chunk", lambda *args: ([], None))
-    actor = object.__new__(actors.SegmentActor)  # the locks and the thread alone: no model needed
-    actor.sam, actor.speed, actor.cache_dtype = None, EncoderSpeed(), None
-    actor.encode_lock = threading.Lock()
-    actor.cascade_thread = actors.ThreadPoolExecutor(max_workers=1)
-    decoded_on = []
-    actor.decode = lambda chunk, batches, results: decoded_on.append(threading.get_ident())
-    callers = [threading.Thread(target=actor.compute, args=(None,)) for _ in range(4)]
-    for caller in callers:
-        caller.start()
-    for caller in callers:
-        caller.join()
-    assert len(decoded_on) == 4 and len(set(decoded_on)) == 1
-    assert decoded_on[0] not in {caller.ident for caller in callers}
-
-
 # ---------------------------------------------------------------------------- the actor does tensor work only
 
 

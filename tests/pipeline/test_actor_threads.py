@@ -1,0 +1,128 @@
+"""The model actor's threads and streams: every cascade on the actor's one cascade thread,
+and on CUDA on a stream of its own, after its chunk's encoder work.
+
+No GPU here: torch.cuda's Stream, Event and stream context are replaced by fakes that log
+what the actor asks of them, which is the protocol that matters (an event after the
+encoder work, on the encoding thread's stream; the cascade queued after it on its own
+stream; that stream synchronised before the features can be freed, even on an error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+import jobs.pipeline.actors as actors
+from jobs.pipeline.cascade_stream import CascadeStream
+from persam_core.acceleration import EncoderSpeed
+
+
+class FakeCuda:
+    """Stand-ins for torch.cuda.Stream / Event / stream / current_stream, logging (what, stream, thread)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.current = threading.local()
+        owner = self
+
+        class Stream:
+            def __init__(self, device=None) -> None:
+                self.name = "cascade"
+
+            def wait_event(self, event) -> None:
+                owner.note("wait", event.recorded_on)
+
+            def synchronize(self) -> None:
+                owner.note("synchronize", self.name)
+
+        class Event:
+            def record(self, stream) -> None:
+                self.recorded_on = stream
+                owner.note("record", stream)
+
+        self.Stream, self.Event = Stream, Event
+
+    def note(self, what: str, stream) -> None:
+        self.log.append((what, getattr(stream, "name", stream), threading.get_ident()))
+
+    def current_stream(self, device=None):
+        return getattr(self.current, "stream", "default")
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        before = self.current_stream()
+        self.current.stream = stream
+        try:
+            yield
+        finally:
+            self.current.stream = before
+
+
+@pytest.fixture
+def cuda(monkeypatch) -> FakeCuda:
+    fake = FakeCuda()
+    for name in ("Stream", "Event", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    return fake
+
+
+def bare_actor(monkeypatch, device: str, decode, on_encode=lambda: None) -> actors.SegmentActor:
+    """A SegmentActor's lock, thread and stream alone (no model); encode_chunk only calls on_encode."""
+    monkeypatch.setattr(actors, "encode_chunk", lambda *args: (on_encode(), ([], None))[1])
+    actor = object.__new__(actors.SegmentActor)
+    actor.sam, actor.speed, actor.cache_dtype = None, EncoderSpeed(), None
+    actor.encode_lock = threading.Lock()
+    actor.cascade_thread = actors.ThreadPoolExecutor(max_workers=1)
+    actor.cascade_stream = CascadeStream(torch.device(device))
+    actor.decode = decode
+    return actor
+
+
+def actor_with(cuda: FakeCuda, monkeypatch, decode) -> actors.SegmentActor:
+    """A bare actor on the fake CUDA device: encode logs on which stream it runs."""
+    return bare_actor(monkeypatch, "cuda", decode, lambda: cuda.note("encode", cuda.current_stream()))
+
+
+def test_every_cascade_runs_on_the_actors_one_cascade_thread(monkeypatch):
+    """Ray calls come on two threads; torch keeps CUDA graphs per thread, so the cascades
+    (where decoder graphs are recorded and replayed) all run on the actor's one thread."""
+    decoded_on = []
+    actor = bare_actor(monkeypatch, "cpu", lambda *args: decoded_on.append(threading.get_ident()))
+    callers = [threading.Thread(target=actor.compute, args=(None,)) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(decoded_on) == 4 and len(set(decoded_on)) == 1
+    assert decoded_on[0] not in {caller.ident for caller in callers}
+
+
+def test_the_cascade_runs_on_its_own_stream_after_the_encoder_work(cuda, monkeypatch):
+    actor = actor_with(cuda, monkeypatch, lambda *args: cuda.note("decode", cuda.current_stream()))
+    actor.compute(None)
+    caller = threading.get_ident()
+    steps = [(what, stream) for what, stream, _ in cuda.log]
+    assert steps == [("encode", "default"), ("record", "default"), ("wait", "default"),
+                     ("decode", "cascade"), ("synchronize", "cascade")]
+    threads = [thread for _, _, thread in cuda.log]
+    assert threads[:2] == [caller, caller] and caller not in threads[2:]  # the cascade: on the cascade thread
+
+
+def test_the_cascade_stream_is_synchronised_when_a_cascade_fails(cuda, monkeypatch):
+    def failing(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    actor = actor_with(cuda, monkeypatch, failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        actor.compute(None)
+    assert cuda.log[-1][:2] == ("synchronize", "cascade")  # before the features can be freed
+
+
+def test_off_cuda_there_is_no_stream():
+    lanes = CascadeStream(torch.device("cpu"))
+    assert lanes.stream is None and lanes.mark_encoded() is None
+    with lanes.running_after(None):
+        pass
