@@ -19,6 +19,7 @@ once here and the job's actors find inductor's on-disk cache warm.
 from __future__ import annotations
 
 import gc
+import posixpath
 import resource
 import tempfile
 import time
@@ -35,21 +36,25 @@ from persam_core.concept import Concept, ConceptTensors
 from persam_core.decoder_speed import decoder_settings
 from persam_core.models import is_sam2
 from persam_core.persam import segment_persam
+from persam_core.masks import decode_rle
+from persam_core.metrics import iou
 from persam_core.predictor import encode_images
 
-from jobs.commands.bench import (encode_in_batches, persam_concepts, progress, reference_encoder, segment_all, speed_model,
-                                 synthetic_images, timed, warm_up)
+from jobs.commands.bench import (encode_in_batches, final_masks, persam_concepts, progress, reference_encoder, segment_all,
+                                 speed_model, synthetic_images, timed, warm_up)
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.session import ray_session, resolve_device
 from jobs.spec import DEFAULT_SHARD_SIZE, JobSpec, ModelSpec, SpeedSpec
 from jobs.storage.checkpoints import load_model
-from jobs.storage.schema import ERROR, error_count, read_parts
+from jobs.storage.images import decode_image
+from jobs.storage.schema import ERROR, IMAGE_URI, MASK_RLE, error_count, read_parts
 
 JOB_SIZES = [(1024, 768), (768, 1024)]
 # Noise amplitude that brings the generated JPEGs (quality 90) to photo-like byte sizes.
 JPEG_GRAIN = 12
 REFERENCE_LOOP_IMAGES = 16
+AGREEMENT_IMAGES = 16  # images whose job masks are compared with the actor path's in-process ones
 T = TypeVar("T")
 
 
@@ -120,10 +125,12 @@ def concept_sets(items: Sequence[T]) -> list[tuple[str, Sequence[T]]]:
 
 
 def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: list[np.ndarray],
-                concepts: list[ConceptTensors]) -> tuple[dict, EncoderSpeed]:
-    """Encoder only, actor path (K = 1 and K) and the reference loop -> (figures, speed in effect).
+                concepts: list[ConceptTensors], check_pictures: list[np.ndarray]) -> tuple[dict, EncoderSpeed, list[np.ndarray]]:
+    """Encoder only, actor path (K = 1 and K) and the reference loop -> (figures, speed in
+    effect, the actor path's K = 1 masks of `check_pictures`, which the job's are held to).
 
-    pictures: [H, W, 3] uint8 each; sam stays the fp32 exact model (the reference loop's).
+    pictures: [H, W, 3] uint8 each; check_pictures: some of them as the job decodes its JPEGs;
+    sam stays the fp32 exact model (the reference loop's).
     """
     speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size,
                           decoder_graphs=options.decoder_graphs, decoder_precision=options.decoder_precision,
@@ -155,6 +162,8 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
             figures[f"actor_{name}_{label}_images_per_s"] = round(count / seconds, 3)
             if (graphs, compiled) == (speed.decoder_graphs, speed.decoder_compile):  # the settings the job runs at
                 figures[f"actor_{name}_images_per_s"] = figures[f"actor_{name}_{label}_images_per_s"]
+    check = [as_backbone(fast).resize(p) for p in check_pictures]
+    check_masks = final_masks(segment_all(fast, encode_in_batches(fast, check, speed), concepts[:1]))
     del fast
     set_matmul_tf32(False)  # prepare_encoder set the actor path's TF32 for the process; the reference loop is fp32
 
@@ -169,7 +178,17 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     seconds, _ = timed(reference_loop)
     figures["reference_loop_images"] = len(reference_pictures)
     figures["reference_loop_images_per_s"] = round(len(reference_pictures) / seconds, 3)
-    return figures, speed
+    return figures, speed, check_masks
+
+
+def job_agreement(output: Path, names: list[str], masks: list[np.ndarray]) -> float:
+    """The lowest IoU between the job's mask of each image `names[i]` (a file name) and
+    masks[i], the actor path's in-process mask of the same JPEG at the same settings: the
+    job computes what the actor path computes (its own batches, streams and threads)."""
+    table = read_parts(commit.part_files(str(output)), columns=[IMAGE_URI, MASK_RLE]).to_pylist()
+    by_name = {posixpath.basename(row[IMAGE_URI]): row[MASK_RLE] for row in table}
+    # an image without a mask (an error row) agrees with nothing
+    return min(iou(decode_rle(by_name[name]), mask) if by_name.get(name) else 0.0 for name, mask in zip(names, masks))
 
 
 def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: Path, concept_files: list[str], output: Path,
@@ -205,23 +224,26 @@ def run_job_bench(options: JobBenchOptions) -> dict:
     pictures = synthetic_images(options.images, sizes=JOB_SIZES, grain=JPEG_GRAIN)
     reference = encode_images(sam, [as_backbone(sam).resize(pictures[0])])[0]
     concepts = persam_concepts(reference, pictures[0].shape[:2], options.concepts, loaded.fingerprint, model=sam)
-    figures, speed = _in_process(options, sam, device, pictures, [ConceptTensors.on(c, device) for c in concepts])
-    progress(f"in-process figures: {figures}")  # each phase's figures as soon as known (a cut run keeps them)
-    del sam, loaded, reference  # loaded.sam is the same module: both names go
-    gc.collect()
-    if device == "cuda":  # the job's actor needs the memory; the in-process peak is recorded first
-        figures["peak_gpu_mb_in_process"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        torch.cuda.empty_cache()
-    shard_size = options.shard_size or max(1, min(DEFAULT_SHARD_SIZE, options.images // 8))
-    result = {"mode": "job", "model_type": options.model_type, "device": device, "images": options.images,
-              "concepts": options.concepts, "speed": asdict(speed), "shard_size": shard_size,
-              "shards": commit.shard_count(options.images, shard_size), "num_actors": options.num_actors}
-    if device == "cuda":
-        result["device_name"] = torch.cuda.get_device_name()
-    result.update(figures)
     with tempfile.TemporaryDirectory(prefix="persam-bench-") as folder:
         root = Path(folder)
         image_dir, files, jpeg_kib = write_inputs(root, pictures, concepts)
+        check_names = sorted(path.name for path in image_dir.iterdir())[:AGREEMENT_IMAGES]
+        check_pictures = [decode_image((image_dir / name).read_bytes(), name) for name in check_names]
+        figures, speed, check_masks = _in_process(options, sam, device, pictures,
+                                                  [ConceptTensors.on(c, device) for c in concepts], check_pictures)
+        progress(f"in-process figures: {figures}")  # each phase's figures as soon as known (a cut run keeps them)
+        del sam, loaded, reference  # loaded.sam is the same module: both names go
+        gc.collect()
+        if device == "cuda":  # the job's actor needs the memory; the in-process peak is recorded first
+            figures["peak_gpu_mb_in_process"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            torch.cuda.empty_cache()
+        shard_size = options.shard_size or max(1, min(DEFAULT_SHARD_SIZE, options.images // 8))
+        result = {"mode": "job", "model_type": options.model_type, "device": device, "images": options.images,
+                  "concepts": options.concepts, "speed": asdict(speed), "shard_size": shard_size,
+                  "shards": commit.shard_count(options.images, shard_size), "num_actors": options.num_actors}
+        if device == "cuda":
+            result["device_name"] = torch.cuda.get_device_name()
+        result.update(figures)
         result["jpeg_kib_mean"] = round(jpeg_kib, 1)
         progress("starting Ray")
         ray_started = time.perf_counter()
@@ -232,6 +254,8 @@ def run_job_bench(options: JobBenchOptions) -> dict:
                 job = _job(options, device, speed, image_dir, chosen, root / f"out-{name}", shard_size)
                 result.update({f"job_{name}_{key}": value for key, value in job.items()})
                 progress(f"job with {len(chosen)} concept(s): {job}")
+            result["job_k1_min_mask_iou_vs_actor_path"] = round(
+                job_agreement(root / "out-k1", check_names, check_masks), 4)
     _ratios(result)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
@@ -270,6 +294,7 @@ def job_table(result: dict) -> str:
         ("job(K) / job(1)", None, result.get("job_k_over_job_k1")),
         ("job(1) / reference loop", result.get("job_k1_over_reference_loop"), None),
         ("rows written", result.get("job_k1_rows"), result.get("job_k_rows")),
+        ("job masks vs actor path's (min IoU)", result.get("job_k1_min_mask_iou_vs_actor_path"), None),
     ]
     columns = 2 if k > 1 else 1  # one concept: one job (concept_sets), one column
     lines = [f"{result['model_type']} on {result.get('device_name', result['device'])}, {result['images']} images, "

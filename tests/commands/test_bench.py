@@ -58,6 +58,7 @@ def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
         assert steady > 0 if result[f"{job}_results"] >= 2 else steady is None
     for key in ("job_k1_over_encoder", "job_k_over_job_k1", "job_k1_over_reference_loop", "actor_k_over_encoder"):
         assert key in result
+    assert result["job_k1_min_mask_iou_vs_actor_path"] >= 0.999  # the job computes what the actor path computes
     assert "bench: job with 2 concept(s)" in err
 
 
