@@ -8,7 +8,9 @@ them, and the cascade's final read (its masks leaving the device) then waits for
 whole encoder batch as well. The call returns that much later, so Ray hands the actor its
 next chunk late, and the GPU idles between encoder batches. On a stream of its own the
 cascade waits only for its own kernels and for its chunk's features (an event recorded
-after the encoder work), and its small kernels may run beside the encoder's.
+after the encoder work), and its small kernels may run beside the encoder's. The stream
+has the higher priority: where both have kernels waiting, the GPU schedules the
+cascade's first, so a chunk's results leave soon and the encoder fills what is left.
 
 Memory: the features are allocated on the encoder's stream and read on the cascade's.
 The cascade's stream is synchronised when its block ends (normally or not), and the
@@ -28,13 +30,15 @@ from typing import Iterator
 
 import torch
 
+HIGH_PRIORITY = -1  # CUDA stream priorities: 0 is the default, lower numbers run first
+
 
 class CascadeStream:
     """One actor's cascade stream on `device` (None off CUDA)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(device, priority=HIGH_PRIORITY) if device.type == "cuda" else None
 
     def mark_encoded(self) -> torch.cuda.Event | None:
         """An event after the work queued so far on the calling thread's stream (a chunk's

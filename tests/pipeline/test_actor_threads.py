@@ -29,8 +29,8 @@ class FakeCuda:
         owner = self
 
         class Stream:
-            def __init__(self, device=None) -> None:
-                self.name = "cascade"
+            def __init__(self, device=None, priority: int = 0) -> None:
+                self.name, self.priority = "cascade", priority
 
             def wait_event(self, event) -> None:
                 owner.note("wait", event.recorded_on)
@@ -109,6 +109,7 @@ def test_the_cascade_runs_on_its_own_stream_after_the_encoder_work(cuda, monkeyp
                      ("decode", "cascade"), ("synchronize", "cascade")]
     threads = [thread for _, _, thread in cuda.log]
     assert threads[:2] == [caller, caller] and caller not in threads[2:]  # the cascade: on the cascade thread
+    assert actor.cascade_stream.stream.priority < 0  # scheduled before the encoder's kernels
 
 
 def test_the_cascade_stream_is_synchronised_when_a_cascade_fails(cuda, monkeypatch):
