@@ -5,23 +5,13 @@ than the driver's), moved to the device, the encoder's speed settings applied
 (persam_core.acceleration) and the concepts put on the device. `__call__` only adapts
 Ray Data's columns: it unpacks each chunk, computes (compute.py) and packs the results.
 
-Ray Data runs up to two calls at once (max_concurrent_calls_per_actor=2 with true
-multi-threading, see run.py). A lock and a thread make them a two-stage pipeline: while
-one chunk's cascade runs (many small kernels, launched from Python), the next call queues
-its chunk's encoder work, so the GPU has the encoder to run whenever the cascade leaves
-it waiting for the host; unpacking and packing happen outside both. Every cascade runs
-on the actor's one cascade thread, not on Ray's call threads: torch keeps CUDA graphs
-(--decoder-graphs) per thread, so one thread records each decoder shape once and
-replays it for every chunk (two call threads would each record and hold their own).
-On CUDA the cascades also run on a stream of their own (cascade_stream.py), so that a
-cascade's final read waits for its own kernels, not for the next chunk's encoder batch.
+The device work runs as two stages, encode then cascade, with two calls in flight
+(device_stages.py: one lock, one cascade thread and, on CUDA, one cascade stream).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -30,8 +20,8 @@ from persam_core.acceleration import prepare_encoder
 from persam_core.concept import Concept, ConceptTensors
 
 from jobs.logs import configure as configure_logging
-from jobs.pipeline.cascade_stream import CascadeStream
 from jobs.pipeline.compute import Batch, cascade_chunk, encode_chunk, score_batches
+from jobs.pipeline.device_stages import DeviceStages
 from jobs.pipeline.host_memory import keep_large_buffers
 from jobs.pipeline.job import PreparedJob, load_checked_model, spec_speed
 from jobs.pipeline.payload import Chunk, ChunkResults, pack_results, unpack_chunk
@@ -61,22 +51,11 @@ class ModelActor:
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in job.concept_texts]
         self.job = job
         self.cache_dtype = spec.cache_dtype if job.cache_shards is not None else None
-        self.encode_lock = threading.Lock()
-        # one thread: the cascades run one at a time, and decoder graphs live on it (see above)
-        self.cascade_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cascade")
-        self.cascade_stream = CascadeStream(self.sam.device)
+        self.stages = DeviceStages(self.sam.device)
 
     def compute(self, chunk: Chunk) -> ChunkResults:
-        with self.encode_lock:  # queued on the device; no host read unless a cache needs the features
-            batches, results = encode_chunk(self.sam, chunk, self.speed, self.cache_dtype)
-            encoded = self.cascade_stream.mark_encoded()
-        return self.cascade_thread.submit(self._cascade, chunk, batches, results, encoded).result()
-
-    def _cascade(self, chunk: Chunk, batches: list[Batch], results: ChunkResults,
-                 encoded: torch.cuda.Event | None) -> ChunkResults:
-        """`decode` on the cascade stream, after the chunk's encoder work (runs on the cascade thread)."""
-        with self.cascade_stream.running_after(encoded):
-            return self.decode(chunk, batches, results)
+        return self.stages.run(lambda: encode_chunk(self.sam, chunk, self.speed, self.cache_dtype),
+                               lambda encoded: self.decode(chunk, *encoded))
 
     def decode(self, chunk: Chunk, batches: list[Batch], results: ChunkResults) -> ChunkResults:
         raise NotImplementedError

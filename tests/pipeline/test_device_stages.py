@@ -1,8 +1,8 @@
-"""The model actor's threads and streams: every cascade on the actor's one cascade thread,
-and on CUDA on a stream of its own, after its chunk's encoder work.
+"""The model actor's device stages: every cascade on the actor's one cascade thread, and on
+CUDA on a stream of its own, after its chunk's encoder work.
 
 No GPU here: torch.cuda's Stream, Event and stream context are replaced by fakes that log
-what the actor asks of them, which is the protocol that matters (an event after the
+what the stages ask of them, which is the protocol that matters (an event after the
 encoder work, on the encoding thread's stream; the cascade queued after it on its own
 stream; that stream synchronised before the features can be freed, even on an error).
 """
@@ -15,9 +15,7 @@ import threading
 import pytest
 import torch
 
-import jobs.pipeline.actors as actors
-from jobs.pipeline.cascade_stream import CascadeStream
-from persam_core.acceleration import EncoderSpeed
+from jobs.pipeline.device_stages import CascadeStream, DeviceStages
 
 
 class FakeCuda:
@@ -69,29 +67,12 @@ def cuda(monkeypatch) -> FakeCuda:
     return fake
 
 
-def bare_actor(monkeypatch, device: str, decode, on_encode=lambda: None) -> actors.SegmentActor:
-    """A SegmentActor's lock, thread and stream alone (no model); encode_chunk only calls on_encode."""
-    monkeypatch.setattr(actors, "encode_chunk", lambda *args: (on_encode(), ([], None))[1])
-    actor = object.__new__(actors.SegmentActor)
-    actor.sam, actor.speed, actor.cache_dtype = None, EncoderSpeed(), None
-    actor.encode_lock = threading.Lock()
-    actor.cascade_thread = actors.ThreadPoolExecutor(max_workers=1)
-    actor.cascade_stream = CascadeStream(torch.device(device))
-    actor.decode = decode
-    return actor
-
-
-def actor_with(cuda: FakeCuda, monkeypatch, decode) -> actors.SegmentActor:
-    """A bare actor on the fake CUDA device: encode logs on which stream it runs."""
-    return bare_actor(monkeypatch, "cuda", decode, lambda: cuda.note("encode", cuda.current_stream()))
-
-
-def test_every_cascade_runs_on_the_actors_one_cascade_thread(monkeypatch):
+def test_every_cascade_runs_on_the_one_cascade_thread():
     """Ray calls come on two threads; torch keeps CUDA graphs per thread, so the cascades
     (where decoder graphs are recorded and replayed) all run on the actor's one thread."""
-    decoded_on = []
-    actor = bare_actor(monkeypatch, "cpu", lambda *args: decoded_on.append(threading.get_ident()))
-    callers = [threading.Thread(target=actor.compute, args=(None,)) for _ in range(4)]
+    stages, decoded_on = DeviceStages(torch.device("cpu")), []
+    run = lambda: stages.run(lambda: None, lambda _: decoded_on.append(threading.get_ident()))  # noqa: E731
+    callers = [threading.Thread(target=run) for _ in range(4)]
     for caller in callers:
         caller.start()
     for caller in callers:
@@ -100,25 +81,25 @@ def test_every_cascade_runs_on_the_actors_one_cascade_thread(monkeypatch):
     assert decoded_on[0] not in {caller.ident for caller in callers}
 
 
-def test_the_cascade_runs_on_its_own_stream_after_the_encoder_work(cuda, monkeypatch):
-    actor = actor_with(cuda, monkeypatch, lambda *args: cuda.note("decode", cuda.current_stream()))
-    actor.compute(None)
-    caller = threading.get_ident()
+def test_the_cascade_runs_on_its_own_stream_after_the_encoder_work(cuda):
+    stages = DeviceStages(torch.device("cuda"))
+    result = stages.run(lambda: cuda.note("encode", cuda.current_stream()) or "features",
+                        lambda features: cuda.note("decode", cuda.current_stream()) or f"masks of {features}")
+    assert result == "masks of features"
     steps = [(what, stream) for what, stream, _ in cuda.log]
     assert steps == [("encode", "default"), ("record", "default"), ("wait", "default"),
                      ("decode", "cascade"), ("synchronize", "cascade")]
-    threads = [thread for _, _, thread in cuda.log]
+    caller, threads = threading.get_ident(), [thread for _, _, thread in cuda.log]
     assert threads[:2] == [caller, caller] and caller not in threads[2:]  # the cascade: on the cascade thread
-    assert actor.cascade_stream.stream.priority < 0  # scheduled before the encoder's kernels
+    assert stages.cascade_stream.stream.priority < 0  # scheduled before the encoder's kernels
 
 
-def test_the_cascade_stream_is_synchronised_when_a_cascade_fails(cuda, monkeypatch):
-    def failing(*args):
+def test_the_cascade_stream_is_synchronised_when_a_cascade_fails(cuda):
+    def failing(features):
         raise RuntimeError("CUDA out of memory")
 
-    actor = actor_with(cuda, monkeypatch, failing)
     with pytest.raises(RuntimeError, match="out of memory"):
-        actor.compute(None)
+        DeviceStages(torch.device("cuda")).run(lambda: "features", failing)
     assert cuda.log[-1][:2] == ("synchronize", "cascade")  # before the features can be freed
 
 
