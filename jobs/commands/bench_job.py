@@ -23,6 +23,7 @@ import posixpath
 import resource
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
@@ -39,11 +40,16 @@ from persam_core.persam import segment_persam
 from persam_core.masks import decode_rle
 from persam_core.metrics import iou
 from persam_core.predictor import encode_images
+from persam_core.preprocess import ResizedImage
 
 from jobs.commands.bench import (encode_in_batches, final_masks, persam_concepts, progress, reference_encoder, segment_all,
                                  speed_model, synthetic_images, timed, warm_up)
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
+from jobs.pipeline.compute import cascade_chunk, encode_chunk
+from jobs.pipeline.device_stages import DeviceStages
+from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
+from jobs.pipeline.run import ACTOR_CONCURRENT_CALLS
 from jobs.pipeline.session import ray_session, resolve_device
 from jobs.spec import DEFAULT_SHARD_SIZE, JobSpec, ModelSpec, SpeedSpec
 from jobs.storage.checkpoints import load_model
@@ -151,17 +157,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
             modes += [(False, False), (True, False)]
         if options.decoder_compile is not None:
             modes += [(False, True)]
-    for name, chosen in concept_sets(concepts):
-        for graphs, compiled in dict.fromkeys(modes):  # in order, once each
-            with decoder_settings(fast, graphs, compiled=compiled) as mode:
-                label = ACTOR_LABELS[(mode.graphs, mode.compiled)]
-                progress(f"actor path, {len(chosen)} concept(s), {label}")
-                if mode.graphs or mode.compiled:  # tracing, compiling, recording each shape once, untimed (the actors: on their first chunk)
-                    segment_all(fast, [next(encode_in_batches(fast, resized[: speed.batch_size], speed))], chosen)
-                seconds, _ = timed(lambda: [segment_all(fast, [b], chosen) for b in encode_in_batches(fast, resized, speed)])
-            figures[f"actor_{name}_{label}_images_per_s"] = round(count / seconds, 3)
-            if (graphs, compiled) == (speed.decoder_graphs, speed.decoder_compile):  # the settings the job runs at
-                figures[f"actor_{name}_images_per_s"] = figures[f"actor_{name}_{label}_images_per_s"]
+    figures.update(_actor_paths(fast, speed, resized, concepts, modes))
     check = [as_backbone(fast).resize(p) for p in check_pictures]
     check_masks = final_masks(segment_all(fast, encode_in_batches(fast, check, speed), concepts[:1]))
     del fast
@@ -179,6 +175,46 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     figures["reference_loop_images"] = len(reference_pictures)
     figures["reference_loop_images_per_s"] = round(len(reference_pictures) / seconds, 3)
     return figures, speed, check_masks
+
+
+def _actor_paths(fast: Model, speed: EncoderSpeed, resized: list[ResizedImage], concepts: list[ConceptTensors],
+                 modes: list[tuple[bool, bool]]) -> dict:
+    """The actor's work in-process, for each concept set and decoder mode (graphs, compiled),
+    timed two ways -> figures: one chunk after another on this thread (actor_*), and as the
+    actor runs it, two chunks in flight through its device stages (actor_stages_*: encode
+    lock, cascade thread, CUDA cascade stream) without Ray."""
+    figures, count = {}, len(resized)
+    chunks = [_chunk(index, resized[start : start + speed.batch_size])
+              for index, start in enumerate(range(0, count, speed.batch_size))]
+    stages = DeviceStages(next(fast.parameters()).device)
+    with ThreadPoolExecutor(max_workers=ACTOR_CONCURRENT_CALLS, thread_name_prefix="call") as calls:
+        for name, chosen in concept_sets(concepts):
+            def staged(chunk: Chunk) -> ChunkResults:
+                return stages.run(lambda: encode_chunk(fast, chunk, speed), lambda done: cascade_chunk(fast, *done, chosen))
+
+            for graphs, compiled in dict.fromkeys(modes):  # in order, once each
+                with decoder_settings(fast, graphs, compiled=compiled) as mode:
+                    label = ACTOR_LABELS[(mode.graphs, mode.compiled)]
+                    progress(f"actor path, {len(chosen)} concept(s), {label}")
+                    if mode.graphs or mode.compiled:  # tracing, compiling, recording each shape once, untimed (the actors: on their first chunk)
+                        segment_all(fast, [next(encode_in_batches(fast, resized[: speed.batch_size], speed))], chosen)
+                    seconds, _ = timed(lambda: [segment_all(fast, [b], chosen) for b in encode_in_batches(fast, resized, speed)])
+                    figures[f"actor_{name}_{label}_images_per_s"] = round(count / seconds, 3)
+                    staged(chunks[0])  # the cascade thread records its own graphs (untimed)
+                    seconds, _ = timed(lambda: list(calls.map(staged, chunks)))
+                    figures[f"actor_stages_{name}_{label}_images_per_s"] = round(count / seconds, 3)
+                if (graphs, compiled) == (speed.decoder_graphs, speed.decoder_compile):  # the settings the job runs at
+                    figures[f"actor_{name}_images_per_s"] = figures[f"actor_{name}_{label}_images_per_s"]
+                    figures[f"actor_stages_{name}_images_per_s"] = figures[f"actor_stages_{name}_{label}_images_per_s"]
+    stages.cascade_thread.shutdown()
+    return figures
+
+
+def _chunk(index: int, resized: list[ResizedImage]) -> Chunk:
+    """Resized images as the prepare stage hands them to the actor."""
+    items = [ChunkItem(f"img{index}-{n}", source="pixels", original_size=r.original_size, input_size=r.input_size)
+             for n, r in enumerate(resized)]
+    return Chunk(0, index, items, pixels={n: r.pixels for n, r in enumerate(resized)})
 
 
 def job_agreement(output: Path, names: list[str], masks: list[np.ndarray]) -> float:
@@ -273,6 +309,8 @@ def _ratios(result: dict) -> None:
     result["actor_k1_over_encoder"] = ratio("actor_k1_images_per_s", "encoder_images_per_s")
     result["actor_k_over_encoder"] = ratio("actor_k_images_per_s", "encoder_images_per_s")
     result["job_k1_over_actor_k1"] = ratio("job_k1_images_per_s", "actor_k1_images_per_s")
+    result["job_k1_over_actor_stages_k1"] = ratio("job_k1_images_per_s", "actor_stages_k1_images_per_s")
+    result["actor_stages_k_over_actor_stages_k1"] = ratio("actor_stages_k_images_per_s", "actor_stages_k1_images_per_s")
 
 
 def job_table(result: dict) -> str:
@@ -286,11 +324,16 @@ def job_table(result: dict) -> str:
         ("actor path in-process (images/s)", result.get("actor_k1_images_per_s"), result.get("actor_k_images_per_s")),
         *((f"  with {label.replace('_', ' ')}", result.get(f"actor_k1_{label}_images_per_s"),
            result.get(f"actor_k_{label}_images_per_s")) for label in ACTOR_LABELS.values()),
+        ("actor stages in-process, 2 calls (images/s)", result.get("actor_stages_k1_images_per_s"),
+         result.get("actor_stages_k_images_per_s")),
+        *((f"  with {label.replace('_', ' ')}", result.get(f"actor_stages_k1_{label}_images_per_s"),
+           result.get(f"actor_stages_k_{label}_images_per_s")) for label in ACTOR_LABELS.values()),
         ("encoder only (images/s)", result.get("encoder_images_per_s"), result.get("encoder_images_per_s")),
         (f"reference loop, {result.get('reference_loop_images')} images (images/s)", result.get("reference_loop_images_per_s"), None),
         ("job / encoder", result.get("job_k1_over_encoder"), result.get("job_k_over_encoder")),
         ("actor / encoder", result.get("actor_k1_over_encoder"), result.get("actor_k_over_encoder")),
         ("job / actor path", result.get("job_k1_over_actor_k1"), None),
+        ("job / actor stages", result.get("job_k1_over_actor_stages_k1"), None),
         ("job(K) / job(1)", None, result.get("job_k_over_job_k1")),
         ("job(1) / reference loop", result.get("job_k1_over_reference_loop"), None),
         ("rows written", result.get("job_k1_rows"), result.get("job_k_rows")),

@@ -50,7 +50,8 @@ def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     assert (result["mode"], result["images"], result["concepts"]) == ("job", images, concepts)
     assert (result["job_k1_rows"], result["job_k_rows"]) == (images, images * concepts)
     assert result["job_k1_error_rows"] == result["job_k_error_rows"] == 0
-    for key in ("encoder_images_per_s", "actor_k1_images_per_s", "actor_k_images_per_s", "reference_loop_images_per_s",
+    for key in ("encoder_images_per_s", "actor_k1_images_per_s", "actor_k_images_per_s", "actor_stages_k1_images_per_s",
+                "actor_stages_k_images_per_s", "reference_loop_images_per_s",
                 "job_k1_whole_images_per_s", "job_k_whole_images_per_s", "peak_rss_mb", "ray_start_s"):
         assert result[key] > 0, key
     for job in ("job_k1", "job_k"):  # a steady state needs two results: near certain with 6 hashed shards
