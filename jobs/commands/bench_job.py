@@ -206,7 +206,7 @@ def _actor_paths(fast: Model, speed: EncoderSpeed, resized: list[ResizedImage], 
                 if (graphs, compiled) == (speed.decoder_graphs, speed.decoder_compile):  # the settings the job runs at
                     figures[f"actor_{name}_images_per_s"] = figures[f"actor_{name}_{label}_images_per_s"]
                     figures[f"actor_stages_{name}_images_per_s"] = figures[f"actor_stages_{name}_{label}_images_per_s"]
-    stages.cascade_thread.shutdown()
+    stages.close()
     return figures
 
 

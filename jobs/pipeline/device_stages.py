@@ -95,6 +95,10 @@ class DeviceStages:
             done = self.cascade_stream.mark_encoded()
         return self.cascade_thread.submit(self._cascade, cascade, encoded, done).result()
 
+    def close(self) -> None:
+        """Stop the cascade thread once its queued cascades are done (an actor's ends with its process)."""
+        self.cascade_thread.shutdown()
+
     def _cascade(self, cascade: Callable[[Encoded], Result], encoded: Encoded, done: torch.cuda.Event | None) -> Result:
         with self.cascade_stream.running_after(done):
             return cascade(encoded)
