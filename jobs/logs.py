@@ -1,4 +1,4 @@
-"""What a run prints and how: standard `logging`, text or JSON lines, Ray's known noise removed.
+"""What a run prints and how: standard `logging`, text or JSON lines, known Ray and torch noise removed.
 
 Every module logs through `logging.getLogger(__name__)` (the `jobs.*` loggers); the CLI calls
 `configure` once per command. Lines go to the *current* `sys.stdout` (the run's report, as
@@ -21,6 +21,11 @@ Ray's known noise on a healthy run, and what is done about each:
   operator holds both refs until the dataset finishes, so restarts during the job work. The
   line comes from Ray's C++ core straight onto file descriptor 2, past Python's logging:
   `native_stderr_filter` drops exactly that line while the pipeline runs (not at debug level).
+
+And torch's: "No CUDA runtime is found, using CUDA_HOME=...", which torch's C++-extension
+builder logs when inductor imports it on a machine without a GPU (`--decoder-compile` or
+`--compile` on CPU). We build no extension and inductor's CPU code needs no CUDA; filtered on
+its logger like Ray's lines.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ from typing import Iterator
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 OUR_LOGGERS = ("jobs", "persam_core")
-# (logger that emits it, what the message holds): known Ray noise on a healthy run.
-RAY_NOISE = (
+# (logger that emits it, what the message holds): known Ray and torch noise on a healthy run.
+KNOWN_NOISE = (
     ("ray.data._internal.progress", "Progress bars disabled"),
     ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 )
 # Lines Ray's C++ core writes to file descriptor 2 (module docstring).
 NATIVE_NOISE = re.compile(r"core_worker\.cc:\d+: .*has constructor arguments in the object store and max_restarts > 0")
@@ -141,7 +147,7 @@ def configure(level: str = "info", quiet: bool = False, log_format: str = "text"
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
-    for name, phrase in RAY_NOISE:
+    for name, phrase in KNOWN_NOISE:
         logger = logging.getLogger(name)
         logger.filters[:] = [] if _settings.debug else [_Drop(phrase)]
     return _settings

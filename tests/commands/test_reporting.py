@@ -261,7 +261,7 @@ def test_fit_reports_persam_f_progress(perseg_sample, tmp_path):
     assert epochs[-1].startswith("PerSAM-F: epoch 39/40")
 
 
-# ---------------------------------------------------------------------------- Ray's noise
+# ---------------------------------------------------------------------------- Ray's and torch's noise
 
 
 def test_ray_noise_is_dropped_and_the_rest_kept(capfd):
@@ -275,3 +275,12 @@ def test_ray_noise_is_dropped_and_the_rest_kept(capfd):
     ray_progress = logging.getLogger("ray.data._internal.progress")
     assert not ray_progress.filters[0].filter(logging.makeLogRecord({"msg": "Progress bars disabled. To enable"}))
     assert ray_progress.filters[0].filter(logging.makeLogRecord({"msg": "something else"}))
+
+
+def test_torchs_cuda_home_line_is_dropped_on_cpu():
+    # what torch's extension builder logs when inductor imports it on a machine without a GPU
+    logs.configure()
+    builder = logging.getLogger("torch.utils.cpp_extension")
+    line = logging.makeLogRecord({"msg": "No CUDA runtime is found, using CUDA_HOME='/usr/local'"})
+    assert not builder.filters[0].filter(line)
+    assert builder.filters[0].filter(logging.makeLogRecord({"msg": "Error building extension"}))
