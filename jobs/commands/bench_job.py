@@ -2,10 +2,12 @@
 
 N generated photo-like JPEGs (1024x768 and 768x1024) and K PerSAM concepts fitted in this
 process are written to a temporary folder; `run_segment` (the code of `persam segment`)
-runs on them twice on one Ray, with 1 concept and with K. Beside each job:
+runs on them twice on one Ray, with 1 concept and with K (once with K = 1). Beside each job:
 
 - the actor path: what the model actor does, without Ray, on already-resized images
-  (encode in batches at the default speed settings + segment_batch -> host results);
+  (encode in batches at the default speed settings + segment_batch -> host results), one
+  batch after another, and through the actor's device stages with two calls in flight
+  (device_stages.py), as in the job;
 - the encoder alone at the same settings;
 - the reference-style loop (SamPredictor.set_image fp32 + one-image PerSAM, K = 1;
   SAM2ImagePredictor.set_image for SAM 2).
@@ -13,7 +15,8 @@ runs on them twice on one Ray, with 1 concept and with K. Beside each job:
 Job rates: steady state = images after the first result / time from the first result to
 the last (start-up and the first chunk excluded); whole = all images / the job's wall
 time, start-up included. The in-process paths run first, so the encoder is compiled
-once here and the job's actors find inductor's on-disk cache warm.
+once here and the job's actors find inductor's on-disk cache warm. The job's K = 1 masks
+of the first images are held to the actor path's masks of the same JPEGs (min IoU).
 """
 
 from __future__ import annotations
