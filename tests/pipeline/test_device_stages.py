@@ -10,12 +10,21 @@ stream; that stream synchronised before the features can be freed, even on an er
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from jobs.pipeline.compute import cascade_chunk, encode_chunk, segment_chunk
 from jobs.pipeline.device_stages import CascadeStream, DeviceStages
+from jobs.pipeline.payload import Chunk, ChunkItem
+from persam_core.acceleration import EncoderSpeed
+from persam_core.concept import ConceptTensors
+from persam_core.metrics import iou
+from persam_core.preprocess import resize_longest_side
+from sample_tools import load_pair
 
 
 class FakeCuda:
@@ -108,3 +117,28 @@ def test_off_cuda_there_is_no_stream():
     assert lanes.stream is None and lanes.mark_encoded() is None
     with lanes.running_after(None):
         pass
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_two_callers_through_the_stages_get_the_masks_of_one_chunk_after_another(
+        device, tiny_sam, concept_tensors, perseg_sample):
+    """The real stages (on CUDA: the cascade stream, its event and sync) with two chunks in
+    flight compute what the chunks give one after another on one thread."""
+    model = copy.deepcopy(tiny_sam).to(device).eval()
+    concepts = [ConceptTensors.on(concept_tensors[name].concept, device) for name in ("cat", "duck_f")]
+    pictures = [resize_longest_side(load_pair(perseg_sample, name, "01")[0]) for name in ("cat", "duck_toy", "colorful_sneaker")]
+    chunks = [Chunk(0, index, [ChunkItem(f"{index}.jpg", source="pixels", original_size=r.original_size,
+                                         input_size=r.input_size)], pixels={0: r.pixels})
+              for index, r in enumerate(pictures)]
+    speed = EncoderSpeed()
+    one_by_one = [segment_chunk(model, chunk, concepts, speed).masks for chunk in chunks]
+    stages = DeviceStages(torch.device(device))
+    with ThreadPoolExecutor(max_workers=2) as callers:
+        staged = list(callers.map(lambda chunk: stages.run(lambda: encode_chunk(model, chunk, speed),
+                                                           lambda done: cascade_chunk(model, *done, concepts)).masks, chunks))
+    stages.close()
+    for alone, together in zip(one_by_one, staged):
+        assert len(alone) == len(together) == 2  # 1 image x 2 concepts
+        assert (alone.image_index == together.image_index).all() and (alone.concept_index == together.concept_index).all()
+        assert min(iou(alone.mask(row), together.mask(row)) for row in range(len(alone))) >= 0.999
