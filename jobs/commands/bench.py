@@ -33,7 +33,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from torch.profiler import ProfilerActivity, profile
 
-from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed, set_matmul_tf32
+from persam_core.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder, resolve_speed
 from persam_core.backbone import Model, as_backbone
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
@@ -313,23 +313,24 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     rank_warm_seconds, _ = timed(lambda: [score_batch(fast, EncodedBatch.of(b), fitted[:1]) for b in from_cache()])
     prior_seconds, _ = timed(lambda: [score_batch(fast, EncodedBatch.of(b), fitted[:1]) for b in batches])
 
-    progress("fp32 exact path (mask agreement)")
-    set_matmul_tf32(False)  # prepare_encoder set the default path's TF32 for the process; this path is exact
-    exact_results = k_results
-    if not is_exact(speed):
-        exact_encoded = [e for r in resized for e in encode_images(sam, [r])]
-        exact_results = segment_all(sam, batched(exact_encoded, speed.batch_size), fitted)
-    ious = [iou(a, b) for a, b in zip(final_masks(k_results), final_masks(exact_results))]
+    # prepare_encoder set the default path's TF32 for the process; these two paths are exact
+    with matmul_tf32(False):
+        progress("fp32 exact path (mask agreement)")
+        exact_results = k_results
+        if not is_exact(speed):
+            exact_encoded = [e for r in resized for e in encode_images(sam, [r])]
+            exact_results = segment_all(sam, batched(exact_encoded, speed.batch_size), fitted)
+        ious = [iou(a, b) for a, b in zip(final_masks(k_results), final_masks(exact_results))]
 
-    progress("reference-style loop")
-    reference_encode = reference_encoder(sam, model_type)
+        progress("reference-style loop")
+        reference_encode = reference_encoder(sam, model_type)
 
-    def reference_loop() -> None:
-        for picture in pictures:
-            for concept in fitted:  # the reference re-encodes for every concept
-                segment_persam(sam, reference_encode(picture), concept)
+        def reference_loop() -> None:
+            for picture in pictures:
+                for concept in fitted:  # the reference re-encodes for every concept
+                    segment_persam(sam, reference_encode(picture), concept)
 
-    reference_seconds, _ = timed(reference_loop)
+        reference_seconds, _ = timed(reference_loop)
     per = lambda seconds: round(seconds / images, 4)  # noqa: E731
     result = {
         "model_type": model_type, "device": device, "images": images, "concepts": concepts, "fit_epochs": epochs,
@@ -359,7 +360,6 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
         progress("the cascade with each decoder variant")
         # off the GPU the variants only show that they run: K = 1 is enough there
         sets = {"k1": fitted[:1], "k": fitted} if device == "cuda" else {"k1": fitted[:1]}
-        set_matmul_tf32(speed.tf32)  # the decoder variants beside the default path's (TF32 included)
         # the compiled variants compile each pass kind per concept set: only when --decoder-compile is named
         result.update(decoder_figures(fast, batches, sets, images, compiled=decoder_compile is not None))
     if device == "cuda":

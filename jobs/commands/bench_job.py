@@ -34,7 +34,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 import torch
 from PIL import Image
-from persam_core.acceleration import EncoderSpeed, resolve_speed, set_matmul_tf32
+from persam_core.acceleration import EncoderSpeed, matmul_tf32, resolve_speed
 from persam_core.backbone import Model, as_backbone
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.decoder_speed import decoder_settings
@@ -164,7 +164,6 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     check = [as_backbone(fast).resize(p) for p in check_pictures]
     check_masks = final_masks(segment_all(fast, encode_in_batches(fast, check, speed), concepts[:1]))
     del fast
-    set_matmul_tf32(False)  # prepare_encoder set the actor path's TF32 for the process; the reference loop is fp32
 
     reference_pictures = pictures[:REFERENCE_LOOP_IMAGES]
     progress(f"reference-style loop on {len(reference_pictures)} images")
@@ -174,7 +173,8 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
         for picture in reference_pictures:
             segment_persam(sam, reference_encode(picture), concepts[0])
 
-    seconds, _ = timed(reference_loop)
+    with matmul_tf32(False):  # prepare_encoder set the actor path's TF32 for the process; the reference loop is fp32
+        seconds, _ = timed(reference_loop)
     figures["reference_loop_images"] = len(reference_pictures)
     figures["reference_loop_images_per_s"] = round(len(reference_pictures) / seconds, 3)
     return figures, speed, check_masks
