@@ -192,19 +192,20 @@ class DecoderMode(NamedTuple):
     compiled: bool = False
 
 
+EAGER = DecoderMode(False, "fp32", False)  # SAM's decoder as it is: every model's until configured
+
+
 @dataclass
 class _Settings:
-    """How one model's decodes run; `traced` keeps what was traced, compiled and recorded, by
-    (graphs, compiled), across off / on (benchmarks time every way on one model)."""
+    """How one model's decodes are asked to run, and `traced`: what was traced, compiled and
+    recorded, by (graphs, compiled), kept across off / on (benchmarks time every way on one model)."""
 
-    use_graphs: bool = False
-    precision: str = "fp32"
-    use_compiled: bool = False
+    asked: DecoderMode = EAGER
     traced: dict[tuple[bool, bool], TracedDecoder] = field(default_factory=dict)
 
     def current(self) -> TracedDecoder | None:
         """The traced decoder the settings ask for, unless none is asked for or it failed."""
-        traced = self.traced.get((self.use_graphs, self.use_compiled))
+        traced = self.traced.get((self.asked.graphs, self.asked.compiled))
         return traced if traced is not None and not traced.failed else None
 
 
@@ -220,20 +221,18 @@ def check_decoder_precision(precision: str | None) -> None:
 def configure_decoder(sam: torch.nn.Module, graphs: bool | None = None, precision: str | None = None,
                       log: Callable[[str], None] = logger.info, compiled: bool | None = None) -> DecoderMode:
     """Set how `sam`'s decodes run from now on (None: as before) -> the mode in effect.
-    A SAM 2 keeps its own decoder as it is: DecoderMode(False, "fp32", False)."""
+    A SAM 2 keeps its own decoder as it is: EAGER."""
     check_decoder_precision(precision)
     if not isinstance(sam, Sam):
-        return DecoderMode(False, "fp32", False)
+        return EAGER
     settings = _SETTINGS.setdefault(sam, _Settings())
-    if graphs is not None:
-        settings.use_graphs = graphs
-    if compiled is not None:
-        settings.use_compiled = compiled
-    key = (settings.use_graphs, settings.use_compiled)
+    before = settings.asked
+    settings.asked = DecoderMode(before.graphs if graphs is None else graphs,
+                                 before.precision if precision is None else precision,
+                                 before.compiled if compiled is None else compiled)
+    key = (settings.asked.graphs, settings.asked.compiled)
     if any(key) and key not in settings.traced:
         settings.traced[key] = TracedDecoder(next(sam.parameters()).device.type, *key, log=log)
-    if precision is not None:
-        settings.precision = precision
     return decoder_mode(sam)
 
 
@@ -241,9 +240,10 @@ def decoder_mode(sam: torch.nn.Module) -> DecoderMode:
     """How `sam`'s decodes run now: graphs / compiled only where asked for and not failed."""
     settings = _SETTINGS.get(sam)
     if settings is None:
-        return DecoderMode(False, "fp32", False)
+        return EAGER
     traced = settings.current() is not None
-    return DecoderMode(traced and settings.use_graphs, settings.precision, traced and settings.use_compiled)
+    asked = settings.asked
+    return DecoderMode(traced and asked.graphs, asked.precision, traced and asked.compiled)
 
 
 @contextlib.contextmanager
@@ -251,12 +251,12 @@ def decoder_settings(sam: torch.nn.Module, graphs: bool | None = None, precision
                      compiled: bool | None = None) -> Iterator[DecoderMode]:
     """`configure_decoder` within the block, the settings before it after it."""
     before = _SETTINGS.get(sam)
-    saved = (before.use_graphs, before.precision, before.use_compiled) if before is not None else (False, "fp32", False)
+    saved = before.asked if before is not None else EAGER
     try:
         yield configure_decoder(sam, graphs, precision, compiled=compiled)
     finally:
         if sam in _SETTINGS:
-            _SETTINGS[sam].use_graphs, _SETTINGS[sam].precision, _SETTINGS[sam].use_compiled = saved
+            _SETTINGS[sam].asked = saved
 
 
 def decode_prompts(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
@@ -266,9 +266,9 @@ def decode_prompts(sam: torch.nn.Module, features: Tensor, coords: Tensor, label
     settings = _SETTINGS.get(sam)
     args = (features, coords, labels, boxes, mask_input, multimask, attention_bias, target_embedding)
     traced = settings.current() if settings is not None else None
-    if settings is None or (settings.precision == "fp32" and traced is None):
+    if settings is None or (settings.asked.precision == "fp32" and traced is None):
         return decode_eager(sam, *args)
-    dtype = DECODER_DTYPES[settings.precision]
+    dtype = DECODER_DTYPES[settings.asked.precision]
     with contextlib.nullcontext() if dtype is None else torch.autocast(features.device.type, dtype=dtype):
         low_res, scores = traced(sam, *args) if traced is not None else decode_eager(sam, *args)
     return low_res.float(), scores.float()
