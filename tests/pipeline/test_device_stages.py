@@ -19,12 +19,11 @@ import torch
 
 from jobs.pipeline.compute import cascade_chunk, encode_chunk, segment_chunk
 from jobs.pipeline.device_stages import CascadeStream, DeviceStages
-from jobs.pipeline.payload import Chunk, ChunkItem
 from persam_core.acceleration import EncoderSpeed
 from persam_core.concept import ConceptTensors
 from persam_core.metrics import iou
 from persam_core.preprocess import resize_longest_side
-from sample_tools import load_pair
+from sample_tools import load_pair, make_chunk
 
 
 class FakeCuda:
@@ -128,9 +127,7 @@ def test_two_callers_through_the_stages_get_the_masks_of_one_chunk_after_another
     model = copy.deepcopy(tiny_sam).to(device).eval()
     concepts = [ConceptTensors.on(concept_tensors[name].concept, device) for name in ("cat", "duck_f")]
     pictures = [resize_longest_side(load_pair(perseg_sample, name, "01")[0]) for name in ("cat", "duck_toy", "colorful_sneaker")]
-    chunks = [Chunk(0, index, [ChunkItem(f"{index}.jpg", source="pixels", original_size=r.original_size,
-                                         input_size=r.input_size)], pixels={0: r.pixels})
-              for index, r in enumerate(pictures)]
+    chunks = [make_chunk([(f"{index}.jpg", None, r)]) for index, r in enumerate(pictures)]
     speed = EncoderSpeed()
     one_by_one = [segment_chunk(model, chunk, concepts, speed).masks for chunk in chunks]
     stages = DeviceStages(torch.device(device))
