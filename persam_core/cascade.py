@@ -3,7 +3,8 @@
 For B images and K concepts (P = B x K pairs) the location prior of every pair is one
 matrix product ([B, 256, 4096] x [K, 256]); each PerSAM pass is one mask-decoder call for
 all PerSAM pairs, each PerSAM-F pass one for all PerSAM-F pairs (3 calls per method present,
-whatever B and K). Points, attention biases, boxes, best-mask picks, PerSAM-F's weighted
+whatever B and K, up to `pairs.DECODER_PAIRS` pairs; beyond, one call per that many, to bound
+the decoder's memory). Points, attention biases, boxes, best-mask picks, PerSAM-F's weighted
 logits and the presence test are tensor ops on the model's device; nothing waits on the
 host until the results leave the device, once, at the end (`HostResults`). The model is a
 SAM or a SAM 2 (`backbone.py`); the cascade is the same for both.

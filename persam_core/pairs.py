@@ -1,7 +1,8 @@
 """P (image, concept) pairs of one encoder batch, decoded together.
 
 Everything the model does at low resolution (prompt encoder, mask decoder: [P, ..., 256, 256])
-is one call for all pairs. What happens at each image's original size (the prior's S',
+is one call for all pairs, up to `DECODER_PAIRS` of them (more pairs: one call per that
+many, so that many concepts never run a card out of memory). What happens at each image's original size (the prior's S',
 a mask's tight box, the final mask) differs in shape from image to image, so it runs per
 *size group* (the pairs whose images share input and original size), in chunks of at
 most `FULL_RES_CHUNK` pairs to bound memory. Sizes are host metadata known before any
@@ -25,6 +26,11 @@ from .backbone import Backbone, Decoded, as_backbone
 from .preprocess import tensor_to_device
 
 FULL_RES_CHUNK = 32  # pairs upsampled at once: 32 x 3 masks x 1024^2 fp32 = 384 MiB
+# Pairs per mask-decoder call. The decoder's working memory grows with them: 16-27 MiB per
+# pair in fp32 (peak of one vit_b decode, the same decoder in every SAM size; measured on
+# CPU), so a call of 128 stays near 3 GiB. A whole batch of 16 images x 8 concepts is one
+# call; 16 x 100 concepts would want ~40 GiB in one call, and runs as 13 calls instead.
+DECODER_PAIRS = 128
 
 
 @dataclass(frozen=True)
@@ -96,11 +102,15 @@ class PairBatch:
                          tuple(level[None] for level in encoded.high_res))
 
     def subset(self, rows: Sequence[int]) -> "PairBatch":
-        """The pairs `rows` (host indices into this batch) as a batch of their own."""
-        return PairBatch.build(
+        """The pairs `rows` (host indices into this batch) as a batch of their own (sharing
+        the same images' channels-last features, see `pair_features`, made at most once)."""
+        subset = PairBatch.build(
             self.backbone, self.features, [self.image_of_pair[r] for r in rows], self.input_sizes, self.original_sizes,
             self.high_res,
         )
+        if "_channels_last_features" in self.__dict__:  # cached_property's own slot
+            subset.__dict__["_channels_last_features"] = self._channels_last_features
+        return subset
 
     def __len__(self) -> int:
         return int(self.image_index.shape[0])
@@ -144,7 +154,8 @@ class PairBatch:
         attention_bias: Tensor | None = None,
         target_embedding: Tensor | None = None,
     ) -> Decoded:
-        """The predictor's predict for every pair in one prompt-encoder and one mask-decoder call.
+        """The predictor's predict for every pair in one prompt-encoder and one mask-decoder call
+        (one per `DECODER_PAIRS` pairs).
 
         points: [P, N, 2] (x, y) original pixels; labels: [P, N]; box: [P, 4] xyxy pixels;
         mask_input: [P, 256, 256] low-res logits (see `feedback`); attention_bias: [P, 1, 1, 4096];
@@ -156,27 +167,31 @@ class PairBatch:
         if box is not None:
             boxes = self.backbone.input_coordinates(box.reshape(-1, 2, 2), self.coordinates).reshape(-1, 4)
         masks = None if mask_input is None else mask_input[:, None].to(torch.float32)
-        return self.backbone.decode(
-            self.pair_features(),
-            tuple(level[self.image_index] for level in self.high_res),
-            coords,
-            labels,
-            boxes,
-            masks,
-            multimask,
-            attention_bias,
-            target_embedding,
-        )
+        parts = []
+        for start in range(0, len(self), DECODER_PAIRS):
+            part = slice(start, start + DECODER_PAIRS)
+            parts.append(self.backbone.decode(
+                self.pair_features(part),
+                tuple(level[self.image_index[part]] for level in self.high_res),
+                _rows(coords, part),
+                _rows(labels, part),
+                _rows(boxes, part),
+                _rows(masks, part),
+                multimask,
+                _rows(attention_bias, part),
+                _rows(target_embedding, part),
+            ))
+        return parts[0] if len(parts) == 1 else Decoded(*(torch.cat(field) for field in zip(*parts)))
 
-    def pair_features(self) -> Tensor:
-        """Each pair's image features: [P, 256, 64, 64]. Several pairs get them channels-last
-        (token-major, as the decoder's transformer reads them): the gather, and the add of the
-        dense prompt after it, then write that layout directly, where SAM's layout costs the
-        decoder one more copy of [P, 4096, 256] per pass. Same values; one pair keeps SAM's
-        layout (bit for bit with its predictor)."""
+    def pair_features(self, part: slice = slice(None)) -> Tensor:
+        """The image features of the pairs `part` (all by default): [p, 256, 64, 64]. Several
+        pairs get them channels-last (token-major, as the decoder's transformer reads them): the
+        gather, and the add of the dense prompt after it, then write that layout directly, where
+        SAM's layout costs the decoder one more copy of [P, 4096, 256] per pass. Same values; one
+        pair keeps SAM's layout (bit for bit with its predictor)."""
         if len(self) == 1:
             return self.features[self.image_index]
-        return self._channels_last_features[self.image_index]  # indexing keeps the memory format
+        return self._channels_last_features[self.image_index[part]]  # indexing keeps the memory format
 
     @cached_property
     def _channels_last_features(self) -> Tensor:
@@ -186,6 +201,11 @@ class PairBatch:
     def feedback(self, low_res: Tensor) -> Tensor:
         """Low-res logits of a decode, as the model's predictor returns them for a next pass."""
         return self.backbone.mask_feedback(low_res)
+
+
+def _rows(tensor: Tensor | None, part: slice) -> Tensor | None:
+    """[P, ...] -> [p, ...], the pairs `part` (None stays None)."""
+    return None if tensor is None else tensor[part]
 
 
 def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -45,7 +45,7 @@ def prior_for(sam: Model, encoded: EncodedImage, concept: ConceptTensors) -> Loc
 def persam_passes(
     pairs: PairBatch, positive: Tensor, negative: Tensor, attention_bias: Tensor, target_embedding: Tensor
 ) -> CascadeOutput:
-    """PerSAM's three passes for P pairs: three mask-decoder calls whatever P.
+    """PerSAM's three passes for P pairs: three mask-decoder calls whatever P (up to pairs.DECODER_PAIRS).
 
     positive/negative: [P, 2] (x, y); attention_bias: [P, 1, 1, 4096]; target_embedding: [P, 1, 256].
     """

@@ -116,7 +116,7 @@ def optimise_mask_weights(
 
 
 def persam_f_passes(pairs: PairBatch, positive: Tensor, mask_weights: Tensor) -> CascadeOutput:
-    """PerSAM-F's cascade for P pairs: three mask-decoder calls whatever P.
+    """PerSAM-F's cascade for P pairs: three mask-decoder calls whatever P (up to pairs.DECODER_PAIRS).
 
     positive: [P, 2] (x, y); mask_weights: [P, 3]. Pass 1's mask is (sum_i w_i * logit_i > 0)
     with the logits upsampled to the original size first, as the reference does.

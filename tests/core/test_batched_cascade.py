@@ -156,6 +156,28 @@ def test_decoder_calls_do_not_grow_with_batch_or_concepts(tiny_sam, encoded, con
     assert len(calls) == expected
 
 
+def test_more_pairs_than_one_call_holds_decode_in_several(tiny_sam, encoded, concepts, monkeypatch):
+    """Beyond pairs.DECODER_PAIRS (memory) the decoder runs in calls of that many pairs: the
+    same points and masks as one call."""
+    from persam_core import pairs
+
+    persam = concepts[0::2]  # K = 3 PerSAM concepts, P = 4 x 3 = 12
+    whole = segment_batch(tiny_sam, EncodedBatch.of(encoded), persam)
+    monkeypatch.setattr(pairs, "DECODER_PAIRS", 5)
+    calls = []
+    handle = tiny_sam.mask_decoder.iou_prediction_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        sliced = segment_batch(tiny_sam, EncodedBatch.of(encoded), persam)
+    finally:
+        handle.remove()
+    assert len(calls) == 3 * 3  # three passes, ceil(12 / 5) calls each
+    assert len(sliced) == len(whole) == 12
+    for row in range(len(whole)):
+        assert tuple(sliced.point[row]) == tuple(whole.point[row])
+        assert iou(sliced.mask(row), whole.mask(row)) >= MIN_IOU
+        np.testing.assert_allclose(sliced.score[row], whole.score[row], atol=1e-4)
+
+
 def test_results_travel_as_plain_arrays(tiny_sam, encoded, concepts):
     batched = segment_batch(tiny_sam, EncodedBatch.of(encoded[:2]), concepts[:2])
     copied = HostResults.from_arrays(batched.to_arrays())
@@ -181,3 +203,7 @@ def test_several_pairs_get_their_features_token_major(tiny_sam, encoded):
     assert several.flatten(2).permute(0, 2, 1).is_contiguous()  # what the transformer makes of it: no copy
     one = PairBatch.build(tiny_sam, features, [1], *sizes).pair_features()
     assert torch.equal(one, features[[1]]) and one.is_contiguous()
+    # a subset (PerSAM-F's pairs, further instances) reuses the batch's channels-last copy
+    batch = PairBatch.build(tiny_sam, features, [0, 0, 1], *sizes)
+    batch.pair_features()
+    assert batch.subset([0, 2])._channels_last_features is batch._channels_last_features
