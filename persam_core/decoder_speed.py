@@ -86,7 +86,7 @@ logger = logging.getLogger(__name__)
 MIN_BUCKET = 8  # fewer pairs are padded to 8: tiny passes (the last instances) share one graph
 DECODER_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 assert tuple(DECODER_DTYPES) == DECODER_PRECISIONS, "options.DECODER_PRECISIONS names these"
-RECOMPILE_LIMIT = 128  # signatures: up to 6 pass kinds x ~15 buckets (torch's default limit is 8)
+RECOMPILE_LIMIT = 128  # signatures: up to 6 pass kinds x 9 buckets (8 to pairs.DECODER_PAIRS); torch's default is 8
 
 
 def decode_eager(sam: torch.nn.Module, features: Tensor, coords: Tensor, labels: Tensor, boxes: Tensor | None,
