@@ -45,8 +45,8 @@ from persam_core.metrics import iou
 from persam_core.predictor import encode_images
 from persam_core.preprocess import ResizedImage
 
-from jobs.commands.bench import (encode_in_batches, final_masks, persam_concepts, progress, reference_encoder, segment_all,
-                                 speed_model, synthetic_images, timed, warm_up)
+from jobs.commands.bench_tools import (encode_in_batches, final_masks, persam_concepts, progress, reference_encoder,
+                                       segment_all, speed_model, synthetic_images, timed, warm_up)
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.compute import cascade_chunk, encode_chunk
