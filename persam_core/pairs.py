@@ -5,8 +5,8 @@ is one call for all pairs, up to `DECODER_PAIRS` of them (more pairs: one call p
 many, so that many concepts never run a card out of memory). What happens at each image's
 original size (the prior's S', a mask's tight box, the final mask) differs in shape from
 image to image, so it runs per *size group* (the pairs whose images share input and
-original size), in chunks of at most `FULL_RES_CHUNK` pairs to bound memory. Sizes are host metadata known before any
-GPU work, so grouping never reads the device.
+original size), in chunks of at most `FULL_RES_CHUNK` pairs to bound memory. Sizes are
+host metadata known before any GPU work, so grouping never reads the device.
 
 The model is a `Backbone` (SAM or SAM 2, see backbone.py). Prompt coordinates are mapped as
 its predictor does (SAM: float64 pixels x (new / old), then float32; SAM 2: float32 pixels /

@@ -5,9 +5,9 @@ process are written to a temporary folder; `run_segment` (the code of `persam se
 runs on them twice on one Ray, with 1 concept and with K (once with K = 1). Beside each job:
 
 - the actor path: what the model actor does, without Ray, on already-resized images
-  (encode in batches at the default speed settings + segment_batch -> host results), one
-  batch after another, and through the actor's device stages with two calls in flight
-  (device_stages.py), as in the job;
+  (compute.py's encode_chunk at the default speed settings + cascade_chunk -> host
+  results), one chunk after another, and through the actor's device stages with two calls
+  in flight (device_stages.py), as in the job;
 - the encoder alone at the same settings;
 - the reference-style loop (SamPredictor.set_image fp32 + one-image PerSAM, K = 1;
   SAM2ImagePredictor.set_image for SAM 2).
@@ -182,16 +182,20 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
 
 def _actor_paths(fast: Model, speed: EncoderSpeed, resized: list[ResizedImage], concepts: list[ConceptTensors],
                  modes: list[tuple[bool, bool]]) -> dict:
-    """The actor's work in-process, for each concept set and decoder mode (graphs, compiled),
-    timed two ways -> figures: one chunk after another on this thread (actor_*), and as the
-    actor runs it, two chunks in flight through its device stages (actor_stages_*: encode
-    lock, cascade thread, CUDA cascade stream) without Ray."""
+    """The actor's work in-process (its own encode_chunk and cascade_chunk), for each concept
+    set and decoder mode (graphs, compiled), timed two ways -> figures: one chunk after another
+    on this thread (actor_*), and as the actor runs it, two chunks in flight through its device
+    stages (actor_stages_*: encode lock, cascade thread, CUDA cascade stream) without Ray. The
+    same work both ways: the two figures differ by the stages alone."""
     figures, count = {}, len(resized)
     chunks = [_chunk(index, resized[start : start + speed.batch_size])
               for index, start in enumerate(range(0, count, speed.batch_size))]
     stages = DeviceStages(next(fast.parameters()).device)
     with ThreadPoolExecutor(max_workers=ACTOR_CONCURRENT_CALLS, thread_name_prefix="call") as calls:
         for name, chosen in concept_sets(concepts):
+            def serial(chunk: Chunk) -> ChunkResults:
+                return cascade_chunk(fast, *encode_chunk(fast, chunk, speed), chosen)
+
             def staged(chunk: Chunk) -> ChunkResults:
                 return stages.run(lambda: encode_chunk(fast, chunk, speed), lambda done: cascade_chunk(fast, *done, chosen))
 
@@ -200,8 +204,8 @@ def _actor_paths(fast: Model, speed: EncoderSpeed, resized: list[ResizedImage], 
                     label = ACTOR_LABELS[(mode.graphs, mode.compiled)]
                     progress(f"actor path, {len(chosen)} concept(s), {label}")
                     if mode.graphs or mode.compiled:  # tracing, compiling, recording each shape once, untimed (the actors: on their first chunk)
-                        segment_all(fast, [next(encode_in_batches(fast, resized[: speed.batch_size], speed))], chosen)
-                    seconds, _ = timed(lambda: [segment_all(fast, [b], chosen) for b in encode_in_batches(fast, resized, speed)])
+                        serial(chunks[0])
+                    seconds, _ = timed(lambda: [serial(chunk) for chunk in chunks])
                     figures[f"actor_{name}_{label}_images_per_s"] = round(count / seconds, 3)
                     staged(chunks[0])  # the cascade thread records its own graphs (untimed)
                     seconds, _ = timed(lambda: list(calls.map(staged, chunks)))
