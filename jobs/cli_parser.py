@@ -241,7 +241,8 @@ def _add_bench(commands) -> None:
     bench.add_argument("--job", action="store_true",
                        help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
     bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")
-    bench.add_argument("--shard-size", type=int, default=None, help="--job: images per shard (default: images / 8, at most 32)")
+    bench.add_argument("--shard-size", type=int, default=None,
+                       help=f"--job: images per shard (default: the job's own, {JobSpec.shard_size})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,8 +4,9 @@ options, off unless asked for.
 
 Measured on an H100 (the cascade of one vit_b batch of 16 images, ms, K = 1 / K = 8): eager
 fp32 33.7 / 147.9, graphs 25.9 / 147.5, bf16 47.8 / 122.3, both 19.9 / 109.9. Graphs pay
-where launches set the pace, bf16 where the decoder's work does; in the Ray job, graphs made
-vit_b slower (about 21 images/s against 158 in-process, cause not found), hence off.
+where launches set the pace, bf16 where the decoder's work does. In a short Ray job graphs
+made vit_b slower (about 21 images/s against 158 in-process): its partial chunks brought pair
+counts that were traced and recorded inside the timed window. Off until measured in a job.
 
 `decode_prompts` is what `SamBackbone.decode` runs: one prompt-encoder and one mask-decoder
 call (with PerSAM's guidance) for every pair of a pass. Eagerly, one such call is ~320 small
@@ -37,8 +38,9 @@ memory pool.
   thread that imported inductor's `cudagraph_trees` had that state (any other failed a bare
   `assert torch._C._is_key_in_tls`: the graphs fell back to eager in Ray's actor threads on
   torch 2.11). `_give_thread_graph_state` sets it up for the calling thread, as torch 2.14 does
-  itself. Callers should still decode on one thread (the job's actors do): each thread
-  records its own graphs.
+  itself. Dynamo's config is per thread too (torch >= 2.13): the recompile limit is raised on
+  the thread that decodes (`_raise_recompile_limit`), not where the model was loaded. Callers
+  should still decode on one thread (the job's actors do): each thread records its own graphs.
 
 Compiled decoder (`configure_decoder(sam, compiled=True)`): the same trace through
 inductor, which fuses the decoder's elementwise work (adds, layer norms, GELUs, softmaxes)
@@ -117,10 +119,24 @@ def pair_bucket(count: int) -> int:
 
 
 def _pad_rows(tensor: Tensor | None, rows: int) -> Tensor | None:
-    """[P, ...] -> [rows, ...], the extra rows copies of row 0 (valid prompts, results dropped)."""
+    """[P, ...] -> [rows, ...], the extra rows copies of row 0 (valid prompts, results dropped),
+    in the tensor's own memory layout: the trace guards on strides, so channels-last features
+    padded as contiguous ones would be a second signature for every pass and bucket."""
     if tensor is None or tensor.shape[0] == rows:
         return tensor
-    return torch.cat([tensor, tensor[:1].expand(rows - tensor.shape[0], *tensor.shape[1:])])
+    inner = sorted(range(1, tensor.dim()), key=lambda dim: -tensor.stride(dim))  # outermost first
+    dense = tensor.permute(0, *inner)
+    padded = torch.cat([dense, dense[:1].expand(rows - tensor.shape[0], *dense.shape[1:])])
+    return padded.permute(0, *(1 + inner.index(dim) for dim in range(1, tensor.dim())))
+
+
+def _raise_recompile_limit() -> None:
+    """Dynamo's recompile limit, on the calling thread: torch >= 2.13 keeps config overrides
+    per thread (a ContextVar), so a limit set where the model was loaded does not reach the
+    actor's cascade thread, whose decodes would fail over to eager at torch's 8 signatures."""
+    config = torch._dynamo.config
+    if config.recompile_limit < RECOMPILE_LIMIT:
+        config.recompile_limit = RECOMPILE_LIMIT
 
 
 def _give_thread_graph_state() -> None:
@@ -144,8 +160,6 @@ class TracedDecoder:
         # dropped by its owner (bench frees its copy before the job) is freed with its graphs.
         self.log = log
         self.graph_trees = graphs and device_type == "cuda"
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         # Graphs replay fixed shapes: pair counts are padded to buckets, each traced once. Compiled
         # alone, the pair count is left as it is: a second count recompiles once with it dynamic
         # (torch's automatic dynamic shapes), so no decoder work is spent on padding.
@@ -170,6 +184,7 @@ class TracedDecoder:
             padded = [_pad_rows(t, rows) for t in (features, coords, labels, boxes, mask_input)]
             extra = [_pad_rows(t, rows) for t in (attention_bias, target_embedding)]
             try:
+                _raise_recompile_limit()
                 if self.graph_trees:
                     _give_thread_graph_state()
                     torch.compiler.cudagraph_mark_step_begin()  # earlier replays' outputs were cloned: reuse their memory

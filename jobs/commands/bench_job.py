@@ -77,7 +77,7 @@ class JobBenchOptions:
     precision: str = "auto"
     batch_size: int | None = None
     num_actors: int | None = None
-    shard_size: int | None = None  # None: several shards even for a few images (steady state needs 2+ results)
+    shard_size: int | None = None  # None: the job's own default (see run_job_bench)
     decoder_graphs: bool | None = None
     decoder_precision: str = "fp32"
     tf32: bool | None = None
@@ -90,17 +90,26 @@ ACTOR_LABELS = {(False, False): "eager_decoder", (True, False): "decoder_graphs"
 
 
 class Progress:
-    """on_progress target: when the first and the last result reached the driver."""
+    """on_progress target: when the first and the last result reached the driver, and the
+    images of each (one result is one chunk)."""
 
     def __init__(self) -> None:
         self.calls, self.images, self.first_images = 0, 0, 0
         self.first_at = self.last_at = 0.0
+        self.chunk_images: list[int] = []
 
     def __call__(self, images: int) -> None:
         now = time.perf_counter()
         if self.calls == 0:
             self.first_at, self.first_images = now, images
         self.calls, self.images, self.last_at = self.calls + 1, self.images + images, now
+        self.chunk_images.append(images)
+
+    def batch_fill(self, batch_size: int) -> float | None:
+        """Images / the encoder batch slots their chunks took, each chunk's last, partial batch
+        padded to `batch_size` (as compute.encode_chunk pads for a compiled encoder; 1: none)."""
+        slots = sum(-(-images // batch_size) * batch_size for images in self.chunk_images)
+        return self.images / slots if slots else None
 
     def steady_rate(self) -> float | None:
         """Images after the first result per second until the last; None with one result."""
@@ -249,13 +258,14 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     started = time.perf_counter()
     seconds, summary = timed(lambda: run_segment(spec, log=progress, on_progress=tracker))
     table = read_parts(commit.part_files(str(output)), columns=[ERROR])
-    steady = tracker.steady_rate()
+    steady, fill = tracker.steady_rate(), tracker.batch_fill(speed.batch_size if speed.compile else 1)
     return {"images_per_s": None if steady is None else round(steady, 3),
             "whole_images_per_s": round(summary.images / seconds, 3), "s": round(seconds, 2),
             "first_result_s": round(tracker.first_at - started, 2) if tracker.calls else None,
             # how long the steady state was observed: results arriving in one burst make its rate meaningless
             "steady_window_s": round(tracker.last_at - tracker.first_at, 3) if tracker.calls else None,
-            "results": tracker.calls, "rows": table.num_rows, "error_rows": error_count(table)}
+            "results": tracker.calls, "rows": table.num_rows, "error_rows": error_count(table),
+            "batch_fill": None if fill is None else round(fill, 3)}
 
 
 def run_job_bench(options: JobBenchOptions) -> dict:
@@ -280,7 +290,11 @@ def run_job_bench(options: JobBenchOptions) -> dict:
         if device == "cuda":  # the job's actor needs the memory; the in-process peak is recorded first
             figures["peak_gpu_mb_in_process"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             torch.cuda.empty_cache()
-        shard_size = options.shard_size or max(1, min(DEFAULT_SHARD_SIZE, options.images // 8))
+        # The job's own shard size, as a user's job runs: shards are hashed, so each one ends
+        # in a partial chunk whose last encoder batch is padded (CUDA). At 1024 images a shard
+        # that is <1 % of the encoder's work; shards of N / 8 images would make it 10-16 % at
+        # N = 320-512 (job_*_batch_fill shows it).
+        shard_size = options.shard_size or DEFAULT_SHARD_SIZE
         result = {"mode": "job", "model_type": options.model_type, "device": device, "images": options.images,
                   "concepts": options.concepts, "speed": asdict(speed), "shard_size": shard_size,
                   "shards": commit.shard_count(options.images, shard_size), "num_actors": options.num_actors}
@@ -327,6 +341,7 @@ def job_table(result: dict) -> str:
     rows = [
         ("job, steady state (images/s)", result.get("job_k1_images_per_s"), result.get("job_k_images_per_s")),
         ("  observed over (s)", result.get("job_k1_steady_window_s"), result.get("job_k_steady_window_s")),
+        ("  images / encoder batch slots", result.get("job_k1_batch_fill"), result.get("job_k_batch_fill")),
         ("job, whole incl. start-up (images/s)", result.get("job_k1_whole_images_per_s"), result.get("job_k_whole_images_per_s")),
         ("actor path in-process (images/s)", result.get("actor_k1_images_per_s"), result.get("actor_k_images_per_s")),
         *((f"  with {label.replace('_', ' ')}", result.get(f"actor_k1_{label}_images_per_s"),

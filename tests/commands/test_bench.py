@@ -46,17 +46,19 @@ def test_in_process_bench_times_the_batched_paths():
 @pytest.mark.slow
 def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     images, concepts = 6, 2
-    result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts)])
+    # shards of one image (the job's default would be one 6-image chunk: one result, no steady state)
+    result, err = bench_json(["--job", "--images", str(images), "--concepts", str(concepts), "--shard-size", "1"])
     assert (result["mode"], result["images"], result["concepts"]) == ("job", images, concepts)
     assert (result["job_k1_rows"], result["job_k_rows"]) == (images, images * concepts)
+    assert (result["shard_size"], result["shards"]) == (1, images)
     assert result["job_k1_error_rows"] == result["job_k_error_rows"] == 0
     for key in ("encoder_images_per_s", "actor_k1_images_per_s", "actor_k_images_per_s", "actor_stages_k1_images_per_s",
                 "actor_stages_k_images_per_s", "reference_loop_images_per_s",
                 "job_k1_whole_images_per_s", "job_k_whole_images_per_s", "peak_rss_mb", "ray_start_s"):
         assert result[key] > 0, key
-    for job in ("job_k1", "job_k"):  # a steady state needs two results: near certain with 6 hashed shards
-        steady = result[f"{job}_images_per_s"]
-        assert steady > 0 if result[f"{job}_results"] >= 2 else steady is None
+    for job in ("job_k1", "job_k"):  # a steady state needs two results: 6 hashed shards of about one image
+        assert result[f"{job}_results"] >= 2 and result[f"{job}_images_per_s"] > 0
+        assert result[f"{job}_batch_fill"] == 1.0  # batch 1 on CPU: nothing padded
     for key in ("job_k1_over_encoder", "job_k_over_job_k1", "job_k1_over_reference_loop", "actor_k_over_encoder"):
         assert key in result
     assert result["job_k1_min_mask_iou_vs_actor_path"] >= 0.999  # the job computes what the actor path computes
@@ -72,6 +74,8 @@ def test_steady_state_starts_after_the_first_result(monkeypatch):
     tracker(3)
     tracker(5)
     assert tracker.steady_rate() == pytest.approx(8 / 4)
+    # chunks of 4, 3 and 5 images: batches of 1 fill every slot; of 4, the 3 and the 5 are padded to 4 and 8
+    assert tracker.batch_fill(1) == 1.0 and tracker.batch_fill(4) == pytest.approx(12 / 16)
 
 
 def test_one_concept_is_timed_once():

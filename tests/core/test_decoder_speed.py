@@ -204,6 +204,46 @@ def test_a_thread_torch_did_not_set_up_gets_graph_state():
     assert seen["before"] is False and seen["containers"] == {} and seen["lock"] is not None
 
 
+def test_padding_keeps_the_memory_layout():
+    """Padded channels-last features keep channels-last strides (the trace guards on strides:
+    a padded pass would otherwise be traced, recorded and held a second time)."""
+    from persam_core.decoder_speed import _pad_rows
+
+    features = torch.randn(3, 6, 4, 5).contiguous(memory_format=torch.channels_last)
+    padded = _pad_rows(features, 8)
+    assert padded.shape == (8, 6, 4, 5) and padded.stride() == torch.empty(8, 6, 4, 5).contiguous(
+        memory_format=torch.channels_last).stride()
+    assert torch.equal(padded[:3], features) and torch.equal(padded[3:], features[:1].expand(5, 6, 4, 5))
+    masks = torch.randn(3, 1, 4, 5)  # contiguous stays contiguous
+    assert _pad_rows(masks, 8).stride() == torch.empty(8, 1, 4, 5).stride()
+    assert _pad_rows(features, 3) is features
+
+
+def test_a_decoding_thread_gets_the_recompile_limit(graphed_sam, encoded):  # noqa: F811
+    """torch >= 2.13 keeps dynamo's config per thread: a limit raised where the model was
+    configured is torch's 8 on the actor's cascade thread, whose decodes (3 pass kinds x the
+    pair buckets of its chunks) then failed over to eager. The decoding thread raises its own."""
+    import threading
+
+    from persam_core.decoder_speed import RECOMPILE_LIMIT
+
+    seen = {}
+
+    def cascade_thread() -> None:
+        with torch.no_grad():
+            features = encoded[0].features[None]
+            decode_prompts(graphed_sam, features, torch.tensor([[[100.0, 200.0]]]), torch.tensor([[1]]), None, None,
+                           True, None, None)
+        seen["limit"] = torch._dynamo.config.recompile_limit
+        seen["mode"] = decoder_mode(graphed_sam)
+
+    with decoder_settings(graphed_sam, graphs=True):  # configured here, as in the actor's __init__
+        thread = threading.Thread(target=cascade_thread)
+        thread.start()
+        thread.join()
+    assert seen["limit"] >= RECOMPILE_LIMIT and seen["mode"].graphs
+
+
 @pytest.mark.parametrize("guided", [False, True])
 def test_several_pairs_decode_as_each_pair_alone(tiny_sam, guided):
     """Several pairs take the decoder's batched path (contiguous tokens, fused attention
