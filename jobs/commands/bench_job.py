@@ -12,9 +12,10 @@ runs on them twice on one Ray, with 1 concept and with K (once with K = 1). Besi
 - the reference-style loop (SamPredictor.set_image fp32 + one-image PerSAM, K = 1;
   SAM2ImagePredictor.set_image for SAM 2).
 
-Job rates: steady state = images after the first result / time from the first result to
-the last (start-up and the first chunk excluded); whole = all images / the job's wall
-time, start-up included. The in-process paths run first, so the encoder is compiled
+Job rates: steady state = the images of the results between the first and the last (both
+excluded) / the time from the first result to the last but one (start-up and the first chunk
+before the window; the draining pipeline's early last result after it); whole = all images /
+the job's wall time, start-up included. The in-process paths run first, so the encoder is compiled
 once here and the job's actors find inductor's on-disk cache warm. The job's K = 1 masks
 of the first images are held to the actor path's masks of the same JPEGs (min IoU).
 """
@@ -90,20 +91,23 @@ ACTOR_LABELS = {(False, False): "eager_decoder", (True, False): "decoder_graphs"
 
 
 class Progress:
-    """on_progress target: when the first and the last result reached the driver, and the
-    images of each (one result is one chunk)."""
+    """on_progress target: when each result (one chunk) reached the driver, and its images."""
 
     def __init__(self) -> None:
-        self.calls, self.images, self.first_images = 0, 0, 0
-        self.first_at = self.last_at = 0.0
+        self.arrivals: list[float] = []
         self.chunk_images: list[int] = []
 
     def __call__(self, images: int) -> None:
-        now = time.perf_counter()
-        if self.calls == 0:
-            self.first_at, self.first_images = now, images
-        self.calls, self.images, self.last_at = self.calls + 1, self.images + images, now
+        self.arrivals.append(time.perf_counter())
         self.chunk_images.append(images)
+
+    @property
+    def calls(self) -> int:
+        return len(self.arrivals)
+
+    @property
+    def images(self) -> int:
+        return sum(self.chunk_images)
 
     def batch_fill(self, batch_size: int) -> float | None:
         """Images / the encoder batch slots their chunks took, each chunk's last, partial batch
@@ -111,11 +115,17 @@ class Progress:
         slots = sum(-(-images // batch_size) * batch_size for images in self.chunk_images)
         return self.images / slots if slots else None
 
+    def steady_window(self) -> float | None:
+        """Seconds from the first result to the last but one; None with fewer than three."""
+        return self.arrivals[-2] - self.arrivals[0] if self.calls >= 3 else None
+
     def steady_rate(self) -> float | None:
-        """Images after the first result per second until the last; None with one result."""
-        if self.calls < 2 or self.last_at <= self.first_at:
-            return None
-        return (self.images - self.first_images) / (self.last_at - self.first_at)
+        """Images per second from the first result to the last but one: start-up and the first
+        chunk are behind the first; the last comes early, as the pipeline drains (its cascade
+        shares the device with no next chunk's encode), so it would shorten the window by up
+        to a chunk. None with fewer than three results."""
+        window = self.steady_window()
+        return sum(self.chunk_images[1:-1]) / window if window else None
 
 
 def write_inputs(root: Path, pictures: list[np.ndarray], concepts: list[Concept]) -> tuple[Path, list[str], float]:
@@ -261,9 +271,9 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     steady, fill = tracker.steady_rate(), tracker.batch_fill(speed.batch_size if speed.compile else 1)
     return {"images_per_s": None if steady is None else round(steady, 3),
             "whole_images_per_s": round(summary.images / seconds, 3), "s": round(seconds, 2),
-            "first_result_s": round(tracker.first_at - started, 2) if tracker.calls else None,
+            "first_result_s": round(tracker.arrivals[0] - started, 2) if tracker.calls else None,
             # how long the steady state was observed: results arriving in one burst make its rate meaningless
-            "steady_window_s": round(tracker.last_at - tracker.first_at, 3) if tracker.calls else None,
+            "steady_window_s": None if tracker.steady_window() is None else round(tracker.steady_window(), 3),
             "results": tracker.calls, "rows": table.num_rows, "error_rows": error_count(table),
             "batch_fill": None if fill is None else round(fill, 3)}
 

@@ -56,8 +56,8 @@ def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
                 "actor_stages_k_images_per_s", "reference_loop_images_per_s",
                 "job_k1_whole_images_per_s", "job_k_whole_images_per_s", "peak_rss_mb", "ray_start_s"):
         assert result[key] > 0, key
-    for job in ("job_k1", "job_k"):  # a steady state needs two results: 6 hashed shards of about one image
-        assert result[f"{job}_results"] >= 2 and result[f"{job}_images_per_s"] > 0
+    for job in ("job_k1", "job_k"):  # a steady state needs three results: 6 hashed shards of about one image
+        assert result[f"{job}_results"] >= 3 and result[f"{job}_images_per_s"] > 0
         assert result[f"{job}_batch_fill"] == 1.0  # batch 1 on CPU: nothing padded
     for key in ("job_k1_over_encoder", "job_k_over_job_k1", "job_k1_over_reference_loop", "actor_k_over_encoder"):
         assert key in result
@@ -65,17 +65,21 @@ def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     assert "bench: job with 2 concept(s)" in err
 
 
-def test_steady_state_starts_after_the_first_result(monkeypatch):
-    clock = iter([10.0, 12.0, 14.0])
+def test_steady_state_runs_from_the_first_result_to_the_last_but_one(monkeypatch):
+    """Start-up and the first chunk come before the first result; the last comes early (the
+    pipeline drains), so the window ends at the last but one."""
+    clock = iter([10.0, 12.0, 14.0, 14.5])
     monkeypatch.setattr("jobs.commands.bench_job.time.perf_counter", lambda: next(clock))
     tracker = Progress()
     tracker(4)
-    assert tracker.steady_rate() is None  # one result: no steady state yet
     tracker(3)
+    assert tracker.steady_rate() is None and tracker.steady_window() is None  # two results: no window yet
     tracker(5)
-    assert tracker.steady_rate() == pytest.approx(8 / 4)
-    # chunks of 4, 3 and 5 images: batches of 1 fill every slot; of 4, the 3 and the 5 are padded to 4 and 8
-    assert tracker.batch_fill(1) == 1.0 and tracker.batch_fill(4) == pytest.approx(12 / 16)
+    assert tracker.steady_rate() == pytest.approx(3 / 2) and tracker.steady_window() == 2.0
+    tracker(6)  # early, as the pipeline drains: not in the window
+    assert tracker.steady_rate() == pytest.approx((3 + 5) / 4) and (tracker.calls, tracker.images) == (4, 18)
+    # chunks of 4, 3, 5 and 6 images: batches of 1 fill every slot; of 4, they take 4, 4, 8 and 8 slots
+    assert tracker.batch_fill(1) == 1.0 and tracker.batch_fill(4) == pytest.approx(18 / 24)
 
 
 def test_one_concept_is_timed_once():
