@@ -5,8 +5,9 @@ options, off unless asked for.
 Measured on an H100 (the cascade of one vit_b batch of 16 images, ms, K = 1 / K = 8): eager
 fp32 33.7 / 147.9, graphs 25.9 / 147.5, bf16 47.8 / 122.3, both 19.9 / 109.9. Graphs pay
 where launches set the pace, bf16 where the decoder's work does. In a short Ray job graphs
-made vit_b slower (about 21 images/s against 158 in-process): its partial chunks brought pair
-counts that were traced and recorded inside the timed window. Off until measured in a job.
+made vit_b slower (about 21 images/s against 158 in-process), most likely because its partial
+chunks brought pair counts traced and recorded inside the timed window (seen on CPU). Off
+until measured in a job.
 
 `decode_prompts` is what `SamBackbone.decode` runs: one prompt-encoder and one mask-decoder
 call (with PerSAM's guidance) for every pair of a pass. Eagerly, one such call is ~320 small

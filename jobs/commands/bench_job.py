@@ -13,11 +13,12 @@ runs on them twice on one Ray, with 1 concept and with K (once with K = 1). Besi
   SAM2ImagePredictor.set_image for SAM 2).
 
 Job rates: steady state = the images of the results between the first and the last (both
-excluded) / the time from the first result to the last but one (start-up and the first chunk
-before the window; the draining pipeline's early last result after it); whole = all images /
-the job's wall time, start-up included. The in-process paths run first, so the encoder is compiled
-once here and the job's actors find inductor's on-disk cache warm. The job's K = 1 masks
-of the first images are held to the actor path's masks of the same JPEGs (min IoU).
+excluded) / the time from the first result to the last but one (start-up and the first
+chunk before the window; the draining pipeline's early last result after it); whole = all
+images / the job's wall time, start-up included. The in-process paths run first, so the
+encoder is compiled once here and the job's actors find inductor's on-disk cache warm. The
+job's K = 1 masks of the first images are held to the actor path's masks of the same JPEGs
+(min IoU).
 """
 
 from __future__ import annotations
