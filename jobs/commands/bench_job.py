@@ -51,7 +51,7 @@ from jobs.commands.bench_tools import (encode_in_batches, final_masks, persam_co
                                        segment_all, speed_model, synthetic_images, timed, warm_up)
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
-from jobs.pipeline.compute import cascade_chunk, encode_chunk
+from jobs.pipeline.compute import cascade_chunk, encode_chunk, encoder_padding
 from jobs.pipeline.device_stages import DeviceStages
 from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
 from jobs.pipeline.run import ACTOR_CONCURRENT_CALLS
@@ -112,7 +112,7 @@ class Progress:
 
     def batch_fill(self, batch_size: int) -> float | None:
         """Images / the encoder batch slots their chunks took, each chunk's last, partial batch
-        padded to `batch_size` (as compute.encode_chunk pads for a compiled encoder; 1: none)."""
+        padded to `batch_size` (compute.encoder_padding; 1: none)."""
         slots = sum(-(-images // batch_size) * batch_size for images in self.chunk_images)
         return self.images / slots if slots else None
 
@@ -269,12 +269,13 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     started = time.perf_counter()
     seconds, summary = timed(lambda: run_segment(spec, log=progress, on_progress=tracker))
     table = read_parts(commit.part_files(str(output)), columns=[ERROR])
-    steady, fill = tracker.steady_rate(), tracker.batch_fill(speed.batch_size if speed.compile else 1)
+    steady, window = tracker.steady_rate(), tracker.steady_window()
+    fill = tracker.batch_fill(encoder_padding(speed) or 1)
     return {"images_per_s": None if steady is None else round(steady, 3),
             "whole_images_per_s": round(summary.images / seconds, 3), "s": round(seconds, 2),
             "first_result_s": round(tracker.arrivals[0] - started, 2) if tracker.calls else None,
             # how long the steady state was observed: results arriving in one burst make its rate meaningless
-            "steady_window_s": None if tracker.steady_window() is None else round(tracker.steady_window(), 3),
+            "steady_window_s": None if window is None else round(window, 3),
             "results": tracker.calls, "rows": table.num_rows, "error_rows": error_count(table),
             "batch_fill": None if fill is None else round(fill, 3)}
 

@@ -27,6 +27,12 @@ from jobs.pipeline.payload import Chunk, ChunkResults
 Batch = tuple[list[int], list[EncodedImage]]  # item indices of a chunk, and their features on the device
 
 
+def encoder_padding(speed: EncoderSpeed) -> int | None:
+    """The size a chunk's partial encoder batch is padded to: the whole batch for a compiled
+    encoder (one shape, so it never recompiles); None (not padded) for an eager one."""
+    return max(1, speed.batch_size) if speed.compile else None
+
+
 def encode_chunk(sam, chunk: Chunk, speed: EncoderSpeed, cache_dtype: str | None = None) -> tuple[list[Batch], ChunkResults]:
     """Features of every image of the chunk that has pixels or cached features, in batches
     of speed.batch_size -> (batches, results with failures, encoded items and, when
@@ -36,9 +42,9 @@ def encode_chunk(sam, chunk: Chunk, speed: EncoderSpeed, cache_dtype: str | None
     pending = [i for i, item in enumerate(chunk.items) if item.source == "pixels"]
     for start in range(0, len(pending), size):
         indices = pending[start : start + size]
-        try:  # padded to one shape: the compiled encoder never recompiles
+        try:
             encoded = encode_images(sam, [chunk.resized(i) for i in indices], speed.precision,
-                                    pad_to=size if speed.compile else None)
+                                    pad_to=encoder_padding(speed))
         except Exception as error:  # e.g. out of memory on one batch: record, go on
             results.failures.update({i: f"encode failed: {describe(error)}" for i in indices})
             continue
