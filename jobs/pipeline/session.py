@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from jobs.logs import ray_logging_level
+from jobs.pipeline.host_memory import process_environment
 from jobs.spec import check_device
 
 
@@ -97,6 +98,7 @@ class ActorPlan:
     count: int
     resources: dict  # Ray resources per actor: num_cpus (+ num_gpus)
     threads: int  # torch threads per actor
+    env: dict  # environment variables the actors' processes start with (host_memory.py)
 
 
 def plan_actors(device: str, num_actors: int | None, work_items: int | None = None) -> ActorPlan:
@@ -114,4 +116,4 @@ def plan_actors(device: str, num_actors: int | None, work_items: int | None = No
         threads = max(1, (os.cpu_count() or 1) // count)
     else:
         threads = max(1, math.ceil(resources["num_cpus"]))
-    return ActorPlan(count, resources, threads)
+    return ActorPlan(count, resources, threads, process_environment("cuda" if gpu else "cpu"))

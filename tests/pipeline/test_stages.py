@@ -261,3 +261,31 @@ def test_a_bf16_decoder_is_recorded_and_a_rerun_in_fp32_is_refused(concepts, ima
     assert (settings["precision"], settings["decoder_precision"]) == ("fp32", "bf16")
     with pytest.raises(Exception, match="settings"):
         run_segment(spec("fp32"), log=lambda line: None)
+
+
+
+@pytest.mark.slow
+def test_the_cpu_model_actors_of_a_ray_job_start_with_one_arena(images):
+    """On Ray, the CPU model actor's process starts with glibc's one-arena variable
+    (host_memory.py: only effective from a process's start), whatever the driver's own."""
+    from jobs.pipeline.run import ray_stream
+
+    class EnvironmentProbe:  # defined here: Ray's workers get it by value (a test module is not importable there)
+        """A model actor's stand-in that reports the allocator variable its process started with."""
+
+        scores_only = False
+
+        def __init__(self, job: PreparedJob, threads: int) -> None:
+            import os
+
+            self.arenas = os.environ.get("MALLOC_ARENA_MAX")
+
+        def __call__(self, batch: dict) -> dict:
+            raise RuntimeError(f"probe: MALLOC_ARENA_MAX={self.arenas}")
+
+    args = build_parser().parse_args(["segment", "--concept", "c", *MODEL, "--device", "cpu", "--input", str(images),
+                                      "--output", "o"])
+    job = PreparedJob(JobSpec.from_args(args), "f", ())
+    chunk = {"shard": 0, "chunk": 0, "urls": [str(next(images.glob("*.jpg")))], "previous": [], "sources": {}}
+    with pytest.raises(Exception, match="probe: MALLOC_ARENA_MAX=1"):
+        list(ray_stream(job, EnvironmentProbe, [chunk]))
