@@ -35,7 +35,9 @@ class ModelActor:
 
     scores_only = False  # what the finish stage makes of the results: mask rows, or score rows
 
-    def __init__(self, job: PreparedJob, threads: int) -> None:
+    def __init__(self, job: PreparedJob, threads: int, stage_threads: bool = True) -> None:
+        """threads: torch's (0: keep its own); stage_threads=False: one call at a time, each
+        cascade on the calling thread (the local runner, see DeviceStages)."""
         spec = job.spec
         configure_logging(spec.log_level, spec.quiet, spec.log_format)  # an actor's process logs as the driver's
         keep_large_buffers()  # the actor's own process: its CPU tensors (see host_memory.py)
@@ -51,7 +53,7 @@ class ModelActor:
         self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in job.concept_texts]
         self.job = job
         self.cache_dtype = spec.cache_dtype if job.cache_shards is not None else None
-        self.stages = DeviceStages(self.sam.device)
+        self.stages = DeviceStages(self.sam.device, cascade_thread=stage_threads)
 
     def compute(self, chunk: Chunk) -> ChunkResults:
         return self.stages.run(lambda: encode_chunk(self.sam, chunk, self.speed, self.cache_dtype),

@@ -79,11 +79,16 @@ class CascadeStream:
 
 
 class DeviceStages:
-    """The encoder lock, the cascade thread and the cascade stream of one model on `device`."""
+    """The encoder lock, the cascade thread and the cascade stream of one model on `device`.
 
-    def __init__(self, device: torch.device) -> None:
+    cascade_thread=False (one caller, one call at a time: the local runner): nothing to
+    overlap, so each cascade runs on the calling thread (still on the cascade stream). That
+    thread also keeps the process's allocator tuning, which a new thread's arena loses on
+    CPU (jobs/pipeline/host_memory.py)."""
+
+    def __init__(self, device: torch.device, cascade_thread: bool = True) -> None:
         self.encode_lock = threading.Lock()
-        self.cascade_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cascade")
+        self.cascade_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cascade") if cascade_thread else None
         self.cascade_stream = CascadeStream(device)
 
     def run(self, encode: Callable[[], Encoded], cascade: Callable[[Encoded], Result]) -> Result:
@@ -93,11 +98,14 @@ class DeviceStages:
         with self.encode_lock:
             encoded = encode()
             done = self.cascade_stream.mark_encoded()
+        if self.cascade_thread is None:
+            return self._cascade(cascade, encoded, done)
         return self.cascade_thread.submit(self._cascade, cascade, encoded, done).result()
 
     def close(self) -> None:
         """Stop the cascade thread once its queued cascades are done (an actor's ends with its process)."""
-        self.cascade_thread.shutdown()
+        if self.cascade_thread is not None:
+            self.cascade_thread.shutdown()
 
     def _cascade(self, cascade: Callable[[Encoded], Result], encoded: Encoded, done: torch.cuda.Event | None) -> Result:
         with self.cascade_stream.running_after(done):

@@ -82,7 +82,7 @@ def run_pipeline(
 
 def local_stream(job: PreparedJob, actor: type[ModelActor], chunks: list[dict]) -> Iterator[dict]:
     """The stages in this process: prepare -> actor -> finish, chunk by chunk."""
-    model = actor(job, threads=0)  # 0: keep torch's own thread count
+    model = actor(job, threads=0, stage_threads=False)  # 0: keep torch's own thread count; one call at a time
     for chunk in chunks:
         prepared = prepare_chunk(chunk, job)
         computed = model({"meta": [prepared["meta"]], "arrays": [prepared["arrays"]]})

@@ -111,6 +111,34 @@ def test_the_cascade_stream_is_synchronised_when_a_cascade_fails(cuda):
     assert cuda.log[-1][:2] == ("synchronize", "cascade")  # before the features can be freed
 
 
+def test_without_a_cascade_thread_the_cascade_runs_on_the_caller_still_on_its_stream(cuda):
+    """The local runner: one call at a time, so the cascade runs on the calling thread
+    (which keeps the process's allocator tuning on CPU), on the cascade stream as before."""
+    stages = DeviceStages(torch.device("cuda"), cascade_thread=False)
+    stages.run(lambda: cuda.note("encode", cuda.current_stream()), lambda _: cuda.note("decode", cuda.current_stream()))
+    assert [(what, stream) for what, stream, _ in cuda.log] == [
+        ("encode", "default"), ("record", "default"), ("wait", "default"), ("decode", "cascade"), ("synchronize", "cascade")]
+    assert {thread for _, _, thread in cuda.log} == {threading.get_ident()}
+    stages.close()
+
+
+def test_the_local_runner_runs_its_cascades_on_its_own_thread(monkeypatch):
+    import jobs.pipeline.run as run
+
+    class Probe:
+        scores_only = False
+
+        def __init__(self, job, threads: int, stage_threads: bool = True) -> None:
+            self.stages = DeviceStages(torch.device("cpu"), cascade_thread=stage_threads)
+
+        def __call__(self, batch: dict) -> dict:
+            return {"meta": batch["meta"], "results": [self.stages.run(lambda: None, lambda _: threading.get_ident())]}
+
+    monkeypatch.setattr(run, "prepare_chunk", lambda chunk, job: {"meta": chunk, "arrays": None})
+    monkeypatch.setattr(run, "finish_chunk", lambda row, job, scores_only: row["results"])
+    assert list(run.local_stream(None, Probe, [{}, {}])) == [threading.get_ident()] * 2
+
+
 def test_off_cuda_there_is_no_stream():
     lanes = CascadeStream(torch.device("cpu"))
     assert lanes.stream is None and lanes.mark_encoded() is None
