@@ -25,17 +25,30 @@ faults), and a decode of 16 pairs on a thread faults its [16, 4096, 256] buffers
 every time (the tests). One arena, the main heap, for every thread fixes that, but only
 from the process's start: glibc fixes its arena limit once the first arenas exist and
 hands new threads the arenas of ended ones, so `mallopt(M_ARENA_MAX, 1)` inside a running
-actor changed nothing (measured). So `process_environment` is what the CPU model actors
-start with (run.py passes it as their Ray runtime_env). On the development machine (2 vCPU,
-`persam bench --job --model-type tiny --checkpoint random:0 --images 96 --concepts 1
---device cpu`) the job went from 3.5-3.8 to 4.7-5.1 images/s at steady state; vit_b's
-encoder maps its 0.8 GB attention maps per use on any thread, and its job did not change
-measurably. The cost, one lock for every thread's malloc, is small beside CPU tensor
-work; a GPU actor's threads allocate little on the host and would only contend with Ray's
-own, so GPU actors keep glibc's default.
+actor changed nothing (measured).
+
+Even on the main heap glibc does not keep everything: torch allocates with
+`posix_memalign`, and a large block freed and asked for again at the same size is not
+reused (96 MiB, repeated: faulted in anew every time after the first), which is the vit_b encoder's
+pattern (its 0.8 GB attention maps, its MLP buffers, layer after layer). gperftools'
+tcmalloc keeps and reuses such spans on every thread: vit_b's CPU encode of one image took
+5.4-5.5 s with it against 8.5-8.7 s with glibc, peak RSS 3.8 against 3.9 GB (development
+machine, main thread).
+
+So `process_environment` is what the CPU model actors start with (run.py passes it as
+their Ray runtime_env): one glibc arena, and tcmalloc preloaded where the driver's machine
+has it (Debian/Ubuntu: libtcmalloc-minimal4, the image installs it; a node without it
+logs the dynamic loader's one-line warning and runs on glibc's one arena), unless the
+driver's environment says PERSAM_CPU_ALLOCATOR=glibc. On the
+development machine (2 vCPU, `persam bench --job --model-type tiny --checkpoint random:0
+--images 96 --concepts 1 --device cpu`) the job went from 3.5 images/s at steady state to
+4.7-5.1 with one arena and 5.4 with tcmalloc too; a vit_b job of 8 images from 0.10 to 0.15
+images/s (whole run). The cost of one arena, one lock for every thread's malloc, is small
+beside CPU tensor work. GPU actors keep glibc's default: their threads allocate little on
+the host, and neither setting has been measured there.
 
 Where the C library is not glibc (macOS, musl), this does nothing (the variables of
-`process_environment` are glibc's, ignored elsewhere).
+`process_environment` are glibc's and ld.so's, ignored elsewhere).
 """
 
 from __future__ import annotations
@@ -43,12 +56,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h> parameter numbers
 ONE_ARENA = {"MALLOC_ARENA_MAX": "1"}  # glibc reads it at start-up: every thread allocates from the main heap
+TCMALLOC = "tcmalloc_minimal"  # gperftools' allocator, preloaded into CPU model processes where installed
+# The driver's environment variable that keeps CPU model actors on glibc (=glibc): an operator's way back
+ALLOCATOR_CHOICE = "PERSAM_CPU_ALLOCATOR"
 THRESHOLD = 256 << 20  # requests up to 256 MiB (64 pairs of tokens) come from the heap
 # Up to 512 MiB freed at the heap's top is kept. At 256 MiB, a decode of 8 pairs on the
 # batched path (whose buffers peak near 200 MiB) left more than that free at the top in 4 of
@@ -75,5 +92,13 @@ def keep_large_buffers() -> bool:
 
 def process_environment(models_on: str) -> dict[str, str]:
     """Environment variables for a process about to start that will run models on
-    `models_on` ("cpu" | "cuda"): on CPU, one arena for all its threads (module docstring)."""
-    return dict(ONE_ARENA) if models_on == "cpu" else {}
+    `models_on` ("cpu" | "cuda"): on CPU, one glibc arena for all its threads and, where this
+    machine has it, tcmalloc preloaded (module docstring); none on a GPU."""
+    if models_on != "cpu":
+        return {}
+    environment = dict(ONE_ARENA)
+    wanted = os.environ.get(ALLOCATOR_CHOICE, "tcmalloc") != "glibc"
+    preload = ctypes.util.find_library(TCMALLOC) if wanted and sys.platform.startswith("linux") else None
+    if preload:  # its soname: the dynamic loader finds it on the node as it does any library
+        environment["LD_PRELOAD"] = preload
+    return environment

@@ -182,6 +182,8 @@ def test_tools_the_cluster_managers_need_are_installed(dockerfile):
     # rsync: the cluster launcher copies its bootstrap files in with `rsync -e 'docker exec'`;
     # wget: KubeRay's liveness/readiness probes; python3-venv for /opt/venv.
     assert {"rsync", "wget", "python3", "python3-venv"} <= packages, packages
+    # the allocator CPU model actors preload (jobs/pipeline/host_memory.py: TCMALLOC)
+    assert "libtcmalloc-minimal4t64" in packages, packages
 
 
 def test_build_context_sends_only_what_the_image_copies(dockerfile):

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from jobs.pipeline.host_memory import keep_large_buffers, process_environment
+from jobs.pipeline import host_memory
+from jobs.pipeline.host_memory import ONE_ARENA, keep_large_buffers, process_environment
 
 
 def glibc() -> bool:
@@ -83,20 +84,51 @@ def test_a_cpu_model_process_keeps_its_threads_decoder_buffers():
     """The same decode, of 16 pairs, on a thread as the actor's cascade stage runs it: a
     thread's own arena (heaps of at most 64 MiB) maps its [16, 4096, 256] buffers anew on
     every decode whatever the thresholds (about 340 thousand faults each here); a process
-    started with the CPU model environment allocates them from the main heap (0)."""
+    started with one arena allocates them from the main heap (0)."""
     default = decode_faults("kept", 16, "thread")
-    one_arena = decode_faults("kept", 16, "thread", process_environment("cpu"))
+    one_arena = decode_faults("kept", 16, "thread", ONE_ARENA)
     assert default > 50_000 and one_arena < default / 10, (default, one_arena)
 
 
-def test_only_cpu_model_processes_start_with_one_arena(monkeypatch):
-    """The job's CPU model actors get the variable; GPU actors keep glibc's default."""
+REPEATED_BLOCK = """
+import resource, torch
+counts = []
+for _ in range(4):  # torch asks posix_memalign for the same 96 MiB each time, as a layer does per image
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(96 << 20, dtype=torch.uint8)
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(max(counts[1:]))
+"""
+
+
+@pytest.mark.skipif(not process_environment("cpu").get("LD_PRELOAD"), reason="tcmalloc is not installed here")
+def test_tcmalloc_keeps_a_block_that_glibc_maps_anew_each_time():
+    """A 96 MiB tensor made again and again: glibc faults it in anew every time after the first
+    (24,576 pages each here, thresholds raised or not), the preloaded tcmalloc reuses it (0)."""
+    def faults(env: dict) -> int:
+        done = subprocess.run([sys.executable, "-c", REPEATED_BLOCK], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env})
+        return int(done.stdout.split()[-1])
+
+    glibc, tcmalloc = faults({}), faults({"LD_PRELOAD": process_environment("cpu")["LD_PRELOAD"]})
+    assert glibc > 20_000 and tcmalloc < glibc / 10, (glibc, tcmalloc)
+
+
+def test_only_cpu_model_processes_get_the_allocator_environment(monkeypatch):
+    """CPU model actors: one arena, and tcmalloc where this machine has it; GPU actors: nothing."""
     import ray
 
     from jobs.pipeline.session import plan_actors
 
+    monkeypatch.setattr(host_memory.ctypes.util, "find_library", lambda name: None)
     assert process_environment("cpu") == {"MALLOC_ARENA_MAX": "1"} and process_environment("cuda") == {}
+    monkeypatch.setattr(host_memory.ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
+    assert process_environment("cpu") == {"MALLOC_ARENA_MAX": "1", "LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    assert process_environment("cuda") == {}
+    monkeypatch.setenv("PERSAM_CPU_ALLOCATOR", "glibc")  # an operator's way back to glibc
+    assert process_environment("cpu") == {"MALLOC_ARENA_MAX": "1"}
+    monkeypatch.delenv("PERSAM_CPU_ALLOCATOR")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert plan_actors("cpu", None).env == {"MALLOC_ARENA_MAX": "1"}
+    assert plan_actors("cpu", None).env == process_environment("cpu")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
     assert plan_actors("auto", None).env == {} and plan_actors("cuda", None).count == 2

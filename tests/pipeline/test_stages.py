@@ -265,27 +265,32 @@ def test_a_bf16_decoder_is_recorded_and_a_rerun_in_fp32_is_refused(concepts, ima
 
 
 @pytest.mark.slow
-def test_the_cpu_model_actors_of_a_ray_job_start_with_one_arena(images):
-    """On Ray, the CPU model actor's process starts with glibc's one-arena variable
-    (host_memory.py: only effective from a process's start), whatever the driver's own."""
+def test_the_cpu_model_actors_of_a_ray_job_start_with_the_allocator_environment(images):
+    """On Ray, the CPU model actor's process starts with glibc's one-arena variable and, where
+    this machine has tcmalloc, with tcmalloc loaded (host_memory.py: both act only from a
+    process's start), whatever the driver's own environment."""
+    from jobs.pipeline.host_memory import process_environment
     from jobs.pipeline.run import ray_stream
 
     class EnvironmentProbe:  # defined here: Ray's workers get it by value (a test module is not importable there)
-        """A model actor's stand-in that reports the allocator variable its process started with."""
+        """A model actor's stand-in that reports how its process's allocator was set up."""
 
         scores_only = False
 
         def __init__(self, job: PreparedJob, threads: int) -> None:
             import os
 
-            self.arenas = os.environ.get("MALLOC_ARENA_MAX")
+            with open("/proc/self/maps") as maps:
+                loaded = "tcmalloc" in maps.read()
+            self.report = f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX')} tcmalloc={loaded}"
 
         def __call__(self, batch: dict) -> dict:
-            raise RuntimeError(f"probe: MALLOC_ARENA_MAX={self.arenas}")
+            raise RuntimeError(f"probe: {self.report}")
 
     args = build_parser().parse_args(["segment", "--concept", "c", *MODEL, "--device", "cpu", "--input", str(images),
                                       "--output", "o"])
     job = PreparedJob(JobSpec.from_args(args), "f", ())
     chunk = {"shard": 0, "chunk": 0, "urls": [str(next(images.glob("*.jpg")))], "previous": [], "sources": {}}
-    with pytest.raises(Exception, match="probe: MALLOC_ARENA_MAX=1"):
+    tcmalloc = "LD_PRELOAD" in process_environment("cpu")
+    with pytest.raises(Exception, match=f"probe: MALLOC_ARENA_MAX=1 tcmalloc={tcmalloc}"):
         list(ray_stream(job, EnvironmentProbe, [chunk]))
