@@ -120,6 +120,7 @@ def test_only_cpu_model_processes_get_the_allocator_environment(monkeypatch):
 
     from jobs.pipeline.session import plan_actors
 
+    monkeypatch.delenv("PERSAM_CPU_ALLOCATOR", raising=False)
     monkeypatch.setattr(host_memory.ctypes.util, "find_library", lambda name: None)
     assert process_environment("cpu") == {"MALLOC_ARENA_MAX": "1"} and process_environment("cuda") == {}
     monkeypatch.setattr(host_memory.ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
