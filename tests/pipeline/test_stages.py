@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,7 @@ def test_a_bf16_decoder_is_recorded_and_a_rerun_in_fp32_is_refused(concepts, ima
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's and ld.so's variables; /proc")
 def test_the_cpu_model_actors_of_a_ray_job_start_with_the_allocator_environment(images):
     """On Ray, the CPU model actor's process starts with glibc's one-arena variable and, where
     this machine has tcmalloc, with tcmalloc loaded (host_memory.py: both act only from a
