@@ -29,21 +29,20 @@ actor changed nothing (measured).
 
 Even on the main heap glibc does not keep everything: torch allocates with
 `posix_memalign`, and a large block freed and asked for again at the same size is not
-reused (96 MiB, repeated: faulted in anew every time after the first), which is the vit_b encoder's
-pattern (its 0.8 GB attention maps, its MLP buffers, layer after layer). gperftools'
-tcmalloc keeps and reuses such spans on every thread: vit_b's CPU encode of one image took
-5.4-5.5 s with it against 8.5-8.7 s with glibc, peak RSS 3.8 against 3.9 GB (development
-machine, main thread).
+reused (a 96 MiB tensor, made again and again: faulted in anew each time), which is the
+vit_b encoder's pattern (its 0.8 GB attention maps, its MLP buffers, layer after layer).
+gperftools' tcmalloc keeps and reuses such spans on every thread: vit_b's CPU encode of one
+image took 5.4-5.5 s with it against 8.5-8.7 s with glibc, peak RSS 3.8 against 3.9 GB
+(development machine, main thread).
 
 So `process_environment` is what the CPU model actors start with (run.py passes it as
 their Ray runtime_env): one glibc arena, and tcmalloc preloaded where the driver's machine
 has it (Debian/Ubuntu: libtcmalloc-minimal4, the image installs it; a node without it
 logs the dynamic loader's one-line warning and runs on glibc's one arena), unless the
-driver's environment says PERSAM_CPU_ALLOCATOR=glibc. On the
-development machine (2 vCPU, `persam bench --job --model-type tiny --checkpoint random:0
---images 96 --concepts 1 --device cpu`) the job went from 3.5 images/s at steady state to
-4.7-5.1 with one arena and 5.4 with tcmalloc too; a vit_b job of 8 images from 0.10 to 0.15
-images/s (whole run). The cost of one arena, one lock for every thread's malloc, is small
+driver's environment says PERSAM_CPU_ALLOCATOR=glibc. On the development machine (2 vCPU,
+`persam bench --job --model-type tiny --checkpoint random:0 --images 96 --concepts 1
+--device cpu`) the job went from 3.5 images/s at steady state to 4.7-5.1 with one arena
+and 5.4 with tcmalloc too; a vit_b job of 8 images from 0.10 to 0.15 images/s (whole run). The cost of one arena, one lock for every thread's malloc, is small
 beside CPU tensor work. GPU actors keep glibc's default: their threads allocate little on
 the host, and neither setting has been measured there.
 
