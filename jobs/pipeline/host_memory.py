@@ -43,8 +43,9 @@ driver's environment says PERSAM_CPU_ALLOCATOR=glibc. On the development machine
 `persam bench --job --model-type tiny --checkpoint random:0 --images 96 --concepts 1
 --device cpu`) the job went from 3.5 images/s at steady state to 4.7-5.1 with one arena
 and 5.4 with tcmalloc too; a vit_b job of 8 images from 0.10 to 0.15 images/s (whole run).
-The cost of one arena, one lock for every thread's malloc, is small beside CPU tensor work. GPU actors keep glibc's default: their threads allocate little on
-the host, and neither setting has been measured there.
+The cost of one arena, one lock for every thread's malloc, is small beside CPU tensor work.
+GPU actors keep glibc's default: their threads allocate little on the host, and neither
+setting has been measured there.
 
 Where the C library is not glibc (macOS, musl), this does nothing (the variables of
 `process_environment` are glibc's and ld.so's, ignored elsewhere).
