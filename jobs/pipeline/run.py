@@ -113,7 +113,7 @@ def ray_stream(job: PreparedJob, actor: type[ModelActor], chunks: list[dict]) ->
                 compute=ray.data.ActorPoolStrategy(size=plan.count, max_concurrent_calls_per_actor=ACTOR_CONCURRENT_CALLS,
                                                    enable_true_multi_threading=True),
                 fn_constructor_kwargs={"job": job, "threads": plan.threads},
-                # merged with a job-level runtime_env's variables (Ray merges env_vars)
+                # merged key by key with a job-level runtime_env's env_vars (ours win on the same key)
                 **({"runtime_env": {"env_vars": plan.env}} if plan.env else {}),
                 **plan.resources,
             )

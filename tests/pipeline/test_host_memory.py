@@ -50,13 +50,21 @@ print(min(counts))  # the steady state: now and then the heap grows once more (k
 """
 
 
-def decode_faults(mode: str, pairs: int, where: str, env: dict | None = None) -> int:
-    """Page faults of a decode of `pairs` pairs on the main thread or a thread, in a fresh process
-    (started without glibc's arena variable, plus `env`)."""
-    base = {name: value for name, value in os.environ.items() if name != "MALLOC_ARENA_MAX"}
-    done = subprocess.run([sys.executable, "-c", DECODE_FAULTS, mode, str(pairs), where], capture_output=True, text=True,
-                          check=True, env={**base, **(env or {})})
+ALLOCATOR_VARIABLES = ("MALLOC_ARENA_MAX", "LD_PRELOAD")  # what process_environment may set
+
+
+def faults_in_fresh_process(script: str, *argv: str, env: dict | None = None) -> int:
+    """The page-fault count `script` prints, run in a fresh process started without the
+    allocator variables of this one, plus `env`."""
+    base = {name: value for name, value in os.environ.items() if name not in ALLOCATOR_VARIABLES}
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, check=True,
+                          env={**base, **(env or {})})
     return int(done.stdout.split()[-1])
+
+
+def decode_faults(mode: str, pairs: int, where: str, env: dict | None = None) -> int:
+    """Page faults of a decode of `pairs` pairs on the main thread or a thread (DECODE_FAULTS)."""
+    return faults_in_fresh_process(DECODE_FAULTS, mode, str(pairs), where, env=env)
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and glibc()), reason="glibc's allocator only")
@@ -101,16 +109,15 @@ print(max(counts[1:]))
 """
 
 
-@pytest.mark.skipif(not process_environment("cpu").get("LD_PRELOAD"), reason="tcmalloc is not installed here")
+TCMALLOC_HERE = ctypes.util.find_library(host_memory.TCMALLOC) if sys.platform.startswith("linux") else None
+
+
+@pytest.mark.skipif(not TCMALLOC_HERE, reason="tcmalloc is not installed here")
 def test_tcmalloc_keeps_a_block_that_glibc_maps_anew_each_time():
     """A 96 MiB tensor made again and again: glibc faults it in anew every time after the first
     (24,576 pages each here, thresholds raised or not), the preloaded tcmalloc reuses it (0)."""
-    def faults(env: dict) -> int:
-        done = subprocess.run([sys.executable, "-c", REPEATED_BLOCK], capture_output=True, text=True, check=True,
-                              env={**os.environ, **env})
-        return int(done.stdout.split()[-1])
-
-    glibc, tcmalloc = faults({}), faults({"LD_PRELOAD": process_environment("cpu")["LD_PRELOAD"]})
+    glibc = faults_in_fresh_process(REPEATED_BLOCK)
+    tcmalloc = faults_in_fresh_process(REPEATED_BLOCK, env={"LD_PRELOAD": TCMALLOC_HERE})
     assert glibc > 20_000 and tcmalloc < glibc / 10, (glibc, tcmalloc)
 
 

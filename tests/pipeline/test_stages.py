@@ -264,7 +264,6 @@ def test_a_bf16_decoder_is_recorded_and_a_rerun_in_fp32_is_refused(concepts, ima
         run_segment(spec("fp32"), log=lambda line: None)
 
 
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's and ld.so's variables; /proc")
 def test_the_cpu_model_actors_of_a_ray_job_start_with_the_allocator_environment(images):
