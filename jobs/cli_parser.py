@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from persam_core.options import DECODER_PRECISIONS, GPU_BATCH_SIZE, MODEL_TYPES, SPEED_PRECISIONS
+from persam_core.families import model_types
+from persam_core.options import DECODER_PRECISIONS, GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 from jobs.exports import EXPORT_KINDS
 from jobs.logs import LOG_FORMATS, LOG_LEVELS
@@ -16,7 +17,6 @@ from jobs.spec import (CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_IN
                        ModelSpec, SpeedSpec)
 
 INPUT_HELP = "directory/prefix, glob, or manifest (.parquet/.csv/.txt)"
-MODEL_TYPE_HELP = f"SAM architecture: {', '.join(MODEL_TYPES)}"
 CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
 
 
@@ -70,7 +70,7 @@ def _names(text: str) -> list[str]:
 
 def _add_model(parser: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     # Model types are checked by the registry so the error lists the valid ones.
-    parser.add_argument("--model-type", required=True, help=MODEL_TYPE_HELP)
+    parser.add_argument("--model-type", required=True, help=f"model architecture: {', '.join(model_types())}")
     parser.add_argument("--checkpoint", required=checkpoint_required, default=ModelSpec.checkpoint, help=CHECKPOINT_HELP)
     parser.add_argument("--device", default=ModelSpec.device, help="auto, cpu or cuda")
     parser.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")

@@ -2,12 +2,16 @@
 
 Every concept of the paper lives in one module named after it:
 
-    models      model registry (vit_h/l/b/t, tiny, sam2.1_t/s/b+/l, tiny_sam2), weights loading, fingerprint
+    families    the model-family registry: model types, builders, official checkpoints, capabilities,
+                as_backbone (nothing else asks which family a model is)
+    sam_family  SAM (vit_h/l/b), MobileSAM (vit_t), tiny;  sam2_family  SAM 2.1 (sam2.1_t/s/b+/l, tiny_sam2)
+    models      any family: seeded random weights, safe state-dict loading, key checks, fingerprint
     sam2_models SAM 2.1 through sam2's own build_sam2 and hydra configs
-    backbone    what the cascade needs from a model (encode, prompts, decode, upsample); SAM's
+    backbone    what the methods need from a model (encode, prompts, decode, upsample): the protocol
+    sam_backbone   SAM's adapter, exactly as SamPredictor drives it
     sam2_backbone  SAM 2's, exactly as SAM2ImagePredictor drives it
     preprocess  image -> encoder input exactly as SamPredictor (and SAM 2's resize); mask -> 64x64 grid
-    inputs      each model family's resize and encoder outputs, by model type (no model built)
+    inputs      the input formats (resize, encoder outputs) families name (no model built)
     concept     reference features -> Concept (target feature, target embedding)
     prior       similarity map, positive/negative points, attention bias
     decoder     SAM's mask decoder + target-guided attention + target-semantic prompt

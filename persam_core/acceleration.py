@@ -45,7 +45,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
-from .backbone import Model, as_backbone
+from .backbone import Model
+from .families import as_backbone
 from .decoder_speed import check_decoder_precision, configure_decoder
 from .errors import describe
 from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS

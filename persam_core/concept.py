@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backbone import as_backbone
+from .families import as_backbone
 from .predictor import EncodedImage
 from .preprocess import REFERENCE_MASK_VALUE, reference_mask_grid
 

@@ -1,8 +1,9 @@
-"""What the CPU side needs to know about a model family, by model type, without building it.
+"""What the CPU side needs to know about a model family's input, without building a model.
 
 A job's CPU stages (reading, resizing, the embedding cache) run where the model is never
-loaded: they ask `input_format(model_type)` how to resize an image for its encoder and what
-the encoder hands the decoder besides the 64 x 64 features. Each `resize` is exactly what
+loaded: they ask `families.input_format(model_type)` how to resize an image for its encoder
+and what the encoder hands the decoder besides the 64 x 64 features (each family names one
+of the formats below). Each `resize` is exactly what
 `as_backbone(model).resize` does for a model of that type (a test holds them equal).
 
     SAM   (vit_h/l/b/t, tiny)     longest side to 1024: pixels [h, w, 3] uint8 (at most 3 MiB);
@@ -24,7 +25,6 @@ from typing import Callable
 
 import numpy as np
 
-from .models import MODEL_TYPES, ModelError, is_sam2
 from .preprocess import ENCODER_SIZE, ResizedImage, resize_longest_side, resize_square
 
 # SAM2Base at image_size 1024: the decoder's conv_s0 / conv_s1 projections of the trunk's
@@ -44,10 +44,3 @@ class InputFormat:
 
 SAM_INPUT = InputFormat("sam", resize_longest_side)
 SAM2_INPUT = InputFormat("sam2", resize_square, SAM2_HIGH_RES_SHAPES)
-
-
-def input_format(model_type: str) -> InputFormat:
-    """The input contract of `model_type` (no model is built, sam2 is not imported)."""
-    if model_type not in MODEL_TYPES:
-        raise ModelError(f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
-    return SAM2_INPUT if is_sam2(model_type) else SAM_INPUT

@@ -1,113 +1,30 @@
-"""Model registry (SAM and SAM 2.1), safe weight loading and the model fingerprint.
+"""Building and loading any registered model family's models, safely, and their fingerprint.
 
-`vit_h`, `vit_l`, `vit_b` are segment_anything's official builders; `tiny` uses the very
-same module classes with small dimensions, so tests exercise the real code paths in
-milliseconds. `sam2.1_t|s|b+|l` and `tiny_sam2` are built by the sam2 package's own
-`build_sam2` (see `sam2_models.py`). Every config yields features [B, 256, 64, 64].
+Which model types exist and how each family builds them is `families.py`'s; this module adds
+what is the same for every family: seeded random weights, safe state-dict files, strict key
+and shape checks that name the file, and the weights' fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
-from functools import partial
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
-from segment_anything import sam_model_registry
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
 
-from .options import MODEL_TYPES
-from .sam2_models import SAM2_MODEL_TYPES, build_sam2_model
-from .tiny_vit import TinyViT
+from .families import ModelError, implementation_of, model_types
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-def sam_around(image_encoder: torch.nn.Module, decoder_mlp_dim: int = 2048, iou_head_hidden_dim: int = 256) -> Sam:
-    """SAM's prompt encoder and mask decoder around `image_encoder` (256-d, 64x64 grid)."""
-    prompt_dim, image_size = 256, 1024
-    grid = image_size // 16
-    prompt_encoder = PromptEncoder(
-        embed_dim=prompt_dim,
-        image_embedding_size=(grid, grid),
-        input_image_size=(image_size, image_size),
-        mask_in_chans=16,
-    )
-    decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim, num_heads=8),
-        transformer_dim=prompt_dim,
-        iou_head_depth=3,
-        iou_head_hidden_dim=iou_head_hidden_dim,
-    )
-    return Sam(image_encoder, prompt_encoder, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
-
-
-def _build_tiny() -> Sam:
-    """Same classes as SAM, small encoder/decoder; still 256-d features on a 64x64 grid."""
-    encoder = ImageEncoderViT(
-        depth=2,
-        embed_dim=32,
-        img_size=1024,
-        mlp_ratio=2,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=2,
-        patch_size=16,
-        qkv_bias=True,
-        use_rel_pos=True,
-        global_attn_indexes=(1,),
-        window_size=14,
-        out_chans=256,
-    )
-    return sam_around(encoder, decoder_mlp_dim=256, iou_head_hidden_dim=64)
-
-
-def _build_mobile_sam() -> Sam:
-    """MobileSAM: the TinyViT encoder with SAM's (vit_h-sized) prompt encoder and decoder."""
-    return sam_around(TinyViT())
-
-
-MODEL_BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
-    "vit_h": partial(sam_model_registry["vit_h"], checkpoint=None),
-    "vit_l": partial(sam_model_registry["vit_l"], checkpoint=None),
-    "vit_b": partial(sam_model_registry["vit_b"], checkpoint=None),
-    "vit_t": _build_mobile_sam,
-    "tiny": _build_tiny,
-    **{model_type: partial(build_sam2_model, model_type) for model_type in SAM2_MODEL_TYPES},
-}
-assert tuple(MODEL_BUILDERS) == MODEL_TYPES, "options.MODEL_TYPES names the builders"
-
-
-class ModelError(ValueError):
-    """A model type or checkpoint that cannot be used; the message says what to do."""
-
-
-def is_sam2(model_type: str) -> bool:
-    return model_type in SAM2_MODEL_TYPES
-
-
-def _builder(model_type: str) -> Callable[[], torch.nn.Module]:
-    if model_type not in MODEL_BUILDERS:
-        raise ModelError(
-            f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}"
-        )
-    return MODEL_BUILDERS[model_type]
+__all__ = ["ModelError", "build_random", "build_from_state_dict", "check_architecture", "fingerprint",
+           "load_state_dict_file", "model_fingerprint", "model_types"]
 
 
 def build_random(model_type: str, seed: int) -> torch.nn.Module:
     """The architecture with `torch.manual_seed(seed)` initial weights (tests, offline demo):
     a segment_anything `Sam` or a sam2 `SAM2Base`."""
-    builder = _builder(model_type)
+    implementation = implementation_of(model_type)
     torch.manual_seed(seed)
-    return builder().eval()
+    return implementation.build(model_type).eval()
 
 
 def _torch_load(path: str, mmap: bool):
@@ -138,19 +55,9 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _skeleton(model_type: str) -> torch.nn.Module:
-    """The architecture without real weights where possible. SAM builds on the meta device;
-    SAM 2 is built on the CPU, because sam2 computes tensors at construction that a meta
-    build cannot hold (its RoPE tables, moved to CUDA when there is one)."""
-    if is_sam2(model_type):
-        return _builder(model_type)()
-    with torch.device("meta"):
-        return _builder(model_type)()
-
-
 def check_architecture(model_type: str, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse a state dict whose keys or shapes do not match `model_type`."""
-    _compare(model_type, _skeleton(model_type).state_dict(), state_dict, source)
+    _compare(model_type, implementation_of(model_type).skeleton(model_type).state_dict(), state_dict, source)
 
 
 def _compare(model_type: str, expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
@@ -171,20 +78,9 @@ def _compare(model_type: str, expected: Mapping[str, torch.Tensor], state_dict: 
 def build_from_state_dict(
     model_type: str, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
 ) -> torch.nn.Module:
-    """Build `model_type` and load `state_dict` strictly (SAM: without a throw-away random init)."""
-    if is_sam2(model_type):
-        model = _skeleton(model_type)
-        _compare(model_type, model.state_dict(), state_dict, source)
-        model.load_state_dict(state_dict, strict=True)
-        return model.float().eval()
+    """Build `model_type` and load `state_dict` strictly, after a key and shape check naming `source`."""
     check_architecture(model_type, state_dict, source)
-    with torch.device("meta"):
-        sam = _builder(model_type)()
-    sam.load_state_dict(state_dict, strict=True, assign=True)
-    # pixel_mean/std are non-persistent buffers: not in the file, so restore SAM's constants.
-    sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
-    sam.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
-    return sam.float().eval()
+    return implementation_of(model_type).load(model_type, state_dict)
 
 
 def fingerprint(state_dict: Mapping[str, torch.Tensor], model_type: str) -> str:

@@ -22,7 +22,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .backbone import Backbone, Decoded, as_backbone
+from .backbone import Backbone, Decoded
+from .families import as_backbone
 from .preprocess import tensor_to_device
 
 FULL_RES_CHUNK = 32  # pairs upsampled at once: 32 x 3 masks x 1024^2 fp32 = 384 MiB

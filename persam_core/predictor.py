@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .acceleration import encoder_precision
-from .backbone import Model, as_backbone
+from .backbone import Model
+from .families import as_backbone
 from .pairs import PairBatch
 from .preprocess import ResizedImage
 

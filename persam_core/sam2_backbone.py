@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -24,7 +26,7 @@ from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 from sam2.modeling.sam2_base import SAM2Base
 
-from .backbone import Decoded
+from .backbone import Decoded, PredictorEncoding
 from .decoder_sam2 import decode_masks_sam2
 from .preprocess import GRID_SIZE, ResizedImage, array_to_device, resize_square  # noqa: F401  (resize_square re-exported)
 
@@ -49,12 +51,27 @@ class Sam2Backbone:
 
     def __init__(self, model: SAM2Base) -> None:
         if not isinstance(model, SAM2Base):
-            raise TypeError(f"expected a segment_anything Sam or a sam2 SAM2Base, got {type(model).__name__}")
+            raise TypeError(f"expected a sam2 SAM2Base, got {type(model).__name__}")
         self.model = model
         self.mask_threshold = 0.0
         self.image_size = int(model.image_size)
         # (256, 256), (128, 128), (64, 64) at 1024: the grid of each feature level, finest first
         self.level_sizes = tuple((self.image_size // s, self.image_size // s) for s in (4, 8, 16))
+
+    def predictor_encoder(self):
+        with warnings.catch_warnings():  # SAM2Transforms' torch.jit.script deprecation, not ours
+            warnings.simplefilter("ignore", FutureWarning)
+            from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+            predictor = SAM2ImagePredictor(self.model)
+
+        def encode(picture: np.ndarray) -> PredictorEncoding:
+            predictor.set_image(picture)
+            features = predictor._features  # the predictor's own: image_embed [1, 256, 64, 64], high_res_feats
+            return PredictorEncoding(features["image_embed"][0], (self.image_size, self.image_size),
+                                     tuple(predictor._orig_hw[0]), tuple(level[0] for level in features["high_res_feats"]))
+
+        return encode
 
     @property
     def device(self) -> torch.device:

@@ -28,11 +28,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
 from torch.profiler import ProfilerActivity, profile
 
 from persam_core.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder, resolve_speed
-from persam_core.backbone import Model, as_backbone
+from persam_core.backbone import Model
+from persam_core.families import as_backbone, family_of_model
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import score_batch
 from persam_core.concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
@@ -86,8 +86,8 @@ def decoder_figures(model: Model, batches: Sequence[Sequence[EncodedImage]],
     by default, TF32 matmuls). Tracing, compiling and recording graphs happen in
     an untimed first run (the job's actors do it on their first chunks). compiled: also the
     compiled variants (off the GPU only the one without graphs, the same compile)."""
-    if not isinstance(model, Sam):
-        return {"decoder_variants": "SAM only: SAM 2 decodes as sam2 does"}
+    if not family_of_model(model).tunable_decoder:
+        return {"decoder_variants": f"not for {family_of_model(model).name}: its decoder runs as its package runs it"}
     on_gpu = next(model.parameters()).device.type == "cuda"
     variants = {label: v for label, v in DECODER_VARIANTS.items()
                 if not v[2] or (compiled and (on_gpu or not v[0]))}
@@ -188,7 +188,7 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
         ious = [iou(a, b) for a, b in zip(final_masks(k_results), final_masks(exact_results))]
 
         progress("reference-style loop")
-        reference_encode = reference_encoder(sam, model_type)
+        reference_encode = reference_encoder(sam)
 
         def reference_loop() -> None:
             for picture in pictures:

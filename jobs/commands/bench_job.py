@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from PIL import Image
 from persam_core.acceleration import EncoderSpeed, matmul_tf32, resolve_speed
-from persam_core.backbone import Model, as_backbone
+from persam_core.backbone import Model
+from persam_core.families import as_backbone
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.decoder_speed import decoder_settings
-from persam_core.models import is_sam2
+from persam_core.families import family_of
 from persam_core.persam import segment_persam
 from persam_core.masks import decode_rle
 from persam_core.metrics import iou
@@ -175,7 +176,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     # the decoder timed several ways, side by side (SAM 2 decodes eagerly either way):
     # (graphs, compiled): eager and graphs on CUDA or when graphs are named, compiled when named
     modes = [(speed.decoder_graphs, speed.decoder_compile)]
-    if not is_sam2(options.model_type):
+    if family_of(options.model_type).tunable_decoder:
         if device == "cuda" or options.decoder_graphs is not None:
             modes += [(False, False), (True, False)]
         if options.decoder_compile is not None:
@@ -187,7 +188,7 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
 
     reference_pictures = pictures[:REFERENCE_LOOP_IMAGES]
     progress(f"reference-style loop on {len(reference_pictures)} images")
-    reference_encode = reference_encoder(sam, options.model_type)
+    reference_encode = reference_encoder(sam)
 
     def reference_loop() -> None:
         for picture in reference_pictures:

@@ -8,19 +8,17 @@ from __future__ import annotations
 import copy
 import sys
 import time
-import warnings
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from segment_anything import SamPredictor
 
 from persam_core.acceleration import EncoderSpeed, prepare_encoder
-from persam_core.backbone import Model, as_backbone
+from persam_core.backbone import Model
+from persam_core.families import as_backbone
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_targets, reference_cells
-from persam_core.models import is_sam2
 from persam_core.predictor import EncodedImage, encode_images
 from persam_core.preprocess import ResizedImage
 
@@ -89,31 +87,11 @@ def is_exact(speed: EncoderSpeed) -> bool:
             and speed.decoder_precision == "fp32" and not speed.tf32 and not speed.decoder_compile)
 
 
-def reference_encoder(sam: Model, model_type: str) -> Callable[[np.ndarray], EncodedImage]:
-    """The original's per-image encode: SamPredictor.set_image, or SAM2ImagePredictor.set_image
-    for SAM 2 -> a function [H, W, 3] uint8 -> its EncodedImage (features as the predictor holds them)."""
-    if not is_sam2(model_type):
-        predictor = SamPredictor(sam)
-
-        def encode(picture: np.ndarray) -> EncodedImage:
-            predictor.set_image(picture)
-            return EncodedImage(predictor.features[0], predictor.input_size, predictor.original_size)
-
-        return encode
-    with warnings.catch_warnings():  # SAM2Transforms' torch.jit.script deprecation, not ours
-        warnings.simplefilter("ignore", FutureWarning)
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-        sam2_predictor = SAM2ImagePredictor(sam)
-
-    def encode_sam2(picture: np.ndarray) -> EncodedImage:
-        sam2_predictor.set_image(picture)
-        features = sam2_predictor._features  # the predictor's own: image_embed [1, 256, 64, 64], high_res_feats
-        size = as_backbone(sam).image_size
-        return EncodedImage(features["image_embed"][0], (size, size), tuple(sam2_predictor._orig_hw[0]),
-                            tuple(level[0] for level in features["high_res_feats"]))
-
-    return encode_sam2
+def reference_encoder(sam: Model) -> Callable[[np.ndarray], EncodedImage]:
+    """The original's per-image encode (SamPredictor.set_image, SAM2ImagePredictor.set_image:
+    the family's own predictor) -> a function [H, W, 3] uint8 -> its EncodedImage."""
+    encode = as_backbone(sam).predictor_encoder()
+    return lambda picture: EncodedImage(*encode(picture))
 
 
 def speed_model(sam: Model, speed: EncoderSpeed, log: Callable[[str], None] = progress) -> tuple[Model, EncoderSpeed]:

@@ -30,7 +30,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from persam_core.evaluation import davis_f, davis_j, davis_statistics
-from persam_core.models import is_sam2
+from persam_core.families import family_of
 from persam_core.video import SequenceTracker, VideoSettings
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics
@@ -55,7 +55,7 @@ MODES = {"sam-prior": "SAM; PerSAM's prior re-localises every object in every fr
 
 
 def video_mode(model_type: str) -> str:
-    return "sam2-memory" if is_sam2(model_type) else "sam-prior"
+    return family_of(model_type).video_mode
 
 
 def _sequence_names(fs, root: str, requested: list[str] | None, available: list[str]) -> list[str]:
@@ -166,8 +166,8 @@ class VideoWorker:
 
         torch.set_num_threads(max(1, threads))
         self.sam = load_checked_model(spec, expected_fingerprint).sam.to(resolve_device(spec.model.device))
-        self.mode = video_mode(spec.model.model_type)
-        if self.mode == "sam2-memory":
+        self.with_memory = family_of(spec.model.model_type).tracks_with_memory
+        if self.with_memory:
             from persam_core.video_sam2 import video_predictor
 
             self.sam = video_predictor(self.sam, spec.model.model_type)
@@ -199,7 +199,7 @@ class VideoWorker:
 
     def _track(self, frames: ClipFrames, first: np.ndarray):
         """-> (index, [H, W] uint8 labels) of frames 1 .. n-1, in order (frame 0 is the annotation)."""
-        if self.mode == "sam2-memory":
+        if self.with_memory:
             from persam_core.video_sam2 import MemoryTracker
 
             tracked = MemoryTracker(self.sam, frames).from_masks(first)
@@ -286,7 +286,7 @@ def run_clip_local(worker_class: type, spec: JobSpec, items: list, fingerprint: 
 def run_video_eval(spec: JobSpec, log=logger.info) -> dict | None:
     started = time.perf_counter()
     mode = video_mode(spec.model.model_type)
-    if mode == "sam2-memory" and spec.method != "persam":
+    if family_of(spec.model.model_type).tracks_with_memory and spec.method != "persam":
         raise EvalError(f"--method {spec.method}: SAM 2's video mode tracks with its memory and fits no mask "
                         "weights; pass --method persam (or a SAM --model-type for PerSAM-F's video mode)")
     check_output_folder(spec.output, "--output", spec.storage_options)  # before the model loads

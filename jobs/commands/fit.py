@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from fsspec.core import url_to_fs
 
-from persam_core.backbone import as_backbone
+from persam_core.families import as_backbone
 from persam_core.concept import Concept, ConceptError, persam_f_target_feature, persam_targets, reference_cells
 from persam_core.persam_f import DEFAULT_EPOCHS, fit_mask_weights
 from persam_core.predictor import encode_images

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pyarrow.compute as pc
-from persam_core.models import is_sam2
+from persam_core.families import family_of
 
 from jobs.commands.dry_run import dry_run_segment
 from jobs.pipeline import commit
@@ -104,7 +104,7 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
         "min_similarity": spec.min_similarity,
         "manifest_wave_images": listing.MANIFEST_WAVE_IMAGES if manifest else None,
     }
-    if spec.speed.decoder_precision != "fp32" and not is_sam2(spec.model.model_type):  # SAM 2 ignores it
+    if spec.speed.decoder_precision != "fp32" and family_of(spec.model.model_type).tunable_decoder:  # others ignore it
         settings["decoder_precision"] = spec.speed.decoder_precision  # absent = fp32: older outputs stay comparable
     if speed.tf32:
         settings["tf32"] = True  # absent = off, as for outputs from before the setting

@@ -24,7 +24,7 @@ import torch
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from persam_core.models import is_sam2
+from persam_core.families import families, family_of
 from persam_core.video_sam2 import MemorySettings, MemoryTracker, video_predictor
 
 from jobs.commands.eval_video import ClipFrames, run_clip_local, run_clip_pool
@@ -94,9 +94,10 @@ class TrackWorker:
 
 
 def run_track(spec: JobSpec, log=logger.info) -> dict:
-    if not is_sam2(spec.model.model_type):
-        raise TrackError(f"--model-type {spec.model.model_type}: persam track follows the concept with SAM 2's "
-                         "memory; pass a SAM 2 model type (sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l)")
+    if not family_of(spec.model.model_type).tracks_with_memory:
+        able = ", ".join(t for f in families() if f.tracks_with_memory for t in f.official_checkpoints)
+        raise TrackError(f"--model-type {spec.model.model_type}: persam track follows the concept with a video "
+                         f"memory (SAM 2's); pass a model type that has one ({able})")
     concepts = read_concepts(spec.concepts, spec.storage_options)
     if len(concepts) != 1:
         raise TrackError(f"--concept: {len(concepts)} concepts given; persam track follows one concept per run")

@@ -74,7 +74,7 @@ def content_sha256(data: bytes) -> str:
 
 class FeatureCache:
     """high_res_shapes: the per-image shape of each high-resolution level the model's entries
-    must hold (persam_core.inputs.input_format(model_type).high_res_shapes; () for SAM)."""
+    must hold (persam_core.families.input_format(model_type).high_res_shapes; () for SAM)."""
 
     def __init__(self, url: str, fingerprint: str, dtype: str = "fp16", storage_options: dict | None = None,
                  num_shards: int | None = None, high_res_shapes: Shapes = ()) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept
-from persam_core.inputs import input_format
+from persam_core.families import input_format
 
 from jobs.pipeline.cache import FeatureCache
 from jobs.pipeline.session import expected_device_type

@@ -12,7 +12,7 @@ hash them (SHA-256 of the content), and then
 from __future__ import annotations
 
 from persam_core.errors import describe
-from persam_core.inputs import input_format
+from persam_core.families import input_format
 
 from jobs.pipeline.cache import content_sha256
 from jobs.pipeline.job import PreparedJob

@@ -17,27 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-from segment_anything.modeling import Sam
+from persam_core.backbone import Model
 
+from persam_core.families import families, family_of
 from persam_core.models import ModelError, build_from_state_dict, build_random, fingerprint, load_state_dict_file, model_fingerprint
 
 from jobs.storage.redaction import redact
 
-SAM_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
-SAM2_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
-# Published files and their SHA-256 (checked whenever a downloaded file carries one of these names).
-OFFICIAL_CHECKPOINTS: dict[str, tuple[str, str | None]] = {
-    "vit_h": (SAM_BASE + "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
-    "vit_l": (SAM_BASE + "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
-    "vit_b": (SAM_BASE + "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
-    "vit_t": ("https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
-              "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"),
-    # SAM 2.1 (files are {"model": state_dict}): Meta publishes no SHA-256 for them, so none is checked.
-    "sam2.1_t": (SAM2_BASE + "sam2.1_hiera_tiny.pt", None),
-    "sam2.1_s": (SAM2_BASE + "sam2.1_hiera_small.pt", None),
-    "sam2.1_b+": (SAM2_BASE + "sam2.1_hiera_base_plus.pt", None),
-    "sam2.1_l": (SAM2_BASE + "sam2.1_hiera_large.pt", None),
-}
 _RANDOM = re.compile(r"^random:(\d+)$")
 
 
@@ -51,9 +37,10 @@ def random_seed(spec: str) -> int | None:
 
 
 def official_url(model_type: str) -> str:
-    if model_type not in OFFICIAL_CHECKPOINTS:
+    published = family_of(model_type).official_checkpoints
+    if model_type not in published:
         raise ModelError(f"no official checkpoint for --model-type {model_type}; pass --checkpoint PATH or random:SEED")
-    return OFFICIAL_CHECKPOINTS[model_type][0]
+    return published[model_type][0]
 
 
 def _sha256(path: Path) -> str:
@@ -65,7 +52,8 @@ def _sha256(path: Path) -> str:
 
 
 def _expected_sha256(name: str) -> str | None:
-    return next((sha for url, sha in OFFICIAL_CHECKPOINTS.values() if url.rsplit("/", 1)[-1] == name), None)
+    published = (entry for family in families() for entry in family.official_checkpoints.values())
+    return next((sha for url, sha in published if url.rsplit("/", 1)[-1] == name), None)
 
 
 def fetch(url: str, storage_options: dict | None = None) -> Path:
@@ -105,7 +93,7 @@ def fetch(url: str, storage_options: dict | None = None) -> Path:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    sam: Sam
+    sam: Model
     fingerprint: str
     source: str
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs.cli import main
 from persam_core.concept import Concept
-from persam_core.models import MODEL_TYPES, build_random
+from persam_core.models import build_random, model_types
 
 FEATURE_DIM = 256
 VENV_PERSAM = Path(sys.executable).with_name("persam")
@@ -184,7 +184,7 @@ BAD_INPUTS = {
     "unreadable_image": ({"image": "text.jpg"}, "text.jpg", ["not a decodable image"]),
     "missing_image": ({"image": "missing.jpg"}, "missing.jpg", ["check the path"]),
     "missing_mask": ({"mask": "missing.png"}, "missing.png", ["check the path"]),
-    "unknown_model_type": ({"model_type": "vit_x"}, "vit_x", list(MODEL_TYPES)),
+    "unknown_model_type": ({"model_type": "vit_x"}, "vit_x", list(model_types())),
     "other_architecture": ({"model_type": "vit_b", "checkpoint": "tiny.pth"}, "tiny.pth", ["vit_b", "--model-type"]),
     "corrupt_checkpoint": ({"checkpoint": "corrupt.pth"}, "corrupt.pth", ["SAM"]),
     "code_running_pickle": ({"checkpoint": "evil.pth"}, "evil.pth", ["SAM"]),
@@ -265,7 +265,7 @@ def test_bad_concept_name_refused(name, files, capsys):
 
 
 def test_spec_model_types_are_all_known():
-    assert {"vit_h", "vit_l", "vit_b", "vit_t", "tiny"} <= set(MODEL_TYPES)
+    assert {"vit_h", "vit_l", "vit_b", "vit_t", "tiny"} <= set(model_types())
 
 
 def test_segment_help_lists_every_spec_flag(capsys):

@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from persam_core.backbone import as_backbone
-from persam_core.inputs import SAM2_HIGH_RES_SHAPES, input_format
+from persam_core.families import as_backbone
+from persam_core.families import input_format
+from persam_core.inputs import SAM2_HIGH_RES_SHAPES
 from persam_core.models import ModelError
 from persam_core.predictor import encode_images
 
@@ -50,7 +51,7 @@ def test_unknown_type_is_one_clear_error():
 
 
 def test_choosing_sam2s_input_format_does_not_import_sam2():
-    code = ("import sys, numpy as np; from persam_core.inputs import input_format; "
+    code = ("import sys, numpy as np; from persam_core.families import input_format; "
             "r = input_format('sam2.1_b+').resize(np.zeros((20, 30, 3), np.uint8)); "
             "assert r.pixels.shape == (1024, 1024, 3); print('sam2' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

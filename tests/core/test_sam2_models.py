@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from persam_core.acceleration import EncoderSpeed, enable_fused_attention, prepare_encoder
-from persam_core.backbone import as_backbone
+from persam_core.families import as_backbone
 from persam_core.models import (
-    MODEL_TYPES,
+    model_types,
     ModelError,
     build_from_state_dict,
     build_random,
@@ -29,8 +29,8 @@ IMAGE = np.random.default_rng(0).integers(0, 256, (200, 320, 3), dtype=np.uint8)
 
 
 def test_sam2_types_are_registered_with_sams():
-    assert {"sam2.1_t", "sam2.1_s", "sam2.1_b+", "sam2.1_l", "tiny_sam2"} <= set(MODEL_TYPES)
-    assert {"vit_h", "vit_l", "vit_b", "vit_t", "tiny"} <= set(MODEL_TYPES)
+    assert {"sam2.1_t", "sam2.1_s", "sam2.1_b+", "sam2.1_l", "tiny_sam2"} <= set(model_types())
+    assert {"vit_h", "vit_l", "vit_b", "vit_t", "tiny"} <= set(model_types())
     assert all(CONFIGS[t].startswith("configs/sam2.1/") for t in ("sam2.1_t", "sam2.1_s", "sam2.1_b+", "sam2.1_l"))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from persam_core.backbone import as_backbone
+from persam_core.families import as_backbone
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptError, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells

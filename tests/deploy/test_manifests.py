@@ -186,12 +186,12 @@ def test_a_wrong_flag_fails_the_parse(extra):
 
 @pytest.mark.parametrize("where, tokens, obj, cluster", COMMANDS, ids=[c[0] for c in COMMANDS])
 def test_cluster_jobs_fit_the_cluster_they_run_on(where, tokens, obj, cluster):
-    from persam_core.models import MODEL_TYPES
+    from persam_core.models import model_types
 
     args = parse_persam(tokens)
     assert args.command in ("segment", "rank"), f"{where}: {args.command}"
     assert cluster is not None, f"{where}: runs on no RayCluster/RayJob of its overlay"
-    assert args.model_type in MODEL_TYPES
+    assert args.model_type in model_types()
     # auto picks GPU actors only if GPU workers are already up when the driver starts.
     assert args.device == "cuda", "say --device cuda: workers may still be starting (or at zero) at submission"
     # Workers start at submission (or from zero), so the driver cannot count GPUs: say how many.

@@ -29,7 +29,7 @@ from jobs.pipeline.commit import part_files
 from jobs.storage.images import decode_image, decode_mask
 from jobs.storage.schema import (AREA, BBOX, CONCEPT, ERROR, IMAGE_URI, INSTANCE, MASK_RLE, POINT, PRESENT, SCORE,
                                  SIMILARITY, read_parts)
-from persam_core.backbone import as_backbone
+from persam_core.families import as_backbone
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_targets, reference_cells

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from jobs.storage.checkpoints import OFFICIAL_CHECKPOINTS, load_model, official_url
+from persam_core.families import family_of
+from jobs.storage.checkpoints import load_model, official_url
 from persam_core.models import model_fingerprint
 
 
@@ -13,7 +14,7 @@ def test_official_sam2_checkpoints_are_meta_s_files():
     names = {"sam2.1_t": "tiny", "sam2.1_s": "small", "sam2.1_b+": "base_plus", "sam2.1_l": "large"}
     for model_type, name in names.items():
         assert official_url(model_type) == f"{base}sam2.1_hiera_{name}.pt"
-        assert OFFICIAL_CHECKPOINTS[model_type][1] is None  # no published SHA-256 to check
+        assert family_of(model_type).official_checkpoints[model_type][1] is None  # no published SHA-256 to check
 
 
 def test_random_and_local_sam2_checkpoints_load_with_one_fingerprint(tiny_sam2, tmp_path):
