@@ -11,7 +11,7 @@ import argparse
 from persam_core.families import model_types
 from persam_core.options import DECODER_PRECISIONS, GPU_BATCH_SIZE, SPEED_PRECISIONS
 
-from jobs.exports import EXPORT_KINDS
+from jobs.exports import EXPORTS
 from jobs.logs import LOG_FORMATS, LOG_LEVELS
 from jobs.spec import (CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_INTERVAL, METHODS, RUNNERS, JobSpec,
                        ModelSpec, SpeedSpec)
@@ -179,11 +179,10 @@ def _add_rank(commands) -> None:
 def _add_export(commands) -> None:
     export = commands.add_parser("export", help="mask Parquet -> COCO, Label Studio, Hugging Face datasets, "
                                  "review gallery or subject crops")
-    export.add_argument("kind", choices=EXPORT_KINDS, help="coco: COCO instances JSON; label-studio: tasks JSON with "
-                        "brush pre-annotations; hf-dataset: `datasets` Parquet + card; overlays: review gallery; "
-                        "subjects: masked crops")
+    export.add_argument("kind", choices=tuple(EXPORTS), help="; ".join(f"{k.name}: {k.help}" for k in EXPORTS.values()))
     export.add_argument("--masks", required=True, help="the --output of `persam segment`")
-    export.add_argument("--output", required=True, help="JSON file (coco, label-studio) or folder (any fsspec URL)")
+    files = ", ".join(k.name for k in EXPORTS.values() if k.file_name)
+    export.add_argument("--output", required=True, help=f"JSON file ({files}) or folder (any fsspec URL)")
     export.add_argument("--images", default=None, help="where the images are now, if they moved")
     export.add_argument("--image-root", default=None, help="coco / hf-dataset file names are relative to this "
                         "(default: --images, else the common folder of the image URIs)")

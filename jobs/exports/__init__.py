@@ -4,6 +4,7 @@ part file, or the part files of one shard number across concept partitions) at a
 so memory stays bounded whatever the dataset's size; every file is written to any fsspec
 URL atomically (temp file + rename locally, one upload on object stores).
 
+    request.py       what every kind is handed (one signature)
     rows.py          the masks dataset, shard by shard; foreign Parquet files skipped with a line
     sink.py          where an export writes: one streamed file, or files in a folder
     images.py        where the images are now (--images), their names under --image-root,
@@ -18,5 +19,34 @@ URL atomically (temp file + rename locally, one upload on object stores).
     subjects.py      masked subject crops (RGBA PNG + white-background JPEG)
 """
 
-# The export kinds, as the CLI offers them (jobs/export.py dispatches on these names).
-EXPORT_KINDS = ("coco", "label-studio", "hf-dataset", "overlays", "subjects")
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExportKind:
+    """name: the CLI's word; help: what it writes; exporter: "module:function", imported on
+    first use, `function(ExportRequest) -> summary line`; file_name: an example name when the
+    kind writes one file (`--output` is a file), None when it writes a folder."""
+
+    name: str
+    help: str
+    exporter: str
+    file_name: str | None = None
+
+    def run(self, request) -> str:
+        module, function = self.exporter.split(":")
+        return getattr(importlib.import_module(module), function)(request)
+
+
+EXPORTS: dict[str, ExportKind] = {kind.name: kind for kind in (
+    ExportKind("coco", "COCO instances JSON", "jobs.exports.coco:export_coco", "coco.json"),
+    ExportKind("label-studio", "Label Studio tasks JSON with brush pre-annotations",
+               "jobs.exports.label_studio:export_label_studio", "tasks.json"),
+    ExportKind("hf-dataset", "`datasets` Parquet + card", "jobs.exports.hf_dataset:export_hf_dataset"),
+    ExportKind("overlays", "review gallery", "jobs.exports.gallery:export_gallery"),
+    ExportKind("subjects", "masked crops", "jobs.exports.subjects:export_subjects"),
+)}
+EXPORT_KINDS = tuple(EXPORTS)

@@ -22,8 +22,9 @@ import tempfile
 from typing import Callable
 
 from jobs.storage.redaction import redact
+from jobs.exports.request import ExportRequest
 from jobs.exports.images import build_locator
-from jobs.exports.rows import MaskDataset, usable
+from jobs.exports.rows import usable
 from jobs.exports.sink import atomic_file
 from jobs.storage.schema import AREA, BBOX, CONCEPT, HEIGHT, IMAGE_URI, INSTANCE, MASK_RLE, PRESENT, SCORE, WIDTH
 
@@ -41,8 +42,8 @@ def _annotation(row: dict, annotation_id: int, image_id: int, category_id: int) 
     }
 
 
-def export_coco(dataset: MaskDataset, output: str, images: str | None, image_root: str | None,
-                storage_options: dict | None, log: Log) -> str:
+def export_coco(request: ExportRequest) -> str:
+    dataset, output, images, image_root, storage_options, log = request.fields()
     concepts: set[str] = set()
     locator = build_locator(dataset, images, image_root, names=True, concepts=concepts)
     categories = {name: i + 1 for i, name in enumerate(sorted(concepts))}

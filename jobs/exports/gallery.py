@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from typing import Callable
 
 from persam_core.masks import decode_rle
 
 from jobs.storage.redaction import redact
 from jobs.exports.drawing import draw_overlay, jpeg, thumbnail_inputs
+from jobs.exports.request import ExportRequest
 from jobs.exports.images import ImageReader, build_locator
 from jobs.exports.names import safe_file_name
-from jobs.exports.rows import MaskDataset
 from jobs.exports.sink import Folder
 from jobs.storage.schema import AREA, CONCEPT, CONTENT_SHA256, ERROR, HEIGHT, INSTANCE, MASK_RLE, POINT, PRESENT, SCORE, SIMILARITY, WIDTH
 
@@ -81,8 +80,8 @@ def index_html(cards: list[Card], problems: list[str], summary: str) -> str:
             f"{details}\n<main>\n{body}\n</main></html>\n")
 
 
-def export_gallery(dataset: MaskDataset, output: str, images: str | None, storage_options: dict | None,
-                   log: Callable[[str], None]) -> str:
+def export_gallery(request: ExportRequest) -> str:
+    dataset, output, images, _, storage_options, log = request.fields()
     problems: list[str] = []
 
     def note(line: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -26,8 +25,8 @@ from persam_core.masks import decode_rle
 
 from jobs.storage.redaction import redact
 from jobs.storage.schema import MASK_SCHEMA
+from jobs.exports.request import ExportRequest
 from jobs.exports.images import build_locator
-from jobs.exports.rows import MaskDataset
 from jobs.exports.sink import Folder
 from jobs.storage.schema import AREA, BBOX, CONCEPT, CONTENT_SHA256, ERROR, HEIGHT, IMAGE_URI, INSTANCE, MASK_RLE, PRESENT, SCORE, SIMILARITY, WIDTH
 
@@ -113,8 +112,8 @@ masks[0]["mask"]  # a PIL image, 255 on the object
 """
 
 
-def export_hf_dataset(dataset: MaskDataset, output: str, images: str | None, image_root: str | None,
-                      storage_options: dict | None, log: Callable[[str], None]) -> str:
+def export_hf_dataset(request: ExportRequest) -> str:
+    dataset, output, images, image_root, storage_options, log = request.fields()
     locator = build_locator(dataset, images, image_root, names=True)
     folder = Folder(output, storage_options)
     files = rows_written = 0

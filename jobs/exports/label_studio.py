@@ -25,8 +25,9 @@ from persam_core.masks import decode_rle
 
 from jobs.storage.redaction import redact
 from jobs.exports.brush import mask_to_brush_rle
+from jobs.exports.request import ExportRequest
 from jobs.exports.images import build_locator
-from jobs.exports.rows import MaskDataset, usable
+from jobs.exports.rows import usable
 from jobs.exports.sink import atomic_file
 from jobs.storage.schema import AREA, CONCEPT, ERROR, HEIGHT, INSTANCE, MASK_RLE, MODEL_FINGERPRINT, PRESENT, SCORE, WIDTH
 
@@ -64,8 +65,8 @@ def task(shown_uri: str, image: str, rows: list[dict]) -> dict:
     }
 
 
-def export_label_studio(dataset: MaskDataset, output: str, images: str | None,
-                        storage_options: dict | None, log: Log) -> str:
+def export_label_studio(request: ExportRequest) -> str:
+    dataset, output, images, _, storage_options, log = request.fields()
     concepts: set[str] = set()
     locator = build_locator(dataset, images, None, names=False, concepts=concepts)
     tasks = regions = 0

@@ -11,7 +11,6 @@ wrong training data.
 from __future__ import annotations
 
 import io
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -19,9 +18,10 @@ from PIL import Image
 from persam_core.masks import decode_rle
 
 from jobs.storage.redaction import redact
+from jobs.exports.request import ExportRequest
 from jobs.exports.images import ImageReader, build_locator
 from jobs.exports.names import safe_file_name
-from jobs.exports.rows import MaskDataset, usable
+from jobs.exports.rows import usable
 from jobs.exports.sink import Folder
 from jobs.storage.schema import AREA, BBOX, CONTENT_SHA256, HEIGHT, INSTANCE, MASK_RLE, PRESENT, WIDTH
 
@@ -45,8 +45,8 @@ def crops(image: np.ndarray, row: dict) -> tuple[bytes, bytes]:
             _encoded(Image.fromarray(white), format="JPEG", quality=95))
 
 
-def export_subjects(dataset: MaskDataset, output: str, images: str | None, storage_options: dict | None,
-                    log: Callable[[str], None]) -> str:
+def export_subjects(request: ExportRequest) -> str:
+    dataset, output, images, _, storage_options, log = request.fields()
     reader = ImageReader(build_locator(dataset, images, None, names=False), storage_options, log, skip_changed=True)
     folder, written = Folder(output, storage_options), 0
     for uri, rows in dataset.images(COLUMNS):
