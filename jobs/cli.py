@@ -100,26 +100,22 @@ def _judge(spec: JobSpec, failed: int, images: int) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from jobs.commands.bench import print_bench, run_bench
-    from jobs.pipeline.session import resolve_device
+    from jobs.spec import JobSpec
 
     if args.images < 1 or args.concepts < 1:
         raise ValueError("--images and --concepts must be at least 1")
     if any(v is not None and v < 1 for v in (args.batch_size, args.num_actors, args.shard_size)):
         raise ValueError("--batch-size, --num-actors and --shard-size must be at least 1")
+    spec = JobSpec.from_args(args)
     if args.job:
         from jobs.commands.bench_job import JobBenchOptions, job_table, run_job_bench
 
-        result = run_job_bench(JobBenchOptions(args.model_type, args.checkpoint, args.images, args.concepts, args.device,
-                                               args.precision, args.batch_size, args.num_actors, args.shard_size,
-                                               args.decoder_graphs, args.decoder_precision, args.tf32,
-                                               args.decoder_compile))
+        result = run_job_bench(JobBenchOptions(spec, args.images, args.concepts))
         print(job_table(result))
         if args.json:
             print(json.dumps(result))
         return 0
-    print_bench(run_bench(args.model_type, args.checkpoint, args.images, args.concepts, resolve_device(args.device),
-                          args.epochs, args.variants, args.precision, args.batch_size, args.decoder_graphs,
-                          args.decoder_precision, args.tf32, args.decoder_compile), args.json)
+    print_bench(run_bench(spec, args.images, args.concepts, args.epochs, args.variants), args.json)
     return 0
 
 

@@ -90,7 +90,7 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
                         help="encoder attention via scaled_dot_product_attention (default: on with CUDA "
                              "bf16/fp16, else off)")
-    parser.add_argument("--compile", dest="compile_encoder", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the image encoder (default: on with CUDA bf16/fp16, else off)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
@@ -224,24 +224,12 @@ def _add_bench(commands) -> None:
     bench.add_argument("--json", action="store_true", help="last line: one JSON object")
     bench.add_argument("--variants", action="store_true", default=None,
                        help="also time fp32/bf16/fp16/fused encoders and their IoU vs fp32 (default on CUDA)")
-    bench.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                       help="image-encoder precision (auto: bf16 on CUDA, fp32 on CPU)")
-    bench.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default: 16 on CUDA, 1 on CPU)")
-    bench.add_argument("--decoder-graphs", action=argparse.BooleanOptionalAction, default=None,
-                       help="time the default path with the decoder as CUDA graphs (either way, on CUDA or "
-                            "with this flag, the cascade is also timed both ways side by side)")
-    bench.add_argument("--decoder-precision", choices=DECODER_PRECISIONS, default=SpeedSpec.decoder_precision,
-                       help="the decoder's precision on the default path (the variants are timed beside it)")
-    bench.add_argument("--decoder-compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="time the default path with the decoder compiled (with either spelling, the "
-                            "compiled decoder is also timed beside the other decoder variants)")
-    bench.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                       help="TF32 matmuls on the default path (default: on with CUDA bf16/fp16)")
+    _add_speed(bench)  # the flags every command that runs the model takes; the variants are timed beside them
     bench.add_argument("--job", action="store_true",
                        help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
     bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")
-    bench.add_argument("--shard-size", type=int, default=None,
-                       help=f"--job: images per shard (default: the job's own, {JobSpec.shard_size})")
+    bench.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
+                       help="--job: images per shard (the job's own default)")
 
 
 def build_parser() -> argparse.ArgumentParser:

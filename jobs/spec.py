@@ -9,8 +9,8 @@ is frozen and handed whole to every stage and actor: adding an option means the 
 
 Fields are grouped by who reads them: `ModelSpec` (which SAM, where it runs), `SpeedSpec`
 (the encoder's speed settings, resolved on each actor's device) and the job's own fields.
-`export` and `bench` have no JobSpec: they read masks or time code and take their few
-arguments directly.
+`export` has no JobSpec (it reads masks and takes its few arguments directly); `bench`
+builds one like every command that runs the model, and times what it resolves to.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from persam_core.options import SpeedFlags
 
 from jobs.storage.images import DEFAULT_MAX_PIXELS
 
@@ -50,20 +52,13 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class SpeedSpec:
-    """The model's speed settings. None / "auto" resolve on each actor's device
-    (persam_core.acceleration.resolve_speed): bf16 + fused + compile + batch 16 + TF32
-    matmuls on CUDA; decoder graphs, a compiled decoder and a bf16 decoder only when asked for."""
+class SpeedSpec(SpeedFlags):
+    """The model's speed flags (persam_core.options.SpeedFlags, resolved on each actor's
+    device by acceleration.resolve_speed: bf16 + fused + compile + batch 16 + TF32 matmuls on
+    CUDA; decoder graphs, a compiled decoder and a bf16 decoder only when asked for) and the
+    images per model-actor call."""
 
-    precision: str = "auto"
-    fused_attention: bool | None = None
-    compile_encoder: bool | None = None
-    batch_size: int | None = None
     chunk_size: int = DEFAULT_CHUNK_IMAGES
-    decoder_graphs: bool | None = None
-    decoder_precision: str = "fp32"
-    tf32: bool | None = None
-    decoder_compile: bool | None = None
 
     def images_per_chunk(self) -> int:
         """A chunk holds at least one encoder batch."""

@@ -49,7 +49,7 @@ from .backbone import Model
 from .families import as_backbone
 from .decoder_speed import check_decoder_precision, configure_decoder
 from .errors import describe
-from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS
+from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS, SpeedFlags
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert SPEED_PRECISIONS == ("auto", *PRECISIONS), "options.SPEED_PRECISIONS names these"
@@ -70,17 +70,7 @@ class EncoderSpeed:
     decoder_compile: bool = False
 
 
-def resolve_speed(
-    device_type: str,
-    precision: str = "auto",
-    fused_attention: bool | None = None,
-    compile: bool | None = None,
-    batch_size: int | None = None,
-    decoder_graphs: bool | None = None,
-    decoder_precision: str | None = None,
-    tf32: bool | None = None,
-    decoder_compile: bool | None = None,
-) -> EncoderSpeed:
+def resolve_speed(device_type: str, flags: SpeedFlags = SpeedFlags()) -> EncoderSpeed:
     """Flags (None / "auto" = not given) -> the settings in effect on `device_type` ("cuda"|"cpu").
 
     CUDA: bf16, fused, compiled, batch 16, TF32 matmuls, unless told otherwise; an explicit
@@ -89,19 +79,20 @@ def resolve_speed(
     Decoder graphs, compile and precision: only when asked for, on any device (graphs exist
     on CUDA only; elsewhere the traced decoder runs, with the same results).
     """
-    if precision not in SPEED_PRECISIONS:
-        raise ValueError(f"--precision {precision}: choose {', '.join(SPEED_PRECISIONS)}")
-    check_decoder_precision(decoder_precision)
-    fast = device_type == "cuda" and precision in ("auto", "bf16", "fp16")
+    f = flags
+    if f.precision not in SPEED_PRECISIONS:
+        raise ValueError(f"--precision {f.precision}: choose {', '.join(SPEED_PRECISIONS)}")
+    check_decoder_precision(f.decoder_precision)
+    fast = device_type == "cuda" and f.precision in ("auto", "bf16", "fp16")
     return EncoderSpeed(
-        precision=("bf16" if device_type == "cuda" else "fp32") if precision == "auto" else precision,
-        fused_attention=fast if fused_attention is None else fused_attention,
-        compile=fast if compile is None else compile,
-        batch_size=(GPU_BATCH_SIZE if device_type == "cuda" else 1) if batch_size is None else batch_size,
-        decoder_graphs=bool(decoder_graphs),
-        decoder_precision=decoder_precision or "fp32",
-        tf32=device_type == "cuda" and (fast if tf32 is None else tf32),
-        decoder_compile=bool(decoder_compile),
+        precision=("bf16" if device_type == "cuda" else "fp32") if f.precision == "auto" else f.precision,
+        fused_attention=fast if f.fused_attention is None else f.fused_attention,
+        compile=fast if f.compile is None else f.compile,
+        batch_size=(GPU_BATCH_SIZE if device_type == "cuda" else 1) if f.batch_size is None else f.batch_size,
+        decoder_graphs=bool(f.decoder_graphs),
+        decoder_precision=f.decoder_precision or "fp32",
+        tf32=device_type == "cuda" and (fast if f.tf32 is None else f.tf32),
+        decoder_compile=bool(f.decoder_compile),
     )
 
 

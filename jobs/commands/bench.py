@@ -3,7 +3,7 @@
 Images are generated (seeded, photo-like sizes, mixed); K concepts are fitted on the first
 image with K different masks. Every timed path is the batched cascade (`segment_batch`:
 all images of an encoder batch x all concepts in one call) at the speed settings
-`resolve_speed` gives on this device (CUDA: bf16, fused attention, compiled, batch 16;
+`resolve_speed` gives the spec's flags on this device (CUDA: bf16, fused attention, compiled, batch 16;
 CPU: the exact fp32 path, batch 1), and its final masks are compared with the fp32 exact
 path's. The reference-style loop is the original's way of working: batch 1, fp32,
 `SamPredictor.set_image` (SAM 2: `SAM2ImagePredictor.set_image`) for every (image,
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from persam_core.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder, resolve_speed
+from persam_core.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder
 from persam_core.backbone import Model
 from persam_core.families import as_backbone, family_of_model
 from persam_core.batch import EncodedBatch
@@ -47,6 +47,9 @@ from jobs.commands.bench_tools import (batched, concept_masks, encode_in_batches
                                        progress, reference_encoder, segment_all, speed_model, synthetic_images, timed,
                                        warm_up)
 from jobs.logs import native_stderr_filter
+from jobs.pipeline.job import spec_speed
+from jobs.pipeline.session import resolve_device
+from jobs.spec import JobSpec
 from jobs.storage.checkpoints import load_model
 
 # What torch's profiler (kineto) writes to fd 2 by itself on every start and stop.
@@ -129,19 +132,16 @@ def _variants(sam: Model, resized: Sequence[ResizedImage], exact_masks: list[np.
     return report
 
 
-def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, device: str, epochs: int = 1000,
-              variants: bool | None = None, precision: str = "auto", batch_size: int | None = None,
-              decoder_graphs: bool | None = None, decoder_precision: str = "fp32", tf32: bool | None = None,
-              decoder_compile: bool | None = None) -> dict:
+def run_bench(spec: JobSpec, images: int, concepts: int, epochs: int = 1000, variants: bool | None = None) -> dict:
     """Every in-process path timed on the same generated images -> the figures.
 
     One straight sequence of timed phases over shared state (model, images, concepts):
     long, but read top to bottom it is the benchmark's protocol."""
+    model_type, device = spec.model.model_type, resolve_device(spec.model.device)
     progress(f"loading {model_type} on {device}")
-    loaded = load_model(model_type, checkpoint)
+    loaded = load_model(model_type, spec.model.checkpoint)
     sam = loaded.sam.to(device)
-    speed = resolve_speed(torch.device(device).type, precision, batch_size=batch_size, decoder_graphs=decoder_graphs,
-                          decoder_precision=decoder_precision, tf32=tf32, decoder_compile=decoder_compile)
+    speed = spec_speed(spec, torch.device(device).type)
     pictures = synthetic_images(images)
     resize_seconds, resized = timed(lambda: [as_backbone(sam).resize(p) for p in pictures])
     progress(f"fitting {concepts} concepts and PerSAM-F ({epochs} epochs)")
@@ -221,12 +221,13 @@ def run_bench(model_type: str, checkpoint: str, images: int, concepts: int, devi
     result["k_over_one_concept"] = round(result["k_concepts_s_per_image"] / max(result["persam_s_per_image"], 1e-9), 3)
     result["rank_cold_over_warm"] = round(result["rank_cold_s_per_image"] / max(result["rank_warm_s_per_image"], 1e-9), 1)
     result["reference_over_k_concepts"] = round(result["reference_loop_s_per_image"] / max(result["k_concepts_s_per_image"], 1e-9), 2)
-    if device == "cuda" or decoder_graphs is not None or decoder_compile is not None or decoder_precision != "fp32":
+    flags = spec.speed
+    if device == "cuda" or flags.decoder_graphs is not None or flags.decoder_compile is not None or flags.decoder_precision != "fp32":
         progress("the cascade with each decoder variant")
         # off the GPU the variants only show that they run: K = 1 is enough there
         sets = {"k1": fitted[:1], "k": fitted} if device == "cuda" else {"k1": fitted[:1]}
         # the compiled variants compile each pass kind per concept set: only when --decoder-compile is named
-        result.update(decoder_figures(fast, batches, sets, images, compiled=decoder_compile is not None))
+        result.update(decoder_figures(fast, batches, sets, images, compiled=flags.decoder_compile is not None))
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if variants if variants is not None else device == "cuda":

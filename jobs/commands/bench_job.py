@@ -29,19 +29,18 @@ import resource
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
-from persam_core.acceleration import EncoderSpeed, matmul_tf32, resolve_speed
+from persam_core.acceleration import EncoderSpeed, matmul_tf32
 from persam_core.backbone import Model
-from persam_core.families import as_backbone
+from persam_core.families import as_backbone, family_of
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.decoder_speed import decoder_settings
-from persam_core.families import family_of
 from persam_core.persam import segment_persam
 from persam_core.masks import decode_rle
 from persam_core.metrics import iou
@@ -54,10 +53,11 @@ from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.compute import cascade_chunk, encode_chunk, encoder_padding
 from jobs.pipeline.device_stages import DeviceStages
+from jobs.pipeline.job import spec_speed
 from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
 from jobs.pipeline.run import ACTOR_CONCURRENT_CALLS
 from jobs.pipeline.session import ray_session, resolve_device
-from jobs.spec import DEFAULT_SHARD_SIZE, JobSpec, ModelSpec, SpeedSpec
+from jobs.spec import JobSpec
 from jobs.storage.checkpoints import load_model
 from jobs.storage.images import decode_image
 from jobs.storage.schema import ERROR, IMAGE_URI, MASK_RLE, error_count, read_parts
@@ -72,19 +72,12 @@ T = TypeVar("T")
 
 @dataclass
 class JobBenchOptions:
-    model_type: str
-    checkpoint: str = "random:0"
+    """spec: the model, device, speed flags, actors and shard size as `persam segment` takes
+    them; images / concepts: how many to generate and fit."""
+
+    spec: JobSpec
     images: int = 64
     concepts: int = 8
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int | None = None
-    num_actors: int | None = None
-    shard_size: int | None = None  # None: the job's own default (see run_job_bench)
-    decoder_graphs: bool | None = None
-    decoder_precision: str = "fp32"
-    tf32: bool | None = None
-    decoder_compile: bool | None = None
 
 
 # (graphs, compiled) of the actor path's decoder -> its figures' label
@@ -162,9 +155,8 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     pictures: [H, W, 3] uint8 each; check_pictures: some of them as the job decodes its JPEGs;
     sam stays the fp32 exact model (the reference loop's).
     """
-    speed = resolve_speed(torch.device(device).type, options.precision, batch_size=options.batch_size,
-                          decoder_graphs=options.decoder_graphs, decoder_precision=options.decoder_precision,
-                          tf32=options.tf32, decoder_compile=options.decoder_compile)
+    speed = spec_speed(options.spec, torch.device(device).type)
+    flags = options.spec.speed
     progress(f"preparing the encoder ({speed})")
     prepare_seconds, (fast, speed) = timed(lambda: speed_model(sam, speed))
     resized = [as_backbone(sam).resize(p) for p in pictures]
@@ -176,10 +168,10 @@ def _in_process(options: JobBenchOptions, sam: Model, device: str, pictures: lis
     # the decoder timed several ways, side by side (SAM 2 decodes eagerly either way):
     # (graphs, compiled): eager and graphs on CUDA or when graphs are named, compiled when named
     modes = [(speed.decoder_graphs, speed.decoder_compile)]
-    if family_of(options.model_type).tunable_decoder:
-        if device == "cuda" or options.decoder_graphs is not None:
+    if family_of(options.spec.model.model_type).tunable_decoder:
+        if device == "cuda" or flags.decoder_graphs is not None:
             modes += [(False, False), (True, False)]
-        if options.decoder_compile is not None:
+        if flags.decoder_compile is not None:
             modes += [(False, True)]
     figures.update(_actor_paths(fast, speed, resized, concepts, modes))
     check = [as_backbone(fast).resize(p) for p in check_pictures]
@@ -261,12 +253,8 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
     tracker = Progress()
     # The flags as given (None / "auto" = the job's own defaults, resolved on its actor, as
     # `persam segment` does); they resolve to the settings timed in-process above.
-    spec = JobSpec("segment", ModelSpec(options.model_type, options.checkpoint, device),
-                   SpeedSpec(options.precision, batch_size=options.batch_size, decoder_graphs=options.decoder_graphs,
-                             decoder_precision=options.decoder_precision, tf32=options.tf32,
-                             decoder_compile=options.decoder_compile),
-                   concepts=tuple(concept_files),
-                   input=str(image_dir), output=str(output), num_actors=options.num_actors, shard_size=shard_size)
+    spec = replace(options.spec, command="segment", model=replace(options.spec.model, device=device),
+                   concepts=tuple(concept_files), input=str(image_dir), output=str(output), shard_size=shard_size)
     started = time.perf_counter()
     seconds, summary = timed(lambda: run_segment(spec, log=progress, on_progress=tracker))
     table = read_parts(commit.part_files(str(output)), columns=[ERROR])
@@ -282,9 +270,9 @@ def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: 
 
 
 def run_job_bench(options: JobBenchOptions) -> dict:
-    device = resolve_device(options.device)
-    progress(f"loading {options.model_type} on {device}")
-    loaded = load_model(options.model_type, options.checkpoint)
+    model_type, device = options.spec.model.model_type, resolve_device(options.spec.model.device)
+    progress(f"loading {model_type} on {device}")
+    loaded = load_model(model_type, options.spec.model.checkpoint)
     sam = loaded.sam.to(device)
     progress(f"generating {options.images} images, fitting {options.concepts} concepts")
     pictures = synthetic_images(options.images, sizes=JOB_SIZES, grain=JPEG_GRAIN)
@@ -307,10 +295,10 @@ def run_job_bench(options: JobBenchOptions) -> dict:
         # in a partial chunk whose last encoder batch is padded (CUDA). At 1024 images a shard
         # that is <1 % of the encoder's work; shards of N / 8 images would make it 10-16 % at
         # N = 320-512 (job_*_batch_fill shows it).
-        shard_size = options.shard_size or DEFAULT_SHARD_SIZE
-        result = {"mode": "job", "model_type": options.model_type, "device": device, "images": options.images,
+        shard_size = options.spec.shard_size
+        result = {"mode": "job", "model_type": model_type, "device": device, "images": options.images,
                   "concepts": options.concepts, "speed": asdict(speed), "shard_size": shard_size,
-                  "shards": commit.shard_count(options.images, shard_size), "num_actors": options.num_actors}
+                  "shards": commit.shard_count(options.images, shard_size), "num_actors": options.spec.num_actors}
         if device == "cuda":
             result["device_name"] = torch.cuda.get_device_name()
         result.update(figures)

@@ -59,9 +59,7 @@ def concept_digests(concepts: list[Concept]) -> dict[str, str]:
 
 def spec_speed(spec: JobSpec, device_type: str) -> EncoderSpeed:
     """The spec's speed flags resolved on `device_type` ("cuda" | "cpu"): what an actor there runs at."""
-    s = spec.speed
-    return resolve_speed(device_type, s.precision, s.fused_attention, s.compile_encoder, s.batch_size, s.decoder_graphs,
-                         s.decoder_precision, s.tf32, s.decoder_compile)
+    return resolve_speed(device_type, spec.speed)
 
 
 def expected_speed(spec: JobSpec) -> EncoderSpeed:
@@ -73,7 +71,7 @@ def expected_speed(spec: JobSpec) -> EncoderSpeed:
 def check_job(spec: JobSpec) -> None:
     """The checks that need neither weights nor Ray (the spec checked --device): precision,
     --output, --cache."""
-    resolve_speed("cpu", spec.speed.precision)  # refuses an unknown precision before any work
+    resolve_speed("cpu", spec.speed)  # refuses an unknown precision before any work
     check_output_folder(spec.output, "--output", spec.storage_options)
     if spec.cache:
         check_output_folder(spec.cache, "--cache", spec.storage_options)

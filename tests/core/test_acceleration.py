@@ -55,16 +55,17 @@ def test_cuda_bf16_fused_encoder_close_to_fp32(tiny_sam, resized):
 
 def test_speed_defaults_fast_on_cuda_exact_on_cpu():
     from persam_core.acceleration import EncoderSpeed, resolve_speed
+    from persam_core.options import SpeedFlags as Flags
 
     assert resolve_speed("cuda") == EncoderSpeed("bf16", True, True, 16, tf32=True)
     assert resolve_speed("cpu") == EncoderSpeed("fp32", False, False, 1)
-    assert resolve_speed("cuda", "fp32") == EncoderSpeed("fp32", False, False, 16)  # the exact path, batched
-    assert resolve_speed("cuda", compile=False, batch_size=4) == EncoderSpeed("bf16", True, False, 4, tf32=True)
-    assert resolve_speed("cuda", tf32=False).tf32 is False
-    assert resolve_speed("cuda", "fp32", tf32=True).tf32 is True  # asked for: TF32 matmuls beside the fp32 encoder
-    assert resolve_speed("cpu", tf32=True).tf32 is False  # CUDA's switch: a CPU run records what it computed
+    assert resolve_speed("cuda", Flags("fp32")) == EncoderSpeed("fp32", False, False, 16)  # the exact path, batched
+    assert resolve_speed("cuda", Flags(compile=False, batch_size=4)) == EncoderSpeed("bf16", True, False, 4, tf32=True)
+    assert resolve_speed("cuda", Flags(tf32=False)).tf32 is False
+    assert resolve_speed("cuda", Flags("fp32", tf32=True)).tf32 is True  # asked for: TF32 matmuls beside the fp32 encoder
+    assert resolve_speed("cpu", Flags(tf32=True)).tf32 is False  # CUDA's switch: a CPU run records what it computed
     with pytest.raises(ValueError, match="--precision"):
-        resolve_speed("cpu", "int8")
+        resolve_speed("cpu", Flags("int8"))
 
 
 def test_failed_compile_falls_back_to_eager_with_one_line(tiny_sam, resized, monkeypatch):

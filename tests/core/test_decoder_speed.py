@@ -21,6 +21,7 @@ from persam_core.cascade import segment_batch
 from persam_core.decoder_speed import (MIN_BUCKET, configure_decoder, decode_eager, decode_prompts, decoder_mode,
                                        decoder_settings, pair_bucket)
 from persam_core.metrics import iou
+from persam_core.options import SpeedFlags
 from tests.core.test_batched_cascade import concepts, encoded  # noqa: F401  (fixtures)
 
 
@@ -147,10 +148,10 @@ def test_bf16_decoder_stays_close_and_returns_fp32(graphed_sam, encoded, concept
 def test_speed_settings(tiny_sam, tiny_sam2):
     assert resolve_speed("cuda").decoder_graphs is False  # off until measured on a GPU
     assert resolve_speed("cuda").decoder_precision == "fp32"
-    assert resolve_speed("cuda", decoder_graphs=True).decoder_graphs is True
-    assert resolve_speed("cpu", decoder_graphs=True, decoder_precision="bf16").decoder_precision == "bf16"
+    assert resolve_speed("cuda", SpeedFlags(decoder_graphs=True)).decoder_graphs is True
+    assert resolve_speed("cpu", SpeedFlags(decoder_graphs=True, decoder_precision="bf16")).decoder_precision == "bf16"
     with pytest.raises(ValueError, match="--decoder-precision"):
-        resolve_speed("cpu", decoder_precision="int8")
+        resolve_speed("cpu", SpeedFlags(decoder_precision="int8"))
     sam = copy.deepcopy(tiny_sam)
     speed = prepare_encoder(sam, EncoderSpeed(decoder_graphs=True, decoder_precision="bf16"), log=print)
     assert speed.decoder_graphs and speed.decoder_precision == "bf16" and decoder_mode(sam).graphs

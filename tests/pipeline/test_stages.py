@@ -122,20 +122,20 @@ def test_a_failed_commit_stops_the_job():
 def test_cli_defaults_resolve_to_the_exact_cpu_path():
     for command in (["segment", "--concept", "c.json"], ["rank", "--concept", "c.json"]):
         args = build_parser().parse_args([*command, *MODEL, "--input", "i", "--output", "o"])
-        assert (args.precision, args.fused_attention, args.compile_encoder, args.batch_size) == ("auto", None, None, None)
-        speed = resolve_speed("cpu", args.precision, args.fused_attention, args.compile_encoder, args.batch_size)
+        assert (args.precision, args.fused_attention, args.compile, args.batch_size) == ("auto", None, None, None)
+        spec = JobSpec.from_args(args)
+        speed = resolve_speed("cpu", spec.speed)
         assert speed == EncoderSpeed(precision="fp32", fused_attention=False, compile=False, batch_size=1)
-        assert resolve_speed("cuda", args.precision, args.fused_attention, args.compile_encoder,
-                             args.batch_size) == EncoderSpeed("bf16", True, True, 16, tf32=True)
+        assert resolve_speed("cuda", spec.speed) == EncoderSpeed("bf16", True, True, 16, tf32=True)
 
 
 def test_the_old_flags_still_parse():
     args = build_parser().parse_args(["segment", "--concept", "c", *MODEL, "--input", "i", "--output", "o",
                                       "--fused-attention", "--compile", "--precision", "fp16", "--batch-size", "4"])
-    assert (args.precision, args.fused_attention, args.compile_encoder, args.batch_size) == ("fp16", True, True, 4)
+    assert (args.precision, args.fused_attention, args.compile, args.batch_size) == ("fp16", True, True, 4)
     args = build_parser().parse_args(["rank", "--concept", "c", *MODEL, "--input", "i", "--output", "o",
                                       "--no-fused-attention", "--no-compile"])
-    assert (args.fused_attention, args.compile_encoder) == (False, False)
+    assert (args.fused_attention, args.compile) == (False, False)
 
 
 def test_decoder_settings_reach_the_actor():
