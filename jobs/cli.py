@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Sequence
 
@@ -25,7 +24,6 @@ from jobs.spec import JobSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_JOB_FAILED = 0, 1, 2, 3, 4
 # Deprecated: "1" makes bad input exit 2 again, as before exit codes were split (removed in 0.3).
-LEGACY_EXIT_CODES = "PERSAM_LEGACY_EXIT_CODES"
 logger = logging.getLogger("jobs.cli")  # not __name__: `python -m jobs.cli` runs it as __main__
 
 def _storage_options(text: str | None) -> dict:
@@ -155,10 +153,6 @@ def _report(command: str, word: str, line: str, code: int, traceback_text: str |
     print(text, file=sys.stderr)
 
 
-def _bad_input_code() -> int:
-    return EXIT_USAGE if os.environ.get(LEGACY_EXIT_CODES) == "1" else EXIT_BAD_INPUT
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes in the module docstring. Any error ends in one line on stderr, credentials
     scrubbed; the full traceback (scrubbed too) only with --log-level debug."""
@@ -172,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except (ValueError, OSError) as error:  # our errors carry a one-line reason naming the file
-        failure, code, word, with_type = error, _bad_input_code(), "error", False
+        failure, code, word, with_type = error, EXIT_BAD_INPUT, "error", False
     except Exception as error:  # a library's error (e.g. botocore's, which may quote a signed URL)
         failure, code, word, with_type = error, EXIT_FAILED, "failed", True
     trace = None

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jobs.pipeline.compute import segment_chunk
+from jobs.pipeline.compute import cascade_chunk, encode_chunk
 from jobs.pipeline.finish import mask_rows
 from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
 from jobs.storage.images import decode_image, decode_mask
@@ -51,6 +51,13 @@ def make_chunk(images: list[tuple[str, str, ResizedImage]]) -> Chunk:
                                      input_size=resized.input_size))
         chunk.pixels[index] = resized.pixels
     return chunk
+
+
+def segment_chunk(sam, chunk: Chunk, concepts: list[ConceptTensors], speed: EncoderSpeed, max_instances: int = 1,
+                  min_similarity: float | None = None, cache_dtype: str | None = None) -> ChunkResults:
+    """The model actor's device work on one chunk, its two stages one after the other."""
+    batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
+    return cascade_chunk(sam, batches, results, concepts, max_instances, min_similarity)
 
 
 def segment_rows(sam, fingerprint: str, concepts: list[ConceptTensors], chunk: Chunk, batch_size: int = 1,

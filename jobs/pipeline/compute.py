@@ -98,15 +98,6 @@ def per_batch(
     return done
 
 
-def segment_chunk(
-    sam, chunk: Chunk, concepts: Sequence[ConceptTensors], speed: EncoderSpeed, max_instances: int = 1,
-    min_similarity: float | None = None, cache_dtype: str | None = None,
-) -> ChunkResults:
-    """Every (image, concept) pair of the chunk -> results.masks, image_index = item index."""
-    batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
-    return cascade_chunk(sam, batches, results, concepts, max_instances, min_similarity)
-
-
 def cascade_chunk(
     sam, batches: list[Batch], results: ChunkResults, concepts: Sequence[ConceptTensors], max_instances: int = 1,
     min_similarity: float | None = None,
@@ -121,13 +112,6 @@ def cascade_chunk(
                                         "image_index": np.asarray(indices, np.int32)[host.image_index]}))
     results.masks = HostResults.concatenate(parts, [0] * len(parts))
     return results
-
-
-def score_chunk(sam, chunk: Chunk, concepts: Sequence[ConceptTensors], speed: EncoderSpeed,
-                cache_dtype: str | None = None) -> ChunkResults:
-    """Presence score and positive point per (image, concept), no mask decoding (persam rank)."""
-    batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
-    return score_batches(sam, chunk, batches, results, concepts)
 
 
 def score_batches(sam, chunk: Chunk, batches: list[Batch], results: ChunkResults,

@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def _no_cluster(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv(cli.LEGACY_EXIT_CODES, raising=False)
     yield
     logs.configure()  # later tests start from the defaults
 
@@ -97,15 +96,13 @@ def test_usage_error_exits_2(capsys):
     assert exited.value.code == cli.EXIT_USAGE == 2
 
 
-def test_bad_input_exits_3_and_the_legacy_switch_gives_2(concept, tmp_path, monkeypatch, no_model):
+def test_bad_input_exits_3(concept, tmp_path, monkeypatch, no_model):
     argv = ["segment", *MODEL, "--concept", str(concept), "--input", str(tmp_path / "nonexistent"),
             "--output", str(tmp_path / "out"), *LOCAL]
     result = run_cli(argv)  # the input is listed before any weights load (no_model)
     assert result.rc == cli.EXIT_BAD_INPUT == 3
     assert result.err.strip().splitlines() == [f"persam segment: error: {tmp_path / 'nonexistent'}: input not found; "
                                                "pass an existing directory, prefix, glob or manifest"]
-    monkeypatch.setenv(cli.LEGACY_EXIT_CODES, "1")
-    assert run_cli(argv).rc == 2
 
 
 def test_rank_lists_its_input_before_the_model_loads(concept, tmp_path, no_model):

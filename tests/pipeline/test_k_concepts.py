@@ -1,5 +1,5 @@
 """K concepts in one encoder pass, encoder batches, per-image retries and presence, at unit
-level without Ray: the model actor's device work (jobs.pipeline.compute.segment_chunk) and the
+level without Ray: the model actor's device work (jobs.pipeline.compute: encode_chunk, then cascade_chunk) and the
 finish stage's rows (jobs.pipeline.finish.mask_rows) on a hand-built chunk with the tiny random
 model. The job and its exports: commands/test_export.py; several instances and several shots:
 core/test_instances_and_shots.py.
