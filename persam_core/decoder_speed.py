@@ -1,19 +1,13 @@
 """How SAM's prompt encoder + mask decoder run for P pairs: eagerly, replayed as CUDA
 graphs and/or compiled by torch.compile, in fp32 or under bf16 autocast. All are speed
-options, off unless asked for.
-
-Measured on an H100 (the cascade of one vit_b batch of 16 images, ms, K = 1 / K = 8): eager
-fp32 33.7 / 147.9, graphs 25.9 / 147.5, bf16 47.8 / 122.3, both 19.9 / 109.9. Graphs pay
-where launches set the pace, bf16 where the decoder's work does. In a short Ray job graphs
-made vit_b slower (about 21 images/s against 158 in-process), most likely because its partial
-chunks brought pair counts traced and recorded inside the timed window (seen on CPU). Off
-until measured in a job.
+options, off unless asked for: graphs pay where kernel launches set the decoder's pace
+(few pairs), bf16 where the decoder's own work does (many pairs). Whether they pay in a
+whole job, and by how much: docs/performance.md.
 
 `decode_prompts` is what `SamBackbone.decode` runs: one prompt-encoder and one mask-decoder
 call (with PerSAM's guidance) for every pair of a pass. Eagerly, one such call is ~320 small
-kernels launched one by one from Python (counted with torch.profiler on the tiny model: 949
-of the cascade's 1394 top-level ops for B = 16, K = 1 are its three decodes), so on a GPU
-the host, not the device, sets the decoder's pace at small P, whatever B and K.
+kernels launched one by one from Python, so on a GPU the host, not the device, sets the
+decoder's pace at small P, whatever B and K.
 
 Decoder graphs (`configure_decoder(sam, graphs=True)`) replace that with a CUDA-graph replay
 per call: `torch.compile(backend="cudagraphs", fullgraph=True, dynamic=False)` traces the
@@ -35,13 +29,12 @@ memory pool.
   to check that the traced decode equals the eager one.
 - If tracing, compiling or recording fails, the decode runs eagerly from then on, with one
   log line.
-- Threads: torch keeps the graph trees in thread-local state, and before torch 2.14 only the
-  thread that imported inductor's `cudagraph_trees` had that state (any other failed a bare
-  `assert torch._C._is_key_in_tls`: the graphs fell back to eager in Ray's actor threads on
-  torch 2.11). `_give_thread_graph_state` sets it up for the calling thread, as torch 2.14 does
-  itself. Dynamo's config is per thread too (torch >= 2.13): the recompile limit is raised on
-  the thread that decodes (`_raise_recompile_limit`), not where the model was loaded. Callers
-  should still decode on one thread (the job's actors do): each thread records its own graphs.
+- Threads: torch keeps the graph trees in thread-local state, which older torch set up only
+  on the thread that imported inductor's `cudagraph_trees`; `_give_thread_graph_state` sets
+  it up for the calling thread. Dynamo's config is per thread too: the recompile limit is
+  raised on the thread that decodes (`_raise_recompile_limit`), not where the model was
+  loaded. Callers should still decode on one thread (the job's actors do): each thread
+  records its own graphs.
 
 Compiled decoder (`configure_decoder(sam, compiled=True)`): the same trace through
 inductor, which fuses the decoder's elementwise work (adds, layer norms, GELUs, softmaxes)
@@ -49,18 +42,14 @@ into few kernels: at many pairs the decoder is paced by the memory traffic of it
 [P, 4096, 256] tokens and [P, 32, 256, 256] upscaled features, not by its matrix
 products. Alone, it is not padded: each pass kind compiles for the first pair count and
 once more, with the count dynamic, at the second. With graphs too, inductor's own CUDA
-graphs replay it (mode "reduce-overhead"), padded to the buckets above. A compile takes
-about 15-20 s for the vit_b decoder on the 2-vCPU development machine, where the compiled
-decode of 16 pairs took 444 ms against 539 ms eager (8 pairs: 202 / 216 ms; logits within
-3e-7). Not yet measured on a GPU.
+graphs replay it (mode "reduce-overhead"), padded to the buckets above. Logits stay within
+float rounding of the eager decode's (tested).
 
 Decoder precision (`configure_decoder(sam, precision="bf16")`): at large P (many concepts) the
-decoder's own work sets the pace instead: 2.9 GFLOP of matrix products per pair and pass
-(torch.profiler, vit_b; transposed convolutions uncounted) in fp32, plus the memory traffic
-of [P, 4096, 256] tokens; bf16 autocast halves the bytes and runs the matmuls on tensor
-cores. Logits and scores come back as fp32; the location prior stays fp32. It changes masks
-(min IoU 0.9855 against fp32 with the tiny random model on CPU), so it is recorded in the
-job's settings. The gentler way to the tensor cores is TF32 (`acceleration.set_matmul_tf32`,
+decoder's own work sets the pace instead: its matrix products and the memory traffic of
+[P, 4096, 256] tokens; bf16 autocast halves the bytes and runs the matmuls on tensor cores.
+Logits and scores come back as fp32; the location prior stays fp32. It changes masks, so it
+is recorded in the job's settings. The gentler way to the tensor cores is TF32 (`acceleration.set_matmul_tf32`,
 on by default with CUDA bf16): fp32 tensors, matmuls with a 10-bit mantissa, set once per
 process rather than here per decode, because torch.compile guards on it.
 """

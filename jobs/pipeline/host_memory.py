@@ -1,51 +1,26 @@
 """The host allocator: large tensor buffers stay in the process between uses (glibc).
 
-By default glibc's malloc maps large requests with a fresh `mmap` (its threshold adapts
-up to 32 MiB) and gives freed memory at the top of the heap back (trim threshold), so
-CPU tensors of a few MiB and more are faulted in and zeroed again on every use. The mask
-decoder on CPU allocates many: its token tensors are [P, 4096, 256] fp32, 4 MiB per pair.
-Measured on the development machine (2 vCPU, glibc 2.36), one multimask decode of 8 pairs
-after a first one: 100-165 thousand page faults by default, 0-3 thousand with the
-thresholds raised; the vit_b decoder took 70 against 32 ms per pair at P = 8, and 2.1
-against 1.05 s at P = 32. This is what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
-do when set before start-up; `mallopt` sets them from inside the process.
+By default glibc's malloc maps large requests with a fresh `mmap` and gives freed memory at
+the top of the heap back, so CPU tensors of a few MiB and more are faulted in and zeroed
+again on every use. The mask decoder on CPU allocates many ([P, 4096, 256] fp32 tokens,
+4 MiB per pair), so the mmap and trim thresholds are raised (`mallopt`, in every process
+that runs models). The cost: up to the trim threshold of freed memory stays with the
+process, which reuses it on its next batch.
 
-The cost: up to TRIM_THRESHOLD of freed memory stays with the process instead of going
-back to the system (peak RSS of `persam bench` on vit_b, CPU: 3.7 GB before, 4.0 GB with
-both thresholds at 256 MiB, 4.0 GB with the trim threshold at 512 MiB, 5.3 GB with both at
-1 GiB, where the encoder's 0.8 GB attention maps stayed too). A model process reuses it on
-its next batch.
+Threads: glibc gives each new thread an arena of its own, made of heaps of at most 64 MiB,
+so a thread's larger requests are mapped per use whatever the thresholds say; a model actor
+runs its models on threads (device_stages.py). One arena for every thread fixes that, but
+only from the process's start (glibc fixes its arena limit once the first arenas exist), so
+it is an environment variable of the actor's process, not a `mallopt`. Even the main heap
+does not reuse a large block that torch frees and asks for again at the same size
+(`posix_memalign`), the vit_b encoder's pattern; gperftools' tcmalloc does.
 
-Threads: glibc gives each new thread an arena of its own (up to 8 per core), made of heaps
-of at most 64 MiB, so a thread's larger requests are mapped per use whatever the thresholds
-say. A model actor runs its models on threads (its encode and cascade stages,
-device_stages.py), so on CPU the thresholds did not hold there: a tiny-model encode of 16
-images took 1.1 s on the main thread against 3.2 s on a worker thread (2.1 million page
-faults), and a decode of 16 pairs on a thread faults its [16, 4096, 256] buffers in anew
-every time (the tests). One arena, the main heap, for every thread fixes that, but only
-from the process's start: glibc fixes its arena limit once the first arenas exist and
-hands new threads the arenas of ended ones, so `mallopt(M_ARENA_MAX, 1)` inside a running
-actor changed nothing (measured).
-
-Even on the main heap glibc does not keep everything: torch allocates with
-`posix_memalign`, and a large block freed and asked for again at the same size is not
-reused (a 96 MiB tensor, made again and again: faulted in anew each time), which is the
-vit_b encoder's pattern (its 0.8 GB attention maps, its MLP buffers, layer after layer).
-gperftools' tcmalloc keeps and reuses such spans on every thread: vit_b's CPU encode of one
-image took 5.4-5.5 s with it against 8.5-8.7 s with glibc, peak RSS 3.8 against 3.9 GB
-(development machine, main thread).
-
-So `process_environment` is what the CPU model actors start with (run.py passes it as
-their Ray runtime_env): one glibc arena, and tcmalloc preloaded where the driver's machine
-has it (Debian/Ubuntu: libtcmalloc-minimal4, the image installs it; a node without it
-logs the dynamic loader's one-line warning and runs on glibc's one arena), unless the
-driver's environment says PERSAM_CPU_ALLOCATOR=glibc. On the development machine (2 vCPU,
-`persam bench --job --model-type tiny --checkpoint random:0 --images 96 --concepts 1
---device cpu`) the job went from 3.5 images/s at steady state to 4.7-5.1 with one arena
-and 5.4 with tcmalloc too; a vit_b job of 8 images from 0.10 to 0.15 images/s (whole run).
-The cost of one arena, one lock for every thread's malloc, is small beside CPU tensor work.
-GPU actors keep glibc's default: their threads allocate little on the host, and neither
-setting has been measured there.
+So `process_environment` is what the CPU model actors start with (run.py passes it as their
+Ray runtime_env): one glibc arena, and tcmalloc preloaded where the driver's machine has it
+(Debian/Ubuntu: libtcmalloc-minimal4; a node without it logs the dynamic loader's one-line
+warning and runs on glibc's one arena), unless the driver's environment says
+PERSAM_CPU_ALLOCATOR=glibc. GPU actors keep glibc's default: their threads allocate little
+on the host. The measurements behind each setting: docs/performance.md.
 
 Where the C library is not glibc (macOS, musl), this does nothing (the variables of
 `process_environment` are glibc's and ld.so's, ignored elsewhere).
