@@ -119,6 +119,8 @@ def _add_job(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE, metavar="SHARE",
                         help="exit 4 (after committing) when a larger share of this run's images failed; "
                              "a run in which every image failed always fails")
+    parser.add_argument("--max-image-bytes", type=int, default=JobSpec.max_image_bytes, metavar="BYTES",
+                        help="larger image files become error rows, unread past the limit")
     parser.add_argument("--dry-run", action="store_true",
                         help="check and list the input, plan the shards, name concepts and model, then stop: "
                              "no weights loaded, no Ray, nothing written")

@@ -37,6 +37,9 @@ METHODS = ("persam", "persam-f")
 DEVICES = ("auto", "cpu", "cuda")
 # A run whose share of failed images (error rows) exceeds this fails, after committing.
 DEFAULT_MAX_ERROR_RATE = 0.05
+# Bytes read at most per image file (256 MiB): a larger file, or one that never ends (a
+# device, a pipe), is an error row, never read past the limit. Pixels have their own limit.
+DEFAULT_MAX_IMAGE_BYTES = 256 << 20
 # Seconds between progress lines where no live bar is drawn (captured logs).
 DEFAULT_PROGRESS_INTERVAL = 30.0
 CACHE_DTYPES = ("fp16", "fp32")
@@ -78,6 +81,7 @@ class JobSpec:
     num_actors: int | None = None  # None: one per GPU, else 1
     shard_size: int = DEFAULT_SHARD_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_instances: int = 1
     min_similarity: float | None = None
     cache: str | None = None
@@ -109,7 +113,8 @@ class JobSpec:
         """Refuse impossible values with the flag's name (before any work)."""
         counts = {"--batch-size": self.speed.batch_size, "--chunk-size": self.speed.chunk_size,
                   "--num-actors": self.num_actors, "--shard-size": self.shard_size,
-                  "--max-instances": self.max_instances, "--epochs": self.epochs, "--max-pixels": self.max_pixels}
+                  "--max-instances": self.max_instances, "--epochs": self.epochs, "--max-pixels": self.max_pixels,
+                  "--max-image-bytes": self.max_image_bytes}
         low = [flag for flag, value in counts.items() if value is not None and value < 1]
         if low:
             raise ValueError(f"{', '.join(low)}: give a count of at least 1")

@@ -14,11 +14,12 @@ from persam_core.concept import Concept, ConceptError, persam_f_target_feature, 
 from persam_core.persam_f import DEFAULT_EPOCHS, fit_mask_weights
 from persam_core.predictor import encode_images
 
+from jobs.pipeline.job_record import check_concept_names
 from jobs.pipeline.progress import describe_left
 from jobs.pipeline.session import resolve_device
-from jobs.spec import DEFAULT_PROGRESS_INTERVAL, JobSpec
+from jobs.spec import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_PROGRESS_INTERVAL, JobSpec
 from jobs.storage.checkpoints import load_model, random_weights_note
-from jobs.storage.files import read_bytes, write_atomically
+from jobs.storage.files import NotAFileError, read_file_bytes, write_atomically
 from jobs.storage.images import decode_image, decode_mask
 from jobs.storage.outputs import check_output_file, probe_writable
 from jobs.storage.redaction import redact
@@ -27,8 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 def _read(url: str, what: str, storage_options: dict | None) -> bytes:
-    try:
-        return read_bytes(url, storage_options)
+    try:  # a regular file of at most the default byte limit (a FIFO would block)
+        return read_file_bytes(url, storage_options, DEFAULT_MAX_IMAGE_BYTES, shown=redact(url))
+    except NotAFileError as error:
+        raise ConceptError(str(error)) from None
     except Exception as error:
         raise ConceptError(f"{redact(url)}: cannot read the {what} ({type(error).__name__}); check the path") from None
 
@@ -90,8 +93,7 @@ def run_fit(spec: JobSpec, log=logger.info) -> Concept:
     device = resolve_device(spec.model.device)
     if len(spec.images) != len(spec.masks) or not spec.images:
         raise ConceptError("give one --mask for every --image (several pairs = several shots)")
-    if not spec.name or any(ch in spec.name for ch in "/\\\0") or spec.name in (".", ".."):
-        raise ConceptError(f"--name {spec.name!r}: use a plain name without '/', '\\\\' or '..'")
+    check_concept_names("--name", (spec.name or "",))  # the partition folder's rule, checked before any work
     check_output_file(spec.out, "--out", spec.storage_options, f"{spec.name}.json")
     fs, path = url_to_fs(spec.out, **spec.storage_options)
     probe_writable(fs, path.rsplit("/", 1)[0] if "/" in path else ".", spec.out, "--out")

@@ -34,7 +34,7 @@ CONCEPT_FILE = "_persam_concept.json"  # in each partition (underscore: Parquet 
 FLAT, BY_CONCEPT = "flat", "by_concept"
 # A partition folder's name must survive every file system, object store and Hive reader
 # unescaped; a leading letter keeps Hive readers from typing the partition as a number.
-CONCEPT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,99}$")
+CONCEPT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,99}")  # always fullmatch: `$` passes "cat\n"
 # Parquet key-value metadata keys of every part file.
 META_PREFIX = "persam."
 
@@ -96,7 +96,7 @@ class JobRecord:
 
 def check_concept_names(output: str, names: tuple[str, ...]) -> None:
     """Concept names become partition folders (`concept=<name>`): refuse any that cannot be one."""
-    bad = [n for n in names if not CONCEPT_NAME.match(n)]
+    bad = [n for n in names if not (isinstance(n, str) and CONCEPT_NAME.fullmatch(n))]
     if bad:
         raise OutputError(f"{output}: concept name {bad[0]!r} cannot name a partition folder (concept=<name>): "
                           "use letters, digits, '_', '-' and '.', starting with a letter (persam fit --name)")

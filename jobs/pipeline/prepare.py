@@ -1,6 +1,8 @@
 """The CPU stage before the model actor: read, hash, decode and resize one chunk.
 
-Per image, in this order: read the bytes (a failure is an error row, the job goes on),
+Per image, in this order: read the bytes of a regular file, at most --max-image-bytes (a
+failure, a FIFO, a device, a directory, a file over the limit or a name that is not UTF-8
+is an error row, the job goes on),
 hash them (SHA-256 of the content), and then
 - same URL and content as good rows (one per concept of the run) of the shard's previous
   commit -> carried: its rows are copied by the committer, nothing is computed;
@@ -16,9 +18,10 @@ from persam_core.families import input_format
 
 from jobs.pipeline.cache import content_sha256
 from jobs.pipeline.job import PreparedJob
-from jobs.storage.redaction import redact, scrub, secrets_in
+from jobs.storage.redaction import scrub, secrets_in
 from jobs.storage.images import decode_image
-from jobs.storage.files import read_bytes
+from jobs.storage.files import NotAFileError, read_file_bytes
+from jobs.storage.listing import UNREADABLE
 from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk
 from jobs.storage.schema import good_images
 
@@ -38,8 +41,14 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
         item = ChunkItem(url)
         items.append(item)
         source = sources.get(url, url)
+        if source == UNREADABLE:
+            item.error = f"read failed: {url}: file name is not valid UTF-8 (its bytes shown as \\xNN); rename the file"
+            continue
         try:
-            data[index] = read_bytes(source, storage_options)
+            data[index] = read_file_bytes(source, storage_options, job.spec.max_image_bytes, shown=url)
+        except NotAFileError as error:  # names the image as stored (no credentials)
+            item.error = f"read failed: {error}"
+            continue
         except Exception as error:  # missing object, permission, timeout: the job goes on
             # a library's message may quote the URL it read, signature included
             item.error = scrub(f"read failed: {describe(error)}", secrets_in([source]))
@@ -60,7 +69,7 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
                 chunk.high_res[index] = entry.high_res
             continue
         try:
-            resized = resize(decode_image(data.pop(index), redact(item.url), max_pixels))
+            resized = resize(decode_image(data.pop(index), item.url, max_pixels))
         except Exception as error:
             item.error = f"decode failed: {describe(error)}"
             continue

@@ -7,6 +7,7 @@ back on a listed path" or "write the whole file or nothing" is written once.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator
@@ -19,6 +20,55 @@ from fsspec.implementations.local import LocalFileSystem
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     with fsspec.open(url, "rb", **(storage_options or {})) as handle:
         return handle.read()
+
+
+class NotAFileError(OSError):
+    """Something that is not a regular file, or larger than the byte limit, where an image
+    was expected; the message names it and what to do."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _too_large(shown: str, size: int | str, max_bytes: int) -> NotAFileError:
+    return NotAFileError(f"{shown}: {size} bytes, over the limit of {max_bytes} bytes per image; "
+                         "raise --max-image-bytes if this file is legitimate")
+
+
+def read_file_bytes(url: str, storage_options: dict | None, max_bytes: int, shown: str | None = None) -> bytes:
+    """The bytes of a regular file, at most `max_bytes`: anything else (a FIFO, a device such
+    as /dev/zero, a directory) or a larger file raises NotAFileError naming `shown` (the
+    URL as it may be printed) without reading it; nothing blocks or reads without bound.
+
+    Locally the file is opened non-blocking (a FIFO without writer would block) and checked
+    with fstat on the open descriptor (no race with a rename); object stores give the size
+    their open (HEAD) reported, and the read stops one byte past the limit whatever it said."""
+    shown = shown or url
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                kind = next((name for test, name in _KINDS if test(status.st_mode)), "not a regular file")
+                raise NotAFileError(f"{shown}: {kind}, not a regular file; only regular files are read as images")
+        except BaseException:
+            os.close(descriptor)
+            raise
+        with os.fdopen(descriptor, "rb") as handle:  # closes the descriptor, also on errors below
+            if status.st_size > max_bytes:
+                raise _too_large(shown, status.st_size, max_bytes)
+            data = handle.read(max_bytes + 1)
+    else:
+        with fs.open(path, "rb") as handle:
+            size = getattr(handle, "size", None)
+            if isinstance(size, int) and size > max_bytes:
+                raise _too_large(shown, size, max_bytes)
+            data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _too_large(shown, f"more than {max_bytes}", max_bytes)
+    return data
 
 
 @contextmanager
@@ -36,9 +86,12 @@ def local_atomic_writer(path: str) -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:  # a full disk or a kill must not leave the temp file behind
+    except BaseException as error:  # a full disk or a kill must not leave the temp file behind
         if os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            # a write or fsync failing (ENOSPC, EIO) names no file: name the one being written
+            raise type(error)(error.errno, error.strerror, path) from None
         raise
 
 

@@ -18,8 +18,11 @@ from typing import Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
+from persam_core.errors import describe
+
 from jobs.storage.files import as_given
-from jobs.storage.redaction import redact
+from jobs.storage.redaction import image_name, redact
+from jobs.storage.seen_images import SeenImages
 from jobs.storage.schema import IMAGE_URI
 from jobs.storage.images import IMAGE_EXTENSIONS
 
@@ -55,7 +58,9 @@ def _manifest_entries(url: str, storage_options: dict) -> Iterator[tuple[str, st
                 versions = batch.column("version").to_pylist() if "version" in names else [""] * batch.num_rows
                 yield from ((str(u), str(v or "")) for u, v in zip(batch.column(column).to_pylist(), versions) if u)
         return
-    with fsspec.open(url, "rt", **storage_options) as handle:
+    # utf-8-sig: a BOM (Excel's "CSV UTF-8") is not part of the first header or line; a
+    # line that is not UTF-8 keeps its bytes (surrogate-escaped) and becomes an error row
+    with fsspec.open(url, "rt", encoding="utf-8-sig", errors="surrogateescape", **storage_options) as handle:
         if lower.endswith(".csv"):
             rows = csv.reader(handle)
             header = [h.strip() for h in next(rows, [])]
@@ -89,9 +94,25 @@ def list_images(url: str, storage_options: dict | None = None) -> Iterator[tuple
     are read as a stream.
     """
     options = storage_options or {}
-    if is_manifest(url):
-        yield from _manifest_entries(url, options)
-        return
+    try:
+        if is_manifest(url):
+            yield from _manifest_entries(url, options)
+        else:
+            yield from _listed_images(url, options)
+    except InputError:
+        raise
+    except PermissionError as error:
+        raise InputError(f"{redact(url)}: access denied ({describe(error)}); check the credentials "
+                         "(--storage-options or the environment) and the bucket's policy") from None
+    except FileNotFoundError:
+        raise InputError(f"{redact(url)}: input not found; pass an existing directory, prefix, glob or manifest") from None
+    except (OSError, ValueError, csv.Error) as error:  # e.g. a `.parquet` that is not Parquet
+        what = "manifest" if is_manifest(url) else "input"
+        raise InputError(f"{redact(url)}: cannot read the {what} ({describe(error)}); pass a Parquet, CSV or text "
+                         "manifest, a directory, a prefix or a glob") from None
+
+
+def _listed_images(url: str, options: dict) -> Iterator[tuple[str, str]]:
     fs, path = url_to_fs(url, **options)
     name = as_given(fs, url)
     # Literal first: an existing directory/prefix/file named `photos [2024]` or `what?` is
@@ -138,30 +159,58 @@ def list_all_images(url: str, storage_options: dict | None = None) -> dict[str, 
 
 def waves(url: str, storage_options: dict | None = None) -> Iterator[dict[str, str]]:
     """The input in planning waves of {url: version}: everything at once for a listing;
-    consecutive chunks of MANIFEST_WAVE_IMAGES for a manifest, so the driver never holds
-    more than one chunk of a lake-sized manifest (shards are hashed within each chunk)."""
+    consecutive chunks of MANIFEST_WAVE_IMAGES manifest lines for a manifest, so the driver
+    never holds more than one chunk of a lake-sized manifest (shards are hashed within each
+    chunk). Each image (by its identity, image_name) is in one wave only, the first that
+    lists it: a SeenImages set (16 bytes per image) drops the repeats of later waves."""
     if not is_manifest(url):
         yield list_all_images(url, storage_options)
         return
-    chunk: dict[str, str] = {}
+    seen, chunk = SeenImages(), {}
     for image, version in list_images(url, storage_options):
-        chunk[image] = version
+        chunk.setdefault(image, version)
         if len(chunk) == MANIFEST_WAVE_IMAGES:
-            yield chunk
+            yield from _first_seen(chunk, seen)
             chunk = {}
-    if chunk:
-        yield chunk
+    yield from _first_seen(chunk, seen)
+
+
+def _first_seen(chunk: dict[str, str], seen: SeenImages) -> Iterator[dict[str, str]]:
+    """The chunk without the images of earlier chunks (or of earlier lines); none if empty."""
+    fresh = seen.first_seen([image_name(u) for u in chunk])
+    kept = {u: v for (u, v), keep in zip(chunk.items(), fresh) if keep}
+    if kept:
+        yield kept
+
+
+# The reading URL of an image whose URL cannot travel to the stages (a file name that is not
+# UTF-8): the image becomes an error row (prepare.py) named by its escaped name.
+UNREADABLE = ""
+
+
+def shown_name(url: str) -> str:
+    """A file name as its bytes can be shown: a name that is not UTF-8 (os.listdir gives its
+    bytes as surrogates) with those bytes as `\\xNN`; any other name unchanged."""
+    try:
+        url.encode("utf-8")
+        return url
+    except UnicodeEncodeError:
+        return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def credential_free(versions: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """{url: version} as listed -> ({name: version}, {name: reading URL}): each image is
-    named by its redacted URL (no userinfo, no signed query string) wherever it is hashed,
-    printed or stored; the reading URL, credentials and all, is kept aside for the read
-    only. A manifest may hold such URLs; names stay stable when signatures are renewed."""
+    named by its identity (redaction.image_name: no userinfo, no signing parameters, the
+    rest of a query as a digest) wherever it is hashed, printed or stored; the reading URL,
+    credentials and all, is kept aside for the read only (UNREADABLE for a name that is not
+    UTF-8). Names stay stable when signatures are renewed; URLs that differ in anything
+    else stay distinct images. The first URL of a name is the one read."""
     named, sources = {}, {}
     for url, version in versions.items():
-        name = redact(url)
+        name = shown_name(image_name(url))
+        if name in named:
+            continue
         named[name] = version
         if name != url:
-            sources[name] = url
+            sources[name] = url if shown_name(url) == url else UNREADABLE
     return named, sources

@@ -264,6 +264,43 @@ def test_bad_concept_name_refused(name, files, capsys):
     assert rc != 0 and len(err) == 1 and "--name" in err[0]
 
 
+# Names that pass a `^...$` check or cannot name a folder on every store (issue 29 item 9)
+UNFOLDERABLE = ["cat\n", "cat\r\n", "cat\r", "ca\tt", "c\x00at", "cat\x1b[31m", "cat\u2028", "", ".cat", "..",
+                "...", "a" * 101, "cat/", "/cat", "c/../at", "..\\cat", "cat dog", "café", "1cat", "_cat", "cat\n\n"]
+
+
+@pytest.mark.parametrize("name", UNFOLDERABLE)
+def test_a_name_that_cannot_name_a_folder_is_one_line_before_work(name, files, capsys):
+    out = files / "c.json"
+    rc = main(fit_argv(files / "img.png", files / "good_mask.png", out, name=name))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1 and "--name" in err[0], err
+    assert not out.exists() and not any(p.name.startswith("c.json") for p in files.iterdir())
+
+
+@pytest.mark.parametrize("name", ["cat\n", "cat/x", ".cat", "a" * 101])
+def test_segment_refuses_a_concept_file_whose_name_cannot_name_a_partition(name, files, tmp_path, capsys):
+    """A concept file edited by hand: the same rule (fullmatch), one line, before any work."""
+    import json
+
+    out = files / "c.json"
+    assert main(fit_argv(files / "img.png", files / "good_mask.png", out, name="cat")) == 0
+    document = json.loads(out.read_text())
+    document["name"] = name
+    out.write_text(json.dumps(document))
+    capsys.readouterr()
+    rc = main(["segment", "--model-type", "tiny", "--checkpoint", "random:0", "--runner", "local", "--concept", str(out),
+               "--input", str(files / "img.png"), "--output", str(tmp_path / "masks")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1 and repr(name) in err[0], err
+    assert not (tmp_path / "masks").exists() or not any((tmp_path / "masks").rglob("concept=*"))
+
+
+@pytest.mark.parametrize("name", ["cat", "Cat_2", "duck.toy-v1", "a" * 100])
+def test_plain_names_are_accepted(name, files):
+    assert main(fit_argv(files / "img.png", files / "good_mask.png", files / f"{name}.json", name=name)) == 0
+
+
 def test_spec_model_types_are_all_known():
     assert {"vit_h", "vit_l", "vit_b", "vit_t", "tiny"} <= set(model_types())
 

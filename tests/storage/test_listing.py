@@ -142,3 +142,136 @@ def test_publish_bytes_object_store():
     assert fs.cat_file("/persam-test/out/part-00002.parquet") == b"payload"
     assert fs.ls("/persam-test/out", detail=False) == ["/persam-test/out/part-00002.parquet"]
     fs.rm("/persam-test", recursive=True)
+
+
+# ---------------------------------------------------------------------------- issue 29: inputs that broke jobs
+
+from cli_tools import run_cli  # noqa: E402
+from input_tools import fit_concept, output_rows, segment, write_scenes  # noqa: E402
+from jobs.storage import listing  # noqa: E402
+from jobs.storage.listing import credential_free, waves  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def concept(tmp_path_factory):
+    return fit_concept(tmp_path_factory.mktemp("concept"))
+
+
+REPEATS = [
+    [0, 1, 2, 3, 0, 4],  # line 1 again on line 5, in the second wave
+    [0, 1, 2, 0, 0, 0, 3, 4, 2, 1],  # repeats in the same wave and in later waves
+    [0, 1, 2, 3, 4, 5, 6, 0],  # the first image again in the last wave, alone
+    [0, 0, 0, 0, 0, 0, 0, 1],  # whole waves of repeats
+]
+
+
+@pytest.mark.parametrize("lines", REPEATS)
+def test_a_manifest_repeat_in_any_wave_is_planned_once(tmp_path, monkeypatch, lines):
+    monkeypatch.setattr(listing, "MANIFEST_WAVE_IMAGES", 3)
+    manifest = tmp_path / "images.txt"
+    manifest.write_text("\n".join(f"/lake/{i}.jpg" for i in lines) + "\n")
+    planned = [u for wave in waves(str(manifest)) for u in wave]
+    assert sorted(planned) == sorted(f"/lake/{i}.jpg" for i in set(lines))  # each image in exactly one wave
+
+
+def test_a_manifest_repeat_in_a_later_wave_is_run_once(tmp_path, concept, monkeypatch):
+    monkeypatch.setattr(listing, "MANIFEST_WAVE_IMAGES", 3)
+    images = [str(p) for p in write_scenes(tmp_path / "lake", [f"{i}.jpg" for i in range(5)])]
+    manifest, output = tmp_path / "images.txt", tmp_path / "out"
+    manifest.write_text("\n".join(images[i] for i in [0, 1, 2, 3, 0, 4, 4]) + "\n")
+    for _ in range(2):  # the rerun finds every image committed once
+        result = segment(concept, str(manifest), output)
+        assert result.rc == 0, result.err
+        assert sorted(r["image_uri"] for r in output_rows(output)) == images
+
+
+def test_one_image_under_renewed_signatures_is_one_image_across_waves(monkeypatch, tmp_path):
+    monkeypatch.setattr(listing, "MANIFEST_WAVE_IMAGES", 2)
+    signed = [f"s3://b/{k}.jpg?X-Amz-Signature={s}" for k, s in (("a", 1), ("b", 2), ("c", 3), ("a", 4), ("b", 5))]
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("\n".join(signed) + "\n")
+    named = [name for wave in waves(str(manifest)) for name in credential_free(wave)[0]]
+    assert named == ["s3://b/a.jpg", "s3://b/b.jpg", "s3://b/c.jpg"]
+
+
+@pytest.mark.parametrize("text", [
+    "\ufeffimage_uri\n{a}\n{b}\n",  # Excel's "CSV UTF-8"
+    "\ufeffimage_uri,version\n{a},e1\n{b},e2\n",
+    "\ufeff\"image_uri\"\r\n{a}\r\n{b}\r\n",
+    "\ufeffid,path\n1,{a}\n2,{b}\n",
+])
+def test_a_csv_manifest_with_a_bom_finds_its_header(tmp_path, text):
+    a, b = str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")
+    path = tmp_path / "m.csv"
+    path.write_bytes(text.format(a=a, b=b).encode("utf-8"))
+    assert list(list_image_urls(str(path))) == [a, b]
+
+
+@pytest.mark.parametrize("text", ["\ufeff{a}\n{b}\n", "\ufeff# comment\n{a}\n{b}\n"])
+def test_a_text_manifest_with_a_bom_reads_its_first_line(tmp_path, text):
+    a, b = str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")
+    path = tmp_path / "m.txt"
+    path.write_bytes(text.format(a=a, b=b).encode("utf-8"))
+    assert list(list_image_urls(str(path))) == [a, b]
+
+
+@pytest.mark.parametrize("content", [b"hello", b"PAR1", b"PAR1" + b"\0" * 64 + b"PAR1", b"image_uri\na.jpg\n", b""])
+def test_a_manifest_named_parquet_that_is_not_parquet_is_one_line_naming_it(tmp_path, concept, content):
+    manifest = tmp_path / "images.parquet"
+    manifest.write_bytes(content)
+    for dry_run in ((), ("--dry-run",)):
+        result = segment(concept, str(manifest), tmp_path / "out", *dry_run)
+        assert result.rc == 3, result.err
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1 and str(manifest) in lines[0] and "manifest" in lines[0], lines
+
+
+def test_s3_input_without_permission_is_one_line_naming_the_redacted_url(s3, tmp_path, concept, monkeypatch):
+    """Every S3 call answered 403 (as for credentials without s3:ListBucket / s3:GetObject):
+    exit 3 (access is configuration), one line naming the URL without its credentials."""
+    import s3fs
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    s3.mkdir("lake")
+    s3.pipe("lake/photos/a.jpg", b"x")
+    s3.pipe("lake/list.txt", b"s3://lake/photos/a.jpg\n")
+
+    async def forbidden(self, method, *args, **kwargs):
+        error = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, method)
+        raise translate_boto_error(error)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", forbidden)
+    for given in ("s3://KEY:SeCrEt99@lake/photos/", "s3://lake/list.txt?X-Amz-Signature=SiGnAtUrE9",
+                  "s3://lake/photos/*.jpg", "s3://lake/photos/a.jpg", "s3://lake/m.csv", "s3://lake/m.parquet"):
+        s3fs.S3FileSystem.clear_instance_cache()
+        result = segment(concept, given, tmp_path / "out")
+        assert result.rc == 3, result.err
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1 and "access denied" in lines[0] and "s3://lake/" in lines[0], lines
+        assert "SeCrEt99" not in result.err and "SiGnAtUrE9" not in result.err
+
+
+NOT_UTF8 = [b"caf\xe9.jpg", b"\xff\xfe.png", b"ok-\xc3(.jpg", b"\x80\x81\x82.jpeg"]
+
+
+def test_file_names_that_are_not_utf8_are_one_error_row_each(tmp_path, concept):
+    lake, output = tmp_path / "lake", tmp_path / "out"
+    good = write_scenes(lake, ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"])
+    bad = [os.path.join(os.fsencode(lake), raw) for raw in NOT_UTF8]
+    for path in bad:
+        with open(path, "wb") as handle:
+            handle.write(good[0].read_bytes())
+    shown = sorted(str(lake) + "/" + raw.decode("utf-8", "backslashreplace") for raw in NOT_UTF8)
+    dry = segment(concept, str(lake), output, "--dry-run")
+    assert dry.rc == 0 and "10 images" in dry.out, dry.err
+    result = segment(concept, str(lake), output, "--max-error-rate", "0.5")
+    assert result.rc == 0, result.err
+    rows = {r["image_uri"]: r["error"] for r in output_rows(output)}
+    assert sorted(rows) == sorted([*map(str, good), *shown])
+    assert sorted(u for u, e in rows.items() if e) == shown and all("not valid UTF-8" in rows[u] for u in shown)
+    manifest = tmp_path / "m.txt"  # manifest lines that are not UTF-8: the same error rows
+    manifest.write_bytes(b"\n".join([os.fsencode(good[1]), *bad]) + b"\n")
+    again = segment(concept, str(manifest), tmp_path / "out2", "--max-error-rate", "1")
+    assert again.rc == 0, again.err
+    assert sorted(r["image_uri"] for r in output_rows(tmp_path / "out2") if r["error"]) == shown
