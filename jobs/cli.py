@@ -16,6 +16,7 @@ Exit codes (README "Logging and exit codes"):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -169,11 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes in the module docstring. Any error ends in one line on stderr, credentials
     scrubbed; the full traceback (scrubbed too) only with --log-level debug."""
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
-    from jobs.logs import configure
+    from jobs.logs import configure, json_stderr
     from jobs.pipeline.signals import Stopped, ignore_stop_signals, stop_signals_caught
 
     configure(args.log_level, args.quiet, args.log_format)
-    with stop_signals_caught():
+    with stop_signals_caught(), json_stderr() if args.log_format == "json" else contextlib.nullcontext():
         try:
             return _guarded(args)
         except (Stopped, KeyboardInterrupt) as stop:  # KeyboardInterrupt: a library restored Python's own handler
