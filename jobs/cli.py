@@ -9,11 +9,14 @@ Exit codes (README "Logging and exit codes"):
     2  usage error (argparse: unknown flag, missing argument)
     3  bad input or configuration (the line names the file or flag and what to do)
     4  the job ran and committed what it did, but more images failed than --max-error-rate allows
+  130  stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM: what was committed stays committed
+       (128 + the signal's number; docs/guarantees-process.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -157,10 +160,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes in the module docstring. Any error ends in one line on stderr, credentials
     scrubbed; the full traceback (scrubbed too) only with --log-level debug."""
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
-    from jobs.pipeline.host_memory import keep_large_buffers
-    from jobs.logs import configure, settings
+    from jobs.logs import configure, json_stderr
+    from jobs.pipeline.signals import Stopped, ignore_stop_signals, stop_signals_caught
 
     configure(args.log_level, args.quiet, args.log_format)
+    with stop_signals_caught(), json_stderr() if args.log_format == "json" else contextlib.nullcontext():
+        try:
+            return _guarded(args)
+        except (Stopped, KeyboardInterrupt) as stop:  # KeyboardInterrupt: a library restored Python's own handler
+            ignore_stop_signals()  # a second Ctrl-C while the line is written changes nothing
+            name, code = (stop.name, stop.exit_code) if isinstance(stop, Stopped) else ("SIGINT", 130)
+            _report(args.command, "stopped", f"{name} received; what was committed stays committed, "
+                    "a rerun continues from there", code)
+            return code
+
+
+def _guarded(args: argparse.Namespace) -> int:
+    """The command, any error turned into its one line and exit code."""
+    from jobs.pipeline.host_memory import keep_large_buffers
+    from jobs.logs import settings
+
     keep_large_buffers()  # before any tensor work in this process (see host_memory.py)
     secrets = _secrets(args)
     try:

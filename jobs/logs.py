@@ -39,7 +39,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -73,14 +73,15 @@ def settings() -> LogSettings:
 
 
 class _CurrentStdout(logging.StreamHandler):
-    """Writes to whatever sys.stdout is at the time (tests and callers may swap it)."""
+    """Writes to whatever sys.stdout (or sys.stderr) is at the time (tests and callers may swap it)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
+    def __init__(self, name: str = "stdout") -> None:
+        self.name_of_stream = name
+        super().__init__(getattr(sys, name))
 
     @property
     def stream(self):  # type: ignore[override]
-        return sys.stdout
+        return getattr(sys, self.name_of_stream)
 
     @stream.setter
     def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
@@ -109,7 +110,7 @@ class JsonFormatter(logging.Formatter):
                  "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        for key in ("command", "exit_code"):
+        for key in ("command", "exit_code", "source", "pid"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         return json.dumps(entry, ensure_ascii=False)
@@ -150,7 +151,22 @@ def configure(level: str = "info", quiet: bool = False, log_format: str = "text"
     for name, phrase in KNOWN_NOISE:
         logger = logging.getLogger(name)
         logger.filters[:] = [] if _settings.debug else [_Drop(phrase)]
+    _capture_warnings(log_format == "json")
     return _settings
+
+
+def _capture_warnings(as_json: bool) -> None:
+    """JSON lines: Python warnings (PIL's, torch's, any library's) become log records, one
+    JSON object each on stderr where warnings always went, instead of the two raw lines
+    `warnings` prints (the message, then the source line)."""
+    logging.captureWarnings(as_json)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.handlers[:] = []
+    warnings_logger.propagate = not as_json
+    if as_json:
+        handler = _CurrentStdout("stderr")
+        handler.setFormatter(JsonFormatter())
+        warnings_logger.addHandler(handler)
 
 
 def ray_logging_level() -> int:
@@ -158,44 +174,140 @@ def ray_logging_level() -> int:
     return logging.DEBUG if _settings.debug else max(logging.WARNING, getattr(logging, _settings.level.upper()))
 
 
-@contextmanager
-def native_stderr_filter(pattern: re.Pattern = NATIVE_NOISE) -> Iterator[None]:
-    """Drop lines matching `pattern` that native code writes to file descriptor 2.
+class _Fd2Pump:
+    """File descriptor 2 through a line filter: fd 2 becomes a pipe that a daemon thread
+    copies, line by line and through `transform` (None drops the line), to the real stderr.
 
-    fd 2 becomes a pipe that a thread copies to the real stderr, line by line, leaving out
-    matches. Install it only after Ray started its processes (they inherit fd 2) and leave
-    before shutdown. Python's own sys.stderr writes pass through unchanged."""
-    if _settings.debug:
-        yield
-        return
-    try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 (a daemonised process): nothing to filter
-        yield
-        return
-    read_end, write_end = os.pipe()
+    Everything that writes to stderr passes: Python's sys.stderr, native code (Ray's C++ core,
+    glog), and any child process started meanwhile that inherits fd 2. `stop` puts the real
+    stderr back and returns once every line this process wrote before it went out; the thread
+    keeps copying for children that still hold the pipe (so they never block on a full pipe),
+    and ends when the last of them closes it."""
 
-    def copy() -> None:
+    _DRAINED = b"\x00persam-stderr-drained\n"
+
+    def __init__(self, transform: Callable[[bytes], bytes | None]) -> None:
+        self.transform = transform
+        self.drained = threading.Event()
+
+    def start(self) -> bool:
+        try:
+            self.saved = os.dup(2)
+        except OSError:  # no fd 2 (a daemonised process): nothing to pass through
+            return False
+        read_end, self.write_end = os.pipe()
+        threading.Thread(target=self._copy, args=(read_end,), name="stderr-lines", daemon=True).start()
+        os.dup2(self.write_end, 2)
+        return True
+
+    def _copy(self, read_end: int) -> None:
         with os.fdopen(read_end, "rb") as source:
             for line in source:
-                if not pattern.search(line.decode("utf-8", "replace")):
-                    try:
-                        os.write(saved, line)
-                    except OSError:  # the real stderr went away: nothing left to show it on
-                        return
+                drained = line.endswith(self._DRAINED)
+                line = line[: -len(self._DRAINED)] if drained else line
+                if line:
+                    self._write(line if line.endswith(b"\n") else line + b"\n")
+                if drained:
+                    self.drained.set()
+        self.drained.set()
+        os.close(self.saved)
 
-    thread = threading.Thread(target=copy, name="stderr-filter", daemon=True)
-    thread.start()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    try:
-        yield
-    finally:
+    def _write(self, line: bytes) -> None:
+        try:
+            out = self.transform(line)
+        except Exception:  # a filter's bug must not stop the copying (writers would block)
+            out = line
+        if out:
+            try:
+                os.write(self.saved, out)
+            except OSError:  # the real stderr went away: nothing left to show it on
+                pass
+
+    def stop(self) -> None:
         try:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
-        os.dup2(saved, 2)  # closes our write end: the thread sees EOF unless a child process holds one
-        thread.join(timeout=5)
-        if not thread.is_alive():  # else keep `saved` open: a reused descriptor number would get its lines
-            os.close(saved)
+        os.dup2(self.saved, 2)  # our own writes go straight to the real stderr again
+        try:
+            os.write(self.write_end, self._DRAINED)
+        except OSError:
+            pass
+        os.close(self.write_end)
+        self.drained.wait(timeout=10)
+
+
+@contextmanager
+def _pumped(transform: Callable[[bytes], bytes | None]) -> Iterator[None]:
+    pump = _Fd2Pump(transform)
+    started = pump.start()
+    try:
+        yield
+    finally:
+        if started:
+            pump.stop()
+
+
+@contextmanager
+def native_stderr_filter(pattern: re.Pattern = NATIVE_NOISE) -> Iterator[None]:
+    """Drop lines matching `pattern` that native code writes to file descriptor 2 (Python's
+    sys.stderr passes through unchanged); not at debug level."""
+    if _settings.debug:
+        yield
+        return
+    with _pumped(lambda line: None if pattern.search(line.decode("utf-8", "replace")) else line):
+        yield
+
+
+# Ray's log_to_driver prefix on a worker's line, e.g. "(Map(prepare_chunk) pid=4242, ip=10.0.0.2) "
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_RAY_PREFIX = re.compile(r"^\((?P<source>.+?) pid=(?P<pid>\d+)(?:, ip=[^)]*)?\)\s?")
+_GLOG = re.compile(r"^\[[^\]]*? (?P<severity>[DIWEF]) \d+ \d+\]")
+_GLOG_LEVELS = {"D": "debug", "I": "info", "W": "warning", "E": "error", "F": "critical"}
+_PY_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
+_ERROR_WORDS = re.compile(r"Traceback|\w*Error\b|\w*Exception\b")
+
+
+def _level_of(text: str) -> str:
+    """A foreign stderr line's level, as far as its own format says (else warning: stderr
+    carries diagnostics)."""
+    glog = _GLOG.match(text)
+    if glog:
+        return _GLOG_LEVELS[glog.group("severity")]
+    named = _PY_LEVEL.search(text[:80])
+    if named:
+        return named.group(1).lower()
+    if _ERROR_WORDS.search(text) and "Warning" not in text:
+        return "error"
+    return "warning"
+
+
+def json_stderr_line(line: bytes) -> bytes | None:
+    """One line written to stderr -> one JSON object line: JSON objects pass unchanged; any
+    other line (a library's print, a raw warning, Ray's coloured worker lines, native glog
+    lines) is wrapped with a level guessed from its format; blank lines are dropped."""
+    text = _ANSI.sub("", line.decode("utf-8", "replace")).rstrip("\r\n")
+    if not text.strip():
+        return None
+    if text.startswith("{"):
+        try:
+            if isinstance(json.loads(text), dict):
+                return text.encode() + b"\n"
+        except ValueError:
+            pass
+    fields, logger_name = {}, "stderr"
+    prefix = _RAY_PREFIX.match(text)
+    if prefix:
+        fields = {"source": prefix.group("source"), "pid": int(prefix.group("pid"))}
+        text, logger_name = text[prefix.end():], "ray.worker"
+    record = logging.LogRecord(logger_name, getattr(logging, _level_of(text).upper()), "", 0, text, None, None)
+    record.__dict__.update(fields)
+    return (JsonFormatter().format(record) + "\n").encode()
+
+
+@contextmanager
+def json_stderr() -> Iterator[None]:
+    """`--log-format json`: every line on stderr, whoever writes it, is one JSON object
+    (docs/guarantees-process.md says what cannot be caught)."""
+    with _pumped(json_stderr_line):
+        yield

@@ -13,6 +13,7 @@ import torch
 
 from jobs.logs import ray_logging_level
 from jobs.pipeline.host_memory import process_environment
+from jobs.pipeline.signals import restore_stop_signals
 from jobs.spec import check_device
 
 
@@ -34,14 +35,15 @@ def start_ray() -> bool:
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=ray_logging_level(), log_to_driver=True)
-        return True
-    ray.init(
-        address="local",  # not None: Ray would join whatever `ray start` cluster this machine last ran
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level=ray_logging_level(),
-        configure_logging=True,
-    )
+    else:
+        ray.init(
+            address="local",  # not None: Ray would join whatever `ray start` cluster this machine last ran
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=ray_logging_level(),
+            configure_logging=True,
+        )
+    restore_stop_signals()  # ray.init replaced SIGTERM's handler with one that aborts (signals.py)
     return True
 
 
