@@ -52,6 +52,16 @@ def publish_bytes(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def move_file(fs, source: str, target: str) -> None:
+    """Make `source` appear at `target` in one step, replacing what is there: a rename
+    locally (atomic), a copy then a delete on object stores (the copy creates the whole
+    object at once; a kill between the two leaves `source` behind as well)."""
+    if isinstance(fs, LocalFileSystem):
+        os.replace(source, target)
+    else:
+        fs.mv(source, target)
+
+
 def write_atomically(url: str, data: bytes, storage_options: dict | None = None) -> None:
     """The whole file or nothing at `url` (see publish_bytes)."""
     fs, path = url_to_fs(url, **(storage_options or {}))
