@@ -80,7 +80,7 @@ from jobs.pipeline.output_files import (
 from jobs.pipeline.supersede import (
     PENDING_FOLDER, left_behind, promote, recover, remove_ours, remove_quietly, stage, supersedes_metadata,
 )
-from jobs.storage.files import as_given, publish_bytes
+from jobs.storage.files import as_given, make_folder, publish_bytes
 from jobs.storage.outputs import OutputError
 from jobs.storage.schema import (
     IMAGE_URI, MASK_SCHEMA, PARTITION_PREFIX, image_uris, ordered_rows, partition_folder, partition_rows, read_parts,
@@ -211,7 +211,7 @@ def open_output(
     fs, root = _root(output, storage_options)
     job_path = f"{root}/{JOB_FILE}"
     try:
-        fs.makedirs(root, exist_ok=True)
+        make_folder(fs, root)  # local only: on s3fs a makedirs would create a missing bucket
         if fs.exists(job_path):
             record = agreed(output, json.loads(fs.cat_file(job_path)), record)
         else:
