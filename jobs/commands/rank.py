@@ -26,7 +26,7 @@ from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session
 from jobs.spec import JobSpec
 from jobs.storage.concept_files import read_concepts
-from jobs.storage.files import join_url, publish_bytes
+from jobs.storage.files import join_url, make_folder, publish_bytes
 from jobs.storage.listing import credential_free, list_all_images
 from jobs.storage.redaction import redact
 from jobs.storage.schema import IMAGE_URI, RANK, SIMILARITY, error_count, ranking_table
@@ -88,7 +88,7 @@ def _rank(job: PreparedJob, concept: str, urls: list[str], sources: dict[str, st
     ranking = ranking_table(scores, masks)
 
     fs, root = url_to_fs(spec.output, **spec.storage_options)
-    fs.makedirs(root, exist_ok=True)
+    make_folder(fs, root)
     buffer = io.BytesIO()
     pq.write_table(ranking, buffer, compression="zstd")
     publish_bytes(fs, join_url(root, RANKING_FILE), buffer.getvalue())

@@ -188,7 +188,7 @@ def _committer(job: PreparedJob, record: commit.JobRecord, log):
 
     def commit_chunks(shard: dict, chunks: list[FinishedChunk]) -> dict:
         """All chunks of one shard arrived: per partition, carry unchanged rows, order,
-        publish, and only then drop its old files."""
+        and replace the shard's old files by its new one."""
         carried = {url for c in chunks for url in c.carried}
         computed = [c.rows() for c in chunks]
         number, digest = shard["shard"], shard["digest"]
@@ -199,8 +199,9 @@ def _committer(job: PreparedJob, record: commit.JobRecord, log):
             table, removed = commit.assemble_shard(
                 number, [rows_of_concepts(t, names) for t in computed], carried, previous, shard["urls"], names,
                 storage, published=commit.part_path(output, number, digest, storage, partition))
-            commit.commit_shard(output, number, digest, table, storage, partition, record.parquet_metadata(names))
-            commit.remove_files(output, previous, storage, log)  # only after the new file is public
+            # the old files go before the new one is public (commit.py, supersede.py)
+            commit.commit_shard(output, number, digest, table, storage, partition, record.parquet_metadata(names),
+                                previous, log)
             counts.update(rows=table.num_rows, errors=error_count(table))
             failed |= failed_images(table)
             counts["removed"] = max(counts["removed"], removed)  # the same images in every partition

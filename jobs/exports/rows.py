@@ -11,6 +11,8 @@ ExportError, raised before any export file is published.
 Shards: part files with the same shard number (`part-<shard>-<digest>.parquet`) hold the
 same images (one file, or one per concept partition); such a group is read together and
 its rows sorted by (image_uri, concept, instance), so each image's rows come together.
+Where a partition holds two versions of one shard (an output of older persam versions killed
+mid-commit), only one is read (output_files.one_version).
 Files not named like part files are read one row group at a time. So an export holds one
 shard's rows (at most shard size x concepts x instances small RLE rows) at a time.
 """
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from jobs.pipeline.commit import parse_part_path
+from jobs.pipeline.output_files import one_version
 from jobs.storage.redaction import redact
 from jobs.storage.schema import (
     AREA, BBOX, CONCEPT, CONTENT_SHA256, ERROR, HEIGHT, IMAGE_URI, INSTANCE, MASK_RLE, METHOD, MODEL_FINGERPRINT, POINT,
@@ -94,7 +97,7 @@ class MaskDataset:
             relative = path[len(root):].lstrip("/")
             if relative.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in relative.split("/")):
                 found.append(path)
-        return found
+        return one_version(self.fs, found)  # two versions of a shard found: one is read (output_files.py)
 
     @staticmethod
     def _group(root: str, paths: list[str]) -> list[tuple[bool, list[_Piece]]]:

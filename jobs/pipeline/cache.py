@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from jobs.pipeline.commit import shard_of
-from jobs.storage.files import publish_bytes
+from jobs.storage.files import make_folder, publish_bytes
 from jobs.storage.outputs import probe_writable
 from jobs.storage.schema import CONTENT_SHA256
 
@@ -162,7 +162,7 @@ class FeatureCache:
         by_shard: dict[int, dict[str, CachedFeatures]] = {}
         for url, (sha, entry) in new.items():
             by_shard.setdefault(self._shard(url), {})[sha] = entry
-        self.fs.makedirs(self.root, exist_ok=True)
+        make_folder(self.fs, self.root)
         for shard, entries in by_shard.items():
             rows = []
             for sha, entry in sorted(entries.items()):

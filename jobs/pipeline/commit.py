@@ -16,14 +16,16 @@ every concept's rows in one file per shard ("partition" "" below).
    object stores (readers never see a partial object). `<digest>` hashes the shard's
    sorted image URLs and their version tokens from the listing (ETag, or size + mtime),
    so the file name says exactly which images, in which version, it covers.
-3. A rerun lists the part files of each of its concepts' partitions. A shard whose current
-   digest is published in every partition is skipped; any other shard (new images, removed
-   images, never finished, a new concept) is recomputed whole for the concepts whose
-   partition lacks its digest (the encoder runs once per image for all of them), and after
-   each partition's publish the shard's older files there are deleted. A run that died
-   between those two steps is repaired by the next run, which deletes a shard's superseded
-   files before anything else. Interrupted writes leave only hidden `.*.tmp-*` files, which no
-   reader matches (dataset readers skip `.`-files). So whichever process dies, no row is lost or duplicated once a run finishes.
+3. A rerun first finishes or rolls back the superseding files a killed run left staged
+   (supersede.py), then lists the part files of each of its concepts' partitions. A shard
+   whose current digest is published in every partition is skipped; any other shard (new
+   images, removed images, never finished, a new concept) is recomputed whole for the
+   concepts whose partition lacks its digest (the encoder runs once per image for all of
+   them). A shard with older files in a partition replaces them by supersede.py's protocol:
+   staged in `_pending/`, the old files removed, only then the new one published, so no
+   reader ever sees two versions of a shard. Interrupted writes leave only hidden
+   `.*.tmp-*` files, which no reader matches (dataset readers skip `.`-files). So whichever
+   process dies, no row is lost or duplicated once a run finishes (docs/guarantees-output.md).
 4. A shard is computed in chunks (jobs/pipeline/run.py); the driver publishes it once, after
    its last chunk arrived, keeping one copy of a chunk that a retried task delivered
    twice. Rows of unchanged images (same URL, same content) are carried over from the
@@ -34,8 +36,8 @@ Provenance: every part file carries key-value metadata `persam.*` (version, mode
 fingerprint, concept digests, settings, layout, created time), see JobRecord.parquet_metadata.
 
 Two jobs writing the same output at once compute the same shards and publish the same
-names with the same content: the last rename/PUT wins and nothing is duplicated, only
-work is wasted. Different jobs on one output are refused by the job record. Races
+names with the same content (each stages its own copy): the last rename/PUT wins and
+nothing is duplicated, only work is wasted. Different jobs on one output are refused by the job record. Races
 between them are tolerated: a file that the other run already removed counts as removed.
 
 Stale temp files: a publish writes its temp file in one go and renames it at once, so a
@@ -75,11 +77,14 @@ from jobs.pipeline.output_files import (
     FLAT_PARTITION, output_tables, parse_part_path, part_files, partition_root, read_job_record, read_output, shard_name,
     shard_of_path,
 )
-from jobs.storage.files import as_given, publish_bytes
+from jobs.pipeline.supersede import (
+    PENDING_FOLDER, left_behind, promote, recover, remove_ours, remove_quietly, stage, supersedes_metadata,
+)
+from jobs.storage.files import as_given, make_folder, publish_bytes
 from jobs.storage.outputs import OutputError
 from jobs.storage.schema import (
-    IMAGE_URI, MASK_SCHEMA, PARTITION_PREFIX, image_uris, is_our_schema, ordered_rows, partition_concept,
-    partition_folder, partition_rows, read_parts, select_rows_of,
+    IMAGE_URI, MASK_SCHEMA, PARTITION_PREFIX, image_uris, ordered_rows, partition_folder, partition_rows, read_parts,
+    select_rows_of,
 )
 
 # names of the record and the files, re-exported: callers (commands, tests) use them as commit.*
@@ -157,8 +162,8 @@ def _scan_folder(fs, folder: str, now: float, allowed: set[str], foreign: list[s
         elif TEMP_FILE.match(name):
             age = _age_seconds(info, now)
             if age is not None and age > STALE_TEMP_SECONDS:
-                _remove_quietly(fs, path)
-        elif name not in allowed:
+                remove_quietly(fs, path)
+        elif name not in allowed and name != PENDING_FOLDER:
             foreign.append(path)
     return committed
 
@@ -168,6 +173,9 @@ def _scan_output(fs, root: str, record: JobRecord, log: Log | None) -> dict[str,
     "" is the root of a FLAT output. Other concepts' partitions are not even listed."""
     foreign: list[str] = []
     now = time.time()
+    folders = [root] if record.layout == FLAT else [f"{root}/{partition_folder(c)}" for c in record.concepts]
+    for folder in folders:  # before the listing: what it finishes is planned as committed
+        foreign += recover(fs, folder)
     if record.layout == FLAT:
         committed = {FLAT_PARTITION: _scan_folder(fs, root, now, {JOB_FILE}, foreign)}
     else:
@@ -180,14 +188,6 @@ def _scan_output(fs, root: str, record: JobRecord, log: Log | None) -> dict[str,
             committed[concept] = _scan_folder(fs, folder, now, {CONCEPT_FILE}, foreign) if fs.isdir(folder) else {}
     report_foreign(foreign, log)
     return committed
-
-
-def _remove_quietly(fs, path: str) -> None:
-    """Remove `path`; one already gone (another run removed it first) counts as removed."""
-    try:
-        fs.rm_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def _record_concepts(fs, root: str, output: str, record: JobRecord) -> None:
@@ -211,7 +211,7 @@ def open_output(
     fs, root = _root(output, storage_options)
     job_path = f"{root}/{JOB_FILE}"
     try:
-        fs.makedirs(root, exist_ok=True)
+        make_folder(fs, root)  # local only: on s3fs a makedirs would create a missing bucket
         if fs.exists(job_path):
             record = agreed(output, json.loads(fs.cat_file(job_path)), record)
         else:
@@ -257,33 +257,14 @@ def plan_shards(
     return ShardPlan(to_run, up_to_date, superseded)
 
 
-def _part_schema(fs, path: str) -> pa.Schema | None:
-    """The Parquet schema of `path` (footer only); None when it is not Parquet; FileNotFoundError if gone."""
-    try:
-        with fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle).schema_arrow
-    except FileNotFoundError:
-        raise
-    except Exception:
-        return None
-
-
-def remove_files(output: str, paths: list[str], storage_options: dict | None = None, log: Log | None = None) -> None:
+def remove_files(output: str, paths: list[str], storage_options: dict | None = None,
+                 log: Log | None = None) -> list[str]:
     """Delete our superseded part files. One already gone (a concurrent identical run removed
-    it) counts as removed; one not holding our schema is foreign: reported and kept."""
+    it) counts as removed; one not holding our schema is foreign: reported and kept -> those."""
     fs, _ = _root(output, storage_options)
-    foreign = []
-    for path in paths:
-        try:
-            schema = _part_schema(fs, path)
-        except FileNotFoundError:
-            continue
-        partitioned = partition_concept(path) is not None
-        if parse_part_path(path) is None or schema is None or not is_our_schema(schema, partitioned):
-            foreign.append(path)
-            continue
-        _remove_quietly(fs, path)
+    foreign = remove_ours(fs, paths)
     report_foreign(foreign, log)
+    return foreign
 
 
 def part_path(output: str, shard: int, digest: str, storage_options: dict | None = None,
@@ -294,19 +275,33 @@ def part_path(output: str, shard: int, digest: str, storage_options: dict | None
 
 
 def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_options: dict | None = None,
-                 partition: str = FLAT_PARTITION, metadata: dict[str, str] | None = None) -> str:
+                 partition: str = FLAT_PARTITION, metadata: dict[str, str] | None = None,
+                 previous: list[str] | None = None, log: Log | None = None) -> str | None:
     """Write one shard's rows of `partition` as one Parquet file (in a concept's partition
     without the concept column) with `metadata` as key-value metadata, published atomically
-    -> its path."""
+    -> its path. With `previous` (the shard's older files there), by supersede.py's protocol:
+    staged, the old files removed, then published -> None when one of ours could not be
+    removed (the staged file waits for the next run's recovery)."""
     fs, root = _root(partition_root(output, partition), storage_options)
     if partition:
         table = partition_rows(table)
+    metadata = {**(metadata or {}), **(supersedes_metadata(previous) if previous else {})}
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     path = f"{root}/{shard_name(shard, digest)}"
-    publish_bytes(fs, path, buffer.getvalue())
+    if not previous:
+        publish_bytes(fs, path, buffer.getvalue())
+        return path
+    staged = stage(fs, root, shard_name(shard, digest), buffer.getvalue())
+    foreign = remove_files(output, previous, storage_options, log) or []  # (module lookup: tests stub it)
+    if left_behind(fs, previous, foreign):
+        if log is not None:
+            log(f"note: shard {shard}'s older file could not be removed; its new version waits in "
+                f"{PENDING_FOLDER}/ for the next run")
+        return None
+    promote(fs, staged, path)
     return path
 
 

@@ -5,8 +5,14 @@
     <output>/concept=<name>/part-<shard>-<digest>.parquet   its rows, without the concept column
     <output>/part-<shard>-<digest>.parquet            outputs of older runs: every concept's rows
 
+    <output>/[concept=<name>/]_pending/part-<shard>-<digest>.parquet.<token>
+                                                      a superseding shard in flight (supersede.py)
+
 Everything that reads an output (eval, exports, benchmarks) goes through `part_files` /
-`output_tables`, so a layout change is made here once.
+`output_tables` (exports: `one_version`), so a layout change is made here once. Readers see
+one version per shard: the commit protocol never publishes two (supersede.py), and where
+two are found anyway (an output of older persam versions killed mid-commit, two different
+jobs racing on one output) `one_version` keeps one.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 from typing import Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from jobs.pipeline.job_record import BY_CONCEPT, CONCEPT_FILE, JOB_FILE
@@ -25,6 +32,9 @@ from jobs.storage.schema import PARTITION_PREFIX, partition_folder, read_part
 
 PART_FILE = re.compile(r"^part-(\d+)-([0-9a-f]{12})\.parquet$")
 FLAT_PARTITION = ""  # the root of an output of older runs, holding every concept's rows
+# Footer key of a part file that replaced others: the names of the files it superseded (JSON list).
+SUPERSEDES_KEY = b"persam.supersedes"
+CREATED_KEY = b"persam.created"
 
 
 def shard_name(shard: int, digest: str) -> str:
@@ -46,10 +56,56 @@ def partition_root(output: str, partition: str = FLAT_PARTITION) -> str:
     return output.rstrip("/") + (f"/{partition_folder(partition)}" if partition else "")
 
 
+def _footer(fs, path: str) -> dict[bytes, bytes]:
+    """A part file's key-value metadata; {} when unreadable."""
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).schema_arrow.metadata or {}
+    except Exception:
+        return {}
+
+
+def _newest(fs, paths: list[str]) -> str:
+    """The version of one shard a reader keeps among several published: not named in another's
+    superseded list, then the latest `persam.created`, then modification time, then name."""
+    footers = {p: _footer(fs, p) for p in paths}
+    superseded = set()
+    for footer in footers.values():
+        try:
+            superseded |= set(json.loads(footer.get(SUPERSEDES_KEY, b"[]")))
+        except ValueError:
+            pass
+    candidates = [p for p in paths if os.path.basename(p) not in superseded] or paths
+
+    def rank(path: str) -> tuple:
+        try:
+            modified = fs.modified(path).timestamp()
+        except Exception:
+            modified = 0.0
+        return footers[path].get(CREATED_KEY, b""), modified, path
+
+    return max(candidates, key=rank)
+
+
+def one_version(fs, paths: list[str]) -> list[str]:
+    """`paths` with one part file per (folder, shard) where several versions of a shard are
+    published; other files kept as they are. Reads footers only of the shards found twice."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for path in paths:
+        parsed = parse_part_path(path)
+        if parsed is not None:
+            groups.setdefault((os.path.dirname(path.rstrip("/")), parsed[0]), []).append(path)
+    dropped: set[str] = set()
+    for group in groups.values():
+        if len(group) > 1:
+            dropped |= set(group) - {_newest(fs, group)}
+    return [p for p in paths if p not in dropped]
+
+
 def part_files(output: str, storage_options: dict | None = None) -> list[str]:
-    """The published part files of an output, in partition then shard order (for readers:
-    eval, exports, benchmarks): those of every `concept=<name>/` partition, or of the root
-    (outputs of older runs)."""
+    """The published part files of an output, one per shard of each partition, in partition
+    then shard order (for readers: eval, exports, benchmarks): those of every `concept=<name>/`
+    partition, or of the root (outputs of older runs)."""
     fs, root = url_to_fs(output, **(storage_options or {}))
     root, paths = root.rstrip("/"), []
     for info in fs.ls(root, detail=True):
@@ -58,7 +114,7 @@ def part_files(output: str, storage_options: dict | None = None) -> list[str]:
             paths += [p for p in fs.ls(info["name"], detail=False) if parse_part_path(p) is not None]
         elif parse_part_path(info["name"]) is not None:
             paths.append(info["name"])
-    return [as_given(fs, output)(p) for p in sorted(paths)]
+    return [as_given(fs, output)(p) for p in one_version(fs, sorted(paths))]
 
 
 def output_tables(output: str, storage_options: dict | None = None,

@@ -105,6 +105,23 @@ def publish_bytes(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def make_folder(fs, path: str) -> None:
+    """Create the local folder `path`. Object stores have no folders to create, and a
+    makedirs there is harmful: on s3fs it creates a missing *bucket*."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(path, exist_ok=True)
+
+
+def move_file(fs, source: str, target: str) -> None:
+    """Make `source` appear at `target` in one step, replacing what is there: a rename
+    locally (atomic), a copy then a delete on object stores (the copy creates the whole
+    object at once; a kill between the two leaves `source` behind as well)."""
+    if isinstance(fs, LocalFileSystem):
+        os.replace(source, target)
+    else:
+        fs.mv(source, target)
+
+
 def write_atomically(url: str, data: bytes, storage_options: dict | None = None) -> None:
     """The whole file or nothing at `url` (see publish_bytes)."""
     fs, path = url_to_fs(url, **(storage_options or {}))

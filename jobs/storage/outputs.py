@@ -10,6 +10,7 @@ from pathlib import Path
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from jobs.storage.files import make_folder
 from jobs.storage.redaction import redact
 
 
@@ -46,21 +47,33 @@ def check_output_file(url: str, flag: str, storage_options: dict | None = None, 
 
 
 def check_output_folder(url: str, flag: str, storage_options: dict | None = None) -> None:
-    """A folder the command will write into: not an existing file, creatable."""
+    """A folder the command will write into: not an existing file, creatable; on an object
+    store a probe object is written and removed under it (its bucket is never created)."""
     fs, path, reason = _blocker(url, storage_options)
-    if fs.isfile(path):
+    try:
+        is_file = fs.isfile(path)
+    except Exception as error:  # e.g. Forbidden on the bucket
+        raise OutputError(f"{redact(url)}: {flag} cannot be read ({type(error).__name__}); pass a location "
+                          "these credentials can read and write") from None
+    if is_file:
         raise OutputError(f"{redact(url)}: {flag} is an existing file; pass a folder path (it holds several files)")
     if reason:
         raise OutputError(f"{redact(url)}: {flag} is not writable ({reason}); pass a writable path")
+    if not isinstance(fs, LocalFileSystem):
+        probe_writable(fs, path, url, flag)
 
 
 def probe_writable(fs, folder: str, shown: str, flag: str, error_type: type[ValueError] = OutputError) -> None:
-    """Create `folder` and write + remove an empty probe file in it: the one test of write
-    permission that holds for every store (object stores have no permission bits to read)."""
+    """Write + remove an empty probe file in `folder` (created first if local): the one test
+    of write permission that holds for every store (object stores have no permission bits
+    to read). A missing bucket is reported, never created (make_folder)."""
     probe = f"{folder.rstrip('/')}/.persam-probe-{uuid.uuid4().hex}"
     try:
-        fs.makedirs(folder, exist_ok=True)
+        make_folder(fs, folder)
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
+    except FileNotFoundError:
+        raise error_type(f"{redact(shown)}: {flag} is not writable (its bucket does not exist; persam never creates "
+                         "one): create the bucket or pass another location") from None
     except Exception as error:
         raise error_type(f"{redact(shown)}: {flag} is not writable ({type(error).__name__}); pass a writable location") from None

@@ -123,3 +123,61 @@ def test_remote_write_is_one_whole_object(monkeypatch):
     monkeypatch.setattr(type(fs), "open", lambda *a, **kw: pytest.fail("streamed write"))
     files.write_atomically("memory://bucket/concepts/c.json", b'{"a": 1}')
     assert calls == [("/bucket/concepts/c.json", b'{"a": 1}')]
+
+
+# ---------------------------------------------------------------------------- object stores
+
+
+def _s3_error(capsys, command: str, url: str, phrase: str) -> None:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"persam {command}: error: {url}:") and phrase in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command, flag, extra", [
+    ("segment", "--output", []),
+    ("segment", "--output", ["--dry-run"]),
+    ("segment", "--cache", []),
+    ("rank", "--output", ["--checkpoint", "s3://persam-weights/sam.pth"]),
+    ("fit", "--out", []),
+])
+def test_a_missing_bucket_is_reported_before_work_and_never_created(command, flag, extra, concept_file, tmp_path, s3,
+                                                                    capsys):
+    bucket = f"no-such-bucket-{command}-{flag.strip('-')}-{len(extra)}"
+    url = f"s3://{bucket}/masks" + ("/mug.json" if command == "fit" else "")
+    if command == "fit":
+        argv = ["fit", *TINY, "--image", str(tmp_path / "a.jpg"), "--mask", str(tmp_path / "a.png"), "--name", "mug"]
+    else:
+        argv = [command, *TINY, "--concept", str(concept_file), "--input", str(tmp_path)]
+        if flag != "--output":
+            argv += ["--output", str(tmp_path / "out")]
+    rc = main([*argv, flag, url, *extra])
+    assert rc == 3
+    _s3_error(capsys, command, url, "its bucket does not exist; persam never creates one")
+    s3.invalidate_cache()
+    assert not s3.exists(bucket)  # s3fs's makedirs on a bucket path would have created it
+
+
+def test_an_unwritable_prefix_is_found_before_the_checkpoint_is_read(concept_file, tmp_path, s3_env, capsys,
+                                                                     monkeypatch):
+    import s3fs
+
+    real_pipe = s3fs.S3FileSystem._pipe_file
+
+    async def forbidden(self, path, data, *args, **kwargs):  # what S3 answers a PUT that a policy denies
+        if "/locked/" in path:
+            raise PermissionError("Access Denied")
+        return await real_pipe(self, path, data, *args, **kwargs)
+
+    # before any instance exists: an instance binds its sync methods to the class's coroutines
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", forbidden)
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3 = s3fs.S3FileSystem()
+    s3.mkdir("persam-locked")
+    for flag in ("--output", "--cache"):
+        url = "s3://persam-locked/locked/masks"
+        argv = ["segment", *TINY, "--checkpoint", "s3://persam-locked/weights/sam.pth", "--concept", str(concept_file),
+                "--input", str(tmp_path), "--output", str(tmp_path / "out"), flag, url]
+        assert main(argv) == 3
+        _s3_error(capsys, "segment", url, f"{flag} is not writable (PermissionError)")
+    assert s3.ls("persam-locked") == []

@@ -1,7 +1,7 @@
 """Outputs partitioned by concept (`concept=<name>/part-…`): provenance in every part file and
 in the records, a concept added to an existing output computed alone while the others'
 files stay byte-identical, the output read as one table by pyarrow, pandas and DuckDB,
-exactly once after a kill between publish and removal, and outputs of older runs (one
+exactly once after a kill between a staged write and the removal, and outputs of older runs (one
 flat file per shard) still rerunning in their own layout.
 
 Every run uses `--runner local` (the product's stages in this process): no Ray starts."""
@@ -24,6 +24,7 @@ from jobs.cli import main
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.job_record import FLAT, JobRecord
+from jobs.pipeline.supersede import PENDING_FOLDER
 from jobs.spec import JobSpec, ModelSpec, SpeedSpec
 from jobs.storage.outputs import OutputError
 from jobs.storage.schema import CONCEPT, IMAGE_URI
@@ -154,10 +155,14 @@ def test_exactly_once_after_a_kill_between_publish_and_removal(concepts, images,
     spec = _spec(concepts, ("cat", "duck_toy"), images, output)
     run_segment(spec, log=lambda line: None)
     (images / "b.jpg").write_bytes((perseg_sample / "Images/duck_toy/02.jpg").read_bytes())  # b.jpg's shard changes
-    with monkeypatch.context() as patch:  # killed after each publish, before the old files go
+    with monkeypatch.context() as patch:  # killed after each staged write, before the old files go
         patch.setattr(commit, "remove_files", lambda *args, **kwargs: None)
         run_segment(spec, log=lambda line: None)
-    assert len(list(output.rglob("part-*.parquet"))) == 4 + 2  # the changed shard's old and new file, per concept
+    # readers see one version of each shard (the old one) while the new one waits, staged, unlisted
+    assert len(list(output.rglob("part-*.parquet"))) == 4
+    assert len(list(output.glob(f"concept=*/{PENDING_FOLDER}/part-*"))) == 2
+    keys = _keys(output)
+    assert len(keys) == len(set(keys)) == 6 and len(pd.read_parquet(output)) == 6
     repaired = run_segment(spec, log=lambda line: None)
     assert repaired.shards_run == 0  # nothing to compute: the next run only drops the superseded files
     keys = _keys(output)
