@@ -1,23 +1,22 @@
 """Test oracle: a deliberately plain re-implementation of GF-SAM's inference path.
 
 Written from the GF-SAM repository (ANDYZAQ/GF-SAM: matcher/GFSAM.py, main_eval.py,
-matcher/data/*.py) and the project's GF-SAM contract (docs: GFSAM.md, section numbers below).
-One (image, concept) pair at a time, SamPredictor for SAM, scipy for the components and
-Python loops for the growth and the vote; nothing of persam_core's GF-SAM code is used (only
-the DINOv2 forward pass, when a real DINOv2 module is given).
+matcher/data/) and the project's GF-SAM contract (GFSAM.md; section numbers below). One
+(image, concept) pair at a time: SamPredictor for SAM, scipy for the components, Python loops
+for the graph, the growth and the vote. Of persam_core only DINOv2's forward pass is used.
+Upstream's quirks are kept; `Quirks` turns each off, so tests can show that it matters.
+Ours, not upstream's: equal growth scores in index order, top-k ties to the lower flat index,
+an empty mask instead of the crash when there are no points, and the section 4.11 / 5 outputs.
 
-Upstream behaviour kept, quirks included (`Quirks` turns each off so tests can show that it
-matters): the token-axis normalisation, no antialias on 1024 -> 518, align_corners weights,
-the joint all-empty reference rule, strict comparisons, cell-corner truncated x-major points,
-nearest adjacency, weak components, the group-wide last cls_score, distance 0 -> 1 and the
-fallback's zeroing of non-label-2 scores. Ours, not upstream's: stable order on equal growth
-scores, lower flat index on top-k ties, an empty mask instead of the crash when there are no
-points, the mask at the original size (section 4.11), `presence` and `prob_score` (section 5).
+`oracle_predict` returns: "points" [n, 2] int SAM pixels (x, y) before SAM's + 0.5, x-major;
+"grid_points" [n, 2] (x, y); "groups" [n]; "labels" [n] in {0, 1, 2}; "cls_scores" [n] (before
+the fallback's zeroing); "fg", "consistent" [n] bool; "mask_1024" [1024, 1024] bool; "mask"
+[H, W] bool; "selected" (the indices whose masks are united); "path" ("union", "fallback",
+"no_points"); "presence", "prob_score" floats; "low_res" [len(selected), 256, 256]; "maps".
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,7 +45,6 @@ TokensFn = Callable[[Tensor], Tensor]  # DINOv2 pixels [B, 3, 518, 518] -> patch
 @dataclass(frozen=True)
 class Quirks:
     """Each upstream behaviour that changes results; False swaps in the 'obvious' variant."""
-
     token_axis_norm: bool = True  # F.normalize(dim=1) over tokens (else per token)
     no_antialias: bool = True  # 1024 -> 518 without antialias (else antialias=True)
     align_corners_weights: bool = True  # reference weights bilinear align_corners=True
@@ -88,16 +86,12 @@ def _float_frame(frame: np.ndarray) -> Tensor:
 
 def _dino_pixels(float_frames: Tensor, quirks: Quirks) -> Tensor:
     """[B, 3, 1024, 1024] in [0, 1] -> [B, 3, 518, 518]: bilinear, then ImageNet statistics."""
-    small = F.interpolate(
-        float_frames, size=(DINO_SIZE, DINO_SIZE), mode="bilinear", align_corners=False,
-        antialias=not quirks.no_antialias,
-    )
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return (small - mean) / std
+    small = F.interpolate(float_frames, size=(DINO_SIZE, DINO_SIZE), mode="bilinear", align_corners=False,
+                          antialias=not quirks.no_antialias)
+    return (small - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-def _patch_tokens(dinov2, pixels: Tensor) -> Tensor:
+def _patch_tokens(dinov2: nn.Module | TokensFn, pixels: Tensor) -> Tensor:
     """x_prenorm's patch tokens [B, 1369, C]: a DINOv2 module through the product's forward
     (the one piece shared with it), or a plain callable (test stand-ins)."""
     if isinstance(dinov2, nn.Module) and not getattr(dinov2, "is_token_standin", False):
@@ -119,7 +113,7 @@ def _normalise(tokens: Tensor, quirks: Quirks) -> Tensor:
 
 
 @torch.no_grad()
-def encode_tokens(dinov2, frames: list[np.ndarray], quirks: Quirks = UPSTREAM) -> Tensor:
+def encode_tokens(dinov2: nn.Module | TokensFn, frames: list[np.ndarray], quirks: Quirks = UPSTREAM) -> Tensor:
     """Stretched frames (uint8) -> normalised tokens [B, 1369, C], encoded as one batch."""
     pixels = _dino_pixels(torch.stack([_float_frame(frame) for frame in frames]), quirks)
     return _normalise(_patch_tokens(dinov2, pixels), quirks)
@@ -131,13 +125,9 @@ def encode_tokens(dinov2, frames: list[np.ndarray], quirks: Quirks = UPSTREAM) -
 def reference_weights(masks_1024: Tensor, quirks: Quirks = UPSTREAM) -> tuple[Tensor, Tensor]:
     """[S, 1024, 1024] float 0/1 -> (wpos, wneg) [S, 1369], the empty rule applied first."""
     masks_1024 = masks_1024.clone()
-    if quirks.joint_empty_rule:
-        if masks_1024.sum() == 0:
-            masks_1024[:, EMPTY_RESCUE, EMPTY_RESCUE] = 1
-    else:
-        for shot in range(masks_1024.shape[0]):
-            if masks_1024[shot].sum() == 0:
-                masks_1024[shot, EMPTY_RESCUE, EMPTY_RESCUE] = 1
+    for shots in [slice(None)] if quirks.joint_empty_rule else range(len(masks_1024)):
+        if masks_1024[shots].sum() == 0:  # joint: every shot empty
+            masks_1024[shots, EMPTY_RESCUE, EMPTY_RESCUE] = 1
     wpos, wneg = [], []
     for mask in masks_1024:
         for weights, source in ((wpos, mask), (wneg, 1 - mask)):
@@ -147,7 +137,8 @@ def reference_weights(masks_1024: Tensor, quirks: Quirks = UPSTREAM) -> tuple[Te
     return torch.stack(wpos), torch.stack(wneg)
 
 
-def oracle_fit(dinov2, images: list[np.ndarray], masks: list[np.ndarray], quirks: Quirks = UPSTREAM) -> dict:
+def oracle_fit(dinov2: nn.Module | TokensFn, images: list[np.ndarray], masks: list[np.ndarray],
+               quirks: Quirks = UPSTREAM) -> dict:
     """Shots ([H, W, 3] uint8, [H, W] 0/1) -> {"tokens": [S, 1369, C], "wpos"/"wneg": [S, 1369]}."""
     frames = [stretch_to_frame(image) for image in images]
     tokens = encode_tokens(dinov2, frames, quirks)
@@ -176,24 +167,18 @@ def shot_priors(cos: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
 def priors(reference: dict, query: Tensor) -> dict[str, Tensor]:
     """query [1369, C] -> {"Mpos", "Apos", "Aneg"} [37, 37], each averaged over shots."""
     maps: dict[str, list[Tensor]] = {"Mpos": [], "Apos": [], "Aneg": []}
-    for shot in range(reference["tokens"].shape[0]):
-        cos = cosine(reference["tokens"][shot], query)
-        max_pos, mean_pos = shot_priors(cos, reference["wpos"][shot])
-        _, mean_neg = shot_priors(cos, reference["wneg"][shot])
-        maps["Mpos"].append(max_pos)
-        maps["Apos"].append(mean_pos)
-        maps["Aneg"].append(mean_neg)
+    for tokens, wpos, wneg in zip(reference["tokens"], reference["wpos"], reference["wneg"]):
+        cos = cosine(tokens, query)
+        max_pos, mean_pos = shot_priors(cos, wpos)
+        for name, value in (("Mpos", max_pos), ("Apos", mean_pos), ("Aneg", shot_priors(cos, wneg)[1])):
+            maps[name].append(value)
     return {name: torch.stack(values).mean(dim=0).view(GRID, GRID) for name, values in maps.items()}
-
-
-def _minmax(x: Tensor) -> Tensor:
-    return (x - x.min()) / (x.max() - x.min() + 1e-6)
 
 
 def location_map(maps: dict[str, Tensor], quirks: Quirks = UPSTREAM) -> Tensor:
     """Fm [37, 37] (section 4.3): minmax(Apos * Mpos), zero where minmax(Aneg) beats it."""
-    cross = _minmax(maps["Apos"] * maps["Mpos"])
-    neg = _minmax(maps["Aneg"])
+    minmax = lambda x: (x - x.min()) / (x.max() - x.min() + 1e-6)  # noqa: E731
+    cross, neg = minmax(maps["Apos"] * maps["Mpos"]), minmax(maps["Aneg"])
     negative = neg > cross if quirks.strict else neg >= cross
     return cross * ~negative
 
@@ -204,9 +189,7 @@ def location_map(maps: dict[str, Tensor], quirks: Quirks = UPSTREAM) -> Tensor:
 def select_points(fm: Tensor, quirks: Quirks = UPSTREAM) -> tuple[np.ndarray, np.ndarray]:
     """Fm [37, 37] -> (grid (x, y) [n, 2], SAM pixel (x, y) [n, 2] int), x-major."""
     total = float(fm.sum())
-    k = min(int(total), MAX_POINTS)
-    if k == 0 and total > 0:
-        k = 1
+    k = 1 if 0 < total < 1 else min(int(total), MAX_POINTS)
     values = fm.flatten().numpy()
     order = np.argsort(-values, kind="stable")  # equal values: lower flat index first
     chosen = sorted(order[:k].tolist())
@@ -225,8 +208,7 @@ def select_points(fm: Tensor, quirks: Quirks = UPSTREAM) -> tuple[np.ndarray, np
 
 @torch.no_grad()
 def sam_masks(predictor: SamPredictor, pixels: np.ndarray) -> tuple[Tensor, Tensor]:
-    """One positive point per prompt, single-mask output, PROMPT_BATCH prompts a call.
-
+    """One positive point per prompt, single-mask output, PROMPT_BATCH prompts a call:
     pixels [n, 2] int (x, y) -> (masks [n, 1024, 1024] bool, low-res logits [n, 256, 256])."""
     masks, lows = [], []
     for start in range(0, len(pixels), PROMPT_BATCH):
@@ -246,11 +228,10 @@ def mask_groups(masks: Tensor, grid: np.ndarray, quirks: Quirks = UPSTREAM) -> n
         small = F.interpolate(masks[:, None].float(), size=(GRID, GRID), mode="nearest")[:, 0]
     else:
         small = (F.interpolate(masks[:, None].float(), size=(GRID, GRID), mode="bilinear") > 0).float()
-    n = len(grid)
-    adjacency = np.zeros((n, n), dtype=np.float32)
-    for i in range(n):
+    small, adjacency = small.numpy(), np.zeros((len(grid), len(grid)), dtype=np.float32)
+    for i in range(len(grid)):
         for j, (x, y) in enumerate(grid):
-            adjacency[i, j] = float(small[i, y, x])
+            adjacency[i, j] = small[i, y, x]
     connection = "weak" if quirks.weak_components else "strong"
     _, labels = csgraph.connected_components(adjacency, directed=True, connection=connection)
     return labels.astype(np.int64)
@@ -270,9 +251,7 @@ def grow(masks: Tensor, groups: np.ndarray, maps: dict[str, Tensor], quirks: Qui
     half = (apos.max() + apos.min()) / 2
     p_map, n_map = apos * apos, maps["Aneg"] * half
     pos = (p_map > n_map).float() if quirks.strict else (p_map >= n_map).float()
-    n = len(groups)
-    fg = np.zeros(n, dtype=bool)
-    cls_scores = np.zeros(n, dtype=np.float32)
+    fg, cls_scores = np.zeros(len(groups), dtype=bool), np.zeros(len(groups), dtype=np.float32)
     for group in range(int(groups.max()) + 1):
         members = np.flatnonzero(groups == group)
         feet = footprints(masks[members])  # [m, 37, 37]
@@ -312,11 +291,9 @@ def consistency(masks: Tensor, groups: np.ndarray, grid: np.ndarray, query: Tens
         xj, yj = grid[j]
         best, best_group = None, -1
         for group in range(n_groups):
-            nearest = None
-            for m in np.flatnonzero(groups == group):
-                dx, dy = int(grid[m][0] - xj), int(grid[m][1] - yj)
-                distance = np.sqrt(np.float32(dx * dx + dy * dy))
-                nearest = distance if nearest is None else min(nearest, distance)
+            # float32 square roots of integer squared distances, as torch.cdist gives them
+            nearest = min(np.sqrt(np.float32((grid[m][0] - xj) ** 2 + (grid[m][1] - yj) ** 2))
+                          for m in np.flatnonzero(groups == group))
             if nearest == 0:
                 nearest = np.float32(1.0 if quirks.distance_zero_one else 1e-6)
             score = np.float32(group_maps[group][yj, xj]) / nearest
@@ -333,6 +310,22 @@ def consistency(masks: Tensor, groups: np.ndarray, grid: np.ndarray, query: Tens
 
 
 # ---- predict (sections 4, 5) ----------------------------------------------------------
+
+
+def output_selection(masks: Tensor, labels: np.ndarray, cls_scores: np.ndarray,
+                     quirks: Quirks = UPSTREAM) -> tuple[list[int], str]:
+    """Section 4.10 -> (indices of the masks to unite, "union" or "fallback")."""
+    selected = np.flatnonzero(labels == 1).tolist()
+    if selected and bool(masks[selected].any()):
+        return selected, "union"
+    scores = cls_scores.copy()
+    if quirks.fallback_zeroing:
+        scores[labels != 2] = 0
+    chosen = 0
+    for index in range(len(scores)):  # the first maximum, even when every score is <= 0
+        if scores[index] > scores[chosen]:
+            chosen = index
+    return [chosen], "fallback"
 
 
 def presence_score(maps: dict[str, Tensor]) -> float:
@@ -352,30 +345,29 @@ def prob_score(masks: Tensor, apos: Tensor) -> float:
     return 0.0 if best is None else best
 
 
-def _no_points(maps: dict[str, Tensor], grid: np.ndarray, height: int, width: int) -> dict:
-    empty_int = np.zeros((0, 2), dtype=np.int64)
-    return {
-        "points": empty_int, "grid_points": grid.reshape(0, 2), "groups": np.zeros(0, dtype=np.int64),
-        "labels": np.zeros(0, dtype=np.int64), "cls_scores": np.zeros(0, dtype=np.float32),
-        "fg": np.zeros(0, dtype=bool), "consistent": np.zeros(0, dtype=bool),
-        "mask_1024": np.zeros((FRAME, FRAME), dtype=bool), "mask": np.zeros((height, width), dtype=bool),
-        "selected": [], "path": "no_points", "presence": presence_score(maps), "prob_score": 0.0,
-        "low_res": torch.zeros(0, 256, 256), "maps": maps,
+def _no_points(maps: dict[str, Tensor], height: int, width: int) -> dict:
+    none = {key: np.zeros(0, dtype=np.int64) for key in ("groups", "labels")}
+    none.update({key: np.zeros(0, dtype=bool) for key in ("fg", "consistent")})
+    return none | {
+        "points": np.zeros((0, 2), dtype=np.int64), "grid_points": np.zeros((0, 2), dtype=np.int64),
+        "cls_scores": np.zeros(0, dtype=np.float32), "mask_1024": np.zeros((FRAME, FRAME), dtype=bool),
+        "mask": np.zeros((height, width), dtype=bool), "selected": [], "path": "no_points",
+        "presence": presence_score(maps), "prob_score": 0.0, "low_res": torch.zeros(0, 256, 256), "maps": maps,
     }
 
 
 @torch.no_grad()
-def oracle_predict(sam: Sam, dinov2, reference: dict, image: np.ndarray, quirks: Quirks = UPSTREAM,
-                   predictor: SamPredictor | None = None) -> dict:
-    """One target [H, W, 3] uint8 against one concept (oracle_fit's dict) -> the module docstring's
-    result dict. `predictor`: a SamPredictor already set on this image's frame (tests' cache)."""
+def oracle_predict(sam: Sam, dinov2: nn.Module | TokensFn, reference: dict, image: np.ndarray,
+                   quirks: Quirks = UPSTREAM, predictor: SamPredictor | None = None) -> dict:
+    """One target [H, W, 3] uint8 against one concept (oracle_fit's dict); keys: module docstring.
+    `predictor`: a SamPredictor already set on this image's frame (a test's cache)."""
     height, width = image.shape[:2]
     frame = stretch_to_frame(image)
     query = encode_tokens(dinov2, [frame], quirks)[0]
     maps = priors(reference, query)
     grid, pixels = select_points(location_map(maps, quirks), quirks)
     if len(grid) == 0:  # upstream crashes here (selected_points unbound); ours: empty
-        return _no_points(maps, grid, height, width)
+        return _no_points(maps, height, width)
 
     if predictor is None:
         predictor = SamPredictor(sam)
@@ -387,20 +379,8 @@ def oracle_predict(sam: Sam, dinov2, reference: dict, image: np.ndarray, quirks:
     consistent = consistency(masks, groups, grid, query, quirks)
     labels = np.where(consistent & fg, 1, np.where(consistent | fg, 2, 0)).astype(np.int64)
 
-    selected = np.flatnonzero(labels == 1).tolist()
-    mask_1024 = masks[selected].any(dim=0) if selected else torch.zeros(FRAME, FRAME, dtype=torch.bool)
-    path = "union"
-    if not bool(mask_1024.any()):
-        path = "fallback"
-        scores = cls_scores.copy()
-        if quirks.fallback_zeroing:
-            scores[labels != 2] = 0
-        chosen = 0
-        for index in range(len(scores)):  # first maximum
-            if scores[index] > scores[chosen]:
-                chosen = index
-        selected = [chosen]
-        mask_1024 = masks[chosen]
+    selected, path = output_selection(masks, labels, cls_scores, quirks)
+    mask_1024 = masks[selected].any(dim=0)
 
     # Section 4.11: SAM's own way back to the image size, per selected mask, then united.
     original = torch.zeros(height, width, dtype=torch.bool)

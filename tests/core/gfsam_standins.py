@@ -126,9 +126,9 @@ class _PixelFeatures(nn.Module):
     def forward(self, src: Tensor) -> Tensor:
         centres = (torch.arange(LOW_RES, device=src.device, dtype=torch.float32) + 0.5) / LOW_RES - 0.5
         v, u = torch.meshgrid(centres, centres, indexing="ij")
-        out = torch.zeros(src.shape[0], self.channels, LOW_RES, LOW_RES, device=src.device, dtype=src.dtype)
+        out = torch.zeros(1, self.channels, LOW_RES, LOW_RES, device=src.device, dtype=src.dtype)
         out[:, 0], out[:, 1], out[:, 2], out[:, 3] = 1.0, u, v, u * u + v * v
-        return out
+        return out.expand(src.shape[0], -1, -1, -1)  # the same for every prompt: no copies
 
 
 class _DiscCoefficients(nn.Module):
@@ -223,3 +223,27 @@ class TokenStandIn(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         colours = F.avg_pool2d(pixels, kernel_size=14).flatten(2).transpose(1, 2)  # [B, 1369, 3]
         return torch.tanh(colours @ self.first + self.bias) @ self.second
+
+
+class FixedTokens(nn.Module):
+    """pixels [B, 3, 518, 518] -> the given tokens [1369, C] for every image (priors by design)."""
+
+    is_token_standin = True
+
+    def __init__(self, tokens: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("tokens", tokens.float())
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.tokens.expand(pixels.shape[0], -1, -1).clone()
+
+
+def two_kind_tokens(foreground_cells: Sequence[tuple[int, int]], grid: int = 37, dim: int = 4) -> Tensor:
+    """[grid * grid, dim] tokens: e0 at the given (x, y) cells, e1 elsewhere. Each token has one
+    non-zero channel, so the token-axis normalisation keeps every cosine at exactly 0 or 1."""
+    tokens = torch.zeros(grid * grid, dim)
+    tokens[:, 1] = 1.0
+    for x, y in foreground_cells:
+        tokens[y * grid + x] = 0.0
+        tokens[y * grid + x, 0] = 1.0
+    return tokens
