@@ -1,0 +1,1 @@
+"""Segmentation methods beside PerSAM's cascade (one module per method and concept)."""
