@@ -247,3 +247,21 @@ def two_kind_tokens(foreground_cells: Sequence[tuple[int, int]], grid: int = 37,
         tokens[y * grid + x] = 0.0
         tokens[y * grid + x, 0] = 1.0
     return tokens
+
+
+def cells_mask(x0: int, y0: int, x1: int, y1: int, grid: int = 37) -> Tensor:
+    """[1024, 1024] bool covering exactly the grid cells x0..x1, y0..y1 (inclusive) for both of
+    GF-SAM's samplings: nearest 1024 -> 37 hits those cells only, and their bilinear footprint
+    is 1 there (up to float rounding at a few cells) and exactly 0 elsewhere (the box spans each
+    cell's nearest pixel and both pixels of its bilinear sample)."""
+    scale = torch.tensor(FRAME, dtype=torch.float32) / grid
+
+    def first(cell: int) -> int:  # torch's legacy nearest source pixel
+        return int(torch.floor(torch.tensor(float(cell)) * scale))
+
+    def last(cell: int) -> int:  # the upper pixel of the bilinear sample (align_corners False)
+        return int(torch.floor(scale * (cell + 0.5) - 0.5)) + 1
+
+    mask = torch.zeros(FRAME, FRAME, dtype=torch.bool)
+    mask[first(y0) : last(y1) + 1, first(x0) : last(x1) + 1] = True
+    return mask
