@@ -21,9 +21,8 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from persam_core.models import ModelError, fingerprint
+from persam_core.options import DEFAULT_DINOV2, DINOV2_TYPES  # the CLI's names, torch-free
 
-DINOV2_TYPES = ("vitl14", "vitb14", "vits14", "tiny")
-DEFAULT_DINOV2 = "vitl14"
 PATCH = 14
 GRID_SIDE = 37
 INPUT_SIDE = GRID_SIDE * PATCH  # 518
@@ -39,7 +38,7 @@ DINOV2_ARCH: dict[str, tuple[int, int, int]] = {
     "vits14": (384, 12, 6),
     "tiny": (64, 2, 2),
 }
-assert tuple(DINOV2_ARCH) == DINOV2_TYPES
+assert tuple(DINOV2_ARCH) == DINOV2_TYPES, "options.DINOV2_TYPES names the sizes"
 # Widths and depths of the published DINOv2 sizes, to name what a wrong file holds.
 _KNOWN_SIZES = {(w, d): kind for kind, (w, d, _) in DINOV2_ARCH.items()} | {(1536, 40): "vitg14"}
 
@@ -78,7 +77,7 @@ def official_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     timm keeps the official names for every tensor it has; `mask_token` [1, C] is not one of
     them (masked training only, unused at inference), so it is written as zeros."""
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     width = state["cls_token"].shape[-1]
     state["mask_token"] = torch.zeros(1, width, dtype=state["cls_token"].dtype, device=state["cls_token"].device)
     return state
@@ -116,18 +115,20 @@ def check_dinov2_state_dict(kind: str, state_dict: Mapping[str, torch.Tensor], s
             raise ModelError(f"{source}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]}); "
                              "the checkpoint is corrupt: download it again")
         return
-    width = expected["cls_token"][-1]
+    problem = (f"{missing[0]} is missing" if missing else f"{unexpected[0]} is not a tensor of it" if unexpected
+               else f"{wrong[0]} has shape {list(given[wrong[0]])}, not {list(expected[wrong[0]])}")
     what = _describe(state_dict)
     if what is None:
-        key = (missing or unexpected or wrong)[0]
         raise ModelError(f"{source}: not a DINOv2 state dict in the official dinov2_vit*14_pretrain.pth key format "
-                         f"(e.g. {'missing' if missing else 'unexpected' if unexpected else 'wrong shape of'} {key}); "
-                         "pass an official DINOv2 ViT/14 checkpoint")
+                         f"({problem}); pass an official DINOv2 ViT/14 checkpoint")
     if "register_tokens" in state_dict:
-        raise ModelError(f"{source}: {what}, but --dinov2 {kind} has no registers; pass the dinov2_vit*14_pretrain.pth file without registers")
-    detail = f"expects width {width}" if f"(width {width})" not in what else (
-        f"expects {DINOV2_ARCH[kind][1]} blocks of this layout (e.g. {(missing or unexpected or wrong)[0]} differs)")
-    raise ModelError(f"{source}: {what}, but --dinov2 {kind} {detail}; pass the matching --dinov2")
+        raise ModelError(f"{source}: {what}, but --dinov2 {kind} has no registers; "
+                         "pass the dinov2_vit*14_pretrain.pth file without registers")
+    width = expected["cls_token"][-1]
+    if f"(width {width})" not in what:
+        raise ModelError(f"{source}: {what}, but --dinov2 {kind} expects width {width}; pass the matching --dinov2")
+    raise ModelError(f"{source}: {what}, but it does not fit --dinov2 {kind} ({problem}); "
+                     "pass an unmodified official-format state dict of that size")
 
 
 def dinov2_from_state_dict(kind: str, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> VisionTransformer:

@@ -104,8 +104,13 @@ def test_a_state_dict_of_another_model_or_with_registers_is_refused_naming_the_f
         dinov2_from_state_dict("tiny", registers, source="reg.pth")
     truncated = official_state_dict(build_random_dinov2("tiny", 0))
     del truncated["blocks.1.mlp.fc2.weight"]
-    with pytest.raises(ModelError, match=r"^cut\.pth: .*blocks\.1\.mlp\.fc2\.weight"):
+    with pytest.raises(ModelError, match=r"^cut\.pth: a DINOv2 tiny state dict \(width 64\), but it does not fit "
+                                         r"--dinov2 tiny \(blocks\.1\.mlp\.fc2\.weight is missing\)"):
         dinov2_from_state_dict("tiny", truncated, source="cut.pth")
+    other_grid = official_state_dict(build_random_dinov2("tiny", 0))
+    other_grid["pos_embed"] = torch.zeros(1, 257, 64)  # a 224-px grid: timm's filter would resample it silently
+    with pytest.raises(ModelError, match=r"^grid\.pth: .*pos_embed has shape \[1, 257, 64\], not \[1, 1370, 64\]"):
+        dinov2_from_state_dict("tiny", other_grid, source="grid.pth")
 
 
 def test_non_finite_weights_are_refused_naming_the_file_and_a_tensor(tiny_state):
