@@ -67,7 +67,7 @@ UPSTREAM = Quirks()
 
 def stretch_to_frame(image: np.ndarray) -> np.ndarray:
     """[H, W, 3] uint8 -> [1024, 1024, 3] uint8: torchvision Resize((1024, 1024)) on a PIL image."""
-    return np.asarray(Image.fromarray(image).resize((FRAME, FRAME), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((FRAME, FRAME), Image.BILINEAR))
 
 
 def frame_mask(mask: np.ndarray) -> Tensor:
@@ -97,13 +97,13 @@ def _patch_tokens(dinov2: nn.Module | TokensFn, pixels: Tensor) -> Tensor:
     if isinstance(dinov2, nn.Module) and not getattr(dinov2, "is_token_standin", False):
         from persam_core.modeling.dinov2 import prenorm_tokens
 
-        tokens = prenorm_tokens(dinov2, pixels)
+        tokens = prenorm_tokens(dinov2, pixels.to(next(dinov2.parameters()).device))
     else:
         tokens = dinov2(pixels)
     if tokens.shape[1] == TOKENS + 1:  # with the cls token
         tokens = tokens[:, 1:]
     assert tokens.shape[1] == TOKENS, tokens.shape
-    return tokens.float()
+    return tokens.float().cpu()
 
 
 def _normalise(tokens: Tensor, quirks: Quirks) -> Tensor:
@@ -212,13 +212,13 @@ def sam_masks(predictor: SamPredictor, pixels: np.ndarray) -> tuple[Tensor, Tens
     pixels [n, 2] int (x, y) -> (masks [n, 1024, 1024] bool, low-res logits [n, 256, 256])."""
     masks, lows = [], []
     for start in range(0, len(pixels), PROMPT_BATCH):
-        chunk = torch.as_tensor(pixels[start : start + PROMPT_BATCH], dtype=torch.int)
-        labels = torch.ones(len(chunk), dtype=torch.int)
+        chunk = torch.as_tensor(pixels[start : start + PROMPT_BATCH], dtype=torch.int, device=predictor.device)
+        labels = torch.ones(len(chunk), dtype=torch.int, device=predictor.device)
         mask, _, low = predictor.predict_torch(
             point_coords=chunk[:, None, :], point_labels=labels[:, None], multimask_output=False
         )
-        masks.append(mask[:, 0] > predictor.model.mask_threshold)
-        lows.append(low[:, 0])
+        masks.append((mask[:, 0] > predictor.model.mask_threshold).cpu())
+        lows.append(low[:, 0].cpu())
     return torch.cat(masks), torch.cat(lows)
 
 

@@ -253,6 +253,9 @@ def test_two_groups_union_of_label_one_discs(sam, predictor, target):
         x, y = result["points"][index]
         union |= disc_mask(x + 0.5, y + 0.5, 45)
     assert (union.numpy() != result["mask_1024"]).mean() < 1e-4  # a disc up to float rounding
+    with standin_decoder(sam, disc_around_point(45)):  # upstream's union of the label-1 masks, exactly
+        masks, _ = oracle.sam_masks(predictor, result["points"][result["selected"]])
+    assert np.array_equal(masks.any(dim=0).numpy(), result["mask_1024"])
     # at the original size: the same discs, through SAM's postprocessing to H x W
     resized = F.interpolate(torch.as_tensor(result["mask_1024"])[None, None].float(), size=TARGET_SHAPE)[0, 0]
     assert result["mask"].shape == TARGET_SHAPE and (resized.numpy().astype(bool) != result["mask"]).mean() < 0.01
@@ -304,3 +307,25 @@ def test_fixed_disc_distance_rule_and_fallback_to_a_label_zero_point(sam, predic
     assert (disc_mask(870, 810, 40).numpy() != result["mask_1024"]).mean() < 1e-4 and result["mask_1024"].any()
     other = run(sam, predictor, target, shape, quirks=oracle.Quirks(distance_zero_one=False))
     assert other["consistent"].all()
+
+
+def test_standin_holds_through_the_products_batched_decoder(sam, predictor):
+    """The stand-in is a function of the point through SAM's own submodules, so persam_core's
+    prompt encoder and batched decoder (another code path) see the same discs."""
+    from persam_core.decoder import decode_masks
+    from persam_core.prompts import encode_prompts
+
+    points = np.array([[100, 200], [700, 650], [0, 1023], [512, 40]])
+    shape = by_region([((0, 0, 512, 512), disc_around_point(80))], default=fixed_disc(300, 700, 120))
+    with standin_decoder(sam, shape):
+        masks, lows = oracle.sam_masks(predictor, points)
+        coords = torch.as_tensor(points, dtype=torch.int)[:, None, :]
+        sparse, dense = encode_prompts(sam.prompt_encoder, coords, torch.ones(4, 1, dtype=torch.int), None, None)
+        product, _ = decode_masks(sam.mask_decoder, predictor.features, sam.prompt_encoder.get_dense_pe(),
+                                  sparse, dense, multimask_output=False)
+    assert torch.allclose(product[:, 0], lows, atol=1e-5)
+    for mask, (cx, cy, r) in zip(masks, [(100.5, 200.5, 80), (300, 700, 120), (300, 700, 120), (300, 700, 120)]):
+        assert (mask != disc_mask(cx, cy, r)).float().mean() < 1e-4
+    assert masks[0].any() and not masks[0][600:, :].any()
+    # and the module is SAM's own again afterwards
+    assert type(sam.mask_decoder.transformer.final_attn_token_to_image).__name__ == "Attention"
