@@ -99,6 +99,15 @@ class Concept:
         _check_values(concept, source)
         return concept
 
+    @property
+    def sam_fingerprint(self) -> str | None:
+        """The SAM weights the concept depends on."""
+        return self.model_fingerprint
+
+    @property
+    def weights_note(self) -> str:
+        return f"weights {self.model_fingerprint}"
+
     def require_models(self, sam_fingerprint: str | None, dinov2: tuple[str, str | None] | None,
                        source: str = "concept") -> None:
         """Refuse a concept computed with other SAM weights (None: not known yet); PerSAM

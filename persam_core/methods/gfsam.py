@@ -16,8 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..batch import HostResults, empty_host_results
-from ..masks import bbox_xywh
+from ..batch import HostResults, empty_host_results, host_results_of
 from ..modeling.dinov2 import frame_tokens
 from .frames import FrameImage, frame_tensor
 from .gfsam_batch import PATH_ABSENT, presence_points, segment_gfsam
@@ -53,42 +52,22 @@ class GFSAMEngine:
 
 
 def to_host_results(results: Sequence, count_concepts: int, sizes: Sequence[tuple[int, int]]) -> HostResults:
-    """segment_gfsam's results (pairs image-major) -> HostResults, the masks copied to the host once."""
+    """segment_gfsam's results (pairs image-major) -> HostResults; masks and numbers leave the
+    device in one copy each."""
     if not results:
         return empty_host_results()
-    device = results[0].mask.device
-    flat = torch.cat([r.mask.flatten() for r in results]).to(torch.uint8)
+    flat = torch.cat([r.mask.flatten() for r in results])
     numbers = torch.stack([torch.stack([r.presence.float(), r.score.float(), r.point[0].float(), r.point[1].float()])
-                           for r in results]).to(device)
-    host_masks, host_numbers = flat.cpu().numpy().astype(bool), numbers.cpu().numpy()
-    lengths = [int(h) * int(w) for h, w in (sizes[p // count_concepts] for p in range(len(results)))]
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    bits, offsets, boxes, areas = [], [0], [], []
-    for p, (h, w) in enumerate(sizes[p // count_concepts] for p in range(len(results))):
-        mask = host_masks[starts[p]:starts[p + 1]].reshape(h, w)
-        packed = np.packbits(mask.reshape(-1))
-        bits.append(packed)
-        offsets.append(offsets[-1] + packed.size)
-        boxes.append(bbox_xywh(mask))
-        areas.append(int(mask.sum()))
-    present = np.array([r.path != PATH_ABSENT for r in results], bool)
-    score = np.where(present, host_numbers[:, 1], np.nan).astype(np.float32)
+                           for r in results]).cpu().numpy()
+    host, masks, start = flat.cpu().numpy(), [], 0
+    for pair in range(len(results)):
+        height, width = sizes[pair // count_concepts]
+        masks.append(host[start:start + height * width].reshape(height, width))
+        start += height * width
+    present = [r.path != PATH_ABSENT for r in results]
     pairs = np.arange(len(results))
-    return HostResults(
-        image_index=(pairs // count_concepts).astype(np.int32),
-        concept_index=(pairs % count_concepts).astype(np.int32),
-        instance=np.zeros(len(results), np.int32),
-        present=present,
-        score=score,
-        similarity=host_numbers[:, 0].astype(np.float32),
-        point=host_numbers[:, 2:4].astype(np.int32),
-        bbox=np.array(boxes, np.int32).reshape(-1, 4),
-        area=np.array(areas, np.int64),
-        object_score=np.full(len(results), np.nan, np.float32),
-        mask_bits=np.concatenate(bits).astype(np.uint8),
-        mask_offsets=np.array(offsets, np.int64),
-        mask_sizes=np.array([sizes[p // count_concepts] for p in range(len(results))], np.int32).reshape(-1, 2),
-    )
+    return host_results_of(masks, pairs // count_concepts, pairs % count_concepts, present,
+                           np.where(present, numbers[:, 1], np.nan), numbers[:, 0], numbers[:, 2:4])
 
 
 ENGINE = GFSAMEngine()

@@ -115,6 +115,15 @@ class GFSAMConcept:
         check_reference(reference, concept.dinov2, source)
         return concept
 
+    @property
+    def sam_fingerprint(self) -> str | None:
+        """None: a GF-SAM concept does not depend on SAM's weights."""
+        return None
+
+    @property
+    def weights_note(self) -> str:
+        return f"DINOv2 {self.dinov2} weights {self.dinov2_fingerprint}"
+
     def require_models(self, sam_fingerprint: str | None, dinov2: tuple[str, str | None] | None,
                        source: str = "concept") -> None:
         """Refuse a concept of another DINOv2 (kind, then weights when known). SAM's weights

@@ -113,6 +113,11 @@ def register(method: Method) -> None:
     _REGISTERED[method.name] = method
 
 
+def unregister(name: str) -> None:
+    """Remove a method added by `register` (built-ins come back on their next use)."""
+    _REGISTERED.pop(name, None)
+
+
 def method_names() -> tuple[str, ...]:
     """Every method's name, built-ins first (no method module imported)."""
     return tuple(dict.fromkeys([*_BUILTIN, *_REGISTERED]))
