@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 
 from persam_core.families import model_types
-from persam_core.options import DECODER_PRECISIONS, GPU_BATCH_SIZE, SPEED_PRECISIONS
+from persam_core.methods.registry import method_names
+from persam_core.options import DECODER_PRECISIONS, DINOV2_TYPES, GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 from jobs.exports import EXPORTS
 from jobs.logs import LOG_FORMATS, LOG_LEVELS
-from jobs.spec import (CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_INTERVAL, METHODS, RUNNERS, JobSpec,
+from jobs.spec import (CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_INTERVAL, RUNNERS, JobSpec,
                        ModelSpec, SpeedSpec)
 
 INPUT_HELP = "directory/prefix, glob, or manifest (.parquet/.csv/.txt)"
@@ -74,6 +75,11 @@ def _add_model(parser: argparse.ArgumentParser, checkpoint_required: bool = True
     parser.add_argument("--checkpoint", required=checkpoint_required, default=ModelSpec.checkpoint, help=CHECKPOINT_HELP)
     parser.add_argument("--device", default=ModelSpec.device, help="auto, cpu or cuda")
     parser.add_argument("--storage-options", default=None, help="JSON passed to fsspec for every URL")
+    parser.add_argument("--dinov2", choices=DINOV2_TYPES, default=ModelSpec.dinov2,
+                        help="DINOv2 size for GF-SAM concepts (loaded only when a GF-SAM concept is fitted or run)")
+    parser.add_argument("--dinov2-checkpoint", default=ModelSpec.dinov2_checkpoint,
+                        help="DINOv2 state dict in the official dinov2_vit*14_pretrain.pth key format: local path, "
+                             "any fsspec URL, 'official', or random:SEED")
 
 
 def _add_cache(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +147,7 @@ def _add_fit(commands) -> None:
                      help="reference image URL (repeat for several shots)")
     fit.add_argument("--mask", dest="masks", metavar="MASK", action="append", required=True,
                      help="its mask (any non-zero pixel is the object)")
-    fit.add_argument("--method", choices=METHODS, default=JobSpec.method)
+    fit.add_argument("--method", choices=method_names(), default=JobSpec.method)
     fit.add_argument("--name", required=True, help="concept name (a plain word)")
     fit.add_argument("--out", required=True, help="concept file to write (JSON)")
     fit.add_argument("--epochs", type=int, default=None, help="PerSAM-F fitting epochs (default 1000)")
@@ -196,7 +202,7 @@ def _add_eval(commands) -> None:
     _add_model(evaluate)
     evaluate.add_argument("--data", required=True, help="PerSeg root (Images/, Annotations/) or DAVIS 2017 root (--video)")
     evaluate.add_argument("--output", required=True, help="directory for metrics.json, metrics.md and the masks")
-    evaluate.add_argument("--method", choices=METHODS, default=JobSpec.method)
+    evaluate.add_argument("--method", choices=method_names(), default=JobSpec.method)
     evaluate.add_argument("--video", action="store_true", help="DAVIS 2017 layout: J, F and J&F")
     evaluate.add_argument("--epochs", type=int, default=None, help="PerSAM-F fit epochs (default 1000; video 800)")
     _add_job(evaluate)

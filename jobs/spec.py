@@ -19,7 +19,8 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from persam_core.options import SpeedFlags
+from persam_core.methods.registry import method_names
+from persam_core.options import DEFAULT_DINOV2, DINOV2_TYPES, SpeedFlags
 
 from jobs.storage.images import DEFAULT_MAX_PIXELS
 
@@ -33,7 +34,6 @@ DEFAULT_CHUNK_IMAGES = 16
 # How the stages run: "ray" (Ray Data: local Ray, or the cluster in RAY_ADDRESS) or "local"
 # (the same stage functions in this process, one after another: debugging, small inputs).
 RUNNERS = ("ray", "local")
-METHODS = ("persam", "persam-f")
 DEVICES = ("auto", "cpu", "cuda")
 # A run whose share of failed images (error rows) exceeds this fails, after committing.
 DEFAULT_MAX_ERROR_RATE = 0.05
@@ -47,11 +47,14 @@ CACHE_DTYPES = ("fp16", "fp32")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which SAM and where it runs. `device` "auto" resolves on each actor's node."""
+    """Which SAM (and which DINOv2, read only by methods that need it: GF-SAM) and where they
+    run. `device` "auto" resolves on each actor's node."""
 
     model_type: str
     checkpoint: str = "random:0"
     device: str = "auto"
+    dinov2: str = DEFAULT_DINOV2
+    dinov2_checkpoint: str = "official"
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,9 @@ class JobSpec:
         if not self.progress_interval > 0:
             raise ValueError(f"--progress-interval {self.progress_interval}: give seconds above 0")
         check_device(self.model.device)
-        for flag, value, allowed in (("--runner", self.runner, RUNNERS), ("--method", self.method, METHODS),
-                                     ("--cache-dtype", self.cache_dtype, CACHE_DTYPES)):
+        for flag, value, allowed in (("--runner", self.runner, RUNNERS), ("--method", self.method, method_names()),
+                                     ("--cache-dtype", self.cache_dtype, CACHE_DTYPES),
+                                     ("--dinov2", self.model.dinov2, DINOV2_TYPES)):
             if value not in allowed:
                 raise ValueError(f"{flag} {value}: choose {', '.join(allowed)}")
 

@@ -119,3 +119,30 @@ def empty_host_results() -> HostResults:
     return HostResults(z(np.int32), z(np.int32), z(np.int32), z(bool), z(np.float32), z(np.float32),
                        z(np.int32, 2), z(np.int32, 4), z(np.int64), z(np.float32), z(np.uint8), np.zeros(1, np.int64),
                        z(np.int32, 2))
+
+
+def host_results_of(masks: Sequence[np.ndarray], image_index: Sequence[int], concept_index: Sequence[int],
+                    present: Sequence[bool], score: Sequence[float], similarity: Sequence[float],
+                    point: Sequence[Sequence[int]], instance: Sequence[int] | None = None) -> HostResults:
+    """Host rows of a method that computes one mask per row ([H, W] bool numpy each) -> HostResults
+    (boxes and areas measured here, object_score NaN). For methods whose masks are already on
+    the host; the PerSAM cascade packs on the device instead (cascade._to_host)."""
+    count = len(masks)
+    if count == 0:
+        return empty_host_results()
+    packed = [np.packbits(np.asarray(m, bool).reshape(-1)) for m in masks]
+    boxes = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        boxes.append([0, 0, 0, 0] if xs.size == 0 else
+                     [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)])
+    return HostResults(
+        image_index=np.asarray(image_index, np.int32), concept_index=np.asarray(concept_index, np.int32),
+        instance=np.zeros(count, np.int32) if instance is None else np.asarray(instance, np.int32),
+        present=np.asarray(present, bool), score=np.asarray(score, np.float32),
+        similarity=np.asarray(similarity, np.float32), point=np.asarray(point, np.int32).reshape(count, 2),
+        bbox=np.asarray(boxes, np.int32), area=np.array([int(np.count_nonzero(m)) for m in masks], np.int64),
+        object_score=np.full(count, np.nan, np.float32), mask_bits=np.concatenate(packed).astype(np.uint8),
+        mask_offsets=np.concatenate([[0], np.cumsum([p.size for p in packed])]).astype(np.int64),
+        mask_sizes=np.array([m.shape for m in masks], np.int32).reshape(count, 2),
+    )

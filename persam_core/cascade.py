@@ -66,7 +66,7 @@ class _ConceptStack:
             torch.stack([c.target_feature for c in concepts]).to(device, torch.float32),
             torch.stack([c.target_embedding for c in concepts]).to(device, torch.float32),
             torch.stack([w.to(device, torch.float32) for w in weights]),
-            tuple(c.concept.method == "persam-f" for c in concepts),
+            tuple(c.mask_weights is not None for c in concepts),  # PerSAM-F's concepts carry its weights
         )
 
 

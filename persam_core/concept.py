@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from .families import as_backbone
+from .methods.registry import ConceptError, get_method
 from .predictor import EncodedImage
 from .preprocess import REFERENCE_MASK_VALUE, reference_mask_grid
 
-METHODS = ("persam", "persam-f")
 FORMAT = "persam-concept/1"
 FEATURE_DIM = 256
 
@@ -37,10 +37,6 @@ UNIT_NORM_TOLERANCE = 1e-3
 EMBEDDING_NORM_RANGE = (1e-6, 1e4)
 # PerSAM-F stores (1 - w1 - w2, w1, w2), which sums to 1 up to float32 rounding (~1e-7).
 WEIGHT_SUM_TOLERANCE = 1e-3
-
-
-class ConceptError(ValueError):
-    """A reference or concept file that cannot be used; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +70,11 @@ class Concept:
             document = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ConceptError(f"{source}: not a concept file ({error.__class__.__name__}); re-create it with `persam fit`") from None
+        return cls.from_document(document, source)
+
+    @classmethod
+    def from_document(cls, document: dict, source: str = "concept") -> "Concept":
+        """A parsed concept file -> the concept, its method's payload checked (registry)."""
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise ConceptError(f"{source}: not a {FORMAT} file; re-create it with `persam fit`")
         try:
@@ -89,10 +90,30 @@ class Concept:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ConceptError(f"{source}: corrupt concept file ({error}); re-create it with `persam fit`") from None
-        if concept.method not in METHODS or (concept.method == "persam-f") != (concept.mask_weights is not None):
+        try:
+            accepted = get_method(concept.method).accepts(concept)
+        except ConceptError:
+            accepted = False
+        if not accepted:
             raise ConceptError(f"{source}: inconsistent method/mask weights; re-create it with `persam fit`")
         _check_values(concept, source)
         return concept
+
+    @property
+    def sam_fingerprint(self) -> str | None:
+        """The SAM weights the concept depends on."""
+        return self.model_fingerprint
+
+    @property
+    def weights_note(self) -> str:
+        return f"weights {self.model_fingerprint}"
+
+    def require_models(self, sam_fingerprint: str | None, dinov2: tuple[str, str | None] | None,
+                       source: str = "concept") -> None:
+        """Refuse a concept computed with other SAM weights (None: not known yet); PerSAM
+        reads SAM's features only, so DINOv2 is never asked."""
+        if sam_fingerprint is not None:
+            self.require_fingerprint(sam_fingerprint, source)
 
     def require_fingerprint(self, fingerprint: str, source: str = "concept") -> None:
         """Refuse a concept computed with other SAM weights."""

@@ -31,8 +31,8 @@ def _torch_load(path: str, mmap: bool):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Read an official SAM state dict without unpickling arbitrary objects.
+def load_state_dict_file(path: str, family: str = "SAM") -> dict[str, torch.Tensor]:
+    """Read an official `family` (SAM, DINOv2) state dict without unpickling arbitrary objects.
 
     torch's own error texts are never passed on: they suggest `weights_only=False`.
     """
@@ -44,14 +44,14 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError:
         raise ModelError(
             f"{path}: refused: the file holds pickled objects other than tensors (loading it could run code); "
-            "pass an official SAM state dict"
+            f"pass an official {family} state dict"
         ) from None
     except Exception:
-        raise ModelError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated); pass an official SAM .pth file") from None
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated); pass an official {family} .pth file") from None
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path}: does not contain a state dict of tensors; pass an official SAM checkpoint")
+        raise ModelError(f"{path}: does not contain a state dict of tensors; pass an official {family} checkpoint")
     return dict(state)
 
 

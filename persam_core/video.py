@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from .methods.registry import get_method, method_names
 from .persam_f import optimise_mask_weights
 from .pairs import PairBatch, boxes_of
 from .refine import refine_with_box
@@ -44,7 +45,20 @@ from .prior import similarity_maps, upsample_similarities
 
 VIDEO_MASK_VALUE = 215  # the reference's --exp
 BOX_MARGIN = 10  # the reference's --threshold
-METHODS = ("persam", "persam-f")
+
+
+def video_methods() -> tuple[str, ...]:
+    """The methods the video mode runs: PerSAM's family (methods that say whether they fit
+    mask weights, persam_core.methods.persam)."""
+    return tuple(name for name in method_names() if hasattr(get_method(name), "mask_weights"))
+
+
+def fits_mask_weights(method: str) -> bool:
+    """Whether the video mode fits mask weights for `method` (PerSAM-F); ValueError for a
+    method it does not run."""
+    if method not in video_methods():
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(video_methods())}")
+    return bool(get_method(method).mask_weights)
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,7 @@ class VideoSettings:
 
     @property
     def points(self) -> int:
-        return self.top_k if self.top_k is not None else (1 if self.method == "persam-f" else 2)
+        return self.top_k if self.top_k is not None else (1 if fits_mask_weights(self.method) else 2)
 
 
 def kept_cells(mask: np.ndarray) -> Tensor:
@@ -139,8 +153,7 @@ class SequenceTracker:
 
     def __init__(self, sam: Sam, first_frame: np.ndarray, first_labels: np.ndarray, settings: VideoSettings) -> None:
         """first_frame: [H, W, 3] uint8 RGB; first_labels: [H, W] object ids (0 background)."""
-        if settings.method not in METHODS:
-            raise ValueError(f"unknown method {settings.method!r}: choose one of {', '.join(METHODS)}")
+        weights = fits_mask_weights(settings.method)  # refuses a method the video mode does not run
         self.sam, self.settings = sam, settings
         self._frame_priors: dict[int, Tensor] = {}
         encoded = self._encode(first_frame)
@@ -149,7 +162,7 @@ class SequenceTracker:
             mask = first_labels == label
             target = video_target_feature(encoded.features, mask)
             obj = VideoObject(label, target, expanded_box(mask, settings.box_margin))
-            if settings.method == "persam-f":
+            if weights:
                 obj.weights = self._fit(encoded, obj, mask)
             self.objects.append(obj)
 

@@ -31,7 +31,7 @@ def describe_model(spec: JobSpec) -> str:
 
 
 def describe_concepts(concepts: list[Concept]) -> str:
-    return ", ".join(f"{c.name} ({c.method}, weights {c.model_fingerprint})" for c in concepts)
+    return ", ".join(f"{c.name} ({c.method}, {c.weights_note})" for c in concepts)
 
 
 def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[dict[str, str]], log: Log) -> dict:
@@ -83,7 +83,8 @@ def _refusal(record: dict | None, concepts: list[Concept], spec: JobSpec) -> Non
     if record is None:
         return
     digests = concept_digests(concepts)
-    if {record["model_fingerprint"]} != {c.model_fingerprint for c in concepts}:
+    sam_weights = {c.sam_fingerprint for c in concepts} - {None}  # GF-SAM concepts depend on DINOv2's only
+    if sam_weights and {record["model_fingerprint"]} != sam_weights:
         raise ValueError(f"{redact(spec.output)}: holds masks of other weights ({record['model_fingerprint']}); "
                          "a run would be refused: use another --output")
     if record.get("layout") == commit.BY_CONCEPT:

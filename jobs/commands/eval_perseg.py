@@ -22,19 +22,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 from fsspec.core import url_to_fs
 
-from persam_core.concept import Concept
 from persam_core.evaluation import BOUNDARY_DILATION_RATIO, boundary_counts, ratio_or_one, region_counts
 from persam_core.masks import decode_rle
-from persam_core.persam_f import DEFAULT_EPOCHS
+from persam_core.methods.registry import FitModels, Shots
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics, write_text
-from jobs.commands.fit import fit_concept
+from jobs.commands.fit import fit_concept, fit_models
 from jobs.commands.dry_run import dry_run_eval
 from jobs.commands.segment import run_segment
 from jobs.pipeline.commit import part_files
 from jobs.pipeline.session import resolve_device
 from jobs.spec import JobSpec
-from jobs.storage.checkpoints import load_model, random_weights_note
+from jobs.storage.checkpoints import random_weights_note
 from jobs.storage.files import as_given, folder_entries, join_url, read_bytes
 from jobs.storage.images import IMAGE_EXTENSIONS, decode_image, decode_mask
 from jobs.storage.outputs import check_output_folder
@@ -94,15 +93,15 @@ def scan_perseg(data: str, storage_options: dict | None = None) -> list[ConceptD
     return concepts
 
 
-def fit_concepts(sam, fingerprint: str, concepts: list[ConceptData], method: str, epochs: int,
-                 storage_options: dict | None = None) -> list[Concept]:
+def fit_concepts(models: FitModels, concepts: list[ConceptData], method: str, epochs: int | None,
+                 storage_options: dict | None = None) -> list:
     """Each concept from its image 00 and mask, as `persam fit` (same steps, one model load)."""
     fitted = []
     for data in concepts:
         image = decode_image(read_bytes(data.reference_image, storage_options), redact(data.reference_image))
         mask = decode_mask(read_bytes(data.reference_mask, storage_options), redact(data.reference_mask))
-        fitted.append(fit_concept(sam, fingerprint, [image], [mask], method, data.name, epochs,
-                                  [redact(data.reference_mask)], [redact(data.reference_image)], log=lambda _: None))
+        shots = Shots(data.name, [image], [mask], [redact(data.reference_image)], [redact(data.reference_mask)], epochs)
+        fitted.append(fit_concept(models, method, shots, log=lambda _: None))
     return fitted
 
 
@@ -181,11 +180,11 @@ def run_perseg_eval(spec: JobSpec, log=logger.info) -> dict | None:
         dry_run_eval(spec, f"PerSeg {redact(spec.data)}: {len(concepts)} concepts fitted on their image 00, "
                            f"their targets segmented", log)
         return None
-    model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
     note = random_weights_note(spec.model.checkpoint)
-    fitted = fit_concepts(model.sam.to(device), model.fingerprint, concepts, spec.method, spec.epochs or DEFAULT_EPOCHS,
-                          spec.storage_options)
-    del model
+    models = fit_models(spec, device, log=lambda _: None)
+    fitted = fit_concepts(models, concepts, spec.method, spec.epochs, spec.storage_options)
+    fingerprint = models.sam()[1]
+    del models
     concept_dir = join_url(spec.output, "concepts")
     for concept in fitted:
         write_text(join_url(concept_dir, f"{concept.name}.json"), concept.to_json(), spec.storage_options)
@@ -199,7 +198,7 @@ def run_perseg_eval(spec: JobSpec, log=logger.info) -> dict | None:
     metrics = perseg_metrics(score_rows(rows.to_pylist() if rows is not None else [], concepts, spec.storage_options))
     # the failure policy (--max-error-rate) judges the targets this run segmented
     metrics.update(targets_run=summary.images, targets_failed=summary.failed)
-    metrics.update(method=spec.method, model_type=spec.model.model_type, model_fingerprint=fitted[0].model_fingerprint,
+    metrics.update(method=spec.method, model_type=spec.model.model_type, model_fingerprint=fingerprint,
                    seconds=round(time.perf_counter() - started, 1))
     if note:
         metrics["note"] = note

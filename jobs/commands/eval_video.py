@@ -31,7 +31,7 @@ from PIL import Image
 
 from persam_core.evaluation import davis_f, davis_j, davis_statistics
 from persam_core.families import family_of
-from persam_core.video import SequenceTracker, VideoSettings
+from persam_core.video import SequenceTracker, VideoSettings, fits_mask_weights, video_methods
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics
 from jobs.pipeline.job import load_checked_model
@@ -286,7 +286,7 @@ def run_clip_local(worker_class: type, spec: JobSpec, items: list, fingerprint: 
 def run_video_eval(spec: JobSpec, log=logger.info) -> dict | None:
     started = time.perf_counter()
     mode = video_mode(spec.model.model_type)
-    if family_of(spec.model.model_type).tracks_with_memory and spec.method != "persam":
+    if family_of(spec.model.model_type).tracks_with_memory and (spec.method not in video_methods() or fits_mask_weights(spec.method)):
         raise EvalError(f"--method {spec.method}: SAM 2's video mode tracks with its memory and fits no mask "
                         "weights; pass --method persam (or a SAM --model-type for PerSAM-F's video mode)")
     check_output_folder(spec.output, "--output", spec.storage_options)  # before the model loads

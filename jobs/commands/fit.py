@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
 
-import numpy as np
 from fsspec.core import url_to_fs
 
-from persam_core.families import as_backbone
-from persam_core.concept import Concept, ConceptError, persam_f_target_feature, persam_targets, reference_cells
-from persam_core.persam_f import DEFAULT_EPOCHS, fit_mask_weights
-from persam_core.predictor import encode_images
+from persam_core.methods.registry import ConceptError, FitModels, Shots, get_method
 
 from jobs.pipeline.job_record import check_concept_names
 from jobs.pipeline.progress import describe_left
 from jobs.pipeline.session import resolve_device
-from jobs.spec import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_PROGRESS_INTERVAL, JobSpec
+from jobs.spec import DEFAULT_MAX_IMAGE_BYTES, JobSpec
 from jobs.storage.checkpoints import load_model, random_weights_note
+from jobs.storage.dinov2_checkpoints import load_dinov2, random_dinov2_note
 from jobs.storage.files import NotAFileError, read_file_bytes, write_atomically
 from jobs.storage.images import decode_image, decode_mask
 from jobs.storage.outputs import check_output_file, probe_writable
@@ -56,40 +52,39 @@ class FitProgress:
                  f"{describe_left(left)} left")
 
 
-def fit_concept(
-    sam, fingerprint: str, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], method: str, name: str,
-    epochs: int, mask_sources: Sequence[str], references: Sequence[str], log=logger.info,
-    progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
-) -> Concept:
-    """Shots (images [H, W, 3] uint8, masks [H, W] bool) -> the concept; cells of all shots pooled.
-    `sam`: a SAM or SAM 2 model, whose own transform resizes the images and the masks.
-    PerSAM-F logs its progress every `progress_interval` seconds."""
-    encoded = encode_images(sam, [as_backbone(sam).resize(image) for image in images])
-    cells = reference_cells(encoded, masks, mask_sources, model=sam)
-    target_feature, target_embedding = persam_targets(cells)
-    weights = None
-    if method == "persam-f":
-        target_feature = persam_f_target_feature(cells)
-        fit_started = time.perf_counter()
-        sizes = ", ".join(f"{m.shape[1]}x{m.shape[0]}" for m in masks)
-        log(f"PerSAM-F: fitting {epochs} epochs on {len(masks)} shot(s) ({sizes} px)")
-        weights, losses = fit_mask_weights(sam, encoded, masks, target_feature, epochs=epochs,
-                                           on_epoch=FitProgress(epochs, progress_interval, log))
-        log(f"PerSAM-F: {epochs} epochs in {time.perf_counter() - fit_started:.1f} s, "
-            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, weights {[round(float(w), 4) for w in weights]}")
-    return Concept(
-        name=name,
-        method=method,
-        target_feature=target_feature.detach().cpu().numpy().astype(np.float32),
-        target_embedding=target_embedding.detach().cpu().numpy().astype(np.float32),
-        model_fingerprint=fingerprint,
-        mask_weights=weights,
-        references=tuple(references),
-    )
+def fit_models(spec: JobSpec, device, log=logger.info) -> FitModels:
+    """The models a fit may ask for, each loaded on first ask (SAM from --model-type /
+    --checkpoint, DINOv2 from --dinov2 / --dinov2-checkpoint), random weights announced."""
+
+    def sam():
+        model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
+        note = random_weights_note(spec.model.checkpoint)
+        if note:
+            log(f"note: {note}")
+        return model.sam.to(device), model.fingerprint
+
+    def dinov2():
+        model, fingerprint = load_dinov2(spec.model.dinov2, spec.model.dinov2_checkpoint, device, spec.storage_options)
+        note = random_dinov2_note(spec.model.dinov2_checkpoint)
+        if note:
+            log(f"note: {note}")
+        return spec.model.dinov2, model, fingerprint
+
+    return FitModels(sam, dinov2)
 
 
-def run_fit(spec: JobSpec, log=logger.info) -> Concept:
-    """Encode the shots, pool their kept cells, fit PerSAM-F if asked, write the concept."""
+def fit_concept(models: FitModels, method: str, shots: Shots, log=logger.info):
+    """Shots -> the concept of `method` (the registry's fit)."""
+    return get_method(method).fit(shots, models, log)
+
+
+def fit_progress(interval: float, log=logger.info):
+    """progress(epochs) -> an on_epoch callback logging every `interval` seconds (iterative fits)."""
+    return lambda epochs: FitProgress(epochs, interval, log)
+
+
+def run_fit(spec: JobSpec, log=logger.info):
+    """Read the shots, fit the concept of --method (registry), write it -> the concept."""
     device = resolve_device(spec.model.device)
     if len(spec.images) != len(spec.masks) or not spec.images:
         raise ConceptError("give one --mask for every --image (several pairs = several shots)")
@@ -103,14 +98,10 @@ def run_fit(spec: JobSpec, log=logger.info) -> Concept:
         if mask.all():
             logger.warning(f"{redact(url)}: mask covers the whole image; the concept will be the whole scene")
 
-    model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
-    note = random_weights_note(spec.model.checkpoint)
-    if note:
-        log(f"note: {note}")
     started = time.perf_counter()
-    concept = fit_concept(model.sam.to(device), model.fingerprint, images, masks, spec.method, spec.name,
-                          spec.epochs or DEFAULT_EPOCHS, [redact(u) for u in spec.masks], [redact(u) for u in spec.images], log,
-                          spec.progress_interval)
+    shots = Shots(spec.name, images, masks, [redact(u) for u in spec.images], [redact(u) for u in spec.masks],
+                  spec.epochs, fit_progress(spec.progress_interval, log))
+    concept = fit_concept(fit_models(spec, device, log), spec.method, shots, log)
     # A killed or failing write must never leave a half concept that `segment` would then refuse.
     write_atomically(spec.out, concept.to_json().encode("utf-8"), spec.storage_options)
     log(f"concept {concept.name!r} ({concept.method}, {len(images)} shot(s)) -> {redact(spec.out)} "

@@ -62,10 +62,11 @@ def run_rank(spec: JobSpec, log=logger.info) -> pa.Table | None:
     if spec.dry_run:
         dry_run_rank(spec, concepts[0], urls, num_shards, join_url(spec.output, RANKING_FILE), log)
         return None
-    fingerprint, feature_cache = prepare_job(spec, concepts, log)
+    fingerprint, feature_cache, dinov2_fingerprint = prepare_job(spec, concepts, log)
     if feature_cache is not None:  # follow the cache's sharding: one cache file per shard
         num_shards = feature_cache.adopt_layout(num_shards)
-    job = PreparedJob(spec, fingerprint, (concepts[0].to_json(),), num_shards if feature_cache is not None else None)
+    job = PreparedJob(spec, fingerprint, (concepts[0].to_json(),), num_shards if feature_cache is not None else None,
+                      dinov2_fingerprint)
     with ray_session() if spec.runner == "ray" else nullcontext():  # one Ray for both passes
         return _rank(job, concepts[0].name, urls, sources, num_shards, started, log)
 

@@ -90,7 +90,7 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
     if spec.dry_run:
         dry_run_segment(spec, concepts, itertools.chain([first], batches), log)
         return None
-    fingerprint, cache = prepare_job(spec, concepts, log)
+    fingerprint, cache, dinov2_fingerprint = prepare_job(spec, concepts, log)
     # (a manifest shorter than one wave is sharded like a listing of its size)
     shards_per_wave = commit.shard_count(len(first), spec.shard_size)
     if cache is not None and not manifest:  # a new job adopts the cache's sharding: one cache file per job shard
@@ -115,7 +115,8 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
     record = commit.JobRecord(shards_per_wave, tuple(c.name for c in concepts), fingerprint, settings,
                               commit.BY_CONCEPT, digests, provenance)
     record, committed = commit.open_output(spec.output, record, spec.storage_options, log)
-    job = PreparedJob(spec, fingerprint, tuple(c.to_json() for c in concepts), cache.num_shards if cache else None)
+    job = PreparedJob(spec, fingerprint, tuple(c.to_json() for c in concepts), cache.num_shards if cache else None,
+                      dinov2_fingerprint)
     totals: Counter = Counter()
     per_concept: dict[str, Counter] = {c.name: Counter() for c in concepts}
     with ray_session() if manifest and spec.runner == "ray" else nullcontext():  # waves share one Ray

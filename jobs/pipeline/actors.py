@@ -1,8 +1,9 @@
 """The model actors: tensor work only, so that the GPU never waits for the host.
 
-One class per task, sharing `ModelActor.__init__`: SAM loaded once (refusing weights other
-than the driver's), moved to the device, the encoder's speed settings applied
-(persam_core.acceleration) and the concepts put on the device. `__call__` only adapts
+One class per task, sharing `ModelActor.__init__`: SAM (and DINOv2 where a concept's method
+reads it) loaded once (refusing weights other than the driver's), moved to the device, the
+encoder's speed settings applied (persam_core.acceleration) and the concepts put on the
+device by their methods' engines (the method registry groups them: one batched pass each). `__call__` only adapts
 Ray Data's columns: it unpacks each chunk, computes (compute.py) and packs the results.
 
 The device work runs as two stages, encode then cascade, with two calls in flight
@@ -17,13 +18,13 @@ import numpy as np
 import torch
 
 from persam_core.acceleration import prepare_encoder
-from persam_core.concept import Concept, ConceptTensors
+from persam_core.methods.registry import engines_of
 
 from jobs.logs import configure as configure_logging
-from jobs.pipeline.compute import Batch, cascade_chunk, encode_chunk, score_batches
+from jobs.pipeline.compute import FrameBatch, encode_frames, score_engines, segment_engines
 from jobs.pipeline.device_stages import DeviceStages
 from jobs.pipeline.host_memory import keep_large_buffers
-from jobs.pipeline.job import PreparedJob, load_checked_model, spec_speed
+from jobs.pipeline.job import PreparedJob, load_checked_dinov2, load_checked_model, spec_speed
 from jobs.pipeline.payload import Chunk, ChunkResults, pack_results, unpack_chunk
 from jobs.pipeline.session import resolve_device
 
@@ -50,16 +51,23 @@ class ModelActor:
         self.fingerprint = loaded.fingerprint
         # also sets TF32 for this whole process (acceleration.py: never switched per decode)
         self.speed = prepare_encoder(self.sam, spec_speed(spec, self.sam.device.type), log=logger.info)
-        self.concepts = [ConceptTensors.on(Concept.from_json(text), self.sam.device) for text in job.concept_texts]
+        concepts = job.concepts()
+        # one batched pass per engine (the registry groups methods), each over its concepts
+        self.engines = [(engine, positions, engine.on_device([concepts[p] for p in positions], self.sam.device))
+                        for engine, positions in engines_of(concepts)]
+        self.frames = job.frames()
+        self.dinov2 = (load_checked_dinov2(spec, job.dinov2_fingerprint, self.sam.device)
+                       if job.needs_dinov2() else None)
         self.job = job
         self.cache_dtype = spec.cache_dtype if job.cache_shards is not None else None
         self.stages = DeviceStages(self.sam.device, cascade_thread=stage_threads)
 
     def compute(self, chunk: Chunk) -> ChunkResults:
-        return self.stages.run(lambda: encode_chunk(self.sam, chunk, self.speed, self.cache_dtype),
-                               lambda encoded: self.decode(chunk, *encoded))
+        return self.stages.run(
+            lambda: encode_frames(self.sam, self.dinov2, chunk, self.speed, self.frames, self.cache_dtype),
+            lambda encoded: self.decode(chunk, *encoded))
 
-    def decode(self, chunk: Chunk, batches: list[Batch], results: ChunkResults) -> ChunkResults:
+    def decode(self, chunk: Chunk, frames: dict[str, list[FrameBatch]], results: ChunkResults) -> ChunkResults:
         raise NotImplementedError
 
     def __call__(self, batch: dict) -> dict:
@@ -74,9 +82,9 @@ class ModelActor:
 class SegmentActor(ModelActor):
     """`segment`: masks of every (image, concept) pair, up to --max-instances each."""
 
-    def decode(self, chunk: Chunk, batches: list[Batch], results: ChunkResults) -> ChunkResults:
+    def decode(self, chunk: Chunk, frames: dict[str, list[FrameBatch]], results: ChunkResults) -> ChunkResults:
         spec = self.job.spec
-        return cascade_chunk(self.sam, batches, results, self.concepts, spec.max_instances, spec.min_similarity)
+        return segment_engines(self.sam, frames, results, self.engines, spec.max_instances, spec.min_similarity)
 
 
 class ScoreActor(ModelActor):
@@ -84,5 +92,5 @@ class ScoreActor(ModelActor):
 
     scores_only = True
 
-    def decode(self, chunk: Chunk, batches: list[Batch], results: ChunkResults) -> ChunkResults:
-        return score_batches(self.sam, chunk, batches, results, self.concepts)
+    def decode(self, chunk: Chunk, frames: dict[str, list[FrameBatch]], results: ChunkResults) -> ChunkResults:
+        return score_engines(self.sam, chunk, frames, results, self.engines)

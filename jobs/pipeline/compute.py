@@ -18,6 +18,9 @@ from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import ConceptTensors
 from persam_core.errors import describe
+from persam_core.methods.frames import FrameImage, frame_tensor
+from persam_core.methods.registry import FRAME_MODEL, FRAME_STRETCH
+from persam_core.modeling.dinov2 import frame_tokens
 from persam_core.predictor import EncodedImage, encode_images
 from persam_core.preprocess import array_to_device
 
@@ -123,4 +126,81 @@ def score_batches(sam, chunk: Chunk, batches: list[Batch], results: ChunkResults
         run = lambda images: score_batch(sam, EncodedBatch.of(images), concepts)  # noqa: E731
         for indices, (similarity, point) in per_batch(run, batch, results.failures, "score"):
             results.similarity[indices], results.point[indices] = similarity, point
+    return results
+
+
+# -- several methods: each image encoded once per frame its concepts' methods read ---------------
+
+Engines = list[tuple[object, list[int], object]]  # (engine, its concepts' positions in the job, on-device concepts)
+FrameBatch = tuple[list[int], list[FrameImage]]  # item indices of a chunk, and their frame images
+
+
+def encode_frames(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, frames: Sequence[str],
+                  cache_dtype: str | None = None) -> tuple[dict[str, list[FrameBatch]], ChunkResults]:
+    """Every frame in `frames` of the chunk's images -> ({frame: batches}, results). The model
+    frame as encode_chunk (cache included); the stretch frame through SAM and DINOv2 (never cached)."""
+    encoded: dict[str, list[FrameBatch]] = {}
+    results = ChunkResults()
+    if FRAME_MODEL in frames:
+        batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
+        encoded[FRAME_MODEL] = [(indices, [FrameImage(e) for e in images]) for indices, images in batches]
+    if FRAME_STRETCH in frames:
+        encoded[FRAME_STRETCH] = encode_stretch(sam, dinov2, chunk, speed, results)
+    return encoded, results
+
+
+def encode_stretch(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, results: ChunkResults) -> list[FrameBatch]:
+    """The stretch frames ([1024, 1024, 3] uint8) -> SAM features and DINOv2 tokens, in batches
+    of speed.batch_size; a failing batch becomes its images' failures."""
+    batches: list[FrameBatch] = []
+    size = max(1, speed.batch_size)
+    pending = [i for i in sorted(chunk.stretch) if i not in results.failures]
+    for start in range(0, len(pending), size):
+        indices = pending[start : start + size]
+        try:
+            images = [chunk.stretched(i) for i in indices]
+            features = encode_images(sam, images, speed.precision, pad_to=encoder_padding(speed))
+            pixels = torch.stack([array_to_device(image.pixels, sam.device) for image in images])
+            with torch.no_grad():
+                tokens = frame_tokens(dinov2, frame_tensor(pixels))
+        except Exception as error:
+            results.failures.update({i: f"encode failed: {describe(error)}" for i in indices})
+            continue
+        batches.append((indices, [FrameImage(f, t) for f, t in zip(features, tokens)]))
+        results.encoded = sorted(set(results.encoded) | set(indices))
+    return batches
+
+
+def _to_job(host: HostResults, indices: list[int], positions: list[int]) -> HostResults:
+    """An engine's results -> the chunk's item indices and the job's concept positions."""
+    return HostResults(**{**host.to_arrays(), "image_index": np.asarray(indices, np.int32)[host.image_index],
+                          "concept_index": np.asarray(positions, np.int32)[host.concept_index]})
+
+
+def segment_engines(sam, encoded: dict[str, list[FrameBatch]], results: ChunkResults, engines: Engines,
+                    max_instances: int = 1, min_similarity: float | None = None) -> ChunkResults:
+    """Each engine's batched pass over the batches of its frame -> results.masks (rows of every
+    engine, image_index = item index, concept_index = the job's concept order)."""
+    parts = []
+    for engine, positions, concepts in engines:
+        for batch in encoded.get(engine.frame, []):
+            run = lambda images: engine.segment(sam, images, concepts, max_instances, min_similarity)  # noqa: E731
+            parts.extend(_to_job(host, indices, positions)
+                         for indices, host in per_batch(run, batch, results.failures, "segment"))
+    results.masks = HostResults.concatenate(parts, [0] * len(parts))
+    return results
+
+
+def score_engines(sam, chunk: Chunk, encoded: dict[str, list[FrameBatch]], results: ChunkResults,
+                  engines: Engines) -> ChunkResults:
+    """Each engine's presence pass -> results.similarity [N, K], results.point [N, K, 2] (job order)."""
+    count = sum(len(positions) for _, positions, _ in engines)
+    results.similarity = np.full((len(chunk.items), count), np.nan, np.float32)
+    results.point = np.zeros((len(chunk.items), count, 2), np.int32)
+    for engine, positions, concepts in engines:
+        for batch in encoded.get(engine.frame, []):
+            run = lambda images: engine.score(sam, images, concepts)  # noqa: E731
+            for indices, (similarity, point) in per_batch(run, batch, results.failures, "score"):
+                results.similarity[np.ix_(indices, positions)] = similarity
+                results.point[np.ix_(indices, positions)] = point
     return results

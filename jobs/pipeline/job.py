@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from functools import cached_property
+from typing import Any, Callable
 
 from persam_core.acceleration import EncoderSpeed, resolve_speed
-from persam_core.concept import Concept
 from persam_core.families import input_format
+from persam_core.methods.registry import concept_label, frames_of, load_concept, needs_dinov2
 
 from jobs.pipeline.cache import FeatureCache
 from jobs.pipeline.session import expected_device_type
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import LoadedModel, load_model, random_weights_note
+from jobs.storage.dinov2_checkpoints import load_dinov2, random_dinov2_note
 from jobs.storage.outputs import check_output_folder
 
 Log = Callable[[str], None]
@@ -29,15 +31,29 @@ Log = Callable[[str], None]
 class PreparedJob:
     spec: JobSpec
     fingerprint: str  # the weights every actor must load
-    concept_texts: tuple[str, ...]  # Concept.to_json() of each concept, in the job's order
+    concept_texts: tuple[str, ...]  # to_json() of each concept, in the job's order
     cache_shards: int | None = None  # the cache's shard count; None: no --cache
+    dinov2_fingerprint: str | None = None  # the DINOv2 weights every actor must load; None: no concept reads DINOv2
 
-    def concepts(self) -> list[Concept]:
-        return [Concept.from_json(text) for text in self.concept_texts]
+    def concepts(self) -> list[Any]:
+        """The concepts, each validated by its method (the registry)."""
+        return [load_concept(text) for text in self.concept_texts]
 
     def labels(self) -> list[tuple[str, str]]:
         """(name, method) of each concept, in the job's order."""
-        return [(c.name, c.method) for c in self.concepts()]
+        return list(self._labels)
+
+    @cached_property
+    def _labels(self) -> tuple[tuple[str, str], ...]:
+        # read once per process: a GF-SAM concept is megabytes, the CPU stages ask per chunk
+        return tuple(concept_label(text) for text in self.concept_texts)
+
+    def frames(self) -> tuple[str, ...]:
+        """The frames the concepts' methods read (persam_core.methods.registry.FRAMES)."""
+        return frames_of([method for _, method in self._labels])
+
+    def needs_dinov2(self) -> bool:
+        return needs_dinov2([method for _, method in self._labels])
 
     def cache(self) -> FeatureCache | None:
         if self.cache_shards is None:
@@ -51,7 +67,7 @@ def feature_cache(spec: JobSpec, fingerprint: str, num_shards: int | None = None
                         input_format(spec.model.model_type).high_res_shapes)
 
 
-def concept_digests(concepts: list[Concept]) -> dict[str, str]:
+def concept_digests(concepts: list[Any]) -> dict[str, str]:
     """Concept name -> digest of its file's content: a concept re-fitted under the same name
     is a different job (the job record keeps these)."""
     return {c.name: hashlib.sha1(c.to_json().encode()).hexdigest()[:12] for c in concepts}
@@ -77,20 +93,40 @@ def check_job(spec: JobSpec) -> None:
         check_output_folder(spec.cache, "--cache", spec.storage_options)
 
 
-def prepare_job(spec: JobSpec, concepts: list[Concept], log: Log) -> tuple[str, FeatureCache | None]:
-    """After check_job and the input listing (a typo costs no weights download): the weights
-    vs the concepts, the cache -> (model fingerprint, the cache or None)."""
+def check_models(spec: JobSpec, concepts: list[Any], log: Log) -> tuple[str, str | None]:
+    """Load SAM (and DINOv2 where a concept's method reads it) and refuse concepts fitted with
+    other weights, DINOv2's kind checked before any weights load -> (SAM fingerprint, DINOv2's or None)."""
+    dinov2 = needs_dinov2([c.method for c in concepts])
+    kind = (spec.model.dinov2, None) if dinov2 else None
+    for concept in concepts:
+        concept.require_models(None, kind, f"--concept {concept.name}")
     model = load_model(spec.model.model_type, spec.model.checkpoint, spec.storage_options)
     for concept in concepts:
-        concept.require_fingerprint(model.fingerprint, f"--concept {concept.name}")
+        concept.require_models(model.fingerprint, None, f"--concept {concept.name}")
+    dinov2_fingerprint = None
+    if dinov2:
+        _, dinov2_fingerprint = load_dinov2(spec.model.dinov2, spec.model.dinov2_checkpoint, "cpu",
+                                            spec.storage_options)
+        for concept in concepts:
+            concept.require_models(None, (spec.model.dinov2, dinov2_fingerprint), f"--concept {concept.name}")
+        note = random_dinov2_note(spec.model.dinov2_checkpoint)
+        if note:
+            log(f"note: {note}")
+    return model.fingerprint, dinov2_fingerprint
+
+
+def prepare_job(spec: JobSpec, concepts: list[Any], log: Log) -> tuple[str, FeatureCache | None, str | None]:
+    """After check_job and the input listing (a typo costs no weights download): the weights
+    vs the concepts, the cache -> (model fingerprint, the cache or None, DINOv2 fingerprint or None)."""
+    fingerprint, dinov2_fingerprint = check_models(spec, concepts, log)
     cache = None
     if spec.cache:
-        cache = feature_cache(spec, model.fingerprint)
+        cache = feature_cache(spec, fingerprint)
         cache.check_writable()
     note = random_weights_note(spec.model.checkpoint)
     if note:
         log(f"note: {note}")
-    return model.fingerprint, cache
+    return fingerprint, cache, dinov2_fingerprint
 
 
 def load_checked_model(spec: JobSpec, expected_fingerprint: str) -> LoadedModel:
@@ -102,3 +138,12 @@ def load_checked_model(spec: JobSpec, expected_fingerprint: str) -> LoadedModel:
             f"{expected_fingerprint}; the checkpoint changed under the job"
         )
     return loaded
+
+
+def load_checked_dinov2(spec: JobSpec, expected_fingerprint: str, device) -> Any:
+    """The job's DINOv2 on an actor's node, refusing weights other than the driver's."""
+    model, fingerprint = load_dinov2(spec.model.dinov2, spec.model.dinov2_checkpoint, device, spec.storage_options)
+    if fingerprint != expected_fingerprint:
+        raise RuntimeError(f"--dinov2-checkpoint: this node loaded DINOv2 weights {fingerprint}, the job expects "
+                           f"{expected_fingerprint}; the checkpoint changed under the job")
+    return model

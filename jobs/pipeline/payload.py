@@ -53,7 +53,9 @@ class Chunk:
     """pixels: item index -> the resized pixels (source "pixels"): SAM [h, w, 3] uint8, SAM 2
     [1024, 1024, 3] float32 (persam_core.inputs);
     features: item index -> [256, 64, 64] fp16/fp32 from the cache (source "cached");
-    high_res: item index -> SAM 2's cached high-resolution levels, same dtype (absent for SAM)."""
+    high_res: item index -> SAM 2's cached high-resolution levels, same dtype (absent for SAM);
+    stretch: item index -> the 1024 x 1024 stretch frame [1024, 1024, 3] uint8, for methods
+    that read it (GF-SAM; persam_core.methods.frames)."""
 
     shard: int
     index: int
@@ -62,9 +64,13 @@ class Chunk:
     pixels: dict[int, np.ndarray] = field(default_factory=dict)
     features: dict[int, np.ndarray] = field(default_factory=dict)
     high_res: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
+    stretch: dict[int, np.ndarray] = field(default_factory=dict)
 
     def resized(self, item: int) -> ResizedImage:
         return ResizedImage(self.pixels[item], tuple(self.items[item].original_size))
+
+    def stretched(self, item: int) -> ResizedImage:
+        return ResizedImage(self.stretch[item], tuple(self.items[item].original_size))
 
 
 @dataclass
@@ -190,6 +196,7 @@ def pack_chunk(chunk: Chunk) -> tuple[bytes, np.ndarray]:
     meta = {"shard": chunk.shard, "chunk": chunk.index, "items": items, "cache_problems": list(chunk.cache_problems)}
     arrays = {f"pixels_{i}": a for i, a in chunk.pixels.items()}
     arrays.update({f"features_{i}": a for i, a in chunk.features.items()})
+    arrays.update({f"stretch_{i}": a for i, a in chunk.stretch.items()})
     arrays.update(_level_arrays("level", chunk.high_res))
     return json.dumps(meta).encode(), np.frombuffer(bundle(arrays, {}), np.uint8)
 
@@ -208,6 +215,8 @@ def unpack_chunk(meta: bytes, arrays: bytes | np.ndarray | None = None) -> Chunk
                 chunk.pixels[int(index)] = array
             elif kind == "features":
                 chunk.features[int(index)] = array
+            elif kind == "stretch":
+                chunk.stretch[int(index)] = array
         chunk.high_res = _levels_of(unpacked, "level")
     return chunk
 

@@ -9,12 +9,16 @@ hash them (SHA-256 of the content), and then
 - features in the cache -> shipped to the actor, which skips the encoder;
 - otherwise decoded (EXIF, RGB, pixel limit) and resized for the model's encoder
   (persam_core.inputs: SAM's longest side to 1024 in uint8, SAM 2's 1024 x 1024 float32).
+Only the frames the job's methods read are made (persam_core.methods.frames): the model's
+frame above (cached or resized), and for GF-SAM concepts the 1024 x 1024 stretch frame
+(decoded even when the model frame came from the cache; never cached itself).
 """
 
 from __future__ import annotations
 
 from persam_core.errors import describe
-from persam_core.families import input_format
+from persam_core.methods.frames import frame_resize
+from persam_core.methods.registry import FRAME_MODEL, FRAME_STRETCH
 
 from jobs.pipeline.cache import content_sha256
 from jobs.pipeline.job import PreparedJob
@@ -30,8 +34,12 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
     """{"shard", "chunk", "urls", "previous", "sources"} -> {"shard", "chunk", "meta", "arrays"} (see
     payload.py). `urls` are the images' credential-free names (rows, hashing, cache);
     `sources` maps those whose reading URL holds credentials to that URL, used only here."""
-    storage_options, max_pixels, cache = job.spec.storage_options, job.spec.max_pixels, job.cache()
-    resize = input_format(job.spec.model.model_type).resize
+    storage_options, max_pixels = job.spec.storage_options, job.spec.max_pixels
+    frames = job.frames()
+    model_frame, stretch = FRAME_MODEL in frames, FRAME_STRETCH in frames
+    cache = job.cache() if model_frame else None
+    resize = frame_resize(FRAME_MODEL, job.spec.model.model_type)
+    resize_stretch = frame_resize(FRAME_STRETCH, job.spec.model.model_type)
     urls = list(row["urls"])
     # unchanged: good rows for every concept this run computes (a new concept has none)
     unchanged = good_images(list(row.get("previous") or []), storage_options, [name for name, _ in job.labels()])
@@ -67,13 +75,26 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
             chunk.features[index] = entry.features
             if entry.high_res:
                 chunk.high_res[index] = entry.high_res
-            continue
+            if not stretch:
+                continue
         try:
-            resized = resize(decode_image(data.pop(index), item.url, max_pixels))
+            image = decode_image(data.pop(index), item.url, max_pixels)
+            resized = resize(image) if model_frame and entry is None else None
+            stretched = resize_stretch(image) if stretch else None
         except Exception as error:
             item.error = f"decode failed: {describe(error)}"
+            chunk.features.pop(index, None)
+            chunk.high_res.pop(index, None)
             continue
-        item.source, item.input_size, item.original_size = "pixels", resized.input_size, resized.original_size
-        chunk.pixels[index] = resized.pixels
+        if stretched is not None:
+            chunk.stretch[index] = stretched.pixels
+            item.original_size = stretched.original_size
+        if entry is not None:
+            continue
+        # "pixels": the image was decoded (its model frame, when the job reads one, is in chunk.pixels)
+        item.source, item.original_size = "pixels", (resized or stretched).original_size
+        item.input_size = (resized or stretched).input_size
+        if resized is not None:
+            chunk.pixels[index] = resized.pixels
     meta, arrays = pack_chunk(chunk)
     return {"shard": chunk.shard, "chunk": chunk.index, "meta": meta, "arrays": arrays}

@@ -6,12 +6,14 @@ from typing import Sequence
 
 from fsspec.core import url_to_fs
 
-from persam_core.concept import Concept, ConceptError
+from persam_core.methods.registry import ConceptError, load_concept
 
 from jobs.storage.files import as_given
 from jobs.storage.redaction import redact
 
-MAX_CONCEPT_BYTES = 1 << 20  # a concept file is a few KB: more is not one of ours
+# A PerSAM concept is a few KB; a GF-SAM concept holds every DINOv2 token of each shot
+# (about 7 MiB of base64 per ViT-L shot), so 256 MiB is dozens of shots: more is not one of ours.
+MAX_CONCEPT_BYTES = 256 << 20
 
 
 def concept_files(paths: Sequence[str], storage_options: dict) -> list[str]:
@@ -26,7 +28,7 @@ def concept_files(paths: Sequence[str], storage_options: dict) -> list[str]:
     return files
 
 
-def read_concepts(paths: Sequence[str], storage_options: dict) -> list[Concept]:
+def read_concepts(paths: Sequence[str], storage_options: dict) -> list:
     """Concept files (or folders of *.json) -> concepts, names unique."""
     concepts = []
     for path in concept_files(paths, storage_options):
@@ -37,7 +39,7 @@ def read_concepts(paths: Sequence[str], storage_options: dict) -> list[Concept]:
         except (OSError, ValueError) as error:
             raise ConceptError(f"{redact(path)}: cannot read concept file ({type(error).__name__}); "
                                "pass a file written by `persam fit`") from None
-        concepts.append(Concept.from_json(text, source=redact(path)))
+        concepts.append(load_concept(text, source=redact(path)))
     names = [c.name for c in concepts]
     if not concepts:
         raise ConceptError("no concept given: pass --concept FILE (written by `persam fit`)")

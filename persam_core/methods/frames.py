@@ -1,0 +1,55 @@
+"""The per-image inputs of the methods: which frame an image is resized to, and what the
+model actor hands a method's engine for each image.
+
+    model    the SAM family's own frame (persam_core.inputs): SAM's longest side to 1024 and
+             padding, SAM 2's 1024 x 1024; PerSAM and PerSAM-F read its SAM features
+    stretch  the image stretched to 1024 x 1024 (GF-SAM's data loader, gfsam_frames.py): SAM
+             features of the stretched frame plus DINOv2 tokens of the same frame
+
+A run that mixes methods of both frames encodes each image once per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..families import input_format
+from ..predictor import EncodedImage
+from ..preprocess import ResizedImage
+from .gfsam_frames import FRAME_SIDE, stretch_frame
+from .registry import FRAME_MODEL, FRAME_STRETCH
+
+
+@dataclass(frozen=True)
+class FrameImage:
+    """One image as an engine reads it: SAM's encoding of the frame (features [256, 64, 64],
+    input size, original size) and, for the stretch frame, DINOv2 tokens [1369, C] (else None)."""
+
+    encoded: EncodedImage
+    tokens: Tensor | None = None
+
+
+def stretch_resize(image: np.ndarray) -> ResizedImage:
+    """image: [H, W, 3] uint8 -> the 1024 x 1024 stretch frame; original_size stays (H, W)."""
+    return ResizedImage(stretch_frame(image), (int(image.shape[0]), int(image.shape[1])))
+
+
+def frame_resize(frame: str, model_type: str) -> Callable[[np.ndarray], ResizedImage]:
+    """How the CPU side resizes an image for `frame` (no model is built)."""
+    if frame == FRAME_MODEL:
+        return input_format(model_type).resize
+    if frame == FRAME_STRETCH:
+        return stretch_resize
+    raise ValueError(f"unknown frame {frame!r}")
+
+
+def frame_tensor(pixels: Tensor) -> Tensor:
+    """Stretch frames [B, 1024, 1024, 3] uint8 (any device) -> [B, 3, 1024, 1024] float in [0, 1]
+    (ToTensor's x / 255, what DINOv2 reads)."""
+    assert pixels.shape[1:] == (FRAME_SIDE, FRAME_SIDE, 3), pixels.shape
+    return pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
