@@ -75,7 +75,7 @@ from jobs.pipeline.output_files import (
     FLAT_PARTITION, output_tables, parse_part_path, part_files, partition_root, read_job_record, read_output, shard_name,
     shard_of_path,
 )
-from jobs.storage.files import as_given, publish_bytes
+from jobs.storage.files import as_given, is_machine_failure, publish_bytes
 from jobs.storage.outputs import OutputError
 from jobs.storage.schema import (
     IMAGE_URI, MASK_SCHEMA, PARTITION_PREFIX, image_uris, is_our_schema, ordered_rows, partition_concept,
@@ -224,6 +224,8 @@ def open_output(
     except OutputError:
         raise
     except (OSError, PermissionError, ValueError) as error:
+        if is_machine_failure(error):  # a full disk is no unwritable --output
+            raise
         raise OutputError(f"{output}: cannot write the output ({type(error).__name__}); pass a writable --output") from None
     return record, committed
 
