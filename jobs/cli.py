@@ -186,6 +186,10 @@ def _guarded(args: argparse.Namespace) -> int:
         return _run(args)
     except (ValueError, OSError) as error:  # our errors carry a one-line reason naming the file
         failure, code, word, with_type = error, EXIT_BAD_INPUT, "error", False
+        from jobs.storage.files import is_machine_failure
+
+        if is_machine_failure(error):  # a full disk: the machine, not the input (exit 1, typed)
+            code, word, with_type = EXIT_FAILED, "failed", True
     except Exception as error:  # a library's error (e.g. botocore's, which may quote a signed URL)
         failure, code, word, with_type = error, EXIT_FAILED, "failed", True
     trace = None

@@ -68,7 +68,7 @@ class Concept:
     def from_json(cls, text: str, source: str = "concept") -> "Concept":
         try:
             document = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
             raise ConceptError(f"{source}: not a concept file ({error.__class__.__name__}); re-create it with `persam fit`") from None
         return cls.from_document(document, source)
 

@@ -80,7 +80,7 @@ from jobs.pipeline.output_files import (
 from jobs.pipeline.supersede import (
     PENDING_FOLDER, left_behind, promote, recover, remove_ours, remove_quietly, stage, supersedes_metadata,
 )
-from jobs.storage.files import as_given, make_folder, publish_bytes
+from jobs.storage.files import as_given, is_machine_failure, make_folder, publish_bytes
 from jobs.storage.outputs import OutputError
 from jobs.storage.schema import (
     IMAGE_URI, MASK_SCHEMA, PARTITION_PREFIX, image_uris, ordered_rows, partition_folder, partition_rows, read_parts,
@@ -224,6 +224,8 @@ def open_output(
     except OutputError:
         raise
     except (OSError, PermissionError, ValueError) as error:
+        if is_machine_failure(error):  # a full disk is no unwritable --output
+            raise
         raise OutputError(f"{output}: cannot write the output ({type(error).__name__}); pass a writable --output") from None
     return record, committed
 

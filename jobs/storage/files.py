@@ -6,6 +6,7 @@ back on a listed path" or "write the whole file or nothing" is written once.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import uuid
@@ -15,6 +16,15 @@ from typing import BinaryIO, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+
+# OSErrors of the machine, not of the input: a full disk or quota. They keep their type on
+# the way up (no "bad input" wrapping); the CLI exits 1 for them, not 3 (jobs/cli.py).
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_machine_failure(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in MACHINE_ERRNOS
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:

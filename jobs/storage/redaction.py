@@ -128,7 +128,9 @@ def secrets_in(values: Iterable[object], every_string: bool = False) -> set[str]
             parsed = parse_url(value)
             if parsed.userinfo:  # the userinfo and each of its parts
                 found |= {parsed.userinfo, *parsed.userinfo.split(":", 1)}
-            for hidden in (parsed.query, parsed.fragment):
+            # any scheme's `?…` and `#…` (file:// too: its `?` may be a file name, or a token)
+            query, _, fragment = parsed.rest.partition("?")[2].partition("#") if not parsed.query else ("", "", "")
+            for hidden in (parsed.query, parsed.fragment, query, fragment):
                 if hidden:
                     found |= {hidden, *(pair.split("=", 1)[-1] for pair in hidden.split("&"))}
     return {s for s in found if len(s) >= 3}

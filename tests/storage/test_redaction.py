@@ -141,3 +141,11 @@ def test_userinfo_never_reaches_rows_records_or_lines(http_host, concept, tmp_pa
         assert secret not in written and secret not in result.out + result.err
     record = json.loads((output / "_persam_job.json").read_text())
     assert "bob" not in json.dumps(record)
+
+
+@pytest.mark.parametrize("url", ["file:///data/sub?token=SeCrEt-42", "https://h/x.jpg?sig=SeCrEt-42",
+                                 "https://h/x.jpg#access_token=SeCrEt-42", "s3://b/k?X-Amz-Signature=SeCrEt-42",
+                                 "memory://k:SeCrEt-42@lake/x.jpg", "s3://k:SeCrEt-42@lake/x.jpg", "https://k:SeCrEt-42@h:8/x"])
+def test_what_a_user_gave_is_scrubbed_from_any_message(url):
+    message = f"cannot open {url.replace('://', ':// ', 0)}: failed after reading SeCrEt-42 twice"
+    assert "SeCrEt-42" not in scrub(message, secrets_in([url]))
