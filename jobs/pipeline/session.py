@@ -14,6 +14,7 @@ import torch
 from jobs.logs import ray_logging_level
 from jobs.pipeline.host_memory import process_environment
 from jobs.pipeline.signals import restore_stop_signals
+from jobs.pipeline.watchdog import children_of, start_watchdog, stop_watchdog
 from jobs.spec import check_device
 
 
@@ -26,6 +27,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# Ray (2.60) turns a loopback node address into this machine's routable one unless its cluster
+# mode is off, as on Windows and macOS; off, every server it starts (GCS, raylet, object
+# manager, workers' gRPC, agents, metrics) binds the node address, 127.0.0.1. Ray reads the
+# variable when imported, its processes inherit it (docs/guarantees-process.md).
+LOOPBACK_ONLY_ENV = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+_watchdog = None  # the process that ends the embedded Ray with the driver (watchdog.py)
+
+
 def start_ray() -> bool:
     """Join RAY_ADDRESS's cluster, or start an embedded local Ray on 127.0.0.1 -> started here?"""
     import ray
@@ -36,6 +45,37 @@ def start_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=ray_logging_level(), log_to_driver=True)
     else:
+        _start_local_ray()
+    restore_stop_signals()  # ray.init replaced SIGTERM's handler with one that aborts (signals.py)
+    return True
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While Ray starts here: its cluster mode off (the processes it spawns keep it); put back
+    afterwards, so that a later `ray start` or cluster connection from this process is unchanged."""
+    from ray._private import ray_constants
+
+    name, value = LOOPBACK_ONLY_ENV
+    before_env, before_constant = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = value
+    ray_constants.ENABLE_RAY_CLUSTER = False  # what the variable sets when Ray is imported
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_constant
+        if before_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before_env
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    global _watchdog
+    before = children_of(os.getpid())
+    with _loopback_node():
         ray.init(
             address="local",  # not None: Ray would join whatever `ray start` cluster this machine last ran
             include_dashboard=False,
@@ -43,8 +83,7 @@ def start_ray() -> bool:
             logging_level=ray_logging_level(),
             configure_logging=True,
         )
-    restore_stop_signals()  # ray.init replaced SIGTERM's handler with one that aborts (signals.py)
-    return True
+    _watchdog = start_watchdog(children_of(os.getpid()) - before)
 
 
 @contextmanager
@@ -53,12 +92,15 @@ def ray_session() -> Iterator[None]:
     started here is shut down at the end (a cluster's and a caller's Ray are left running)."""
     import ray
 
+    global _watchdog
     started_here = start_ray()
     try:
         yield
     finally:
         if started_here and local_cluster():
             ray.shutdown()
+            stop_watchdog(_watchdog)
+            _watchdog = None
 
 
 def local_cluster() -> bool:
