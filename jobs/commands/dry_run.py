@@ -15,7 +15,6 @@ from typing import Callable, Iterable
 from persam_core.concept import Concept
 
 from jobs.pipeline import commit
-from jobs.pipeline.job import concept_digests
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import random_weights_note
 from jobs.storage.listing import credential_free, is_manifest
@@ -38,8 +37,8 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
     """Log the plan of `persam segment` -> its counts (tests read them)."""
     log(f"dry run: {describe_model(spec)}")
     log(f"dry run: {len(concepts)} concept(s): {describe_concepts(concepts)}")
+    # (a run's refusals were raised before: segment.check_before_work, the very checks of a run)
     record, committed = commit.read_output(spec.output, [c.name for c in concepts], spec.storage_options)
-    _refusal(record, concepts, spec)
     if record is not None and record.get("layout") != commit.BY_CONCEPT:
         committed = {commit.FLAT_PARTITION: committed.get(commit.FLAT_PARTITION, {})}
     elif not committed:  # a new output: every concept's partition is empty
@@ -74,31 +73,6 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
         f"images changed), {counts['skip']} already committed, {counts['remove']} superseded files to remove; "
         "nothing loaded or written")
     return counts
-
-
-def _refusal(record: dict | None, concepts: list[Concept], spec: JobSpec) -> None:
-    """Where a run would be refused, so is the dry run: other weights; a concept re-fitted under
-    a name the output holds; another concept set on an output of the older, flat layout (the
-    other settings are compared by the run itself, which knows the actors' precision)."""
-    if record is None:
-        return
-    digests = concept_digests(concepts)
-    sam_weights = {c.sam_fingerprint for c in concepts} - {None}  # GF-SAM concepts depend on DINOv2's only
-    if sam_weights and {record["model_fingerprint"]} != sam_weights:
-        raise ValueError(f"{redact(spec.output)}: holds masks of other weights ({record['model_fingerprint']}); "
-                         "a run would be refused: use another --output")
-    if record.get("layout") == commit.BY_CONCEPT:
-        stored = {name: entry.get("digest") for name, entry in record.get("concepts", {}).items()}
-        changed = [n for n, d in digests.items() if stored.get(n) not in (None, d)]
-        if changed:
-            raise ValueError(f"{redact(spec.output)}: concept(s) {changed} were committed with other contents; "
-                             "a run would be refused: use another --output or another concept name")
-        return
-    same = (sorted(record["concepts"]) == sorted(digests)
-            and record.get("settings", {}).get("concept_digests", digests) == digests)
-    if not same:
-        raise ValueError(f"{redact(spec.output)}: holds a job with concepts {list(record['concepts'])} and other "
-                         "weights or concept contents; a run would be refused: use another --output")
 
 
 def dry_run_rank(spec: JobSpec, concept: Concept, urls: list[str], num_shards: int, target: str, log: Log) -> None:

@@ -23,7 +23,7 @@ from jobs.commands.dry_run import dry_run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.job_record import persam_version, utc_now
 from jobs.pipeline.actors import SegmentActor
-from jobs.pipeline.job import PreparedJob, check_job, concept_digests, expected_speed, prepare_job
+from jobs.pipeline.job import PreparedJob, check_job, concept_digests, expected_speed, feature_cache, prepare_job
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session
@@ -87,33 +87,18 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
     first = next(batches, None)
     if not first:
         raise no_images(spec.input)
+    # (a manifest shorter than one wave is sharded like a listing of its size)
+    shards_per_wave = commit.shard_count(len(first), spec.shard_size)
+    check_before_work(spec, concepts, shards_per_wave)  # the same checks for --dry-run
     if spec.dry_run:
         dry_run_segment(spec, concepts, itertools.chain([first], batches), log)
         return None
     fingerprint, cache, dinov2_fingerprint = prepare_job(spec, concepts, log)
-    # (a manifest shorter than one wave is sharded like a listing of its size)
-    shards_per_wave = commit.shard_count(len(first), spec.shard_size)
     if cache is not None and not manifest:  # a new job adopts the cache's sharding: one cache file per job shard
         shards_per_wave = cache.adopt_layout(shards_per_wave)
     elif cache is not None:
         cache.adopt_layout(shards_per_wave)
-    speed = expected_speed(spec)
-    settings = {
-        "precision": speed.precision,  # other precisions give (slightly) other masks
-        "max_instances": spec.max_instances,
-        "min_similarity": spec.min_similarity,
-        "manifest_wave_images": listing.MANIFEST_WAVE_IMAGES if manifest else None,
-    }
-    if spec.speed.decoder_precision != "fp32" and family_of(spec.model.model_type).tunable_decoder:  # others ignore it
-        settings["decoder_precision"] = spec.speed.decoder_precision  # absent = fp32: older outputs stay comparable
-    if speed.tf32:
-        settings["tf32"] = True  # absent = off, as for outputs from before the setting
-    # a concept re-fitted under the same name is a different concept
-    digests = concept_digests(concepts)
-    provenance = {"persam_version": persam_version(), "model_type": spec.model.model_type,
-                  "checkpoint": redact(spec.model.checkpoint), "input": redact(spec.input), "created": utc_now()}
-    record = commit.JobRecord(shards_per_wave, tuple(c.name for c in concepts), fingerprint, settings,
-                              commit.BY_CONCEPT, digests, provenance)
+    record = segment_record(spec, concepts, fingerprint, shards_per_wave)
     record, committed = commit.open_output(spec.output, record, spec.storage_options, log)
     job = PreparedJob(spec, fingerprint, tuple(c.to_json() for c in concepts), cache.num_shards if cache else None,
                       dinov2_fingerprint)
@@ -133,6 +118,47 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
     return SegmentSummary(t["images"], t["rows"], t["errors"], t["run"], t["skipped"], redact(spec.output),
                           time.perf_counter() - started, t["encoded"], t["cache_hits"], t["carried"], t["removed"],
                           {name: dict(counts) for name, counts in per_concept.items()}, t["committed"], t["failed"])
+
+
+def segment_record(spec: JobSpec, concepts: list, fingerprint: str, num_shards: int) -> commit.JobRecord:
+    """The job record of a segment run: what a rerun on its output must agree on, provenance."""
+    speed = expected_speed(spec)
+    settings = {
+        "precision": speed.precision,  # other precisions give (slightly) other masks
+        "max_instances": spec.max_instances,
+        "min_similarity": spec.min_similarity,
+        "manifest_wave_images": listing.MANIFEST_WAVE_IMAGES if is_manifest(spec.input) else None,
+    }
+    if spec.speed.decoder_precision != "fp32" and family_of(spec.model.model_type).tunable_decoder:  # others ignore it
+        settings["decoder_precision"] = spec.speed.decoder_precision  # absent = fp32: older outputs stay comparable
+    if speed.tf32:
+        settings["tf32"] = True  # absent = off, as for outputs from before the setting
+    provenance = {"persam_version": persam_version(), "model_type": spec.model.model_type,
+                  "checkpoint": redact(spec.model.checkpoint), "input": redact(spec.input), "created": utc_now()}
+    # a concept re-fitted under the same name is a different concept: its digest is recorded
+    return commit.JobRecord(num_shards, tuple(c.name for c in concepts), fingerprint, settings, commit.BY_CONCEPT,
+                            concept_digests(concepts), provenance)
+
+
+def check_before_work(spec: JobSpec, concepts: list, num_shards: int) -> commit.JobRecord:
+    """What a run checks of its output and cache before any weights load, read only; --dry-run
+    runs exactly this too: every record there validated, this run's concepts (names, contents),
+    weights and settings against them. The weights are the concepts' (the run refuses a
+    checkpoint of others once loaded) -> the record the output would hold."""
+    fingerprints = sorted({c.sam_fingerprint for c in concepts} - {None})  # GF-SAM concepts: DINOv2's only
+    if len(fingerprints) > 1:
+        raise ValueError(f"--concept: the concepts were fitted with different weights ({', '.join(fingerprints)}); "
+                         "one run uses one model: fit them with the same --checkpoint")
+    if fingerprints:
+        fingerprint = fingerprints[0]
+    else:  # only the loaded SAM tells its weights: the output's own stand until then (checked again once loaded)
+        stored = commit.read_job_record(spec.output, spec.storage_options)
+        fingerprint = stored["model_fingerprint"] if stored else ""
+    record = commit.check_output(spec.output, segment_record(spec, concepts, fingerprint, num_shards),
+                                 spec.storage_options)
+    if spec.cache:
+        feature_cache(spec, fingerprint).recorded_shards()
+    return record
 
 
 def _concepts_of(partition: str, record: commit.JobRecord) -> list[str]:

@@ -36,7 +36,9 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from jobs.pipeline.commit import shard_of
-from jobs.storage.files import make_folder, publish_bytes
+from jobs.pipeline.job_record import MAX_SHARDS
+from jobs.storage.files import create_only, make_folder, publish_bytes
+from jobs.storage.redaction import redact
 from jobs.storage.outputs import probe_writable
 from jobs.storage.schema import CONTENT_SHA256
 
@@ -83,18 +85,37 @@ class FeatureCache:
         self.url, self.dtype, self.num_shards = url, dtype, num_shards
         self.high_res_shapes = tuple(tuple(shape) for shape in high_res_shapes)
         self.fs, root = url_to_fs(url, **(storage_options or {}))
-        self.root = f"{root.rstrip('/')}/{fingerprint.replace(':', '-')}/{dtype}"
+        self.base = root.rstrip("/")
+        self.root = f"{self.base}/{fingerprint.replace(':', '-')}/{dtype}"
 
     def check_writable(self) -> None:
         """Fail before any work when the cache cannot be written."""
         probe_writable(self.fs, self.root, self.url, "--cache", CacheError)
 
+    def recorded_shards(self) -> int | None:
+        """The shard count in the cache's record (`layout.json`), validated like a concept file
+        (jobs check it before any weights load) -> None when the cache has no record yet."""
+        path = f"{self.root}/layout.json"
+        try:
+            text = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            shards = json.loads(text).get("num_shards")
+        except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
+            shards = None
+        if not isinstance(shards, int) or isinstance(shards, bool) or not 1 <= shards <= MAX_SHARDS:
+            shown = f"{redact(self.url).rstrip('/')}/{path[len(self.base) + 1:]}"
+            raise CacheError(f"{shown}: not a valid persam cache record ('num_shards' must be a whole number from 1 "
+                             f"to {MAX_SHARDS}); it was changed or not written by persam: delete it (the next job "
+                             "writes it anew) or use another --cache")
+        return shards
+
     def adopt_layout(self, proposed_shards: int) -> int:
         """The cache's shard count (recorded by its first job) -> set and returned."""
-        path = f"{self.root}/layout.json"
-        if not self.fs.exists(path):
-            publish_bytes(self.fs, path, json.dumps({"num_shards": proposed_shards}).encode())
-        self.num_shards = int(json.loads(self.fs.cat_file(path))["num_shards"])
+        if self.recorded_shards() is None:
+            create_only(self.fs, f"{self.root}/layout.json", json.dumps({"num_shards": proposed_shards}).encode())
+        self.num_shards = self.recorded_shards()
         return self.num_shards
 
     def shard_files(self, shard: int) -> list[str]:

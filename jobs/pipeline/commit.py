@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -72,6 +71,7 @@ from fsspec.core import url_to_fs
 
 from jobs.pipeline.job_record import (
     BY_CONCEPT, CONCEPT_FILE, FLAT, JOB_FILE, JobRecord, agreed, check_concept_names, check_concept_record,
+    CONCEPT_RECORD, JOB_RECORD, checked_record, shown_path,
 )
 from jobs.pipeline.output_files import (
     FLAT_PARTITION, output_tables, parse_part_path, part_files, partition_root, read_job_record, read_output, shard_name,
@@ -80,7 +80,7 @@ from jobs.pipeline.output_files import (
 from jobs.pipeline.supersede import (
     PENDING_FOLDER, left_behind, promote, recover, remove_ours, remove_quietly, stage, supersedes_metadata,
 )
-from jobs.storage.files import as_given, is_machine_failure, make_folder, publish_bytes
+from jobs.storage.files import as_given, create_only, is_machine_failure, make_folder, publish_bytes
 from jobs.storage.outputs import OutputError
 from jobs.storage.schema import (
     IMAGE_URI, MASK_SCHEMA, PARTITION_PREFIX, image_uris, ordered_rows, partition_folder, partition_rows, read_parts,
@@ -190,15 +190,41 @@ def _scan_output(fs, root: str, record: JobRecord, log: Log | None) -> dict[str,
     return committed
 
 
+def _settle(fs, path: str, shown: str, data: bytes, kind: str) -> dict:
+    """A record: created when absent, create-only (of two runs racing to create it, one does;
+    files.create_only), then read back and validated whoever wrote it -> its fields."""
+    if not fs.exists(path):
+        create_only(fs, path, data)
+    return checked_record(shown, fs.cat_file(path), kind)
+
+
 def _record_concepts(fs, root: str, output: str, record: JobRecord) -> None:
-    """Each concept's partition record: checked when there, written (first) when not."""
+    """Each concept's partition record: written when absent, then checked against this run's
+    concept, so a run that lost the race to another concept of the same name is refused."""
     check_concept_names(output, record.concepts)
     for concept in record.concepts:
-        path = f"{root}/{partition_folder(concept)}/{CONCEPT_FILE}"
-        if fs.exists(path):
-            check_concept_record(output, concept, json.loads(fs.cat_file(path)), record)
-        else:
-            publish_bytes(fs, path, record.concept_json(concept).encode())
+        where = f"{partition_folder(concept)}/{CONCEPT_FILE}"
+        stored = _settle(fs, f"{root}/{where}", shown_path(output, where), record.concept_json(concept).encode(),
+                         CONCEPT_RECORD)
+        check_concept_record(output, concept, stored, record)
+
+
+def check_output(output: str, record: JobRecord, storage_options: dict | None = None) -> JobRecord:
+    """The checks open_output makes, read only: every run makes them before any work, and
+    --dry-run makes the very same. The stored records validated (job_record.checked_record),
+    this run's against them, the concept names -> the job's record (the stored layout and
+    shard count, where the output has a record)."""
+    stored = read_job_record(output, storage_options, record.concepts)
+    if stored is None:
+        if record.layout == BY_CONCEPT:
+            check_concept_names(output, record.concepts)
+        return record
+    record = agreed(output, stored, record)
+    if record.layout == BY_CONCEPT:
+        check_concept_names(output, record.concepts)
+        for concept, concept_record in stored["concepts"].items():
+            check_concept_record(output, concept, concept_record, record)
+    return record
 
 
 def open_output(
@@ -209,15 +235,11 @@ def open_output(
     one keeps its own (job_record.py). Sweeps stale temp files of dead publishes and
     reports foreign files (module docstring)."""
     fs, root = _root(output, storage_options)
-    job_path = f"{root}/{JOB_FILE}"
     try:
+        record = check_output(output, record, storage_options)  # before anything is written
         make_folder(fs, root)  # local only: on s3fs a makedirs would create a missing bucket
-        if fs.exists(job_path):
-            record = agreed(output, json.loads(fs.cat_file(job_path)), record)
-        else:
-            if record.layout == BY_CONCEPT:  # before anything is written
-                check_concept_names(output, record.concepts)
-            publish_bytes(fs, job_path, record.to_json().encode())
+        stored = _settle(fs, f"{root}/{JOB_FILE}", shown_path(output, JOB_FILE), record.to_json().encode(), JOB_RECORD)
+        record = agreed(output, stored, record)  # another run may have created it first
         if record.layout == BY_CONCEPT:
             _record_concepts(fs, root, output, record)
         committed = _scan_output(fs, root, record, log)

@@ -28,15 +28,20 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from jobs.storage.outputs import OutputError
+from jobs.storage.redaction import redact
 
 JOB_FILE = "_persam_job.json"
 CONCEPT_FILE = "_persam_concept.json"  # in each partition (underscore: Parquet readers skip it)
 FLAT, BY_CONCEPT = "flat", "by_concept"
+JOB_RECORD, CONCEPT_RECORD = "job record", "concept record"  # the kinds of record checked_record validates
 # A partition folder's name must survive every file system, object store and Hive reader
 # unescaped; a leading letter keeps Hive readers from typing the partition as a number.
 CONCEPT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,99}")  # always fullmatch: `$` passes "cat\n"
 # Parquet key-value metadata keys of every part file.
 META_PREFIX = "persam."
+# A record's shard count: a positive int, bounded so that no record can make a run plan an
+# absurd number of shards (part names keep five digits up to 99999 and grow beyond).
+MAX_SHARDS = 10_000_000
 
 
 def persam_version() -> str:
@@ -92,6 +97,57 @@ class JobRecord:
                   "concept_digests": json.dumps({c: self.concept_digests.get(c) for c in concepts}),
                   "settings": json.dumps(self.settings), "layout": self.layout, "created": utc_now()}
         return {f"{META_PREFIX}{key}": str(value) for key, value in fields.items() if value is not None}
+
+
+def _record_problem(stored: object, required: dict[str, tuple[type, ...]]) -> str | None:
+    """What is wrong with a record read back (None: nothing): a JSON object with `required` keys
+    of those types, `num_shards` (where required) a positive int within MAX_SHARDS."""
+    if not isinstance(stored, dict):
+        return "it is not a JSON object"
+    for key, types in required.items():
+        value = stored.get(key)
+        if key not in stored or not isinstance(value, types) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in types)
+            return f"{key!r} is {'missing' if key not in stored else f'not a {names}'}"
+    shards = stored.get("num_shards")
+    if "num_shards" in required and not 1 <= shards <= MAX_SHARDS:
+        return f"'num_shards' {shards} is not between 1 and {MAX_SHARDS}"
+    return None
+
+
+def shown_path(output: str, name: str) -> str:
+    """A record's path as errors show it (credentials redacted)."""
+    return f"{redact(output).rstrip('/')}/{name}"
+
+
+def checked_record(shown: str, text: bytes | str, kind: str = JOB_RECORD) -> dict:
+    """A record read back (`kind`: JOB_RECORD (_persam_job.json), CONCEPT_RECORD (_persam_concept.json)),
+    validated like a concept file -> its fields. OutputError (bad input) naming `shown` otherwise."""
+    try:
+        stored = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        stored, problem = None, "it is not valid JSON"
+    else:
+        problem = None
+    if problem is None and kind == CONCEPT_RECORD:
+        problem = _record_problem(stored, {"name": (str,), "model_fingerprint": (str,)})
+        if problem is None and not isinstance(stored.get("digest"), (str, type(None))):
+            problem = "'digest' is not a str"
+    elif problem is None:
+        flat = isinstance(stored, dict) and stored.get("layout", FLAT) == FLAT
+        if isinstance(stored, dict) and stored.get("layout", FLAT) not in (FLAT, BY_CONCEPT):
+            problem = f"'layout' {stored.get('layout')!r} is not {FLAT!r} or {BY_CONCEPT!r}"
+        else:
+            problem = _record_problem(stored, {"num_shards": (int,), "model_fingerprint": (str,),
+                                               **({"concepts": (list,)} if flat else {})})
+        if problem is None and flat and not all(isinstance(c, str) for c in stored["concepts"]):
+            problem = "'concepts' is not a list of names"
+    if problem is None and not isinstance(stored.get("settings", {}), dict):
+        problem = "'settings' is not an object"
+    if problem is not None:
+        raise OutputError(f"{shown}: not a valid persam {kind} ({problem}); it was changed or not written by "
+                          "persam: delete it (the next run writes it anew) or use a new --output")
+    return stored
 
 
 def check_concept_names(output: str, names: tuple[str, ...]) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from jobs.pipeline.job_record import BY_CONCEPT, CONCEPT_FILE, JOB_FILE
+from jobs.pipeline.job_record import BY_CONCEPT, CONCEPT_FILE, CONCEPT_RECORD, JOB_FILE, checked_record, shown_path
 from jobs.storage.files import as_given
 from jobs.storage.schema import PARTITION_PREFIX, partition_folder, read_part
 
@@ -128,14 +128,24 @@ def output_tables(output: str, storage_options: dict | None = None,
             yield table
 
 
-def read_job_record(output: str, storage_options: dict | None = None) -> dict:
-    """The output's root record, with {"concepts": {name: partition record}} for BY_CONCEPT."""
+def read_job_record(output: str, storage_options: dict | None = None,
+                    concepts: Sequence[str] | None = None) -> dict | None:
+    """The output's root record, with {"concepts": {name: partition record}} for BY_CONCEPT
+    (those of `concepts` only, when given), every record validated (job_record.checked_record)
+    -> None when the output has no record."""
     fs, root = url_to_fs(output, **(storage_options or {}))
     root = root.rstrip("/")
-    stored = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
+    try:
+        text = fs.cat_file(f"{root}/{JOB_FILE}")
+    except FileNotFoundError:
+        return None
+    stored = checked_record(shown_path(output, JOB_FILE), text)
     if stored.get("layout") == BY_CONCEPT:
-        paths = fs.glob(f"{root}/{PARTITION_PREFIX}*/{CONCEPT_FILE}")
-        records = [json.loads(fs.cat_file(p)) for p in sorted(paths)]
+        if concepts is None:
+            paths = sorted(fs.glob(f"{root}/{PARTITION_PREFIX}*/{CONCEPT_FILE}"))
+        else:
+            paths = [p for c in concepts if fs.exists(p := f"{root}/{partition_folder(c)}/{CONCEPT_FILE}")]
+        records = [checked_record(shown_path(output, p[len(root) + 1:]), fs.cat_file(p), CONCEPT_RECORD) for p in paths]
         stored["concepts"] = {r["name"]: r for r in records}
     return stored
 
@@ -146,9 +156,9 @@ def read_output(output: str, concepts: list[str], storage_options: dict | None =
     output) -> (record, {partition: {shard: {digest: path}}}). Nothing is written or swept."""
     fs, root = url_to_fs(output, **(storage_options or {}))
     root = root.rstrip("/")
-    if not fs.exists(f"{root}/{JOB_FILE}"):
+    stored = read_job_record(output, storage_options, concepts)
+    if stored is None:
         return None, {}
-    stored = read_job_record(output, storage_options)
     by_concept = stored.get("layout") == BY_CONCEPT
     folders = {c: f"{root}/{partition_folder(c)}" for c in concepts} if by_concept else {FLAT_PARTITION: root}
     committed: dict[str, dict[int, dict[str, str]]] = {}

@@ -115,6 +115,35 @@ def publish_bytes(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def create_only(fs, path: str, data: bytes) -> bool:
+    """Make `path` appear with `data` only if nothing is there, the check and the write in one
+    step -> False when something was. Locally a complete temp file hard-linked to `path`
+    (link() refuses an existing name); on object stores a conditional PUT (If-None-Match: *,
+    fsspec's mode="create"), which AWS S3 and fsspec's memory store honour; a store that
+    ignores it overwrites, so callers read the file back and check it."""
+    if not isinstance(fs, LocalFileSystem):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return True
+
+
 def make_folder(fs, path: str) -> None:
     """Create the local folder `path`. Object stores have no folders to create, and a
     makedirs there is harmful: on s3fs it creates a missing *bucket*."""

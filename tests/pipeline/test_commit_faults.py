@@ -161,7 +161,7 @@ class Writer:
         return result
 
     def install(self, monkeypatch) -> None:
-        real_replace, real_rm = os.replace, LocalFileSystem.rm_file
+        real_replace, real_rm, real_link = os.replace, LocalFileSystem.rm_file, os.link
 
         def replace(source, target, **kwargs):
             kind = ("stage" if f"/{PENDING_FOLDER}/" in str(target) else
@@ -171,7 +171,11 @@ class Writer:
         def rm_file(fs, path, **kwargs):
             return self._step("remove", lambda: real_rm(fs, path, **kwargs), path)
 
+        def link(source, target, **kwargs):  # a record created create-only (files.create_only)
+            return self._step("create", lambda: real_link(source, target, **kwargs), target)
+
         monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "link", link)
         monkeypatch.setattr(LocalFileSystem, "rm_file", rm_file)
 
 
@@ -243,7 +247,7 @@ def test_a_kill_at_every_step_of_a_new_output(scene, fake_model, tmp_path, monke
     images, spec_of = scene
     kinds = sweep(tmp_path / "nothing", spec_of, _expected(images, {str(images / "c-two.png"): 2}), tmp_path,
                   monkeypatch)
-    assert kinds == {"publish"}  # the records and the first version of each shard
+    assert kinds == {"create", "publish"}  # the records, then the first version of each shard
 
 
 def test_a_kill_at_every_step_of_a_rerun_that_supersedes(scene, fake_model, tmp_path, monkeypatch):
@@ -259,16 +263,20 @@ def test_a_kill_at_every_step_of_a_rerun_that_supersedes(scene, fake_model, tmp_
 
 
 @pytest.mark.slow
-def test_a_kill_at_every_step_with_the_tiny_model(scene, tmp_path, monkeypatch):
-    """The real stages, `--runner local`; commits on one thread so that step N is one step."""
-    images, spec_of = scene
+def test_a_kill_at_every_step_with_the_tiny_model(tmp_path, tiny_fingerprint, monkeypatch):
+    """The real stages, `--runner local`, over three images of which one changes (so that the
+    sweep stays in minutes); commits on one thread so that step N is one step."""
+    images = tmp_path / "images"
+    for index, name in enumerate(["a.png", "b.png", "c.png"]):
+        _image(images / name, index)
+    spec_of = functools.partial(_spec, _concepts(tmp_path, tiny_fingerprint), images)
     monkeypatch.setattr(run_module, "ShardGatherer", functools.partial(run_module.ShardGatherer, threads=1))
     base = tmp_path / "base"
     run_segment(spec_of(base), log=lambda line: None)
-    _change(images)
+    _image(images / "a.png", 999)
     reference = tmp_path / "reference"  # the changed images in a new output: the rows a rerun must end with
     run_segment(spec_of(reference), log=lambda line: None)
-    expected = _keys(pd.read_parquet(reference))
+    expected = _keys(pd.read_parquet(reference, columns=KEY))
     assert {(u, c) for u, c, _ in expected} == {(u, c) for u, c, _ in _expected(images)}
     kinds = sweep(base, spec_of, expected, tmp_path, monkeypatch)
     assert {"stage", "remove", "promote"} <= kinds
