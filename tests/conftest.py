@@ -1,5 +1,6 @@
-"""Shared fixtures: the environment, the PerSeg sample data, randomly initialised SAM models,
-concepts fitted on the sample, the sample as a small lake, and a loopback S3 endpoint.
+"""Shared fixtures: the environment, a PerSeg-layout sample of bundled photos, randomly
+initialised SAM models, concepts fitted on the sample, the sample as a small lake, and a
+loopback S3 endpoint.
 
 Helpers that tests import (the CLI runners, sample tools, reference oracles) are plain
 modules beside this file or beside the tests that use them.
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from bundled_sample import make_bundled_perseg
 from cli_tools import ACCESS_KEY, SECRET_KEY, run_cli
 from sample_tools import load_pair
 
@@ -25,7 +27,6 @@ from sample_tools import load_pair
 if "PERSAM_TEST_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["PERSAM_TEST_THREADS"]))
 
-SAMPLE_RELATIVE = Path("shared") / "data" / "perseg-sample"
 BROKEN = ("broken.jpg", "zero.png")
 
 
@@ -45,26 +46,20 @@ def _no_cluster():
 # ---------------------------------------------------------------------------- sample data and models
 
 
-def find_perseg_sample() -> Path | None:
-    """$PERSAM_SAMPLE_DATA, else the first `shared/data/perseg-sample` above this file."""
+@pytest.fixture(scope="session")
+def perseg_sample(tmp_path_factory) -> Path:
+    """Root of a PerSeg-layout sample (Images/<concept>/NN.jpg, Annotations/<concept>/NN.png):
+    concepts cat, duck_toy and colorful_sneaker, shots 00-02 each. Made from photos that
+    scikit-image ships (bundled_sample.py), so a clone needs no file from elsewhere;
+    $PERSAM_SAMPLE_DATA runs the same tests on another sample of that layout (PerSeg's own)."""
     override = os.environ.get("PERSAM_SAMPLE_DATA")
     if override:
         path = Path(override)
-        return path if (path / "Images").is_dir() else None
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / SAMPLE_RELATIVE
-        if (candidate / "Images").is_dir() and (candidate / "Annotations").is_dir():
-            return candidate
-    return None
-
-
-@pytest.fixture(scope="session")
-def perseg_sample() -> Path:
-    """Root of the PerSeg sample (Images/<concept>/NN.jpg, Annotations/<concept>/NN.png)."""
-    path = find_perseg_sample()
-    if path is None:
-        pytest.skip("perseg-sample data not found (set PERSAM_SAMPLE_DATA)")
-    return path
+        if not ((path / "Images").is_dir() and (path / "Annotations").is_dir()):
+            pytest.fail(f"PERSAM_SAMPLE_DATA={override}: no Images/ and Annotations/ folders there; point it at a "
+                        "PerSeg-layout sample or unset it to use the bundled photos", pytrace=False)
+        return path
+    return make_bundled_perseg(tmp_path_factory.mktemp("perseg-sample"))
 
 
 @pytest.fixture(scope="session")

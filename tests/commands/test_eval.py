@@ -1,4 +1,4 @@
-"""`persam eval` end to end (PerSeg sample, generated DAVIS sequences) and bad input.
+"""`persam eval` end to end (the PerSeg-layout sample, generated DAVIS sequences) and bad input.
 
 One embedded Ray session serves every job here: the PerSeg eval's segment job on Ray Data
 and the video eval's actor pool, each once."""

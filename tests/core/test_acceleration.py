@@ -44,7 +44,7 @@ def test_fp32_is_the_default_and_unknown_precisions_are_refused():
             pass
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: no CUDA device here")
 def test_cuda_bf16_fused_encoder_close_to_fp32(tiny_sam, resized):
     model = copy.deepcopy(tiny_sam).cuda()
     reference = encode_images(model, [resized])[0].features

@@ -259,7 +259,7 @@ def test_prior_ties_go_to_first_row_major_index() -> None:
     assert flat.positive_point() == (0, 0) and flat.negative_point() == (0, 0)
 
 
-# ---- end to end on the PerSeg sample ----------------------------------------------------
+# ---- end to end on the sample concepts --------------------------------------------------
 
 
 def report(kind: str, name: str, target: str, ours: Result, theirs: oracle.RefResult) -> float:

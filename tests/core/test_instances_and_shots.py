@@ -1,11 +1,13 @@
 """Several instances per (image, concept) and several shots per concept, at unit level.
 
 Instances: persam_core.instances.segment_instances on the tiny random model; two copies of
-cat/00 side by side give a real second instance. Shots: `persam fit` in-process against
+a cat shot side by side give a real second instance. Shots: `persam fit` in-process against
 persam_core's own computation (reference_cells + persam_targets).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -32,10 +34,15 @@ def single(perseg_sample, tiny_sam):
 # ---------------------------------------------------------------------------- several instances
 
 
+# Random weights make it the photo's content that decides whether two copies give a second
+# instance: the bundled cat's shot 02 does, PerSeg's cat does on 00 ($PERSAM_SAMPLE_DATA).
+DOUBLED_SHOT = "00" if os.environ.get("PERSAM_SAMPLE_DATA") else "02"
+
+
 @pytest.fixture(scope="module")
 def doubled(perseg_sample, tiny_sam):
-    """Two copies of cat/00 side by side (with the tiny random model a second instance is found)."""
-    image, _ = load_pair(perseg_sample, "cat", "00")
+    """Two copies of a cat shot side by side (with the tiny random model a second instance is found)."""
+    image, _ = load_pair(perseg_sample, "cat", DOUBLED_SHOT)
     return encode_images(tiny_sam, [resize_longest_side(np.concatenate([image, image], axis=1))])[0]
 
 
@@ -76,15 +83,14 @@ def test_instances_are_numbered_and_never_overlap_more_than_half(doubled_instanc
 
 
 def test_second_instance_is_found_in_a_doubled_image(doubled_instances):
-    assert len(doubled_instances) >= 2, "tiny random:0 finds a 2nd instance in two copies of cat/00"
+    assert len(doubled_instances) >= 2, f"tiny random:0 finds a 2nd instance in two copies of cat/{DOUBLED_SHOT}"
     first, second = doubled_instances[0].result, doubled_instances[1].result
     assert second.similarity <= first.similarity
     assert np.logical_and(second.mask, ~first.mask).sum() >= 0.5 * second.mask.sum()
 
 
 def test_search_stops_at_the_presence_threshold(tiny_sam, concept_tensors, doubled, doubled_instances):
-    if len(doubled_instances) < 2:
-        pytest.skip("no second instance to threshold")
+    assert len(doubled_instances) >= 2, "no second instance to threshold"
     presence, peak = doubled_instances[0].result.similarity, doubled_instances[1].result.similarity
     assert peak < presence
     stopped = segment_instances(tiny_sam, doubled, concept_tensors["cat"], 3, (presence + peak) / 2)

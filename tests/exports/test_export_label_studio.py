@@ -94,7 +94,7 @@ def test_brush_rle_is_byte_equal_to_the_label_studio_sdk():
 def test_brush_rle_equals_the_installed_sdk_on_random_masks():
     sdk = sdk_brush()
     if sdk is None:
-        pytest.skip("label-studio-sdk not installed (the golden digests above still compare with it)")
+        pytest.skip("optional SDK label-studio-sdk not installed (the golden digests above still compare with it)")
     rng = np.random.default_rng(3)
     for _ in range(20):
         height, width = rng.integers(1, 90, size=2)
@@ -129,7 +129,7 @@ def test_tasks_hold_one_task_per_image_with_regions_that_decode_to_the_masks(tmp
 def test_the_sdk_converter_reads_a_task_back(tmp_path):
     sdk = sdk_brush()
     if sdk is None:
-        pytest.skip("label-studio-sdk not installed")
+        pytest.skip("optional SDK label-studio-sdk not installed")
     lake = small_lake(tmp_path)
     out = tmp_path / "tasks.json"
     ok(run_cli(["export", "label-studio", "--masks", str(lake.masks), "--output", str(out)]))

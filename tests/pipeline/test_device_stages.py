@@ -147,7 +147,7 @@ def test_off_cuda_there_is_no_stream():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+    not torch.cuda.is_available(), reason="CUDA only: no CUDA device here"))])
 def test_two_callers_through_the_stages_get_the_masks_of_one_chunk_after_another(
         device, tiny_sam, concept_tensors, perseg_sample):
     """The real stages (on CUDA: the cascade stream, its event and sync) with two chunks in

@@ -112,7 +112,7 @@ print(max(counts[1:]))
 TCMALLOC_HERE = ctypes.util.find_library(host_memory.TCMALLOC) if sys.platform.startswith("linux") else None
 
 
-@pytest.mark.skipif(not TCMALLOC_HERE, reason="tcmalloc is not installed here")
+@pytest.mark.skipif(not TCMALLOC_HERE, reason="optional library tcmalloc (gperftools) is not installed here")
 def test_tcmalloc_keeps_a_block_that_glibc_maps_anew_each_time():
     """A 96 MiB tensor made again and again: glibc faults it in anew every time after the first
     (24,576 pages each here, thresholds raised or not), the preloaded tcmalloc reuses it (0)."""
