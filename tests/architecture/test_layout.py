@@ -85,6 +85,7 @@ NOT_A_COLUMN = {
     ("cli.py", "rank"): "the `persam rank` command",
     ("cli_parser.py", "rank"): "the `persam rank` command",
     ("commands/dry_run.py", "model_fingerprint"): "a key of the job record (read only, for the dry run)",
+    ("commands/segment.py", "model_fingerprint"): "a key of the job record (read only, before the weights load)",
     ("cli.py", "error"): "the word of the final error line and its log level",
     ("logs.py", "error"): "a log level",
     ("pipeline/commit.py", "model_fingerprint"): "a key of the job record, a file commit.py owns",
