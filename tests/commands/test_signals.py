@@ -45,17 +45,20 @@ def _stop(job, signum: int, whole_group: bool) -> tuple[str, str]:
 
 
 def _assert_committed_shards_whole(output) -> int:
-    """Every part file reads, holds the rows of exactly its shard's one image (one image per
-    shard here), each instance once, and no image is in two files -> the count."""
+    """Every part file reads, each (image, instance) row is there once and no image is in two
+    files -> the count of files."""
     parts = sorted(output.rglob("part-*.parquet"))
-    images = []
+    owner = {}
     for path in parts:
         rows = read_part(str(path)).to_pylist()
-        assert len({r["image_uri"] for r in rows}) == 1, path
-        assert len({r["instance"] for r in rows}) == len(rows), path
-        images.append(rows[0]["image_uri"])
-    assert len(images) == len(set(images))
-    assert not [p for p in output.rglob("*") if p.is_file() and not p.name.startswith(("part-", "_persam"))]
+        keys = [(r["image_uri"], r["instance"]) for r in rows]
+        assert rows and len(keys) == len(set(keys)), path
+        for uri in {r["image_uri"] for r in rows}:
+            assert owner.setdefault(uri, path) == path, f"{uri} in {owner[uri]} and {path}"
+    # no half-written file where readers look (hidden and `_` names are skipped by pyarrow, pandas, Spark)
+    listed = [p for p in output.rglob("*") if p.is_file()
+              and not any(part.startswith((".", "_")) for part in p.relative_to(output).parts)]
+    assert sorted(listed) == parts
     return len(parts)
 
 
