@@ -4,7 +4,9 @@ Every module logs through `logging.getLogger(__name__)` (the `jobs.*` loggers); 
 `configure` once per command. Lines go to the *current* `sys.stdout` (the run's report, as
 the commands always printed it); the CLI's final error line goes to stderr. With
 `--log-format json` each line is one JSON object (`time`, `level`, `logger`, `message`) for
-cluster log collectors. `--quiet` keeps warnings and errors only.
+cluster log collectors, and so is every line on stderr, whoever writes it: Python warnings go
+through logging, everything else is wrapped line by line on file descriptor 2 (`json_stderr`;
+docs/guarantees-process.md). `--quiet` keeps warnings and errors only.
 
 Ray's known noise on a healthy run, and what is done about each:
 

@@ -28,9 +28,10 @@ def resolve_device(device: str) -> str:
 
 
 # Ray (2.60) turns a loopback node address into this machine's routable one unless its cluster
-# mode is off, as on Windows and macOS; off, every server it starts (GCS, raylet, object
-# manager, workers' gRPC, agents, metrics) binds the node address, 127.0.0.1. Ray reads the
-# variable when imported, its processes inherit it (docs/guarantees-process.md).
+# mode is off, as on Windows and macOS; with the node address 127.0.0.1 every server it starts
+# (GCS, raylet, object manager, workers' gRPC, agents, metrics) stays on loopback, else its
+# gRPC servers listen on every interface. Ray reads the variable when imported, its processes
+# inherit it (docs/guarantees-process.md).
 LOOPBACK_ONLY_ENV = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 _watchdog = None  # the process that ends the embedded Ray with the driver (watchdog.py)
 
