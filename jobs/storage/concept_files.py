@@ -8,7 +8,7 @@ from fsspec.core import url_to_fs
 
 from persam_core.methods.registry import ConceptError, load_concept
 
-from jobs.storage.files import as_given
+from jobs.storage.files import NotAFileError, as_given, read_file_bytes
 from jobs.storage.redaction import redact
 
 # A PerSAM concept is a few KB; a GF-SAM concept holds every DINOv2 token of each shot
@@ -32,10 +32,11 @@ def read_concepts(paths: Sequence[str], storage_options: dict) -> list:
     """Concept files (or folders of *.json) -> concepts, names unique."""
     concepts = []
     for path in concept_files(paths, storage_options):
-        try:
-            fs, key = url_to_fs(path, **storage_options)
-            with fs.open(key, "rb") as handle:
-                text = handle.read(MAX_CONCEPT_BYTES).decode("utf-8", errors="replace")
+        try:  # a regular file only (a FIFO would block, /dev/zero never end)
+            data = read_file_bytes(path, storage_options, MAX_CONCEPT_BYTES, shown=redact(path))
+            text = data.decode("utf-8", errors="replace")
+        except NotAFileError as error:
+            raise ConceptError(f"{error}; pass a concept file written by `persam fit`") from None
         except (OSError, ValueError) as error:
             raise ConceptError(f"{redact(path)}: cannot read concept file ({type(error).__name__}); "
                                "pass a file written by `persam fit`") from None

@@ -195,7 +195,10 @@ def shown_name(url: str) -> str:
         url.encode("utf-8")
         return url
     except UnicodeEncodeError:
-        return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        try:
+            return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+            return url.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def credential_free(versions: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:

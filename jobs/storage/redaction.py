@@ -104,7 +104,7 @@ def image_name(url: str) -> str:
     identity = kept + ("#" + parsed.fragment if parsed.fragment else "")
     if not identity:
         return parsed.scheme + parsed.rest
-    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{parsed.scheme}{parsed.rest}?{QUERY_DIGEST}={digest}"
 
 

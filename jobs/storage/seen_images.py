@@ -21,7 +21,7 @@ _DTYPE = np.dtype(f"S{DIGEST_BYTES}")
 
 def name_digest(name: str) -> bytes:
     """16 bytes identifying `name` (surrogate-escaped file names included)."""
-    return hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=DIGEST_BYTES).digest()
+    return hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
 
 
 class SeenImages:

@@ -133,3 +133,15 @@ def test_max_image_bytes_is_a_count(tmp_path):
     result = run_cli(["segment", "--model-type", "tiny", "--checkpoint", "random:0", "--concept", "c.json",
                       "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--max-image-bytes", "0"])
     assert result.rc == 3 and "--max-image-bytes" in result.err
+
+
+def test_a_concept_that_is_no_regular_file_is_one_line(tmp_path):
+    fifo = tmp_path / "c.json"
+    os.mkfifo(fifo)
+    _unblock_later(str(fifo))
+    big = tmp_path / "big.json"
+    big.write_bytes(b"{" + b" " * (2 << 20) + b"}")
+    for given, phrase in ((fifo, "a FIFO"), ("/dev/zero", "a character device"), (big, "over the limit")):
+        result = segment(given, str(tmp_path), tmp_path / "out")
+        lines = result.err.strip().splitlines()
+        assert result.rc == 3 and len(lines) == 1 and str(given) in lines[0] and phrase in lines[0], result.err
