@@ -189,3 +189,25 @@ def test_of_two_runs_racing_to_create_a_record_the_loser_is_refused(race_output,
     assert json.loads(meta[b"persam.concept_digests"]) == {"cat": stored["concepts"]["cat"]["digest"]}
     with pytest.raises(OutputError, match=refusal):  # and the loser stays refused
         commit.open_output(output, first, options)
+
+
+def test_a_shard_is_replaced_and_recovered_on_every_store(race_output, monkeypatch):
+    """supersede.py's protocol on a local folder, fsspec's memory store and S3 (moto): the new
+    version replaces the old; staged and left behind by a kill, the next run finishes it."""
+    from fsspec.core import url_to_fs
+
+    output, options = race_output
+    record = _by_concept("a" * 12)
+    commit.open_output(output, record, options)
+    first = commit.commit_shard(output, 0, "1" * 12, _table("a.jpg"), options, "cat")
+    second = commit.commit_shard(output, 0, "2" * 12, _table("b.jpg"), options, "cat", previous=[first])
+    assert commit.part_files(output, options) == [commit.part_path(output, 0, "2" * 12, options, "cat")]
+    with monkeypatch.context() as patch:  # killed after staging the third version, before the removal
+        patch.setattr(commit, "remove_files", lambda *args, **kwargs: [])
+        assert commit.commit_shard(output, 0, "3" * 12, _table("c.jpg"), options, "cat", previous=[second]) is None
+    assert [t.column("image_uri").to_pylist() for t in commit.output_tables(output, options)] == [["b.jpg"]]
+    _, committed = commit.open_output(output, record, options)  # the next run recovers first
+    assert list(committed["cat"][0]) == ["3" * 12]
+    assert [t.column("image_uri").to_pylist() for t in commit.output_tables(output, options)] == [["c.jpg"]]
+    fs, root = url_to_fs(output, **(options or {}))
+    assert not [p for p in fs.find(root.rstrip("/")) if "/_pending/" in p]
