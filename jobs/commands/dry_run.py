@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from fsspec.core import url_to_fs
 from persam_core.concept import Concept
 
 from jobs.pipeline import commit
+from jobs.pipeline.output_files import partition_root
+from jobs.pipeline.supersede import plan_recovery
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import random_weights_note
 from jobs.storage.listing import credential_free, is_manifest
@@ -39,6 +42,7 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
     log(f"dry run: {len(concepts)} concept(s): {describe_concepts(concepts)}")
     # (a run's refusals were raised before: segment.check_before_work, the very checks of a run)
     record, committed = commit.read_output(spec.output, [c.name for c in concepts], spec.storage_options)
+    committed = _recovered(spec, committed)
     if record is not None and record.get("layout") != commit.BY_CONCEPT:
         committed = {commit.FLAT_PARTITION: committed.get(commit.FLAT_PARTITION, {})}
     elif not committed:  # a new output: every concept's partition is empty
@@ -73,6 +77,17 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
         f"images changed), {counts['skip']} already committed, {counts['remove']} superseded files to remove; "
         "nothing loaded or written")
     return counts
+
+
+def _recovered(spec: JobSpec, committed: dict) -> dict:
+    """The part files as the run will find them once it finished or discarded what a killed
+    run left staged (supersede.plan_recovery: the run's own decision, made read only)."""
+    fs, _ = url_to_fs(spec.output, **(spec.storage_options or {}))
+    found = {}
+    for partition, shards in committed.items():
+        folder = url_to_fs(partition_root(spec.output, partition), **(spec.storage_options or {}))[1].rstrip("/")
+        found[partition] = plan_recovery(fs, folder).apply_to(shards) if fs.isdir(folder) else shards
+    return found
 
 
 def dry_run_rank(spec: JobSpec, concept: Concept, urls: list[str], num_shards: int, target: str, log: Log) -> None:

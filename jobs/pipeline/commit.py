@@ -37,8 +37,9 @@ fingerprint, concept digests, settings, layout, created time), see JobRecord.par
 
 Two jobs writing the same output at once compute the same shards and publish the same
 names with the same content (each stages its own copy): the last rename/PUT wins and
-nothing is duplicated, only work is wasted. Different jobs on one output are refused by the job record. Races
-between them are tolerated: a file that the other run already removed counts as removed.
+nothing is duplicated, only work is wasted; a file the other run already removed counts as
+removed. Different jobs on one output are refused by the records, also two that start at
+once: records are created create-only and read back (_settle), so one of them wins.
 
 Stale temp files: a publish writes its temp file in one go and renames it at once, so a
 temp file of ours (`.<our name>.tmp-<hex>`) untouched for STALE_TEMP_SECONDS (one hour)

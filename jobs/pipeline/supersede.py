@@ -28,6 +28,7 @@ import json
 import os
 import re
 import uuid
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pyarrow as pa
@@ -117,38 +118,69 @@ def _superseded_names(fs, path: str) -> set[str] | None:
         return None
 
 
-def recover(fs, folder: str) -> list[str]:
-    """Finish or roll back every staged file of `folder` (module docstring) -> the files in
-    `_pending/` that are not ours (left alone). Hidden temp files of a write in flight are skipped."""
+@dataclass
+class Recovery:
+    """What `recover` does in one folder, decided read only (a dry run plans with it)."""
+
+    finish: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (staged, public name, files it replaces)
+    discard: list[str] = field(default_factory=list)  # staged files already public, or stale
+    foreign: list[str] = field(default_factory=list)  # files in `_pending/` that are not ours: left alone
+
+    def apply_to(self, shards: dict[int, dict[str, str]]) -> dict[int, dict[str, str]]:
+        """A folder's listing {shard: {digest: path}} as it will be once recovered."""
+        shards = {s: dict(files) for s, files in shards.items()}
+        for _, target, replaced in self.finish:
+            shard, digest = parse_part_path(target)
+            files = shards.setdefault(shard, {})
+            for path in replaced:
+                files.pop(parse_part_path(path)[1], None)
+            files[digest] = target
+        return shards
+
+
+def plan_recovery(fs, folder: str) -> Recovery:
+    """Decide, for every staged file of `folder`, whether the next run finishes or discards it
+    (module docstring). Hidden temp files of a write in flight are not looked at."""
+    plan = Recovery()
     try:
         staged = sorted(fs.ls(f"{folder}/{PENDING_FOLDER}", detail=False))
     except FileNotFoundError:
-        return []
+        return plan
     if not staged:
-        return []
+        return plan
     public: dict[int, dict[str, str]] = {}
     for path in fs.ls(folder, detail=False):
         parsed = parse_part_path(path)
         if parsed is not None:
             public.setdefault(parsed[0], {})[parsed[1]] = path
-    foreign = []
     for path in staged:
         name = os.path.basename(path.rstrip("/"))
-        match = PENDING_FILE.match(name)
         if name.startswith("."):
             continue
+        match = PENDING_FILE.match(name)
         if match is None or (supersedes := _superseded_names(fs, path)) is None:
-            foreign.append(path)
+            plan.foreign.append(path)
             continue
         shard, digest = parse_part_path(match.group(1))
         here = public.get(shard, {})
         if digest in here or not all(os.path.basename(p) in supersedes for p in here.values()):
-            remove_quietly(fs, path)  # already public, or a later version is: nothing to finish
+            plan.discard.append(path)  # already public, or a later version is: nothing to finish
             continue
-        kept = remove_ours(fs, list(here.values()))
-        if left_behind(fs, list(here.values()), kept):
-            continue  # re-published under us by a live run: its own commit finishes it
         target = f"{folder}/{match.group(1)}"
-        promote(fs, path, target)
-        public[shard] = {digest: target, **{parse_part_path(p)[1]: p for p in kept}}
-    return foreign
+        plan.finish.append((path, target, list(here.values())))
+        public[shard] = {digest: target}
+    return plan
+
+
+def recover(fs, folder: str) -> list[str]:
+    """Finish or roll back every staged file of `folder` (plan_recovery) -> the files in
+    `_pending/` that are not ours (left alone)."""
+    plan = plan_recovery(fs, folder)
+    for path in plan.discard:
+        remove_quietly(fs, path)
+    for staged, target, replaced in plan.finish:
+        kept = remove_ours(fs, replaced)
+        if left_behind(fs, replaced, kept):
+            continue  # re-published under us by a live run: its own commit finishes it
+        promote(fs, staged, target)
+    return plan.foreign

@@ -14,6 +14,7 @@ one); the slow one runs the tiny model with `--runner local`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -257,6 +258,26 @@ def test_a_kill_at_every_step_of_a_rerun_that_supersedes(scene, fake_model, tmp_
     _change(images)
     kinds = sweep(base, spec_of, _expected(images, {str(images / "c-two.png"): 2}), tmp_path, monkeypatch)
     assert {"stage", "remove", "promote"} <= kinds
+
+
+def test_the_dry_run_plans_what_the_run_does_after_recovering(scene, fake_model, tmp_path, monkeypatch):
+    """Killed with the new versions staged: the dry run (read only) plans as the run will, which
+    first finishes the staged versions, so neither recomputes them."""
+    images, spec_of = scene
+    output = tmp_path / "out"
+    run_segment(spec_of(output), log=lambda line: None)
+    _change(images)
+    with monkeypatch.context() as patch:  # the old files are never removed: every new version stays staged
+        patch.setattr(commit, "remove_files", lambda *args, **kwargs: [])
+        run_segment(spec_of(output), log=lambda line: None)
+    staged = list(output.glob(f"*/{PENDING_FOLDER}/part-*"))
+    assert staged and all(count == 1 for count in _visible_versions(output).values())
+    lines: list[str] = []
+    assert run_segment(dataclasses.replace(spec_of(output), dry_run=True), log=lines.append) is None
+    assert "dry run: 0 shards to run" in lines[-1], lines[-1]
+    assert list(output.glob(f"*/{PENDING_FOLDER}/part-*")) == staged  # the dry run changed nothing
+    assert run_segment(spec_of(output), log=lambda line: None).shards_run == 0
+    assert _keys(pd.read_parquet(output, columns=KEY)) == _expected(images, {str(images / "c-two.png"): 2})
 
 
 # ---------------------------------------------------------------------------- the tiny model

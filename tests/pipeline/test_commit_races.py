@@ -4,14 +4,19 @@ formats: storage/test_names_and_formats.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import uuid
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from jobs.pipeline import commit
 from jobs.storage import schema
+from jobs.storage.outputs import OutputError
 from jobs.storage.schema import rows_to_table
 
 
@@ -117,3 +122,92 @@ def test_a_publish_in_flight_is_hidden_from_whole_output_readers(tmp_path, monke
     monkeypatch.setattr(files.os, "replace", interrupted)
     commit.commit_shard(str(output), 1, "b" * 12, _table())
     assert names and names[0].startswith(".part-00001-") and commit.TEMP_FILE.match(names[0])
+
+
+# ---------------------------------------------------------------------------- records created by two runs at once
+
+
+def _by_concept(digest: str, settings: dict | None = None) -> commit.JobRecord:
+    return commit.JobRecord(1, ("cat",), "tiny:0123456789abcdef", settings or {"max_instances": 1}, commit.BY_CONCEPT,
+                            {"cat": digest})
+
+
+def _race(output: str, record_name: str, storage_options: dict | None = None):
+    """Patch the store so that right after the first run finds `record_name` absent (its check),
+    before it writes it, a second run opens the output with its own record -> a switch that arms it."""
+    from fsspec.core import url_to_fs
+
+    fs, _ = url_to_fs(output, **(storage_options or {}))
+    real_exists, state = fs.exists, {"armed": None}
+
+    def exists(path, **kwargs):
+        found = real_exists(path, **kwargs)
+        second = state["armed"]
+        if second is not None and not found and str(path).endswith(record_name):
+            state["armed"] = None
+            commit.open_output(output, second, storage_options)  # the other run, inside our window
+        return found
+
+    fs.exists = exists
+    return fs, state
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def race_output(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "masks"), None
+    elif request.param == "memory":
+        yield f"memory://persam-race-{tmp_path.name}/masks", None
+        fsspec.filesystem("memory").rm(f"/persam-race-{tmp_path.name}", recursive=True)
+    else:
+        s3 = request.getfixturevalue("s3")
+        bucket = f"persam-race-{uuid.uuid4().hex[:12]}"
+        s3.mkdir(bucket)
+        yield f"s3://{bucket}/masks", None
+
+
+@pytest.mark.parametrize("record_name, first, second, refusal", [
+    ("_persam_concept.json", _by_concept("a" * 12), _by_concept("b" * 12), "other contents"),
+    ("_persam_job.json", _by_concept("a" * 12), _by_concept("a" * 12, {"max_instances": 3}), "with settings"),
+])
+def test_of_two_runs_racing_to_create_a_record_the_loser_is_refused(race_output, record_name, first, second, refusal):
+    output, options = race_output
+    fs, state = _race(output, record_name, options)
+    try:
+        state["armed"] = second
+        with pytest.raises(OutputError, match=refusal):
+            commit.open_output(output, first, options)
+    finally:
+        del fs.exists
+    # the winner's record stands, and the part file it publishes agrees with it
+    stored = commit.read_job_record(output, options)
+    assert stored["settings"] == second.settings and stored["concepts"]["cat"]["digest"] == second.concept_digests["cat"]
+    record, _ = commit.open_output(output, second, options)
+    path = commit.commit_shard(output, 0, "0" * 12, _table(), options, "cat", record.parquet_metadata(["cat"]))
+    with fs.open(path, "rb") as handle:  # (commit_shard returns the store's own path)
+        meta = pq.ParquetFile(handle).schema_arrow.metadata
+    assert json.loads(meta[b"persam.concept_digests"]) == {"cat": stored["concepts"]["cat"]["digest"]}
+    with pytest.raises(OutputError, match=refusal):  # and the loser stays refused
+        commit.open_output(output, first, options)
+
+
+def test_a_shard_is_replaced_and_recovered_on_every_store(race_output, monkeypatch):
+    """supersede.py's protocol on a local folder, fsspec's memory store and S3 (moto): the new
+    version replaces the old; staged and left behind by a kill, the next run finishes it."""
+    from fsspec.core import url_to_fs
+
+    output, options = race_output
+    record = _by_concept("a" * 12)
+    commit.open_output(output, record, options)
+    first = commit.commit_shard(output, 0, "1" * 12, _table("a.jpg"), options, "cat")
+    second = commit.commit_shard(output, 0, "2" * 12, _table("b.jpg"), options, "cat", previous=[first])
+    assert commit.part_files(output, options) == [commit.part_path(output, 0, "2" * 12, options, "cat")]
+    with monkeypatch.context() as patch:  # killed after staging the third version, before the removal
+        patch.setattr(commit, "remove_files", lambda *args, **kwargs: [])
+        assert commit.commit_shard(output, 0, "3" * 12, _table("c.jpg"), options, "cat", previous=[second]) is None
+    assert [t.column("image_uri").to_pylist() for t in commit.output_tables(output, options)] == [["b.jpg"]]
+    _, committed = commit.open_output(output, record, options)  # the next run recovers first
+    assert list(committed["cat"][0]) == ["3" * 12]
+    assert [t.column("image_uri").to_pylist() for t in commit.output_tables(output, options)] == [["c.jpg"]]
+    fs, root = url_to_fs(output, **(options or {}))
+    assert not [p for p in fs.find(root.rstrip("/")) if "/_pending/" in p]
