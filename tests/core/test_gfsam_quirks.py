@@ -24,7 +24,7 @@ from gfsam_standins import (
 )
 from persam_core.methods import gfsam_quirks
 from persam_core.methods.gfsam_batch import segment_gfsam
-from persam_core.methods.gfsam_frames import stretch_frame
+from persam_core.methods.gfsam_frames import frame_mask, stretch_frame
 from persam_core.methods.gfsam_graph import Graph, grow
 from persam_core.methods.gfsam_reference import GFSAMReference, fit_reference, reference_weights
 from persam_core.modeling.dinov2 import normalise_tokens
@@ -199,3 +199,42 @@ def test_graph_quirks_change_the_result(sam, predictor, quirk, shape, oracle_nam
         assert (len(faithful.points), len(off.points)) == (49, 50)
     if oracle_name is not None and quirk != "weak_components":  # scipy numbers strong components otherwise
         assert same_points(off, expected(sam, predictor, shape, **{oracle_name: False}))
+
+
+def test_dinov2_quirks_change_the_points():
+    """Quirks 1-3 on DINOv2's side (persam_core.modeling.dinov2): the token-axis normalisation,
+    x_prenorm rather than the final norm's output, and no antialias on 1024 -> 518; each moves
+    the points of a designed scene (the tiny random DINOv2)."""
+    import torch.nn.functional as F
+
+    from gfsam_product import frame_pixels
+    from persam_core.methods.gfsam_points import find_points, location_map
+    from persam_core.methods.gfsam_priors import pair_priors
+    from persam_core.methods.gfsam_reference import as_stack
+    from persam_core.modeling.dinov2 import build_random_dinov2, dinov2_input, prenorm_tokens
+    from test_gfsam_oracle_match import REFERENCES, TARGETS
+
+    model = build_random_dinov2("tiny", 0)
+    (image, mask), target = REFERENCES[0], TARGETS["wide"]
+    pixels = frame_pixels([stretch_frame(image), stretch_frame(target)])
+    masks = frame_mask(mask)[None]
+
+    def dino_pixels(antialias: bool) -> torch.Tensor:
+        small = F.interpolate(pixels, size=(518, 518), mode="bilinear", align_corners=False, antialias=antialias)
+        mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+        return (small - mean) / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+    def points(axis=1, final_norm=False, antialias=False):
+        tokens = prenorm_tokens(model, dino_pixels(antialias))
+        if final_norm:
+            tokens = model.norm(tokens)
+        tokens = F.normalize(tokens, dim=axis)
+        stack = as_stack([fit_reference(tokens[:1], masks)], torch.device("cpu"))
+        found = find_points(location_map(pair_priors(stack, tokens[1:], [(0, 0)])))
+        return found.cells[0, : int(found.count[0])]
+
+    assert torch.equal(dinov2_input(pixels), dino_pixels(False))  # the product's input is the faithful one
+    faithful = points()
+    for variant in ({"axis": 2}, {"final_norm": True}, {"antialias": True}):
+        off = points(**variant)
+        assert off.shape != faithful.shape or not torch.equal(off, faithful), variant
