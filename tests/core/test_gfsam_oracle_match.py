@@ -110,8 +110,8 @@ def test_standin_masks_match_the_oracle(sam, predictors, shape, shots, target, p
 def test_no_points_matches_the_oracle(sam, predictors):
     """A thin reference mask between the weights' align_corners samples: all-zero weights, no points."""
     image, _ = REFERENCES[0]
-    mask = np.zeros(image.shape[:2], np.uint8)
-    mask[1, 10:80] = 1  # frame rows 16-31, between the samples at 0 and 28.4
+    mask = np.zeros((1024, 1024), np.uint8)  # framed on its own: it need not match the image's size
+    mask[10, 100:900] = 1  # between the align_corners samples at rows 0 and 28.4
     dinov2 = TokenStandIn(0)
     expected = oracle.oracle_predict(sam, dinov2, oracle.oracle_fit(dinov2, [image], [mask]), TARGETS["wide"],
                                      predictor=predictors["wide"])
