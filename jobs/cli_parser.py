@@ -211,6 +211,9 @@ def _add_eval(commands) -> None:
                           help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
     evaluate.add_argument("--sequences", type=_names, default=None,
                           help="comma-separated DAVIS sequences (default: ImageSets/2017/val.txt, else all)")
+    evaluate.add_argument("--precision", choices=SPEED_PRECISIONS, default=SpeedSpec.precision,
+                          help="image-encoder precision of the segment job (auto: bf16 on CUDA, fp32 on CPU; "
+                               "fp32 is the reference path)")
     evaluate.add_argument("--benchmark", choices=BENCHMARKS, default=JobSpec.benchmark,
                           help="perseg (or DAVIS with --video); fss1000 / coco20i: few-shot episodes, one concept "
                                "fitted per episode from its supports (docs/evaluation.md)")
