@@ -74,10 +74,15 @@ def _run(args: argparse.Namespace) -> int:
         from jobs.commands.eval_perseg import run_perseg_eval
         from jobs.commands.eval_video import run_video_eval
 
-        metrics = (run_video_eval if spec.video else run_perseg_eval)(spec)
+        if spec.benchmark != "perseg":
+            from jobs.commands.eval_fewshot import run_fewshot_eval
+
+            metrics, keys = run_fewshot_eval(spec), ("miou", "fb_iou")
+        else:
+            metrics = (run_video_eval if spec.video else run_perseg_eval)(spec)
+            keys = ("jf", "j", "f") if spec.video else ("miou", "biou")
         if metrics is None:  # --dry-run
             return EXIT_OK
-        keys = ("jf", "j", "f") if spec.video else ("miou", "biou")
         logger.info("done: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" -> {args.output}/metrics.json")
         return _judge(spec, metrics.get("targets_failed", 0), metrics.get("targets_run", 0))
     if spec.command == "track":
@@ -116,7 +121,12 @@ def _bench(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result))
         return 0
-    print_bench(run_bench(spec, args.images, args.concepts, args.epochs, args.variants), args.json)
+    result = run_bench(spec, args.images, args.concepts, args.epochs, args.variants)
+    if args.gfsam:
+        from jobs.commands.bench_gfsam import run_gfsam_bench
+
+        result.update(run_gfsam_bench(spec, args.images, args.concepts, result["persam_s_per_image"]))
+    print_bench(result, args.json)
     return 0
 
 

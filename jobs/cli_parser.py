@@ -14,8 +14,8 @@ from persam_core.options import DECODER_PRECISIONS, DINOV2_TYPES, GPU_BATCH_SIZE
 
 from jobs.exports import EXPORTS
 from jobs.logs import LOG_FORMATS, LOG_LEVELS
-from jobs.spec import (CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_INTERVAL, RUNNERS, JobSpec,
-                       ModelSpec, SpeedSpec)
+from jobs.spec import (BENCHMARKS, CACHE_DTYPES, DEFAULT_MAX_ERROR_RATE, DEFAULT_PROGRESS_INTERVAL, RUNNERS,
+                       JobSpec, ModelSpec, SpeedSpec)
 
 INPUT_HELP = "directory/prefix, glob, or manifest (.parquet/.csv/.txt)"
 CHECKPOINT_HELP = "official SAM state dict: local path, s3://, gs://, https://, 'official', or random:SEED"
@@ -198,9 +198,11 @@ def _add_export(commands) -> None:
 
 
 def _add_eval(commands) -> None:
-    evaluate = commands.add_parser("eval", help="PerSeg mIoU/bIoU, or DAVIS 2017 J&F with --video (Ray job)")
+    evaluate = commands.add_parser("eval", help="PerSeg mIoU/bIoU, DAVIS 2017 J&F with --video, or FSS-1000 / "
+                                   "COCO-20i few-shot mIoU with --benchmark (Ray job)")
     _add_model(evaluate)
-    evaluate.add_argument("--data", required=True, help="PerSeg root (Images/, Annotations/) or DAVIS 2017 root (--video)")
+    evaluate.add_argument("--data", required=True, help="PerSeg root (Images/, Annotations/), DAVIS 2017 root (--video), "
+                          "FSS-1000 folder of class folders, or COCO 2014 root (annotations/, val2014/)")
     evaluate.add_argument("--output", required=True, help="directory for metrics.json, metrics.md and the masks")
     evaluate.add_argument("--method", choices=method_names(), default=JobSpec.method)
     evaluate.add_argument("--video", action="store_true", help="DAVIS 2017 layout: J, F and J&F")
@@ -210,6 +212,22 @@ def _add_eval(commands) -> None:
                           help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
     evaluate.add_argument("--sequences", type=_names, default=None,
                           help="comma-separated DAVIS sequences (default: ImageSets/2017/val.txt, else all)")
+    evaluate.add_argument("--precision", choices=SPEED_PRECISIONS, default=SpeedSpec.precision,
+                          help="image-encoder precision of the segment job (auto: bf16 on CUDA, fp32 on CPU; "
+                               "fp32 is the reference path)")
+    evaluate.add_argument("--benchmark", choices=BENCHMARKS, default=JobSpec.benchmark,
+                          help="perseg (or DAVIS with --video); fss1000 / coco20i: few-shot episodes, one concept "
+                               "fitted per episode from its supports (docs/evaluation.md)")
+    evaluate.add_argument("--fold", dest="folds", type=int, action="append", default=None,
+                          help="COCO-20i fold 0-3, repeatable (default: all four); metrics has each and their mean")
+    evaluate.add_argument("--shots", type=int, default=JobSpec.shots, help="support images per few-shot episode")
+    evaluate.add_argument("--episodes", type=int, default=None,
+                          help="episodes per fold (default: COCO-20i 1000; FSS-1000 every image of every class)")
+    evaluate.add_argument("--seed", type=int, default=JobSpec.seed, help="few-shot episode seed (upstream's is 0)")
+    evaluate.add_argument("--split", default=None,
+                          help="FSS-1000: class list file (e.g. splits/test.txt; default: every class folder); "
+                               "COCO-20i: folder of fold0.pkl..fold3.pkl image lists (default: every image "
+                               "holding the class)")
 
 
 def _add_track(commands) -> None:
@@ -233,6 +251,9 @@ def _add_bench(commands) -> None:
     bench.add_argument("--variants", action="store_true", default=None,
                        help="also time fp32/bf16/fp16/fused encoders and their IoU vs fp32 (default on CUDA)")
     _add_speed(bench)  # the flags every command that runs the model takes; the variants are timed beside them
+    bench.add_argument("--gfsam", action="store_true",
+                       help="also time GF-SAM beside PerSAM (SAM and DINOv2 on the stretched frame, the GF-SAM pass "
+                            "for 1 and --concepts concepts, rank's presence); --dinov2 / --dinov2-checkpoint choose DINOv2")
     bench.add_argument("--job", action="store_true",
                        help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
     bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")

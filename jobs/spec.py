@@ -43,6 +43,8 @@ DEFAULT_MAX_IMAGE_BYTES = 256 << 20
 # Seconds between progress lines where no live bar is drawn (captured logs).
 DEFAULT_PROGRESS_INTERVAL = 30.0
 CACHE_DTYPES = ("fp16", "fp32")
+# `eval --benchmark`: PerSeg (or DAVIS 2017 with --video), or a few-shot benchmark
+BENCHMARKS = ("perseg", "fss1000", "coco20i")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,13 @@ class JobSpec:
     data: str | None = None
     video: bool = False
     sequences: tuple[str, ...] | None = None
+    # eval's few-shot benchmarks (jobs/commands/eval_fewshot.py)
+    benchmark: str = "perseg"
+    folds: tuple[int, ...] | None = None  # None: every COCO-20i fold
+    shots: int = 1
+    episodes: int | None = None  # None: the benchmark's own count
+    seed: int = 0
+    split: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,7 +126,7 @@ class JobSpec:
         counts = {"--batch-size": self.speed.batch_size, "--chunk-size": self.speed.chunk_size,
                   "--num-actors": self.num_actors, "--shard-size": self.shard_size,
                   "--max-instances": self.max_instances, "--epochs": self.epochs, "--max-pixels": self.max_pixels,
-                  "--max-image-bytes": self.max_image_bytes}
+                  "--max-image-bytes": self.max_image_bytes, "--shots": self.shots, "--episodes": self.episodes}
         low = [flag for flag, value in counts.items() if value is not None and value < 1]
         if low:
             raise ValueError(f"{', '.join(low)}: give a count of at least 1")
@@ -130,9 +139,12 @@ class JobSpec:
         if not self.progress_interval > 0:
             raise ValueError(f"--progress-interval {self.progress_interval}: give seconds above 0")
         check_device(self.model.device)
+        if self.video and self.benchmark != "perseg":
+            raise ValueError(f"--video is DAVIS 2017; it does not combine with --benchmark {self.benchmark}")
         for flag, value, allowed in (("--runner", self.runner, RUNNERS), ("--method", self.method, method_names()),
                                      ("--cache-dtype", self.cache_dtype, CACHE_DTYPES),
-                                     ("--dinov2", self.model.dinov2, DINOV2_TYPES)):
+                                     ("--dinov2", self.model.dinov2, DINOV2_TYPES),
+                                     ("--benchmark", self.benchmark, BENCHMARKS)):
             if value not in allowed:
                 raise ValueError(f"{flag} {value}: choose {', '.join(allowed)}")
 

@@ -14,12 +14,14 @@ from typing import Callable, Iterable
 
 from fsspec.core import url_to_fs
 from persam_core.concept import Concept
+from persam_core.methods.registry import needs_dinov2
 
 from jobs.pipeline import commit
 from jobs.pipeline.output_files import partition_root
 from jobs.pipeline.supersede import plan_recovery
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import random_weights_note
+from jobs.storage.dinov2_checkpoints import random_dinov2_note
 from jobs.storage.listing import credential_free, is_manifest
 from jobs.storage.redaction import redact
 
@@ -32,6 +34,15 @@ def describe_model(spec: JobSpec) -> str:
             + ("; random weights: masks would not be meaningful" if note else "") + f"), device {spec.model.device}")
 
 
+def describe_dinov2(spec: JobSpec, concepts: list) -> str | None:
+    """The DINOv2 the run would load (only where a concept's method reads it), else None."""
+    if not needs_dinov2([c.method for c in concepts]):
+        return None
+    random = random_dinov2_note(spec.model.dinov2_checkpoint)
+    return (f"DINOv2 {spec.model.dinov2}, checkpoint {redact(spec.model.dinov2_checkpoint)} (not loaded"
+            + ("; random weights: masks would not be meaningful" if random else "") + ")")
+
+
 def describe_concepts(concepts: list[Concept]) -> str:
     return ", ".join(f"{c.name} ({c.method}, {c.weights_note})" for c in concepts)
 
@@ -39,6 +50,11 @@ def describe_concepts(concepts: list[Concept]) -> str:
 def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[dict[str, str]], log: Log) -> dict:
     """Log the plan of `persam segment` -> its counts (tests read them)."""
     log(f"dry run: {describe_model(spec)}")
+    dinov2 = describe_dinov2(spec, concepts)
+    if dinov2:
+        log(f"dry run: {dinov2}")
+    for concept in concepts:  # a concept of another DINOv2 kind is refused as the run would
+        concept.require_models(None, (spec.model.dinov2, None) if dinov2 else None, f"--concept {concept.name}")
     log(f"dry run: {len(concepts)} concept(s): {describe_concepts(concepts)}")
     # (a run's refusals were raised before: segment.check_before_work, the very checks of a run)
     record, committed = commit.read_output(spec.output, [c.name for c in concepts], spec.storage_options)
@@ -92,6 +108,9 @@ def _recovered(spec: JobSpec, committed: dict) -> dict:
 
 def dry_run_rank(spec: JobSpec, concept: Concept, urls: list[str], num_shards: int, target: str, log: Log) -> None:
     log(f"dry run: {describe_model(spec)}")
+    dinov2 = describe_dinov2(spec, [concept])
+    if dinov2:
+        log(f"dry run: {dinov2}")
     log(f"dry run: concept {describe_concepts([concept])}")
     log(f"dry run: input {redact(spec.input)}: {len(urls)} images in {num_shards} shards, all scored; "
         f"masks for the top {min(spec.top_k, len(urls))}")

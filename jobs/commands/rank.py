@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from persam_core.methods.registry import method_of
 
 from jobs.commands.dry_run import dry_run_rank
 from jobs.pipeline import commit
@@ -54,6 +55,8 @@ def run_rank(spec: JobSpec, log=logger.info) -> pa.Table | None:
     concepts = read_concepts(spec.concepts, spec.storage_options)
     if len(concepts) != 1:
         raise ValueError(f"{', '.join(map(redact, spec.concepts))}: rank takes exactly one concept, found {len(concepts)}")
+    if not method_of(concepts[0]).engine.ranks:
+        raise ValueError(f"--concept {concepts[0].name}: method {concepts[0].method} has no presence score to rank by")
     check_job(spec)
     # a ranking is global: every image's score is kept; listed before any weights load
     names, sources = credential_free(list_all_images(spec.input, spec.storage_options))

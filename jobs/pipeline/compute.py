@@ -19,6 +19,7 @@ from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import ConceptTensors
 from persam_core.errors import describe
 from persam_core.methods.frames import FrameImage, frame_tensor
+from persam_core.methods.gfsam_frames import FRAME_SIDE
 from persam_core.methods.registry import FRAME_MODEL, FRAME_STRETCH
 from persam_core.modeling.dinov2 import frame_tokens
 from persam_core.predictor import EncodedImage, encode_images
@@ -145,15 +146,23 @@ def encode_frames(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, frames: Sequen
         batches, results = encode_chunk(sam, chunk, speed, cache_dtype)
         encoded[FRAME_MODEL] = [(indices, [FrameImage(e) for e in images]) for indices, images in batches]
     if FRAME_STRETCH in frames:
-        encoded[FRAME_STRETCH] = encode_stretch(sam, dinov2, chunk, speed, results)
+        encoded[FRAME_STRETCH] = encode_stretch(sam, dinov2, chunk, speed, results, cache_dtype)
     return encoded, results
 
 
-def encode_stretch(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, results: ChunkResults) -> list[FrameBatch]:
+def encode_stretch(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, results: ChunkResults,
+                   cache_dtype: str | None = None) -> list[FrameBatch]:
     """The stretch frames ([1024, 1024, 3] uint8) -> SAM features and DINOv2 tokens, in batches
-    of speed.batch_size; a failing batch becomes its images' failures."""
+    of speed.batch_size (a failing batch becomes its images' failures; with `cache_dtype`, the
+    fresh ones also go to results.fresh_stretch for the cache); cached frames skip both encoders."""
     batches: list[FrameBatch] = []
     size = max(1, speed.batch_size)
+    cached = [i for i in sorted(chunk.stretch_features) if i not in results.failures]
+    for start in range(0, len(cached), size):
+        indices = cached[start : start + size]
+        batches.append((indices, [FrameImage(EncodedImage(on_device(chunk.stretch_features[i], sam.device),
+                                                          (FRAME_SIDE, FRAME_SIDE), chunk.items[i].original_size),
+                                             on_device(chunk.stretch_tokens[i], sam.device)) for i in indices]))
     pending = [i for i in sorted(chunk.stretch) if i not in results.failures]
     for start in range(0, len(pending), size):
         indices = pending[start : start + size]
@@ -168,6 +177,11 @@ def encode_stretch(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, results: Chun
             continue
         batches.append((indices, [FrameImage(f, t) for f, t in zip(features, tokens)]))
         results.encoded = sorted(set(results.encoded) | set(indices))
+        if cache_dtype is not None:  # cast on the device: fewer bytes cross to the host
+            dtype = getattr(torch, np.dtype(DTYPES[cache_dtype]).name)
+            host_features = torch.stack([f.features for f in features]).to(dtype).cpu().numpy()
+            host_tokens = tokens.to(dtype).cpu().numpy()
+            results.fresh_stretch.update({i: (host_features[n], host_tokens[n]) for n, i in enumerate(indices)})
     return batches
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from persam_core.batch import HostResults
 from persam_core.masks import encode_rle
+from persam_core.methods.gfsam_frames import FRAME_SIDE
 
 from jobs.pipeline.cache import CachedFeatures, FeatureCache
 from jobs.pipeline.job import PreparedJob
@@ -87,6 +88,14 @@ def store_fresh(cache: FeatureCache, chunk: Chunk, results: ChunkResults) -> Non
             for i, features in results.fresh.items()})
 
 
+def store_fresh_stretch(cache: FeatureCache, chunk: Chunk, results: ChunkResults) -> None:
+    """Add the stretch frames the actor encoded (SAM features, DINOv2 tokens as the extra level)."""
+    if results.fresh_stretch:
+        cache.store({chunk.items[i].url: (chunk.items[i].sha256, CachedFeatures(
+            features, (FRAME_SIDE, FRAME_SIDE), chunk.items[i].original_size, (tokens,)))
+            for i, (features, tokens) in results.fresh_stretch.items()})
+
+
 def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict:
     """{"meta", "results"} -> FinishedChunk.to_row() for the driver: mask rows, or with
     `scores_only` (rank's first pass) one score row per (image, concept)."""
@@ -94,6 +103,9 @@ def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict
     cache = job.cache()
     if cache is not None:
         store_fresh(cache, chunk, results)
+    stretch_cache = job.stretch_cache()
+    if stretch_cache is not None:
+        store_fresh_stretch(stretch_cache, chunk, results)
     if scores_only:
         table = rank_rows_to_table(score_rows(chunk, results, job.labels(), job.fingerprint))
     else:

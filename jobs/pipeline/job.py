@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.families import input_format
-from persam_core.methods.registry import concept_label, frames_of, load_concept, needs_dinov2
+from persam_core.methods.registry import FRAME_STRETCH, concept_label, frames_of, load_concept, needs_dinov2
+from persam_core.modeling.dinov2 import TOKENS, dinov2_width
 
 from jobs.pipeline.cache import FeatureCache
 from jobs.pipeline.session import expected_device_type
@@ -59,6 +60,16 @@ class PreparedJob:
         if self.cache_shards is None:
             return None
         return feature_cache(self.spec, self.fingerprint, self.cache_shards)
+
+    def stretch_cache(self) -> FeatureCache | None:
+        """The --cache of the stretch frame (GF-SAM), or None: SAM's features of the stretched
+        image with DINOv2's tokens as its one extra level [1369, C], under a fingerprint of both
+        weights; sharded as the model frame's cache (whose layout the job adopted)."""
+        if self.cache_shards is None or self.dinov2_fingerprint is None or FRAME_STRETCH not in self.frames():
+            return None
+        tokens = (TOKENS, dinov2_width(self.spec.model.dinov2))
+        return FeatureCache(self.spec.cache, f"{self.fingerprint}+{self.dinov2_fingerprint}", self.spec.cache_dtype,
+                            self.spec.storage_options, self.cache_shards, (tokens,))
 
 
 def feature_cache(spec: JobSpec, fingerprint: str, num_shards: int | None = None) -> FeatureCache:

@@ -55,7 +55,8 @@ class Chunk:
     features: item index -> [256, 64, 64] fp16/fp32 from the cache (source "cached");
     high_res: item index -> SAM 2's cached high-resolution levels, same dtype (absent for SAM);
     stretch: item index -> the 1024 x 1024 stretch frame [1024, 1024, 3] uint8, for methods
-    that read it (GF-SAM; persam_core.methods.frames)."""
+    that read it (GF-SAM; persam_core.methods.frames); stretch_features / stretch_tokens: item
+    index -> that frame's cached SAM features [256, 64, 64] and DINOv2 tokens [1369, C]."""
 
     shard: int
     index: int
@@ -65,6 +66,8 @@ class Chunk:
     features: dict[int, np.ndarray] = field(default_factory=dict)
     high_res: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
     stretch: dict[int, np.ndarray] = field(default_factory=dict)
+    stretch_features: dict[int, np.ndarray] = field(default_factory=dict)
+    stretch_tokens: dict[int, np.ndarray] = field(default_factory=dict)
 
     def resized(self, item: int) -> ResizedImage:
         return ResizedImage(self.pixels[item], tuple(self.items[item].original_size))
@@ -82,7 +85,8 @@ class ChunkResults:
     masks (task "segment"): HostResults whose image_index is the item index;
     similarity / point (task "score"): [N, K] float32 (NaN where not scored) / [N, K, 2] int32 (x, y);
     fresh: item index -> [256, 64, 64] features just encoded, in the cache's dtype (for the cache);
-    fresh_high_res: item index -> SAM 2's high-resolution levels just encoded, same dtype.
+    fresh_high_res: item index -> SAM 2's high-resolution levels just encoded, same dtype;
+    fresh_stretch: item index -> (SAM features, DINOv2 tokens) of the stretch frame just encoded.
     """
 
     failures: dict[int, str] = field(default_factory=dict)
@@ -92,6 +96,7 @@ class ChunkResults:
     point: np.ndarray | None = None
     fresh: dict[int, np.ndarray] = field(default_factory=dict)
     fresh_high_res: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
+    fresh_stretch: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,8 @@ def pack_chunk(chunk: Chunk) -> tuple[bytes, np.ndarray]:
     arrays = {f"pixels_{i}": a for i, a in chunk.pixels.items()}
     arrays.update({f"features_{i}": a for i, a in chunk.features.items()})
     arrays.update({f"stretch_{i}": a for i, a in chunk.stretch.items()})
+    arrays.update({f"sfeatures_{i}": a for i, a in chunk.stretch_features.items()})
+    arrays.update({f"stokens_{i}": a for i, a in chunk.stretch_tokens.items()})
     arrays.update(_level_arrays("level", chunk.high_res))
     return json.dumps(meta).encode(), np.frombuffer(bundle(arrays, {}), np.uint8)
 
@@ -217,6 +224,10 @@ def unpack_chunk(meta: bytes, arrays: bytes | np.ndarray | None = None) -> Chunk
                 chunk.features[int(index)] = array
             elif kind == "stretch":
                 chunk.stretch[int(index)] = array
+            elif kind == "sfeatures":
+                chunk.stretch_features[int(index)] = array
+            elif kind == "stokens":
+                chunk.stretch_tokens[int(index)] = array
         chunk.high_res = _levels_of(unpacked, "level")
     return chunk
 
@@ -224,6 +235,7 @@ def unpack_chunk(meta: bytes, arrays: bytes | np.ndarray | None = None) -> Chunk
 def pack_results(results: ChunkResults) -> bytes:
     arrays: dict[str, np.ndarray] = {f"fresh_{i}": a for i, a in results.fresh.items()}
     arrays.update(_level_arrays("freshlevel", results.fresh_high_res))
+    arrays.update(_level_arrays("freshstretch", results.fresh_stretch))
     if results.masks is not None:
         arrays.update({f"masks_{k}": v for k, v in results.masks.to_arrays().items()})
     if results.similarity is not None:
@@ -241,6 +253,7 @@ def unpack_results(data: bytes) -> ChunkResults:
         results.similarity, results.point = arrays["similarity"], arrays["point"]
     results.fresh = {int(n.rpartition("_")[2]): a for n, a in arrays.items() if n.startswith("fresh_")}
     results.fresh_high_res = _levels_of(arrays, "freshlevel")
+    results.fresh_stretch = _levels_of(arrays, "freshstretch")  # type: ignore[assignment]
     return results
 
 

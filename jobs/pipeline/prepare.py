@@ -65,36 +65,38 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
         item.carried = (url, item.sha256) in unchanged
     wanted = {item.sha256 for item in items if item.sha256 and not item.carried}
     cached, problems = cache.load(urls, wanted) if cache is not None and wanted else ({}, [])
-    chunk = Chunk(int(row["shard"]), int(row["chunk"]), items, tuple(problems))
+    stretch_cache = job.stretch_cache() if stretch else None
+    cached_stretch, more = stretch_cache.load(urls, wanted) if stretch_cache is not None and wanted else ({}, [])
+    chunk = Chunk(int(row["shard"]), int(row["chunk"]), items, tuple(problems + more))
     for index, item in enumerate(items):
         if item.error is not None or item.carried:
             continue
-        entry = cached.get(item.sha256)
+        entry, stretched_entry = cached.get(item.sha256), cached_stretch.get(item.sha256)
+        resized = stretched = None
+        if (model_frame and entry is None) or (stretch and stretched_entry is None):
+            try:
+                image = decode_image(data.pop(index), item.url, max_pixels)
+                resized = resize(image) if model_frame and entry is None else None
+                stretched = resize_stretch(image) if stretch and stretched_entry is None else None
+            except Exception as error:
+                item.error = f"decode failed: {describe(error)}"
+                continue
+        # source: "cached" when the frame the encoder skips came from the cache (the model's
+        # frame where the job reads it, else the stretch frame), else "pixels"
+        first = entry if model_frame else stretched_entry
+        item.source = "cached" if first is not None else "pixels"
+        for made in (stretched_entry, stretched, entry, resized):  # the model frame's sizes win
+            if made is not None:
+                item.input_size, item.original_size = made.input_size, made.original_size
         if entry is not None:
-            item.source, item.input_size, item.original_size = "cached", entry.input_size, entry.original_size
             chunk.features[index] = entry.features
             if entry.high_res:
                 chunk.high_res[index] = entry.high_res
-            if not stretch:
-                continue
-        try:
-            image = decode_image(data.pop(index), item.url, max_pixels)
-            resized = resize(image) if model_frame and entry is None else None
-            stretched = resize_stretch(image) if stretch else None
-        except Exception as error:
-            item.error = f"decode failed: {describe(error)}"
-            chunk.features.pop(index, None)
-            chunk.high_res.pop(index, None)
-            continue
-        if stretched is not None:
-            chunk.stretch[index] = stretched.pixels
-            item.original_size = stretched.original_size
-        if entry is not None:
-            continue
-        # "pixels": the image was decoded (its model frame, when the job reads one, is in chunk.pixels)
-        item.source, item.original_size = "pixels", (resized or stretched).original_size
-        item.input_size = (resized or stretched).input_size
         if resized is not None:
             chunk.pixels[index] = resized.pixels
+        if stretched_entry is not None:
+            chunk.stretch_features[index], chunk.stretch_tokens[index] = stretched_entry.features, stretched_entry.high_res[0]
+        if stretched is not None:
+            chunk.stretch[index] = stretched.pixels
     meta, arrays = pack_chunk(chunk)
     return {"shard": chunk.shard, "chunk": chunk.index, "meta": meta, "arrays": arrays}

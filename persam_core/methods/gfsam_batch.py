@@ -154,8 +154,8 @@ def segment_gfsam(
     present = torch.ones_like(presence, dtype=torch.bool) if min_presence is None else presence >= min_presence
     # Host read 1 of 2: how many prompts each pair has (absent pairs none), to decode them all
     # together without padding.
-    counts = torch.where(present, points.count, torch.zeros_like(points.count)).tolist()
-    present_host = present.tolist()
+    counts = torch.where(present, points.count, torch.zeros_like(points.count))
+    counts, present_host = torch.stack([counts, present.long()]).tolist()
     active = [p for p, c in enumerate(counts) if c > 0]
     results: list[GFSAMResult | None] = [None] * len(pairs)
     for p, (b, _) in enumerate(pairs):
@@ -204,8 +204,8 @@ def segment_gfsam(
     chosen, fallback = choose_masks(labels, cls, nonempty, valid)
 
     # Host read 2 of 2: which masks each pair outputs, so that only those are upsampled again.
-    chosen_host = chosen.tolist()
-    fallback_host = fallback.tolist()
+    flags = torch.cat([chosen, fallback[:, None]], dim=1).tolist()
+    chosen_host, fallback_host = [row[:-1] for row in flags], [row[-1] for row in flags]
     chosen_prompts = [t for t, (a, j) in enumerate(zip(pair_host, slot_host)) if chosen_host[a][j]]
     sizes = [tuple(original_sizes[pairs[p][0]]) for p in active]
     outputs = chosen_outputs(low, chosen_prompts, pair_host, len(active), sizes, apos, threshold)

@@ -133,8 +133,9 @@ def consistency(union_37: Tensor, cos_at: Tensor, cells: Tensor, graph: Graph, v
     nearest = torch.full_like(squared, float("inf")).scatter_reduce(
         2, graph.groups[:, None, :].expand_as(squared), squared, "amin")  # [P, j, group]
     distance = nearest.sqrt()
-    if quirks.distance_zero_is_one:
-        distance = torch.where(distance == 0, torch.ones_like(distance), distance)
+    # a point's own group is at distance 0: upstream makes it 1 (quirk 13; off, tests only: 1e-6)
+    distance = torch.where(distance == 0, torch.full_like(distance, 1.0 if quirks.distance_zero_is_one else 1e-6),
+                           distance)
     score = at_points.transpose(1, 2) / distance  # [P, j, group]
     exists = graph.member.any(2)[:, None, :]
     score = torch.where(exists, score, torch.full_like(score, float("-inf")))

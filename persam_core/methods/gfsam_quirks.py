@@ -23,7 +23,7 @@ class Quirks:
     nearest_adjacency: bool = True  # 10: graph edges from nearest 1024 -> 37; off: bilinear footprint > 0
     weak_components: bool = True  # 11: weakly connected groups; off: strongly connected
     last_cls_score: bool = True  # 12: a group shares its last visited mask's p - q; off: each mask its own
-    distance_zero_is_one: bool = True  # 13: distance 0 -> 1; off: kept 0 (own group scores +-inf)
+    distance_zero_is_one: bool = True  # 13: distance 0 -> 1; off: 1e-6
     fallback_zeroes: bool = True  # 14: fallback zeroes the scores of non-label-2 points; off: raw argmax
 
 

@@ -5,11 +5,13 @@ against segment_gfsam called directly, --min-similarity, and the refusals before
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -64,11 +66,17 @@ def scene(tmp_path_factory) -> SimpleNamespace:
     assert fit.rc == 0, fit.err
     persam = run_cli(["fit", "--method", "persam", *MODEL, *shots[:4], "--name", "cat", "--out", str(cat)])
     assert persam.rc == 0, persam.err
-    out = root / "out"
-    segment = run_cli(["segment", *MODEL, *DINO, *LOCAL, "--concept", str(red), "--concept", str(cat),
-                       "--input", str(lake), "--output", str(out)])
+    return SimpleNamespace(root=root, lake=lake, red=red, cat=cat, shots=shots, fit=fit)
+
+
+@pytest.fixture(scope="module")
+def segmented(scene) -> Path:
+    """`segment` with both concepts, --runner local -> its output."""
+    out = scene.root / "out"
+    segment = run_cli(["segment", *MODEL, *DINO, *LOCAL, "--concept", str(scene.red), "--concept", str(scene.cat),
+                       "--input", str(scene.lake), "--output", str(out)])
     assert segment.rc == 0, segment.err
-    return SimpleNamespace(root=root, lake=lake, red=red, cat=cat, shots=shots, out=out, fit=fit)
+    return out
 
 
 def test_fit_writes_a_gfsam_concept_of_the_dinov2_weights(scene):
@@ -85,8 +93,8 @@ def test_fit_writes_a_gfsam_concept_of_the_dinov2_weights(scene):
     assert "2 shot(s)" in scene.fit.out
 
 
-def test_segment_writes_both_methods_and_gfsam_masks_equal_segment_gfsam(scene):
-    rows = _rows(scene.out)
+def test_segment_writes_both_methods_and_gfsam_masks_equal_segment_gfsam(scene, segmented):
+    rows = _rows(segmented)
     assert [(r["concept"], r["method"]) for r in rows] == [("cat", "persam")] * 2 + [("red", "gf-sam")] * 2
     assert all(r["error"] is None and r["present"] for r in rows)
     sam, dinov2 = build_random("tiny", 0), build_random_dinov2("tiny", 0)
@@ -164,3 +172,71 @@ def test_gfsam_concept_files_are_refused_naming_the_field(scene):
         assert str(error.value).startswith("c.json:") and "\n" not in str(error.value)
     with pytest.raises(ConceptError, match="wpos is zero for every shot"):
         load_concept(damaged(wpos=encode_array(np.zeros_like(reference.wpos))), "c.json")
+
+
+@pytest.mark.slow
+def test_the_ray_job_writes_the_local_runner_rows(scene, segmented):
+    """The same two concepts through Ray Data: the same rows as --runner local."""
+    out = scene.root / "ray"
+    result = run_cli(["segment", *MODEL, *DINO, "--concept", str(scene.red), "--concept", str(scene.cat),
+                      "--input", str(scene.lake), "--output", str(out)])
+    assert result.rc == 0, result.err
+    ray_rows, local_rows = _rows(out), _rows(segmented)
+    columns = ("concept", "method", "present", "width", "height", "mask_rle", "area", "similarity", "point", "error")
+    assert [[r[c] for c in columns] for r in ray_rows] == [[r[c] for c in columns] for r in local_rows]
+
+
+def test_rank_scores_by_gfsam_presence_and_a_warm_rerun_reads_the_cache(scene, segmented):
+    cache = scene.root / "cache"
+    runs = []
+    for name in ("cold", "warm"):
+        out = scene.root / f"rank-{name}"
+        result = run_cli(["rank", *MODEL, *DINO, *LOCAL, "--concept", str(scene.red), "--input", str(scene.lake),
+                          "--output", str(out), "--top-k", "1", "--cache", str(cache), "--cache-dtype", "fp32"])
+        assert result.rc == 0, result.err
+        runs.append((re.search(r"(\d+) encoded, (\d+) from cache", result.out).groups(),
+                     pq.read_table(out / "ranking.parquet").to_pylist()))
+    (cold_counts, ranking), (warm_counts, warm) = runs
+    assert cold_counts == ("2", "0") and warm_counts == ("0", "2")  # the warm run reads DINOv2 tokens from the cache
+    assert warm == ranking
+    assert any("+" in folder.name for folder in cache.iterdir())  # keyed by SAM's and DINOv2's fingerprints
+    presence = {r["image_uri"]: r["similarity"] for r in _rows(segmented) if r["method"] == "gf-sam"}
+    assert [r["rank"] for r in ranking] == [1, 2]
+    assert ranking[0]["similarity"] >= ranking[1]["similarity"]
+    for row in ranking:
+        assert row["similarity"] == pytest.approx(presence[row["image_uri"]], abs=1e-6)
+    assert ranking[0]["mask_rle"] is not None and ranking[1]["mask_rle"] is None
+
+
+def test_dry_run_names_the_dinov2_and_loads_nothing(scene):
+    out = scene.root / "dry"
+    result = run_cli(["segment", *MODEL, *DINO, *LOCAL, "--dry-run", "--concept", str(scene.red),
+                      "--concept", str(scene.cat), "--input", str(scene.lake), "--output", str(out)])
+    assert result.rc == 0, result.err
+    assert "DINOv2 tiny, checkpoint random:0 (not loaded" in result.out
+    assert "red (gf-sam, DINOv2 tiny weights" in result.out and not out.exists()
+
+
+def test_exports_read_gfsam_rows(scene, segmented):
+    target = scene.root / "coco.json"
+    result = run_cli(["export", "coco", "--masks", str(segmented), "--output", str(target)])
+    assert result.rc == 0, result.err
+    coco = json.loads(target.read_text())
+    categories = {c["id"]: c["name"] for c in coco["categories"]}
+    assert set(categories.values()) == {"red", "cat"}
+    rows = [r for r in _rows(segmented) if r["present"] and r["area"] > 0]  # COCO holds non-empty masks only
+    assert sorted(categories[a["category_id"]] for a in coco["annotations"]) == sorted(r["concept"] for r in rows)
+    assert "red" in {categories[a["category_id"]] for a in coco["annotations"]}
+
+
+@pytest.mark.slow
+def test_bench_times_gfsam_beside_persam():
+    from jobs.commands.bench_gfsam import run_gfsam_bench
+
+    result = run_gfsam_bench("tiny", "random:0", "tiny", "random:0", images=1, concepts=2, device="cpu",
+                             persam_s_per_image=1.0)
+    for key in ("gfsam_sam_encoder_s_per_image", "gfsam_dinov2_s_per_image", "gfsam_cascade_k1_s_per_image",
+                "gfsam_cascade_k_s_per_image", "gfsam_rank_s_per_image"):
+        assert result[key] > 0, key
+    assert result["gfsam_s_per_image"] >= result["gfsam_cascade_k1_s_per_image"]
+    assert result["gfsam_over_persam"] == pytest.approx(result["gfsam_s_per_image"], rel=1e-3)

@@ -57,6 +57,7 @@ class Quirks:
     last_cls_score: bool = True  # group-wide cls_score of the last visited mask (else own p - q)
     distance_zero_one: bool = True  # distance 0 -> 1 (else 0 -> 1e-6)
     fallback_zeroing: bool = True  # fallback zeroes non-label-2 scores (else argmax of all)
+    zero_weight_max: bool = True  # max prior over all tokens, w = 0 giving 0 (else over w > 0)
 
 
 UPSTREAM = Quirks()
@@ -156,20 +157,21 @@ def cosine(support: Tensor, query: Tensor) -> Tensor:
     return dots / (norms + 1e-7)
 
 
-def shot_priors(cos: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+def shot_priors(cos: Tensor, weights: Tensor, quirks: Quirks = UPSTREAM) -> tuple[Tensor, Tensor]:
     """cos [N_s, N_q], weights [N_s] -> (max map, mean map) [N_q]: zero-weight tokens give 0."""
     weighted = cos * weights[:, None]
-    max_map = weighted.max(dim=0).values
+    kept = weighted if quirks.zero_weight_max or not (weights > 0).any() else weighted[weights > 0]
+    max_map = kept.max(dim=0).values
     mean_map = weighted.mean(dim=0) / (weights.sum() / weights.numel() + 1e-7)
     return max_map, mean_map
 
 
-def priors(reference: dict, query: Tensor) -> dict[str, Tensor]:
+def priors(reference: dict, query: Tensor, quirks: Quirks = UPSTREAM) -> dict[str, Tensor]:
     """query [1369, C] -> {"Mpos", "Apos", "Aneg"} [37, 37], each averaged over shots."""
     maps: dict[str, list[Tensor]] = {"Mpos": [], "Apos": [], "Aneg": []}
     for tokens, wpos, wneg in zip(reference["tokens"], reference["wpos"], reference["wneg"]):
         cos = cosine(tokens, query)
-        max_pos, mean_pos = shot_priors(cos, wpos)
+        max_pos, mean_pos = shot_priors(cos, wpos, quirks)
         for name, value in (("Mpos", max_pos), ("Apos", mean_pos), ("Aneg", shot_priors(cos, wneg)[1])):
             maps[name].append(value)
     return {name: torch.stack(values).mean(dim=0).view(GRID, GRID) for name, values in maps.items()}
@@ -364,7 +366,7 @@ def oracle_predict(sam: Sam, dinov2: nn.Module | TokensFn, reference: dict, imag
     height, width = image.shape[:2]
     frame = stretch_to_frame(image)
     query = encode_tokens(dinov2, [frame], quirks)[0]
-    maps = priors(reference, query)
+    maps = priors(reference, query, quirks)
     grid, pixels = select_points(location_map(maps, quirks), quirks)
     if len(grid) == 0:  # upstream crashes here (selected_points unbound); ours: empty
         return _no_points(maps, height, width)

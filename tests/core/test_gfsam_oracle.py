@@ -145,6 +145,16 @@ def test_priors_by_design_keep_exactly_the_chosen_cells():
     assert oracle.presence_score(maps) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_max_prior_counts_zero_weight_tokens_as_zero():
+    cos = torch.tensor([[-0.5, 0.2], [-0.3, -0.1], [0.9, 0.9]])  # [support 3, query 2]
+    weights = torch.tensor([1.0, 0.5, 0.0])
+    max_map, mean_map = oracle.shot_priors(cos, weights)
+    assert max_map.tolist() == pytest.approx([0.0, 0.2])  # the w = 0 token's 0 beats -0.15
+    assert mean_map.tolist() == pytest.approx([(-0.5 - 0.15) / 3 / (0.5 + 1e-7), (0.2 - 0.05) / 3 / (0.5 + 1e-7)])
+    masked, _ = oracle.shot_priors(cos, weights, oracle.Quirks(zero_weight_max=False))
+    assert masked.tolist() == pytest.approx([-0.15, 0.2])
+
+
 def test_point_selection_count_order_and_coordinates():
     fm = torch.zeros(37, 37)
     fm[2, 5], fm[7, 3], fm[1, 3], fm[30, 36] = 0.9, 0.9, 0.5, 0.05  # [y, x]
@@ -329,3 +339,32 @@ def test_standin_holds_through_the_products_batched_decoder(sam, predictor):
     assert masks[0].any() and not masks[0][600:, :].any()
     # and the module is SAM's own again afterwards
     assert type(sam.mask_decoder.transformer.final_attn_token_to_image).__name__ == "Attention"
+
+
+@pytest.mark.slow
+def test_random_vit_b_end_to_end_invariants():
+    """SAM vit_b and the tiny DINOv2 (random weights), two shots, a non-square target."""
+    from persam_core.models import build_random
+    from persam_core.modeling.dinov2 import build_random_dinov2
+
+    sam, dinov2 = build_random("vit_b", 0), build_random_dinov2("tiny", 0)
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, size=shape).astype(np.uint8) for shape in [(120, 160, 3), (200, 130, 3)]]
+    masks = [np.zeros(image.shape[:2], np.uint8) for image in images]
+    masks[0][30:80, 40:100], masks[1][100:160, 20:90] = 1, 1
+    target = rng.integers(0, 256, size=(90, 200, 3)).astype(np.uint8)
+    predictor = SamPredictor(sam)
+    predictor.set_image(oracle.stretch_to_frame(target))
+    result = oracle.oracle_predict(sam, dinov2, oracle.oracle_fit(dinov2, images, masks), target, predictor=predictor)
+
+    grid, n = result["grid_points"], len(result["points"])
+    assert 0 < n <= 128 and [tuple(cell) for cell in grid] == sorted(tuple(cell) for cell in grid)
+    assert result["points"].tolist() == [[corner_pixel(x), corner_pixel(y)] for x, y in grid]
+    first_seen = [int(np.flatnonzero(result["groups"] == group)[0]) for group in range(result["groups"].max() + 1)]
+    assert first_seen == sorted(first_seen)  # groups numbered by their smallest member
+    fg, consistent = result["fg"], result["consistent"]
+    assert result["labels"].tolist() == [1 if f and c else 2 if f or c else 0 for f, c in zip(fg, consistent)]
+    masks_1024, lows = oracle.sam_masks(predictor, result["points"][result["selected"]])
+    assert np.array_equal(masks_1024.any(dim=0).numpy(), result["mask_1024"])
+    original = sam.postprocess_masks(lows[:, None], (1024, 1024), (90, 200))[:, 0] > 0
+    assert np.array_equal(original.any(dim=0).numpy(), result["mask"])
