@@ -56,7 +56,8 @@ class ModelFamily:
     entry take only a path, a URL or `random:SEED`. tunable_decoder: its decoder runs under
     `--decoder-precision`, decoder graphs and compilation (decoder_speed.py). video_mode: the
     name of its video evaluation mode; tracks_with_memory: `persam track` can follow a concept
-    with the family's own video memory.
+    with the family's own video memory; sam_predictor_decodes: its decodes are segment_anything's
+    SamPredictor's, which methods specified on SAM alone (GF-SAM) need.
     """
 
     name: str
@@ -66,6 +67,7 @@ class ModelFamily:
     tunable_decoder: bool = False
     video_mode: str = "sam-prior"
     tracks_with_memory: bool = False
+    sam_predictor_decodes: bool = False
 
 
 def module_implementation(name: str) -> Callable[[], ModuleType]:
@@ -153,6 +155,7 @@ register_family(ModelFamily(
     },
     tunable_decoder=True,
     video_mode="sam-prior",
+    sam_predictor_decodes=True,
 ))
 register_family(ModelFamily(
     name="sam2",

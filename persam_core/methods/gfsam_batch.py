@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from segment_anything.modeling import Sam
 
+from ..families import families, family_of_model
 from ..pairs import PairBatch
 from .gfsam_frames import FRAME_SIDE
 from .gfsam_graph import adjacency, choose_masks, components, consistency, grow, point_labels
@@ -61,9 +62,10 @@ class GFSAMResult:
 
 
 def _check_sam(sam) -> Sam:
-    if not isinstance(sam, Sam):
-        raise ValueError("GF-SAM runs on SAM (segment_anything) models only: choose a SAM --model-type "
-                         "(vit_h, vit_l, vit_b, tiny), not SAM 2")
+    if not family_of_model(sam).sam_predictor_decodes:
+        able = ", ".join(t for f in families() if f.sam_predictor_decodes for t in f.model_types)
+        raise ValueError(f"GF-SAM runs on SAM (segment_anything) models only: choose a SAM --model-type ({able}), "
+                         "not SAM 2")
     return sam
 
 
