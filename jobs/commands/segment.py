@@ -149,9 +149,9 @@ def check_before_work(spec: JobSpec, concepts: list, num_shards: int) -> commit.
     if len(fingerprints) > 1:
         first = next(c for c in concepts if c.sam_fingerprint is not None)
         others = [c.name for c in concepts if c.sam_fingerprint not in (None, first.sam_fingerprint)]
-        raise ValueError(f"--concept: concept(s) {', '.join(map(repr, others))} were fitted with other SAM weights than "
-                         f"{first.name!r} ({first.sam_fingerprint}); one run uses one model: re-run `persam fit` "
-                         "with the same --model-type/--checkpoint")
+        raise ValueError(f"--concept: the concepts were fitted with different weights: {', '.join(map(repr, others))} "
+                         f"with other SAM weights than {first.name!r} ({first.sam_fingerprint}); one run uses one model: "
+                         "re-run `persam fit` with the same --model-type/--checkpoint")
     if fingerprints:
         fingerprint = fingerprints[0]
     else:  # only the loaded SAM tells its weights: the output's own stand until then (checked again once loaded)
