@@ -99,10 +99,14 @@ def local_atomic_writer(path: str) -> Iterator[BinaryIO]:
     except BaseException as error:  # a full disk or a kill must not leave the temp file behind
         if os.path.exists(temporary):
             os.remove(temporary)
-        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
-            # a write or fsync failing (ENOSPC, EIO) names no file: name the one being written
-            raise type(error)(error.errno, error.strerror, path) from None
-        raise
+        raise _naming(error, path) from None
+
+
+def _naming(error: BaseException, path: str) -> BaseException:
+    """A write or fsync failing (ENOSPC, EIO) names no file: the same error naming `path`."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        return type(error)(error.errno, error.strerror, path)
+    return error
 
 
 def publish_bytes(fs, path: str, data: bytes) -> None:
@@ -138,6 +142,8 @@ def create_only(fs, path: str, data: bytes) -> bool:
         os.link(temporary, path)
     except FileExistsError:
         return False
+    except OSError as error:
+        raise _naming(error, path) from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

@@ -88,7 +88,7 @@ class GFSAMConcept:
     def from_json(cls, text: str, source: str = "concept") -> "GFSAMConcept":
         try:
             document = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # nested too deep
             raise ConceptError(f"{source}: not a concept file ({error.__class__.__name__}); {REDO}") from None
         return cls.from_document(document, source)
 

@@ -143,7 +143,7 @@ def load_concept(text: str, source: str = "concept") -> Any:
     redo = "re-create it with `persam fit`"
     try:
         document = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
         raise ConceptError(f"{source}: not a concept file ({error.__class__.__name__}); {redo}") from None
     if not isinstance(document, dict) or not isinstance(document.get("method"), str):
         raise ConceptError(f"{source}: not a concept file (no method); {redo}")
