@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import jobs.commands.eval_perseg
+import jobs.commands.fit
 import jobs.commands.eval_video
 from jobs.cli import main
 
@@ -16,8 +16,9 @@ def test_eval_output_that_is_a_file_fails_before_the_model_loads(video, tmp_path
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    for module in (jobs.commands.eval_perseg, jobs.commands.eval_video):
+    for module in (jobs.commands.fit, jobs.commands.eval_video):  # eval fits its concepts through fit's loaders
         monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(jobs.commands.fit, "load_dinov2", refuse)
     blocker = tmp_path / "metrics"
     blocker.write_text("not a folder")
     argv = ["eval", *MODEL, "--data", str(tmp_path / "data"), "--output", str(blocker), *(["--video"] if video else [])]
