@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from import_graph import circles
+
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "persam_core"
 MAX_LINES = 400
@@ -52,21 +54,7 @@ def core_graph() -> dict[str, set[str]]:
 
 
 def test_persam_core_has_no_import_circle():
-    graph, state, circles = core_graph(), {}, []
-
-    def visit(node: str, trail: list[str]) -> None:
-        state[node] = "open"
-        for dep in sorted(graph[node]):
-            if state.get(dep) == "open":
-                circles.append(" -> ".join(trail[trail.index(dep):] + [node, dep]) if dep in trail else f"{node} -> {dep}")
-            elif dep not in state:
-                visit(dep, trail + [node])
-        state[node] = "done"
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
-    assert circles == []
+    assert circles(core_graph()) == []
 
 
 def test_the_graph_holds_lazy_imports():

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from import_graph import circles
+
 from jobs.storage.schema import MASK_SCHEMA, RANKING_SCHEMA
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -62,21 +64,7 @@ def test_imports_never_run_up_the_layers():
 
 
 def test_no_import_circle():
-    graph, state, circles = _graph(), {}, []
-
-    def visit(node: str, trail: list[str]) -> None:
-        state[node] = "open"
-        for dep in sorted(graph[node]):
-            if state.get(dep) == "open":
-                circles.append(" -> ".join(trail[trail.index(dep):] + [node, dep]) if dep in trail else f"{node} -> {dep}")
-            elif dep not in state:
-                visit(dep, trail + [node])
-        state[node] = "done"
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
-    assert circles == []
+    assert circles(_graph()) == []
 
 
 COLUMNS = set(MASK_SCHEMA.names) | set(RANKING_SCHEMA.names)
