@@ -161,3 +161,14 @@ def test_a_second_process_starts_warm_with_the_same_masks(tmp_path):
     cold_masks, warm_masks = _masks(tmp_path / "cold"), _masks(tmp_path / "warm")
     assert len(cold_masks) == 2 and cold_masks == warm_masks
     assert np.all([mask is not None for mask in cold_masks.values()])
+
+
+def test_compile_cache_is_a_setting_of_every_command_that_runs_the_model():
+    from jobs.cli_parser import build_parser
+    from jobs.spec import JobSpec
+
+    for command in (["segment", "--concept", "c", "--input", "i", "--output", "o"],
+                    ["rank", "--concept", "c", "--input", "i", "--output", "o"], ["bench", "--images", "1"]):
+        args = build_parser().parse_args([*command, *MODEL, "--compile-cache", "s3://shared/compiled"])
+        assert JobSpec.from_args(args).compile_cache == "s3://shared/compiled"
+        assert JobSpec.from_args(build_parser().parse_args([*command, *MODEL])).compile_cache is None
