@@ -5,8 +5,9 @@ A compiled encoder costs its first process minutes (dynamo's trace, AOT autograd
 code generation and the C++ / Triton compile); `save_artifacts` serialises what inductor and
 AOT autograd produced in this process, `load_artifacts` puts such bytes back into this
 process's inductor caches before it compiles, so that compile finds every graph there
-(inductor's `fxgraph_cache_hit`) instead of generating and building it. Dynamo still traces
-(seconds); code generation and the compiler toolchain are skipped.
+(inductor's `fxgraph_cache_hit`) instead of lowering and generating it. Dynamo still traces
+(seconds). On CUDA the Triton kernels travel inside the FX-graph entries; on CPU inductor's
+C++ kernels do not (they are built again unless inductor's own cache folder is still there).
 
 The bytes are only valid for the same torch, Triton and device kind, and only useful for
 the same graphs: `cache_key` folds all of that into one name. Where the bytes are kept
