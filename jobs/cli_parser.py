@@ -98,6 +98,10 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
                              "bf16/fp16, else off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the image encoder (default: on with CUDA bf16/fp16, else off)")
+    parser.add_argument("--compile-cache", default=None, metavar="LOCATION",
+                        help="where compiled encoders are kept between runs, so that the next run starts warm: "
+                             "a folder or URL (one a cluster's nodes share); off: none (default: "
+                             "PERSAM_CACHE/compile on each node)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per encoder batch (default: {GPU_BATCH_SIZE} on CUDA, 1 on CPU)")
     parser.add_argument("--chunk-size", type=int, default=SpeedSpec.chunk_size,

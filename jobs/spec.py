@@ -91,6 +91,8 @@ class JobSpec:
     min_similarity: float | None = None
     cache: str | None = None
     cache_dtype: str = "fp16"
+    # compiled-encoder artifacts (pipeline/compile_cache.py): a folder or URL, "off"; None: under PERSAM_CACHE
+    compile_cache: str | None = None
     top_k: int = 10
     runner: str = "ray"
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # share of this run's images that may fail

@@ -25,6 +25,7 @@ Every concept of the paper lives in one module named after it:
     instances   presence threshold and several instances per image (one-image view)
     acceleration  fused attention, bf16/fp16 encoder, torch.compile, TF32; applies the decoder's (options)
     decoder_speed SAM's decoder eagerly, as CUDA graphs and/or compiled, fp32 or bf16 autocast (options)
+    compile_cache the compiled encoder's cache key and torch's serialised artifacts (warm starts)
     masks       COCO RLE, bbox, area
     metrics     IoU
     evaluation  PerSeg mIoU / boundary IoU, DAVIS J and F

@@ -19,6 +19,8 @@ images / the job's wall time, start-up included. The in-process paths run first,
 encoder is compiled once here and the job's actors find inductor's on-disk cache warm. The
 job's K = 1 masks of the first images are held to the actor path's masks of the same JPEGs
 (min IoU).
+
+Start-up, with a compiled encoder: the K = 1 job twice more, cold then warm (bench_start.py).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from persam_core.preprocess import ResizedImage
 
 from jobs.commands.bench_tools import (encode_in_batches, final_masks, persam_concepts, progress, reference_encoder,
                                        segment_all, speed_model, synthetic_images, timed, warm_up)
+from jobs.commands.bench_start import start_ups
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.compute import cascade_chunk, encode_chunk, encoder_padding
@@ -248,13 +251,15 @@ def job_agreement(output: Path, names: list[str], masks: list[np.ndarray]) -> fl
 
 
 def _job(options: JobBenchOptions, device: str, speed: EncoderSpeed, image_dir: Path, concept_files: list[str], output: Path,
-         shard_size: int) -> dict:
-    """One `persam segment` run -> its rates and the row counts of its output."""
+         shard_size: int, compile_cache: str | None = None) -> dict:
+    """One `persam segment` run -> its rates and the row counts of its output. compile_cache:
+    the job's --compile-cache instead of the bench's own setting."""
     tracker = Progress()
     # The flags as given (None / "auto" = the job's own defaults, resolved on its actor, as
     # `persam segment` does); they resolve to the settings timed in-process above.
     spec = replace(options.spec, command="segment", model=replace(options.spec.model, device=device),
-                   concepts=tuple(concept_files), input=str(image_dir), output=str(output), shard_size=shard_size)
+                   concepts=tuple(concept_files), input=str(image_dir), output=str(output), shard_size=shard_size,
+                   compile_cache=compile_cache or options.spec.compile_cache)
     started = time.perf_counter()
     seconds, summary = timed(lambda: run_segment(spec, log=progress, on_progress=tracker))
     table = read_parts(commit.part_files(str(output)), columns=[ERROR])
@@ -314,6 +319,9 @@ def run_job_bench(options: JobBenchOptions) -> dict:
                 progress(f"job with {len(chosen)} concept(s): {job}")
             result["job_k1_min_mask_iou_vs_actor_path"] = round(
                 job_agreement(root / "out-k1", check_names, check_masks), 4)
+        if speed.compile:
+            result.update(start_ups(root, lambda cache, out: _job(options, device, speed, image_dir, files[:1], out,
+                                                                  shard_size, compile_cache=cache)))
     _ratios(result)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
@@ -360,6 +368,8 @@ def job_table(result: dict) -> str:
         ("job(K) / job(1)", None, result.get("job_k_over_job_k1")),
         ("job(1) / reference loop", result.get("job_k1_over_reference_loop"), None),
         ("rows written", result.get("job_k1_rows"), result.get("job_k_rows")),
+        ("first result, cold start (s)", result.get("start_cold_first_result_s"), None),
+        ("first result, warm start (s)", result.get("start_warm_first_result_s"), None),
         ("job masks vs actor path's (min IoU)", result.get("job_k1_min_mask_iou_vs_actor_path"), None),
     ]
     columns = 2 if k > 1 else 1  # one concept: one job (concept_sets), one column

@@ -17,10 +17,10 @@ import logging
 import numpy as np
 import torch
 
-from persam_core.acceleration import prepare_encoder
 from persam_core.methods.registry import engines_of
 
 from jobs.logs import configure as configure_logging
+from jobs.pipeline.compile_cache import prepare_warm
 from jobs.pipeline.compute import FrameBatch, encode_frames, score_engines, segment_engines
 from jobs.pipeline.device_stages import DeviceStages
 from jobs.pipeline.host_memory import keep_large_buffers
@@ -49,8 +49,10 @@ class ModelActor:
         # visible CUDA device (a fake GPU resource) still runs, on CPU, with CPU settings.
         self.sam = loaded.sam.to(resolve_device(spec.model.device))
         self.fingerprint = loaded.fingerprint
-        # also sets TF32 for this whole process (acceleration.py: never switched per decode)
-        self.speed = prepare_encoder(self.sam, spec_speed(spec, self.sam.device.type), log=logger.info)
+        # also sets TF32 for this whole process (acceleration.py: never switched per decode);
+        # a compiled encoder starts warm from the compile cache where it holds this key
+        self.speed = prepare_warm(self.sam, spec_speed(spec, self.sam.device.type), spec.model.model_type,
+                                  spec.compile_cache, spec.storage_options, log=logger.info)
         concepts = job.concepts()
         # one batched pass per engine (the registry groups methods), each over its concepts
         self.engines = [(engine, positions, engine.on_device([concepts[p] for p in positions], self.sam.device))

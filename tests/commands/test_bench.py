@@ -88,3 +88,26 @@ def test_one_concept_is_timed_once():
     # `--job --concepts 1` runs one job, not the same job twice (the K column stays empty)
     assert concept_sets(["a"]) == [("k1", ["a"])]
     assert concept_sets(["a", "b", "c"]) == [("k1", ["a"]), ("k", ["a", "b", "c"])]
+
+
+def test_start_ups_run_the_job_cold_then_warm_each_with_its_own_inductor_folder(tmp_path, monkeypatch):
+    """bench --job's start-up figures: one compile cache for both jobs, an empty inductor
+    folder for each (only the compile cache can make the second warm), the caller's restored."""
+    import contextlib
+    import os
+
+    from jobs.commands import bench_start
+
+    monkeypatch.setattr(bench_start, "ray_session", contextlib.nullcontext)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/callers/own")
+    seen = []
+
+    def run_job(cache: str, output):
+        seen.append((cache, os.environ["TORCHINDUCTOR_CACHE_DIR"], output))
+        return {"first_result_s": 30.0 if len(seen) == 1 else 3.0, "s": 40.0}
+
+    figures = bench_start.start_ups(tmp_path, run_job)
+    assert [cache for cache, _, _ in seen] == [str(tmp_path / "compile-cache")] * 2
+    assert [inductor for _, inductor, _ in seen] == [str(tmp_path / "inductor-cold"), str(tmp_path / "inductor-warm")]
+    assert (figures["start_cold_first_result_s"], figures["start_warm_first_result_s"]) == (30.0, 3.0)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/callers/own"
