@@ -232,9 +232,10 @@ def test_exports_read_gfsam_rows(scene, segmented):
 @pytest.mark.slow
 def test_bench_times_gfsam_beside_persam():
     from jobs.commands.bench_gfsam import run_gfsam_bench
+    from jobs.spec import JobSpec, ModelSpec
 
-    result = run_gfsam_bench("tiny", "random:0", "tiny", "random:0", images=1, concepts=2, device="cpu",
-                             persam_s_per_image=1.0)
+    spec = JobSpec("bench", ModelSpec("tiny", "random:0", "cpu", dinov2="tiny", dinov2_checkpoint="random:0"))
+    result = run_gfsam_bench(spec, images=1, concepts=2, persam_s_per_image=1.0)
     for key in ("gfsam_sam_encoder_s_per_image", "gfsam_dinov2_s_per_image", "gfsam_cascade_k1_s_per_image",
                 "gfsam_cascade_k_s_per_image", "gfsam_rank_s_per_image"):
         assert result[key] > 0, key
