@@ -90,7 +90,7 @@ def _scene(path: Path, size: tuple[int, int], seed: int) -> Path:
     return path
 
 
-def test_a_method_registered_from_the_tests_runs_through_fit_and_segment(toy_method, tmp_path):
+def test_a_method_registered_from_the_tests_runs_through_fit_segment_and_rank(toy_method, tmp_path):
     lake = tmp_path / "lake"
     lake.mkdir()
     image = _scene(tmp_path / "ref.png", (48, 64), 0)
@@ -112,6 +112,13 @@ def test_a_method_registered_from_the_tests_runs_through_fit_and_segment(toy_met
     assert len(rows) == 2 and {r["method"] for r in rows} == {toy_method}
     assert all(r["error"] is None and r["present"] for r in rows)
     assert {(r["width"], r["height"]) for r in rows} == {(56, 40), (40, 64)}
+
+    ranked = run_cli(["rank", *MODEL, *LOCAL, "--concept", str(concept), "--input", str(lake),
+                      "--output", str(tmp_path / "rank"), "--top-k", "1"])
+    assert ranked.rc == 0, ranked.err
+    ranking = ds.dataset(str(tmp_path / "rank" / "ranking.parquet"), format="parquet").to_table().to_pylist()
+    assert len(ranking) == 2 and [r["rank"] for r in ranking] == [1, 2]
+    assert [r["mask_rle"] is not None for r in ranking] == [True, False]  # masks for the top k only
 
 
 def test_an_unregistered_method_is_refused_with_the_names():
