@@ -32,4 +32,39 @@ Every concept of the paper lives in one module named after it:
     video       the reference's video mode (DAVIS)
     tiny_vit    MobileSAM's TinyViT image encoder (vit_t)
     errors      how an error reads on one line (notes, error rows, the CLI)
+    methods/    the method registry and one module per method (persam, persam-f, gf-sam)
+    modeling/   DINOv2 (GF-SAM's second model)
+
+What a Python user needs is exported here (build a model, fit a concept, segment an image,
+register a method or a model family), imported on first use: importing persam_core itself
+loads no torch, so the command line's torch-free modules (options, families) stay cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build_random": "models", "build_from_state_dict": "models", "load_state_dict_file": "models",
+    "model_fingerprint": "models",
+    "family_of": "families", "register_family": "families", "as_backbone": "families", "input_format": "families",
+    "encode_images": "predictor",
+    "Concept": "concept", "ConceptTensors": "concept", "persam_targets": "concept", "reference_cells": "concept",
+    "segment_persam": "persam",
+    "get_method": "methods.registry", "register_method": "methods.registry", "load_concept": "methods.registry",
+    "Shots": "methods.registry", "FitModels": "methods.registry",
+}
+_RENAMED = {"register_method": "register"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'persam_core' has no attribute {name!r}")
+    module = importlib.import_module(f"persam_core.{_EXPORTS[name]}")
+    return getattr(module, _RENAMED.get(name, name))
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
