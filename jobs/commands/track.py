@@ -96,8 +96,8 @@ class TrackWorker:
 def run_track(spec: JobSpec, log=logger.info) -> dict:
     if not family_of(spec.model.model_type).tracks_with_memory:
         able = ", ".join(t for f in families() if f.tracks_with_memory for t in f.official_checkpoints)
-        raise TrackError(f"--model-type {spec.model.model_type}: persam track follows the concept with a video "
-                         f"memory (SAM 2's); pass a model type that has one ({able})")
+        raise TrackError(f"--model-type {spec.model.model_type}: persam track follows the concept with SAM 2's "
+                         f"memory; pass a SAM 2 model type ({able})")
     concepts = read_concepts(spec.concepts, spec.storage_options)
     if len(concepts) != 1:
         raise TrackError(f"--concept: {len(concepts)} concepts given; persam track follows one concept per run")

@@ -36,7 +36,8 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
     `sources` maps those whose reading URL holds credentials to that URL, used only here."""
     storage_options, max_pixels = job.spec.storage_options, job.spec.max_pixels
     frames = job.frames()
-    model_frame, stretch = FRAME_MODEL in frames, FRAME_STRETCH in frames
+    # no concept (a job that only checks its inputs): the model's own frame, so bad images still show
+    model_frame, stretch = FRAME_MODEL in frames or not frames, FRAME_STRETCH in frames
     cache = job.cache() if model_frame else None
     resize = frame_resize(FRAME_MODEL, job.spec.model.model_type)
     resize_stretch = frame_resize(FRAME_STRETCH, job.spec.model.model_type)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from segment_anything.modeling import Sam
 
-from ..families import families, family_of_model
+from ..families import ModelError, families, family_of_model
 from ..pairs import PairBatch
 from .gfsam_frames import FRAME_SIDE
 from .gfsam_graph import adjacency, choose_masks, components, consistency, grow, point_labels
@@ -62,7 +62,11 @@ class GFSAMResult:
 
 
 def _check_sam(sam) -> Sam:
-    if not family_of_model(sam).sam_predictor_decodes:
+    try:
+        decodes_as_sam = family_of_model(sam).sam_predictor_decodes
+    except ModelError:  # no model of any registered family
+        decodes_as_sam = False
+    if not decodes_as_sam:
         able = ", ".join(t for f in families() if f.sam_predictor_decodes for t in f.model_types)
         raise ValueError(f"GF-SAM runs on SAM (segment_anything) models only: choose a SAM --model-type ({able}), "
                          "not SAM 2")

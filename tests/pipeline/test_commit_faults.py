@@ -232,7 +232,7 @@ def fake_pipeline(job, actor, shards, on_shard, on_progress=None) -> list[dict]:
 def fake_model(monkeypatch, tiny_fingerprint):
     """The model stages and the weights' load replaced: only the commit path runs for real."""
     monkeypatch.setattr(segment_command, "run_pipeline", fake_pipeline)
-    monkeypatch.setattr(segment_command, "prepare_job", lambda spec, concepts, log: (tiny_fingerprint, None))
+    monkeypatch.setattr(segment_command, "prepare_job", lambda spec, concepts, log: (tiny_fingerprint, None, None))  # no cache, no DINOv2
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ def test_it_is_set_in_every_process_that_runs_models():
     from jobs import cli
     from jobs.pipeline import actors
 
-    assert "keep_large_buffers()" in inspect.getsource(cli.main)
+    assert "keep_large_buffers()" in inspect.getsource(cli._guarded)  # every command runs through it
     assert "keep_large_buffers()" in inspect.getsource(actors.ModelActor.__init__)
     assert keep_large_buffers() in (True, False)
 

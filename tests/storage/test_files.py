@@ -135,10 +135,13 @@ def test_max_image_bytes_is_a_count(tmp_path):
     assert result.rc == 3 and "--max-image-bytes" in result.err
 
 
-def test_a_concept_that_is_no_regular_file_is_one_line(tmp_path):
+def test_a_concept_that_is_no_regular_file_is_one_line(tmp_path, monkeypatch):
     fifo = tmp_path / "c.json"
     os.mkfifo(fifo)
     _unblock_later(str(fifo))
+    from jobs.storage import concept_files
+
+    monkeypatch.setattr(concept_files, "MAX_CONCEPT_BYTES", 1 << 20)  # a GF-SAM concept may hold hundreds of MiB
     big = tmp_path / "big.json"
     big.write_bytes(b"{" + b" " * (2 << 20) + b"}")
     for given, phrase in ((fifo, "a FIFO"), ("/dev/zero", "a character device"), (big, "over the limit")):
