@@ -233,22 +233,22 @@ def test_s3_input_without_permission_is_one_line_naming_the_redacted_url(s3, tmp
     from botocore.exceptions import ClientError
     from s3fs.errors import translate_boto_error
 
-    s3.mkdir("lake")
-    s3.pipe("lake/photos/a.jpg", b"x")
-    s3.pipe("lake/list.txt", b"s3://lake/photos/a.jpg\n")
+    s3.mkdir("denied")  # its own bucket: the moto server outlives each test
+    s3.pipe("denied/photos/a.jpg", b"x")
+    s3.pipe("denied/list.txt", b"s3://denied/photos/a.jpg\n")
 
     async def forbidden(self, method, *args, **kwargs):
         error = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, method)
         raise translate_boto_error(error)
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", forbidden)
-    for given in ("s3://KEY:SeCrEt99@lake/photos/", "s3://lake/list.txt?X-Amz-Signature=SiGnAtUrE9",
-                  "s3://lake/photos/*.jpg", "s3://lake/photos/a.jpg", "s3://lake/m.csv", "s3://lake/m.parquet"):
+    for given in ("s3://KEY:SeCrEt99@denied/photos/", "s3://denied/list.txt?X-Amz-Signature=SiGnAtUrE9",
+                  "s3://denied/photos/*.jpg", "s3://denied/photos/a.jpg", "s3://denied/m.csv", "s3://denied/m.parquet"):
         s3fs.S3FileSystem.clear_instance_cache()
         result = segment(concept, given, tmp_path / "out")
         assert result.rc == 3, result.err
         lines = result.err.strip().splitlines()
-        assert len(lines) == 1 and "access denied" in lines[0] and "s3://lake/" in lines[0], lines
+        assert len(lines) == 1 and "access denied" in lines[0] and "s3://denied/" in lines[0], lines
         assert "SeCrEt99" not in result.err and "SiGnAtUrE9" not in result.err
 
 
