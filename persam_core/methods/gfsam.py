@@ -3,7 +3,7 @@ runs gfsam_batch.segment_gfsam over every GF-SAM pair of an encoder batch.
 
 The engine reads the stretch frame: SAM's features of the 1024 x 1024 stretched image and
 DINOv2's tokens of the same frame. Its rows: `similarity` is the presence (max of Apos x Mpos,
-GFSAM.md §5), `score` the prob score, `point` where the presence was measured. One instance
+the GF-SAM contract §5), `score` the prob score, `point` where the presence was measured. One instance
 per (image, concept): GF-SAM's output is already the union of every instance it kept, so
 `max_instances` > 1 changes nothing for its rows. Below `min_similarity` a pair is absent:
 present false, empty mask, nothing decoded.

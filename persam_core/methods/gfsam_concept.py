@@ -16,7 +16,7 @@ L2 norm over the 1369 tokens of a shot is 1, or 0 for a channel that is zero eve
 the reference not empty. An *empty reference* is one whose positive weights are zero for
 every shot: GF-SAM would find no point on any image (upstream crashes there), so `persam fit`
 refuses such masks and a file holding one is refused. A single shot with zero weights among
-others is legal (GFSAM.md §3: it contributes nothing to the positive priors).
+others is legal (the GF-SAM contract §3: it contributes nothing to the positive priors).
 """
 
 from __future__ import annotations

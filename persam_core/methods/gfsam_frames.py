@@ -1,7 +1,7 @@
 """GF-SAM's frames: every image is stretched to 1024 x 1024 (aspect ratio not kept), every
 reference mask is resized to the same frame with torch's legacy nearest.
 
-The data loader is part of the method (GFSAM.md §2): SAM encodes the stretched uint8 frame
+The data loader is part of the method (the GF-SAM contract §2): SAM encodes the stretched uint8 frame
 (SamPredictor's own longest-side resize is then the identity, no padding), DINOv2 reads the
 same frame as floats. PIL's bilinear resize antialiases when it shrinks; that is the
 upstream behaviour (torchvision's Resize on a PIL image) and it changes the features.

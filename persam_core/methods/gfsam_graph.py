@@ -1,4 +1,4 @@
-"""GF-SAM's graph of masks, mask growth, consistency vote and labels (GFSAM.md §4.6-4.10),
+"""GF-SAM's graph of masks, mask growth, consistency vote and labels (the GF-SAM contract §4.6-4.10),
 for P pairs at once on the device.
 
 Every pair's n <= 128 points sit in a padded [P, n] layout (`valid` marks the real ones;
@@ -71,7 +71,7 @@ def components(edges: Tensor, valid: Tensor) -> Graph:
 
 def _rank_in_group(score: Tensor, groups: Tensor, valid: Tensor) -> Tensor:
     """-> [P, n] long: each point's place in its group's visit order (descending score, ties
-    by lower index: stable sorts; GFSAM.md §8)."""
+    by lower index: stable sorts; the GF-SAM contract §8)."""
     keyed = torch.where(valid, score, torch.full_like(score, float("-inf")))
     by_score = torch.sort(keyed, dim=1, descending=True, stable=True).indices
     group_sorted = groups.gather(1, by_score)

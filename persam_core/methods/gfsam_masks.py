@@ -1,4 +1,4 @@
-"""GF-SAM's masks at 1024 x 1024 and what the graph reads of them (GFSAM.md §4.5-4.6, §4.11).
+"""GF-SAM's masks at 1024 x 1024 and what the graph reads of them (the GF-SAM contract §4.5-4.6, §4.11).
 
 Each prompt's low-res logits [256, 256] become a boolean 1024 mask (SamPredictor's
 postprocess with input and original size 1024: one bilinear upsample, then > 0). The graph

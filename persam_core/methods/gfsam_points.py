@@ -1,4 +1,4 @@
-"""GF-SAM's location map and prompt points (GFSAM.md §4.3-4.4), for P pairs at once.
+"""GF-SAM's location map and prompt points (the GF-SAM contract §4.3-4.4), for P pairs at once.
 
 `X = minmax(Apos * Mpos)`, `Nn = minmax(Aneg)`, `Fm = X` where `Nn <= X`, else 0. The number
 of points is `k = min(int(sum Fm), 128)` (1 if the sum is in (0, 1)): it follows the map, so

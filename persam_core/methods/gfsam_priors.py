@@ -1,4 +1,4 @@
-"""GF-SAM's priors (GFSAM.md §4.2): cosine maps between reference and target DINOv2 tokens.
+"""GF-SAM's priors (the GF-SAM contract §4.2): cosine maps between reference and target DINOv2 tokens.
 
 For a weight vector w over a reference's tokens (the mask's, or its complement's):
 `max_w[q] = max_s cos[s, q] w[s]` and `mean_w[q] = mean_s cos[s, q] w[s] / (mean(w) + 1e-7)`,

@@ -1,8 +1,8 @@
-"""The reference code's behaviours that change results (GFSAM.md §6), as switches.
+"""The reference code's behaviours that change results (the GF-SAM contract §6), as switches.
 
 The product always runs with every switch on (`FAITHFUL`). Tests replace `FAITHFUL` with a
 copy that turns one quirk off, to show that each one changes the result; nothing else sets
-them. Each field names the quirk's number in GFSAM.md §6 and what "off" does instead.
+them. Each field names the quirk's number in the GF-SAM contract §6 and what "off" does instead.
 """
 
 from __future__ import annotations

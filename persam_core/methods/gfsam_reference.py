@@ -2,7 +2,7 @@
 
 Per shot: the token-normalised DINOv2 tokens T [1369, C] and two 37 x 37 weight maps, the
 reference mask (wpos) and its complement (wneg), bilinearly resized from the 1024 frame with
-align_corners=True (GFSAM.md §3). Everything predict needs is here: the positive priors use
+align_corners=True (the GF-SAM contract §3). Everything predict needs is here: the positive priors use
 the tokens with wpos > 0, the negative one those with wneg > 0, together the whole grid.
 
 `ConceptStack` is K references on the device, every shot of every concept in one matrix, so

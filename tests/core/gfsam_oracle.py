@@ -1,7 +1,7 @@
 """Test oracle: a deliberately plain re-implementation of GF-SAM's inference path.
 
 Written from the GF-SAM repository (ANDYZAQ/GF-SAM: matcher/GFSAM.py, main_eval.py,
-matcher/data/) and the project's GF-SAM contract (GFSAM.md; section numbers below). One
+matcher/data/) and the project's GF-SAM contract (the GF-SAM contract; section numbers below). One
 (image, concept) pair at a time: SamPredictor for SAM, scipy for the components, Python loops
 for the graph, the growth and the vote. Of persam_core only DINOv2's forward pass is used.
 Upstream's quirks are kept; `Quirks` turns each off, so tests can show that it matters.

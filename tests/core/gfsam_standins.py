@@ -1,4 +1,4 @@
-"""Deterministic stand-ins for GF-SAM tests (GFSAM.md section 10).
+"""Deterministic stand-ins for GF-SAM tests (the GF-SAM contract section 10).
 
 Random SAM weights give one image-wide mask whatever the prompt, so every point lands in one
 group. `standin_decoder` turns a segment_anything `Sam`'s prompt encoder and mask decoder, in

@@ -1,4 +1,4 @@
-"""The GF-SAM oracle itself, on cases whose answers are known by hand (GFSAM.md sections).
+"""The GF-SAM oracle itself, on cases whose answers are known by hand (the GF-SAM contract sections).
 
 Priors by design: `FixedTokens(two_kind_tokens(cells))` gives the target tokens e0 on chosen
 cells and e1 elsewhere, and the reference below is e0 on its own cells with wpos = 1 there,

@@ -1,4 +1,4 @@
-"""Each of GF-SAM's quirks (GFSAM.md §6) changes the product's result when turned off
+"""Each of GF-SAM's quirks (the GF-SAM contract §6) changes the product's result when turned off
 (gfsam_quirks.FAITHFUL), and where the oracle has the same switch, the product follows it
 there too. Quirks 1-2 (token-axis normalisation, x_prenorm) and the no-antialias half of 3
 belong to DINOv2's forward (persam_core/modeling/dinov2.py) and are tested with it.
@@ -154,7 +154,7 @@ def test_mean_prior_over_the_mean_weight(monkeypatch):  # 5, second half: it set
     def positive_region():
         priors = pair_priors(stack, tokens, [(0, 0)])
         half = (priors.apos.amax() + priors.apos.amin()) / 2
-        return priors.apos, priors.apos**2 > priors.aneg * half  # GFSAM.md 4.7's pos
+        return priors.apos, priors.apos**2 > priors.aneg * half  # the GF-SAM contract 4.7's pos
 
     apos, faithful = positive_region()
     monkeypatch.setattr(gfsam_quirks, "FAITHFUL", gfsam_quirks.Quirks(mean_over_weight=False))
