@@ -265,3 +265,12 @@ def cells_mask(x0: int, y0: int, x1: int, y1: int, grid: int = 37) -> Tensor:
     mask = torch.zeros(FRAME, FRAME, dtype=torch.bool)
     mask[first(y0) : last(y1) + 1, first(x0) : last(x1) + 1] = True
     return mask
+
+
+def hand_reference(cells: Sequence[tuple[int, int]]) -> dict:
+    """A one-shot oracle reference: tokens e0 on `cells` (e1 elsewhere), wpos 1 on `cells`."""
+    tokens = two_kind_tokens(cells)
+    wpos = torch.zeros(37 * 37)
+    for x, y in cells:
+        wpos[y * 37 + x] = 1.0
+    return {"tokens": tokens[None], "wpos": wpos[None], "wneg": 1 - wpos[None]}

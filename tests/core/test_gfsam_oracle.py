@@ -18,7 +18,7 @@ from torch.nn import functional as F
 import gfsam_oracle as oracle
 from gfsam_standins import (
     FixedTokens, TokenStandIn, by_region, cells_mask, disc_around_point, disc_mask, empty_mask, fixed_disc,
-    standin_decoder, two_kind_tokens,
+    hand_reference, standin_decoder, two_kind_tokens,
 )
 
 CLUSTER_A = [(x, y) for x in range(4, 9) for y in range(4, 9)]  # 25 cells, top left
@@ -29,14 +29,6 @@ TARGET_SHAPE = (150, 260)  # H, W: not square, so the original-size mask is a re
 def corner_pixel(cell: int) -> int:
     return int(cell * 1024 / 37)
 
-
-def hand_reference(cells) -> dict:
-    """A one-shot concept: tokens e0 on `cells` (e1 elsewhere), wpos 1 on `cells`."""
-    tokens = two_kind_tokens(cells)
-    wpos = torch.zeros(37 * 37)
-    for x, y in cells:
-        wpos[y * 37 + x] = 1.0
-    return {"tokens": tokens[None], "wpos": wpos[None], "wneg": 1 - wpos[None]}
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from segment_anything import SamPredictor
 import gfsam_oracle as oracle
 from gfsam_product import iou
 from gfsam_standins import (
-    FixedTokens, by_region, cells_mask, disc_around_point, empty_mask, fixed_disc, standin_decoder, two_kind_tokens,
+    FixedTokens, by_region, cells_mask, disc_around_point, empty_mask, fixed_disc, hand_reference, standin_decoder, two_kind_tokens,
 )
 from persam_core.methods import gfsam_quirks
 from persam_core.methods.gfsam_batch import segment_gfsam
@@ -34,13 +34,6 @@ CLUSTER_B = [(x, y) for x in range(26, 31) for y in range(24, 29)]
 CELLS = CLUSTER_A + CLUSTER_B
 SIZE = (150, 260)
 
-
-def hand_reference(cells) -> dict:
-    tokens = two_kind_tokens(cells)
-    wpos = torch.zeros(37 * 37)
-    for x, y in cells:
-        wpos[y * 37 + x] = 1.0
-    return {"tokens": tokens[None], "wpos": wpos[None], "wneg": 1 - wpos[None]}
 
 
 @pytest.fixture(scope="module")

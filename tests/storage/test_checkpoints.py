@@ -18,13 +18,6 @@ from cli_tools import ACCESS_KEY, SECRET_KEY
 LAYOUT = Path(__file__).parent / "data" / "mobile_sam_state_dict.txt"
 
 
-@pytest.fixture()
-def checkpoint_cache(tmp_path, monkeypatch) -> Path:
-    """PERSAM_CACHE, where downloaded checkpoints are kept, in this test's own folder."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("PERSAM_CACHE", str(cache))
-    return cache
-
 
 @pytest.fixture()
 def weights_in_s3(s3, tmp_path):

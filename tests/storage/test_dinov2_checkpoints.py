@@ -18,12 +18,6 @@ from persam_core.modeling.dinov2 import build_random_dinov2, dinov2_fingerprint,
 from cli_tools import ACCESS_KEY, SECRET_KEY
 
 
-@pytest.fixture()
-def checkpoint_cache(tmp_path, monkeypatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("PERSAM_CACHE", str(cache))
-    return cache
-
 
 @pytest.fixture()
 def tiny_file(tmp_path) -> Path:
