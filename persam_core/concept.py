@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .families import as_backbone
-from .methods.registry import ConceptError, get_method
+from .methods.registry import ConceptError, get_method, parse_concept_file
 from .predictor import EncodedImage
 from .preprocess import REFERENCE_MASK_VALUE, reference_mask_grid
 
@@ -66,11 +66,7 @@ class Concept:
 
     @classmethod
     def from_json(cls, text: str, source: str = "concept") -> "Concept":
-        try:
-            document = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
-            raise ConceptError(f"{source}: not a concept file ({error.__class__.__name__}); re-create it with `persam fit`") from None
-        return cls.from_document(document, source)
+        return cls.from_document(parse_concept_file(text, source), source)
 
     @classmethod
     def from_document(cls, document: dict, source: str = "concept") -> "Concept":

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..modeling.dinov2 import DINOV2_TYPES, dinov2_width
 from .gfsam_reference import TOKENS, GFSAMReference
-from .registry import ConceptError, get_method
+from .registry import ConceptError, get_method, parse_concept_file
 
 FORMAT = "persam-gfsam-concept/1"
 DTYPE = "<f4"
@@ -86,11 +86,7 @@ class GFSAMConcept:
 
     @classmethod
     def from_json(cls, text: str, source: str = "concept") -> "GFSAMConcept":
-        try:
-            document = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # nested too deep
-            raise ConceptError(f"{source}: not a concept file ({error.__class__.__name__}); {REDO}") from None
-        return cls.from_document(document, source)
+        return cls.from_document(parse_concept_file(text, source), source)
 
     @classmethod
     def from_document(cls, document: Any, source: str = "concept") -> "GFSAMConcept":

@@ -137,14 +137,21 @@ def method_of(concept: Any) -> Method:
     return get_method(concept.method)
 
 
+def parse_concept_file(text: str, source: str = "concept") -> Any:
+    """A concept file's text -> its parsed JSON document; one-line ConceptError naming `source`
+    for text that is no JSON (RecursionError: nested too deep)."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ConceptError(f"{source}: not a concept file ({error.__class__.__name__}); "
+                           "re-create it with `persam fit`") from None
+
+
 def load_concept(text: str, source: str = "concept") -> Any:
     """A concept file's text -> its method's concept, validated; one-line ConceptError naming
     `source` otherwise."""
     redo = "re-create it with `persam fit`"
-    try:
-        document = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
-        raise ConceptError(f"{source}: not a concept file ({error.__class__.__name__}); {redo}") from None
+    document = parse_concept_file(text, source)
     if not isinstance(document, dict) or not isinstance(document.get("method"), str):
         raise ConceptError(f"{source}: not a concept file (no method); {redo}")
     if document["method"] not in method_names():
