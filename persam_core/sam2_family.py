@@ -5,6 +5,7 @@ sam2 (and hydra) are imported only when a SAM 2 model is built or asked about.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
 import torch
@@ -32,9 +33,10 @@ def load(model_type: str, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Mo
 
 
 def owns(model: Any) -> bool:
-    from sam2.modeling.sam2_base import SAM2Base
-
-    return isinstance(model, SAM2Base)
+    # A model built by sam2 means sam2 is imported: asking about any other model must not
+    # import it (hydra's start-up) just to say no.
+    module = sys.modules.get("sam2.modeling.sam2_base")
+    return module is not None and isinstance(model, module.SAM2Base)
 
 
 def adapter(model: torch.nn.Module):

@@ -121,3 +121,14 @@ def test_nothing_outside_the_families_asks_which_family_a_model_is():
             if question:
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}: {question}")
     assert found == []
+
+
+def test_adapting_a_sam_model_does_not_import_sam2():
+    import subprocess
+    import sys
+
+    code = ("import sys; from persam_core.families import as_backbone; from persam_core.models import build_random; "
+            "as_backbone(build_random('tiny', 0)); print('sam2' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
