@@ -59,9 +59,7 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
     # (a run's refusals were raised before: segment.check_before_work, the very checks of a run)
     record, committed = commit.read_output(spec.output, [c.name for c in concepts], spec.storage_options)
     committed = _recovered(spec, committed)
-    if record is not None and record.get("layout") != commit.BY_CONCEPT:
-        committed = {commit.FLAT_PARTITION: committed.get(commit.FLAT_PARTITION, {})}
-    elif not committed:  # a new output: every concept's partition is empty
+    if not committed:  # a new output: every concept's partition is empty
         committed = {c.name: {} for c in concepts}
     counts = {"images": 0, "to_run": 0, "new": 0, "recompute": 0, "skip": 0, "remove": 0, "waves": 0}
     num_shards = int(record["num_shards"]) if record else None

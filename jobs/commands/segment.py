@@ -129,14 +129,14 @@ def segment_record(spec: JobSpec, concepts: list, fingerprint: str, num_shards: 
         "min_similarity": spec.min_similarity,
         "manifest_wave_images": listing.MANIFEST_WAVE_IMAGES if is_manifest(spec.input) else None,
     }
-    if spec.speed.decoder_precision != "fp32" and family_of(spec.model.model_type).tunable_decoder:  # others ignore it
-        settings["decoder_precision"] = spec.speed.decoder_precision  # absent = fp32: older outputs stay comparable
-    if speed.tf32:
-        settings["tf32"] = True  # absent = off, as for outputs from before the setting
+    # the decoder's precision as it runs: families without a tunable decoder keep fp32 whatever was asked
+    tunable = family_of(spec.model.model_type).tunable_decoder
+    settings["decoder_precision"] = speed.decoder_precision if tunable else "fp32"
+    settings["tf32"] = speed.tf32
     provenance = {"persam_version": persam_version(), "model_type": spec.model.model_type,
                   "checkpoint": redact(spec.model.checkpoint), "input": redact(spec.input), "created": utc_now()}
     # a concept re-fitted under the same name is a different concept: its digest is recorded
-    return commit.JobRecord(num_shards, tuple(c.name for c in concepts), fingerprint, settings, commit.BY_CONCEPT,
+    return commit.JobRecord(num_shards, tuple(c.name for c in concepts), fingerprint, settings,
                             concept_digests(concepts), provenance)
 
 
@@ -164,11 +164,6 @@ def check_before_work(spec: JobSpec, concepts: list, num_shards: int) -> commit.
     return record
 
 
-def _concepts_of(partition: str, record: commit.JobRecord) -> list[str]:
-    """The concepts whose rows a partition holds: its own, or every one (older outputs' root)."""
-    return [partition] if partition else list(record.concepts)
-
-
 def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versions: dict[str, str], offset: int,
               totals: Counter, per_concept: dict[str, Counter], log, on_progress: Callable[[int], None] | None) -> None:
     """Plan one wave's shards (global ids offset..offset+num_shards) in every partition, drop
@@ -184,9 +179,8 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
     # every listed image is committed once the wave's shards are (a failing shard raises)
     totals.update(removed=count_removed(plan.dropped, set(urls), storage), skipped=plan.skipped, committed=len(urls))
     commit.remove_files(output, plan.dropped, storage, log)
-    for partition, count in plan.committed.items():
-        for name in _concepts_of(partition, record):
-            per_concept[name].update(shards_skipped=count)
+    for partition, count in plan.committed.items():  # a partition is its concept's
+        per_concept[partition].update(shards_skipped=count)
     lacking = "" if len(plan.committed) < 2 else " (" + ", ".join(
         f"{p}: {sum(p in s['partitions'] for s in plan.shards)} to run" for p in plan.committed) + ")"
     log(f"{len(urls)} images x {len(job.concept_texts)} concepts; {len(plan.shards)} shards to run{lacking}, "
@@ -200,7 +194,7 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
     # one pipeline run per set of lacking concepts (usually one): each image is encoded once
     with ray_session() if len(groups) > 1 and job.spec.runner == "ray" else nullcontext():
         for partitions, shards in groups.items():
-            names = [n for p in partitions for n in _concepts_of(p, record)]
+            names = list(partitions)
             group_job = replace(job, concept_texts=tuple(texts[n] for n in names))
             results = run_pipeline(group_job, SegmentActor, shards, _committer(job, record, log), on_progress)
             for problem in dict.fromkeys(p for r in results for p in r["problems"]):
@@ -224,7 +218,7 @@ def _committer(job: PreparedJob, record: commit.JobRecord, log):
         number, digest = shard["shard"], shard["digest"]
         counts, per_concept, failed = Counter(), {}, set()
         for partition in shard["partitions"]:
-            names = _concepts_of(partition, record)
+            names = [partition]
             previous = shard["previous_by_partition"].get(partition, [])
             table, removed = commit.assemble_shard(
                 number, [rows_of_concepts(t, names) for t in computed], carried, previous, shard["urls"], names,

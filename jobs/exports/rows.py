@@ -11,8 +11,8 @@ ExportError, raised before any export file is published.
 Shards: part files with the same shard number (`part-<shard>-<digest>.parquet`) hold the
 same images (one file, or one per concept partition); such a group is read together and
 its rows sorted by (image_uri, concept, instance), so each image's rows come together.
-Where a partition holds two versions of one shard (an output of older persam versions killed
-mid-commit), only one is read (output_files.one_version).
+Where a partition holds two versions of one shard (two different jobs racing on one
+output), only one is read (output_files.one_version).
 Files not named like part files are read one row group at a time. So an export holds one
 shard's rows (at most shard size x concepts x instances small RLE rows) at a time.
 """

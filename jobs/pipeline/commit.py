@@ -1,10 +1,9 @@
 """Shard commit protocol: every (image, concept) row lands exactly once.
 
-Layout (job_record.py says which an output has): one Hive partition per concept,
+Layout (job_record.py): one Hive partition per concept,
 `<output>/concept=<name>/part-<shard>-<digest>.parquet`, each partition running the
 protocol below on its own, so adding a concept adds a partition and leaves the others'
-files untouched; or, for outputs of older runs, the part files directly in `<output>/`,
-every concept's rows in one file per shard ("partition" "" below).
+files untouched.
 
 1. The job's images are split into `num_shards` shards by a stable hash of the URL
    (sha1, not Python's salted hash), so a rerun regroups them identically. The shard
@@ -43,12 +42,12 @@ once: records are created create-only and read back (_settle), so one of them wi
 
 Stale temp files: a publish writes its temp file in one go and renames it at once, so a
 temp file of ours (`.<our name>.tmp-<hex>`) untouched for STALE_TEMP_SECONDS (one hour)
-belongs to a publish that died; the next run's open_job deletes it. Younger ones may
+belongs to a publish that died; the next run's open_output deletes it. Younger ones may
 belong to a live writer on another machine (whose liveness we cannot see) and are left.
 
 Foreign files: only `part-<shard>-<digest>.parquet` files holding our schema (a subset of
 MASK_SCHEMA's columns, same types; without the concept column in a partition) in the job's
-partitions (or an older output's root) are ours. Anything else in the output
+partitions are ours. Anything else in the output
 (`notes.parquet`, a look-alike part file of another schema, an unreadable one) is reported
 in one line and left alone: never read as rows, never deleted. Partitions of concepts not
 in this run are neither listed nor touched.
@@ -71,11 +70,11 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from jobs.pipeline.job_record import (
-    BY_CONCEPT, CONCEPT_FILE, FLAT, JOB_FILE, JobRecord, agreed, check_concept_names, check_concept_record,
+    BY_CONCEPT, CONCEPT_FILE, JOB_FILE, JobRecord, agreed, check_concept_names, check_concept_record,
     CONCEPT_RECORD, JOB_RECORD, checked_record, shown_path,
 )
 from jobs.pipeline.output_files import (
-    FLAT_PARTITION, output_tables, parse_part_path, part_files, partition_root, read_job_record, read_output, shard_name,
+    output_tables, parse_part_path, part_files, partition_root, read_job_record, read_output, shard_name,
     shard_of_path,
 )
 from jobs.pipeline.supersede import (
@@ -89,11 +88,10 @@ from jobs.storage.schema import (
 )
 
 # names of the record and the files, re-exported: callers (commands, tests) use them as commit.*
-__all__ = ["BY_CONCEPT", "FLAT", "JOB_FILE", "JobRecord", "output_tables", "part_files", "read_job_record",
+__all__ = ["BY_CONCEPT", "JOB_FILE", "JobRecord", "output_tables", "part_files", "read_job_record",
            "read_output", "shard_name"]
-# Temp files of our own publishes (publish_bytes: hidden; older versions' without the dot);
-# another tool's `*.tmp-*` is foreign.
-TEMP_FILE = re.compile(r"^\.?(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json|_persam_concept\.json)\.tmp-[0-9a-f]+$")
+# Temp files of our own publishes (publish_bytes: hidden); another tool's `*.tmp-*` is foreign.
+TEMP_FILE = re.compile(r"^\.(part-\d+-[0-9a-f]{12}\.parquet|_persam_job\.json|_persam_concept\.json)\.tmp-[0-9a-f]+$")
 Committed = dict[int, dict[str, str]]  # one partition's part files: {shard: {digest: path}}
 # A publish writes its temp file in one go and renames it within seconds: an hour without
 # a write means its writer died (mtime, not pids: writers may be on other machines).
@@ -170,23 +168,19 @@ def _scan_folder(fs, folder: str, now: float, allowed: set[str], foreign: list[s
 
 
 def _scan_output(fs, root: str, record: JobRecord, log: Log | None) -> dict[str, Committed]:
-    """The part files of the job's partitions -> {partition: {shard: {digest: path}}}; partition
-    "" is the root of a FLAT output. Other concepts' partitions are not even listed."""
+    """The part files of the job's partitions -> {partition: {shard: {digest: path}}}. Other
+    concepts' partitions are not even listed."""
     foreign: list[str] = []
     now = time.time()
-    folders = [root] if record.layout == FLAT else [f"{root}/{partition_folder(c)}" for c in record.concepts]
-    for folder in folders:  # before the listing: what it finishes is planned as committed
-        foreign += recover(fs, folder)
-    if record.layout == FLAT:
-        committed = {FLAT_PARTITION: _scan_folder(fs, root, now, {JOB_FILE}, foreign)}
-    else:
-        top: list[str] = []  # in the root, part files are not ours: another tool's, or a copy
-        _scan_folder(fs, root, now, {JOB_FILE}, top)
-        foreign += [p for p in top if not os.path.basename(p.rstrip("/")).startswith(PARTITION_PREFIX)]
-        committed = {}
-        for concept in record.concepts:
-            folder = f"{root}/{partition_folder(concept)}"
-            committed[concept] = _scan_folder(fs, folder, now, {CONCEPT_FILE}, foreign) if fs.isdir(folder) else {}
+    for concept in record.concepts:  # before the listing: what it finishes is planned as committed
+        foreign += recover(fs, f"{root}/{partition_folder(concept)}")
+    top: list[str] = []  # in the root, part files are not ours: another tool's, or a copy
+    _scan_folder(fs, root, now, {JOB_FILE}, top)
+    foreign += [p for p in top if not os.path.basename(p.rstrip("/")).startswith(PARTITION_PREFIX)]
+    committed = {}
+    for concept in record.concepts:
+        folder = f"{root}/{partition_folder(concept)}"
+        committed[concept] = _scan_folder(fs, folder, now, {CONCEPT_FILE}, foreign) if fs.isdir(folder) else {}
     report_foreign(foreign, log)
     return committed
 
@@ -213,18 +207,15 @@ def _record_concepts(fs, root: str, output: str, record: JobRecord) -> None:
 def check_output(output: str, record: JobRecord, storage_options: dict | None = None) -> JobRecord:
     """The checks open_output makes, read only: every run makes them before any work, and
     --dry-run makes the very same. The stored records validated (job_record.checked_record),
-    this run's against them, the concept names -> the job's record (the stored layout and
-    shard count, where the output has a record)."""
+    this run's against them, the concept names -> the job's record (the stored shard count,
+    where the output has a record)."""
+    check_concept_names(output, record.concepts)
     stored = read_job_record(output, storage_options, record.concepts)
     if stored is None:
-        if record.layout == BY_CONCEPT:
-            check_concept_names(output, record.concepts)
         return record
     record = agreed(output, stored, record)
-    if record.layout == BY_CONCEPT:
-        check_concept_names(output, record.concepts)
-        for concept, concept_record in stored["concepts"].items():
-            check_concept_record(output, concept, concept_record, record)
+    for concept, concept_record in stored["concepts"].items():
+        check_concept_record(output, concept, concept_record, record)
     return record
 
 
@@ -232,8 +223,7 @@ def open_output(
     output: str, record: JobRecord, storage_options: dict | None = None, log: Log | None = None
 ) -> tuple[JobRecord, dict[str, Committed]]:
     """Record the job (or read back an earlier run's and check it) -> (the job's record,
-    {partition: {shard: {digest: path}}}). A new output gets `record.layout`; an existing
-    one keeps its own (job_record.py). Sweeps stale temp files of dead publishes and
+    {partition: {shard: {digest: path}}}). Sweeps stale temp files of dead publishes and
     reports foreign files (module docstring)."""
     fs, root = _root(output, storage_options)
     try:
@@ -241,8 +231,7 @@ def open_output(
         make_folder(fs, root)  # local only: on s3fs a makedirs would create a missing bucket
         stored = _settle(fs, f"{root}/{JOB_FILE}", shown_path(output, JOB_FILE), record.to_json().encode(), JOB_RECORD)
         record = agreed(output, stored, record)  # another run may have created it first
-        if record.layout == BY_CONCEPT:
-            _record_concepts(fs, root, output, record)
+        _record_concepts(fs, root, output, record)
         committed = _scan_output(fs, root, record, log)
     except OutputError:
         raise
@@ -251,15 +240,6 @@ def open_output(
             raise
         raise OutputError(f"{output}: cannot write the output ({type(error).__name__}); pass a writable --output") from None
     return record, committed
-
-
-def open_job(
-    output: str, record: JobRecord, storage_options: dict | None = None, log: Log | None = None
-) -> tuple[JobRecord, Committed]:
-    """open_output for a FLAT output (the layout of `record`s built without one) -> (record,
-    {shard: {digest: path}}) of the output's root."""
-    record, committed = open_output(output, record, storage_options, log)
-    return record, committed.get(FLAT_PARTITION, {})
 
 
 def plan_shards(
@@ -292,24 +272,22 @@ def remove_files(output: str, paths: list[str], storage_options: dict | None = N
     return foreign
 
 
-def part_path(output: str, shard: int, digest: str, storage_options: dict | None = None,
-              partition: str = FLAT_PARTITION) -> str:
+def part_path(output: str, shard: int, digest: str, storage_options: dict | None, partition: str) -> str:
     """Where shard `shard` of `digest` is published in `output`'s `partition`."""
     fs, root = _root(partition_root(output, partition), storage_options)
     return as_given(fs, output)(f"{root}/{shard_name(shard, digest)}")
 
 
-def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_options: dict | None = None,
-                 partition: str = FLAT_PARTITION, metadata: dict[str, str] | None = None,
+def commit_shard(output: str, shard: int, digest: str, table: pa.Table, storage_options: dict | None,
+                 partition: str, metadata: dict[str, str] | None = None,
                  previous: list[str] | None = None, log: Log | None = None) -> str | None:
-    """Write one shard's rows of `partition` as one Parquet file (in a concept's partition
-    without the concept column) with `metadata` as key-value metadata, published atomically
+    """Write one shard's rows of `partition` (a concept's name) as one Parquet file without the
+    concept column (its folder names it) with `metadata` as key-value metadata, published atomically
     -> its path. With `previous` (the shard's older files there), by supersede.py's protocol:
     staged, the old files removed, then published -> None when one of ours could not be
     removed (the staged file waits for the next run's recovery)."""
     fs, root = _root(partition_root(output, partition), storage_options)
-    if partition:
-        table = partition_rows(table)
+    table = partition_rows(table)
     metadata = {**(metadata or {}), **(supersedes_metadata(previous) if previous else {})}
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
@@ -367,8 +345,8 @@ class OutputPlan:
     """One wave's work over the job's partitions.
 
     shards: the shards to run, {"shard", "digest", "urls", "partitions" (those lacking the
-    shard's digest, in the job's order), "previous" (their superseded files, flat: what the
-    prepare stage reads for unchanged images), "previous_by_partition"}.
+    shard's digest, in the job's order), "previous" (their superseded files in all
+    those partitions: what the prepare stage reads for unchanged images), "previous_by_partition"}.
     committed: {partition: shards already committed}; skipped: shards committed in every
     partition; dropped: superseded files of shards not rerun in their partition (deleted at once)."""
 

@@ -1,20 +1,14 @@
 """The job record of an output: what makes two runs the same job, and where the output came from.
 
-Two layouts, told apart by the record (`<output>/_persam_job.json`):
-
-- BY_CONCEPT (every output created since concept partitions exist): one Hive partition per
-  concept, `<output>/concept=<name>/part-<shard>-<digest>.parquet`. The root record holds
-  what all concepts share and a rerun must agree on (shard count, model fingerprint,
-  settings) plus provenance (persam version, model type, checkpoint, input URL, created
-  time); it is written once, by the run that creates the output. Each partition holds its
-  own record, `concept=<name>/_persam_concept.json` (the concept's digest plus the same
-  provenance), written once, before the partition's first part file. A concept is added
-  to an output by writing its partition; nothing shared is rewritten, so two runs adding
-  different concepts at once cannot lose each other's record.
-- FLAT (outputs written before): one part file per shard holding every concept, the record
-  pins the concept set. Such an output keeps this layout for good: reruns with its concepts
-  work as before, another concept set is refused (no migration: rewriting committed files
-  would give a window in which a killed run loses rows).
+The layout (`<output>/_persam_job.json` names it, BY_CONCEPT): one Hive partition per concept,
+`<output>/concept=<name>/part-<shard>-<digest>.parquet`. The root record holds what all
+concepts share and a rerun must agree on (shard count, model fingerprint, settings) plus
+provenance (persam version, model type, checkpoint, input URL, created time); it is written
+once, by the run that creates the output. Each partition holds its own record,
+`concept=<name>/_persam_concept.json` (the concept's digest plus the same provenance),
+written once, before the partition's first part file. A concept is added to an output by
+writing its partition; nothing shared is rewritten, so two runs adding different concepts
+at once cannot lose each other's record.
 
 URLs are stored redacted (storage/redaction.py): credentials never reach a record.
 """
@@ -32,7 +26,7 @@ from jobs.storage.redaction import redact
 
 JOB_FILE = "_persam_job.json"
 CONCEPT_FILE = "_persam_concept.json"  # in each partition (underscore: Parquet readers skip it)
-FLAT, BY_CONCEPT = "flat", "by_concept"
+BY_CONCEPT = "by_concept"  # the `layout` every record and part file names (CHANGELOG.md)
 JOB_RECORD, CONCEPT_RECORD = "job record", "concept record"  # the kinds of record checked_record validates
 # A partition folder's name must survive every file system, object store and Hive reader
 # unescaped; a leading letter keeps Hive readers from typing the partition as a number.
@@ -61,31 +55,22 @@ class JobRecord:
 
     `settings`: the run settings that change rows (precision, instances, ...). `concept_digests`:
     {name: digest of the concept's content} (a concept re-fitted under the same name is another
-    concept). `provenance`: persam version, model type, checkpoint, input URL (redacted), created.
-    `layout`: FLAT for records built without one (outputs of older runs, direct callers)."""
+    concept). `provenance`: persam version, model type, checkpoint, input URL (redacted), created."""
 
     num_shards: int
     concepts: tuple[str, ...]
     model_fingerprint: str
     settings: dict = field(default_factory=dict)
-    layout: str = FLAT
     concept_digests: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
 
-    def flat_settings(self) -> dict:
-        """The settings as a FLAT record stores them (the concept digests among them)."""
-        return {**self.settings, "concept_digests": dict(self.concept_digests)} if self.concept_digests else self.settings
-
     def to_json(self) -> str:
-        if self.layout == FLAT:
-            return json.dumps({"num_shards": self.num_shards, "concepts": list(self.concepts),
-                               "model_fingerprint": self.model_fingerprint, "settings": self.flat_settings()})
         return json.dumps({"layout": BY_CONCEPT, "num_shards": self.num_shards,
                            "model_fingerprint": self.model_fingerprint, "settings": self.settings,
                            **self.provenance}, indent=1)
 
     def concept_json(self, concept: str) -> str:
-        """The record of `concept`'s partition (BY_CONCEPT)."""
+        """The record of `concept`'s partition."""
         return json.dumps({"name": concept, "digest": self.concept_digests.get(concept),
                            "model_fingerprint": self.model_fingerprint, "settings": self.settings,
                            **self.provenance}, indent=1)
@@ -95,7 +80,7 @@ class JobRecord:
         fields = {"version": self.provenance.get("persam_version") or persam_version(),
                   "model_type": self.provenance.get("model_type"), "model_fingerprint": self.model_fingerprint,
                   "concept_digests": json.dumps({c: self.concept_digests.get(c) for c in concepts}),
-                  "settings": json.dumps(self.settings), "layout": self.layout, "created": utc_now()}
+                  "settings": json.dumps(self.settings), "layout": BY_CONCEPT, "created": utc_now()}
         return {f"{META_PREFIX}{key}": str(value) for key, value in fields.items() if value is not None}
 
 
@@ -134,14 +119,9 @@ def checked_record(shown: str, text: bytes | str, kind: str = JOB_RECORD) -> dic
         if problem is None and not isinstance(stored.get("digest"), (str, type(None))):
             problem = "'digest' is not a str"
     elif problem is None:
-        flat = isinstance(stored, dict) and stored.get("layout", FLAT) == FLAT
-        if isinstance(stored, dict) and stored.get("layout", FLAT) not in (FLAT, BY_CONCEPT):
-            problem = f"'layout' {stored.get('layout')!r} is not {FLAT!r} or {BY_CONCEPT!r}"
-        else:
-            problem = _record_problem(stored, {"num_shards": (int,), "model_fingerprint": (str,),
-                                               **({"concepts": (list,)} if flat else {})})
-        if problem is None and flat and not all(isinstance(c, str) for c in stored["concepts"]):
-            problem = "'concepts' is not a list of names"
+        problem = _record_problem(stored, {"layout": (str,), "num_shards": (int,), "model_fingerprint": (str,)})
+        if problem is None and stored["layout"] != BY_CONCEPT:
+            problem = f"'layout' {stored['layout']!r} is not {BY_CONCEPT!r}"
     if problem is None and not isinstance(stored.get("settings", {}), dict):
         problem = "'settings' is not an object"
     if problem is not None:
@@ -160,25 +140,13 @@ def check_concept_names(output: str, names: tuple[str, ...]) -> None:
 
 def agreed(output: str, stored: dict, record: JobRecord) -> JobRecord:
     """The stored root record read back and checked against this run's -> the job's record
-    (its layout and shard count; this run's concepts). Raises OutputError for another job."""
-    if stored.get("layout", FLAT) == FLAT:
-        same = (sorted(stored["concepts"]) == sorted(record.concepts)
-                and stored["model_fingerprint"] == record.model_fingerprint
-                and stored.get("settings", {}) == record.flat_settings())
-        if not same:
-            raise OutputError(
-                f"{output}: holds a job with concepts {stored['concepts']}, model {stored['model_fingerprint']} "
-                "and other settings or concept contents, in the layout of older runs (one file per shard, "
-                "all concepts), which cannot take other concepts; use another --output for a different job")
-        layout = FLAT
-    else:
-        if stored["model_fingerprint"] != record.model_fingerprint or stored.get("settings", {}) != record.settings:
-            raise OutputError(
-                f"{output}: holds a job of model {stored['model_fingerprint']} with settings {stored.get('settings')}; "
-                "concepts can be added only with the same model and settings: use another --output for a different job")
-        layout = BY_CONCEPT
+    (its shard count; this run's concepts). Raises OutputError for another job."""
+    if stored["model_fingerprint"] != record.model_fingerprint or stored.get("settings", {}) != record.settings:
+        raise OutputError(
+            f"{output}: holds a job of model {stored['model_fingerprint']} with settings {stored.get('settings')}; "
+            "concepts can be added only with the same model and settings: use another --output for a different job")
     return JobRecord(int(stored["num_shards"]), record.concepts, record.model_fingerprint, record.settings,
-                     layout, record.concept_digests, record.provenance)
+                     record.concept_digests, record.provenance)
 
 
 def check_concept_record(output: str, concept: str, stored: dict, record: JobRecord) -> None:

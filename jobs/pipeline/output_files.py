@@ -3,16 +3,14 @@
     <output>/_persam_job.json                         the job record (job_record.py)
     <output>/concept=<name>/_persam_concept.json      a concept's record
     <output>/concept=<name>/part-<shard>-<digest>.parquet   its rows, without the concept column
-    <output>/part-<shard>-<digest>.parquet            outputs of older runs: every concept's rows
 
-    <output>/[concept=<name>/]_pending/part-<shard>-<digest>.parquet.<token>
+    <output>/concept=<name>/_pending/part-<shard>-<digest>.parquet.<token>
                                                       a superseding shard in flight (supersede.py)
 
 Everything that reads an output (eval, exports, benchmarks) goes through `part_files` /
 `output_tables` (exports: `one_version`), so a layout change is made here once. Readers see
 one version per shard: the commit protocol never publishes two (supersede.py), and where
-two are found anyway (an output of older persam versions killed mid-commit, two different
-jobs racing on one output) `one_version` keeps one.
+two are found anyway (two different jobs racing on one output) `one_version` keeps one.
 """
 
 from __future__ import annotations
@@ -26,12 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from jobs.pipeline.job_record import BY_CONCEPT, CONCEPT_FILE, CONCEPT_RECORD, JOB_FILE, checked_record, shown_path
+from jobs.pipeline.job_record import CONCEPT_FILE, CONCEPT_RECORD, JOB_FILE, checked_record, shown_path
 from jobs.storage.files import as_given
 from jobs.storage.schema import PARTITION_PREFIX, partition_folder, read_part
 
 PART_FILE = re.compile(r"^part-(\d+)-([0-9a-f]{12})\.parquet$")
-FLAT_PARTITION = ""  # the root of an output of older runs, holding every concept's rows
 # Footer key of a part file that replaced others: the names of the files it superseded (JSON list).
 SUPERSEDES_KEY = b"persam.supersedes"
 CREATED_KEY = b"persam.created"
@@ -51,9 +48,9 @@ def shard_of_path(path: str) -> int:
     return parse_part_path(path)[0]
 
 
-def partition_root(output: str, partition: str = FLAT_PARTITION) -> str:
-    """The folder of `partition` (a concept's name, or FLAT_PARTITION: the output's root)."""
-    return output.rstrip("/") + (f"/{partition_folder(partition)}" if partition else "")
+def partition_root(output: str, partition: str) -> str:
+    """The folder of `partition` (a concept's name)."""
+    return f"{output.rstrip('/')}/{partition_folder(partition)}"
 
 
 def _footer(fs, path: str) -> dict[bytes, bytes]:
@@ -105,15 +102,13 @@ def one_version(fs, paths: list[str]) -> list[str]:
 def part_files(output: str, storage_options: dict | None = None) -> list[str]:
     """The published part files of an output, one per shard of each partition, in partition
     then shard order (for readers: eval, exports, benchmarks): those of every `concept=<name>/`
-    partition, or of the root (outputs of older runs)."""
+    partition (part files in the root are not persam's)."""
     fs, root = url_to_fs(output, **(storage_options or {}))
     root, paths = root.rstrip("/"), []
     for info in fs.ls(root, detail=True):
         name = os.path.basename(info["name"].rstrip("/"))
         if info.get("type") == "directory" and name.startswith(PARTITION_PREFIX):
             paths += [p for p in fs.ls(info["name"], detail=False) if parse_part_path(p) is not None]
-        elif parse_part_path(info["name"]) is not None:
-            paths.append(info["name"])
     return [as_given(fs, output)(p) for p in one_version(fs, sorted(paths))]
 
 
@@ -130,8 +125,8 @@ def output_tables(output: str, storage_options: dict | None = None,
 
 def read_job_record(output: str, storage_options: dict | None = None,
                     concepts: Sequence[str] | None = None) -> dict | None:
-    """The output's root record, with {"concepts": {name: partition record}} for BY_CONCEPT
-    (those of `concepts` only, when given), every record validated (job_record.checked_record)
+    """The output's root record, with {"concepts": {name: partition record}} (those of
+    `concepts` only, when given), every record validated (job_record.checked_record)
     -> None when the output has no record."""
     fs, root = url_to_fs(output, **(storage_options or {}))
     root = root.rstrip("/")
@@ -140,27 +135,24 @@ def read_job_record(output: str, storage_options: dict | None = None,
     except FileNotFoundError:
         return None
     stored = checked_record(shown_path(output, JOB_FILE), text)
-    if stored.get("layout") == BY_CONCEPT:
-        if concepts is None:
-            paths = sorted(fs.glob(f"{root}/{PARTITION_PREFIX}*/{CONCEPT_FILE}"))
-        else:
-            paths = [p for c in concepts if fs.exists(p := f"{root}/{partition_folder(c)}/{CONCEPT_FILE}")]
-        records = [checked_record(shown_path(output, p[len(root) + 1:]), fs.cat_file(p), CONCEPT_RECORD) for p in paths]
-        stored["concepts"] = {r["name"]: r for r in records}
+    if concepts is None:
+        paths = sorted(fs.glob(f"{root}/{PARTITION_PREFIX}*/{CONCEPT_FILE}"))
+    else:
+        paths = [p for c in concepts if fs.exists(p := f"{root}/{partition_folder(c)}/{CONCEPT_FILE}")]
+    records = [checked_record(shown_path(output, p[len(root) + 1:]), fs.cat_file(p), CONCEPT_RECORD) for p in paths]
+    stored["concepts"] = {r["name"]: r for r in records}
     return stored
 
 
 def read_output(output: str, concepts: list[str], storage_options: dict | None = None) -> tuple[dict | None, dict[str, dict[int, dict[str, str]]]]:
     """What an output holds, read only (dry runs): its root record with the concept records
-    (None: a new output) and the part files of `concepts`' partitions (the root's, for a FLAT
-    output) -> (record, {partition: {shard: {digest: path}}}). Nothing is written or swept."""
+    (None: a new output) and the part files of `concepts`' partitions -> (record, {partition: {shard: {digest: path}}}). Nothing is written or swept."""
     fs, root = url_to_fs(output, **(storage_options or {}))
     root = root.rstrip("/")
     stored = read_job_record(output, storage_options, concepts)
     if stored is None:
         return None, {}
-    by_concept = stored.get("layout") == BY_CONCEPT
-    folders = {c: f"{root}/{partition_folder(c)}" for c in concepts} if by_concept else {FLAT_PARTITION: root}
+    folders = {c: f"{root}/{partition_folder(c)}" for c in concepts}
     committed: dict[str, dict[int, dict[str, str]]] = {}
     for partition, folder in folders.items():
         shards: dict[int, dict[str, str]] = {}

@@ -141,8 +141,9 @@ def rows_of_concepts(table: pa.Table, concepts: Sequence[str]) -> pa.Table:
 
 
 def is_our_schema(schema: pa.Schema, partitioned: bool = False) -> bool:
-    """A part file's schema is ours: its columns are MASK_SCHEMA's (older runs wrote fewer), same
-    types; a partition's files (`partitioned`) lack the concept column."""
+    """A part file's schema is ours: its columns are MASK_SCHEMA's (an earlier version's may be
+    fewer: columns are only ever added, CHANGELOG.md), same types; a partition's files
+    (`partitioned`) lack the concept column."""
     ours = {f.name: f.type for f in MASK_SCHEMA}
     required = {IMAGE_URI} if partitioned else {IMAGE_URI, CONCEPT}
     return required <= set(schema.names) and all(f.name in ours and f.type == ours[f.name] for f in schema)

@@ -91,7 +91,7 @@ JOB_TAMPERING = {
     "fingerprint a number": lambda r: {**r, "model_fingerprint": 7},
     "settings a list": lambda r: {**r, "settings": [1]},
     "unknown layout": lambda r: {**r, "layout": "sideways"},
-    "flat without concepts": lambda r: {k: v for k, v in r.items() if k != "layout"},
+    "no layout": lambda r: {k: v for k, v in r.items() if k != "layout"},
     "a list": lambda r: [r],
     "not JSON": lambda r: "{not json",
     "nested too deep": lambda r: "[" * 100_000 + "]" * 100_000,

@@ -12,7 +12,7 @@ import pytest
 
 from jobs.pipeline import commit
 from jobs.storage.outputs import OutputError
-from jobs.storage.schema import MASK_SCHEMA, rows_to_table
+from jobs.storage.schema import MASK_SCHEMA, read_part, rows_to_table
 
 
 # ---------------------------------------------------------------------------- shards
@@ -54,66 +54,58 @@ def _table(url="a.jpg", concept="cat"):
     return rows_to_table([{"image_uri": url, "concept": concept, "area": 0, "error": "x"}])
 
 
-def test_open_job_records_and_lists_committed_shards(tmp_path):
+def test_open_output_records_and_lists_committed_shards(tmp_path):
     output = str(tmp_path / "masks")
-    record, committed = commit.open_job(output, _record())
-    assert committed == {} and record.num_shards == 4
+    record, committed = commit.open_output(output, _record())
+    assert committed == {"cat": {}, "duck": {}} and record.num_shards == 4
     job = json.loads((tmp_path / "masks" / commit.JOB_FILE).read_text())
-    assert job["num_shards"] == 4 and job["concepts"] == ["cat", "duck"]
+    assert job["num_shards"] == 4 and job["layout"] == commit.BY_CONCEPT
     assert job["model_fingerprint"] == "tiny:0123456789abcdef"
+    for concept in ("cat", "duck"):  # one record per concept's partition
+        assert json.loads((tmp_path / "masks" / f"concept={concept}" / "_persam_concept.json").read_text())["name"] == concept
 
     digest = commit.urls_digest(["a.jpg"])
-    path = commit.commit_shard(output, 3, digest, _table())
-    assert path.endswith(f"part-00003-{digest}.parquet")
-    assert pq.read_table(path).schema.equals(MASK_SCHEMA)
-    (tmp_path / "masks" / f"part-00001-{digest}.parquet.tmp-deadbeef").write_bytes(b"half")  # a crashed publish
+    path = commit.commit_shard(output, 3, digest, _table(), None, "cat")
+    assert path.endswith(f"concept=cat/part-00003-{digest}.parquet")
+    assert pq.read_schema(path).names == [n for n in MASK_SCHEMA.names if n != "concept"]  # the folder names it
+    assert read_part(path).schema.equals(MASK_SCHEMA)  # the concept column restored from the folder
+    (tmp_path / "masks" / "concept=cat" / f".part-00001-{digest}.parquet.tmp-deadbeef").write_bytes(b"half")  # a crashed publish
 
     # A rerun with another shard count (e.g. more images) keeps the recorded grouping.
-    record, committed = commit.open_job(output, _record(concepts=("duck", "cat"), num_shards=9))
+    record, committed = commit.open_output(output, _record(concepts=("duck", "cat"), num_shards=9))
     assert record.num_shards == 4
-    assert committed == {3: {digest: path}}
+    assert committed == {"duck": {}, "cat": {3: {digest: path}}}
 
 
-def test_open_job_refuses_another_concept_set(tmp_path):
+def test_open_output_refuses_other_model_weights(tmp_path):
     output = str(tmp_path / "masks")
-    commit.open_job(output, _record())
-    with pytest.raises(OutputError) as error:
-        commit.open_job(output, _record(concepts=("cat",)))
-    message = str(error.value)
-    assert "another --output" in message and "cat" in message
-    with pytest.raises(OutputError):
-        commit.open_job(output, _record(concepts=("cat", "duck", "sneaker")))
-
-
-def test_open_job_refuses_other_model_weights(tmp_path):
-    output = str(tmp_path / "masks")
-    commit.open_job(output, _record())
+    commit.open_output(output, _record())
     with pytest.raises(OutputError, match="another --output"):
-        commit.open_job(output, _record(fingerprint="tiny:ffffffffffffffff"))
+        commit.open_output(output, _record(fingerprint="tiny:ffffffffffffffff"))
 
 
-def test_open_job_unwritable_output(tmp_path):
+def test_open_output_unwritable_output(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(OutputError, match="writable"):
-        commit.open_job(str(tmp_path / "a_file" / "masks"), _record())
+        commit.open_output(str(tmp_path / "a_file" / "masks"), _record())
 
 
-def test_open_job_on_an_object_store():
+def test_open_output_on_an_object_store():
     output = "memory://persam-test-job/masks"
     try:
-        commit.open_job(output, _record())
-        commit.commit_shard(output, 2, "0123456789ab", _table())
-        assert set(commit.open_job(output, _record())[1]) == {2}
+        commit.open_output(output, _record())
+        commit.commit_shard(output, 2, "0123456789ab", _table(), None, "cat")
+        assert set(commit.open_output(output, _record())[1]["cat"]) == {2}
     finally:
         fsspec.filesystem("memory").rm("/persam-test-job", recursive=True)
 
 
-def test_open_job_reads_shard_ids_past_five_digits(tmp_path):
+def test_open_output_reads_shard_ids_past_five_digits(tmp_path):
     output = str(tmp_path / "masks")
-    commit.open_job(output, _record(num_shards=200_000))
-    commit.commit_shard(output, 123_456, "0123456789ab", _table())
+    commit.open_output(output, _record(num_shards=200_000))
+    commit.commit_shard(output, 123_456, "0123456789ab", _table(), None, "cat")
     assert commit.shard_name(123_456, "0123456789ab") == "part-123456-0123456789ab.parquet"
-    assert set(commit.open_job(output, _record(num_shards=200_000))[1]) == {123_456}
+    assert set(commit.open_output(output, _record(num_shards=200_000))[1]["cat"]) == {123_456}
 
 
 def test_plan_reruns_changed_shards_and_supersedes_their_old_files():

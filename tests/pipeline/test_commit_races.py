@@ -33,11 +33,11 @@ def _table(url: str = "a.jpg") -> pa.Table:
 
 def test_removal_tolerates_a_file_another_run_removed_first(tmp_path):
     output = str(tmp_path / "masks")
-    commit.open_job(output, _record())
-    old = commit.commit_shard(output, 1, commit.urls_digest(["a.jpg"]), _table())
-    new = commit.commit_shard(output, 1, commit.urls_digest(["a.jpg", "b.jpg"]), _table())
-    _, committed = commit.open_job(output, _record())  # both runs list the old file ...
-    assert old in committed[1].values()
+    commit.open_output(output, _record())
+    old = commit.commit_shard(output, 1, commit.urls_digest(["a.jpg"]), _table(), None, "cat")
+    new = commit.commit_shard(output, 1, commit.urls_digest(["a.jpg", "b.jpg"]), _table(), None, "cat")
+    _, committed = commit.open_output(output, _record())  # both runs list the old file ...
+    assert old in committed["cat"][1].values()
     os.remove(old)  # ... the other run removes it between the listing and our removal
     lines: list[str] = []
     commit.remove_files(output, [old], log=lines.append)  # used to raise FileNotFoundError
@@ -47,11 +47,11 @@ def test_removal_tolerates_a_file_another_run_removed_first(tmp_path):
 
 def test_stale_temp_files_are_swept_fresh_ones_kept(tmp_path):
     output = str(tmp_path / "masks")
-    commit.open_job(output, _record())
+    commit.open_output(output, _record())
     root = tmp_path / "masks"
-    stale = root / f"part-00001-{'a' * 12}.parquet.tmp-{'b' * 32}"
-    stale_job = root / f"{commit.JOB_FILE}.tmp-{'c' * 32}"
-    fresh = root / f"part-00002-{'a' * 12}.parquet.tmp-{'d' * 32}"  # a live writer may own it
+    stale = root / "concept=cat" / f".part-00001-{'a' * 12}.parquet.tmp-{'b' * 32}"
+    stale_job = root / f".{commit.JOB_FILE}.tmp-{'c' * 32}"
+    fresh = root / "concept=cat" / f".part-00002-{'a' * 12}.parquet.tmp-{'d' * 32}"  # a live writer may own it
     other_tool = root / "upload.tmp-x"  # not our temp name: foreign, never swept
     for path in (stale, stale_job, fresh, other_tool):
         path.write_bytes(b"half")
@@ -59,8 +59,8 @@ def test_stale_temp_files_are_swept_fresh_ones_kept(tmp_path):
     for path in (stale, stale_job, other_tool):
         os.utime(path, (hours_ago, hours_ago))
     lines: list[str] = []
-    _, committed = commit.open_job(output, _record(), log=lines.append)
-    assert committed == {}
+    _, committed = commit.open_output(output, _record(), log=lines.append)
+    assert committed == {"cat": {}}
     assert not stale.exists() and not stale_job.exists()
     assert fresh.exists() and other_tool.exists()
     assert len(lines) == 1 and "upload.tmp-x" in lines[0] and "left alone" in lines[0]
@@ -68,29 +68,30 @@ def test_stale_temp_files_are_swept_fresh_ones_kept(tmp_path):
 
 def test_foreign_files_are_reported_never_read_nor_deleted(tmp_path):
     output = str(tmp_path / "masks")
-    commit.open_job(output, _record(num_shards=1))
+    commit.open_output(output, _record(num_shards=1))
     root = tmp_path / "masks"
-    pq.write_table(pa.table({"image_uri": ["a.jpg"], "label": ["x"]}), root / "notes.parquet")
-    lookalike = root / f"part-00000-{'f' * 12}.parquet"  # a part name, another schema
-    pq.write_table(pa.table({"image_uri": ["a.jpg"], "concept": ["cat"], "label": [1]}), lookalike)
-    garbage = root / f"part-00000-{'e' * 12}.parquet"  # a part name, not Parquet at all
+    partition = root / "concept=cat"
+    pq.write_table(pa.table({"image_uri": ["a.jpg"], "label": ["x"]}), partition / "notes.parquet")
+    lookalike = partition / f"part-00000-{'f' * 12}.parquet"  # a part name, another schema
+    pq.write_table(pa.table({"image_uri": ["a.jpg"], "label": [1]}), lookalike)
+    garbage = partition / f"part-00000-{'e' * 12}.parquet"  # a part name, not Parquet at all
     garbage.write_bytes(b"not parquet")
-    ours = commit.commit_shard(output, 0, commit.urls_digest(["z.jpg"]), _table("z.jpg"))
+    ours = commit.commit_shard(output, 0, commit.urls_digest(["z.jpg"]), _table("z.jpg"), None, "cat")
 
     lines: list[str] = []
-    _, committed = commit.open_job(output, _record(num_shards=1), log=lines.append)
+    _, committed = commit.open_output(output, _record(num_shards=1), log=lines.append)
     assert len(lines) == 1 and "notes.parquet" in lines[0] and "\n" not in lines[0]
-    assert set(committed[0].values()) == {str(lookalike), str(garbage), ours}
+    assert set(committed["cat"][0].values()) == {str(lookalike), str(garbage), ours}
 
     # The image set changed: all three part-named files are superseded, only ours is ours.
-    plan = commit.plan_shards(["a.jpg"], 1, committed)
+    plan = commit.plan_shards(["a.jpg"], 1, committed["cat"])
     assert sorted(plan.superseded) == sorted([str(lookalike), str(garbage), ours])
     table = schema.read_parts(plan.superseded)
     assert table.column("image_uri").to_pylist() == ["z.jpg"]  # the look-alike's rows are not ours
     lines.clear()
     commit.remove_files(output, plan.superseded, log=lines.append)
     assert not os.path.exists(ours) and lookalike.exists() and garbage.exists()
-    assert (root / "notes.parquet").exists()
+    assert (partition / "notes.parquet").exists()
     assert len(lines) == 1 and lookalike.name in lines[0] and garbage.name in lines[0]
 
 
@@ -110,7 +111,7 @@ def test_a_publish_in_flight_is_hidden_from_whole_output_readers(tmp_path, monke
     from jobs.storage import files
 
     output = tmp_path / "out"
-    commit.commit_shard(str(output), 0, "a" * 12, _table())
+    commit.commit_shard(str(output), 0, "a" * 12, _table(), None, "cat")
     names = []
     real_replace = files.os.replace
 
@@ -120,7 +121,7 @@ def test_a_publish_in_flight_is_hidden_from_whole_output_readers(tmp_path, monke
         real_replace(source, target)
 
     monkeypatch.setattr(files.os, "replace", interrupted)
-    commit.commit_shard(str(output), 1, "b" * 12, _table())
+    commit.commit_shard(str(output), 1, "b" * 12, _table(), None, "cat")
     assert names and names[0].startswith(".part-00001-") and commit.TEMP_FILE.match(names[0])
 
 
@@ -128,8 +129,7 @@ def test_a_publish_in_flight_is_hidden_from_whole_output_readers(tmp_path, monke
 
 
 def _by_concept(digest: str, settings: dict | None = None) -> commit.JobRecord:
-    return commit.JobRecord(1, ("cat",), "tiny:0123456789abcdef", settings or {"max_instances": 1}, commit.BY_CONCEPT,
-                            {"cat": digest})
+    return commit.JobRecord(1, ("cat",), "tiny:0123456789abcdef", settings or {"max_instances": 1}, {"cat": digest})
 
 
 def _race(output: str, record_name: str, storage_options: dict | None = None):

@@ -1,8 +1,7 @@
 """Outputs partitioned by concept (`concept=<name>/part-…`): provenance in every part file and
 in the records, a concept added to an existing output computed alone while the others'
 files stay byte-identical, the output read as one table by pyarrow, pandas and DuckDB,
-exactly once after a kill between a staged write and the removal, and outputs of older runs (one
-flat file per shard) still rerunning in their own layout.
+and exactly once after a kill between a staged write and the removal.
 
 Every run uses `--runner local` (the product's stages in this process): no Ray starts."""
 
@@ -23,7 +22,6 @@ import pytest
 from jobs.cli import main
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
-from jobs.pipeline.job_record import FLAT, JobRecord
 from jobs.pipeline.supersede import PENDING_FOLDER
 from jobs.spec import JobSpec, ModelSpec, SpeedSpec
 from jobs.storage.outputs import OutputError
@@ -170,43 +168,14 @@ def test_exactly_once_after_a_kill_between_publish_and_removal(concepts, images,
     assert len(list(output.rglob("part-*.parquet"))) == 4  # 2 shards x 2 concepts
 
 
-def _old_layout_output(spec: JobSpec, monkeypatch) -> None:
-    """An output as runs before concept partitions wrote it: flat part files, all concepts."""
-    with monkeypatch.context() as patch:
-        flat = lambda *fields: JobRecord(*fields[:4], FLAT, *fields[5:])  # noqa: E731  (the layout field)
-        patch.setattr(commit, "JobRecord", flat)
-        run_segment(spec, log=lambda line: None)
-
-
-def test_an_old_layout_output_keeps_rerunning_in_its_layout(concepts, images, perseg_sample, tmp_path, monkeypatch):
-    output = tmp_path / "masks"
-    spec = _spec(concepts, ("cat", "duck_toy"), images, output)
-    _old_layout_output(spec, monkeypatch)
-    record = json.loads((output / commit.JOB_FILE).read_text())
-    assert "layout" not in record and record["concepts"] == ["cat", "duck_toy"]  # the old record format
-    assert sorted(p.parent for p in output.rglob("part-*.parquet")) == [output, output]
-
-    before = _files(output)
-    assert run_segment(spec, log=lambda line: None).shards_run == 0
-    assert _files(output) == before
-    (images / "d.jpg").write_bytes((perseg_sample / "Images/duck_toy/02.jpg").read_bytes())
-    summary = run_segment(spec, log=lambda line: None)
-    assert summary.shards_run >= 1 and summary.per_concept["cat"]["rows"] >= 1
-    assert not list(output.glob("concept=*"))  # still flat
-    keys = _keys(output)
-    assert len(keys) == len(set(keys)) == 8
-    with pytest.raises(OutputError, match="another --output"):  # the old layout pins its concepts
-        run_segment(replace(spec, concepts=(str(concepts["cat"]),)), log=lambda line: None)
-
-
 def test_concept_names_that_cannot_name_a_folder_and_refitted_concepts_are_refused(tmp_path):
     output = str(tmp_path / "masks")
-    record = commit.JobRecord(1, ("my cat",), "tiny:0", {}, commit.BY_CONCEPT, {"my cat": "0" * 12})
+    record = commit.JobRecord(1, ("my cat",), "tiny:0", {}, {"my cat": "0" * 12})
     with pytest.raises(OutputError, match="partition folder"):
         commit.open_output(output, record)
     assert not (tmp_path / "masks" / commit.JOB_FILE).exists()  # refused before anything was written
 
-    cat = commit.JobRecord(1, ("cat",), "tiny:0", {}, commit.BY_CONCEPT, {"cat": "0" * 12})
+    cat = commit.JobRecord(1, ("cat",), "tiny:0", {}, {"cat": "0" * 12})
     commit.open_output(output, cat)
     with pytest.raises(OutputError, match="other contents"):
         commit.open_output(output, replace(cat, concept_digests={"cat": "1" * 12}))

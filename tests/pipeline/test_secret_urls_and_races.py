@@ -63,9 +63,9 @@ def test_carried_rows_come_from_an_identical_run_that_committed_first(tmp_path):
     output = str(tmp_path / "out")
     urls = ["a.jpg", "b.jpg"]
     old = rows_to_table([mask_row(u, "cat", "persam", "fp", "sha-" + u) for u in urls])
-    old_path = commit.commit_shard(output, 0, "0" * 12, old)
+    old_path = commit.commit_shard(output, 0, "0" * 12, old, None, "cat")
     # the other run recomputed b, carried a, published the new digest, removed the old file
-    done = commit.commit_shard(output, 0, "1" * 12, old)
+    done = commit.commit_shard(output, 0, "1" * 12, old, None, "cat")
     Path(old_path).unlink()
     computed = rows_to_table([mask_row("b.jpg", "cat", "persam", "fp", "sha-b.jpg", area=7)])
     with pytest.raises(ValueError, match="rerun the job"):  # without the published file: a clear error
