@@ -72,7 +72,7 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
         local = {partition: {s - offset: files for s, files in shards.items() if offset <= s < offset + num_shards}
                  for partition, shards in committed.items()}
         plan = commit.plan_output(urls, num_shards, local, versions)
-        recompute = sum(1 for shard in plan.shards if shard["previous"])
+        recompute = sum(1 for shard in plan.shards if shard.previous)
         counts["images"] += len(urls)
         counts["waves"] += 1
         counts["to_run"] += len(plan.shards)

@@ -12,6 +12,7 @@ import io
 import logging
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +26,7 @@ from jobs.pipeline.job import PreparedJob, check_job, prepare_job
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session
+from jobs.pipeline.shards import Shard, ShardOutcome
 from jobs.spec import JobSpec
 from jobs.storage.concept_files import read_concepts
 from jobs.storage.files import join_url, make_folder, publish_bytes
@@ -36,17 +38,17 @@ RANKING_FILE = "ranking.parquet"
 logger = logging.getLogger(__name__)
 
 
-def _collect(shard: dict, chunks: list[FinishedChunk]) -> dict:
-    """A shard's chunks -> its rows (a ranking is global: nothing is committed per shard)."""
-    return {"table": pa.concat_tables([c.rows() for c in chunks]), "encoded": sum(c.encoded for c in chunks),
-            "cache_hits": sum(c.cache_hits for c in chunks), "problems": [p for c in chunks for p in c.problems]}
+def _collect(shard: Shard, chunks: list[FinishedChunk]) -> tuple[pa.Table, ShardOutcome]:
+    """A shard's chunks -> its rows and counts (a ranking is global: nothing is committed per shard)."""
+    return pa.concat_tables([c.rows() for c in chunks]), ShardOutcome(
+        encoded=sum(c.encoded for c in chunks), cache_hits=sum(c.cache_hits for c in chunks),
+        problems=tuple(dict.fromkeys(p for c in chunks for p in c.problems)))
 
 
-def _shards(urls: list[str], num_shards: int, sources: dict[str, str]) -> list[dict]:
+def _shards(urls: list[str], num_shards: int, sources: dict[str, str]) -> list[Shard]:
     """The same stable-hash shards as `segment` (so cache files line up), all to run."""
     plan = commit.plan_shards(urls, num_shards, {})
-    return [{"shard": s["shard"], "urls": s["urls"], "previous": [],
-             "sources": {u: sources[u] for u in s["urls"] if u in sources}} for s in plan.to_run]
+    return [replace(s, sources={u: sources[u] for u in s.urls if u in sources}) for s in plan.to_run]
 
 
 def run_rank(spec: JobSpec, log=logger.info) -> pa.Table | None:
@@ -78,17 +80,18 @@ def _rank(job: PreparedJob, concept: str, urls: list[str], sources: dict[str, st
           log) -> pa.Table:
     spec = job.spec
 
-    def one_pass(actor: type[ModelActor], images: list[str]) -> list[dict]:
+    def one_pass(actor: type[ModelActor], images: list[str]) -> list[tuple[pa.Table, ShardOutcome]]:
         return run_pipeline(job, actor, _shards(images, num_shards, sources), _collect)
 
     results = one_pass(ScoreActor, urls)
-    scores = pa.concat_tables([r["table"] for r in results])
-    encoded, hits = sum(r["encoded"] for r in results), sum(r["cache_hits"] for r in results)
-    for problem in dict.fromkeys(p for r in results for p in r["problems"]):
+    scores = pa.concat_tables([table for table, _ in results])
+    outcome = ShardOutcome.total(o for _, o in results)
+    encoded, hits = outcome.encoded, outcome.cache_hits
+    for problem in outcome.problems:
         log(f"cache: {problem}")
 
     top = [r[IMAGE_URI] for r in ranking_table(scores, None).to_pylist()[: spec.top_k] if r[SIMILARITY] is not None]
-    masks = pa.concat_tables([r["table"] for r in one_pass(SegmentActor, top)]) if top else None
+    masks = pa.concat_tables([table for table, _ in one_pass(SegmentActor, top)]) if top else None
     ranking = ranking_table(scores, masks)
 
     fs, root = url_to_fs(spec.output, **spec.storage_options)

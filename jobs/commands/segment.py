@@ -27,6 +27,7 @@ from jobs.pipeline.job import PreparedJob, check_job, concept_digests, expected_
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session
+from jobs.pipeline.shards import Shard, ShardOutcome
 from jobs.spec import JobSpec
 from jobs.storage import listing
 from jobs.storage.concept_files import read_concepts
@@ -182,46 +183,44 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
     for partition, count in plan.committed.items():  # a partition is its concept's
         per_concept[partition].update(shards_skipped=count)
     lacking = "" if len(plan.committed) < 2 else " (" + ", ".join(
-        f"{p}: {sum(p in s['partitions'] for s in plan.shards)} to run" for p in plan.committed) + ")"
+        f"{p}: {sum(p in s.partitions for s in plan.shards)} to run" for p in plan.committed) + ")"
     log(f"{len(urls)} images x {len(job.concept_texts)} concepts; {len(plan.shards)} shards to run{lacking}, "
         f"{plan.skipped} already committed")
-    groups: dict[tuple[str, ...], list[dict]] = {}
+    groups: dict[tuple[str, ...], list[Shard]] = {}
     for shard in plan.shards:
-        shard["shard"] += offset
-        shard["sources"] = {u: sources[u] for u in shard["urls"] if u in sources}
-        groups.setdefault(tuple(shard["partitions"]), []).append(shard)
+        shard = replace(shard, shard=shard.shard + offset, sources={u: sources[u] for u in shard.urls if u in sources})
+        groups.setdefault(shard.partitions, []).append(shard)
     texts = dict(zip((name for name, _ in job.labels()), job.concept_texts))
     # one pipeline run per set of lacking concepts (usually one): each image is encoded once
     with ray_session() if len(groups) > 1 and job.spec.runner == "ray" else nullcontext():
         for partitions, shards in groups.items():
             names = list(partitions)
             group_job = replace(job, concept_texts=tuple(texts[n] for n in names))
-            results = run_pipeline(group_job, SegmentActor, shards, _committer(job, record, log), on_progress)
-            for problem in dict.fromkeys(p for r in results for p in r["problems"]):
+            # summed here: commits run on several threads
+            outcome = ShardOutcome.total(run_pipeline(group_job, SegmentActor, shards, _committer(job, record, log),
+                                                      on_progress))
+            for problem in outcome.problems:
                 log(f"cache: {problem}")
-            for result in results:  # summed here: commits run on several threads
-                for name, counts in result["per_concept"].items():
-                    per_concept[name].update(counts)
-            totals.update(run=len(shards), **{k: sum(r[k] for r in results)
-                                           for k in ("rows", "errors", "failed", "images", "encoded", "cache_hits",
-                                                     "carried", "removed")})
+            for name, counts in outcome.per_concept.items():
+                per_concept[name].update(counts)
+            totals.update(run=len(shards), **outcome.counts())
 
 
 def _committer(job: PreparedJob, record: commit.JobRecord, log):
     output, storage = job.spec.output, job.spec.storage_options
 
-    def commit_chunks(shard: dict, chunks: list[FinishedChunk]) -> dict:
+    def commit_chunks(shard: Shard, chunks: list[FinishedChunk]) -> ShardOutcome:
         """All chunks of one shard arrived: per partition, carry unchanged rows, order,
         and replace the shard's old files by its new one."""
         carried = {url for c in chunks for url in c.carried}
         computed = [c.rows() for c in chunks]
-        number, digest = shard["shard"], shard["digest"]
+        number, digest = shard.shard, shard.digest
         counts, per_concept, failed = Counter(), {}, set()
-        for partition in shard["partitions"]:
+        for partition in shard.partitions:
             names = [partition]
-            previous = shard["previous_by_partition"].get(partition, [])
+            previous = list(shard.previous_by_partition.get(partition, ()))
             table, removed = commit.assemble_shard(
-                number, [rows_of_concepts(t, names) for t in computed], carried, previous, shard["urls"], names,
+                number, [rows_of_concepts(t, names) for t in computed], carried, previous, list(shard.urls), names,
                 storage, published=commit.part_path(output, number, digest, storage, partition))
             # the old files go before the new one is public (commit.py, supersede.py)
             commit.commit_shard(output, number, digest, table, storage, partition, record.parquet_metadata(names),
@@ -231,10 +230,9 @@ def _committer(job: PreparedJob, record: commit.JobRecord, log):
             counts["removed"] = max(counts["removed"], removed)  # the same images in every partition
             rows = Counter(table.column(CONCEPT).to_pylist())
             per_concept.update({name: {"shards_run": 1, "rows": rows[name]} for name in names})
-        return {"shard": number, "rows": counts["rows"], "errors": counts["errors"], "failed": len(failed),
-                "images": len(shard["urls"]),
-                "encoded": sum(c.encoded for c in chunks), "cache_hits": sum(c.cache_hits for c in chunks),
-                "carried": len(carried), "removed": counts["removed"], "per_concept": per_concept,
-                "problems": list(dict.fromkeys(p for c in chunks for p in c.problems))}
+        return ShardOutcome(rows=counts["rows"], errors=counts["errors"], failed=len(failed), images=len(shard.urls),
+                            encoded=sum(c.encoded for c in chunks), cache_hits=sum(c.cache_hits for c in chunks),
+                            carried=len(carried), removed=counts["removed"], per_concept=per_concept,
+                            problems=tuple(dict.fromkeys(p for c in chunks for p in c.problems)))
 
     return commit_chunks

@@ -61,7 +61,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Callable
 
@@ -77,6 +77,7 @@ from jobs.pipeline.output_files import (
     output_tables, parse_part_path, part_files, partition_root, read_job_record, read_output, shard_name,
     shard_of_path,
 )
+from jobs.pipeline.shards import Shard
 from jobs.pipeline.supersede import (
     PENDING_FOLDER, left_behind, promote, recover, remove_ours, remove_quietly, stage, supersedes_metadata,
 )
@@ -115,9 +116,9 @@ def shard_count(num_images: int, shard_size: int) -> int:
 
 @dataclass
 class ShardPlan:
-    """Shards to run ({"shard", "digest", "urls"}) and what the output already holds."""
+    """Shards to run (their partitions left empty) and what the output already holds."""
 
-    to_run: list[dict]
+    to_run: list[Shard]
     up_to_date: int
     superseded: list[str]  # files of shards whose images changed, deleted after the new publish
 
@@ -258,7 +259,7 @@ def plan_shards(
         if digest in published:
             up_to_date += 1
         elif members:
-            to_run.append({"shard": shard, "digest": digest, "urls": members})
+            to_run.append(Shard(shard, tuple(members), digest))
     return ShardPlan(to_run, up_to_date, superseded)
 
 
@@ -344,13 +345,12 @@ def assemble_shard(
 class OutputPlan:
     """One wave's work over the job's partitions.
 
-    shards: the shards to run, {"shard", "digest", "urls", "partitions" (those lacking the
-    shard's digest, in the job's order), "previous" (their superseded files in all
-    those partitions: what the prepare stage reads for unchanged images), "previous_by_partition"}.
+    shards: the shards to run, each with the partitions lacking its digest and their
+    superseded files (Shard.partitions, Shard.previous_by_partition).
     committed: {partition: shards already committed}; skipped: shards committed in every
     partition; dropped: superseded files of shards not rerun in their partition (deleted at once)."""
 
-    shards: list[dict]
+    shards: list[Shard]
     committed: dict[str, int]
     skipped: int
     dropped: list[str]
@@ -359,20 +359,24 @@ class OutputPlan:
 def plan_output(urls: list[str], num_shards: int, committed: dict[str, Committed],
                 tokens: dict[str, str] | None = None) -> OutputPlan:
     """plan_shards per partition, merged per shard: a shard runs once, for every partition that lacks it."""
-    runs: dict[int, dict] = {}
+    runs: dict[int, Shard] = {}
+    partitions: dict[int, list[str]] = {}
+    previous: dict[int, dict[str, list[str]]] = {}
     counts, dropped = {}, []
     for partition, shards in committed.items():
         plan = plan_shards(urls, num_shards, shards, tokens)
         counts[partition] = plan.up_to_date
         for s in plan.to_run:
-            run = runs.setdefault(s["shard"], {**s, "partitions": [], "previous": [], "previous_by_partition": {}})
-            run["partitions"].append(partition)
+            runs.setdefault(s.shard, s)
+            partitions.setdefault(s.shard, []).append(partition)
         for path in plan.superseded:
-            run = runs.get(shard_of_path(path))
-            if run is not None and partition in run["partitions"]:
-                run["previous"].append(path)
-                run["previous_by_partition"].setdefault(partition, []).append(path)
+            shard = shard_of_path(path)
+            if partition in partitions.get(shard, ()):
+                previous.setdefault(shard, {}).setdefault(partition, []).append(path)
             else:
                 dropped.append(path)
+    shards = [replace(runs[s], partitions=tuple(partitions[s]),
+                      previous_by_partition={p: tuple(paths) for p, paths in previous.get(s, {}).items()})
+              for s in sorted(runs)]
     occupied = {shard_of(u, num_shards) for u in urls}
-    return OutputPlan([runs[s] for s in sorted(runs)], counts, len(occupied - set(runs)), dropped)
+    return OutputPlan(shards, counts, len(occupied - set(runs)), dropped)

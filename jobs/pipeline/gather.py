@@ -9,19 +9,21 @@ is I/O: it must not stall the stream of results), exactly once per shard.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Generic, TypeVar
 
 from jobs.pipeline.payload import FinishedChunk
+from jobs.pipeline.shards import Shard
 
 COMMIT_THREADS = 4
+Result = TypeVar("Result")
 
 
-class ShardGatherer:
-    """shards: {shard id: the shard's row, with "chunks" (how many it has)}."""
+class ShardGatherer(Generic[Result]):
+    """shards: {shard id: the shard}, split in chunks of at most `chunk_size` images (run.plan_chunks)."""
 
-    def __init__(self, shards: dict[int, dict], on_shard: Callable[[dict, list[FinishedChunk]], dict],
-                 threads: int = COMMIT_THREADS) -> None:
-        self.shards, self.on_shard = shards, on_shard
+    def __init__(self, shards: dict[int, Shard], chunk_size: int,
+                 on_shard: Callable[[Shard, list[FinishedChunk]], Result], threads: int = COMMIT_THREADS) -> None:
+        self.shards, self.chunk_size, self.on_shard = shards, chunk_size, on_shard
         self.received: dict[int, dict[int, FinishedChunk]] = {}  # chunks of shards still incomplete
         self.done: set[int] = set()  # shards handed on
         self.futures: list[Future] = []
@@ -36,7 +38,7 @@ class ShardGatherer:
             return False
         parts = self.received.setdefault(shard, {})
         parts[index] = chunk
-        if len(parts) == self.shards[shard]["chunks"]:
+        if len(parts) == self.shards[shard].chunk_count(self.chunk_size):
             del self.received[shard]
             self.done.add(shard)
             future = self.pool.submit(self.on_shard, self.shards[shard], [parts[i] for i in range(len(parts))])
@@ -51,7 +53,7 @@ class ShardGatherer:
                 raise future.exception()
         self.running = [f for f in self.running if not f.done()]
 
-    def results(self) -> list[dict]:
+    def results(self) -> list[Result]:
         """Wait for every handed-on shard -> on_shard's results; the first failure is raised."""
         incomplete = [s for s in self.shards if s not in self.done]
         if incomplete:

@@ -18,8 +18,7 @@ inputs, and the tests, which so exercise the real wiring without a Ray start).
 from __future__ import annotations
 
 import logging
-import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from jobs.logs import native_stderr_filter, ray_logging_level
 from jobs.pipeline.actors import ModelActor
@@ -30,6 +29,7 @@ from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.prepare import prepare_chunk
 from jobs.pipeline.progress import Progress
 from jobs.pipeline.session import plan_actors, ray_session
+from jobs.pipeline.shards import Shard
 
 # Decoded chunks are large; the reservation also keeps Ray Data from fusing the CPU stage
 # into the actor, where JPEG decoding would stall the model.
@@ -39,37 +39,34 @@ FINISH_TASK_CPUS = 0.5
 ACTOR_CONCURRENT_CALLS = 2
 
 logger = logging.getLogger(__name__)
-OnShard = Callable[[dict, list[FinishedChunk]], dict]
+Result = TypeVar("Result")
 
 
-def plan_chunks(shards: list[dict], chunk_size: int) -> list[dict]:
-    """Shards ({"shard", "urls", "previous"}) -> chunks ({"shard", "chunk", "urls", "previous",
-    "sources"}) of at most chunk_size images, in URL order; sets each shard's "chunks" (its
-    count). `sources` (reading URLs that hold credentials, see listing.credential_free) go
-    only to the chunks of their images."""
+def plan_chunks(shards: list[Shard], chunk_size: int) -> list[dict]:
+    """Shards -> chunks ({"shard", "chunk", "urls", "previous", "sources"}) of at most
+    chunk_size images (Shard.chunk_count of them), in URL order. `sources` (reading URLs
+    that hold credentials, see listing.credential_free) go only to the chunks of their images."""
     chunks = []
     for shard in shards:
-        urls, sources = list(shard["urls"]), shard.get("sources") or {}
-        shard["chunks"] = max(1, math.ceil(len(urls) / chunk_size))
-        for index in range(shard["chunks"]):
-            part = urls[index * chunk_size : (index + 1) * chunk_size]
-            chunks.append({"shard": shard["shard"], "chunk": index, "urls": part,
-                           "previous": list(shard.get("previous") or []),
-                           "sources": {u: sources[u] for u in part if u in sources}})
+        for index in range(shard.chunk_count(chunk_size)):
+            part = list(shard.urls[index * chunk_size : (index + 1) * chunk_size])
+            chunks.append({"shard": shard.shard, "chunk": index, "urls": part, "previous": list(shard.previous),
+                           "sources": {u: shard.sources[u] for u in part if u in shard.sources}})
     return chunks
 
 
 def run_pipeline(
-    job: PreparedJob, actor: type[ModelActor], shards: list[dict], on_shard: OnShard,
-    on_progress: Callable[[int], None] | None = None,
-) -> list[dict]:
+    job: PreparedJob, actor: type[ModelActor], shards: list[Shard],
+    on_shard: Callable[[Shard, list[FinishedChunk]], Result], on_progress: Callable[[int], None] | None = None,
+) -> list[Result]:
     """Run every shard through the stages; on_shard(shard, its chunks in order) once per
     shard, on_progress(images) once per chunk as it reaches the driver -> on_shard's results."""
-    chunks = plan_chunks(shards, job.spec.speed.images_per_chunk())
-    by_id = {s["shard"]: s for s in shards}
+    chunk_size = job.spec.speed.images_per_chunk()
+    chunks = plan_chunks(shards, chunk_size)
+    by_id = {s.shard: s for s in shards}
     stream = local_stream if job.spec.runner == "local" else ray_stream
-    with ShardGatherer(by_id, on_shard) as gatherer, Progress(
-        sum(len(s["urls"]) for s in shards), job.spec.command, job.spec.progress_interval
+    with ShardGatherer(by_id, chunk_size, on_shard) as gatherer, Progress(
+        sum(len(s.urls) for s in shards), job.spec.command, job.spec.progress_interval
     ) as bar:
         for row in stream(job, actor, chunks):
             finished = FinishedChunk.from_row(row)

@@ -112,7 +112,7 @@ def test_plan_reruns_changed_shards_and_supersedes_their_old_files():
     committed = {0: {commit.urls_digest(["a.jpg"]): "out/part-00000-old.parquet"}}
     urls = ["a.jpg", "b.jpg"]
     plan = commit.plan_shards(urls, 1, committed)
-    assert [s["urls"] for s in plan.to_run] == [["a.jpg", "b.jpg"]]
+    assert [s.urls for s in plan.to_run] == [("a.jpg", "b.jpg")]
     assert plan.superseded == ["out/part-00000-old.parquet"] and plan.up_to_date == 0
     current = {0: {commit.urls_digest(urls): "out/part-00000-new.parquet", "aaaaaaaaaaaa": "out/stale.parquet"}}
     plan = commit.plan_shards(urls, 1, current)

@@ -26,6 +26,7 @@ from jobs.pipeline.finish import finish_chunk
 from jobs.pipeline.gather import ShardGatherer
 from jobs.pipeline.payload import FinishedChunk, unpack_results
 from jobs.pipeline.run import plan_chunks
+from jobs.pipeline.shards import Shard
 from jobs.pipeline.prepare import prepare_chunk
 from jobs.commands.segment import run_segment
 from jobs.pipeline.job import PreparedJob
@@ -79,18 +80,18 @@ def images(perseg_sample, tmp_path_factory) -> Path:
 
 
 def test_chunks_never_span_shards_and_keep_url_order():
-    shards = [{"shard": 3, "urls": [f"u{i}" for i in range(5)], "previous": ["p"]}, {"shard": 7, "urls": ["v"]}]
+    shards = [Shard(3, tuple(f"u{i}" for i in range(5)), previous_by_partition={"cat": ("p",)}), Shard(7, ("v",))]
     chunks = plan_chunks(shards, 2)
     assert [(c["shard"], c["chunk"], c["urls"]) for c in chunks] == [
         (3, 0, ["u0", "u1"]), (3, 1, ["u2", "u3"]), (3, 2, ["u4"]), (7, 0, ["v"])]
-    assert [s["chunks"] for s in shards] == [3, 1]
+    assert [s.chunk_count(2) for s in shards] == [3, 1]
     assert all(c["previous"] == ["p"] for c in chunks[:3]) and chunks[3]["previous"] == []
 
 
 def test_a_shard_is_handed_on_once_after_its_last_chunk_and_duplicates_are_dropped():
     handed = []
-    shards = {0: {"shard": 0, "chunks": 3}, 1: {"shard": 1, "chunks": 1}}
-    with ShardGatherer(shards, lambda shard, chunks: handed.append((shard["shard"], [c.chunk for c in chunks]))) as gather:
+    shards = {0: Shard(0, ("a", "b", "c")), 1: Shard(1, ("d",))}  # 3 chunks and 1 of one image each
+    with ShardGatherer(shards, 1, lambda shard, chunks: handed.append((shard.shard, [c.chunk for c in chunks]))) as gather:
         arrivals = [(0, 2), (1, 0), (0, 0), (0, 2), (1, 0), (0, 1), (0, 1), (0, 0)]  # retried tasks deliver twice
         fresh = [gather.add(FinishedChunk(s, c, 1, b"")) for s, c in arrivals]
         gather.results()
@@ -99,7 +100,7 @@ def test_a_shard_is_handed_on_once_after_its_last_chunk_and_duplicates_are_dropp
 
 
 def test_a_shard_missing_a_chunk_is_an_error_not_a_silent_gap():
-    with ShardGatherer({0: {"shard": 0, "chunks": 2}}, lambda shard, chunks: None) as gather:
+    with ShardGatherer({0: Shard(0, ("a", "b"))}, 1, lambda shard, chunks: None) as gather:
         gather.add(FinishedChunk(0, 0, 1, b""))
         with pytest.raises(RuntimeError, match="did not receive all their chunks"):
             gather.results()
@@ -109,7 +110,7 @@ def test_a_failed_commit_stops_the_job():
     def broken(shard, chunks):
         raise OSError("output: disk full")
 
-    with ShardGatherer({0: {"shard": 0, "chunks": 1}, 1: {"shard": 1, "chunks": 1}}, broken) as gather:
+    with ShardGatherer({0: Shard(0, ("a",)), 1: Shard(1, ("b",))}, 1, broken) as gather:
         gather.add(FinishedChunk(0, 0, 1, b""))
         gather.pool.shutdown(wait=True)  # let the commit fail
         with pytest.raises(OSError, match="disk full"):
