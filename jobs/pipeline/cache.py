@@ -10,15 +10,13 @@ created; jobs created with a cache adopt that count, so a job shard's images sit
 cache shard. Each chunk of a job that encoded new images adds its own file (see `store`:
 the chunks of one shard run in parallel, and a read-merge-write of one shared file would
 lose entries), with one row group per entry and the entries' hashes in the footer, so a
-chunk reads a footer per file and then only the row groups of its own images. Legacy
-`shard-<shard>.parquet` files (one per shard, read-merge-written) are still read. Files
+chunk reads a footer per file and then only the row groups of its own images. Files
 only gain entries (jobs never evict each other's); delete the folder to reclaim space.
 Rows: `content_sha256`, `input_h/w`, `original_h/w`, `dtype`, `features`
 (raw bytes of [256, 64, 64]) and `features_sha1` (checked on read: a corrupt entry is
 recomputed and reported, never trusted); for SAM 2 also `high_res` (its decoder's two
 high-resolution levels, [32, 256, 256] then [64, 128, 128], raw bytes back to back) and
-`high_res_sha1`, checked the same way (null for SAM; files written before SAM 2 lack the two
-columns and read as SAM's). fp16 halves the size: SAM 2 MiB per image against 4 MiB for fp32,
+`high_res_sha1`, checked the same way (null for SAM). fp16 halves the size: SAM 2 MiB per image against 4 MiB for fp32,
 SAM 2 8 MiB against 16 MiB; its accuracy cost against fp32 is measured in the README.
 """
 
@@ -119,12 +117,9 @@ class FeatureCache:
         return self.num_shards
 
     def shard_files(self, shard: int) -> list[str]:
-        """Every file of cache shard `shard`: the chunk files and the legacy single file."""
-        prefix = f"{self.root}/shard-{shard:05d}"
+        """Every file of cache shard `shard` (one per chunk that stored entries)."""
         try:
-            found = self.fs.glob(f"{prefix}-*.parquet")
-            if self.fs.exists(f"{prefix}.parquet"):
-                found.append(f"{prefix}.parquet")
+            found = self.fs.glob(f"{self.root}/shard-{shard:05d}-*.parquet")
         except FileNotFoundError:
             return []
         return sorted(found)
@@ -136,14 +131,13 @@ class FeatureCache:
 
     def _read_file(self, path: str, wanted: set[str] | None) -> list[dict]:
         """The rows of `path` whose content_sha256 is wanted (all when None), reading only
-        their row groups: the footer's index (or, in legacy files, the hash column) says where."""
+        their row groups: the footer's index says where (a file without one is not ours: unreadable)."""
         with self.fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             index = (parquet.schema_arrow.metadata or {}).get(INDEX_KEY)
-            if index is not None:
-                hashes = index.decode().split("\n") if index else []
-            else:
-                hashes = parquet.read(columns=[CONTENT_SHA256]).column(CONTENT_SHA256).to_pylist()
+            if index is None:
+                raise ValueError("no index of its entries")
+            hashes = index.decode().split("\n") if index else []
             group_of_row = [g for g in range(parquet.num_row_groups) for _ in range(parquet.metadata.row_group(g).num_rows)]
             if len(group_of_row) != len(hashes):
                 raise ValueError("index does not match the row groups")

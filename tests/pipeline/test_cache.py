@@ -1,5 +1,5 @@
 """The embedding cache at unit level: stored and loaded features, dtypes, corrupt entries,
-per-chunk files and the legacy layout (the cache inside whole jobs: commands/test_cache_and_rank_jobs.py)."""
+per-chunk files (the cache inside whole jobs: commands/test_cache_and_rank_jobs.py)."""
 
 from __future__ import annotations
 
@@ -77,10 +77,12 @@ def test_corrupt_entries_and_files_are_reported_not_trusted(fp0, unit, tmp_path)
     cache = FeatureCache(str(tmp_path), fp0, "fp16", num_shards=1)
     cache.store(unit.features)
     [path] = [Path(p) for p in cache.shard_files(0)]
-    table = pq.read_table(path).to_pylist()
+    stored = pq.read_table(path)
+    table = stored.to_pylist()
     table[0]["features"] = table[0]["features"][:-2]  # truncated blob
     table[1]["dtype"] = "int8"  # unknown dtype
-    pq.write_table(pa.Table.from_pylist(table, schema=CACHE_SCHEMA), path)
+    tampered = pa.Table.from_pylist(table, schema=CACHE_SCHEMA).replace_schema_metadata(stored.schema.metadata)
+    pq.write_table(tampered, path, row_group_size=1)  # as the cache writes: the footer's index kept
     entries, problems = cache.load(["any"])
     assert set(entries) == {table[2]["content_sha256"]} and len(problems) == 2
     assert all("corrupt" in p for p in problems)
@@ -108,18 +110,15 @@ def test_chunks_of_one_shard_store_side_by_side_and_load_what_they_need(fp0, uni
     assert entries[wanted].features.dtype == np.float16 and entries[wanted].features.shape == (256, 64, 64)
 
 
-def test_a_legacy_single_file_shard_is_still_read(fp0, unit, tmp_path):
+def test_a_cache_file_without_its_index_is_reported_and_recomputed(fp0, unit, tmp_path):
+    """persam writes the entries' hashes into every cache file's footer: a file without them
+    is not one of ours (nothing is read from it as features)."""
     cache = FeatureCache(str(tmp_path), fp0, "fp32", num_shards=1)
     cache.store(unit.features)
     [path] = cache.shard_files(0)
-    legacy = Path(path).with_name("shard-00000.parquet")  # the layout before per-chunk files
-    pq.write_table(pq.read_table(path).replace_schema_metadata(None), legacy)
-    Path(path).unlink()
-    assert cache.shard_files(0) == [str(legacy)]
+    pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
     entries, problems = cache.load(["any"], {sha for sha, _ in unit.features.values()})
-    assert problems == [] and len(entries) == len(unit.features)
-    for sha, entry in unit.features.values():
-        assert np.array_equal(entries[sha].features, entry.features)
+    assert entries == {} and len(problems) == 1 and "unreadable" in problems[0] and "recomputed" in problems[0]
 
 
 def test_check_writable_refuses_a_path_under_a_file(fp0, tmp_path):
