@@ -107,14 +107,16 @@ def other_weights(lake, warm, fp0):
 def corrupted(lake, other_weights, fp0):
     """Flip one byte inside b.jpg's feature blob (its checksum left as it was), then rerun."""
     [path] = cache_files(lake, fp0)  # the cold run's one chunk
-    entries = pq.read_table(path).to_pylist()
+    stored = pq.read_table(path)
+    entries = stored.to_pylist()
     victim = hashlib.sha256((lake.images / "b.jpg").read_bytes()).hexdigest()
     for entry in entries:
         if entry["content_sha256"] == victim:
             blob = bytearray(entry["features"])
             blob[len(blob) // 2] ^= 0xFF
             entry["features"] = bytes(blob)
-    pq.write_table(pa.Table.from_pylist(entries, schema=CACHE_SCHEMA), path, compression="none")
+    tampered = pa.Table.from_pylist(entries, schema=CACHE_SCHEMA).replace_schema_metadata(stored.schema.metadata)
+    pq.write_table(tampered, path, compression="none", row_group_size=1)  # as the cache writes: its index kept
     result = segment(lake, lake.root / "out4")
     return SimpleNamespace(result=result, rows=pq.read_table(lake.root / "out4").to_pylist(), victim=victim)
 

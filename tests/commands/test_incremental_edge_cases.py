@@ -142,9 +142,11 @@ def test_rank_reports_a_corrupt_cache_entry(perseg_sample, concept, tiny_sam, tm
     save_small(perseg_sample, "duck_toy/01", images / "b.jpg")
     ok(rank(concept, images, tmp_path / "r1", "--cache", cache))
     [path] = FeatureCache(cache, model_fingerprint(tiny_sam, "tiny"), num_shards=1).shard_files(0)
-    entries = pq.read_table(path).to_pylist()
+    stored = pq.read_table(path)
+    entries = stored.to_pylist()
     entries[0]["features"] = entries[0]["features"][:100] + b"\x00" * 8 + entries[0]["features"][108:]
-    pq.write_table(pa.Table.from_pylist(entries, schema=CACHE_SCHEMA), path)
+    tampered = pa.Table.from_pylist(entries, schema=CACHE_SCHEMA).replace_schema_metadata(stored.schema.metadata)
+    pq.write_table(tampered, path, row_group_size=1)  # as the cache writes: its index kept
     result = rank(concept, images, tmp_path / "r2", "--cache", cache)
     assert "1 encoded, 1 from cache" in ok(result)
     assert any(line.startswith("cache:") and "corrupt" in line for line in result.out.splitlines()), result.out
