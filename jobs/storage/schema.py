@@ -160,7 +160,12 @@ def read_parts(paths: Sequence[str], storage_options: dict | None = None,
 
 def read_part(path: str, storage_options: dict | None = None, columns: Sequence[str] | None = None) -> pa.Table | None:
     """One part file's rows (see read_parts), the concept column restored from a partition's
-    folder name; None when it is unreadable or not ours."""
+    folder name; None when it is unreadable or not ours. A table's shard ref (iceberg_table.py)
+    is read from its table."""
+    if path.startswith("iceberg://"):
+        from jobs.storage.iceberg_table import read_ref
+
+        return read_ref(path, columns)
     concept = partition_concept(path)
     fs, root = url_to_fs(path, **(storage_options or {}))
     try:
