@@ -114,16 +114,23 @@ class TableOutput:
         record = self.check(record)
 
         def opened():
-            table = self._load() or create_table(self.catalog, self.name, {JOB_PROPERTY: record.to_json()})
-            missing = {CONCEPT_PROPERTY + c: record.concept_json(c) for c in record.concepts
-                       if CONCEPT_PROPERTY + c not in table.properties}
-            if any(table.properties.get(k) != v for k, v in NO_BLIND_RETRY.items()):
-                missing.update(NO_BLIND_RETRY)
-            if missing:
-                with table.transaction() as transaction:
-                    transaction.set_properties(missing)
-                table = self._load()
-            return table
+            from pyiceberg.exceptions import CommitFailedException
+
+            for tries in range(MAX_TRIES):
+                table = self._load() or create_table(self.catalog, self.name, {JOB_PROPERTY: record.to_json()})
+                missing = {CONCEPT_PROPERTY + c: record.concept_json(c) for c in record.concepts
+                           if CONCEPT_PROPERTY + c not in table.properties}
+                if any(table.properties.get(k) != v for k, v in NO_BLIND_RETRY.items()):
+                    missing.update(NO_BLIND_RETRY)
+                if not missing:
+                    return table
+                try:
+                    with table.transaction() as transaction:
+                        transaction.set_properties(missing)
+                except CommitFailedException:  # another run recorded first: read its records back
+                    time.sleep(random.uniform(0.01, 0.05) * (tries + 1))
+            raise OutputError(f"{self.shown}: its records could not be written ({MAX_TRIES} commit races lost); "
+                              "rerun the job")
 
         table = self._guarded(opened)
         stored = self._stored(table.properties, record.concepts)  # read back: another run may have written first

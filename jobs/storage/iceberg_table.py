@@ -83,6 +83,15 @@ def catalog_secrets(properties: dict) -> set[str]:
     return secrets_in(properties.values()) | secrets_in(hidden, every_string=True)
 
 
+def _twice(opening):
+    """A SQL catalog creates its own tables when it first opens: two runs opening a new one at
+    once race to create them, and the loser's error says only that they exist now."""
+    try:
+        return opening()
+    except Exception:
+        return opening()
+
+
 def open_catalog(name: str | None):
     """The catalog `name` of pyiceberg's configuration, or the embedded default (None)."""
     from pyiceberg.catalog import load_catalog
@@ -91,11 +100,11 @@ def open_catalog(name: str | None):
     if name is None:
         folder = cache_dir() / "iceberg"
         (folder / "warehouse").mkdir(parents=True, exist_ok=True)
-        return SqlCatalog("persam", uri=f"sqlite:///{folder / 'catalog.db'}",
-                          warehouse=(folder / "warehouse").as_uri())
+        return _twice(lambda: SqlCatalog("persam", uri=f"sqlite:///{folder / 'catalog.db'}",
+                                         warehouse=(folder / "warehouse").as_uri()))
     properties = _catalog_properties(name)
     try:
-        return load_catalog(name, **properties)
+        return _twice(lambda: load_catalog(name, **properties))
     except Exception as error:  # a missing URI, an unknown type, an unreachable service
         reason = scrub(str(error).splitlines()[0] if str(error) else "", catalog_secrets(properties))
         raise OutputError(f"--catalog {name}: cannot open the catalog ({type(error).__name__}: {reason}); configure "
@@ -116,18 +125,21 @@ def load_table(catalog, name: str):
 def create_table(catalog, name: str, properties: dict[str, str]):
     """Create the table (and its namespace) with `properties` set at creation, create-only:
     of two runs creating it at once one does, the other loads it -> the table."""
-    from pyiceberg.exceptions import TableAlreadyExistsError
-
     namespace, _ = check_table_name(name)
-    catalog.create_namespace_if_not_exists(namespace)
+    try:
+        catalog.create_namespace_if_not_exists(namespace)
+    except Exception:  # another run created it between the look and the insert (SQL: an IntegrityError)
+        if not catalog.namespace_exists(namespace):
+            raise
     try:
         transaction = catalog.create_table_transaction(name, schema=MASK_SCHEMA,
                                                        properties={**NO_BLIND_RETRY, **properties})
         with transaction.update_spec() as spec:
             spec.add_identity(CONCEPT)  # one partition per concept, as the folder output's concept=<name>/
         transaction.commit_transaction()
-    except TableAlreadyExistsError:
-        pass
+    except Exception:  # TableAlreadyExistsError, or the catalog's own kind of it under a race
+        if load_table(catalog, name) is None:
+            raise
     return catalog.load_table(name)
 
 
