@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import Callable, Iterator, Sequence
 
+from jobs.exports.rows import ExportError
 from jobs.pipeline.output import mask_output
 from jobs.storage.schema import CONCEPT, ERROR, IMAGE_URI, INSTANCE
 
@@ -26,7 +27,8 @@ class TableMaskDataset:
     def __init__(self, table: str, catalog: str | None = None, log: Log | None = print):
         self.output = mask_output(None, table, catalog)
         self.shown, self.log, self.skipped = self.output.shown, log, {}
-        self.output.read_record()  # a missing table or another tool's: one line, before any export file
+        if self.output.read_record() is None:  # another tool's table is refused by read_record itself
+            raise ExportError(f"{self.shown}: no such table; pass the --table (and --catalog) of `persam segment`")
 
     def shards(self, columns: Sequence[str] | None = None) -> Iterator[list[dict]]:
         wanted = None if columns is None else {*columns, IMAGE_URI, CONCEPT, ERROR}
