@@ -38,7 +38,7 @@ from jobs.storage.redaction import scrub, secrets_in
 from jobs.storage.schema import CONCEPT, IMAGE_URI, MASK_SCHEMA, partition_folder
 from jobs.storage.sharding import shard_of
 
-REF_SCHEME = "iceberg://"  # (schema.read_part knows it too: it hands such refs here)
+REF_SCHEME = "iceberg://"  # (schema.REF_READERS hands refs of this scheme to read_ref)
 # Identifiers every engine (Spark, Trino, DuckDB, Athena) takes unquoted: NAMESPACE[.SUB].TABLE
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 JOB_PROPERTY = "persam.job"  # the job record (job_record.JobRecord.to_json)
