@@ -106,4 +106,5 @@ def dry_run_rank(spec: JobSpec, concept: Concept, urls: list[str], num_shards: i
 
 def dry_run_eval(spec: JobSpec, what: str, log: Log) -> None:
     log(f"dry run: {describe_model(spec)}")
-    log(f"dry run: {what}; method {spec.method}, output {redact(spec.output)}; nothing loaded or written")
+    masks = f", masks into {output_of(spec).shown}" if spec.table else ""
+    log(f"dry run: {what}; method {spec.method}, output {redact(spec.output)}{masks}; nothing loaded or written")

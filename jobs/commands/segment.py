@@ -3,7 +3,9 @@
 Committed shards are skipped on a rerun; shards whose images changed are recomputed,
 carrying over the rows of their unchanged images (see commit.py for the protocol). The
 output has one partition per concept: a concept added to an existing output is computed
-alone, and a shard that several concepts lack is encoded once for all of them.
+alone, and a shard that several concepts lack is encoded once for all of them. The output is
+a folder or an Apache Iceberg table (--table): the command asks pipeline/output.py's seam,
+never a layout.
 """
 
 from __future__ import annotations

@@ -158,3 +158,48 @@ def test_the_flag_errors(job, lake):
     with pytest.raises(SystemExit) as usage:
         run_cli(["export", "coco", "--output", str(lake / "x.json")])
     assert usage.value.code == 2
+
+
+@pytest.mark.slow
+def test_unchanged_images_of_a_changed_shard_are_carried_from_the_table(job, lake):
+    """The pipeline's own readers of a shard's previous rows (prepare's unchanged images, the
+    committer's carried rows) read them from the table."""
+    from input_tools import scene_bytes
+    from jobs.storage.sharding import shard_of
+
+    images = lake / "images"
+    paths = write_scenes(images, [f"{i}.jpg" for i in range(4)])
+    where = ("--table", "masks.carry", "--catalog", "lake")
+    assert run_cli(["segment", *MODEL, *LOCAL, "--concept", str(job[1]), "--input", str(images), "--shard-size", "2",
+                    *where]).rc == 0
+    shards = Counter(shard_of(str(p), 2) for p in paths)
+    changed = next(p for p in paths if shards[shard_of(str(p), 2)] > 1)
+    changed.write_bytes(scene_bytes(99))
+    result = run_cli(["segment", *MODEL, *LOCAL, "--concept", str(job[1]), "--input", str(images), "--shard-size",
+                      "2", *where])
+    assert result.rc == 0, result.err
+    carried = shards[shard_of(str(changed), 2)] - 1
+    assert f"1 encoded, 0 from cache, {carried} unchanged" in result.out, result.out
+    rows = read_rows(table="masks.carry", catalog="lake")
+    assert _keys(rows) == Counter((str(p), "thing", 0) for p in paths)
+
+
+@pytest.mark.slow
+def test_rank_into_a_table_replaces_it_whole(job, lake):
+    from jobs.storage.schema import RANK, RANKING_SCHEMA
+
+    images, concept = job
+    rank = ["rank", *MODEL, *LOCAL, "--concept", str(concept), "--input", str(images), "--top-k", "2",
+            "--table", "rankings.thing", "--catalog", "lake"]
+    dry = run_cli([*rank, "--dry-run"])
+    assert dry.rc == 0 and "output table rankings.thing (catalog lake) (replaced whole)" in dry.out
+    for _ in range(2):
+        result = run_cli(rank)
+        assert result.rc == 0, result.err
+        assert "-> table rankings.thing (catalog lake)" in result.out
+    table = open_catalog("lake").load_table("rankings.thing")
+    ranking = table.scan().to_arrow()
+    assert ranking.num_rows == 4 and sorted(ranking.column(RANK).to_pylist()) == [1, 2, 3, 4]
+    assert ranking.schema.names == RANKING_SCHEMA.names
+    masks = _segment(job, "--table", "rankings.thing", "--catalog", "lake")  # not a masks table
+    assert masks.rc == 3 and "holds no persam job record" in masks.err

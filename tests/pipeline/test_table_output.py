@@ -338,3 +338,20 @@ def test_a_bad_table_name_is_one_line(name):
     with pytest.raises(OutputError, match="give NAMESPACE.TABLE"):
         mask_output(None, name)
 
+
+
+def test_an_emptied_shard_loses_its_rows(scene, fake_model):
+    """Every image of one shard deleted: the shard is not rerun, its rows go (output.remove)."""
+    images, concepts = scene
+    run_segment(_spec(concepts, images), log=lambda line: None)
+    count = json.loads(_pyiceberg_table().properties[JOB_PROPERTY])["num_shards"]
+    by_shard: dict[int, list[Path]] = {}
+    for path in sorted(images.iterdir()):
+        by_shard.setdefault(shard_of(str(path), count), []).append(path)
+    emptied, gone = next((s, paths) for s, paths in sorted(by_shard.items()) if len(by_shard) > 1)
+    for path in gone:
+        path.unlink()
+    summary = run_segment(_spec(concepts, images), log=lambda line: None)
+    assert summary.shards_run == 0 and summary.removed == len(gone)
+    assert _keys() == _expected(images)
+    assert not any(k.endswith(f".{emptied:05d}") for k in _pyiceberg_table().properties if k.startswith(SHARD_PROPERTY))
