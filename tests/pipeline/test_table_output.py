@@ -159,6 +159,36 @@ def test_a_kill_at_every_commit_then_a_rerun_ends_exactly_once(scene, fake_model
         assert step > (2 if change else 3)
 
 
+@pytest.mark.parametrize("after", [False, True])
+def test_killed_after_some_shards_on_a_catalog_of_the_environment(scene, fake_model, tmp_path, monkeypatch, after):
+    """The catalog `lake` configured as pyiceberg's users do; killed at its third commit."""
+    monkeypatch.setenv("PYICEBERG_CATALOG__LAKE__TYPE", "sql")
+    monkeypatch.setenv("PYICEBERG_CATALOG__LAKE__URI", f"sqlite:///{tmp_path}/catalog.db")
+    monkeypatch.setenv("PYICEBERG_CATALOG__LAKE__WAREHOUSE", f"file://{tmp_path}/warehouse")
+    images, concepts = scene
+    calls = Counter()
+    real = Transaction.commit_transaction
+
+    def dying(self):
+        calls["n"] += 1
+        if calls["n"] == 3 and not after:
+            raise Killed
+        result = real(self)
+        if calls["n"] == 3:
+            raise Killed
+        return result
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(Transaction, "commit_transaction", dying)
+        run_segment(_spec(concepts, images, catalog="lake"), log=lambda line: None)
+    seen = _keys(TABLE, "lake")
+    assert seen and max(seen.values()) == 1 and seen != _expected(images)  # some shards committed, once
+    summary = run_segment(_spec(concepts, images, catalog="lake"), log=lambda line: None)
+    assert sum(c["shards_skipped"] for c in summary.per_concept.values()) >= 1  # committed ones not redone
+    assert _keys(TABLE, "lake") == _expected(images)
+    assert list((tmp_path / "warehouse").rglob("*.parquet"))
+
+
 def test_a_rerun_skips_a_second_concept_adds_a_partition(scene, fake_model):
     images, concepts = scene
     first = run_segment(_spec(concepts[:1], images), log=lambda line: None)
