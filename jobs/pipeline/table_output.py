@@ -163,7 +163,10 @@ class TableOutput:
         key, summary = shard_key(partition, shard), _summary(partition, shard, digest, metadata)
 
         def attempt(table) -> None:
-            old = set(shard_rows(table, partition, shard, [IMAGE_URI]).column(IMAGE_URI).to_pylist())
+            # a shard never committed has no rows (its rows and its digest are committed together),
+            # so only a recomputed one reads its partition's URLs to find its old rows
+            old = set() if key not in table.properties else set(
+                shard_rows(table, partition, shard, [IMAGE_URI]).column(IMAGE_URI).to_pylist())
             transaction = table.transaction()
             if old:
                 transaction.delete(And(EqualTo(CONCEPT, partition), In(IMAGE_URI, sorted(old))), snapshot_properties=summary)
