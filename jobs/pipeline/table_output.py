@@ -102,11 +102,17 @@ class TableOutput:
         """The checks `open` makes, read only (every run before work, and --dry-run)."""
         check_concept_names(self.shown, record.concepts)
         stored = self.read_record(record.concepts)
-        if stored is None:
-            return record
-        record = agreed(self.shown, stored, record)
-        for concept, concept_record in stored["concepts"].items():
-            check_concept_record(self.shown, concept, concept_record, record)
+        return record if stored is None else self._agreed(stored, record)
+
+    def _agreed(self, stored: dict, record: JobRecord) -> JobRecord:
+        """job_record's checks of a stored job against this run's, as for a folder; its advice
+        names the flag of a table."""
+        try:
+            record = agreed(self.shown, stored, record)
+            for concept, concept_record in stored["concepts"].items():
+                check_concept_record(self.shown, concept, concept_record, record)
+        except OutputError as error:
+            raise OutputError(str(error).replace("--output", "--table")) from None
         return record
 
     def open(self, record: JobRecord, log: Log | None = None) -> tuple[JobRecord, dict[str, Committed]]:
@@ -134,9 +140,7 @@ class TableOutput:
 
         table = self._guarded(opened)
         stored = self._stored(table.properties, record.concepts)  # read back: another run may have written first
-        record = agreed(self.shown, stored, record)
-        for concept, concept_record in stored["concepts"].items():
-            check_concept_record(self.shown, concept, concept_record, record)
+        record = self._agreed(stored, record)
         return record, committed_shards(table.properties, self.catalog_name, self.name, record.concepts)
 
     def read_only(self, concepts: Sequence[str]) -> tuple[dict | None, dict[str, Committed]]:
