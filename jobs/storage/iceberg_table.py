@@ -28,11 +28,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
 
-from jobs.storage.checkpoints import cache_dir
 from jobs.storage.outputs import OutputError
 from jobs.storage.redaction import scrub, secrets_in
 from jobs.storage.schema import CONCEPT, IMAGE_URI, MASK_SCHEMA, partition_folder
@@ -51,9 +51,11 @@ EMBEDDED = "embedded"  # how messages name the default catalog
 _SECRET_KEYS = ("secret", "password", "token", "credential", "key")
 
 
-def embedded_location() -> str:
+def embedded_location() -> Path:
     """The embedded default catalog's folder: PERSAM_CACHE/iceberg."""
-    return str(cache_dir() / "iceberg")
+    from jobs.storage.checkpoints import cache_dir  # (here: the module loads the model registry, torch)
+
+    return cache_dir() / "iceberg"
 
 
 def shown_table(name: str, catalog: str | None) -> str:
@@ -98,7 +100,7 @@ def open_catalog(name: str | None):
     from pyiceberg.catalog.sql import SqlCatalog
 
     if name is None:
-        folder = cache_dir() / "iceberg"
+        folder = embedded_location()
         (folder / "warehouse").mkdir(parents=True, exist_ok=True)
         return _twice(lambda: SqlCatalog("persam", uri=f"sqlite:///{folder / 'catalog.db'}",
                                          warehouse=(folder / "warehouse").as_uri()))

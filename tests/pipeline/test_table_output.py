@@ -96,8 +96,12 @@ def fake_model(monkeypatch, tiny_fingerprint, tmp_path):
 
 @pytest.fixture
 def scene(tmp_path, tiny_fingerprint):
-    images = tmp_path / "images"
-    for index, name in enumerate(["a.png", "b.png", "c-two.png", "d.png", "e.png"]):
+    """Five images in --shard-size 2's three shards, spread over at least two of them (the hash
+    of a URL includes the temp path: the folder's name is picked)."""
+    names = ["a.png", "b.png", "c-two.png", "d.png", "e.png"]
+    images = next(tmp_path / f"images{i}" for i in range(100)
+                  if len({shard_of(str(tmp_path / f"images{i}" / n), 3) for n in names}) >= 2)
+    for index, name in enumerate(names):
         _image(images / name, index)
     return images, _concepts(tmp_path, tiny_fingerprint)
 
@@ -269,8 +273,8 @@ def test_two_racing_commits_of_one_shard_end_with_one_copy(scene, fake_model, mo
     output = mask_output(None, TABLE)
     rows = output.rows()
     count = json.loads(_pyiceberg_table().properties[JOB_PROPERTY])["num_shards"]
-    shard = rows.filter(pa.array([shard_of(u, count) == 0 for u in rows.column(IMAGE_URI).to_pylist()]))
-    assert shard.num_rows
+    number = shard_of(rows.column(IMAGE_URI)[0].as_py(), count)  # a shard holding rows
+    shard = rows.filter(pa.array([shard_of(u, count) == number for u in rows.column(IMAGE_URI).to_pylist()]))
     shard_rows = table_output.shard_rows
     # the same version twice (B finds it committed), then two versions (B's replaces A's)
     for theirs, digest in (("0123456789ab", "0123456789ab"), ("ba9876543210", "00000000000a")):
@@ -280,15 +284,15 @@ def test_two_racing_commits_of_one_shard_end_with_one_copy(scene, fake_model, mo
         def late(table, concept, shard_number, columns=None, raced=raced, theirs=theirs):
             if not raced:  # A commits between B's load and B's commit
                 raced.append(True)
-                racer.commit_shard(0, theirs, shard, "cat")
+                racer.commit_shard(number, theirs, shard, "cat")
             return shard_rows(table, concept, shard_number, columns)
 
         with monkeypatch.context() as patch:
             patch.setattr(table_output, "shard_rows", late)
-            output.commit_shard(0, digest, shard, "cat")
+            output.commit_shard(number, digest, shard, "cat")
         assert raced
         properties = _pyiceberg_table().properties
-        assert properties[f"{SHARD_PROPERTY}cat.00000"] == digest
+        assert properties[f"{SHARD_PROPERTY}cat.{number:05d}"] == digest
         keys = _keys()
         assert max(keys.values()) == 1 and sum(keys.values()) == rows.num_rows
 
