@@ -20,6 +20,9 @@ exactly as on a folder. What differs is how a shard is published:
   of two runs creating it, one does), each concept's record a property set when absent and
   read back; a different job, or a concept of the same name with other contents, is
   refused before any work, as on a folder (job_record.agreed / check_concept_record).
+  Catalogs cannot make a property create-only, so each shard commit checks the concept's
+  record again on the snapshot it builds on: of two runs that recorded two contents under
+  one name at the same instant, the later commit stops.
 
 Manifests of several waves (listing.MANIFEST_WAVE_IMAGES) number shards across waves;
 a table finds a shard's rows by the hash alone, so it takes one wave (the folder output
@@ -28,6 +31,7 @@ takes any number).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from typing import Callable, Sequence
@@ -35,7 +39,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from jobs.pipeline.job_record import (
-    BY_CONCEPT, CONCEPT_RECORD, JOB_RECORD, JobRecord, agreed, check_concept_names, check_concept_record,
+    BY_CONCEPT, CONCEPT_RECORD, JOB_RECORD, META_PREFIX, JobRecord, agreed, check_concept_names, check_concept_record,
     checked_record,
 )
 from jobs.storage.files import is_machine_failure
@@ -165,15 +169,18 @@ class TableOutput:
         from pyiceberg.expressions import And, EqualTo, In
 
         key, summary = shard_key(partition, shard), _summary(partition, shard, digest, metadata)
+        ours = json.loads((metadata or {}).get(f"{META_PREFIX}concept_digests", "{}")).get(partition)
 
         def attempt(table) -> None:
+            self._same_concept(table.properties, partition, ours)  # on the snapshot this commit builds on
             # a shard never committed has no rows (its rows and its digest are committed together),
             # so only a recomputed one reads its partition's URLs to find its old rows
             old = set() if key not in table.properties else set(
                 shard_rows(table, partition, shard, [IMAGE_URI]).column(IMAGE_URI).to_pylist())
             transaction = table.transaction()
             if old:
-                transaction.delete(And(EqualTo(CONCEPT, partition), In(IMAGE_URI, sorted(old))), snapshot_properties=summary)
+                transaction.delete(And(EqualTo(CONCEPT, partition), In(IMAGE_URI, sorted(old))),
+                                   snapshot_properties=summary)
             if rows.num_rows:
                 transaction.append(rows, snapshot_properties=summary)
             transaction.set_properties({key: digest})
@@ -181,6 +188,18 @@ class TableOutput:
 
         self._until_committed(lambda table: table.properties.get(key) == digest, attempt, f"shard {shard}")
         return self.ref(shard, digest, partition)
+
+    def _same_concept(self, properties: dict[str, str], concept: str, digest: str | None) -> None:
+        """The partition's record still names this run's concept: a run of another concept of
+        the same name that recorded it meanwhile wins, this one stops before mixing rows."""
+        text = properties.get(CONCEPT_PROPERTY + concept)
+        if digest is None or text is None:
+            return
+        stored = checked_record(f"{self.shown} property {CONCEPT_PROPERTY}{concept}", text, CONCEPT_RECORD)
+        if stored.get("digest") != digest:
+            raise OutputError(f"{self.shown}: concept {concept!r} there has other contents (digest "
+                              f"{stored.get('digest')}, given {digest}), recorded by another run meanwhile; give "
+                              "the re-fitted concept another name or use another --table")
 
     def remove(self, refs: list[str], log: Log | None = None) -> list[str]:
         """Delete the rows of superseded shards (no longer in the input); a shard already

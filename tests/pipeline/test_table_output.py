@@ -389,3 +389,20 @@ def test_an_emptied_shard_loses_its_rows(scene, fake_model):
     assert summary.shards_run == 0 and summary.removed == len(gone)
     assert _keys() == _expected(images)
     assert not any(k.endswith(f".{emptied:05d}") for k in _pyiceberg_table().properties if k.startswith(SHARD_PROPERTY))
+
+
+def test_a_concept_recorded_meanwhile_with_other_contents_stops_the_commit(scene, fake_model, tiny_fingerprint):
+    """Two runs of two contents under one name recorded at the same instant: each shard commit
+    checks the partition's record on the snapshot it builds on, so the later one stops."""
+    images, concepts = scene
+    run_segment(_spec(concepts[:1], images), log=lambda line: None)
+    output = mask_output(None, TABLE)
+    rows = output.rows()
+    table = _pyiceberg_table()
+    with table.transaction() as transaction:  # another run's record of `cat`, written over ours
+        record = json.loads(table.properties["persam.concept.cat"])
+        transaction.set_properties({"persam.concept.cat": json.dumps({**record, "digest": "0" * 12})})
+    ours = json.dumps({"cat": record["digest"]})
+    with pytest.raises(OutputError, match="recorded by another run meanwhile"):
+        output.commit_shard(0, "a" * 12, rows.slice(0, 1), "cat", {"persam.concept_digests": ours})
+    assert _keys() == Counter(_expected(images, ("cat",)))
