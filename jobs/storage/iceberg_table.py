@@ -239,7 +239,10 @@ def replace_whole(catalog_name: str | None, name: str, rows: pa.Table, propertie
         table = catalog.create_table_if_not_exists(name, schema=rows.schema, properties=properties)
         if JOB_PROPERTY in table.properties:
             raise OutputError(f"{shown}: holds the masks of `persam segment`; give the ranking another --table")
-        table.overwrite(rows, snapshot_properties=properties)
+        if table.current_snapshot() is None:  # (an overwrite of nothing warns that it deleted nothing)
+            table.append(rows, snapshot_properties=properties)
+        else:
+            table.overwrite(rows, snapshot_properties=properties)
     except OutputError:
         raise
     except Exception as error:  # the catalog's texts may quote its URI: the type only
