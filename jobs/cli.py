@@ -46,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from jobs.commands.export import run_export
 
-        logger.info(run_export(args.kind, args.masks, args.output, args.images, storage, args.image_root))
+        logger.info(run_export(args.kind, args.masks, args.output, args.images, storage, args.image_root,
+                               table=args.table, catalog=args.catalog))
         return EXIT_OK
     if args.command == "bench":
         return _bench(args)

@@ -137,11 +137,33 @@ def _add_job(parser: argparse.ArgumentParser) -> None:
     _add_progress(parser)
 
 
-def _add_concepts_and_io(parser: argparse.ArgumentParser, concept_help: str, input_help: str, output_help: str) -> None:
+def _add_catalog(parser: argparse.ArgumentParser) -> None:
+    """--catalog: the catalog of a --table, an Apache Iceberg table (docs/iceberg.md)."""
+    parser.add_argument("--catalog", default=None, metavar="NAME",
+                        help="the --table's catalog, as pyiceberg configures it (.pyiceberg.yaml or "
+                             "PYICEBERG_CATALOG__<NAME>__URI/__TYPE/__WAREHOUSE); default: an embedded SQLite "
+                             "catalog under PERSAM_CACHE/iceberg")
+
+
+def _add_table(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--table", default=None, metavar="NAMESPACE.TABLE",
+                        help=f"{what} an Apache Iceberg table of --catalog (created when missing)")
+    _add_catalog(parser)
+
+
+def _add_concepts_and_io(parser: argparse.ArgumentParser, concept_help: str, input_help: str, output_help: str,
+                         table: str | None = None) -> None:
+    """table: the help of --table where the output may be a table instead (one of the two is required)."""
     parser.add_argument("--concept", dest="concepts", metavar="CONCEPT", action="append", required=True,
                         help=concept_help)
     parser.add_argument("--input", required=True, help=input_help)
-    parser.add_argument("--output", required=True, help=output_help)
+    if table is None:
+        parser.add_argument("--output", required=True, help=output_help)
+        return
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", help=output_help)
+    where.add_argument("--table", default=None, metavar="NAMESPACE.TABLE", help=table)
+    _add_catalog(parser)
 
 
 def _add_fit(commands) -> None:
@@ -162,7 +184,8 @@ def _add_segment(commands) -> None:
     segment = commands.add_parser("segment", help="segment concepts in every image of --input (Ray Data job)")
     _add_model(segment)
     _add_concepts_and_io(segment, "concept file or directory (repeatable)", INPUT_HELP,
-                         "Parquet dataset directory (any fsspec URL)")
+                         "Parquet dataset directory (any fsspec URL)",
+                         "instead of --output: an Apache Iceberg table of --catalog (created when missing)")
     _add_job(segment)
     segment.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
                          help="images per committed Parquet shard of a new output")
@@ -179,7 +202,8 @@ def _add_rank(commands) -> None:
     rank = commands.add_parser("rank", help="rank every image of --input by the presence of one concept")
     _add_model(rank)
     _add_concepts_and_io(rank, "concept file written by `persam fit`", INPUT_HELP,
-                         "directory for ranking.parquet (any fsspec URL)")
+                         "directory for ranking.parquet (any fsspec URL)",
+                         "instead of --output: an Apache Iceberg table of --catalog for the ranking (replaced whole)")
     rank.add_argument("--top-k", type=int, default=JobSpec.top_k, help="images that also get a mask")
     _add_job(rank)
     rank.add_argument("--shard-size", type=int, default=JobSpec.shard_size,
@@ -192,7 +216,11 @@ def _add_export(commands) -> None:
     export = commands.add_parser("export", help="mask Parquet -> COCO, Label Studio, Hugging Face datasets, "
                                  "review gallery or subject crops")
     export.add_argument("kind", choices=tuple(EXPORTS), help="; ".join(f"{k.name}: {k.help}" for k in EXPORTS.values()))
-    export.add_argument("--masks", required=True, help="the --output of `persam segment`")
+    masks = export.add_mutually_exclusive_group(required=True)
+    masks.add_argument("--masks", help="the --output of `persam segment`")
+    masks.add_argument("--table", default=None, metavar="NAMESPACE.TABLE",
+                       help="instead of --masks: the --table of `persam segment`")
+    _add_catalog(export)
     files = ", ".join(k.name for k in EXPORTS.values() if k.file_name)
     export.add_argument("--output", required=True, help=f"JSON file ({files}) or folder (any fsspec URL)")
     export.add_argument("--images", default=None, help="where the images are now, if they moved")
@@ -209,6 +237,7 @@ def _add_eval(commands) -> None:
                           "FSS-1000 folder of class folders, or COCO 2014 root (annotations/, val2014/)")
     evaluate.add_argument("--output", required=True, help="directory for metrics.json, metrics.md and the masks")
     evaluate.add_argument("--method", choices=method_names(), default=JobSpec.method)
+    _add_table(evaluate, "the masks into (instead of <output>/masks):")
     evaluate.add_argument("--video", action="store_true", help="DAVIS 2017 layout: J, F and J&F")
     evaluate.add_argument("--epochs", type=int, default=None, help="PerSAM-F fit epochs (default 1000; video 800)")
     _add_job(evaluate)

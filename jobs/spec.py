@@ -83,6 +83,10 @@ class JobSpec:
     concepts: tuple[str, ...] = ()  # concept files or folders of them
     input: str | None = None
     output: str | None = None
+    # an Apache Iceberg table instead of --output (NAMESPACE.TABLE) and the pyiceberg catalog
+    # holding it (None: the embedded one under PERSAM_CACHE); pipeline/output.py
+    table: str | None = None
+    catalog: str | None = None
     num_actors: int | None = None  # None: one per GPU, else 1
     shard_size: int = DEFAULT_SHARD_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -141,6 +145,9 @@ class JobSpec:
         if not self.progress_interval > 0:
             raise ValueError(f"--progress-interval {self.progress_interval}: give seconds above 0")
         check_device(self.model.device)
+        if self.command == "eval" and self.table and (self.video or self.benchmark != "perseg"):
+            raise ValueError("--table: PerSeg's masks can go into a table; --video and few-shot benchmarks "
+                             "keep theirs under --output")
         if self.video and self.benchmark != "perseg":
             raise ValueError(f"--video is DAVIS 2017; it does not combine with --benchmark {self.benchmark}")
         for flag, value, allowed in (("--runner", self.runner, RUNNERS), ("--method", self.method, method_names()),

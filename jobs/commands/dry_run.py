@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from fsspec.core import url_to_fs
 from persam_core.concept import Concept
 from persam_core.methods.registry import needs_dinov2
 
 from jobs.pipeline import commit
-from jobs.pipeline.output_files import partition_root
-from jobs.pipeline.supersede import plan_recovery
+from jobs.pipeline.output import output_of
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import random_weights_note
 from jobs.storage.dinov2_checkpoints import random_dinov2_note
@@ -57,8 +55,8 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
         concept.require_models(None, (spec.model.dinov2, None) if dinov2 else None, f"--concept {concept.name}")
     log(f"dry run: {len(concepts)} concept(s): {describe_concepts(concepts)}")
     # (a run's refusals were raised before: segment.check_before_work, the very checks of a run)
-    record, committed = commit.read_output(spec.output, [c.name for c in concepts], spec.storage_options)
-    committed = _recovered(spec, committed)
+    output = output_of(spec)  # a folder (its killed runs' staged files as the run will settle them) or a table
+    record, committed = output.read_only([c.name for c in concepts])
     if not committed:  # a new output: every concept's partition is empty
         committed = {c.name: {} for c in concepts}
     counts = {"images": 0, "to_run": 0, "new": 0, "recompute": 0, "skip": 0, "remove": 0, "waves": 0}
@@ -85,23 +83,12 @@ def dry_run_segment(spec: JobSpec, concepts: list[Concept], batches: Iterable[di
         + (f" in {counts['waves']} waves" if counts["waves"] > 1 else ""))
     files = sum(len(f) for shards in committed.values() for f in shards.values())
     state = "new output" if record is None else f"existing output, {files} part files of these concepts"
-    log(f"dry run: output {redact(spec.output)} ({state}), {num_shards} shards per wave of at most "
+    log(f"dry run: output {output.shown} ({state}), {num_shards} shards per wave of at most "
         f"{spec.shard_size} images" + (f", cache {redact(spec.cache)}" if spec.cache else ""))
     log(f"dry run: {counts['to_run']} shards to run ({counts['new']} new, {counts['recompute']} to recompute: "
         f"images changed), {counts['skip']} already committed, {counts['remove']} superseded files to remove; "
         "nothing loaded or written")
     return counts
-
-
-def _recovered(spec: JobSpec, committed: dict) -> dict:
-    """The part files as the run will find them once it finished or discarded what a killed
-    run left staged (supersede.plan_recovery: the run's own decision, made read only)."""
-    fs, _ = url_to_fs(spec.output, **(spec.storage_options or {}))
-    found = {}
-    for partition, shards in committed.items():
-        folder = url_to_fs(partition_root(spec.output, partition), **(spec.storage_options or {}))[1].rstrip("/")
-        found[partition] = plan_recovery(fs, folder).apply_to(shards) if fs.isdir(folder) else shards
-    return found
 
 
 def dry_run_rank(spec: JobSpec, concept: Concept, urls: list[str], num_shards: int, target: str, log: Log) -> None:
@@ -112,9 +99,10 @@ def dry_run_rank(spec: JobSpec, concept: Concept, urls: list[str], num_shards: i
     log(f"dry run: concept {describe_concepts([concept])}")
     log(f"dry run: input {redact(spec.input)}: {len(urls)} images in {num_shards} shards, all scored; "
         f"masks for the top {min(spec.top_k, len(urls))}")
-    log(f"dry run: output {redact(target)} (replaced whole); nothing loaded or written")
+    log(f"dry run: output {target} (replaced whole); nothing loaded or written")
 
 
 def dry_run_eval(spec: JobSpec, what: str, log: Log) -> None:
     log(f"dry run: {describe_model(spec)}")
-    log(f"dry run: {what}; method {spec.method}, output {redact(spec.output)}; nothing loaded or written")
+    masks = f", masks into {output_of(spec).shown}" if spec.table else ""
+    log(f"dry run: {what}; method {spec.method}, output {redact(spec.output)}{masks}; nothing loaded or written")

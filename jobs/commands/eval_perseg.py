@@ -30,7 +30,7 @@ from jobs.commands.eval_report import EvalError, percent, title, write_metrics, 
 from jobs.commands.fit import fit_concept, fit_models
 from jobs.commands.dry_run import dry_run_eval
 from jobs.commands.segment import run_segment
-from jobs.pipeline.commit import part_files
+from jobs.pipeline.output import read_rows
 from jobs.pipeline.session import resolve_device
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import random_weights_note
@@ -38,7 +38,7 @@ from jobs.storage.files import as_given, folder_entries, join_url, read_bytes
 from jobs.storage.images import IMAGE_EXTENSIONS, decode_image, decode_mask
 from jobs.storage.outputs import check_output_folder
 from jobs.storage.redaction import redact
-from jobs.storage.schema import CONCEPT, ERROR, IMAGE_URI, INSTANCE, MASK_RLE, read_parts
+from jobs.storage.schema import CONCEPT, ERROR, IMAGE_URI, INSTANCE, MASK_RLE
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,8 @@ def run_perseg_eval(spec: JobSpec, log=logger.info) -> dict | None:
     # the targets go through the segment job itself: distributed, resumable, same rows
     summary = run_segment(replace(spec, command="segment", concepts=(concept_dir,), input=manifest, output=masks), log)
     log(summary.line())
-    rows = read_parts(part_files(masks, spec.storage_options), spec.storage_options)
+    # the masks as any reader of an output gets them: from <output>/masks, or from --table
+    rows = read_rows(None if spec.table else masks, spec.table, spec.catalog, spec.storage_options)
     metrics = perseg_metrics(score_rows(rows.to_pylist() if rows is not None else [], concepts, spec.storage_options))
     # the failure policy (--max-error-rate) judges the targets this run segmented
     metrics.update(targets_run=summary.images, targets_failed=summary.failed)

@@ -12,13 +12,17 @@ from typing import Callable
 from jobs.exports import EXPORTS
 from jobs.exports.request import ExportRequest
 from jobs.exports.rows import ExportError, MaskDataset
+from jobs.exports.table_rows import TableMaskDataset
+from jobs.pipeline.output import mask_output
 from jobs.storage.outputs import check_output_file, check_output_folder
 
 
-def run_export(kind: str, masks_url: str, output: str, images: str | None = None, storage_options: dict | None = None,
-               image_root: str | None = None, log: Callable[[str], None] = print) -> str:
+def run_export(kind: str, masks_url: str | None, output: str, images: str | None = None,
+               storage_options: dict | None = None, image_root: str | None = None,
+               log: Callable[[str], None] = print, table: str | None = None, catalog: str | None = None) -> str:
     """-> the summary line. `images`: where the images are now (--images); `image_root`:
-    what COCO / hf-dataset file names are relative to (--image-root)."""
+    what COCO / hf-dataset file names are relative to (--image-root); `table`/`catalog`: an
+    Iceberg table output instead of the `masks_url` folder."""
     if kind not in EXPORTS:
         raise ExportError(f"unknown export {kind!r}: choose one of {', '.join(EXPORTS)}")
     exporter = EXPORTS[kind]
@@ -26,5 +30,9 @@ def run_export(kind: str, masks_url: str, output: str, images: str | None = None
         check_output_file(output, "--output", storage_options, exporter.file_name)
     else:
         check_output_folder(output, "--output", storage_options)
-    dataset = MaskDataset(masks_url, storage_options, log)
+    if table is not None or catalog is not None:
+        mask_output(masks_url, table, catalog)  # one of --masks / --table, --catalog only with --table
+        dataset = TableMaskDataset(table, catalog, log)
+    else:
+        dataset = MaskDataset(masks_url, storage_options, log)
     return exporter.run(ExportRequest(dataset, output, images, image_root, storage_options, log))

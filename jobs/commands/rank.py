@@ -30,6 +30,7 @@ from jobs.pipeline.shards import Shard, ShardOutcome
 from jobs.spec import JobSpec
 from jobs.storage.concept_files import read_concepts
 from jobs.storage.files import join_url, make_folder, publish_bytes
+from jobs.storage.iceberg_table import check_table_name, replace_whole, shown_table
 from jobs.storage.listing import credential_free, list_all_images
 from jobs.storage.redaction import redact
 from jobs.storage.schema import IMAGE_URI, RANK, SIMILARITY, error_count, ranking_table
@@ -64,8 +65,13 @@ def run_rank(spec: JobSpec, log=logger.info) -> pa.Table | None:
     names, sources = credential_free(list_all_images(spec.input, spec.storage_options))
     urls = list(names)
     num_shards = commit.shard_count(len(urls), spec.shard_size)
+    if spec.table is not None:
+        check_table_name(spec.table)  # before any work
+    elif spec.catalog is not None:
+        raise ValueError(f"--catalog {spec.catalog}: names the catalog of a --table; give --table NAMESPACE.TABLE")
     if spec.dry_run:
-        dry_run_rank(spec, concepts[0], urls, num_shards, join_url(spec.output, RANKING_FILE), log)
+        target = shown_table(spec.table, spec.catalog) if spec.table else redact(join_url(spec.output, RANKING_FILE))
+        dry_run_rank(spec, concepts[0], urls, num_shards, target, log)
         return None
     fingerprint, feature_cache, dinov2_fingerprint = prepare_job(spec, concepts, log)
     if feature_cache is not None:  # follow the cache's sharding: one cache file per shard
@@ -94,14 +100,19 @@ def _rank(job: PreparedJob, concept: str, urls: list[str], sources: dict[str, st
     masks = pa.concat_tables([table for table, _ in one_pass(SegmentActor, top)]) if top else None
     ranking = ranking_table(scores, masks)
 
-    fs, root = url_to_fs(spec.output, **spec.storage_options)
-    make_folder(fs, root)
-    buffer = io.BytesIO()
-    pq.write_table(ranking, buffer, compression="zstd")
-    publish_bytes(fs, join_url(root, RANKING_FILE), buffer.getvalue())
+    if spec.table is not None:  # an Iceberg table, replaced whole in one snapshot
+        target = replace_whole(spec.catalog, spec.table, ranking, {"persam.concept": concept,
+                                                                   "persam.model_fingerprint": job.fingerprint})
+    else:
+        fs, root = url_to_fs(spec.output, **spec.storage_options)
+        make_folder(fs, root)
+        buffer = io.BytesIO()
+        pq.write_table(ranking, buffer, compression="zstd")
+        publish_bytes(fs, join_url(root, RANKING_FILE), buffer.getvalue())
+        target = f"{redact(spec.output)}/{RANKING_FILE}"
     for row in ranking.to_pylist()[: min(spec.top_k, 10)]:
         similarity = "n/a" if row[SIMILARITY] is None else f"{row[SIMILARITY]:.4f}"
         log(f"  #{row[RANK]:<3} {similarity:>6}  {redact(row[IMAGE_URI])}")
     log(f"done: {ranking.num_rows} images ranked for {concept!r} ({error_count(scores)} failed), {encoded} encoded, {hits} from cache, "
-        f"masks for the top {len(top)} -> {redact(spec.output)}/{RANKING_FILE} in {time.perf_counter() - started:.1f} s")
+        f"masks for the top {len(top)} -> {target} in {time.perf_counter() - started:.1f} s")
     return ranking

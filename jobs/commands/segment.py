@@ -3,7 +3,9 @@
 Committed shards are skipped on a rerun; shards whose images changed are recomputed,
 carrying over the rows of their unchanged images (see commit.py for the protocol). The
 output has one partition per concept: a concept added to an existing output is computed
-alone, and a shard that several concepts lack is encoded once for all of them.
+alone, and a shard that several concepts lack is encoded once for all of them. The output is
+a folder or an Apache Iceberg table (--table): the command asks pipeline/output.py's seam,
+never a layout.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jobs.pipeline import commit
 from jobs.pipeline.job_record import persam_version, utc_now
 from jobs.pipeline.actors import SegmentActor
 from jobs.pipeline.job import PreparedJob, check_job, concept_digests, expected_speed, feature_cache, prepare_job
+from jobs.pipeline.output import output_of
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session
@@ -32,6 +35,7 @@ from jobs.spec import JobSpec
 from jobs.storage import listing
 from jobs.storage.concept_files import read_concepts
 from jobs.storage.listing import credential_free, is_manifest, no_images, waves
+from jobs.storage.outputs import OutputError
 from jobs.storage.redaction import redact
 from jobs.storage.schema import CONCEPT, ERROR, IMAGE_URI, error_count, images_in, rows_of_concepts
 
@@ -83,6 +87,7 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
     started = time.perf_counter()
     concepts = read_concepts(spec.concepts, spec.storage_options)
     check_job(spec)
+    output = output_of(spec)  # a folder or a table (pipeline/output.py)
     manifest = is_manifest(spec.input)
     batches = waves(spec.input, spec.storage_options)  # the input is listed before any weights load
     first = next(batches, None)
@@ -100,13 +105,17 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
     elif cache is not None:
         cache.adopt_layout(shards_per_wave)
     record = segment_record(spec, concepts, fingerprint, shards_per_wave)
-    record, committed = commit.open_output(spec.output, record, spec.storage_options, log)
+    record, committed = output.open(record, log)
     job = PreparedJob(spec, fingerprint, tuple(c.to_json() for c in concepts), cache.num_shards if cache else None,
                       dinov2_fingerprint)
     totals: Counter = Counter()
     per_concept: dict[str, Counter] = {c.name: Counter() for c in concepts}
     with ray_session() if manifest and spec.runner == "ray" else nullcontext():  # waves share one Ray
         for index, versions in enumerate(itertools.chain([first], batches)):
+            if index and not output.many_waves:
+                raise OutputError(f"{output.shown}: the manifest holds more than one wave of images "
+                                  f"({listing.MANIFEST_WAVE_IMAGES}); a table takes one (the first is committed): "
+                                  "split the manifest, or use --output")
             _run_wave(job, record, committed, versions, index * record.num_shards, totals, per_concept, log,
                       on_progress)
     if manifest:  # shards of waves past the manifest's end: images removed from it
@@ -114,9 +123,9 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
         stale = [p for shards in committed.values() for s, files in shards.items()
                  if s >= waves_seen * record.num_shards for p in files.values()]
         totals.update(removed=count_removed(stale, set(), spec.storage_options))
-        commit.remove_files(spec.output, stale, spec.storage_options, log)
+        output.remove(stale, log)
     t = totals
-    return SegmentSummary(t["images"], t["rows"], t["errors"], t["run"], t["skipped"], redact(spec.output),
+    return SegmentSummary(t["images"], t["rows"], t["errors"], t["run"], t["skipped"], output.shown,
                           time.perf_counter() - started, t["encoded"], t["cache_hits"], t["carried"], t["removed"],
                           {name: dict(counts) for name, counts in per_concept.items()}, t["committed"], t["failed"])
 
@@ -156,10 +165,9 @@ def check_before_work(spec: JobSpec, concepts: list, num_shards: int) -> commit.
     if fingerprints:
         fingerprint = fingerprints[0]
     else:  # only the loaded SAM tells its weights: the output's own stand until then (checked again once loaded)
-        stored = commit.read_job_record(spec.output, spec.storage_options)
+        stored = output_of(spec).read_record()
         fingerprint = stored["model_fingerprint"] if stored else ""
-    record = commit.check_output(spec.output, segment_record(spec, concepts, fingerprint, num_shards),
-                                 spec.storage_options)
+    record = output_of(spec).check(segment_record(spec, concepts, fingerprint, num_shards))
     if spec.cache:
         feature_cache(spec, fingerprint).recorded_shards()
     return record
@@ -169,7 +177,7 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
               totals: Counter, per_concept: dict[str, Counter], log, on_progress: Callable[[int], None] | None) -> None:
     """Plan one wave's shards (global ids offset..offset+num_shards) in every partition, drop
     stale files, run each group of shards lacking the same concepts, commit per partition."""
-    output, storage = job.spec.output, job.spec.storage_options
+    output, storage = output_of(job.spec), job.spec.storage_options
     versions, sources = credential_free(versions)
     urls = list(versions)
     local = {partition: {s - offset: files for s, files in shards.items() if offset <= s < offset + record.num_shards}
@@ -179,7 +187,7 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
     # others are replaced by their shard's commit, and read for the rows they carry over.
     # every listed image is committed once the wave's shards are (a failing shard raises)
     totals.update(removed=count_removed(plan.dropped, set(urls), storage), skipped=plan.skipped, committed=len(urls))
-    commit.remove_files(output, plan.dropped, storage, log)
+    output.remove(plan.dropped, log)
     for partition, count in plan.committed.items():  # a partition is its concept's
         per_concept[partition].update(shards_skipped=count)
     lacking = "" if len(plan.committed) < 2 else " (" + ", ".join(
@@ -207,7 +215,7 @@ def _run_wave(job: PreparedJob, record: commit.JobRecord, committed: dict, versi
 
 
 def _committer(job: PreparedJob, record: commit.JobRecord, log):
-    output, storage = job.spec.output, job.spec.storage_options
+    output, storage = output_of(job.spec), job.spec.storage_options
 
     def commit_chunks(shard: Shard, chunks: list[FinishedChunk]) -> ShardOutcome:
         """All chunks of one shard arrived: per partition, carry unchanged rows, order,
@@ -221,10 +229,9 @@ def _committer(job: PreparedJob, record: commit.JobRecord, log):
             previous = list(shard.previous_by_partition.get(partition, ()))
             table, removed = commit.assemble_shard(
                 number, [rows_of_concepts(t, names) for t in computed], carried, previous, list(shard.urls), names,
-                storage, published=commit.part_path(output, number, digest, storage, partition))
+                storage, published=output.ref(number, digest, partition))
             # the old files go before the new one is public (commit.py, supersede.py)
-            commit.commit_shard(output, number, digest, table, storage, partition, record.parquet_metadata(names),
-                                previous, log)
+            output.commit_shard(number, digest, table, partition, record.parquet_metadata(names), previous, log)
             counts.update(rows=table.num_rows, errors=error_count(table))
             failed |= failed_images(table)
             counts["removed"] = max(counts["removed"], removed)  # the same images in every partition

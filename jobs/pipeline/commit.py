@@ -83,6 +83,7 @@ from jobs.pipeline.supersede import (
 )
 from jobs.storage.files import as_given, create_only, is_machine_failure, make_folder, publish_bytes
 from jobs.storage.outputs import OutputError
+from jobs.storage.sharding import shard_of  # re-exported: callers use commit.shard_of
 from jobs.storage.schema import (
     IMAGE_URI, MASK_SCHEMA, PARTITION_PREFIX, image_uris, ordered_rows, partition_folder, partition_rows, read_parts,
     select_rows_of,
@@ -98,10 +99,6 @@ Committed = dict[int, dict[str, str]]  # one partition's part files: {shard: {di
 # a write means its writer died (mtime, not pids: writers may be on other machines).
 STALE_TEMP_SECONDS = 3600.0
 Log = Callable[[str], None]
-
-
-def shard_of(url: str, num_shards: int) -> int:
-    return int.from_bytes(hashlib.sha1(url.encode()).digest()[:8], "big") % num_shards
 
 
 def urls_digest(urls: list[str], tokens: dict[str, str] | None = None) -> str:

@@ -99,7 +99,8 @@ def check_job(spec: JobSpec) -> None:
     """The checks that need neither weights nor Ray (the spec checked --device): precision,
     --output, --cache."""
     resolve_speed("cpu", spec.speed)  # refuses an unknown precision before any work
-    check_output_folder(spec.output, "--output", spec.storage_options)
+    if spec.output is not None:  # a --table is checked by opening it (pipeline/output.py)
+        check_output_folder(spec.output, "--output", spec.storage_options)
     if spec.cache:
         check_output_folder(spec.cache, "--cache", spec.storage_options)
 

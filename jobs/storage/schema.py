@@ -21,6 +21,7 @@ no column name is spelled as a literal anywhere else.
 
 from __future__ import annotations
 
+import importlib
 import posixpath
 from typing import Any, Sequence
 from urllib.parse import unquote
@@ -159,9 +160,21 @@ def read_parts(paths: Sequence[str], storage_options: dict | None = None,
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
+# Refs that name a shard's rows in a table rather than a file: "scheme": "module:function",
+# imported on first use (as jobs/exports names its exporters), `function(ref, columns)`
+# reading the rows as read_part does. The table's module reads rows with this module's
+# schema, so it is named here, not imported.
+REF_READERS = {"iceberg://": "jobs.storage.iceberg_table:read_ref"}
+
+
 def read_part(path: str, storage_options: dict | None = None, columns: Sequence[str] | None = None) -> pa.Table | None:
     """One part file's rows (see read_parts), the concept column restored from a partition's
-    folder name; None when it is unreadable or not ours."""
+    folder name; None when it is unreadable or not ours. A table's shard ref (iceberg_table.py)
+    is read from its table."""
+    for scheme, reader in REF_READERS.items():
+        if path.startswith(scheme):
+            module, function = reader.split(":")
+            return getattr(importlib.import_module(module), function)(path, columns)
     concept = partition_concept(path)
     fs, root = url_to_fs(path, **(storage_options or {}))
     try:
