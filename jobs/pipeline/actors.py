@@ -44,25 +44,26 @@ class ModelActor:
         keep_large_buffers()  # the actor's own process: its CPU tensors (see host_memory.py)
         if threads > 0:
             torch.set_num_threads(threads)
-        loaded = load_checked_model(spec, job.fingerprint)
         # "auto" resolves here, on the actor's node: a GPU-scheduled actor without a
         # visible CUDA device (a fake GPU resource) still runs, on CPU, with CPU settings.
-        self.sam = loaded.sam.to(resolve_device(spec.model.device))
-        self.fingerprint = loaded.fingerprint
-        # also sets TF32 for this whole process (acceleration.py: never switched per decode);
-        # a compiled encoder starts warm from the compile cache where it holds this key
-        self.speed = prepare_warm(self.sam, spec_speed(spec, self.sam.device.type), spec.model.model_type,
-                                  spec.compile_cache, spec.storage_options, log=logger.info)
+        device = torch.device(resolve_device(spec.model.device))
+        self.sam, self.fingerprint, self.speed = None, job.fingerprint, spec_speed(spec, device.type)
+        if job.needs_sam():  # not for a presence pass that reads DINOv2 alone (the registry says)
+            loaded = load_checked_model(spec, job.fingerprint)
+            self.sam = loaded.sam.to(device)
+            # also sets TF32 for this whole process (acceleration.py: never switched per decode);
+            # a compiled encoder starts warm from the compile cache where it holds this key
+            self.speed = prepare_warm(self.sam, self.speed, spec.model.model_type,
+                                      spec.compile_cache, spec.storage_options, log=logger.info)
         concepts = job.concepts()
         # one batched pass per engine (the registry groups methods), each over its concepts
-        self.engines = [(engine, positions, engine.on_device([concepts[p] for p in positions], self.sam.device))
+        self.engines = [(engine, positions, engine.on_device([concepts[p] for p in positions], device))
                         for engine, positions in engines_of(concepts)]
         self.frames = job.frames()
-        self.dinov2 = (load_checked_dinov2(spec, job.dinov2_fingerprint, self.sam.device)
-                       if job.needs_dinov2() else None)
+        self.dinov2 = load_checked_dinov2(spec, job.dinov2_fingerprint, device) if job.needs_dinov2() else None
         self.job = job
         self.cache_dtype = spec.cache_dtype if job.cache_shards is not None else None
-        self.stages = DeviceStages(self.sam.device, cascade_thread=stage_threads)
+        self.stages = DeviceStages(device, cascade_thread=stage_threads)
 
     def compute(self, chunk: Chunk) -> ChunkResults:
         return self.stages.run(

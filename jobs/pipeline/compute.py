@@ -139,7 +139,8 @@ FrameBatch = tuple[list[int], list[FrameImage]]  # item indices of a chunk, and 
 def encode_frames(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, frames: Sequence[str],
                   cache_dtype: str | None = None) -> tuple[dict[str, list[FrameBatch]], ChunkResults]:
     """Every frame in `frames` of the chunk's images -> ({frame: batches}, results). The model
-    frame as encode_chunk (cache included); the stretch frame through SAM and DINOv2 (never cached)."""
+    frame as encode_chunk (cache included); the stretch frame through SAM and DINOv2, or DINOv2
+    alone when `sam` is None (a presence pass that reads no SAM features)."""
     encoded: dict[str, list[FrameBatch]] = {}
     results = ChunkResults()
     if FRAME_MODEL in frames:
@@ -150,37 +151,52 @@ def encode_frames(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, frames: Sequen
     return encoded, results
 
 
+def _cached_stretch(chunk: Chunk, item: int, device: torch.device) -> FrameImage:
+    """A cached stretch frame on the device: its DINOv2 tokens, with SAM's features where cached."""
+    features, size = chunk.stretch_features.get(item), chunk.items[item].original_size
+    encoded = (None if features is None
+               else EncodedImage(on_device(features, device), (FRAME_SIDE, FRAME_SIDE), size))
+    return FrameImage(encoded, on_device(chunk.stretch_tokens[item], device), size)
+
+
 def encode_stretch(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, results: ChunkResults,
                    cache_dtype: str | None = None) -> list[FrameBatch]:
-    """The stretch frames ([1024, 1024, 3] uint8) -> SAM features and DINOv2 tokens, in batches
-    of speed.batch_size (a failing batch becomes its images' failures; with `cache_dtype`, the
-    fresh ones also go to results.fresh_stretch for the cache); cached frames skip both encoders."""
+    """The stretch frames ([1024, 1024, 3] uint8) -> SAM features (none when `sam` is None) and
+    DINOv2 tokens, in batches of speed.batch_size (a failing batch becomes its images' failures;
+    with `cache_dtype`, the fresh ones also go to results.fresh_stretch, or fresh_tokens without
+    SAM, for the cache); cached frames skip both encoders."""
     batches: list[FrameBatch] = []
     size = max(1, speed.batch_size)
-    cached = [i for i in sorted(chunk.stretch_features) if i not in results.failures]
+    device = next(dinov2.parameters()).device
+    cached = [i for i in sorted(chunk.stretch_tokens) if i not in results.failures]
     for start in range(0, len(cached), size):
         indices = cached[start : start + size]
-        batches.append((indices, [FrameImage(EncodedImage(on_device(chunk.stretch_features[i], sam.device),
-                                                          (FRAME_SIDE, FRAME_SIDE), chunk.items[i].original_size),
-                                             on_device(chunk.stretch_tokens[i], sam.device)) for i in indices]))
+        batches.append((indices, [_cached_stretch(chunk, i, device) for i in indices]))
     pending = [i for i in sorted(chunk.stretch) if i not in results.failures]
     for start in range(0, len(pending), size):
         indices = pending[start : start + size]
         try:
             images = [chunk.stretched(i) for i in indices]
-            features = encode_images(sam, images, speed.precision, pad_to=encoder_padding(speed))
-            pixels = torch.stack([array_to_device(image.pixels, sam.device) for image in images])
+            features = (None if sam is None
+                        else encode_images(sam, images, speed.precision, pad_to=encoder_padding(speed)))
+            pixels = torch.stack([array_to_device(image.pixels, device) for image in images])
             with torch.no_grad():
                 tokens = frame_tokens(dinov2, frame_tensor(pixels))
         except Exception as error:
             results.failures.update({i: f"encode failed: {describe(error)}" for i in indices})
             continue
-        batches.append((indices, [FrameImage(f, t) for f, t in zip(features, tokens)]))
+        if features is None:
+            batches.append((indices, [FrameImage(None, t, image.original_size) for t, image in zip(tokens, images)]))
+        else:
+            batches.append((indices, [FrameImage(f, t) for f, t in zip(features, tokens)]))
         results.encoded = sorted(set(results.encoded) | set(indices))
         if cache_dtype is not None:  # cast on the device: fewer bytes cross to the host
             dtype = getattr(torch, np.dtype(DTYPES[cache_dtype]).name)
-            host_features = torch.stack([f.features for f in features]).to(dtype).cpu().numpy()
             host_tokens = tokens.to(dtype).cpu().numpy()
+            if features is None:
+                results.fresh_tokens.update({i: host_tokens[n] for n, i in enumerate(indices)})
+                continue
+            host_features = torch.stack([f.features for f in features]).to(dtype).cpu().numpy()
             results.fresh_stretch.update({i: (host_features[n], host_tokens[n]) for n, i in enumerate(indices)})
     return batches
 

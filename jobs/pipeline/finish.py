@@ -96,6 +96,14 @@ def store_fresh_stretch(cache: FeatureCache, chunk: Chunk, results: ChunkResults
             for i, (features, tokens) in results.fresh_stretch.items()})
 
 
+def store_fresh_tokens(cache: FeatureCache, chunk: Chunk, results: ChunkResults) -> None:
+    """Add the DINOv2 tokens a presence-only pass encoded (the tokens as each entry's features)."""
+    if results.fresh_tokens:
+        cache.store({chunk.items[i].url: (chunk.items[i].sha256, CachedFeatures(
+            tokens, (FRAME_SIDE, FRAME_SIDE), chunk.items[i].original_size))
+            for i, tokens in results.fresh_tokens.items()})
+
+
 def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict:
     """{"meta", "results"} -> FinishedChunk.to_row() for the driver: mask rows, or with
     `scores_only` (rank's first pass) one score row per (image, concept)."""
@@ -106,6 +114,9 @@ def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict
     stretch_cache = job.stretch_cache()
     if stretch_cache is not None:
         store_fresh_stretch(stretch_cache, chunk, results)
+    token_cache = job.token_cache()
+    if token_cache is not None:
+        store_fresh_tokens(token_cache, chunk, results)
     if scores_only:
         table = rank_rows_to_table(score_rows(chunk, results, job.labels(), job.fingerprint))
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Callable, Iterator
 
 from jobs.logs import native_stderr_filter, ray_logging_level
@@ -65,6 +66,8 @@ def run_pipeline(
 ) -> list[dict]:
     """Run every shard through the stages; on_shard(shard, its chunks in order) once per
     shard, on_progress(images) once per chunk as it reaches the driver -> on_shard's results."""
+    if actor.scores_only:  # the stages make, encode and cache only what the engines' presence reads
+        job = replace(job, presence_only=True)
     chunks = plan_chunks(shards, job.spec.speed.images_per_chunk())
     by_id = {s["shard"]: s for s in shards}
     stream = local_stream if job.spec.runner == "local" else ray_stream
