@@ -21,7 +21,7 @@ from persam_core.methods.registry import engines_of
 
 from jobs.logs import configure as configure_logging
 from jobs.pipeline.compile_cache import prepare_warm
-from jobs.pipeline.compute import FrameBatch, encode_frames, score_engines, segment_engines
+from jobs.pipeline.compute import EnginePass, FrameBatch, encode_frames, score_engines, segment_engines
 from jobs.pipeline.device_stages import DeviceStages
 from jobs.pipeline.host_memory import keep_large_buffers
 from jobs.pipeline.job import PreparedJob, load_checked_dinov2, load_checked_model, spec_speed
@@ -57,7 +57,7 @@ class ModelActor:
                                       spec.compile_cache, spec.storage_options, log=logger.info)
         concepts = job.concepts()
         # one batched pass per engine (the registry groups methods), each over its concepts
-        self.engines = [(engine, positions, engine.on_device([concepts[p] for p in positions], device))
+        self.engines = [EnginePass(engine, positions, [concepts[p] for p in positions], device)
                         for engine, positions in engines_of(concepts)]
         self.frames = job.frames()
         self.dinov2 = load_checked_dinov2(spec, job.dinov2_fingerprint, device) if job.needs_dinov2() else None
@@ -86,8 +86,10 @@ class SegmentActor(ModelActor):
     """`segment`: masks of every (image, concept) pair, up to --max-instances each."""
 
     def decode(self, chunk: Chunk, frames: dict[str, list[FrameBatch]], results: ChunkResults) -> ChunkResults:
-        spec = self.job.spec
-        return segment_engines(self.sam, frames, results, self.engines, spec.max_instances, spec.min_similarity)
+        spec, job = self.job.spec, self.job
+        # a job of chosen pairs (eval's episodes) decodes only those
+        wanted = None if job.pairs is None else (lambda item: job.concepts_for(chunk.items[item].url))
+        return segment_engines(self.sam, frames, results, self.engines, spec.max_instances, spec.min_similarity, wanted)
 
 
 class ScoreActor(ModelActor):

@@ -132,8 +132,32 @@ def score_batches(sam, chunk: Chunk, batches: list[Batch], results: ChunkResults
 
 # -- several methods: each image encoded once per frame its concepts' methods read ---------------
 
-Engines = list[tuple[object, list[int], object]]  # (engine, its concepts' positions in the job, on-device concepts)
 FrameBatch = tuple[list[int], list[FrameImage]]  # item indices of a chunk, and their frame images
+
+
+class EnginePass:
+    """One engine's batched pass over its concepts of a job: their positions (job order) and
+    their on-device form (engine.on_device), made once for all of them and, for a job that
+    computes chosen pairs only (PreparedJob.pairs), once per subset as first asked."""
+
+    def __init__(self, engine, positions: Sequence[int], concepts: Sequence[object], device) -> None:
+        self.engine, self.positions, self.device = engine, tuple(positions), device
+        self._concepts = dict(zip(self.positions, concepts))
+        self._on_device = {self.positions: engine.on_device(list(concepts), device)}
+
+    @property
+    def concepts(self):
+        """All of its concepts on the device."""
+        return self._on_device[self.positions]
+
+    def on_device(self, chosen: tuple[int, ...]):
+        """The concepts at job positions `chosen` (a subset of `positions`, in order) on the device."""
+        if chosen not in self._on_device:
+            self._on_device[chosen] = self.engine.on_device([self._concepts[p] for p in chosen], self.device)
+        return self._on_device[chosen]
+
+
+Engines = list[EnginePass]
 
 
 def encode_frames(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, frames: Sequence[str],
@@ -207,16 +231,39 @@ def _to_job(host: HostResults, indices: list[int], positions: list[int]) -> Host
                           "concept_index": np.asarray(positions, np.int32)[host.concept_index]})
 
 
+def pair_groups(indices: Sequence[int], positions: Sequence[int],
+                wanted: Callable[[int], Sequence[int]] | None) -> list[tuple[tuple[int, ...], list[int]]]:
+    """A batch's items (chunk indices) -> [(concept positions, batch members)]: one group of all
+    of them with every position, or with `wanted` (item -> its concept positions) the members
+    that want the same subset of `positions` together (items wanting none of them: no group)."""
+    if wanted is None:
+        return [(tuple(positions), list(range(len(indices))))]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for member, item in enumerate(indices):
+        its = set(wanted(item))
+        chosen = tuple(p for p in positions if p in its)
+        if chosen:
+            groups.setdefault(chosen, []).append(member)
+    return list(groups.items())
+
+
 def segment_engines(sam, encoded: dict[str, list[FrameBatch]], results: ChunkResults, engines: Engines,
-                    max_instances: int = 1, min_similarity: float | None = None) -> ChunkResults:
+                    max_instances: int = 1, min_similarity: float | None = None,
+                    wanted: Callable[[int], Sequence[int]] | None = None) -> ChunkResults:
     """Each engine's batched pass over the batches of its frame -> results.masks (rows of every
-    engine, image_index = item index, concept_index = the job's concept order)."""
+    engine, image_index = item index, concept_index = the job's concept order). wanted: item
+    index -> the concept positions computed for it (None: every pair); a batch's images that
+    want the same concepts share one pass, no other pair is decoded."""
     parts = []
-    for engine, positions, concepts in engines:
-        for batch in encoded.get(engine.frame, []):
-            run = lambda images: engine.segment(sam, images, concepts, max_instances, min_similarity)  # noqa: E731
-            parts.extend(_to_job(host, indices, positions)
-                         for indices, host in per_batch(run, batch, results.failures, "segment"))
+    for engine_pass in engines:
+        engine = engine_pass.engine
+        for indices, images in encoded.get(engine.frame, []):
+            for chosen, members in pair_groups(indices, engine_pass.positions, wanted):
+                concepts = engine_pass.on_device(chosen)
+                batch = ([indices[m] for m in members], [images[m] for m in members])
+                run = lambda images: engine.segment(sam, images, concepts, max_instances, min_similarity)  # noqa: E731
+                parts.extend(_to_job(host, done, list(chosen))
+                             for done, host in per_batch(run, batch, results.failures, "segment"))
     results.masks = HostResults.concatenate(parts, [0] * len(parts))
     return results
 
@@ -224,10 +271,11 @@ def segment_engines(sam, encoded: dict[str, list[FrameBatch]], results: ChunkRes
 def score_engines(sam, chunk: Chunk, encoded: dict[str, list[FrameBatch]], results: ChunkResults,
                   engines: Engines) -> ChunkResults:
     """Each engine's presence pass -> results.similarity [N, K], results.point [N, K, 2] (job order)."""
-    count = sum(len(positions) for _, positions, _ in engines)
+    count = sum(len(engine_pass.positions) for engine_pass in engines)
     results.similarity = np.full((len(chunk.items), count), np.nan, np.float32)
     results.point = np.zeros((len(chunk.items), count, 2), np.int32)
-    for engine, positions, concepts in engines:
+    for engine_pass in engines:
+        engine, positions, concepts = engine_pass.engine, list(engine_pass.positions), engine_pass.concepts
         for batch in encoded.get(engine.frame, []):
             run = lambda images: engine.score(sam, images, concepts)  # noqa: E731
             for indices, (similarity, point) in per_batch(run, batch, results.failures, "score"):

@@ -14,7 +14,7 @@ image's features (2-4 MiB) through the driver.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -45,8 +45,10 @@ def result_row(item: ChunkItem, concept: ConceptLabel, masks: HostResults, row: 
     )
 
 
-def mask_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLabel], fingerprint: str) -> list[dict]:
-    """-> rows of every image that is not carried: images x concepts x instances."""
+def mask_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLabel], fingerprint: str,
+              concepts_for: Callable[[str], Sequence[int]] | None = None) -> list[dict]:
+    """-> rows of every image that is not carried: images x concepts x instances; with
+    `concepts_for` (url -> concept positions: PreparedJob.concepts_for), only its concepts'."""
     masks = results.masks
     by_image: dict[int, list[int]] = {}
     if masks is not None and len(masks):
@@ -59,7 +61,8 @@ def mask_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLab
         found = by_image.get(index)
         if item.error is not None or index in results.failures or not found:
             reason = item.error or results.failures.get(index, "no result for this image")
-            rows.extend(error_row(item, concept, reason, fingerprint) for concept in concepts)
+            chosen = range(len(concepts)) if concepts_for is None else concepts_for(item.url)
+            rows.extend(error_row(item, concepts[k], reason, fingerprint) for k in chosen)
             continue
         rows.extend(result_row(item, concepts[int(masks.concept_index[r])], masks, r, fingerprint) for r in found)
     return rows
@@ -120,7 +123,7 @@ def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict
     if scores_only:
         table = rank_rows_to_table(score_rows(chunk, results, job.labels(), job.fingerprint))
     else:
-        table = rows_to_table(mask_rows(chunk, results, job.labels(), job.fingerprint))
+        table = rows_to_table(mask_rows(chunk, results, job.labels(), job.fingerprint, job.concepts_for))
     return FinishedChunk(
         chunk.shard, chunk.index, len(chunk.items), table_to_ipc(table), len(results.encoded),
         sum(item.source == "cached" for item in chunk.items), tuple(item.url for item in chunk.items if item.carried),

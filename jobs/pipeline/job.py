@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.families import input_format
@@ -37,6 +37,9 @@ class PreparedJob:
     cache_shards: int | None = None  # the cache's shard count; None: no --cache
     dinov2_fingerprint: str | None = None  # the DINOv2 weights every actor must load; None: no concept reads DINOv2
     presence_only: bool = False  # rank's first pass: only what the engines' presence (`score`) reads
+    # (url, concept names): the only (image, concept) pairs computed and written (eval's few-shot
+    # episodes, each scoring its own query); None: every image with every concept
+    pairs: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
     def concepts(self) -> list[Any]:
         """The concepts, each validated by its method (the registry)."""
@@ -50,6 +53,31 @@ class PreparedJob:
     def _labels(self) -> tuple[tuple[str, str], ...]:
         # read once per process: a GF-SAM concept is megabytes, the CPU stages ask per chunk
         return tuple(concept_label(text) for text in self.concept_texts)
+
+    def concepts_for(self, url: str) -> tuple[int, ...]:
+        """The positions (job order) of the concepts computed for the image `url`: every one, or
+        with `pairs` those paired with it (none for an image without a pair)."""
+        if self.pairs is None:
+            return tuple(range(len(self.concept_texts)))
+        return self._paired.get(url, ())
+
+    @cached_property
+    def _paired(self) -> dict[str, tuple[int, ...]]:
+        position = {name: index for index, (name, _) in enumerate(self._labels)}
+        paired: dict[str, set[int]] = {}
+        for url, names in self.pairs or ():
+            # a job over some of the concepts (a rerun's lacking ones) computes their pairs only
+            paired.setdefault(url, set()).update(position[name] for name in names if name in position)
+        return {url: tuple(sorted(positions)) for url, positions in paired.items()}
+
+    def images_with(self, names: Sequence[str], urls: Sequence[str]) -> list[str]:
+        """Those of `urls` computed with at least one of the concepts `names` (all without `pairs`):
+        the images whose rows a partition of those concepts holds."""
+        if self.pairs is None:
+            return list(urls)
+        wanted = set(names)
+        paired = {url for url, concepts in self.pairs if wanted & set(concepts)}
+        return [url for url in urls if url in paired]
 
     def frames(self) -> tuple[str, ...]:
         """The frames the concepts' methods read (persam_core.methods.registry.FRAMES)."""

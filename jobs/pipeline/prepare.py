@@ -44,7 +44,15 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
     resize_stretch = frame_resize(FRAME_STRETCH, job.spec.model.model_type)
     urls = list(row["urls"])
     # unchanged: good rows for every concept this run computes (a new concept has none)
-    unchanged = good_images(list(row.get("previous") or []), storage_options, [name for name, _ in job.labels()])
+    labels, previous = job.labels(), list(row.get("previous") or [])
+    unchanged_for: dict[tuple[int, ...], set] = {}  # per set of concepts (several with `pairs`)
+
+    def unchanged(url: str, sha256: str) -> bool:
+        chosen = job.concepts_for(url)
+        if chosen not in unchanged_for:
+            unchanged_for[chosen] = good_images(previous, storage_options, [labels[k][0] for k in chosen])
+        return (url, sha256) in unchanged_for[chosen]
+
     items, data = [], {}
     sources = dict(row.get("sources") or {})
     for index, url in enumerate(urls):
@@ -64,7 +72,7 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
             item.error = scrub(f"read failed: {describe(error)}", secrets_in([source]))
             continue
         item.sha256 = content_sha256(data[index])
-        item.carried = (url, item.sha256) in unchanged
+        item.carried = unchanged(url, item.sha256)
     wanted = {item.sha256 for item in items if item.sha256 and not item.carried}
     cached, problems = cache.load(urls, wanted) if cache is not None and wanted else ({}, [])
     # a pass that reads DINOv2 alone (rank's presence) caches tokens only, under DINOv2's fingerprint
