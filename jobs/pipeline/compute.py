@@ -205,7 +205,7 @@ def encode_stretch(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, results: Chun
                         else encode_images(sam, images, speed.precision, pad_to=encoder_padding(speed)))
             pixels = torch.stack([array_to_device(image.pixels, device) for image in images])
             with torch.no_grad():
-                tokens = frame_tokens(dinov2, frame_tensor(pixels))
+                tokens = frame_tokens(dinov2, frame_tensor(pixels), speed.precision)  # as SAM's encoder
         except Exception as error:
             results.failures.update({i: f"encode failed: {describe(error)}" for i in indices})
             continue
