@@ -117,7 +117,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.job:
         from jobs.commands.bench_job import JobBenchOptions, job_table, run_job_bench
 
-        result = run_job_bench(JobBenchOptions(spec, args.images, args.concepts))
+        result = run_job_bench(JobBenchOptions(spec, args.images, args.concepts, gfsam=args.gfsam))
         print(job_table(result))
         if args.json:
             print(json.dumps(result))

@@ -286,7 +286,8 @@ def _add_bench(commands) -> None:
     _add_speed(bench)  # the flags every command that runs the model takes; the variants are timed beside them
     bench.add_argument("--gfsam", action="store_true",
                        help="also time GF-SAM beside PerSAM (SAM and DINOv2 on the stretched frame, the GF-SAM pass "
-                            "for 1 and --concepts concepts, rank's presence); --dinov2 / --dinov2-checkpoint choose DINOv2")
+                            "for 1 and --concepts concepts, rank's presence; with --job: its jobs beside PerSAM's, same "
+                            "images); --dinov2 / --dinov2-checkpoint choose DINOv2")
     bench.add_argument("--job", action="store_true",
                        help="run the real Ray job (K = 1 and K = --concepts) beside the in-process paths and the encoder")
     bench.add_argument("--num-actors", type=int, default=None, help="--job: model actors (default: one per GPU, else 1)")

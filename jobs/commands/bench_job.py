@@ -21,6 +21,8 @@ job's K = 1 masks of the first images are held to the actor path's masks of the 
 (min IoU).
 
 Start-up, with a compiled encoder: the K = 1 job twice more, cold then warm (bench_start.py).
+With `gfsam`: GF-SAM's parts in-process and its jobs (K = 1 and K) on the same Ray and JPEGs,
+with the ratios its targets name (bench_job_gfsam.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from persam_core.preprocess import ResizedImage
 
 from jobs.commands.bench_tools import (encode_in_batches, final_masks, persam_concepts, progress, reference_encoder,
                                        segment_all, speed_model, synthetic_images, timed, warm_up)
+from jobs.commands.bench_job_gfsam import (fit_gfsam_concepts, gfsam_in_process, gfsam_jobs, gfsam_ratios,
+                                           gfsam_table_rows, write_gfsam_concepts)
 from jobs.commands.bench_start import start_ups
 from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
@@ -81,6 +85,7 @@ class JobBenchOptions:
     spec: JobSpec
     images: int = 64
     concepts: int = 8
+    gfsam: bool = False  # also GF-SAM's figures and jobs (bench_job_gfsam.py)
 
 
 # (graphs, compiled) of the actor path's decoder -> its figures' label
@@ -291,6 +296,11 @@ def run_job_bench(options: JobBenchOptions) -> dict:
         figures, speed, check_masks = _in_process(options, sam, device, pictures,
                                                   [ConceptTensors.on(c, device) for c in concepts], check_pictures)
         progress(f"in-process figures: {figures}")  # each phase's figures as soon as known (a cut run keeps them)
+        if options.gfsam:
+            dinov2, fitted = fit_gfsam_concepts(options.spec, device, pictures[0], options.concepts)
+            figures.update(gfsam_in_process(sam, dinov2, speed, pictures, fitted), gfsam_dinov2=options.spec.model.dinov2)
+            gfsam_files = write_gfsam_concepts(root, fitted)
+            del dinov2, fitted
         del sam, loaded, reference  # loaded.sam is the same module: both names go
         gc.collect()
         if device == "cuda":  # the job's actor needs the memory; the in-process peak is recorded first
@@ -319,10 +329,14 @@ def run_job_bench(options: JobBenchOptions) -> dict:
                 progress(f"job with {len(chosen)} concept(s): {job}")
             result["job_k1_min_mask_iou_vs_actor_path"] = round(
                 job_agreement(root / "out-k1", check_names, check_masks), 4)
+            if options.gfsam:
+                result.update(gfsam_jobs(gfsam_files, root, lambda chosen, out: _job(
+                    options, device, speed, image_dir, chosen, out, shard_size)))
         if speed.compile:
             result.update(start_ups(root, lambda cache, out: _job(options, device, speed, image_dir, files[:1], out,
                                                                   shard_size, compile_cache=cache)))
     _ratios(result)
+    gfsam_ratios(result)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
@@ -371,6 +385,7 @@ def job_table(result: dict) -> str:
         ("first result, cold start (s)", result.get("start_cold_first_result_s"), None),
         ("first result, warm start (s)", result.get("start_warm_first_result_s"), None),
         ("job masks vs actor path's (min IoU)", result.get("job_k1_min_mask_iou_vs_actor_path"), None),
+        *gfsam_table_rows(result),
     ]
     columns = 2 if k > 1 else 1  # one concept: one job (concept_sets), one column
     lines = [f"{result['model_type']} on {result.get('device_name', result['device'])}, {result['images']} images, "

@@ -6,12 +6,13 @@
        fit one concept per episode from its supports (one model load for the whole run)
        -> concepts/e<NNNN>.json, the group's query images -> targets.txt
        -> `persam segment` (Parquet in masks/, distributed and resumable like any segment job)
-       -> each episode's own (query, concept) row scored in the 1024 x 1024 frame
+       -> each episode's own (query, concept) pair, and no other, computed and scored in the
+          1024 x 1024 frame
     -> per fold mIoU / FB-IoU, their mean over folds -> <output>/metrics.json + metrics.md
 
-The segment job decodes every concept of a group in every query image of the group; only an
-episode's own pair is scored. Groups bound that waste (EPISODES_PER_JOB decodes per query)
-while one job per group amortises the job's start-up (model load, Ray) over its episodes.
+The segment job computes each episode's own (query, concept) pair only (its `pairs`): one job
+per group amortises the job's start-up (model load, Ray) over its episodes without decoding
+the group's other concepts in each query.
 """
 
 from __future__ import annotations
@@ -66,12 +67,17 @@ def plan_folds(spec: JobSpec) -> list[tuple[int, FewShotData, list[Episode]]]:
     return planned
 
 
+def concept_name(episode: Episode) -> str:
+    """The name of an episode's concept (its file under concepts/, its rows' `concept`)."""
+    return f"e{episode.index:04d}"
+
+
 def _fit(models: FitModels, spec: JobSpec, data: FewShotData, episode: Episode):
     """An episode's concept, fitted from its supports as `persam fit` would."""
     images = [data.image(name, spec.storage_options) for name in episode.supports]
     masks = [data.truth(name, episode.label) for name in episode.supports]
     sources = [redact(data.url(name)) for name in episode.supports]
-    shots = Shots(f"e{episode.index:04d}", images, masks, sources, sources, spec.epochs)
+    shots = Shots(concept_name(episode), images, masks, sources, sources, spec.epochs)
     return fit_concept(models, spec.method, shots, log=lambda _: None)
 
 
@@ -81,7 +87,7 @@ def _score(rows: list[dict], data: FewShotData, episodes: list[Episode], meter: 
     errors = 0
     for episode in episodes:
         truth = data.truth(episode.query, episode.label)
-        row = found.get((data.url(episode.query), f"e{episode.index:04d}"))
+        row = found.get((data.url(episode.query), concept_name(episode)))
         if row is None or row[ERROR] is not None or row[MASK_RLE] is None:
             errors += 1
             prediction = np.zeros_like(truth)
@@ -92,6 +98,15 @@ def _score(rows: list[dict], data: FewShotData, episodes: list[Episode], meter: 
                             f"but the image is {prediction.shape[1]}x{prediction.shape[0]}; fix the annotation")
         meter.add(episode.label, frame_counts(prediction, truth))
     return errors
+
+
+def episode_pairs(data: FewShotData, episodes: list[Episode]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(query URL, its episodes' concept names): what a group's job computes (a query drawn by
+    several episodes of the group, as COCO-20i can, has each of their concepts)."""
+    pairs: dict[str, list[str]] = {}
+    for episode in episodes:
+        pairs.setdefault(data.url(episode.query), []).append(concept_name(episode))
+    return tuple((url, tuple(names)) for url, names in pairs.items())
 
 
 def _run_group(spec: JobSpec, models: FitModels, data: FewShotData, episodes: list[Episode], folder: str,
@@ -106,7 +121,7 @@ def _run_group(spec: JobSpec, models: FitModels, data: FewShotData, episodes: li
     write_text(manifest, "".join(f"{url}\n" for url in queries), spec.storage_options)
     masks = join_url(folder, "masks")
     summary = run_segment(replace(spec, command="segment", concepts=(concept_dir,), input=manifest, output=masks),
-                          logger.debug)
+                          logger.debug, pairs=episode_pairs(data, episodes))
     rows = read_parts(part_files(masks, spec.storage_options), spec.storage_options)
     errors = _score(rows.to_pylist() if rows is not None else [], data, episodes, meter)
     return summary.images, summary.failed, errors

@@ -81,8 +81,10 @@ def failed_images(table) -> set[str]:
     return set(table.filter(pc.is_valid(table.column(ERROR))).column(IMAGE_URI).to_pylist())
 
 
-def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], None] | None = None) -> SegmentSummary | None:
-    """on_progress(images) is called in the driver as each chunk's rows arrive (benchmarks).
+def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], None] | None = None,
+                pairs: tuple[tuple[str, tuple[str, ...]], ...] | None = None) -> SegmentSummary | None:
+    """on_progress(images) is called in the driver as each chunk's rows arrive (benchmarks);
+    pairs: (image URL, concept names) -> only those pairs computed and written (eval's episodes).
     -> the summary; None for --dry-run (the plan is logged, nothing loaded or written)."""
     started = time.perf_counter()
     concepts = read_concepts(spec.concepts, spec.storage_options)
@@ -107,7 +109,7 @@ def run_segment(spec: JobSpec, log=logger.info, on_progress: Callable[[int], Non
     record = segment_record(spec, concepts, fingerprint, shards_per_wave)
     record, committed = output.open(record, log)
     job = PreparedJob(spec, fingerprint, tuple(c.to_json() for c in concepts), cache.num_shards if cache else None,
-                      dinov2_fingerprint)
+                      dinov2_fingerprint, pairs=pairs)
     totals: Counter = Counter()
     per_concept: dict[str, Counter] = {c.name: Counter() for c in concepts}
     with ray_session() if manifest and spec.runner == "ray" else nullcontext():  # waves share one Ray
@@ -228,7 +230,8 @@ def _committer(job: PreparedJob, record: commit.JobRecord, log):
             names = [partition]
             previous = list(shard.previous_by_partition.get(partition, ()))
             table, removed = commit.assemble_shard(
-                number, [rows_of_concepts(t, names) for t in computed], carried, previous, list(shard.urls), names,
+                number, [rows_of_concepts(t, names) for t in computed], carried, previous,
+                job.images_with(names, list(shard.urls)), names,
                 storage, published=output.ref(number, digest, partition))
             # the old files go before the new one is public (commit.py, supersede.py)
             output.commit_shard(number, digest, table, partition, record.parquet_metadata(names), previous, log)

@@ -21,7 +21,7 @@ from persam_core.methods.registry import engines_of
 
 from jobs.logs import configure as configure_logging
 from jobs.pipeline.compile_cache import prepare_warm
-from jobs.pipeline.compute import FrameBatch, encode_frames, score_engines, segment_engines
+from jobs.pipeline.compute import EnginePass, FrameBatch, encode_frames, score_engines, segment_engines
 from jobs.pipeline.device_stages import DeviceStages
 from jobs.pipeline.host_memory import keep_large_buffers
 from jobs.pipeline.job import PreparedJob, load_checked_dinov2, load_checked_model, spec_speed
@@ -44,25 +44,26 @@ class ModelActor:
         keep_large_buffers()  # the actor's own process: its CPU tensors (see host_memory.py)
         if threads > 0:
             torch.set_num_threads(threads)
-        loaded = load_checked_model(spec, job.fingerprint)
         # "auto" resolves here, on the actor's node: a GPU-scheduled actor without a
         # visible CUDA device (a fake GPU resource) still runs, on CPU, with CPU settings.
-        self.sam = loaded.sam.to(resolve_device(spec.model.device))
-        self.fingerprint = loaded.fingerprint
-        # also sets TF32 for this whole process (acceleration.py: never switched per decode);
-        # a compiled encoder starts warm from the compile cache where it holds this key
-        self.speed = prepare_warm(self.sam, spec_speed(spec, self.sam.device.type), spec.model.model_type,
-                                  spec.compile_cache, spec.storage_options, log=logger.info)
+        device = torch.device(resolve_device(spec.model.device))
+        self.sam, self.fingerprint, self.speed = None, job.fingerprint, spec_speed(spec, device.type)
+        if job.needs_sam():  # not for a presence pass that reads DINOv2 alone (the registry says)
+            loaded = load_checked_model(spec, job.fingerprint)
+            self.sam = loaded.sam.to(device)
+            # also sets TF32 for this whole process (acceleration.py: never switched per decode);
+            # a compiled encoder starts warm from the compile cache where it holds this key
+            self.speed = prepare_warm(self.sam, self.speed, spec.model.model_type,
+                                      spec.compile_cache, spec.storage_options, log=logger.info)
         concepts = job.concepts()
         # one batched pass per engine (the registry groups methods), each over its concepts
-        self.engines = [(engine, positions, engine.on_device([concepts[p] for p in positions], self.sam.device))
+        self.engines = [EnginePass(engine, positions, [concepts[p] for p in positions], device)
                         for engine, positions in engines_of(concepts)]
         self.frames = job.frames()
-        self.dinov2 = (load_checked_dinov2(spec, job.dinov2_fingerprint, self.sam.device)
-                       if job.needs_dinov2() else None)
+        self.dinov2 = load_checked_dinov2(spec, job.dinov2_fingerprint, device) if job.needs_dinov2() else None
         self.job = job
         self.cache_dtype = spec.cache_dtype if job.cache_shards is not None else None
-        self.stages = DeviceStages(self.sam.device, cascade_thread=stage_threads)
+        self.stages = DeviceStages(device, cascade_thread=stage_threads)
 
     def compute(self, chunk: Chunk) -> ChunkResults:
         return self.stages.run(
@@ -85,8 +86,10 @@ class SegmentActor(ModelActor):
     """`segment`: masks of every (image, concept) pair, up to --max-instances each."""
 
     def decode(self, chunk: Chunk, frames: dict[str, list[FrameBatch]], results: ChunkResults) -> ChunkResults:
-        spec = self.job.spec
-        return segment_engines(self.sam, frames, results, self.engines, spec.max_instances, spec.min_similarity)
+        spec, job = self.job.spec, self.job
+        # a job of chosen pairs (eval's episodes) decodes only those
+        wanted = None if job.pairs is None else (lambda item: job.concepts_for(chunk.items[item].url))
+        return segment_engines(self.sam, frames, results, self.engines, spec.max_instances, spec.min_similarity, wanted)
 
 
 class ScoreActor(ModelActor):

@@ -74,14 +74,18 @@ def content_sha256(data: bytes) -> str:
 
 class FeatureCache:
     """high_res_shapes: the per-image shape of each high-resolution level the model's entries
-    must hold (persam_core.families.input_format(model_type).high_res_shapes; () for SAM)."""
+    must hold (persam_core.families.input_format(model_type).high_res_shapes; () for SAM);
+    feature_shape: the shape of each entry's `features` (SAM's [256, 64, 64]; a cache of
+    DINOv2 tokens alone holds [1369, C] under DINOv2's fingerprint)."""
 
     def __init__(self, url: str, fingerprint: str, dtype: str = "fp16", storage_options: dict | None = None,
-                 num_shards: int | None = None, high_res_shapes: Shapes = ()) -> None:
+                 num_shards: int | None = None, high_res_shapes: Shapes = (),
+                 feature_shape: tuple[int, ...] = FEATURE_SHAPE) -> None:
         if dtype not in DTYPES:
             raise CacheError(f"--cache-dtype {dtype}: choose fp16 or fp32")
         self.url, self.dtype, self.num_shards = url, dtype, num_shards
         self.high_res_shapes = tuple(tuple(shape) for shape in high_res_shapes)
+        self.feature_shape = tuple(feature_shape)
         self.fs, root = url_to_fs(url, **(storage_options or {}))
         self.base = root.rstrip("/")
         self.root = f"{self.base}/{fingerprint.replace(':', '-')}/{dtype}"
@@ -157,7 +161,7 @@ class FeatureCache:
                     problems.append(f"cache file {path} unreadable ({type(error).__name__}): recomputed")
                     continue
                 for row in rows:
-                    entry = _checked(row, self.high_res_shapes)
+                    entry = _checked(row, self.high_res_shapes, self.feature_shape)
                     if entry is None:
                         corrupt.append(row[CONTENT_SHA256])
                     else:
@@ -199,13 +203,13 @@ class FeatureCache:
         return np.ascontiguousarray(array.astype(DTYPES[self.dtype], copy=False)).tobytes()
 
 
-def _checked(row: dict, high_res_shapes: Shapes = ()) -> CachedFeatures | None:
+def _checked(row: dict, high_res_shapes: Shapes = (), feature_shape: tuple[int, ...] = FEATURE_SHAPE) -> CachedFeatures | None:
     """A cache row -> its features, or None when a blob fails the checks (size, dtype, SHA-1)
     or a SAM 2 entry lacks its high-resolution levels."""
     dtype = DTYPES.get(row["dtype"])
     if dtype is None:
         return None
-    features = _array(row["features"], row["features_sha1"], dtype, (FEATURE_SHAPE,))
+    features = _array(row["features"], row["features_sha1"], dtype, (feature_shape,))
     high_res = _array(row.get("high_res"), row.get("high_res_sha1"), dtype, high_res_shapes) if high_res_shapes else ()
     if features is None or high_res is None:
         return None

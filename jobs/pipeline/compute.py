@@ -132,14 +132,39 @@ def score_batches(sam, chunk: Chunk, batches: list[Batch], results: ChunkResults
 
 # -- several methods: each image encoded once per frame its concepts' methods read ---------------
 
-Engines = list[tuple[object, list[int], object]]  # (engine, its concepts' positions in the job, on-device concepts)
 FrameBatch = tuple[list[int], list[FrameImage]]  # item indices of a chunk, and their frame images
+
+
+class EnginePass:
+    """One engine's batched pass over its concepts of a job: their positions (job order) and
+    their on-device form (engine.on_device), made once for all of them and, for a job that
+    computes chosen pairs only (PreparedJob.pairs), once per subset as first asked."""
+
+    def __init__(self, engine, positions: Sequence[int], concepts: Sequence[object], device) -> None:
+        self.engine, self.positions, self.device = engine, tuple(positions), device
+        self._concepts = dict(zip(self.positions, concepts))
+        self._on_device = {self.positions: engine.on_device(list(concepts), device)}
+
+    @property
+    def concepts(self):
+        """All of its concepts on the device."""
+        return self._on_device[self.positions]
+
+    def on_device(self, chosen: tuple[int, ...]):
+        """The concepts at job positions `chosen` (a subset of `positions`, in order) on the device."""
+        if chosen not in self._on_device:
+            self._on_device[chosen] = self.engine.on_device([self._concepts[p] for p in chosen], self.device)
+        return self._on_device[chosen]
+
+
+Engines = list[EnginePass]
 
 
 def encode_frames(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, frames: Sequence[str],
                   cache_dtype: str | None = None) -> tuple[dict[str, list[FrameBatch]], ChunkResults]:
     """Every frame in `frames` of the chunk's images -> ({frame: batches}, results). The model
-    frame as encode_chunk (cache included); the stretch frame through SAM and DINOv2 (never cached)."""
+    frame as encode_chunk (cache included); the stretch frame through SAM and DINOv2, or DINOv2
+    alone when `sam` is None (a presence pass that reads no SAM features)."""
     encoded: dict[str, list[FrameBatch]] = {}
     results = ChunkResults()
     if FRAME_MODEL in frames:
@@ -150,37 +175,52 @@ def encode_frames(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, frames: Sequen
     return encoded, results
 
 
+def _cached_stretch(chunk: Chunk, item: int, device: torch.device) -> FrameImage:
+    """A cached stretch frame on the device: its DINOv2 tokens, with SAM's features where cached."""
+    features, size = chunk.stretch_features.get(item), chunk.items[item].original_size
+    encoded = (None if features is None
+               else EncodedImage(on_device(features, device), (FRAME_SIDE, FRAME_SIDE), size))
+    return FrameImage(encoded, on_device(chunk.stretch_tokens[item], device), size)
+
+
 def encode_stretch(sam, dinov2, chunk: Chunk, speed: EncoderSpeed, results: ChunkResults,
                    cache_dtype: str | None = None) -> list[FrameBatch]:
-    """The stretch frames ([1024, 1024, 3] uint8) -> SAM features and DINOv2 tokens, in batches
-    of speed.batch_size (a failing batch becomes its images' failures; with `cache_dtype`, the
-    fresh ones also go to results.fresh_stretch for the cache); cached frames skip both encoders."""
+    """The stretch frames ([1024, 1024, 3] uint8) -> SAM features (none when `sam` is None) and
+    DINOv2 tokens, in batches of speed.batch_size (a failing batch becomes its images' failures;
+    with `cache_dtype`, the fresh ones also go to results.fresh_stretch, or fresh_tokens without
+    SAM, for the cache); cached frames skip both encoders."""
     batches: list[FrameBatch] = []
     size = max(1, speed.batch_size)
-    cached = [i for i in sorted(chunk.stretch_features) if i not in results.failures]
+    device = next(dinov2.parameters()).device
+    cached = [i for i in sorted(chunk.stretch_tokens) if i not in results.failures]
     for start in range(0, len(cached), size):
         indices = cached[start : start + size]
-        batches.append((indices, [FrameImage(EncodedImage(on_device(chunk.stretch_features[i], sam.device),
-                                                          (FRAME_SIDE, FRAME_SIDE), chunk.items[i].original_size),
-                                             on_device(chunk.stretch_tokens[i], sam.device)) for i in indices]))
+        batches.append((indices, [_cached_stretch(chunk, i, device) for i in indices]))
     pending = [i for i in sorted(chunk.stretch) if i not in results.failures]
     for start in range(0, len(pending), size):
         indices = pending[start : start + size]
         try:
             images = [chunk.stretched(i) for i in indices]
-            features = encode_images(sam, images, speed.precision, pad_to=encoder_padding(speed))
-            pixels = torch.stack([array_to_device(image.pixels, sam.device) for image in images])
+            features = (None if sam is None
+                        else encode_images(sam, images, speed.precision, pad_to=encoder_padding(speed)))
+            pixels = torch.stack([array_to_device(image.pixels, device) for image in images])
             with torch.no_grad():
-                tokens = frame_tokens(dinov2, frame_tensor(pixels))
+                tokens = frame_tokens(dinov2, frame_tensor(pixels), speed.precision)  # as SAM's encoder
         except Exception as error:
             results.failures.update({i: f"encode failed: {describe(error)}" for i in indices})
             continue
-        batches.append((indices, [FrameImage(f, t) for f, t in zip(features, tokens)]))
+        if features is None:
+            batches.append((indices, [FrameImage(None, t, image.original_size) for t, image in zip(tokens, images)]))
+        else:
+            batches.append((indices, [FrameImage(f, t) for f, t in zip(features, tokens)]))
         results.encoded = sorted(set(results.encoded) | set(indices))
         if cache_dtype is not None:  # cast on the device: fewer bytes cross to the host
             dtype = getattr(torch, np.dtype(DTYPES[cache_dtype]).name)
-            host_features = torch.stack([f.features for f in features]).to(dtype).cpu().numpy()
             host_tokens = tokens.to(dtype).cpu().numpy()
+            if features is None:
+                results.fresh_tokens.update({i: host_tokens[n] for n, i in enumerate(indices)})
+                continue
+            host_features = torch.stack([f.features for f in features]).to(dtype).cpu().numpy()
             results.fresh_stretch.update({i: (host_features[n], host_tokens[n]) for n, i in enumerate(indices)})
     return batches
 
@@ -191,16 +231,39 @@ def _to_job(host: HostResults, indices: list[int], positions: list[int]) -> Host
                           "concept_index": np.asarray(positions, np.int32)[host.concept_index]})
 
 
+def pair_groups(indices: Sequence[int], positions: Sequence[int],
+                wanted: Callable[[int], Sequence[int]] | None) -> list[tuple[tuple[int, ...], list[int]]]:
+    """A batch's items (chunk indices) -> [(concept positions, batch members)]: one group of all
+    of them with every position, or with `wanted` (item -> its concept positions) the members
+    that want the same subset of `positions` together (items wanting none of them: no group)."""
+    if wanted is None:
+        return [(tuple(positions), list(range(len(indices))))]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for member, item in enumerate(indices):
+        its = set(wanted(item))
+        chosen = tuple(p for p in positions if p in its)
+        if chosen:
+            groups.setdefault(chosen, []).append(member)
+    return list(groups.items())
+
+
 def segment_engines(sam, encoded: dict[str, list[FrameBatch]], results: ChunkResults, engines: Engines,
-                    max_instances: int = 1, min_similarity: float | None = None) -> ChunkResults:
+                    max_instances: int = 1, min_similarity: float | None = None,
+                    wanted: Callable[[int], Sequence[int]] | None = None) -> ChunkResults:
     """Each engine's batched pass over the batches of its frame -> results.masks (rows of every
-    engine, image_index = item index, concept_index = the job's concept order)."""
+    engine, image_index = item index, concept_index = the job's concept order). wanted: item
+    index -> the concept positions computed for it (None: every pair); a batch's images that
+    want the same concepts share one pass, no other pair is decoded."""
     parts = []
-    for engine, positions, concepts in engines:
-        for batch in encoded.get(engine.frame, []):
-            run = lambda images: engine.segment(sam, images, concepts, max_instances, min_similarity)  # noqa: E731
-            parts.extend(_to_job(host, indices, positions)
-                         for indices, host in per_batch(run, batch, results.failures, "segment"))
+    for engine_pass in engines:
+        engine = engine_pass.engine
+        for indices, images in encoded.get(engine.frame, []):
+            for chosen, members in pair_groups(indices, engine_pass.positions, wanted):
+                concepts = engine_pass.on_device(chosen)
+                batch = ([indices[m] for m in members], [images[m] for m in members])
+                run = lambda images: engine.segment(sam, images, concepts, max_instances, min_similarity)  # noqa: E731
+                parts.extend(_to_job(host, done, list(chosen))
+                             for done, host in per_batch(run, batch, results.failures, "segment"))
     results.masks = HostResults.concatenate(parts, [0] * len(parts))
     return results
 
@@ -208,10 +271,11 @@ def segment_engines(sam, encoded: dict[str, list[FrameBatch]], results: ChunkRes
 def score_engines(sam, chunk: Chunk, encoded: dict[str, list[FrameBatch]], results: ChunkResults,
                   engines: Engines) -> ChunkResults:
     """Each engine's presence pass -> results.similarity [N, K], results.point [N, K, 2] (job order)."""
-    count = sum(len(positions) for _, positions, _ in engines)
+    count = sum(len(engine_pass.positions) for engine_pass in engines)
     results.similarity = np.full((len(chunk.items), count), np.nan, np.float32)
     results.point = np.zeros((len(chunk.items), count, 2), np.int32)
-    for engine, positions, concepts in engines:
+    for engine_pass in engines:
+        engine, positions, concepts = engine_pass.engine, list(engine_pass.positions), engine_pass.concepts
         for batch in encoded.get(engine.frame, []):
             run = lambda images: engine.score(sam, images, concepts)  # noqa: E731
             for indices, (similarity, point) in per_batch(run, batch, results.failures, "score"):

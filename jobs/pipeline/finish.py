@@ -14,7 +14,7 @@ image's features (2-4 MiB) through the driver.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -45,8 +45,10 @@ def result_row(item: ChunkItem, concept: ConceptLabel, masks: HostResults, row: 
     )
 
 
-def mask_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLabel], fingerprint: str) -> list[dict]:
-    """-> rows of every image that is not carried: images x concepts x instances."""
+def mask_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLabel], fingerprint: str,
+              concepts_for: Callable[[str], Sequence[int]] | None = None) -> list[dict]:
+    """-> rows of every image that is not carried: images x concepts x instances; with
+    `concepts_for` (url -> concept positions: PreparedJob.concepts_for), only its concepts'."""
     masks = results.masks
     by_image: dict[int, list[int]] = {}
     if masks is not None and len(masks):
@@ -59,7 +61,8 @@ def mask_rows(chunk: Chunk, results: ChunkResults, concepts: Sequence[ConceptLab
         found = by_image.get(index)
         if item.error is not None or index in results.failures or not found:
             reason = item.error or results.failures.get(index, "no result for this image")
-            rows.extend(error_row(item, concept, reason, fingerprint) for concept in concepts)
+            chosen = range(len(concepts)) if concepts_for is None else concepts_for(item.url)
+            rows.extend(error_row(item, concepts[k], reason, fingerprint) for k in chosen)
             continue
         rows.extend(result_row(item, concepts[int(masks.concept_index[r])], masks, r, fingerprint) for r in found)
     return rows
@@ -96,6 +99,14 @@ def store_fresh_stretch(cache: FeatureCache, chunk: Chunk, results: ChunkResults
             for i, (features, tokens) in results.fresh_stretch.items()})
 
 
+def store_fresh_tokens(cache: FeatureCache, chunk: Chunk, results: ChunkResults) -> None:
+    """Add the DINOv2 tokens a presence-only pass encoded (the tokens as each entry's features)."""
+    if results.fresh_tokens:
+        cache.store({chunk.items[i].url: (chunk.items[i].sha256, CachedFeatures(
+            tokens, (FRAME_SIDE, FRAME_SIDE), chunk.items[i].original_size))
+            for i, tokens in results.fresh_tokens.items()})
+
+
 def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict:
     """{"meta", "results"} -> FinishedChunk.to_row() for the driver: mask rows, or with
     `scores_only` (rank's first pass) one score row per (image, concept)."""
@@ -106,10 +117,13 @@ def finish_chunk(row: dict, job: PreparedJob, scores_only: bool = False) -> dict
     stretch_cache = job.stretch_cache()
     if stretch_cache is not None:
         store_fresh_stretch(stretch_cache, chunk, results)
+    token_cache = job.token_cache()
+    if token_cache is not None:
+        store_fresh_tokens(token_cache, chunk, results)
     if scores_only:
         table = rank_rows_to_table(score_rows(chunk, results, job.labels(), job.fingerprint))
     else:
-        table = rows_to_table(mask_rows(chunk, results, job.labels(), job.fingerprint))
+        table = rows_to_table(mask_rows(chunk, results, job.labels(), job.fingerprint, job.concepts_for))
     return FinishedChunk(
         chunk.shard, chunk.index, len(chunk.items), table_to_ipc(table), len(results.encoded),
         sum(item.source == "cached" for item in chunk.items), tuple(item.url for item in chunk.items if item.carried),

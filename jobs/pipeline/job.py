@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from persam_core.acceleration import EncoderSpeed, resolve_speed
 from persam_core.families import input_format
-from persam_core.methods.registry import FRAME_STRETCH, concept_label, frames_of, load_concept, needs_dinov2
+from persam_core.methods.registry import (FRAME_STRETCH, concept_label, frames_of, load_concept, needs_dinov2,
+                                          presence_reads_sam)
 from persam_core.modeling.dinov2 import TOKENS, dinov2_width
 
 from jobs.pipeline.cache import FeatureCache
@@ -35,6 +36,10 @@ class PreparedJob:
     concept_texts: tuple[str, ...]  # to_json() of each concept, in the job's order
     cache_shards: int | None = None  # the cache's shard count; None: no --cache
     dinov2_fingerprint: str | None = None  # the DINOv2 weights every actor must load; None: no concept reads DINOv2
+    presence_only: bool = False  # rank's first pass: only what the engines' presence (`score`) reads
+    # (url, concept names): the only (image, concept) pairs computed and written (eval's few-shot
+    # episodes, each scoring its own query); None: every image with every concept
+    pairs: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
     def concepts(self) -> list[Any]:
         """The concepts, each validated by its method (the registry)."""
@@ -49,12 +54,43 @@ class PreparedJob:
         # read once per process: a GF-SAM concept is megabytes, the CPU stages ask per chunk
         return tuple(concept_label(text) for text in self.concept_texts)
 
+    def concepts_for(self, url: str) -> tuple[int, ...]:
+        """The positions (job order) of the concepts computed for the image `url`: every one, or
+        with `pairs` those paired with it (none for an image without a pair)."""
+        if self.pairs is None:
+            return tuple(range(len(self.concept_texts)))
+        return self._paired.get(url, ())
+
+    @cached_property
+    def _paired(self) -> dict[str, tuple[int, ...]]:
+        position = {name: index for index, (name, _) in enumerate(self._labels)}
+        paired: dict[str, set[int]] = {}
+        for url, names in self.pairs or ():
+            # a job over some of the concepts (a rerun's lacking ones) computes their pairs only
+            paired.setdefault(url, set()).update(position[name] for name in names if name in position)
+        return {url: tuple(sorted(positions)) for url, positions in paired.items()}
+
+    def images_with(self, names: Sequence[str], urls: Sequence[str]) -> list[str]:
+        """Those of `urls` computed with at least one of the concepts `names` (all without `pairs`):
+        the images whose rows a partition of those concepts holds."""
+        if self.pairs is None:
+            return list(urls)
+        wanted = set(names)
+        paired = {url for url, concepts in self.pairs if wanted & set(concepts)}
+        return [url for url in urls if url in paired]
+
     def frames(self) -> tuple[str, ...]:
         """The frames the concepts' methods read (persam_core.methods.registry.FRAMES)."""
         return frames_of([method for _, method in self._labels])
 
     def needs_dinov2(self) -> bool:
         return needs_dinov2([method for _, method in self._labels])
+
+    def needs_sam(self) -> bool:
+        """Whether the actors load and run SAM: always, except for a presence-only pass whose
+        methods' presence reads DINOv2 alone (the registry says, per method)."""
+        methods = [method for _, method in self._labels]
+        return not (self.presence_only and methods) or presence_reads_sam(methods)
 
     def cache(self) -> FeatureCache | None:
         if self.cache_shards is None:
@@ -65,11 +101,20 @@ class PreparedJob:
         """The --cache of the stretch frame (GF-SAM), or None: SAM's features of the stretched
         image with DINOv2's tokens as its one extra level [1369, C], under a fingerprint of both
         weights; sharded as the model frame's cache (whose layout the job adopted)."""
-        if self.cache_shards is None or self.dinov2_fingerprint is None or FRAME_STRETCH not in self.frames():
+        if (self.cache_shards is None or self.dinov2_fingerprint is None or FRAME_STRETCH not in self.frames()
+                or not self.needs_sam()):
             return None
         tokens = (TOKENS, dinov2_width(self.spec.model.dinov2))
         return FeatureCache(self.spec.cache, f"{self.fingerprint}+{self.dinov2_fingerprint}", self.spec.cache_dtype,
                             self.spec.storage_options, self.cache_shards, (tokens,))
+
+    def token_cache(self) -> FeatureCache | None:
+        """The --cache of a pass that reads DINOv2 alone (needs_sam() False), or None: the stretch
+        frame's DINOv2 tokens [1369, C] as each entry's features, under DINOv2's fingerprint alone."""
+        if self.cache_shards is None or self.dinov2_fingerprint is None or self.needs_sam():
+            return None
+        return FeatureCache(self.spec.cache, self.dinov2_fingerprint, self.spec.cache_dtype, self.spec.storage_options,
+                            self.cache_shards, feature_shape=(TOKENS, dinov2_width(self.spec.model.dinov2)))
 
 
 def feature_cache(spec: JobSpec, fingerprint: str, num_shards: int | None = None) -> FeatureCache:

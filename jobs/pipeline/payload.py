@@ -56,7 +56,8 @@ class Chunk:
     high_res: item index -> SAM 2's cached high-resolution levels, same dtype (absent for SAM);
     stretch: item index -> the 1024 x 1024 stretch frame [1024, 1024, 3] uint8, for methods
     that read it (GF-SAM; persam_core.methods.frames); stretch_features / stretch_tokens: item
-    index -> that frame's cached SAM features [256, 64, 64] and DINOv2 tokens [1369, C]."""
+    index -> that frame's cached SAM features [256, 64, 64] and DINOv2 tokens [1369, C] (tokens
+    alone, no features, for a pass that reads no SAM features: PreparedJob.needs_sam)."""
 
     shard: int
     index: int
@@ -86,7 +87,8 @@ class ChunkResults:
     similarity / point (task "score"): [N, K] float32 (NaN where not scored) / [N, K, 2] int32 (x, y);
     fresh: item index -> [256, 64, 64] features just encoded, in the cache's dtype (for the cache);
     fresh_high_res: item index -> SAM 2's high-resolution levels just encoded, same dtype;
-    fresh_stretch: item index -> (SAM features, DINOv2 tokens) of the stretch frame just encoded.
+    fresh_stretch: item index -> (SAM features, DINOv2 tokens) of the stretch frame just encoded;
+    fresh_tokens: item index -> DINOv2 tokens just encoded by a pass that runs no SAM.
     """
 
     failures: dict[int, str] = field(default_factory=dict)
@@ -97,6 +99,7 @@ class ChunkResults:
     fresh: dict[int, np.ndarray] = field(default_factory=dict)
     fresh_high_res: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
     fresh_stretch: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    fresh_tokens: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ def pack_results(results: ChunkResults) -> bytes:
     arrays: dict[str, np.ndarray] = {f"fresh_{i}": a for i, a in results.fresh.items()}
     arrays.update(_level_arrays("freshlevel", results.fresh_high_res))
     arrays.update(_level_arrays("freshstretch", results.fresh_stretch))
+    arrays.update({f"freshtokens_{i}": a for i, a in results.fresh_tokens.items()})
     if results.masks is not None:
         arrays.update({f"masks_{k}": v for k, v in results.masks.to_arrays().items()})
     if results.similarity is not None:
@@ -254,6 +258,7 @@ def unpack_results(data: bytes) -> ChunkResults:
     results.fresh = {int(n.rpartition("_")[2]): a for n, a in arrays.items() if n.startswith("fresh_")}
     results.fresh_high_res = _levels_of(arrays, "freshlevel")
     results.fresh_stretch = _levels_of(arrays, "freshstretch")  # type: ignore[assignment]
+    results.fresh_tokens = {int(n.rpartition("_")[2]): a for n, a in arrays.items() if n.startswith("freshtokens_")}
     return results
 
 

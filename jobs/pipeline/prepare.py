@@ -11,7 +11,8 @@ hash them (SHA-256 of the content), and then
   (persam_core.inputs: SAM's longest side to 1024 in uint8, SAM 2's 1024 x 1024 float32).
 Only the frames the job's methods read are made (persam_core.methods.frames): the model's
 frame above (cached or resized), and for GF-SAM concepts the 1024 x 1024 stretch frame
-(decoded even when the model frame came from the cache; never cached itself).
+(decoded even when the model frame came from the cache; never cached itself: its SAM
+features and DINOv2 tokens are, or its tokens alone for a pass that reads no SAM features).
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
     resize_stretch = frame_resize(FRAME_STRETCH, job.spec.model.model_type)
     urls = list(row["urls"])
     # unchanged: good rows for every concept this run computes (a new concept has none)
-    unchanged = good_images(list(row.get("previous") or []), storage_options, [name for name, _ in job.labels()])
+    labels, previous = job.labels(), list(row.get("previous") or [])
+    unchanged_for: dict[tuple[int, ...], set] = {}  # per set of concepts (several with `pairs`)
+
+    def unchanged(url: str, sha256: str) -> bool:
+        chosen = job.concepts_for(url)
+        if chosen not in unchanged_for:
+            unchanged_for[chosen] = good_images(previous, storage_options, [labels[k][0] for k in chosen])
+        return (url, sha256) in unchanged_for[chosen]
+
     items, data = [], {}
     sources = dict(row.get("sources") or {})
     for index, url in enumerate(urls):
@@ -63,10 +72,12 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
             item.error = scrub(f"read failed: {describe(error)}", secrets_in([source]))
             continue
         item.sha256 = content_sha256(data[index])
-        item.carried = (url, item.sha256) in unchanged
+        item.carried = unchanged(url, item.sha256)
     wanted = {item.sha256 for item in items if item.sha256 and not item.carried}
     cached, problems = cache.load(urls, wanted) if cache is not None and wanted else ({}, [])
-    stretch_cache = job.stretch_cache() if stretch else None
+    # a pass that reads DINOv2 alone (rank's presence) caches tokens only, under DINOv2's fingerprint
+    tokens_only = not job.needs_sam()
+    stretch_cache = (job.token_cache() if tokens_only else job.stretch_cache()) if stretch else None
     cached_stretch, more = stretch_cache.load(urls, wanted) if stretch_cache is not None and wanted else ({}, [])
     chunk = Chunk(int(row["shard"]), int(row["chunk"]), items, tuple(problems + more))
     for index, item in enumerate(items):
@@ -95,7 +106,9 @@ def prepare_chunk(row: dict, job: PreparedJob) -> dict:
                 chunk.high_res[index] = entry.high_res
         if resized is not None:
             chunk.pixels[index] = resized.pixels
-        if stretched_entry is not None:
+        if stretched_entry is not None and tokens_only:
+            chunk.stretch_tokens[index] = stretched_entry.features
+        elif stretched_entry is not None:
             chunk.stretch_features[index], chunk.stretch_tokens[index] = stretched_entry.features, stretched_entry.high_res[0]
         if stretched is not None:
             chunk.stretch[index] = stretched.pixels

@@ -18,6 +18,7 @@ inputs, and the tests, which so exercise the real wiring without a Ray start).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Callable, Iterator, TypeVar
 
 from jobs.logs import native_stderr_filter, ray_logging_level
@@ -61,6 +62,8 @@ def run_pipeline(
 ) -> list[Result]:
     """Run every shard through the stages; on_shard(shard, its chunks in order) once per
     shard, on_progress(images) once per chunk as it reaches the driver -> on_shard's results."""
+    if actor.scores_only:  # the stages make, encode and cache only what the engines' presence reads
+        job = replace(job, presence_only=True)
     chunk_size = job.spec.speed.images_per_chunk()
     chunks = plan_chunks(shards, chunk_size)
     by_id = {s.shard: s for s in shards}

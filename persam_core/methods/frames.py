@@ -28,10 +28,18 @@ from .registry import FRAME_MODEL, FRAME_STRETCH
 @dataclass(frozen=True)
 class FrameImage:
     """One image as an engine reads it: SAM's encoding of the frame (features [256, 64, 64],
-    input size, original size) and, for the stretch frame, DINOv2 tokens [1369, C] (else None)."""
+    input size, original size) and, for the stretch frame, DINOv2 tokens [1369, C] (else None).
+    A presence pass that reads no SAM features (Engine.score_reads_sam False) gets `encoded`
+    None and the image's (H, W) in `size`."""
 
-    encoded: EncodedImage
+    encoded: EncodedImage | None
     tokens: Tensor | None = None
+    size: tuple[int, int] | None = None
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """(H, W) of the image as displayed."""
+        return tuple(self.encoded.original_size) if self.encoded is not None else tuple(self.size)
 
 
 def stretch_resize(image: np.ndarray) -> ResizedImage:

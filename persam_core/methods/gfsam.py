@@ -32,6 +32,7 @@ class GFSAMEngine:
     frame = FRAME_STRETCH
     needs_dinov2 = True
     ranks = True
+    score_reads_sam = False  # presence is DINOv2's alone (the GF-SAM contract §5)
 
     def on_device(self, concepts: Sequence[GFSAMConcept], device: torch.device | str) -> ConceptStack:
         return ConceptStack.of([c.reference for c in concepts], device)
@@ -46,7 +47,7 @@ class GFSAMEngine:
 
     def score(self, sam, images: Sequence[FrameImage], concepts: ConceptStack) -> tuple[np.ndarray, np.ndarray]:
         tokens = torch.stack([i.tokens for i in images])
-        sizes = [tuple(int(v) for v in i.encoded.original_size) for i in images]
+        sizes = [tuple(int(v) for v in i.original_size) for i in images]
         presence, point = presence_points(tokens, concepts, sizes)
         return presence.cpu().numpy().astype(np.float32), point.cpu().numpy().astype(np.int32)
 

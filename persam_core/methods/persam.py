@@ -30,6 +30,7 @@ class PerSAMEngine:
     frame = FRAME_MODEL
     needs_dinov2 = False
     ranks = True
+    score_reads_sam = True  # the location prior is over SAM's features
 
     def on_device(self, concepts: Sequence[Concept], device: torch.device | str) -> list[ConceptTensors]:
         return [ConceptTensors.on(concept, device) for concept in concepts]

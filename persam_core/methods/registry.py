@@ -48,6 +48,9 @@ class Engine(Protocol):
     frame: str
     needs_dinov2: bool
     ranks: bool  # has `score` (rank's pass: presence and a point, no decoding)
+    # whether `score` reads SAM's features: False when presence needs DINOv2's tokens alone
+    # (rank's first pass then neither loads SAM nor runs its encoder; FrameImage.encoded is None)
+    score_reads_sam: bool
 
     def on_device(self, concepts: Sequence[Any], device: Any) -> Any: ...
 
@@ -188,3 +191,9 @@ def frames_of(methods: Sequence[str]) -> tuple[str, ...]:
 
 def needs_dinov2(methods: Sequence[str]) -> bool:
     return any(get_method(name).engine.needs_dinov2 for name in methods)
+
+
+def presence_reads_sam(methods: Sequence[str]) -> bool:
+    """Whether the presence pass (rank's first) of the named methods reads SAM's features; an
+    engine that does not say (a plug-in written before `score_reads_sam`) is taken to read them."""
+    return any(getattr(get_method(name).engine, "score_reads_sam", True) for name in methods)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from persam_core.acceleration import encoder_precision
 from persam_core.models import ModelError, fingerprint
 from persam_core.options import DEFAULT_DINOV2, DINOV2_TYPES  # the CLI's names, torch-free
 
@@ -176,9 +177,16 @@ def normalise_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(tokens, dim=1, p=2)
 
 
-def frame_tokens(model: VisionTransformer, frames: torch.Tensor) -> torch.Tensor:
-    """frames [B, 3, 1024, 1024] in [0, 1] -> normalised tokens [B, 1369, C] float32."""
-    return normalise_tokens(prenorm_tokens(model, dinov2_input(frames)).float())
+def frame_tokens(model: VisionTransformer, frames: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """frames [B, 3, 1024, 1024] in [0, 1] -> normalised tokens [B, 1369, C] float32.
+
+    precision: the SAM image encoder's (`--precision`, acceleration.encoder_precision): the
+    transformer's blocks run under that autocast ("fp32": none, GF-SAM's own path); the resize
+    before them and the normalisation after them stay fp32."""
+    pixels = dinov2_input(frames)
+    with encoder_precision(precision, frames.device):
+        tokens = prenorm_tokens(model, pixels)
+    return normalise_tokens(tokens.float())
 
 
 def grid_side(tokens: int) -> int:

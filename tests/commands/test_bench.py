@@ -67,6 +67,25 @@ def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     assert "bench: job with 2 concept(s)" in err
 
 
+@pytest.mark.slow
+def test_job_bench_runs_gfsam_beside_persam():
+    """--job --gfsam: GF-SAM's parts in-process (SAM and DINOv2 alone, its pass for 1 and K
+    concepts) and its jobs on the PerSAM jobs' Ray and JPEGs, with the targets' ratios."""
+    images, concepts = 2, 2
+    result, err = bench_json(["--job", "--gfsam", "--dinov2", "tiny", "--dinov2-checkpoint", "random:0",
+                              "--images", str(images), "--concepts", str(concepts), "--shard-size", "1"])
+    assert (result["gfsam_job_k1_rows"], result["gfsam_job_k_rows"]) == (images, images * concepts)
+    assert result["gfsam_job_k1_error_rows"] == result["gfsam_job_k_error_rows"] == 0
+    assert (result["job_k1_rows"], result["gfsam_dinov2"]) == (images, "tiny")
+    for key in ("gfsam_sam_encoder_images_per_s", "gfsam_dinov2_images_per_s", "gfsam_cascade_k1_images_per_s",
+                "gfsam_cascade_k_images_per_s", "gfsam_job_k1_whole_images_per_s", "gfsam_job_k_whole_images_per_s",
+                "gfsam_job_k1_over_job_k1_whole", "gfsam_job_k_over_gfsam_job_k1_whole"):
+        assert result[key] > 0, key
+    for key in ("gfsam_job_k1_over_job_k1", "gfsam_job_k_over_gfsam_job_k1"):  # steady state: None with < 3 results
+        assert key in result
+    assert "bench: GF-SAM job with 2 concept(s)" in err
+
+
 def test_steady_state_runs_from_the_first_result_to_the_last_but_one(monkeypatch):
     """Start-up and the first chunk come before the first result; the last comes early (the
     pipeline drains), so the window ends at the last but one."""

@@ -111,6 +111,44 @@ def test_coco_eval_per_fold_and_mean_deterministically(tmp_path: Path) -> None:
     assert second["folds"] == first["folds"]
 
 
+def test_each_episode_computes_only_its_own_pair(tmp_path: Path, monkeypatch) -> None:
+    """A group's job decodes each episode's (query, concept) pair and no other, and every
+    episode's counts equal those of the job that decoded every pair of its group."""
+    from jobs.commands import eval_fewshot
+    from persam_core.methods.persam import PerSAMEngine
+
+    decoded, episode_counts = [], []
+    segment, counts_of = PerSAMEngine.segment, eval_fewshot.frame_counts
+
+    def counted_segment(self, sam, images, concepts, *args):
+        decoded.append(len(images) * len(concepts))
+        return segment(self, sam, images, concepts, *args)
+
+    def recorded(prediction, truth):
+        episode_counts.append(counts_of(prediction, truth).tolist())
+        return episode_counts[-1]
+
+    monkeypatch.setattr(PerSAMEngine, "segment", counted_segment)
+    monkeypatch.setattr(eval_fewshot, "frame_counts", lambda p, t: np.asarray(recorded(p, t)))
+    fss, coco = make_fss(tmp_path / "fss"), make_coco(tmp_path / "coco")
+    runs = {}
+    for name, every_pair in (("own", False), ("every", True)):
+        if every_pair:  # the job as it was: every concept of the group in every query of the group
+            monkeypatch.setattr(eval_fewshot, "episode_pairs", lambda data, episodes: None)
+        decoded.clear(), episode_counts.clear()
+        _eval(fss, tmp_path / f"fss-{name}", "--benchmark", "fss1000", method="persam")
+        fss_pairs, fss_counts = sum(decoded), list(episode_counts)
+        decoded.clear(), episode_counts.clear()
+        _eval(coco, tmp_path / f"coco-{name}", "--benchmark", "coco20i", "--fold", "0", "--episodes", "4",
+              method="persam")
+        runs[name] = (fss_pairs, fss_counts, sum(decoded), list(episode_counts))
+    own, every = runs["own"], runs["every"]
+    assert own[0] == 6 and every[0] == 6 * 6  # FSS: 6 episodes, 6 queries
+    assert own[2] == 4 and every[2] > 4  # COCO: 4 episodes over 3 images (a query drawn twice has both concepts)
+    assert own[1] == every[1] and own[3] == every[3]  # every episode's intersections and unions
+    assert len(own[1]) == 6 and len(own[3]) == 4
+
+
 @pytest.mark.slow  # GF-SAM's up to 128 prompts per (image, concept) pair: ~10 s of CPU a pair
 def test_gfsam_eval_on_both_layouts(tmp_path: Path) -> None:
     fss = _eval(make_fss(tmp_path / "fss"), tmp_path / "a", "--benchmark", "fss1000", "--episodes", "2")

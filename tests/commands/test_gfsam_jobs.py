@@ -186,20 +186,44 @@ def test_the_ray_job_writes_the_local_runner_rows(scene, segmented):
     assert [[r[c] for c in columns] for r in ray_rows] == [[r[c] for c in columns] for r in local_rows]
 
 
-def test_rank_scores_by_gfsam_presence_and_a_warm_rerun_reads_the_cache(scene, segmented):
+def _counting(monkeypatch, module, name: str, counts: dict) -> None:
+    """Replace module.name by a wrapper that counts its calls (the encoders: their images)."""
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + (len(args[1]) if name != "load_checked_model" else 1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_rank_scores_by_gfsam_presence_and_a_warm_rerun_reads_the_cache(scene, segmented, monkeypatch):
+    """The presence pass reads DINOv2 alone: SAM is loaded and run only for the top k's masks."""
+    from jobs.pipeline import actors, compute
+
     cache = scene.root / "cache"
     runs = []
     for name in ("cold", "warm"):
-        out = scene.root / f"rank-{name}"
+        out, counts = scene.root / f"rank-{name}", {}
+        _counting(monkeypatch, compute, "encode_images", counts)  # SAM's encoder, images
+        _counting(monkeypatch, compute, "frame_tokens", counts)  # DINOv2, images
+        _counting(monkeypatch, actors, "load_checked_model", counts)  # SAM on an actor
         result = run_cli(["rank", *MODEL, *DINO, *LOCAL, "--concept", str(scene.red), "--input", str(scene.lake),
                           "--output", str(out), "--top-k", "1", "--cache", str(cache), "--cache-dtype", "fp32"])
+        monkeypatch.undo()
         assert result.rc == 0, result.err
         runs.append((re.search(r"(\d+) encoded, (\d+) from cache", result.out).groups(),
-                     pq.read_table(out / "ranking.parquet").to_pylist()))
-    (cold_counts, ranking), (warm_counts, warm) = runs
+                     pq.read_table(out / "ranking.parquet").to_pylist(), counts))
+    (cold_counts, ranking, cold), (warm_counts, warm, hot) = runs
     assert cold_counts == ("2", "0") and warm_counts == ("0", "2")  # the warm run reads DINOv2 tokens from the cache
+    # cold: SAM loaded once and run on the top image only (the masks pass); DINOv2 on 2 + 1 images
+    assert cold == {"encode_images": 1, "frame_tokens": 3, "load_checked_model": 1}
+    assert hot == {"load_checked_model": 1}  # warm: neither encoder runs
     assert warm == ranking
-    assert any("+" in folder.name for folder in cache.iterdir())  # keyed by SAM's and DINOv2's fingerprints
+    folders = {folder.name for folder in cache.iterdir()}
+    assert any("+" in folder for folder in folders)  # the masks pass: keyed by SAM's and DINOv2's fingerprints
+    concept = load_concept(scene.red.read_text())
+    assert concept.dinov2_fingerprint.replace(":", "-") in folders  # the presence pass: DINOv2's tokens alone
     presence = {r["image_uri"]: r["similarity"] for r in _rows(segmented) if r["method"] == "gf-sam"}
     assert [r["rank"] for r in ranking] == [1, 2]
     assert ranking[0]["similarity"] >= ranking[1]["similarity"]

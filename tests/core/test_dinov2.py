@@ -174,3 +174,22 @@ def test_frame_tokens_shape_dtype_and_batch_independence(tiny_state):
     assert tokens.shape == (2, 1369, 64) and tokens.dtype == torch.float32
     assert torch.allclose(tokens[1:], frame_tokens(model, frames[1:]), atol=1e-6)
     assert torch.allclose(tokens.norm(dim=1), torch.ones(2, 64), atol=1e-5)
+
+
+def test_frame_tokens_run_the_blocks_at_the_encoders_precision(tiny_state):
+    """--precision reaches DINOv2 as SAM's encoder: bf16 autocast around the blocks (checked on
+    CPU, where autocast bf16 exists too), fp32 tokens out; fp32 (CPU's default) changes nothing."""
+    model = dinov2_from_state_dict("tiny", tiny_state, source="x.pth")
+    frames = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(5))
+    seen = []
+    hook = model.blocks[0].attn.qkv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    with torch.no_grad():
+        exact = frame_tokens(model, frames)
+        half = frame_tokens(model, frames, "bf16")
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert exact.dtype == half.dtype == torch.float32
+    assert torch.equal(exact, frame_tokens(model, frames, "fp32"))
+    cosine = torch.nn.functional.cosine_similarity(exact, half, dim=-1)
+    assert cosine.min() > 0.98  # the same tokens, at bf16's precision
+

@@ -77,9 +77,9 @@ def fake_pipeline(job, actor, shards, on_shard, on_progress=None) -> list[dict]:
     for shard in shards:
         rows = [mask_row(url, name, method, job.fingerprint, _version(url), size=(24, 32), instance=i, present=True,
                          area=1, score=0.5)
-                for url in shard["urls"] for name, method in job.labels() for i in range(2 if "two" in Path(url).name else 1)]
-        chunk = FinishedChunk(shard["shard"], 0, len(shard["urls"]), table_to_ipc(rows_to_table(rows)),
-                              encoded=len(shard["urls"]))
+                for url in shard.urls for name, method in job.labels() for i in range(2 if "two" in Path(url).name else 1)]
+        chunk = FinishedChunk(shard.shard, 0, len(shard.urls), table_to_ipc(rows_to_table(rows)),
+                              encoded=len(shard.urls))
         results.append(on_shard(shard, [chunk]))
     return results
 
