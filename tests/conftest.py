@@ -25,12 +25,10 @@ from sample_tools import load_pair
 # torch's own intra-op thread count unless PERSAM_TEST_THREADS says otherwise. One thread was
 # faster once; on the 2-core dev VM with today's code two are: the whole suite 506 s against
 # 664-715 s on one, the real vit_b fidelity test 30-32 s against 62-71 s.
-# Under pytest-xdist (`make test`: two workers) each worker takes its share of the cores, so
-# that two workers' torch threads do not contend for the same ones.
+# Also under pytest-xdist (`make test`: two workers): a local run's rows must equal a Ray
+# actor's bit for bit, and an actor takes this machine's thread count (session.plan_actors).
 if "PERSAM_TEST_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["PERSAM_TEST_THREADS"]))
-elif "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 BROKEN = ("broken.jpg", "zero.png")
 
