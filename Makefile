@@ -21,12 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo demo-output
 
+# Two worker processes (pytest-xdist), each test file on one of them (its module fixtures are
+# made once); tests that start Ray or child processes watch only their own.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # Everything but the tests marked slow (the real vit_b architecture, whole jobs on Ray)
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,8 @@ from sample_tools import load_pair
 # torch's own intra-op thread count unless PERSAM_TEST_THREADS says otherwise. One thread was
 # faster once; on the 2-core dev VM with today's code two are: the whole suite 506 s against
 # 664-715 s on one, the real vit_b fidelity test 30-32 s against 62-71 s.
+# Also under pytest-xdist (`make test`: two workers): a local run's rows must equal a Ray
+# actor's bit for bit, and an actor takes this machine's thread count (session.plan_actors).
 if "PERSAM_TEST_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["PERSAM_TEST_THREADS"]))
 
@@ -41,6 +44,55 @@ def _no_cluster():
     patch.delenv("RAY_ADDRESS", raising=False)
     yield
     patch.undo()
+
+
+def _ray_sessions() -> set[str]:
+    """The session folders of every local Ray started on this machine (Ray's temporary root:
+    RAY_TMPDIR, else TMPDIR, else /tmp); each is named ..._<pid of the driver that started it>."""
+    root = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
+    try:
+        return {entry.name for entry in os.scandir(root) if entry.name.startswith("session_2")}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _slow_work_only_in_slow_tests(request):
+    """A test that starts Ray (in this process or in a child process it starts) or builds the
+    real vit_b architecture carries the `slow` mark (`make test-quick` leaves out exactly
+    those): it fails otherwise. A Ray that another process on the machine started (another
+    test run) is not this test's."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    if "vit_b_sam" in request.fixturenames:
+        pytest.fail(f"{request.node.nodeid} builds vit_b (vit_b_sam) but is not marked slow", pytrace=False)
+    from persam_core import sam_family
+
+    before, drivers, built = _ray_sessions(), {str(os.getpid())}, []
+    real_init, real_vit_b = subprocess.Popen.__init__, sam_family.BUILDERS["vit_b"]
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        drivers.add(str(self.pid))
+
+    def build_vit_b():
+        if torch.empty(0).device.type != "meta":  # a skeleton (keys and shapes) costs nothing
+            built.append("vit_b")
+        return real_vit_b()
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(subprocess.Popen, "__init__", init)
+    patch.setitem(sam_family.BUILDERS, "vit_b", build_vit_b)
+    try:
+        yield
+    finally:
+        patch.undo()
+    if built:
+        pytest.fail(f"{request.node.nodeid} builds vit_b but is not marked slow", pytrace=False)
+    started = sorted(name for name in _ray_sessions() - before if name.rsplit("_", 1)[-1] in drivers)
+    if started:
+        pytest.fail(f"{request.node.nodeid} started Ray ({started[0]}) but is not marked slow", pytrace=False)
 
 
 # ---------------------------------------------------------------------------- sample data and models

@@ -20,6 +20,7 @@ import pytest
 from cli_tools import ACCESS_KEY, MODEL, PERSAM, REPO, SECRET_KEY, run_persam
 from jobs.pipeline.commit import shard_of
 from jobs.storage.schema import partition_concept, read_part
+from process_tools import descendants
 
 pytestmark = pytest.mark.slow  # every test here runs Ray in child processes
 
@@ -140,13 +141,18 @@ def test_killed_driver_resumes_without_duplicates(tmp_path, many_images, tiny_co
     assert_exactly_once(read_rows(str(output)), expected_images=12)
 
 
-def _actor_pids() -> list[int]:
+def _actor_pids(driver: int) -> list[int]:
+    """The SegmentActor processes below `driver` (its embedded Ray's workers): never those of
+    another run on the same machine."""
     psutil = pytest.importorskip("psutil")
     pids = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
+    for process in descendants(driver):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            continue
         if "SegmentActor" in command and "ray::" in command:
-            pids.append(process.info["pid"])
+            pids.append(process.pid)
     return pids
 
 
@@ -157,7 +163,7 @@ def test_killed_actor_is_restarted_and_no_row_is_lost(tmp_path, many_images, tin
     job = _start_job(_chunked_shards(output, many_images, tiny_concept), dict(os.environ))
     try:
         _wait_for_parts(output, 1, job)
-        pids = _actor_pids()
+        pids = _actor_pids(job.pid)
         assert pids, "no SegmentActor process found"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)

@@ -84,7 +84,9 @@ def test_ray_listens_on_loopback_and_dies_with_a_killed_driver(scenes, tmp_path,
 
 
 def test_a_finished_run_leaves_no_ray_process(tmp_path):
-    few = make_scenes(tmp_path / "few", 20)
+    # 8 one-image shards: after the first progress line, seven images (seconds of work) are
+    # left while the processes are looked at, and the run then ends by itself
+    few = make_scenes(tmp_path / "few", 8)
     job = start_persam(segment_args(few, tmp_path / "masks", "ray"))
     processes = []
     try:

@@ -159,6 +159,7 @@ def test_persam_rows_equal_the_one_image_function(tiny_sam2, core, segmented):
         assert row[POINT] == list(single.point) and row[SCORE] == np.float32(single.score)
 
 
+@pytest.mark.slow  # a job on Ray
 def test_the_cache_holds_sam2s_high_res_levels_and_a_warm_run_gives_identical_rows(lake, concept_files, core, segmented,
                                                                                     monkeypatch):
     """The one real Ray job of the SAM 2 tests: every image from the cache, no encoder, same rows."""
