@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from persam_core.families import model_types
+from persam_core.modeling.families import model_types
 from persam_core.methods.registry import method_names
-from persam_core.options import DECODER_PRECISIONS, DINOV2_TYPES, GPU_BATCH_SIZE, SPEED_PRECISIONS
+from persam_core.speed.options import DECODER_PRECISIONS, DINOV2_TYPES, GPU_BATCH_SIZE, SPEED_PRECISIONS
 
 from jobs.exports import EXPORTS
 from jobs.logs import LOG_FORMATS, LOG_LEVELS

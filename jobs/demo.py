@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from persam_core.models import ModelError
+from persam_core.modeling.models import ModelError
 
 from jobs.storage.checkpoints import fetch, official_url
 from jobs.cli import main as persam

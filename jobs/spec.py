@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from persam_core.methods.registry import method_names
-from persam_core.options import DEFAULT_DINOV2, DINOV2_TYPES, SpeedFlags
+from persam_core.speed.options import DEFAULT_DINOV2, DINOV2_TYPES, SpeedFlags
 
 from jobs.storage.images import DEFAULT_MAX_PIXELS
 
@@ -61,7 +61,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class SpeedSpec(SpeedFlags):
-    """The model's speed flags (persam_core.options.SpeedFlags, resolved on each actor's
+    """The model's speed flags (persam_core.speed.options.SpeedFlags, resolved on each actor's
     device by acceleration.resolve_speed: bf16 + fused + compile + batch 16 + TF32 matmuls on
     CUDA; decoder graphs, a compiled decoder and a bf16 decoder only when asked for) and the
     images per model-actor call."""

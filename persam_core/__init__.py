@@ -1,17 +1,23 @@
 """PerSAM / PerSAM-F over segment_anything's and sam2's modules: pure torch + numpy.
 
-Every concept of the paper lives in one module named after it:
+By role, each concept in one module named after it:
 
-    families    the model-family registry: model types, builders, official checkpoints, capabilities,
-                as_backbone (nothing else asks which family a model is)
-    sam_family  SAM (vit_h/l/b), MobileSAM (vit_t), tiny;  sam2_family  SAM 2.1 (sam2.1_t/s/b+/l, tiny_sam2)
-    models      any family: seeded random weights, safe state-dict loading, key checks, fingerprint
-    sam2_models SAM 2.1 through sam2's own build_sam2 and hydra configs
-    backbone    what the methods need from a model (encode, prompts, decode, upsample): the protocol
-    sam_backbone   SAM's adapter, exactly as SamPredictor drives it
-    sam2_backbone  SAM 2's, exactly as SAM2ImagePredictor drives it
-    preprocess  image -> encoder input exactly as SamPredictor (and SAM 2's resize); mask -> 64x64 grid
-    inputs      the input formats (resize, encoder outputs) families name (no model built)
+    modeling/   the models: the family registry (families: model types, builders, official
+                checkpoints, capabilities, as_backbone; nothing else asks which family a model
+                is), SAM (sam_family, sam_backbone), SAM 2.1 (sam2_family, sam2_models,
+                sam2_backbone), MobileSAM's TinyViT (tiny_vit), DINOv2 (dinov2: GF-SAM's second
+                model), any family's weights (models), what the methods need from a model
+                (backbone), input formats (inputs), image -> encoder input (preprocess, predictor)
+    methods/    the method registry and one module per method (persam, persam-f, gf-sam)
+    speed/      encoder precision, fused attention, compile, TF32 (acceleration), the decoder's
+                speed paths (decoder_speed), warm starts (compile_cache), the flags (options)
+    video/      the reference's video mode over SAM (reference_mode), PerSAM on SAM 2's memory
+                (sam2_memory)
+    evaluation/ IoU (metrics), PerSeg mIoU / bIoU and DAVIS J / F (scores), few-shot episodes
+                (fewshot)
+
+PerSAM's own mechanics, which the methods above share, stay at the top level:
+
     concept     reference features -> Concept (target feature, target embedding)
     prior       similarity map, positive/negative points, attention bias
     decoder     SAM's mask decoder + target-guided attention + target-semantic prompt
@@ -23,21 +29,13 @@ Every concept of the paper lives in one module named after it:
                 further instances as batched rounds; results leave the device once
     batch       EncodedBatch in, HostResults out (bit-packed masks, plain numpy)
     instances   presence threshold and several instances per image (one-image view)
-    acceleration  fused attention, bf16/fp16 encoder, torch.compile, TF32; applies the decoder's (options)
-    decoder_speed SAM's decoder eagerly, as CUDA graphs and/or compiled, fp32 or bf16 autocast (options)
-    compile_cache the compiled encoder's cache key and torch's serialised artifacts (warm starts)
+    prompts, refine  the cascade's prompts and its final box refinement
     masks       COCO RLE, bbox, area
-    metrics     IoU
-    evaluation  PerSeg mIoU / boundary IoU, DAVIS J and F
-    video       the reference's video mode (DAVIS)
-    tiny_vit    MobileSAM's TinyViT image encoder (vit_t)
     errors      how an error reads on one line (notes, error rows, the CLI)
-    methods/    the method registry and one module per method (persam, persam-f, gf-sam)
-    modeling/   DINOv2 (GF-SAM's second model)
 
 What a Python user needs is exported here (build a model, fit a concept, segment an image,
 register a method or a model family), imported on first use: importing persam_core itself
-loads no torch, so the command line's torch-free modules (options, families) stay cheap.
+loads no torch, so the command line's torch-free modules (speed.options, modeling.families) stay cheap.
 """
 
 from __future__ import annotations
@@ -46,10 +44,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_random": "models", "build_from_state_dict": "models", "load_state_dict_file": "models",
-    "model_fingerprint": "models",
-    "family_of": "families", "register_family": "families", "as_backbone": "families", "input_format": "families",
-    "encode_images": "predictor",
+    "build_random": "modeling.models", "build_from_state_dict": "modeling.models", "load_state_dict_file": "modeling.models",
+    "model_fingerprint": "modeling.models",
+    "family_of": "modeling.families", "register_family": "modeling.families", "as_backbone": "modeling.families", "input_format": "modeling.families",
+    "encode_images": "modeling.predictor",
     "Concept": "concept", "ConceptTensors": "concept", "persam_targets": "concept", "reference_cells": "concept",
     "segment_persam": "persam",
     "get_method": "methods.registry", "register_method": "methods.registry", "load_concept": "methods.registry",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .predictor import EncodedImage
+from persam_core.modeling.predictor import EncodedImage
 
 ROW_FIELDS = ("image_index", "concept_index", "instance", "present", "score", "similarity", "point", "bbox", "area",
               "object_score")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backbone import Model
+from persam_core.modeling.backbone import Model
 from .batch import EncodedBatch, HostResults, empty_host_results
 from .concept import ConceptTensors
 from .pairs import PairBatch, boxes_of, to_device

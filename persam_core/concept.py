@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .families import as_backbone
+from persam_core.modeling.families import as_backbone
 from .methods.registry import ConceptError, get_method, parse_concept_file
-from .predictor import EncodedImage
-from .preprocess import REFERENCE_MASK_VALUE, reference_mask_grid
+from persam_core.modeling.predictor import EncodedImage
+from persam_core.modeling.preprocess import REFERENCE_MASK_VALUE, reference_mask_grid
 
 FORMAT = "persam-concept/1"
 FEATURE_DIM = 256

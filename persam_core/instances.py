@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbone import Model
+from persam_core.modeling.backbone import Model
 from .batch import EncodedBatch, HostResults
 from .cascade import segment_batch
 from .concept import ConceptTensors
 from .persam import Result
-from .predictor import EncodedImage
+from persam_core.modeling.predictor import EncodedImage
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .backbone import Backbone, Decoded
-from .families import as_backbone
-from .preprocess import tensor_to_device
+from persam_core.modeling.backbone import Backbone, Decoded
+from persam_core.modeling.families import as_backbone
+from persam_core.modeling.preprocess import tensor_to_device
 
 FULL_RES_CHUNK = 32  # pairs upsampled at once: 32 x 3 masks x 1024^2 fp32 = 384 MiB
 # Pairs per mask-decoder call. The decoder's working memory grows with them: 16-27 MiB per

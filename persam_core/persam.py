@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backbone import Model
+from persam_core.modeling.backbone import Model
 from .concept import Concept, ConceptTensors  # noqa: F401  (re-exported)
 from .pairs import PairBatch
 from .refine import CascadeOutput, final_mask, refine_with_box
-from .predictor import EncodedImage
+from persam_core.modeling.predictor import EncodedImage
 from .prior import LocationPrior, attention_biases, location_prior, negative_points, positive_points
 
 

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .backbone import Model
+from persam_core.modeling.backbone import Model
 from .concept import ConceptTensors
 from .pairs import PairBatch, boxes_of
 from .persam import Result, prior_for
 from .refine import CascadeOutput, final_mask, refine_with_box
-from .predictor import EncodedImage, predict
+from persam_core.modeling.predictor import EncodedImage, predict
 from .prior import LocationPrior, location_prior, positive_points
 
 DEFAULT_EPOCHS = 1000

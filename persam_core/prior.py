@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .families import as_backbone
+from persam_core.modeling.families import as_backbone
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def _slow_work_only_in_slow_tests(request):
         return
     if "vit_b_sam" in request.fixturenames:
         pytest.fail(f"{request.node.nodeid} builds vit_b (vit_b_sam) but is not marked slow", pytrace=False)
-    from persam_core import sam_family
+    from persam_core.modeling import sam_family
 
     before, drivers, built = _ray_sessions(), {str(os.getpid())}, []
     real_init, real_vit_b = subprocess.Popen.__init__, sam_family.BUILDERS["vit_b"]
@@ -116,7 +116,7 @@ def perseg_sample(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sam():
-    from persam_core.models import build_random
+    from persam_core.modeling.models import build_random
 
     return build_random("tiny", 0)
 
@@ -124,14 +124,14 @@ def tiny_sam():
 @pytest.fixture(scope="session")
 def tiny_sam2():
     """SAM 2 (sam2's SAM2Base) with a shrunken Hiera trunk: SAM 2's real code paths, fast."""
-    from persam_core.models import build_random
+    from persam_core.modeling.models import build_random
 
     return build_random("tiny_sam2", 0)
 
 
 @pytest.fixture(scope="session")
 def vit_b_sam():
-    from persam_core.models import build_random
+    from persam_core.modeling.models import build_random
 
     return build_random("vit_b", 0)
 
@@ -139,7 +139,7 @@ def vit_b_sam():
 @pytest.fixture(scope="session")
 def tiny_fingerprint(tiny_sam) -> str:
     """The fingerprint of `--model-type tiny --checkpoint random:0`."""
-    from persam_core.models import model_fingerprint
+    from persam_core.modeling.models import model_fingerprint
 
     return model_fingerprint(tiny_sam, "tiny")
 
@@ -150,8 +150,8 @@ def concept_tensors(perseg_sample, tiny_sam, tiny_fingerprint) -> dict:
     this process, plus a PerSAM-F one ("duck_f", fixed mask weights)."""
     from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
     from persam_core.persam import ConceptTensors
-    from persam_core.predictor import encode_images
-    from persam_core.preprocess import resize_longest_side
+    from persam_core.modeling.predictor import encode_images
+    from persam_core.modeling.preprocess import resize_longest_side
 
     made = {}
     for name in ("cat", "duck_toy", "colorful_sneaker"):

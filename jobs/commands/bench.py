@@ -30,18 +30,18 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from persam_core.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder
-from persam_core.backbone import Model
-from persam_core.families import as_backbone, family_of_model
+from persam_core.speed.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder
+from persam_core.modeling.backbone import Model
+from persam_core.modeling.families import as_backbone, family_of_model
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import score_batch
 from persam_core.concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
-from persam_core.decoder_speed import decoder_settings
-from persam_core.metrics import iou
+from persam_core.speed.decoder_speed import decoder_settings
+from persam_core.evaluation.metrics import iou
 from persam_core.persam import segment_persam
 from persam_core.persam_f import fit_mask_weights
-from persam_core.predictor import EncodedImage, encode_images
-from persam_core.preprocess import ResizedImage
+from persam_core.modeling.predictor import EncodedImage, encode_images
+from persam_core.modeling.preprocess import ResizedImage
 
 from jobs.commands.bench_tools import (batched, concept_masks, encode_in_batches, final_masks, is_exact, persam_concepts,
                                        progress, reference_encoder, segment_all, speed_model, synthetic_images, timed,

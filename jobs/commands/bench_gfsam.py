@@ -17,7 +17,7 @@ from persam_core.methods.gfsam_batch import gfsam_presence, segment_gfsam
 from persam_core.methods.gfsam_reference import ConceptStack
 from persam_core.methods.registry import Shots
 from persam_core.modeling.dinov2 import frame_tokens
-from persam_core.predictor import encode_images
+from persam_core.modeling.predictor import encode_images
 
 from jobs.commands.bench_tools import concept_masks, progress, synthetic_images, timed
 from jobs.pipeline.session import resolve_device

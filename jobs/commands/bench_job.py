@@ -40,16 +40,16 @@ from typing import Sequence, TypeVar
 import numpy as np
 import torch
 from PIL import Image
-from persam_core.acceleration import EncoderSpeed, matmul_tf32
-from persam_core.backbone import Model
-from persam_core.families import as_backbone, family_of
+from persam_core.speed.acceleration import EncoderSpeed, matmul_tf32
+from persam_core.modeling.backbone import Model
+from persam_core.modeling.families import as_backbone, family_of
 from persam_core.concept import Concept, ConceptTensors
-from persam_core.decoder_speed import decoder_settings
+from persam_core.speed.decoder_speed import decoder_settings
 from persam_core.persam import segment_persam
 from persam_core.masks import decode_rle
-from persam_core.metrics import iou
-from persam_core.predictor import encode_images
-from persam_core.preprocess import ResizedImage
+from persam_core.evaluation.metrics import iou
+from persam_core.modeling.predictor import encode_images
+from persam_core.modeling.preprocess import ResizedImage
 
 from jobs.commands.bench_tools import (encode_in_batches, final_masks, persam_concepts, progress, reference_encoder,
                                        segment_all, speed_model, synthetic_images, timed, warm_up)

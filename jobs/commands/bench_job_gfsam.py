@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from persam_core.acceleration import EncoderSpeed
-from persam_core.backbone import Model
+from persam_core.speed.acceleration import EncoderSpeed
+from persam_core.modeling.backbone import Model
 from persam_core.methods.frames import frame_tensor, stretch_resize
 from persam_core.methods.gfsam import fit_gfsam
 from persam_core.methods.gfsam_batch import segment_gfsam
@@ -26,7 +26,7 @@ from persam_core.methods.gfsam_concept import GFSAMConcept
 from persam_core.methods.gfsam_reference import ConceptStack
 from persam_core.methods.registry import Shots
 from persam_core.modeling.dinov2 import frame_tokens
-from persam_core.predictor import encode_images
+from persam_core.modeling.predictor import encode_images
 
 from jobs.commands.bench_tools import concept_masks, progress, timed
 from jobs.spec import JobSpec

@@ -13,14 +13,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from persam_core.acceleration import EncoderSpeed, prepare_encoder
-from persam_core.backbone import Model
-from persam_core.families import as_backbone
+from persam_core.speed.acceleration import EncoderSpeed, prepare_encoder
+from persam_core.modeling.backbone import Model
+from persam_core.modeling.families import as_backbone
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_targets, reference_cells
-from persam_core.predictor import EncodedImage, encode_images
-from persam_core.preprocess import ResizedImage
+from persam_core.modeling.predictor import EncodedImage, encode_images
+from persam_core.modeling.preprocess import ResizedImage
 
 PHOTO_SIZES = [(768, 1024), (1024, 768), (600, 800), (1080, 1440), (480, 640)]
 

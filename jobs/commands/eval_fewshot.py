@@ -1,7 +1,7 @@
 """`persam eval --benchmark fss1000|coco20i`: few-shot episodes through the segment job.
 
     scan the layout (eval_fewshot_data.py; all checked before any model loads)
-    -> draw the episodes (persam_core.fewshot: upstream's seeded protocol)
+    -> draw the episodes (persam_core.evaluation.fewshot: upstream's seeded protocol)
     -> per group of EPISODES_PER_JOB episodes, under <output>/fold<N>/job<NNNN>/:
        fit one concept per episode from its supports (one model load for the whole run)
        -> concepts/e<NNNN>.json, the group's query images -> targets.txt
@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from persam_core.fewshot import COCO_EPISODES, COCO_FOLDS, ClassMeter, Episode, coco_episodes, frame_counts, fss_episodes
+from persam_core.evaluation.fewshot import COCO_EPISODES, COCO_FOLDS, ClassMeter, Episode, coco_episodes, frame_counts, fss_episodes
 from persam_core.masks import decode_rle
 from persam_core.methods.registry import FitModels, Shots
 

@@ -7,7 +7,7 @@
                included); its images from --split (upstream's splits/val/fold<N>.pkl, read
                without executing code) or every image with an instance of it
 
-Episodes themselves are drawn by persam_core.fewshot.
+Episodes themselves are drawn by persam_core.evaluation.fewshot.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def _load_coco(url: str, storage_options: dict | None):
 def scan_coco(data: str, folds: list[int], split: str | None, storage_options: dict | None = None) -> list[FewShotData]:
     """COCO-20i, one FewShotData per fold (the file parsed once): the fold's classes with >= 2
     images (a fold with none -> an error naming the file)."""
-    from persam_core.fewshot import coco_fold_classes
+    from persam_core.evaluation.fewshot import coco_fold_classes
 
     fs, root = url_to_fs(data, **(storage_options or {}))
     root = root.rstrip("/")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from fsspec.core import url_to_fs
 
-from persam_core.evaluation import BOUNDARY_DILATION_RATIO, boundary_counts, ratio_or_one, region_counts
+from persam_core.evaluation.scores import BOUNDARY_DILATION_RATIO, boundary_counts, ratio_or_one, region_counts
 from persam_core.masks import decode_rle
 from persam_core.methods.registry import FitModels, Shots
 

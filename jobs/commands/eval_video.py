@@ -7,9 +7,9 @@
        sequence, frames in order, writes its palette PNGs to <output>/predictions/<seq>/ and
        returns per-object J and F of every frame but the first and the last. The mode
        follows the model: SAM re-localises every object in every frame with PerSAM's prior
-       (persam_core.video, the reference's video mode: `sam-prior`); SAM 2 propagates the
+       (persam_core.video.reference_mode, the reference's video mode: `sam-prior`); SAM 2 propagates the
        first frame's masks with its memory bank and re-prompts lost objects from the prior
-       (persam_core.video_sam2: `sam2-memory`)
+       (persam_core.video.sam2_memory: `sam2-memory`)
     -> metrics.json / metrics.md: J, F, J&F (means over all objects, as the toolkit),
        recall and decay, per sequence and per object.
 
@@ -29,9 +29,9 @@ import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from persam_core.evaluation import davis_f, davis_j, davis_statistics
-from persam_core.families import family_of
-from persam_core.video import SequenceTracker, VideoSettings, fits_mask_weights, video_methods
+from persam_core.evaluation.scores import davis_f, davis_j, davis_statistics
+from persam_core.modeling.families import family_of
+from persam_core.video.reference_mode import SequenceTracker, VideoSettings, fits_mask_weights, video_methods
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics
 from jobs.pipeline.job import load_checked_model
@@ -168,7 +168,7 @@ class VideoWorker:
         self.sam = load_checked_model(spec, expected_fingerprint).sam.to(resolve_device(spec.model.device))
         self.with_memory = family_of(spec.model.model_type).tracks_with_memory
         if self.with_memory:
-            from persam_core.video_sam2 import video_predictor
+            from persam_core.video.sam2_memory import video_predictor
 
             self.sam = video_predictor(self.sam, spec.model.model_type)
         defaults = VideoSettings(method=spec.method)  # its own epoch default (800) unless --epochs
@@ -200,7 +200,7 @@ class VideoWorker:
     def _track(self, frames: ClipFrames, first: np.ndarray):
         """-> (index, [H, W] uint8 labels) of frames 1 .. n-1, in order (frame 0 is the annotation)."""
         if self.with_memory:
-            from persam_core.video_sam2 import MemoryTracker
+            from persam_core.video.sam2_memory import MemoryTracker
 
             tracked = MemoryTracker(self.sam, frames).from_masks(first)
             next(tracked)  # frame 0: SAM 2's decode of the given masks; DAVIS keeps the annotation

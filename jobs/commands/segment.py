@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pyarrow.compute as pc
-from persam_core.families import family_of
+from persam_core.modeling.families import family_of
 
 from jobs.commands.dry_run import dry_run_segment
 from jobs.pipeline import commit

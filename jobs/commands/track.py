@@ -3,7 +3,7 @@
     --input: a clip (a folder / prefix of frames, in name order) or a folder of clips (each
     sub-folder holding frames); frames are any IMAGE_EXTENSIONS file, one size per clip
     -> one model actor call per clip (--runner local: in this process), frames decoded one at
-       a time (persam_core.video_sam2.MemoryTracker.from_concept): the concept starts at the
+       a time (persam_core.video.sam2_memory.MemoryTracker.from_concept): the concept starts at the
        first frame where its presence reaches --min-similarity, SAM 2's memory propagates it,
        PerSAM's prior re-prompts it where SAM 2 loses it
     -> <output>/<clip>/<frame stem>.png (L mode, 255 = the concept) for every frame, and
@@ -24,8 +24,8 @@ import torch
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from persam_core.families import families, family_of
-from persam_core.video_sam2 import MemorySettings, MemoryTracker, video_predictor
+from persam_core.modeling.families import families, family_of
+from persam_core.video.sam2_memory import MemorySettings, MemoryTracker, video_predictor
 
 from jobs.commands.eval_video import ClipFrames, run_clip_local, run_clip_pool
 from jobs.pipeline.job import load_checked_model

@@ -2,7 +2,7 @@
 
 One class per task, sharing `ModelActor.__init__`: SAM (and DINOv2 where a concept's method
 reads it) loaded once (refusing weights other than the driver's), moved to the device, the
-encoder's speed settings applied (persam_core.acceleration) and the concepts put on the
+encoder's speed settings applied (persam_core.speed.acceleration) and the concepts put on the
 device by their methods' engines (the method registry groups them: one batched pass each). `__call__` only adapts
 Ray Data's columns: it unpacks each chunk, computes (compute.py) and packs the results.
 

@@ -74,7 +74,7 @@ def content_sha256(data: bytes) -> str:
 
 class FeatureCache:
     """high_res_shapes: the per-image shape of each high-resolution level the model's entries
-    must hold (persam_core.families.input_format(model_type).high_res_shapes; () for SAM);
+    must hold (persam_core.modeling.families.input_format(model_type).high_res_shapes; () for SAM);
     feature_shape: the shape of each entry's `features` (SAM's [256, 64, 64]; a cache of
     DINOv2 tokens alone holds [1369, C] under DINOv2's fingerprint)."""
 

@@ -1,5 +1,5 @@
 """Warm starts: the compiled encoder's artifacts kept between runs, so that a scheduled run's
-actors load them instead of compiling (persam_core.compile_cache owns the key and torch's
+actors load them instead of compiling (persam_core.speed.compile_cache owns the key and torch's
 serialisation; this module owns where the bytes live and what a run says about them).
 
 Where: `--compile-cache LOCATION` (JobSpec.compile_cache, the one owner): a folder or any
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fsspec.core import url_to_fs
-from persam_core.acceleration import EncoderSpeed, prepare_encoder
-from persam_core.backbone import Model
-from persam_core.compile_cache import CacheKey, cache_key, compile_counts, load_artifacts, save_artifacts
+from persam_core.speed.acceleration import EncoderSpeed, prepare_encoder
+from persam_core.modeling.backbone import Model
+from persam_core.speed.compile_cache import CacheKey, cache_key, compile_counts, load_artifacts, save_artifacts
 from persam_core.errors import describe
 
 from jobs.pipeline.job_record import persam_version

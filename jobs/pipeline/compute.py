@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from persam_core.acceleration import EncoderSpeed
+from persam_core.speed.acceleration import EncoderSpeed
 from persam_core.batch import EncodedBatch, HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import ConceptTensors
@@ -22,8 +22,8 @@ from persam_core.methods.frames import FrameImage, frame_tensor
 from persam_core.methods.gfsam_frames import FRAME_SIDE
 from persam_core.methods.registry import FRAME_MODEL, FRAME_STRETCH
 from persam_core.modeling.dinov2 import frame_tokens
-from persam_core.predictor import EncodedImage, encode_images
-from persam_core.preprocess import array_to_device
+from persam_core.modeling.predictor import EncodedImage, encode_images
+from persam_core.modeling.preprocess import array_to_device
 
 from jobs.pipeline.cache import DTYPES
 from jobs.pipeline.payload import Chunk, ChunkResults

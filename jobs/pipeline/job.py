@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Sequence
 
-from persam_core.acceleration import EncoderSpeed, resolve_speed
-from persam_core.families import input_format
+from persam_core.speed.acceleration import EncoderSpeed, resolve_speed
+from persam_core.modeling.families import input_format
 from persam_core.methods.registry import (FRAME_STRETCH, concept_label, frames_of, load_concept, needs_dinov2,
                                           presence_reads_sam)
 from persam_core.modeling.dinov2 import TOKENS, dinov2_width

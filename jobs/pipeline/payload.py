@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from persam_core.batch import HostResults
-from persam_core.preprocess import ResizedImage
+from persam_core.modeling.preprocess import ResizedImage
 
 
 @dataclass
@@ -51,7 +51,7 @@ class ChunkItem:
 @dataclass
 class Chunk:
     """pixels: item index -> the resized pixels (source "pixels"): SAM [h, w, 3] uint8, SAM 2
-    [1024, 1024, 3] float32 (persam_core.inputs);
+    [1024, 1024, 3] float32 (persam_core.modeling.inputs);
     features: item index -> [256, 64, 64] fp16/fp32 from the cache (source "cached");
     high_res: item index -> SAM 2's cached high-resolution levels, same dtype (absent for SAM);
     stretch: item index -> the 1024 x 1024 stretch frame [1024, 1024, 3] uint8, for methods
@@ -162,7 +162,7 @@ def bundle(arrays: dict[str, np.ndarray], header: dict) -> bytes:
 def unbundle(data: bytes | np.ndarray, copy: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """bytes of `bundle` -> (header, {name: array}): writable views of one copy, or with
     copy=False read-only views of `data` itself (the model actor's pixels: the device copy
-    is the only one it needs, see persam_core.preprocess.array_to_device). `data`: bytes or
+    is the only one it needs, see persam_core.modeling.preprocess.array_to_device). `data`: bytes or
     a uint8 array (pack_chunk's)."""
     buffer = bytearray(data) if copy else data
     (length,) = _LENGTH.unpack_from(buffer)

@@ -8,7 +8,7 @@ hash them (SHA-256 of the content), and then
   commit -> carried: its rows are copied by the committer, nothing is computed;
 - features in the cache -> shipped to the actor, which skips the encoder;
 - otherwise decoded (EXIF, RGB, pixel limit) and resized for the model's encoder
-  (persam_core.inputs: SAM's longest side to 1024 in uint8, SAM 2's 1024 x 1024 float32).
+  (persam_core.modeling.inputs: SAM's longest side to 1024 in uint8, SAM 2's 1024 x 1024 float32).
 Only the frames the job's methods read are made (persam_core.methods.frames): the model's
 frame above (cached or resized), and for GF-SAM concepts the 1024 x 1024 stretch frame
 (decoded even when the model frame came from the cache; never cached itself: its SAM

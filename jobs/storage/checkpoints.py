@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-from persam_core.backbone import Model
+from persam_core.modeling.backbone import Model
 
-from persam_core.families import families, family_of
-from persam_core.models import ModelError, build_from_state_dict, build_random, fingerprint, load_state_dict_file, model_fingerprint
+from persam_core.modeling.families import families, family_of
+from persam_core.modeling.models import ModelError, build_from_state_dict, build_random, fingerprint, load_state_dict_file, model_fingerprint
 
 from jobs.storage.redaction import redact
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from persam_core.models import ModelError, load_state_dict_file
+from persam_core.modeling.models import ModelError, load_state_dict_file
 from persam_core.modeling.dinov2 import (
     DINOV2_TYPES,
     build_random_dinov2,

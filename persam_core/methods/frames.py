@@ -1,7 +1,7 @@
 """The per-image inputs of the methods: which frame an image is resized to, and what the
 model actor hands a method's engine for each image.
 
-    model    the SAM family's own frame (persam_core.inputs): SAM's longest side to 1024 and
+    model    the SAM family's own frame (persam_core.modeling.inputs): SAM's longest side to 1024 and
              padding, SAM 2's 1024 x 1024; PerSAM and PerSAM-F read its SAM features
     stretch  the image stretched to 1024 x 1024 (GF-SAM's data loader, gfsam_frames.py): SAM
              features of the stretched frame plus DINOv2 tokens of the same frame
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..families import input_format
-from ..predictor import EncodedImage
-from ..preprocess import ResizedImage
+from persam_core.modeling.families import input_format
+from persam_core.modeling.predictor import EncodedImage
+from persam_core.modeling.preprocess import ResizedImage
 from .gfsam_frames import FRAME_SIDE, stretch_frame
 from .registry import FRAME_MODEL, FRAME_STRETCH
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from segment_anything.modeling import Sam
 
-from ..families import ModelError, families, family_of_model
+from persam_core.modeling.families import ModelError, families, family_of_model
 from ..pairs import PairBatch
 from .gfsam_frames import FRAME_SIDE
 from .gfsam_graph import adjacency, choose_masks, components, consistency, grow, point_labels

@@ -14,12 +14,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..families import as_backbone
+from persam_core.modeling.families import as_backbone
 from ..batch import EncodedBatch, HostResults
 from ..cascade import score_batch, segment_batch
 from ..concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
 from ..persam_f import DEFAULT_EPOCHS, fit_mask_weights
-from ..predictor import encode_images
+from persam_core.modeling.predictor import encode_images
 from .frames import FrameImage
 from .registry import FRAME_MODEL, FitModels, Shots
 

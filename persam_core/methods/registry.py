@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # annotations only: this module imports nothing heavy
     import numpy as np
 
 # The per-image inputs a method's engine reads (made by the prepare stage, encoded by the actor):
-FRAME_MODEL = "model"  # the SAM family's own input frame (persam_core.inputs: SAM resizes the longest side)
+FRAME_MODEL = "model"  # the SAM family's own input frame (persam_core.modeling.inputs: SAM resizes the longest side)
 FRAME_STRETCH = "stretch"  # the image stretched to 1024 x 1024, aspect ratio not kept (GF-SAM)
 FRAMES = (FRAME_MODEL, FRAME_STRETCH)
 

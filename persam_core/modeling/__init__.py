@@ -1,1 +1,3 @@
-"""Model families beside SAM that a method needs (dinov2: GF-SAM's feature encoder)."""
+"""Model families and what the methods need of a model: the registry (families), SAM's and
+SAM 2's builders and adapters, DINOv2 (GF-SAM's feature encoder), the input formats, and
+image -> encoder input."""

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from persam_core.acceleration import encoder_precision
-from persam_core.models import ModelError, fingerprint
-from persam_core.options import DEFAULT_DINOV2, DINOV2_TYPES  # the CLI's names, torch-free
+from persam_core.speed.acceleration import encoder_precision
+from persam_core.modeling.models import ModelError, fingerprint
+from persam_core.speed.options import DEFAULT_DINOV2, DINOV2_TYPES  # the CLI's names, torch-free
 
 PATCH = 14
 GRID_SIDE = 37

@@ -27,7 +27,7 @@ from jobs.commands.rank import RANKING_FILE, ranking_table
 from jobs.pipeline.session import ray_session
 from jobs.storage.schema import MASK_SCHEMA, RANK_SCHEMA
 from persam_core.masks import decode_rle
-from persam_core.models import model_fingerprint
+from persam_core.modeling.models import model_fingerprint
 
 SOURCES = {"a": "cat/01", "b": "duck_toy/01", "c": "colorful_sneaker/01"}  # the lake's first three images
 COUNTS = re.compile(r"(\d+) encoded, (\d+) from cache, (\d+) unchanged, (\d+) removed")

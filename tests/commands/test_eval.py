@@ -18,7 +18,7 @@ from pycocotools import mask as coco_mask
 
 from cli_tools import error_lines, run_cli
 from jobs.commands.eval_perseg import PAPER_SKIPPED, perseg_metrics
-from persam_core.evaluation import boundary_counts, davis_j
+from persam_core.evaluation.scores import boundary_counts, davis_j
 from synthetic import make_davis, save_palette_png
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]

@@ -1,6 +1,6 @@
 """`persam eval --benchmark fss1000|coco20i` on generated samples (tiny SAM and DINOv2, random
 weights, --runner local): metrics files, episode counts, determinism, bad data; and the
-episode protocol and scoring frame of persam_core.fewshot against hand-worked values."""
+episode protocol and scoring frame of persam_core.evaluation.fewshot against hand-worked values."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from persam_core.fewshot import (ClassMeter, coco_episodes, coco_fold_classes, frame_counts, fss_episodes,
+from persam_core.evaluation.fewshot import (ClassMeter, coco_episodes, coco_fold_classes, frame_counts, fss_episodes,
                                  nearest_indices)
 from tests.cli_tools import LOCAL, MODEL, assert_one_error_line, run_cli
 

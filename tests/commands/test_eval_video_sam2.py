@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from persam_core.evaluation import davis_j
+from persam_core.evaluation.scores import davis_j
 from synthetic import make_davis
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs.cli import main
 from persam_core.concept import Concept
-from persam_core.models import build_random, model_types
+from persam_core.modeling.models import build_random, model_types
 
 FEATURE_DIM = 256
 VENV_PERSAM = Path(sys.executable).with_name("persam")

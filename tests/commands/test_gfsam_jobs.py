@@ -22,8 +22,8 @@ from persam_core.methods.gfsam_batch import segment_gfsam
 from persam_core.methods.gfsam_concept import GFSAMConcept
 from persam_core.methods.registry import load_concept
 from persam_core.modeling.dinov2 import build_random_dinov2, dinov2_fingerprint, frame_tokens
-from persam_core.models import build_random
-from persam_core.predictor import encode_images
+from persam_core.modeling.models import build_random
+from persam_core.modeling.predictor import encode_images
 from tests.cli_tools import LOCAL, MODEL, assert_one_error_line, run_cli
 
 DINO = ["--dinov2", "tiny", "--dinov2-checkpoint", "random:0"]

@@ -23,7 +23,7 @@ from jobs.pipeline import commit
 from jobs.pipeline.cache import CACHE_SCHEMA, FeatureCache
 from jobs.storage.schema import rows_to_table
 from persam_core.masks import area_px, bbox_xywh, encode_rle
-from persam_core.models import model_fingerprint
+from persam_core.modeling.models import model_fingerprint
 from sample_tools import save_small
 
 

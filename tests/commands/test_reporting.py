@@ -226,7 +226,7 @@ def test_version_and_defaults_in_help(capsys):
 
 
 def test_the_cli_module_imports_no_heavy_library():
-    code = ("import sys, jobs.cli; heavy = [m for m in ('torch', 'ray', 'pyarrow', 'persam_core.models', "
+    code = ("import sys, jobs.cli; heavy = [m for m in ('torch', 'ray', 'pyarrow', 'persam_core.modeling.models', "
             "'segment_anything') if m in sys.modules]; print(heavy)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

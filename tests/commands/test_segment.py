@@ -25,7 +25,7 @@ from cli_tools import LOCAL, error_lines, run_cli
 from jobs.pipeline.commit import shard_of
 from jobs.storage.listing import list_image_urls
 from jobs.storage.schema import read_part
-from persam_core.models import model_fingerprint
+from persam_core.modeling.models import model_fingerprint
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]
 CONCEPTS = ("cat", "duck_toy")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from jobs.cli import main
 from persam_core.concept import Concept
-from persam_core.models import model_fingerprint
+from persam_core.modeling.models import model_fingerprint
 
 MODEL = ["--model-type", "tiny_sam2", "--checkpoint", "random:0", "--runner", "local"]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from persam_core.acceleration import encoder_precision, enable_fused_attention
-from persam_core.predictor import encode_images
-from persam_core.preprocess import resize_longest_side
+from persam_core.speed.acceleration import encoder_precision, enable_fused_attention
+from persam_core.modeling.predictor import encode_images
+from persam_core.modeling.preprocess import resize_longest_side
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_cuda_bf16_fused_encoder_close_to_fp32(tiny_sam, resized):
 
 
 def test_speed_defaults_fast_on_cuda_exact_on_cpu():
-    from persam_core.acceleration import EncoderSpeed, resolve_speed
-    from persam_core.options import SpeedFlags as Flags
+    from persam_core.speed.acceleration import EncoderSpeed, resolve_speed
+    from persam_core.speed.options import SpeedFlags as Flags
 
     assert resolve_speed("cuda") == EncoderSpeed("bf16", True, True, 16, tf32=True)
     assert resolve_speed("cpu") == EncoderSpeed("fp32", False, False, 1)
@@ -69,8 +69,8 @@ def test_speed_defaults_fast_on_cuda_exact_on_cpu():
 
 
 def test_failed_compile_falls_back_to_eager_with_one_line(tiny_sam, resized, monkeypatch):
-    from persam_core import acceleration
-    from persam_core.acceleration import EncoderSpeed, prepare_encoder
+    from persam_core.speed import acceleration
+    from persam_core.speed.acceleration import EncoderSpeed, prepare_encoder
 
     model = copy.deepcopy(tiny_sam)
     eager = model.image_encoder
@@ -100,8 +100,8 @@ def test_padded_batches_give_the_same_features(tiny_sam, resized):
 def test_tf32_is_set_for_the_process_before_the_encoder_is_compiled(tiny_sam, monkeypatch):
     """The compiled encoder must run under the TF32 setting it was compiled under (see the
     next test), so prepare_encoder sets it first, for the whole process."""
-    from persam_core import acceleration
-    from persam_core.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder
+    from persam_core.speed import acceleration
+    from persam_core.speed.acceleration import EncoderSpeed, matmul_tf32, prepare_encoder
 
     at_compile = []
     monkeypatch.setattr(acceleration, "compile_encoder", lambda sam: at_compile.append(torch.backends.cuda.matmul.allow_tf32))
@@ -114,7 +114,7 @@ def test_tf32_is_set_for_the_process_before_the_encoder_is_compiled(tiny_sam, mo
 def test_a_compiled_function_recompiles_when_tf32_changes():
     """Why TF32 is never switched around the decoder alone: torch.compile guards on it, so the
     actor's compiled encoder, called on another thread meanwhile, would recompile."""
-    from persam_core.acceleration import matmul_tf32
+    from persam_core.speed.acceleration import matmul_tf32
 
     compiled = torch.compile(lambda x: x @ x + 1, backend="eager", dynamic=False)
     x = torch.ones(4, 4)

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from persam_core.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
+from persam_core.speed.acceleration import EncoderSpeed, prepare_encoder, resolve_speed
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import segment_batch
-from persam_core.decoder_speed import (MIN_BUCKET, configure_decoder, decode_eager, decode_prompts, decoder_mode,
+from persam_core.speed.decoder_speed import (MIN_BUCKET, configure_decoder, decode_eager, decode_prompts, decoder_mode,
                                        decoder_settings, pair_bucket)
-from persam_core.metrics import iou
-from persam_core.options import SpeedFlags
+from persam_core.evaluation.metrics import iou
+from persam_core.speed.options import SpeedFlags
 from tests.core.test_batched_cascade import concepts, encoded  # noqa: F401  (fixtures)
 
 
@@ -116,7 +116,7 @@ def test_the_compiled_decoder_equals_the_eager_one(tiny_sam, encoded):  # noqa: 
 def test_a_failed_trace_falls_back_to_eager_with_one_line(tiny_sam, encoded, concepts):  # noqa: F811
     sam, lines = copy.deepcopy(tiny_sam), []
     assert configure_decoder(sam, graphs=True, log=lines.append) == (True, "fp32", False)
-    from persam_core import decoder_speed as module
+    from persam_core.speed import decoder_speed as module
 
     def broken(*args, **kwargs):
         raise RuntimeError("capture not permitted\nsecond line")
@@ -188,7 +188,7 @@ def test_a_thread_torch_did_not_set_up_gets_graph_state():
 
     from torch._inductor import cudagraph_trees as trees
 
-    from persam_core.decoder_speed import _give_thread_graph_state
+    from persam_core.speed.decoder_speed import _give_thread_graph_state
 
     seen = {}
 
@@ -208,7 +208,7 @@ def test_a_thread_torch_did_not_set_up_gets_graph_state():
 def test_padding_keeps_the_memory_layout():
     """Padded channels-last features keep channels-last strides (the trace guards on strides:
     a padded pass would otherwise be traced, recorded and held a second time)."""
-    from persam_core.decoder_speed import _pad_rows
+    from persam_core.speed.decoder_speed import _pad_rows
 
     features = torch.randn(3, 6, 4, 5).contiguous(memory_format=torch.channels_last)
     padded = _pad_rows(features, 8)
@@ -226,7 +226,7 @@ def test_a_decoding_thread_gets_the_recompile_limit(graphed_sam, encoded):  # no
     pair buckets of its chunks) then failed over to eager. The decoding thread raises its own."""
     import threading
 
-    from persam_core.decoder_speed import RECOMPILE_LIMIT
+    from persam_core.speed.decoder_speed import RECOMPILE_LIMIT
 
     seen = {}
 

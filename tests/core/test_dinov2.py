@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from persam_core.models import ModelError, build_random
+from persam_core.modeling.models import ModelError, build_random
 from persam_core.modeling.dinov2 import (
     DINOV2_ARCH,
     GRID_SIDE,

@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from skimage.morphology import disk
 
-from persam_core.evaluation import (
+from persam_core.evaluation.scores import (
     boundary_band,
     boundary_dilation,
     boundary_iou,

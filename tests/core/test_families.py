@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from persam_core.families import ModelError, family_of, family_of_model, input_format, model_types, register_family
-from persam_core.models import build_random, model_fingerprint
-from persam_core.sam_backbone import SamBackbone
+from persam_core.modeling.families import ModelError, family_of, family_of_model, input_format, model_types, register_family
+from persam_core.modeling.models import build_random, model_fingerprint
+from persam_core.modeling.sam_backbone import SamBackbone
 
 from cli_tools import LOCAL, run_cli
 from toy_family import TOY, TOY_TYPE, ToySam, register, unregister
@@ -127,7 +127,7 @@ def test_adapting_a_sam_model_does_not_import_sam2():
     import subprocess
     import sys
 
-    code = ("import sys; from persam_core.families import as_backbone; from persam_core.models import build_random; "
+    code = ("import sys; from persam_core.modeling.families import as_backbone; from persam_core.modeling.models import build_random; "
             "as_backbone(build_random('tiny', 0)); print('sam2' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -21,11 +21,11 @@ from segment_anything.modeling import Sam
 
 import reference_oracle as oracle
 from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
-from persam_core.metrics import iou
+from persam_core.evaluation.metrics import iou
 from persam_core.persam import ConceptTensors, Result, prior_for, segment_persam
 from persam_core.persam_f import fit_mask_weights, segment_persam_f
-from persam_core.predictor import EncodedImage, encode_images, predict
-from persam_core.preprocess import reference_mask_grid, resize_longest_side
+from persam_core.modeling.predictor import EncodedImage, encode_images, predict
+from persam_core.modeling.preprocess import reference_mask_grid, resize_longest_side
 from persam_core.prior import LocationPrior
 
 CONCEPTS = ("cat", "colorful_sneaker", "duck_toy")

@@ -22,7 +22,7 @@ SIZES = [image.shape[:2] for image in IMAGES]
 
 @pytest.fixture(scope="module")
 def sam():
-    from persam_core.models import build_random
+    from persam_core.modeling.models import build_random
 
     return build_random("tiny", 0)
 

@@ -33,7 +33,7 @@ def corner_pixel(cell: int) -> int:
 
 @pytest.fixture(scope="module")
 def sam():
-    from persam_core.models import build_random
+    from persam_core.modeling.models import build_random
 
     return build_random("tiny", 0)
 
@@ -336,7 +336,7 @@ def test_standin_holds_through_the_products_batched_decoder(sam, predictor):
 @pytest.mark.slow
 def test_random_vit_b_end_to_end_invariants():
     """SAM vit_b and the tiny DINOv2 (random weights), two shots, a non-square target."""
-    from persam_core.models import build_random
+    from persam_core.modeling.models import build_random
     from persam_core.modeling.dinov2 import build_random_dinov2
 
     sam, dinov2 = build_random("vit_b", 0), build_random_dinov2("tiny", 0)

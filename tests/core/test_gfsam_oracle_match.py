@@ -47,7 +47,7 @@ TARGETS = {  # wide, tall and square, each with the object somewhere else
 
 @pytest.fixture(scope="module")
 def sam():
-    from persam_core.models import build_random
+    from persam_core.modeling.models import build_random
 
     return build_random("tiny", 0)
 

@@ -38,7 +38,7 @@ SIZE = (150, 260)
 
 @pytest.fixture(scope="module")
 def sam():
-    from persam_core.models import build_random
+    from persam_core.modeling.models import build_random
 
     return build_random("tiny", 0)
 

@@ -19,7 +19,7 @@ from persam_core.concept import Concept, ConceptTensors
 from persam_core.methods import registry
 from persam_core.methods.persam import fit_persam
 from persam_core.methods.registry import FRAME_MODEL, get_method, method_names
-from persam_core.predictor import predict
+from persam_core.modeling.predictor import predict
 from persam_core.prior import positive_points, similarity_maps, upsample_similarities
 from tests.cli_tools import LOCAL, MODEL, run_cli
 

@@ -1,4 +1,4 @@
-"""persam_core.inputs: each model family's CPU-side input contract, chosen by model type alone.
+"""persam_core.modeling.inputs: each model family's CPU-side input contract, chosen by model type alone.
 
 The job's CPU stages resize with `input_format(model_type).resize` and size the embedding
 cache by `high_res_shapes`, without building the model; both must be exactly what the model's
@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from persam_core.families import as_backbone
-from persam_core.families import input_format
-from persam_core.inputs import SAM2_HIGH_RES_SHAPES
-from persam_core.models import ModelError
-from persam_core.predictor import encode_images
+from persam_core.modeling.families import as_backbone
+from persam_core.modeling.families import input_format
+from persam_core.modeling.inputs import SAM2_HIGH_RES_SHAPES
+from persam_core.modeling.models import ModelError
+from persam_core.modeling.predictor import encode_images
 
 IMAGE = np.random.default_rng(3).integers(0, 256, (230, 410, 3), dtype=np.uint8)
 
@@ -51,7 +51,7 @@ def test_unknown_type_is_one_clear_error():
 
 
 def test_choosing_sam2s_input_format_does_not_import_sam2():
-    code = ("import sys, numpy as np; from persam_core.families import input_format; "
+    code = ("import sys, numpy as np; from persam_core.modeling.families import input_format; "
             "r = input_format('sam2.1_b+').resize(np.zeros((20, 30, 3), np.uint8)); "
             "assert r.pixels.shape == (1024, 1024, 3); print('sam2' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

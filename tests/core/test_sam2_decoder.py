@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from persam_core.families import as_backbone
-from persam_core.predictor import encode_images, predict
+from persam_core.modeling.families import as_backbone
+from persam_core.modeling.predictor import encode_images, predict
 from persam_core.prior import attention_biases, upsample_similarities, similarity_map
 from sam2_oracle import Sam2Reference
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from persam_core.acceleration import EncoderSpeed, enable_fused_attention, prepare_encoder
-from persam_core.families import as_backbone
-from persam_core.models import (
+from persam_core.speed.acceleration import EncoderSpeed, enable_fused_attention, prepare_encoder
+from persam_core.modeling.families import as_backbone
+from persam_core.modeling.models import (
     model_types,
     ModelError,
     build_from_state_dict,
@@ -22,8 +22,8 @@ from persam_core.models import (
     load_state_dict_file,
     model_fingerprint,
 )
-from persam_core.predictor import encode_images, predict
-from persam_core.sam2_models import CONFIGS, TINY_OVERRIDES
+from persam_core.modeling.predictor import encode_images, predict
+from persam_core.modeling.sam2_models import CONFIGS, TINY_OVERRIDES
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (200, 320, 3), dtype=np.uint8)
 
@@ -98,7 +98,7 @@ def test_speed_settings_apply_to_the_hiera_encoder(tiny_sam2, monkeypatch):
         def forward(self, *args, **kwargs):
             raise RuntimeError("no compiler here")
 
-    import persam_core.acceleration as acceleration
+    import persam_core.speed.acceleration as acceleration
 
     eager, lines = model.image_encoder, []
     monkeypatch.setattr(acceleration, "compile_encoder", lambda m: setattr(m, "image_encoder", Fails()))

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from persam_core.families import as_backbone
+from persam_core.modeling.families import as_backbone
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptError, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
-from persam_core.metrics import iou
-from persam_core.models import model_fingerprint
+from persam_core.evaluation.metrics import iou
+from persam_core.modeling.models import model_fingerprint
 from persam_core.persam import segment_persam
 from persam_core.persam_f import fit_mask_weights, segment_persam_f
-from persam_core.predictor import encode_images
+from persam_core.modeling.predictor import encode_images
 from sam2_oracle import Sam2Reference, reference_persam, reference_persam_f, reference_targets
 
 SIZES = [(300, 500), (500, 300), (300, 500), (400, 400)]  # two images share a size

@@ -1,4 +1,4 @@
-"""persam_core.video against a transcription of the reference's video loop, and its pieces."""
+"""persam_core.video.reference_mode against a transcription of the reference's video loop, and its pieces."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 
 import video_oracle
 from synthetic import frame_image, rectangles
-from persam_core.evaluation import davis_j
-from persam_core.models import build_random
-from persam_core.video import SequenceTracker, VideoSettings, expanded_box, kept_cells, top_points
+from persam_core.evaluation.scores import davis_j
+from persam_core.modeling.models import build_random
+from persam_core.video.reference_mode import SequenceTracker, VideoSettings, expanded_box, kept_cells, top_points
 
 FRAMES = 4
 

@@ -1,4 +1,4 @@
-"""persam_core.video_sam2: without re-prompts it *is* sam2's SAM2VideoPredictor; lost objects are
+"""persam_core.video.sam2_memory: without re-prompts it *is* sam2's SAM2VideoPredictor; lost objects are
 re-prompted at the prior's points (guided); a concept starts where its presence passes.
 
 The oracle is sam2's own video predictor driven as its README drives it: `init_state` on a
@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from persam_core.prior import negative_points, positive_points, similarity_maps, upsample_similarities
-from persam_core.sam2_backbone import Sam2Backbone
-from persam_core.video_sam2 import FrameSource, MemorySettings, MemoryTracker, video_predictor
+from persam_core.modeling.sam2_backbone import Sam2Backbone
+from persam_core.video.sam2_memory import FrameSource, MemorySettings, MemoryTracker, video_predictor
 
 FRAMES = 3
 STATE_KEYS = ("pred_masks", "object_score_logits", "obj_ptr", "maskmem_features")

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 from segment_anything.modeling import Sam
 
-from persam_core import sam_family
-from persam_core.families import ModelFamily, register_family, unregister_family
-from persam_core.inputs import SAM_INPUT
-from persam_core.sam_backbone import SamBackbone
+from persam_core.modeling import sam_family
+from persam_core.modeling.families import ModelFamily, register_family, unregister_family
+from persam_core.modeling.inputs import SAM_INPUT
+from persam_core.modeling.sam_backbone import SamBackbone
 
 TOY_TYPE = "toy_tiny"
 

@@ -5,7 +5,7 @@ Reference: github.com/ZrrSkywalker/Personalize-SAM persam_video.py with its defa
 SamPredictor (the video mode passes no attention bias or target embedding, so the
 reference's predictor is plain SAM there). Nothing in persam_core is used.
 
-One change, documented in persam_core/video.py: `large` picks the mask of largest area;
+One change, documented in persam_core/video/reference_mode.py: `large` picks the mask of largest area;
 the reference stores the areas as uint8 (wrapping at 256), which this does not copy.
 Empty masks raise here, as in the reference.
 """

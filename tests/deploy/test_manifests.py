@@ -186,7 +186,7 @@ def test_a_wrong_flag_fails_the_parse(extra):
 
 @pytest.mark.parametrize("where, tokens, obj, cluster", COMMANDS, ids=[c[0] for c in COMMANDS])
 def test_cluster_jobs_fit_the_cluster_they_run_on(where, tokens, obj, cluster):
-    from persam_core.models import model_types
+    from persam_core.modeling.models import model_types
 
     args = parse_persam(tokens)
     assert args.command in ("segment", "rank"), f"{where}: {args.command}"

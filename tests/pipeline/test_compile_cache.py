@@ -1,4 +1,4 @@
-"""Warm starts (pipeline/compile_cache.py, persam_core/compile_cache.py): a cold run keeps the
+"""Warm starts (pipeline/compile_cache.py, persam_core/speed/compile_cache.py): a cold run keeps the
 compiled encoder's artifacts, the next process loads them and builds no inductor graph; an
 entry torch cannot read or that belongs to another key is ignored with one line; any key
 change misses. Fast tests stand in for torch's compile; the slow one runs two real processes."""
@@ -18,9 +18,9 @@ from process_tools import make_scenes
 from jobs.pipeline import commit
 from jobs.pipeline import compile_cache as cc
 from jobs.storage.schema import IMAGE_URI, MASK_RLE, read_parts
-from persam_core.acceleration import EncoderSpeed
-from persam_core.compile_cache import cache_key
-from persam_core.models import build_random
+from persam_core.speed.acceleration import EncoderSpeed
+from persam_core.speed.compile_cache import cache_key
+from persam_core.modeling.models import build_random
 
 COMPILED = EncoderSpeed(compile=True)
 

@@ -25,8 +25,8 @@ def glibc() -> bool:
 DECODE_FAULTS = """
 import resource, sys, threading, torch
 from jobs.pipeline.host_memory import keep_large_buffers
-from persam_core.decoder_speed import decode_eager
-from persam_core.models import build_random
+from persam_core.speed.decoder_speed import decode_eager
+from persam_core.modeling.models import build_random
 mode, count, where = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if mode == "kept":
     assert keep_large_buffers() and keep_large_buffers()  # applies, and again

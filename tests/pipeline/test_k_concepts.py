@@ -15,8 +15,8 @@ from sample_tools import iou, make_chunk, segment_rows
 from persam_core.instances import segment_instances
 from persam_core.masks import decode_rle
 from persam_core.persam import prior_for, segment_persam
-from persam_core.predictor import encode_images
-from persam_core.preprocess import resize_longest_side
+from persam_core.modeling.predictor import encode_images
+from persam_core.modeling.preprocess import resize_longest_side
 
 
 @pytest.fixture(scope="module")

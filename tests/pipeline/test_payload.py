@@ -9,7 +9,7 @@ import torch
 
 from jobs.pipeline.payload import (Chunk, ChunkItem, ChunkResults, bundle, pack_chunk, pack_results, unbundle,
                                    unpack_chunk, unpack_results)
-from persam_core.preprocess import array_to_device
+from persam_core.modeling.preprocess import array_to_device
 
 
 ARRAYS = {

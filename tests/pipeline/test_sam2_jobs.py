@@ -29,15 +29,15 @@ from jobs.pipeline.commit import part_files
 from jobs.storage.images import decode_image, decode_mask
 from jobs.storage.schema import (AREA, BBOX, CONCEPT, ERROR, IMAGE_URI, INSTANCE, MASK_RLE, POINT, PRESENT, SCORE,
                                  SIMILARITY, read_parts)
-from persam_core.families import as_backbone
+from persam_core.modeling.families import as_backbone
 from persam_core.batch import EncodedBatch
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_targets, reference_cells
-from persam_core.inputs import SAM2_HIGH_RES_SHAPES
+from persam_core.modeling.inputs import SAM2_HIGH_RES_SHAPES
 from persam_core.masks import decode_rle
-from persam_core.models import model_fingerprint
+from persam_core.modeling.models import model_fingerprint
 from persam_core.persam import segment_persam
-from persam_core.predictor import encode_images
+from persam_core.modeling.predictor import encode_images
 
 MODEL = ["--model-type", "tiny_sam2", "--checkpoint", "random:0", "--device", "cpu"]
 LOCAL = ["--runner", "local"]

@@ -33,13 +33,13 @@ from jobs.pipeline.job import PreparedJob
 from jobs.spec import JobSpec, ModelSpec, SpeedSpec
 from jobs.pipeline.actors import SegmentActor
 from jobs.storage.schema import read_part
-from persam_core.acceleration import EncoderSpeed, resolve_speed
+from persam_core.speed.acceleration import EncoderSpeed, resolve_speed
 from persam_core.concept import Concept, persam_targets, reference_cells
 from persam_core.masks import decode_rle
-from persam_core.decoder_speed import decoder_mode
-from persam_core.models import build_random, model_fingerprint
-from persam_core.predictor import encode_images
-from persam_core.preprocess import resize_longest_side
+from persam_core.speed.decoder_speed import decoder_mode
+from persam_core.modeling.models import build_random, model_fingerprint
+from persam_core.modeling.predictor import encode_images
+from persam_core.modeling.preprocess import resize_longest_side
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]
 SOURCES = ("cat/01", "cat/02", "duck_toy/01", "duck_toy/02", "colorful_sneaker/01")

@@ -8,7 +8,7 @@ import torch
 
 from jobs.pipeline import compute
 from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
-from persam_core.acceleration import EncoderSpeed
+from persam_core.speed.acceleration import EncoderSpeed
 from persam_core.modeling.dinov2 import build_random_dinov2
 
 

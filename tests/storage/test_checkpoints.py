@@ -11,7 +11,7 @@ import torch
 
 from jobs.storage import checkpoints
 from jobs.exports.names import safe_file_name
-from persam_core.models import ModelError, build_random, model_fingerprint
+from persam_core.modeling.models import ModelError, build_random, model_fingerprint
 
 from cli_tools import ACCESS_KEY, SECRET_KEY
 
@@ -84,9 +84,9 @@ def layout_state_dict() -> dict[str, torch.Tensor]:
 
 def test_vit_t_loads_the_official_layout_strictly_and_encodes(tmp_path: Path) -> None:
     from jobs.storage.checkpoints import load_model
-    from persam_core.models import ModelError, build_from_state_dict
-    from persam_core.predictor import encode_images
-    from persam_core.preprocess import resize_longest_side
+    from persam_core.modeling.models import ModelError, build_from_state_dict
+    from persam_core.modeling.predictor import encode_images
+    from persam_core.modeling.preprocess import resize_longest_side
 
     state = layout_state_dict()
     path = tmp_path / "mobile_sam.pt"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from persam_core.families import family_of
+from persam_core.modeling.families import family_of
 from jobs.storage.checkpoints import load_model, official_url
-from persam_core.models import model_fingerprint
+from persam_core.modeling.models import model_fingerprint
 
 
 def test_official_sam2_checkpoints_are_meta_s_files():

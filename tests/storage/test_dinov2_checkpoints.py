@@ -12,7 +12,7 @@ import torch
 
 from jobs.storage import dinov2_checkpoints
 from jobs.storage.dinov2_checkpoints import OFFICIAL_DINOV2, load_dinov2, official_dinov2_url, random_dinov2_note
-from persam_core.models import ModelError
+from persam_core.modeling.models import ModelError
 from persam_core.modeling.dinov2 import build_random_dinov2, dinov2_fingerprint, frame_tokens, official_state_dict
 
 from cli_tools import ACCESS_KEY, SECRET_KEY

@@ -68,10 +68,10 @@ import torch
 from torch import Tensor
 from segment_anything.modeling import Sam
 
-from .decoder import decode_masks
-from .errors import describe
-from .options import DECODER_PRECISIONS
-from .prompts import encode_prompts
+from persam_core.decoder import decode_masks
+from persam_core.errors import describe
+from persam_core.speed.options import DECODER_PRECISIONS
+from persam_core.prompts import encode_prompts
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from .families import ModelError, implementation_of, model_types
+from persam_core.modeling.families import ModelError, implementation_of, model_types
 
 __all__ = ["ModelError", "build_random", "build_from_state_dict", "check_architecture", "fingerprint",
            "load_state_dict_file", "model_fingerprint", "model_types"]

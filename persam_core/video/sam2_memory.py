@@ -45,13 +45,13 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
-from .concept import persam_f_target_feature
-from .decoder_sam2 import guidance
-from .preprocess import GRID_SIZE
-from .prior import attention_biases, negative_points, positive_points, similarity_maps, upsample_similarities
-from .sam2_backbone import PIXEL_MEAN, PIXEL_STD, Sam2Backbone
-from .sam2_models import build_sam2_video_model
-from .video import VIDEO_MASK_VALUE
+from persam_core.concept import persam_f_target_feature
+from persam_core.decoder_sam2 import guidance
+from persam_core.modeling.preprocess import GRID_SIZE
+from persam_core.prior import attention_biases, negative_points, positive_points, similarity_maps, upsample_similarities
+from persam_core.modeling.sam2_backbone import PIXEL_MEAN, PIXEL_STD, Sam2Backbone
+from persam_core.modeling.sam2_models import build_sam2_video_model
+from persam_core.video.reference_mode import VIDEO_MASK_VALUE
 
 
 @dataclass(frozen=True)

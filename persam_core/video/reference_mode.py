@@ -35,13 +35,13 @@ from torch.nn import functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .methods.registry import get_method, method_names
-from .persam_f import optimise_mask_weights
-from .pairs import PairBatch, boxes_of
-from .refine import refine_with_box
-from .predictor import EncodedImage, Prediction, encode_images, predict
-from .preprocess import ENCODER_SIZE, GRID_SIZE, reference_mask_grid, resize_longest_side
-from .prior import similarity_maps, upsample_similarities
+from persam_core.methods.registry import get_method, method_names
+from persam_core.persam_f import optimise_mask_weights
+from persam_core.pairs import PairBatch, boxes_of
+from persam_core.refine import refine_with_box
+from persam_core.modeling.predictor import EncodedImage, Prediction, encode_images, predict
+from persam_core.modeling.preprocess import ENCODER_SIZE, GRID_SIZE, reference_mask_grid, resize_longest_side
+from persam_core.prior import similarity_maps, upsample_similarities
 
 VIDEO_MASK_VALUE = 215  # the reference's --exp
 BOX_MARGIN = 10  # the reference's --threshold

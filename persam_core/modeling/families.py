@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 if TYPE_CHECKING:  # annotations only: this module stays importable without torch
     import torch
 
-    from .backbone import Backbone
-    from .inputs import InputFormat
+    from persam_core.modeling.backbone import Backbone
+    from persam_core.modeling.inputs import InputFormat
 
 
 class ModelError(ValueError):
@@ -145,7 +145,7 @@ _SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 register_family(ModelFamily(
     name="sam",
     model_types=("vit_h", "vit_l", "vit_b", "vit_t", "tiny"),
-    implementation=module_implementation("persam_core.sam_family"),
+    implementation=module_implementation("persam_core.modeling.sam_family"),
     official_checkpoints={
         "vit_h": (_SAM + "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
         "vit_l": (_SAM + "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
@@ -160,7 +160,7 @@ register_family(ModelFamily(
 register_family(ModelFamily(
     name="sam2",
     model_types=("sam2.1_t", "sam2.1_s", "sam2.1_b+", "sam2.1_l", "tiny_sam2"),
-    implementation=module_implementation("persam_core.sam2_family"),
+    implementation=module_implementation("persam_core.modeling.sam2_family"),
     # Files are {"model": state_dict}; Meta publishes no SHA-256 for them, so none is checked.
     official_checkpoints={
         "sam2.1_t": (_SAM2 + "sam2.1_hiera_tiny.pt", None),

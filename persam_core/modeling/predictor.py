@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .acceleration import encoder_precision
-from .backbone import Model
-from .families import as_backbone
-from .pairs import PairBatch
-from .preprocess import ResizedImage
+from persam_core.speed.acceleration import encoder_precision
+from persam_core.modeling.backbone import Model
+from persam_core.modeling.families import as_backbone
+from persam_core.pairs import PairBatch
+from persam_core.modeling.preprocess import ResizedImage
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 from segment_anything.modeling import Sam
 
-from .backbone import Decoded, PredictorEncoding
-from .decoder_speed import decode_prompts
-from .preprocess import ResizedImage, reference_mask_grid, resize_longest_side, to_encoder_input
+from persam_core.modeling.backbone import Decoded, PredictorEncoding
+from persam_core.speed.decoder_speed import decode_prompts
+from persam_core.modeling.preprocess import ResizedImage, reference_mask_grid, resize_longest_side, to_encoder_input
 
 
 class SamBackbone:

@@ -15,9 +15,9 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from .inputs import SAM_INPUT
-from .sam_backbone import SamBackbone
-from .tiny_vit import TinyViT
+from persam_core.modeling.inputs import SAM_INPUT
+from persam_core.modeling.sam_backbone import SamBackbone
+from persam_core.modeling.tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)

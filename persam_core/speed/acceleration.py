@@ -45,11 +45,11 @@ from torch import Tensor
 from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
-from .backbone import Model
-from .families import as_backbone
-from .decoder_speed import check_decoder_precision, configure_decoder
-from .errors import describe
-from .options import GPU_BATCH_SIZE, SPEED_PRECISIONS, SpeedFlags
+from persam_core.modeling.backbone import Model
+from persam_core.modeling.families import as_backbone
+from persam_core.speed.decoder_speed import check_decoder_precision, configure_decoder
+from persam_core.errors import describe
+from persam_core.speed.options import GPU_BATCH_SIZE, SPEED_PRECISIONS, SpeedFlags
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert SPEED_PRECISIONS == ("auto", *PRECISIONS), "options.SPEED_PRECISIONS names these"

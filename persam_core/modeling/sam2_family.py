@@ -10,8 +10,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .inputs import SAM2_INPUT
-from .sam2_models import build_sam2_model
+from persam_core.modeling.inputs import SAM2_INPUT
+from persam_core.modeling.sam2_models import build_sam2_model
 
 input_format = SAM2_INPUT
 
@@ -40,6 +40,6 @@ def owns(model: Any) -> bool:
 
 
 def adapter(model: torch.nn.Module):
-    from .sam2_backbone import Sam2Backbone
+    from persam_core.modeling.sam2_backbone import Sam2Backbone
 
     return Sam2Backbone(model)
