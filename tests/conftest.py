@@ -33,6 +33,18 @@ if "PERSAM_TEST_THREADS" in os.environ:
 BROKEN = ("broken.jpg", "zero.png")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """`make test`'s two workers (`--dist loadgroup`): every `slow` test (those that start
+    Ray, build vit_b, run whole jobs) in one group, run one after another on one worker, so
+    that two embedded Rays never start side by side (their worker ports and CPUs clash; one
+    such run lost an actor); every other test with the rest of its file (module fixtures
+    made once)."""
+    for item in items:
+        group = "slow" if item.get_closest_marker("slow") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 # ---------------------------------------------------------------------------- environment
 
 

@@ -22,12 +22,10 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 from fsspec.implementations.local import LocalFileSystem
-from PIL import Image
 
 import jobs.commands.segment as segment_command
 import jobs.pipeline.run as run_module
@@ -38,32 +36,11 @@ from jobs.pipeline.payload import FinishedChunk, table_to_ipc
 from jobs.pipeline.supersede import PENDING_FOLDER
 from jobs.spec import JobSpec, ModelSpec, SpeedSpec
 from jobs.storage.schema import CONCEPT, IMAGE_URI, INSTANCE, mask_row, rows_to_table
-from persam_core.concept import Concept
 
-CONCEPTS = ("cat", "dog")
-
-
-class Killed(BaseException):
-    """The writer's death: not an Exception, so no handler of the product swallows it."""
+from fault_scenes import CONCEPTS, Killed, write_concepts, write_image
 
 
 # ---------------------------------------------------------------------------- scenes
-
-
-def _image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(path)
-
-
-def _concepts(folder: Path, fingerprint: str) -> list[Path]:
-    paths = []
-    for index, name in enumerate(CONCEPTS):
-        feature = np.random.default_rng(100 + index).standard_normal(256).astype(np.float32)
-        feature /= np.linalg.norm(feature)
-        path = folder / f"{name}.json"
-        path.write_text(Concept(name, "persam", feature, feature, fingerprint).to_json())
-        paths.append(path)
-    return paths
 
 
 def _spec(concepts: list[Path], images: Path, output: Path) -> JobSpec:
@@ -74,9 +51,9 @@ def _spec(concepts: list[Path], images: Path, output: Path) -> JobSpec:
 def _change(images: Path) -> None:
     """New content for one image, one image removed, one added: recomputed, carried and dropped files."""
     names = sorted(p.name for p in images.iterdir())
-    _image(images / names[0], 999)
+    write_image(images / names[0], 999)
     (images / names[-1]).unlink()
-    _image(images / "new.png", 77)
+    write_image(images / "new.png", 77)
 
 
 def _expected(images: Path, instances: dict[str, int] | None = None) -> Counter:
@@ -239,8 +216,8 @@ def fake_model(monkeypatch, tiny_fingerprint):
 def scene(tmp_path, tiny_fingerprint):
     images = tmp_path / "images"
     for index, name in enumerate(["a.png", "b.png", "c-two.png", "d.png", "e.png"]):
-        _image(images / name, index)
-    concepts = _concepts(tmp_path, tiny_fingerprint)
+        write_image(images / name, index)
+    concepts = write_concepts(tmp_path, tiny_fingerprint)
     return images, functools.partial(_spec, concepts, images)
 
 
@@ -289,12 +266,12 @@ def test_a_kill_at_every_step_with_the_tiny_model(tmp_path, tiny_fingerprint, mo
     sweep stays in minutes); commits on one thread so that step N is one step."""
     images = tmp_path / "images"
     for index, name in enumerate(["a.png", "b.png", "c.png"]):
-        _image(images / name, index)
-    spec_of = functools.partial(_spec, _concepts(tmp_path, tiny_fingerprint), images)
+        write_image(images / name, index)
+    spec_of = functools.partial(_spec, write_concepts(tmp_path, tiny_fingerprint), images)
     monkeypatch.setattr(run_module, "ShardGatherer", functools.partial(run_module.ShardGatherer, threads=1))
     base = tmp_path / "base"
     run_segment(spec_of(base), log=lambda line: None)
-    _image(images / "a.png", 999)
+    write_image(images / "a.png", 999)
     reference = tmp_path / "reference"  # the changed images in a new output: the rows a rerun must end with
     run_segment(spec_of(reference), log=lambda line: None)
     expected = _keys(pd.read_parquet(reference, columns=KEY))

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 from pyiceberg.table import Transaction
 
 import jobs.commands.segment as segment_command
@@ -34,29 +33,10 @@ from jobs.storage.sharding import shard_of
 from jobs.storage.schema import CONCEPT, CONTENT_SHA256, IMAGE_URI, INSTANCE, mask_row, rows_to_table
 from persam_core.concept import Concept
 
-CONCEPTS = ("cat", "dog")
+from fault_scenes import CONCEPTS, Killed, write_concepts, write_image
+
 TABLE = "masks.cats"
 KEY = [IMAGE_URI, CONCEPT, INSTANCE]
-
-
-class Killed(BaseException):
-    """The writer's death: not an Exception, so no handler of the product swallows it."""
-
-
-def _image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(path)
-
-
-def _concepts(folder: Path, fingerprint: str) -> list[Path]:
-    paths = []
-    for index, name in enumerate(CONCEPTS):
-        feature = np.random.default_rng(100 + index).standard_normal(256).astype(np.float32)
-        feature /= np.linalg.norm(feature)
-        path = folder / f"{name}.json"
-        path.write_text(Concept(name, "persam", feature, feature, fingerprint).to_json())
-        paths.append(path)
-    return paths
 
 
 def _spec(concepts: list[Path], images: Path, table: str = TABLE, **changes) -> JobSpec:
@@ -102,8 +82,8 @@ def scene(tmp_path, tiny_fingerprint):
     images = next(tmp_path / f"images{i}" for i in range(100)
                   if len({shard_of(str(tmp_path / f"images{i}" / n), 3) for n in names}) >= 2)
     for index, name in enumerate(names):
-        _image(images / name, index)
-    return images, _concepts(tmp_path, tiny_fingerprint)
+        write_image(images / name, index)
+    return images, write_concepts(tmp_path, tiny_fingerprint)
 
 
 def _expected(images: Path, concepts=CONCEPTS) -> Counter:
@@ -130,9 +110,9 @@ def test_a_kill_at_every_commit_then_a_rerun_ends_exactly_once(scene, fake_model
             for after in (False, True):
                 table = f"masks.k{int(change)}_{step}_{int(after)}"
                 if change:
-                    _image(images / "a.png", 0)  # the base's content
+                    write_image(images / "a.png", 0)  # the base's content
                     run_segment(_spec(concepts, images, table), log=lambda line: None)
-                    _image(images / "a.png", 999)
+                    write_image(images / "a.png", 999)
                 calls = Counter()
                 real = Transaction.commit_transaction
 
@@ -239,9 +219,9 @@ def test_a_changed_image_replaces_its_shard_in_one_commit(scene, fake_model, mon
     removed one until its shard is committed, the added one from its shard's commit on."""
     images, concepts = scene
     run_segment(_spec(concepts, images), log=lambda line: None)
-    _image(images / "a.png", 999)
+    write_image(images / "a.png", 999)
     (images / "e.png").unlink()
-    _image(images / "f.png", 77)
+    write_image(images / "f.png", 77)
     states: list[Counter] = []
     real = Transaction.commit_transaction
 
@@ -338,7 +318,7 @@ def test_the_dry_run_plans_against_the_table_and_writes_nothing(scene, fake_mode
     assert run_segment(_spec(concepts, images, dry_run=True), log=lines.append) is None
     assert "new output" in lines[-2] and _pyiceberg_table_or_none() is None
     shards = run_segment(_spec(concepts[:1], images), log=lambda line: None).shards_run
-    _image(images / "a.png", 999)
+    write_image(images / "a.png", 999)
     snapshot = _pyiceberg_table().current_snapshot().snapshot_id
     lines.clear()
     run_segment(_spec(concepts, images, dry_run=True), log=lines.append)
@@ -371,7 +351,6 @@ def test_a_manifest_of_several_waves_is_refused_after_its_first(scene, fake_mode
 def test_a_bad_table_name_is_one_line(name):
     with pytest.raises(OutputError, match="give NAMESPACE.TABLE"):
         mask_output(None, name)
-
 
 
 def test_an_emptied_shard_loses_its_rows(scene, fake_model):
