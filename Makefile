@@ -21,9 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo demo-output
 
-# Two worker processes (pytest-xdist): the `slow` tests (Ray, vit_b, whole jobs) one after
-# another on one of them, every other file whole on either (tests/conftest.py sets the groups).
-PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+# Two worker processes (pytest-xdist), each test file on one of them (its module fixtures are
+# made once); modules with `slow` tests (Ray, vit_b) take turns (tests/conftest.py).
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: $(STAMP)
 	$(PYTEST)

@@ -8,6 +8,7 @@ modules beside this file or beside the tests that use them.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -33,16 +34,20 @@ if "PERSAM_TEST_THREADS" in os.environ:
 BROKEN = ("broken.jpg", "zero.png")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """`make test`'s two workers (`--dist loadgroup`): every `slow` test (those that start
-    Ray, build vit_b, run whole jobs) in one group, run one after another on one worker, so
-    that two embedded Rays never start side by side (their worker ports and CPUs clash; one
-    such run lost an actor); every other test with the rest of its file (module fixtures
-    made once)."""
-    for item in items:
-        group = "slow" if item.get_closest_marker("slow") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.fixture(scope="module", autouse=True)
+def _one_slow_module_at_a_time(request, tmp_path_factory):
+    """`make test`'s two xdist workers: a module with `slow` tests (they start Ray, build vit_b,
+    run whole jobs, in the module's fixtures too) holds a lock shared by the workers while it
+    runs, so two embedded Rays never start side by side (their CPUs and worker ports clash:
+    one such run lost an actor); every other module runs beside it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or not any(
+            item.get_closest_marker("slow") for item in request.session.items
+            if getattr(item, "module", None) is request.module):
+        yield
+        return
+    with open(tmp_path_factory.getbasetemp().parent / "slow-modules.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 # ---------------------------------------------------------------------------- environment
