@@ -182,8 +182,11 @@ def test_the_ray_job_writes_the_local_runner_rows(scene, segmented):
                       "--input", str(scene.lake), "--output", str(out)])
     assert result.rc == 0, result.err
     ray_rows, local_rows = _rows(out), _rows(segmented)
-    columns = ("concept", "method", "present", "width", "height", "mask_rle", "area", "similarity", "point", "error")
+    columns = ("concept", "method", "present", "width", "height", "mask_rle", "area", "point", "error")
     assert [[r[c] for c in columns] for r in ray_rows] == [[r[c] for c in columns] for r in local_rows]
+    # the score is a float sum: its last bit follows the actor's torch thread count (masks and
+    # points do not; a thread-count sweep gave identical masks and scores within 1.2e-7)
+    assert [r["similarity"] for r in ray_rows] == pytest.approx([r["similarity"] for r in local_rows], abs=1e-5)
 
 
 def _counting(monkeypatch, module, name: str, counts: dict) -> None:
