@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python -m jobs.demo demo-output
 
 # Two worker processes (pytest-xdist), each test file on one of them (its module fixtures are
-# made once); modules with `slow` tests (Ray, vit_b) take turns (tests/conftest.py).
+# made once); the local Rays of the two take turns (tests/conftest.py).
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: $(STAMP)

@@ -34,20 +34,85 @@ if "PERSAM_TEST_THREADS" in os.environ:
 BROKEN = ("broken.jpg", "zero.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_slow_module_at_a_time(request, tmp_path_factory):
-    """`make test`'s two xdist workers: a module with `slow` tests (they start Ray, build vit_b,
-    run whole jobs, in the module's fixtures too) holds a lock shared by the workers while it
-    runs, so two embedded Rays never start side by side (their CPUs and worker ports clash:
-    one such run lost an actor); every other module runs beside it."""
-    if "PYTEST_XDIST_WORKER" not in os.environ or not any(
-            item.get_closest_marker("slow") for item in request.session.items
-            if getattr(item, "module", None) is request.module):
+class _RayTurn:
+    """One embedded Ray at a time across `make test`'s two xdist workers: two side by side
+    share two CPUs and the loopback ports (one such run lost an actor). A file lock, taken
+    when this process starts a local Ray and given back when it shuts it down, or for the
+    whole of a module whose tests start the CLI as child processes that run Ray (mark
+    `ray_processes`). Re-entrant: a module's turn covers the Rays its tests start here."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None  # set under xdist only: a lone pytest needs no turns
+        self.depth, self.file, self.ray_held = 0, None, False
+
+    def take(self) -> None:
+        if self.path is None:
+            return
+        if self.depth == 0:
+            self.file = open(self.path, "w")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.depth += 1
+
+    def give_back(self) -> None:
+        if self.path is None:
+            return
+        self.depth -= 1
+        if self.depth == 0:
+            self.file.close()  # closing the file releases the lock
+
+
+_RAY_TURN = _RayTurn()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_turns(tmp_path_factory):
+    """Under xdist: every local Ray this process starts waits for its turn (see _RayTurn)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
         yield
         return
-    with open(tmp_path_factory.getbasetemp().parent / "slow-modules.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    import ray
+
+    from jobs.pipeline import session
+
+    _RAY_TURN.path = tmp_path_factory.getbasetemp().parent / "ray-turn.lock"
+    real_start, real_shutdown = session._start_local_ray, ray.shutdown
+
+    def start() -> None:
+        _RAY_TURN.take()
+        try:
+            real_start()
+        except BaseException:
+            _RAY_TURN.give_back()
+            raise
+        _RAY_TURN.ray_held = True
+
+    def shutdown(*args, **kwargs):
+        try:
+            return real_shutdown(*args, **kwargs)
+        finally:
+            if _RAY_TURN.ray_held:
+                _RAY_TURN.ray_held = False
+                _RAY_TURN.give_back()
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(session, "_start_local_ray", start)
+    patch.setattr(ray, "shutdown", shutdown)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_processes_take_turns(request, _ray_turns):
+    """A module marked `ray_processes` holds the Ray turn while it runs (its child processes
+    start Ray where this process cannot see it)."""
+    if request.node.get_closest_marker("ray_processes") is None:
         yield
+        return
+    _RAY_TURN.take()
+    try:
+        yield
+    finally:
+        _RAY_TURN.give_back()
 
 
 # ---------------------------------------------------------------------------- environment
@@ -77,21 +142,20 @@ def _ray_sessions() -> set[str]:
 def _slow_work_only_in_slow_tests(request):
     """A test that starts Ray (in this process or in a child process it starts) or builds the
     real vit_b architecture carries the `slow` mark (`make test-quick` leaves out exactly
-    those): it fails otherwise. A Ray that another process on the machine started (another
-    test run) is not this test's."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    if "vit_b_sam" in request.fixturenames:
+    those): it fails otherwise. One whose child processes start Ray sits in a module marked
+    `ray_processes` (they take turns with the other worker's Rays). A Ray that another
+    process on the machine started (another test run) is not this test's."""
+    slow = request.node.get_closest_marker("slow") is not None
+    if "vit_b_sam" in request.fixturenames and not slow:
         pytest.fail(f"{request.node.nodeid} builds vit_b (vit_b_sam) but is not marked slow", pytrace=False)
     from persam_core.modeling import sam_family
 
-    before, drivers, built = _ray_sessions(), {str(os.getpid())}, []
+    before, children, built = _ray_sessions(), set(), []
     real_init, real_vit_b = subprocess.Popen.__init__, sam_family.BUILDERS["vit_b"]
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        drivers.add(str(self.pid))
+        children.add(str(self.pid))
 
     def build_vit_b():
         if torch.empty(0).device.type != "meta":  # a skeleton (keys and shapes) costs nothing
@@ -105,11 +169,16 @@ def _slow_work_only_in_slow_tests(request):
         yield
     finally:
         patch.undo()
-    if built:
+    if built and not slow:
         pytest.fail(f"{request.node.nodeid} builds vit_b but is not marked slow", pytrace=False)
-    started = sorted(name for name in _ray_sessions() - before if name.rsplit("_", 1)[-1] in drivers)
-    if started:
+    drivers = {name: name.rsplit("_", 1)[-1] for name in _ray_sessions() - before}
+    started = sorted(name for name, pid in drivers.items() if pid in children or pid == str(os.getpid()))
+    if started and not slow:
         pytest.fail(f"{request.node.nodeid} started Ray ({started[0]}) but is not marked slow", pytrace=False)
+    in_children = sorted(name for name, pid in drivers.items() if pid in children)
+    if in_children and request.node.get_closest_marker("ray_processes") is None:
+        pytest.fail(f"{request.node.nodeid} ran Ray in a child process ({in_children[0]}) but its module is not "
+                    "marked ray_processes", pytrace=False)
 
 
 # ---------------------------------------------------------------------------- sample data and models

@@ -19,7 +19,7 @@ import pytest
 
 from cli_tools import REPO
 
-pytestmark = pytest.mark.slow  # every test here runs Ray in child processes
+pytestmark = [pytest.mark.slow, pytest.mark.ray_processes]  # every test here runs Ray in child processes
 
 BIN = Path(sys.executable).parent
 

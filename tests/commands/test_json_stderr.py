@@ -16,6 +16,9 @@ from PIL import Image
 from jobs import logs
 from process_tools import make_scenes, start_persam
 
+pytestmark = pytest.mark.ray_processes  # the CLI in child processes, on Ray
+
+
 RAY_LINE = "\x1b[36m(Map(prepare_chunk) pid=4242)\x1b[0m /x/PIL/Image.py:1134: UserWarning: Palette images ...\n"
 GLOG_LINE = "[2026-01-01 00:00:00,000 E 17 17] core_worker.cc:99: something native went wrong\n"
 

@@ -22,7 +22,7 @@ from jobs.pipeline.commit import shard_of
 from jobs.storage.schema import partition_concept, read_part
 from process_tools import descendants
 
-pytestmark = pytest.mark.slow  # every test here runs Ray in child processes
+pytestmark = [pytest.mark.slow, pytest.mark.ray_processes]  # every test here runs Ray in child processes
 
 
 @pytest.fixture()

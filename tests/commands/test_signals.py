@@ -20,6 +20,8 @@ from jobs.storage.schema import read_part
 from process_tools import (descendants, kill_tree, make_scenes, segment_args, start_persam, wait_for_progress,
                            wait_gone)
 
+pytestmark = pytest.mark.ray_processes  # the CLI in child processes, on Ray
+
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):

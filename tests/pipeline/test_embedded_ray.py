@@ -16,7 +16,7 @@ import pytest
 
 from process_tools import descendants, kill_tree, make_scenes, segment_args, start_persam, wait_for_progress, wait_gone
 
-pytestmark = pytest.mark.slow  # Ray in child processes
+pytestmark = [pytest.mark.slow, pytest.mark.ray_processes]  # Ray in child processes
 
 DASHBOARD_PORT = 8265  # Ray's web UI, were it served
 
