@@ -22,7 +22,7 @@ from persam_core.speed.decoder_speed import (MIN_BUCKET, configure_decoder, deco
                                        decoder_settings, pair_bucket)
 from persam_core.evaluation.metrics import iou
 from persam_core.speed.options import SpeedFlags
-from tests.core.test_batched_cascade import concepts, encoded  # noqa: F401  (fixtures)
+from tests.core.test_cascade import concepts, encoded  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

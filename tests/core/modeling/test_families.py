@@ -17,7 +17,7 @@ from persam_core.modeling.sam_backbone import SamBackbone
 from cli_tools import LOCAL, run_cli
 from toy_family import TOY, TOY_TYPE, ToySam, register, unregister
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture()

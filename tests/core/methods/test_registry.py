@@ -23,7 +23,7 @@ from persam_core.modeling.predictor import predict
 from persam_core.prior import positive_points, similarity_maps, upsample_similarities
 from tests.cli_tools import LOCAL, MODEL, run_cli
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 class PeakEngine:
