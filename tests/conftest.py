@@ -12,8 +12,10 @@ import fcntl
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -102,17 +104,29 @@ def _ray_turns(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _ray_processes_take_turns(request, _ray_turns):
+def _ray_process_modules_take_turns(request, _ray_turns):
     """A module marked `ray_processes` holds the Ray turn while it runs (its child processes
-    start Ray where this process cannot see it)."""
-    if request.node.get_closest_marker("ray_processes") is None:
+    start Ray where this process cannot see it, its fixtures too)."""
+    with _turn_if(request.node.get_closest_marker("ray_processes") is not None):
         yield
-        return
-    _RAY_TURN.take()
+
+
+@pytest.fixture(autouse=True)
+def _ray_process_tests_take_turns(request, _ray_turns):
+    """A test marked `ray_processes` (in a module that is not) holds the Ray turn while it runs."""
+    with _turn_if(request.node.get_closest_marker("ray_processes") is not None):
+        yield
+
+
+@contextmanager
+def _turn_if(wanted: bool) -> Iterator[None]:
+    if wanted:
+        _RAY_TURN.take()
     try:
         yield
     finally:
-        _RAY_TURN.give_back()
+        if wanted:
+            _RAY_TURN.give_back()
 
 
 # ---------------------------------------------------------------------------- environment

@@ -16,9 +16,6 @@ from PIL import Image
 from jobs import logs
 from process_tools import make_scenes, start_persam
 
-pytestmark = pytest.mark.ray_processes  # the CLI in child processes, on Ray
-
-
 RAY_LINE = "\x1b[36m(Map(prepare_chunk) pid=4242)\x1b[0m /x/PIL/Image.py:1134: UserWarning: Palette images ...\n"
 GLOG_LINE = "[2026-01-01 00:00:00,000 E 17 17] core_worker.cc:99: something native went wrong\n"
 
@@ -113,6 +110,7 @@ def test_a_local_run_writes_only_json_on_stderr(warning_scenes, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray_processes  # the CLI in a child process, on Ray
 def test_a_ray_run_writes_only_json_on_stderr(warning_scenes, tmp_path):
     entries = _json_run(warning_scenes, tmp_path, "ray")
     palette = [e for e in entries if "Palette images with Transparency" in e["message"]]

@@ -20,9 +20,6 @@ from jobs.storage.schema import read_part
 from process_tools import (descendants, kill_tree, make_scenes, segment_args, start_persam, wait_for_progress,
                            wait_gone)
 
-pytestmark = pytest.mark.ray_processes  # the CLI in child processes, on Ray
-
-
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return make_scenes(tmp_path_factory.mktemp("scenes"), 150)
@@ -91,6 +88,7 @@ def test_a_signal_stops_a_local_run_with_one_line(scenes, tmp_path, signum, whol
 
 
 @pytest.mark.slow
+@pytest.mark.ray_processes  # the CLI in a child process, on Ray
 @pytest.mark.parametrize("signum,whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["sigterm", "ctrl-c-to-the-group"])
 def test_a_signal_stops_a_ray_run_and_ray_with_it(scenes, tmp_path, signum, whole_group):
