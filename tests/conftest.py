@@ -40,8 +40,8 @@ class _RayTurn:
     """One embedded Ray at a time across `make test`'s two xdist workers: two side by side
     share two CPUs and the loopback ports (one such run lost an actor). A file lock, taken
     when this process starts a local Ray and given back when it shuts it down, or for the
-    whole of a module whose tests start the CLI as child processes that run Ray (mark
-    `ray_processes`). Re-entrant: a module's turn covers the Rays its tests start here."""
+    whole of a test or module marked `ray_processes` (its child processes run the CLI on
+    Ray). Re-entrant: a module's turn covers its tests' and the Rays they start here."""
 
     def __init__(self) -> None:
         self.path: Path | None = None  # set under xdist only: a lone pytest needs no turns
@@ -113,7 +113,8 @@ def _ray_process_modules_take_turns(request, _ray_turns):
 
 @pytest.fixture(autouse=True)
 def _ray_process_tests_take_turns(request, _ray_turns):
-    """A test marked `ray_processes` (in a module that is not) holds the Ray turn while it runs."""
+    """A test marked `ray_processes` holds the Ray turn while it runs (re-entrant: in a module
+    so marked, the module's turn already covers it)."""
     with _turn_if(request.node.get_closest_marker("ray_processes") is not None):
         yield
 
@@ -156,8 +157,8 @@ def _ray_sessions() -> set[str]:
 def _slow_work_only_in_slow_tests(request):
     """A test that starts Ray (in this process or in a child process it starts) or builds the
     real vit_b architecture carries the `slow` mark (`make test-quick` leaves out exactly
-    those): it fails otherwise. One whose child processes start Ray sits in a module marked
-    `ray_processes` (they take turns with the other worker's Rays). A Ray that another
+    those): it fails otherwise. One whose child processes start Ray is marked `ray_processes`,
+    or its module is (they take turns with the other worker's Rays). A Ray that another
     process on the machine started (another test run) is not this test's."""
     slow = request.node.get_closest_marker("slow") is not None
     if "vit_b_sam" in request.fixturenames and not slow:
@@ -191,8 +192,8 @@ def _slow_work_only_in_slow_tests(request):
         pytest.fail(f"{request.node.nodeid} started Ray ({started[0]}) but is not marked slow", pytrace=False)
     in_children = sorted(name for name, pid in drivers.items() if pid in children)
     if in_children and request.node.get_closest_marker("ray_processes") is None:
-        pytest.fail(f"{request.node.nodeid} ran Ray in a child process ({in_children[0]}) but its module is not "
-                    "marked ray_processes", pytrace=False)
+        pytest.fail(f"{request.node.nodeid} ran Ray in a child process ({in_children[0]}) but neither it nor its "
+                    "module is marked ray_processes", pytrace=False)
 
 
 # ---------------------------------------------------------------------------- sample data and models

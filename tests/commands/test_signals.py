@@ -20,6 +20,7 @@ from jobs.storage.schema import read_part
 from process_tools import (descendants, kill_tree, make_scenes, segment_args, start_persam, wait_for_progress,
                            wait_gone)
 
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return make_scenes(tmp_path_factory.mktemp("scenes"), 150)
