@@ -25,13 +25,22 @@ from bundled_sample import make_bundled_perseg
 from cli_tools import ACCESS_KEY, SECRET_KEY, run_cli
 from sample_tools import load_pair
 
-# torch's own intra-op thread count unless PERSAM_TEST_THREADS says otherwise. One thread was
-# faster once; on the 2-core dev VM with today's code two are: the whole suite 506 s against
-# 664-715 s on one, the real vit_b fidelity test 30-32 s against 62-71 s.
-# Also under pytest-xdist (`make test`: two workers): a local run's rows must equal a Ray
-# actor's bit for bit, and an actor takes this machine's thread count (session.plan_actors).
-if "PERSAM_TEST_THREADS" in os.environ:
-    torch.set_num_threads(int(os.environ["PERSAM_TEST_THREADS"]))
+# Torch threads: PERSAM_TEST_THREADS if set; under pytest-xdist (`make test`: two workers)
+# the cores shared among the workers, for each worker and, through OMP_NUM_THREADS, for every
+# process it starts (CLIs, Ray workers; session.local_threads caps the actors' threads at it).
+# Two workers of two threads each on two cores spin against each other (docs/performance.md).
+# The same count everywhere also keeps a local run's rows equal to a Ray actor's bit for bit.
+def _test_threads() -> int | None:
+    if "PERSAM_TEST_THREADS" in os.environ:
+        return int(os.environ["PERSAM_TEST_THREADS"])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return max(1, len(os.sched_getaffinity(0)) // workers) if workers else None
+
+
+_THREADS = _test_threads()
+if _THREADS is not None:
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 BROKEN = ("broken.jpg", "zero.png")
 

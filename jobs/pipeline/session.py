@@ -138,6 +138,19 @@ def actor_resources(num_actors: int, gpu: bool) -> dict:
     return {"num_cpus": max(0.25, min(1.0, spare / max(1, num_actors)))}
 
 
+def local_threads(count: int) -> int:
+    """Torch threads of each of `count` actors on this machine: the cores this process may run
+    on, shared among them, and no more than OMP_NUM_THREADS where it is set (the cap torch
+    itself starts with, which a user sets when the run shares the machine)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // count)
+    try:
+        cap = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:  # unset or not a number: torch ignores it too
+        return threads
+    return min(threads, cap) if cap > 0 else threads
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     count: int
@@ -158,7 +171,7 @@ def plan_actors(device: str, num_actors: int | None, work_items: int | None = No
         count = max(1, min(count, work_items))
     resources = actor_resources(count, gpu)
     if local_cluster():
-        threads = max(1, (os.cpu_count() or 1) // count)
+        threads = local_threads(count)
     else:
         threads = max(1, math.ceil(resources["num_cpus"]))
     return ActorPlan(count, resources, threads, process_environment("cuda" if gpu else "cpu"))
