@@ -75,6 +75,16 @@ class _RayTurn:
 _RAY_TURN = _RayTurn()
 
 
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (make test): modules handed out by lanes (xdist_lanes.py)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist_lanes import LaneScheduling
+
+    return LaneScheduling(config, log)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _ray_turns(tmp_path_factory):
     """Under xdist: every local Ray this process starts waits for its turn (see _RayTurn)."""
