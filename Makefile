@@ -22,7 +22,8 @@ demo: $(STAMP)
 	$(BIN)/python -m jobs.demo demo-output
 
 # Two worker processes (pytest-xdist), each test file on one of them (its module fixtures are
-# made once); the local Rays of the two take turns (tests/conftest.py).
+# made once), handed out by lanes (tests/xdist_lanes.py); the local Rays of the two take turns
+# and each runs torch on its share of the cores (tests/conftest.py).
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: $(STAMP)
