@@ -21,13 +21,6 @@ SIZES = [image.shape[:2] for image in IMAGES]
 
 
 @pytest.fixture(scope="module")
-def sam():
-    from persam_core.modeling.models import build_random
-
-    return build_random("tiny", 0)
-
-
-@pytest.fixture(scope="module")
 def standin_inputs():
     """Two concepts (1 and 2 shots) and two targets through the colour-token stand-in."""
     dinov2 = TokenStandIn(0)

@@ -32,13 +32,6 @@ def corner_pixel(cell: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def sam():
-    from persam_core.modeling.models import build_random
-
-    return build_random("tiny", 0)
-
-
-@pytest.fixture(scope="module")
 def target() -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, size=(*TARGET_SHAPE, 3)).astype(np.uint8)
 

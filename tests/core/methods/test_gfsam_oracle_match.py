@@ -46,13 +46,6 @@ TARGETS = {  # wide, tall and square, each with the object somewhere else
 
 
 @pytest.fixture(scope="module")
-def sam():
-    from persam_core.modeling.models import build_random
-
-    return build_random("tiny", 0)
-
-
-@pytest.fixture(scope="module")
 def dinov2():
     from persam_core.modeling.dinov2 import build_random_dinov2
 

@@ -37,13 +37,6 @@ SIZE = (150, 260)
 
 
 @pytest.fixture(scope="module")
-def sam():
-    from persam_core.modeling.models import build_random
-
-    return build_random("tiny", 0)
-
-
-@pytest.fixture(scope="module")
 def predictor(sam):
     predictor = SamPredictor(sam)
     predictor.set_image(np.zeros((1024, 1024, 3), np.uint8))  # the stand-in decoder ignores the features
