@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from segment_anything import SamPredictor
 
 import gfsam_oracle as oracle

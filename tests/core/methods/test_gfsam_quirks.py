@@ -20,12 +20,11 @@ from segment_anything import SamPredictor
 import gfsam_oracle as oracle
 from gfsam_product import iou
 from gfsam_standins import (
-    FixedTokens, by_region, cells_mask, disc_around_point, empty_mask, fixed_disc, hand_reference, standin_decoder, two_kind_tokens,
+    FixedTokens, by_region, disc_around_point, hand_reference, standin_decoder, two_kind_tokens,
 )
 from persam_core.methods import gfsam_quirks
 from persam_core.methods.gfsam_batch import segment_gfsam
 from persam_core.methods.gfsam_frames import frame_mask, stretch_frame
-from persam_core.methods.gfsam_graph import Graph, grow
 from persam_core.methods.gfsam_reference import GFSAMReference, fit_reference, reference_weights
 from persam_core.modeling.dinov2 import normalise_tokens
 
