@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fresh_python import fresh_python
 from import_graph import circles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,25 +91,14 @@ def test_every_relative_link_resolves(page):
 
 
 def test_the_package_exports_what_a_python_user_needs_without_loading_torch_first():
-    import subprocess
-    import sys
-
     code = ("import sys, persam_core; assert 'torch' not in sys.modules, 'persam_core loaded torch'; "
             "[getattr(persam_core, name) for name in persam_core.__all__]; print(len(persam_core.__all__))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout) >= 10
+    assert int(fresh_python(code)) >= 10
 
 
 @pytest.mark.slow  # builds the tiny SAM in a fresh interpreter
 def test_the_readme_python_example_runs():
-    import subprocess
-    import sys
-
     text = (REPO / "README.md").read_text()
     start = text.index("```python\n") + len("```python\n")
     snippet = text[start:text.index("```", start)]
-    done = subprocess.run([sys.executable, "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("(600, 800)")
+    assert fresh_python(snippet, timeout=600).startswith("(600, 800)")

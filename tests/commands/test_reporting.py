@@ -9,8 +9,6 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +21,10 @@ import jobs.pipeline.session
 import jobs.storage.checkpoints
 from jobs import cli, logs
 from jobs.pipeline.progress import Progress
+
+from fresh_python import fresh_python
 MODEL = ["--model-type", "tiny", "--device", "cpu", "--checkpoint", "random:0"]
 LOCAL = ["--runner", "local"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -228,8 +227,7 @@ def test_version_and_defaults_in_help(capsys):
 def test_the_cli_module_imports_no_heavy_library():
     code = ("import sys, jobs.cli; heavy = [m for m in ('torch', 'ray', 'pyarrow', 'persam_core.modeling.models', "
             "'segment_anything') if m in sys.modules]; print(heavy)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
+    assert fresh_python(code).strip() == "[]"
 
 
 def test_progress_lines_off_a_terminal_and_a_bar_on_one(caplog):

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pkgutil
-import subprocess
-import sys
 from pathlib import Path
 
 import persam_core
+
+from fresh_python import fresh_python
 
 FORBIDDEN = ("ray", "fsspec", "s3fs", "pyarrow")
 PACKAGE_DIR = Path(persam_core.__file__).resolve().parent
@@ -33,12 +32,7 @@ def test_importing_every_module_loads_none_of_the_pipeline_stack() -> None:
         "    importlib.import_module(name)\n"
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})))\n"
     )
-    completed = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert completed.returncode == 0, completed.stderr
-    loaded = json.loads(completed.stdout.strip().splitlines()[-1])
+    loaded = json.loads(fresh_python(script).strip().splitlines()[-1])
     assert loaded == [], f"persam_core pulled in {loaded}"
 
 

@@ -7,9 +7,6 @@ own backbone does, and choosing them must not import sam2 (whose import starts h
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -18,6 +15,8 @@ from persam_core.modeling.families import input_format
 from persam_core.modeling.inputs import SAM2_HIGH_RES_SHAPES
 from persam_core.modeling.models import ModelError
 from persam_core.modeling.predictor import encode_images
+
+from fresh_python import fresh_python
 
 IMAGE = np.random.default_rng(3).integers(0, 256, (230, 410, 3), dtype=np.uint8)
 
@@ -54,6 +53,4 @@ def test_choosing_sam2s_input_format_does_not_import_sam2():
     code = ("import sys, numpy as np; from persam_core.modeling.families import input_format; "
             "r = input_format('sam2.1_b+').resize(np.zeros((20, 30, 3), np.uint8)); "
             "assert r.pixels.shape == (1024, 1024, 3); print('sam2' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    assert fresh_python(code).strip() == "False"
