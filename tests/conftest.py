@@ -23,18 +23,20 @@ import torch
 
 from bundled_sample import make_bundled_perseg
 from cli_tools import ACCESS_KEY, SECRET_KEY, run_cli
+from jobs.pipeline.session import local_threads
 from sample_tools import load_pair
 
 # Torch threads: PERSAM_TEST_THREADS if set; under pytest-xdist (`make test`: two workers)
-# the cores shared among the workers, for each worker and, through OMP_NUM_THREADS, for every
-# process it starts (CLIs, Ray workers; session.local_threads caps the actors' threads at it).
+# the cores shared among the workers as among local actors (session.local_threads), for each
+# worker and, through OMP_NUM_THREADS, for every process it starts (CLIs, Ray workers;
+# local_threads caps the actors' threads at it).
 # Two workers of two threads each on two cores spin against each other (docs/performance.md).
 # The same count everywhere also keeps a local run's rows equal to a Ray actor's bit for bit.
 def _test_threads() -> int | None:
     if "PERSAM_TEST_THREADS" in os.environ:
         return int(os.environ["PERSAM_TEST_THREADS"])
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    return max(1, len(os.sched_getaffinity(0)) // workers) if workers else None
+    return local_threads(workers) if workers else None
 
 
 _THREADS = _test_threads()

@@ -49,12 +49,11 @@ class LaneScheduling(LoadFileScheduling):
     """LoadFileScheduling that picks each worker's next module by its lane (module docstring)."""
 
     def _assign_work_unit(self, node) -> None:
-        first = sorted(self.nodes, key=lambda n: n.gateway.id)[0]
-        own, other = (RAY_LANE, COMPUTE_LANE) if node is first or len(self.nodes) == 1 else (COMPUTE_LANE, RAY_LANE)
-        listed = set(RAY_LANE) | set(COMPUTE_LANE)
-        pending = list(self.workqueue)
+        first = min(self.nodes, key=lambda n: n.gateway.id)
+        own, other = (RAY_LANE, COMPUTE_LANE) if node is first else (COMPUTE_LANE, RAY_LANE)
+        listed = {*RAY_LANE, *COMPUTE_LANE}
         choices = ([m for m in own if m in self.workqueue]
-                   + [m for m in pending if m not in listed]
+                   + [m for m in self.workqueue if m not in listed]
                    + [m for m in reversed(other) if m in self.workqueue])  # the other lane's shortest first
         # the base class takes the queue's first module: put the choice there
         self.workqueue.move_to_end(choices[0], last=False)
