@@ -35,7 +35,6 @@ from jobs.pipeline.shards import Shard
 # Decoded chunks are large; the reservation also keeps Ray Data from fusing the CPU stage
 # into the actor, where JPEG decoding would stall the model.
 PREPARE_TASK_MEMORY_BYTES = 768 * 2**20  # measured: up to ~525 MiB for 16 decoded photos
-FINISH_TASK_CPUS = 0.5
 # Calls in flight per actor: one on the device, one unpacking or packing on the host.
 ACTOR_CONCURRENT_CALLS = 2
 
@@ -104,7 +103,7 @@ def ray_stream(job: PreparedJob, actor: type[ModelActor], chunks: list[dict]) ->
         # a chunk delivered twice is dropped by the gatherer.
         dataset = (
             ray.data.from_items(chunks, override_num_blocks=len(chunks))
-            .map(prepare_chunk, num_cpus=1, memory=PREPARE_TASK_MEMORY_BYTES, fn_kwargs={"job": job})
+            .map(prepare_chunk, num_cpus=plan.prepare_cpus, memory=PREPARE_TASK_MEMORY_BYTES, fn_kwargs={"job": job})
             .map_batches(
                 actor,
                 batch_size=1,
@@ -117,6 +116,6 @@ def ray_stream(job: PreparedJob, actor: type[ModelActor], chunks: list[dict]) ->
                 **({"runtime_env": {"env_vars": plan.env}} if plan.env else {}),
                 **plan.resources,
             )
-            .map(finish_chunk, num_cpus=FINISH_TASK_CPUS, fn_kwargs={"job": job, "scores_only": actor.scores_only})
+            .map(finish_chunk, num_cpus=plan.finish_cpus, fn_kwargs={"job": job, "scores_only": actor.scores_only})
         )
         yield from dataset.iter_rows()

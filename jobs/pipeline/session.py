@@ -127,6 +127,25 @@ def expected_device_type(device: str) -> str:
     return "cuda" if wants_gpu_actors(device) else "cpu"
 
 
+# The CPU stages' reservations per task where CPUs are plenty: prepare decodes JPEGs on a whole
+# CPU; finish (RLE, Arrow rows) takes half.
+PREPARE_TASK_CPUS, FINISH_TASK_CPUS = 1.0, 0.5
+
+
+def stage_cpus(total: float, actors: float) -> tuple[float, float]:
+    """CPUs per prepare task and per finish task beside `actors` CPUs of model actors on a
+    cluster of `total` CPUs: the defaults where one task of each fits in what the actors leave,
+    else what they leave split in the same ratio. Where a prepare task could take the last
+    free CPU, Ray Data launched every prepare task before the first finish task: no result
+    and no commit before the whole input was read."""
+    spare = total - actors
+    wanted = PREPARE_TASK_CPUS + FINISH_TASK_CPUS
+    if spare >= wanted:
+        return PREPARE_TASK_CPUS, FINISH_TASK_CPUS
+    scale = max(spare, 0.01) / wanted
+    return PREPARE_TASK_CPUS * scale, FINISH_TASK_CPUS * scale
+
+
 def actor_resources(num_actors: int, gpu: bool) -> dict:
     """CPU/GPU per model actor, leaving a CPU for the read/decode tasks on small machines."""
     import ray
@@ -157,6 +176,8 @@ class ActorPlan:
     resources: dict  # Ray resources per actor: num_cpus (+ num_gpus)
     threads: int  # torch threads per actor
     env: dict  # environment variables the actors' processes start with (host_memory.py)
+    prepare_cpus: float = PREPARE_TASK_CPUS  # per task of the CPU stages (stage_cpus)
+    finish_cpus: float = FINISH_TASK_CPUS
 
 
 def plan_actors(device: str, num_actors: int | None, work_items: int | None = None) -> ActorPlan:
@@ -174,4 +195,5 @@ def plan_actors(device: str, num_actors: int | None, work_items: int | None = No
         threads = local_threads(count)
     else:
         threads = max(1, math.ceil(resources["num_cpus"]))
-    return ActorPlan(count, resources, threads, process_environment("cuda" if gpu else "cpu"))
+    prepare, finish = stage_cpus(float(ray.cluster_resources().get("CPU", 1)), count * resources["num_cpus"])
+    return ActorPlan(count, resources, threads, process_environment("cuda" if gpu else "cpu"), prepare, finish)
