@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from persam_core.modeling.backbone import Model
-from .batch import EncodedBatch, HostResults, empty_host_results
+from .batch import EncodedBatch
+from .host_results import HostResults, empty_host_results
 from .concept import ConceptTensors
 from .pairs import PairBatch, boxes_of, to_device
 from .persam import persam_passes

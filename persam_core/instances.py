@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from persam_core.modeling.backbone import Model
-from .batch import EncodedBatch, HostResults
+from .batch import EncodedBatch
+from .host_results import HostResults
 from .cascade import segment_batch
 from .concept import ConceptTensors
 from .persam import Result

@@ -14,7 +14,7 @@ from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
 from jobs.storage.images import decode_image, decode_mask
 from persam_core.speed.acceleration import EncoderSpeed
 from persam_core.concept import ConceptTensors
-from persam_core.modeling.preprocess import ResizedImage
+from persam_core.modeling.resized import ResizedImage
 
 
 def load_pair(sample: Path, concept: str, number: str) -> tuple[np.ndarray, np.ndarray]:

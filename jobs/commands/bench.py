@@ -41,13 +41,13 @@ from persam_core.evaluation.metrics import iou
 from persam_core.persam import segment_persam
 from persam_core.persam_f import fit_mask_weights
 from persam_core.modeling.predictor import EncodedImage, encode_images
-from persam_core.modeling.preprocess import ResizedImage
+from persam_core.modeling.resized import ResizedImage
 
 from jobs.commands.bench_tools import (batched, concept_masks, encode_in_batches, final_masks, is_exact, persam_concepts,
                                        progress, reference_encoder, segment_all, speed_model, synthetic_images, timed,
                                        warm_up)
 from jobs.logs import native_stderr_filter
-from jobs.pipeline.job import spec_speed
+from jobs.pipeline.job_checks import spec_speed
 from jobs.pipeline.session import resolve_device
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import load_model

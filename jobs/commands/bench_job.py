@@ -49,7 +49,7 @@ from persam_core.persam import segment_persam
 from persam_core.masks import decode_rle
 from persam_core.evaluation.metrics import iou
 from persam_core.modeling.predictor import encode_images
-from persam_core.modeling.preprocess import ResizedImage
+from persam_core.modeling.resized import ResizedImage
 
 from jobs.commands.bench_tools import (encode_in_batches, final_masks, persam_concepts, progress, reference_encoder,
                                        segment_all, speed_model, synthetic_images, timed, warm_up)
@@ -60,7 +60,7 @@ from jobs.commands.segment import run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.compute import cascade_chunk, encode_chunk, encoder_padding
 from jobs.pipeline.device_stages import DeviceStages
-from jobs.pipeline.job import spec_speed
+from jobs.pipeline.job_checks import spec_speed
 from jobs.pipeline.payload import Chunk, ChunkItem, ChunkResults
 from jobs.pipeline.run import ACTOR_CONCURRENT_CALLS
 from jobs.pipeline.session import ray_session, resolve_device

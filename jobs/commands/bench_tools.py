@@ -16,11 +16,12 @@ import torch
 from persam_core.speed.acceleration import EncoderSpeed, prepare_encoder
 from persam_core.modeling.backbone import Model
 from persam_core.modeling.families import as_backbone
-from persam_core.batch import EncodedBatch, HostResults
+from persam_core.batch import EncodedBatch
+from persam_core.host_results import HostResults
 from persam_core.cascade import segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_targets, reference_cells
 from persam_core.modeling.predictor import EncodedImage, encode_images
-from persam_core.modeling.preprocess import ResizedImage
+from persam_core.modeling.resized import ResizedImage
 
 PHOTO_SIZES = [(768, 1024), (1024, 768), (600, 800), (1080, 1440), (480, 640)]
 

@@ -34,7 +34,7 @@ from persam_core.modeling.families import family_of
 from persam_core.video.reference_mode import SequenceTracker, VideoSettings, fits_mask_weights, video_methods
 
 from jobs.commands.eval_report import EvalError, percent, title, write_metrics
-from jobs.pipeline.job import load_checked_model
+from jobs.pipeline.job_checks import load_checked_model
 from jobs.pipeline.session import plan_actors, ray_session, resolve_device
 from jobs.commands.dry_run import dry_run_eval
 from jobs.pipeline.progress import Progress

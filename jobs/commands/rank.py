@@ -22,7 +22,8 @@ from persam_core.methods.registry import method_of
 from jobs.commands.dry_run import dry_run_rank
 from jobs.pipeline import commit
 from jobs.pipeline.actors import ModelActor, ScoreActor, SegmentActor
-from jobs.pipeline.job import PreparedJob, check_job, prepare_job
+from jobs.pipeline.job import PreparedJob
+from jobs.pipeline.job_checks import check_job, prepare_job
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline
 from jobs.pipeline.session import ray_session

@@ -25,7 +25,8 @@ from jobs.commands.dry_run import dry_run_segment
 from jobs.pipeline import commit
 from jobs.pipeline.job_record import persam_version, utc_now
 from jobs.pipeline.actors import SegmentActor
-from jobs.pipeline.job import PreparedJob, check_job, concept_digests, expected_speed, feature_cache, prepare_job
+from jobs.pipeline.job import PreparedJob, concept_digests, feature_cache
+from jobs.pipeline.job_checks import check_job, expected_speed, prepare_job
 from jobs.pipeline.output import output_of
 from jobs.pipeline.payload import FinishedChunk
 from jobs.pipeline.run import run_pipeline

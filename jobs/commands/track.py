@@ -28,7 +28,7 @@ from persam_core.modeling.families import families, family_of
 from persam_core.video.sam2_memory import MemorySettings, MemoryTracker, video_predictor
 
 from jobs.commands.eval_video import ClipFrames, run_clip_local, run_clip_pool
-from jobs.pipeline.job import load_checked_model
+from jobs.pipeline.job_checks import load_checked_model
 from jobs.pipeline.session import resolve_device
 from jobs.spec import JobSpec
 from jobs.storage.checkpoints import load_model, random_weights_note

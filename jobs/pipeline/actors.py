@@ -24,7 +24,8 @@ from jobs.pipeline.compile_cache import prepare_warm
 from jobs.pipeline.compute import EnginePass, FrameBatch, encode_frames, score_engines, segment_engines
 from jobs.pipeline.device_stages import DeviceStages
 from jobs.pipeline.host_memory import keep_large_buffers
-from jobs.pipeline.job import PreparedJob, load_checked_dinov2, load_checked_model, spec_speed
+from jobs.pipeline.job import PreparedJob
+from jobs.pipeline.job_checks import load_checked_dinov2, load_checked_model, spec_speed
 from jobs.pipeline.payload import Chunk, ChunkResults, pack_results, unpack_chunk
 from jobs.pipeline.session import resolve_device
 

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from persam_core.speed.acceleration import EncoderSpeed
-from persam_core.batch import EncodedBatch, HostResults
+from persam_core.batch import EncodedBatch
+from persam_core.host_results import HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import ConceptTensors
 from persam_core.errors import describe
 from persam_core.methods.frames import FrameImage, frame_tensor
-from persam_core.methods.gfsam_frames import FRAME_SIDE
+from persam_core.methods.registry import FRAME_SIDE
 from persam_core.methods.registry import FRAME_MODEL, FRAME_STRETCH
 from persam_core.modeling.dinov2 import frame_tokens
 from persam_core.modeling.predictor import EncodedImage, encode_images

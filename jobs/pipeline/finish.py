@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from persam_core.batch import HostResults
+from persam_core.host_results import HostResults
 from persam_core.masks import encode_rle
-from persam_core.methods.gfsam_frames import FRAME_SIDE
+from persam_core.methods.registry import FRAME_SIDE
 
 from jobs.pipeline.cache import CachedFeatures, FeatureCache
 from jobs.pipeline.job import PreparedJob

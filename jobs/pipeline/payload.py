@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import pyarrow as pa
 
-from persam_core.batch import HostResults
-from persam_core.modeling.preprocess import ResizedImage
+from persam_core.host_results import HostResults
+from persam_core.modeling.resized import ResizedImage
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-FRAME_SIDE = 1024  # the scoring frame: the stretch frame of GF-SAM's loaders
+from persam_core.methods.registry import FRAME_SIDE  # the scoring frame: the stretch frame of GF-SAM's loaders
 DEFAULT_SEED = 0  # upstream's utils.fix_randseed(0)
 COCO_EPISODES = 1000  # episodes per fold upstream
 COCO_CLASSES = 80

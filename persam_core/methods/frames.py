@@ -20,9 +20,9 @@ from torch import Tensor
 
 from persam_core.modeling.families import input_format
 from persam_core.modeling.predictor import EncodedImage
-from persam_core.modeling.preprocess import ResizedImage
-from .gfsam_frames import FRAME_SIDE, stretch_frame
-from .registry import FRAME_MODEL, FRAME_STRETCH
+from persam_core.modeling.resized import ResizedImage
+from .gfsam_frames import stretch_frame
+from .registry import FRAME_MODEL, FRAME_SIDE, FRAME_STRETCH
 
 
 @dataclass(frozen=True)

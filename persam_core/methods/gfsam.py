@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..batch import HostResults, empty_host_results, host_results_of
+from ..host_results import HostResults, empty_host_results, host_results_of
 from ..modeling.dinov2 import frame_tokens
 from .frames import FrameImage, frame_tensor
 from .gfsam_batch import PATH_ABSENT, presence_points, segment_gfsam

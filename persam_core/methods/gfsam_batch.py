@@ -26,7 +26,7 @@ from segment_anything.modeling import Sam
 
 from persam_core.modeling.families import ModelError, families, family_of_model
 from ..pairs import PairBatch
-from .gfsam_frames import FRAME_SIDE
+from .registry import FRAME_SIDE
 from .gfsam_graph import adjacency, choose_masks, components, consistency, grow, point_labels
 from .gfsam_masks import chosen_outputs, mask_facts, union_footprints
 from .gfsam_points import find_points, location_map, prompt_pixels

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import gfsam_quirks
-
-FRAME_SIDE = 1024
+from .registry import FRAME_SIDE
 
 
 def stretch_frame(image: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import gfsam_quirks
-from .gfsam_frames import FRAME_SIDE
+from .registry import FRAME_SIDE
 from .gfsam_reference import GRID_SIDE
 
 FULL_RES_CHUNK = 32  # 1024 masks at once: 32 x (4 B logits + 4 B float mask + 1 B bool) x 1024^2 = 288 MiB

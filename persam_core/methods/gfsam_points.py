@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import gfsam_quirks
-from .gfsam_frames import FRAME_SIDE
+from .registry import FRAME_SIDE
 from .gfsam_priors import Priors
 from .gfsam_reference import GRID_SIDE
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import gfsam_quirks
-from .gfsam_frames import FRAME_SIDE
+from .registry import FRAME_SIDE
 
 GRID_SIDE = 37
 TOKENS = GRID_SIDE * GRID_SIDE

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from persam_core.modeling.families import as_backbone
-from ..batch import EncodedBatch, HostResults
+from ..batch import EncodedBatch
+from ..host_results import HostResults
 from ..cascade import score_batch, segment_batch
 from ..concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
 from ..persam_f import DEFAULT_EPOCHS, fit_mask_weights

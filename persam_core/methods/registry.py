@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # annotations only: this module imports nothing heavy
 
 # The per-image inputs a method's engine reads (made by the prepare stage, encoded by the actor):
 FRAME_MODEL = "model"  # the SAM family's own input frame (persam_core.modeling.inputs: SAM resizes the longest side)
-FRAME_STRETCH = "stretch"  # the image stretched to 1024 x 1024, aspect ratio not kept (GF-SAM)
+FRAME_STRETCH = "stretch"  # the image stretched to FRAME_SIDE x FRAME_SIDE, aspect ratio not kept (GF-SAM)
+FRAME_SIDE = 1024  # the stretch frame's side
 FRAMES = (FRAME_MODEL, FRAME_STRETCH)
 
 _BUILTIN = {

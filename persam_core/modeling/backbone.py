@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from persam_core.modeling.preprocess import ResizedImage
+from persam_core.modeling.resized import ResizedImage
 
 
 Model = torch.nn.Module  # a model of any registered family (families.py)

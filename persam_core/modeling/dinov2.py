@@ -22,43 +22,19 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from persam_core.speed.acceleration import encoder_precision
 from persam_core.modeling.models import ModelError, fingerprint
-from persam_core.speed.options import DEFAULT_DINOV2, DINOV2_TYPES  # the CLI's names, torch-free
+# the sizes' owner is torch-free; the names are re-exported for the network's users
+from persam_core.modeling.dinov2_sizes import (DINOV2_ARCH, DINOV2_TYPES, GRID_SIDE, INPUT_SIDE, KNOWN_SIZES,  # noqa: F401
+                                               PATCH, TOKENS, arch, dinov2_width)
 
-PATCH = 14
-GRID_SIDE = 37
-INPUT_SIDE = GRID_SIDE * PATCH  # 518
-TOKENS = GRID_SIDE * GRID_SIDE  # 1369
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYER_SCALE_INIT = 1e-5  # DINOv2's init_values; only random weights depend on it
-
-# kind -> (width, depth, heads), as timm's vit_{small,base,large}_patch14_dinov2.
-DINOV2_ARCH: dict[str, tuple[int, int, int]] = {
-    "vitl14": (1024, 24, 16),
-    "vitb14": (768, 12, 12),
-    "vits14": (384, 12, 6),
-    "tiny": (64, 2, 2),
-}
-assert tuple(DINOV2_ARCH) == DINOV2_TYPES, "options.DINOV2_TYPES names the sizes"
-# Widths and depths of the published DINOv2 sizes, to name what a wrong file holds.
-_KNOWN_SIZES = {(w, d): kind for kind, (w, d, _) in DINOV2_ARCH.items()} | {(1536, 40): "vitg14"}
-
-
-def _arch(kind: str) -> tuple[int, int, int]:
-    if kind not in DINOV2_ARCH:
-        raise ModelError(f"unknown DINOv2 type {kind!r}: choose one of {', '.join(DINOV2_TYPES)}")
-    return DINOV2_ARCH[kind]
-
-
-def dinov2_width(kind: str) -> int:
-    """C, the token width of `kind` (1024 for vitl14)."""
-    return _arch(kind)[0]
 
 
 def build_dinov2(kind: str, device: torch.device | str | None = None, init: bool = True) -> VisionTransformer:
     """The architecture of `kind` with timm's initial weights (`init=False`: left uninitialised,
     for a meta build that a state dict fills). Input [B, 3, 518, 518]."""
-    width, depth, heads = _arch(kind)
+    width, depth, heads = arch(kind)
     return VisionTransformer(
         img_size=INPUT_SIDE, patch_size=PATCH, embed_dim=width, depth=depth, num_heads=heads,
         mlp_ratio=4.0, qkv_bias=True, init_values=LAYER_SCALE_INIT, num_classes=0,
@@ -96,7 +72,7 @@ def _describe(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     width = int(cls_token.shape[-1])
     depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()), default=-1)
     registers = " with register tokens" if "register_tokens" in state_dict else ""
-    kind = _KNOWN_SIZES.get((width, depth))
+    kind = KNOWN_SIZES.get((width, depth))
     name = f"DINOv2 {kind}" if kind else f"DINOv2-style ({depth} blocks)"
     return f"a {name} state dict{registers} (width {width})"
 

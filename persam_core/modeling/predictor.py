@@ -18,7 +18,7 @@ from persam_core.speed.acceleration import encoder_precision
 from persam_core.modeling.backbone import Model
 from persam_core.modeling.families import as_backbone
 from persam_core.pairs import PairBatch
-from persam_core.modeling.preprocess import ResizedImage
+from persam_core.modeling.resized import ResizedImage
 
 
 @dataclass(frozen=True)

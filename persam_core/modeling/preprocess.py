@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import warnings
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -18,25 +16,12 @@ from torchvision.transforms import functional as TF
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from persam_core.modeling.resized import ResizedImage
+
 ENCODER_SIZE = 1024
 GRID_SIZE = 64
 # The reference feeds a {0,128} mask (PerSeg's palette red) through SAM's pixel normalisation.
 REFERENCE_MASK_VALUE = 128
-
-
-@dataclass(frozen=True)
-class ResizedImage:
-    """An RGB image resized for the encoder: SAM's ResizeLongestSide (pixels [h, w, 3] uint8
-    with max(h, w) == 1024) or SAM 2's square resize (pixels [1024, 1024, 3] float32 in [0, 1]);
-    original_size: (H, W) before resizing.
-    """
-
-    pixels: np.ndarray
-    original_size: tuple[int, int]
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
 
 
 def resize_longest_side(image: np.ndarray) -> ResizedImage:

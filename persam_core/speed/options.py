@@ -10,7 +10,7 @@ from dataclasses import dataclass
 SPEED_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # "auto" + acceleration.PRECISIONS
 DECODER_PRECISIONS = ("fp32", "bf16")  # decoder_speed.DECODER_DTYPES
 DINOV2_TYPES = ("vitl14", "vitb14", "vits14", "tiny")  # modeling.dinov2.DINOV2_TYPES
-DEFAULT_DINOV2 = "vitl14"  # modeling.dinov2.DEFAULT_DINOV2: GF-SAM's paper model
+DEFAULT_DINOV2 = "vitl14"  # GF-SAM's paper model
 GPU_BATCH_SIZE = 16  # images per encoder batch on CUDA
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import jobs.pipeline.job
+import jobs.pipeline.job_checks
 import jobs.storage.checkpoints
 from cli_tools import run_cli
 from jobs.commands.segment import segment_record
@@ -32,7 +32,7 @@ def _no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the weights were loaded before the output was checked")
 
-    for module in (jobs.storage.checkpoints, jobs.pipeline.job):
+    for module in (jobs.storage.checkpoints, jobs.pipeline.job_checks):
         monkeypatch.setattr(module, "load_model", refuse)
 
 

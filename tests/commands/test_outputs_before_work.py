@@ -12,7 +12,7 @@ import pytest
 
 import jobs.storage.checkpoints
 import jobs.commands.fit
-import jobs.pipeline.job
+import jobs.pipeline.job_checks
 from jobs.storage import files
 from jobs.cli import main
 from persam_core.concept import Concept
@@ -26,7 +26,7 @@ def _no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    for module in (jobs.storage.checkpoints, jobs.commands.fit, jobs.pipeline.job):
+    for module in (jobs.storage.checkpoints, jobs.commands.fit, jobs.pipeline.job_checks):
         monkeypatch.setattr(module, "load_model", refuse)
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import jobs.pipeline.job
+import jobs.pipeline.job_checks
 import jobs.pipeline.session
 import jobs.storage.checkpoints
 from jobs import cli, logs
@@ -81,7 +81,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded or Ray started")
 
-    for module in (jobs.storage.checkpoints, jobs.pipeline.job):
+    for module in (jobs.storage.checkpoints, jobs.pipeline.job_checks):
         monkeypatch.setattr(module, "load_model", refuse)
     monkeypatch.setattr(jobs.pipeline.session, "start_ray", refuse)
 
@@ -148,7 +148,7 @@ def test_segment_dry_run_plans_without_loading_or_writing(perseg_sample, concept
     (images / "good0.jpg").write_bytes((images / "good1.jpg").read_bytes())  # one image changed
     save_small(perseg_sample, SOURCES[4], images / "new.jpg")  # one added
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
-    for module in (jobs.storage.checkpoints, jobs.pipeline.job):
+    for module in (jobs.storage.checkpoints, jobs.pipeline.job_checks):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr(jobs.pipeline.session, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
     result = segment(concept, images, tmp_path / "out", "--dry-run")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from persam_core.batch import EncodedBatch, HostResults
+from persam_core.batch import EncodedBatch
+from persam_core.host_results import HostResults
 from persam_core.cascade import score_batch, segment_batch
 from persam_core.concept import Concept, ConceptTensors, persam_f_target_feature, persam_targets, reference_cells
 from persam_core.evaluation.metrics import iou

@@ -156,7 +156,7 @@ def test_decoder_settings_reach_the_actor():
 def test_tf32_on_gpu_actors_is_what_the_job_records(flags, recorded):
     """The driver records the settings its GPU actors will resolve (TF32 changes masks slightly):
     on by default with CUDA bf16, off when refused or on the exact path."""
-    from jobs.pipeline.job import expected_speed
+    from jobs.pipeline.job_checks import expected_speed
 
     args = build_parser().parse_args(["segment", "--concept", "c", "--model-type", "tiny", "--checkpoint", "random:0",
                                       "--device", "cuda", "--input", "i", "--output", "o", *flags])

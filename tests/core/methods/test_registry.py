@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from persam_core.batch import EncodedBatch, HostResults, host_results_of
+from persam_core.batch import EncodedBatch
+from persam_core.host_results import HostResults, host_results_of
 from persam_core.concept import Concept, ConceptTensors
 from persam_core.methods import registry
 from persam_core.methods.persam import fit_persam
