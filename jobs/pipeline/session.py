@@ -146,13 +146,11 @@ def stage_cpus(total: float, actors: float) -> tuple[float, float]:
     return PREPARE_TASK_CPUS * scale, FINISH_TASK_CPUS * scale
 
 
-def actor_resources(num_actors: int, gpu: bool) -> dict:
-    """CPU/GPU per model actor, leaving a CPU for the read/decode tasks on small machines."""
-    import ray
-
+def actor_resources(num_actors: int, gpu: bool, total: float) -> dict:
+    """CPU/GPU per model actor on a cluster of `total` CPUs, leaving a CPU for the read/decode
+    tasks on small machines."""
     if gpu:
         return {"num_cpus": 1, "num_gpus": 1}
-    total = float(ray.cluster_resources().get("CPU", 1))
     spare = total - 1 if total > 1 else total / 2  # read tasks must always find a slot
     return {"num_cpus": max(0.25, min(1.0, spare / max(1, num_actors)))}
 
@@ -190,10 +188,11 @@ def plan_actors(device: str, num_actors: int | None, work_items: int | None = No
     count = num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
     if work_items is not None:
         count = max(1, min(count, work_items))
-    resources = actor_resources(count, gpu)
+    total = float(ray.cluster_resources().get("CPU", 1))
+    resources = actor_resources(count, gpu, total)
     if local_cluster():
         threads = local_threads(count)
     else:
         threads = max(1, math.ceil(resources["num_cpus"]))
-    prepare, finish = stage_cpus(float(ray.cluster_resources().get("CPU", 1)), count * resources["num_cpus"])
+    prepare, finish = stage_cpus(total, count * resources["num_cpus"])
     return ActorPlan(count, resources, threads, process_environment("cuda" if gpu else "cpu"), prepare, finish)

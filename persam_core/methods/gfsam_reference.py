@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modeling.dinov2_sizes import GRID_SIDE, TOKENS  # noqa: F401  (GF-SAM's grid is DINOv2's; re-exported)
 from . import gfsam_quirks
 from .registry import FRAME_SIDE
 
-GRID_SIDE = 37
-TOKENS = GRID_SIDE * GRID_SIDE
 # An all-empty reference (every shot) gets this 14 x 14 square at the frame's centre (upstream).
 _RESCUE = slice(FRAME_SIDE // 2 - 7, FRAME_SIDE // 2 + 7)
 
