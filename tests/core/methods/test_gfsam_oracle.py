@@ -337,7 +337,11 @@ def test_random_vit_b_end_to_end_invariants():
     images = [rng.integers(0, 256, size=shape).astype(np.uint8) for shape in [(120, 160, 3), (200, 130, 3)]]
     masks = [np.zeros(image.shape[:2], np.uint8) for image in images]
     masks[0][30:80, 40:100], masks[1][100:160, 20:90] = 1, 1
-    target = rng.integers(0, 256, size=(90, 200, 3)).astype(np.uint8)
+    noise = rng.integers(0, 256, size=(90, 200, 3)).astype(np.uint8)
+    # the noise in a box of a flat field: 15 points in 3 groups, labels 1 and 2, the union path
+    # (noise everywhere gives 89 points, each one more decode, all in one group)
+    target = np.full_like(noise, 90)
+    target[20:60, 60:130] = noise[20:60, 60:130]
     predictor = SamPredictor(sam)
     predictor.set_image(oracle.stretch_to_frame(target))
     result = oracle.oracle_predict(sam, dinov2, oracle.oracle_fit(dinov2, images, masks), target, predictor=predictor)
