@@ -48,15 +48,15 @@ BROKEN = ("broken.jpg", "zero.png")
 
 
 class _RayTurn:
-    """One embedded Ray at a time across `make test`'s two xdist workers: two side by side
-    share two CPUs and the loopback ports (one such run lost an actor). A file lock, taken
-    when this process starts a local Ray and given back when it shuts it down, or for the
-    whole of a test or module marked `ray_processes` (its child processes run the CLI on
-    Ray). Re-entrant: a module's turn covers its tests' and the Rays they start here."""
+    """One local Ray at a time across `make test`'s two xdist workers: two side by side share
+    two CPUs (one such run lost an actor), and a cluster test's `ray stop --force` ends every
+    Ray on the machine. A file lock, held while this process's Ray runs (_SharedRay), or for
+    the whole of a test or module marked `ray_processes` (its child processes run the CLI on
+    Ray). Re-entrant: a module's turn covers its tests'."""
 
     def __init__(self) -> None:
         self.path: Path | None = None  # set under xdist only: a lone pytest needs no turns
-        self.depth, self.file, self.ray_held = 0, None, False
+        self.depth, self.file = 0, None
 
     def take(self) -> None:
         if self.path is None:
@@ -77,6 +77,89 @@ class _RayTurn:
 _RAY_TURN = _RayTurn()
 
 
+class _SharedRay:
+    """The jobs of one test module that run in this process share one embedded local Ray, as
+    Ray's own advice for test suites has it: starting Ray (its daemons, its Data actors, a
+    worker that imports torch) costs more CPU than a tiny job (docs/performance.md). The
+    module's first job starts it through the product's `start_ray`, in the Ray turn; later
+    jobs find it running, as a caller's Ray, which `ray_session` leaves running. It stops,
+    giving the turn back, after the module's last `slow` test (a job on Ray is one), at the
+    module's end, or before a `ray_processes` test. A test marked `own_ray` (it times or
+    watches Ray's own start) gets a Ray of its own, which the product starts and stops as in
+    a real run.
+
+    used: a job ran on Ray during the current test (the slow-mark check reads it)."""
+
+    def __init__(self) -> None:
+        self.used = self.own = self.running = self.own_turn = False
+        self.last_slow: set[str] = set()  # node ids: the last slow test of each module
+
+    def start(self, real_start) -> bool:
+        """The product's start_ray for a job -> whether the job's ray_session stops its Ray."""
+        self.used = True
+        if self.own or os.environ.get("RAY_ADDRESS"):
+            self.stop()
+            if not self.own_turn:
+                _RAY_TURN.take()
+                self.own_turn = True
+            return real_start()
+        if self.running and not _ray_is_idle():
+            self.stop()  # a failed job's actors still hold CPUs: a fresh Ray
+        if not self.running:
+            _RAY_TURN.take()
+            self.running = True
+            try:
+                real_start()
+            except BaseException:
+                self.stop()
+                raise
+        return False
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            _stop_ray()
+            _RAY_TURN.give_back()
+
+    def test_ends(self, nodeid: str) -> None:
+        self.own = False
+        if self.own_turn:
+            self.own_turn = False
+            _RAY_TURN.give_back()
+        if nodeid in self.last_slow:
+            self.stop()
+
+
+_SHARED_RAY = _SharedRay()
+
+
+def _stop_ray() -> None:
+    """Stop this process's embedded Ray and its watchdog (what ray_session does at its end)."""
+    import ray
+
+    from jobs.pipeline import session
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if session._watchdog is not None:
+        session.stop_watchdog(session._watchdog)
+        session._watchdog = None
+
+
+def _ray_is_idle(timeout: float = 30.0) -> bool:
+    """Every CPU of the shared Ray free again (a failed job's actors can take a moment to go)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0.0) >= ray.cluster_resources().get("CPU", 0.0):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` (make test): modules handed out by lanes (xdist_lanes.py)."""
@@ -87,45 +170,47 @@ def pytest_xdist_make_scheduler(config, log):
     return LaneScheduling(config, log)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _ray_turns(tmp_path_factory):
-    """Under xdist: every local Ray this process starts waits for its turn (see _RayTurn)."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        yield
-        return
-    import ray
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Note each module's last slow test, after which its shared Ray stops (_SharedRay)."""
+    last: dict[str, str] = {}
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            last[item.nodeid.split("::")[0]] = item.nodeid
+    _SHARED_RAY.last_slow = set(last.values())
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray(tmp_path_factory):
+    """The product's `start_ray`, for every job this process runs: _SharedRay's."""
     from jobs.pipeline import session
 
-    _RAY_TURN.path = tmp_path_factory.getbasetemp().parent / "ray-turn.lock"
-    real_start, real_shutdown = session._start_local_ray, ray.shutdown
-
-    def start() -> None:
-        _RAY_TURN.take()
-        try:
-            real_start()
-        except BaseException:
-            _RAY_TURN.give_back()
-            raise
-        _RAY_TURN.ray_held = True
-
-    def shutdown(*args, **kwargs):
-        try:
-            return real_shutdown(*args, **kwargs)
-        finally:
-            if _RAY_TURN.ray_held:
-                _RAY_TURN.ray_held = False
-                _RAY_TURN.give_back()
-
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        _RAY_TURN.path = tmp_path_factory.getbasetemp().parent / "ray-turn.lock"
+    real_start = session.start_ray
     patch = pytest.MonkeyPatch()
-    patch.setattr(session, "_start_local_ray", start)
-    patch.setattr(ray, "shutdown", shutdown)
+    patch.setattr(session, "start_ray", lambda: _SHARED_RAY.start(real_start))
     yield
     patch.undo()
+    _SHARED_RAY.stop()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _ray_process_modules_take_turns(request, _ray_turns):
+def _shared_ray_stops_with_the_module(_shared_ray):
+    yield
+    _SHARED_RAY.stop()
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_jobs(request, _shared_ray):
+    """`own_ray` for the test's jobs; after the module's last slow test, the shared Ray stops."""
+    _SHARED_RAY.own = request.node.get_closest_marker("own_ray") is not None
+    yield
+    _SHARED_RAY.test_ends(request.node.nodeid)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_process_modules_take_turns(request, _shared_ray):
     """A module marked `ray_processes` holds the Ray turn while it runs (its child processes
     start Ray where this process cannot see it, its fixtures too)."""
     with _turn_if(request.node.get_closest_marker("ray_processes") is not None):
@@ -133,7 +218,7 @@ def _ray_process_modules_take_turns(request, _ray_turns):
 
 
 @pytest.fixture(autouse=True)
-def _ray_process_tests_take_turns(request, _ray_turns):
+def _ray_process_tests_take_turns(request, _shared_ray):
     """A test marked `ray_processes` holds the Ray turn while it runs (re-entrant: in a module
     so marked, the module's turn already covers it)."""
     with _turn_if(request.node.get_closest_marker("ray_processes") is not None):
@@ -143,6 +228,7 @@ def _ray_process_tests_take_turns(request, _ray_turns):
 @contextmanager
 def _turn_if(wanted: bool) -> Iterator[None]:
     if wanted:
+        _SHARED_RAY.stop()  # its child processes' Rays run alone
         _RAY_TURN.take()
     try:
         yield
@@ -176,8 +262,8 @@ def _ray_sessions() -> set[str]:
 
 @pytest.fixture(autouse=True)
 def _slow_work_only_in_slow_tests(request):
-    """A test that starts Ray (in this process or in a child process it starts) or builds the
-    real vit_b architecture carries the `slow` mark (`make test-quick` leaves out exactly
+    """A test that starts Ray (in this process or in a child process it starts), runs a job on
+    this process's shared Ray, or builds the real vit_b architecture carries the `slow` mark (`make test-quick` leaves out exactly
     those): it fails otherwise. One whose child processes start Ray is marked `ray_processes`,
     or its module is (they take turns with the other worker's Rays). A Ray that another
     process on the machine started (another test run) is not this test's."""
@@ -211,6 +297,9 @@ def _slow_work_only_in_slow_tests(request):
     started = sorted(name for name, pid in drivers.items() if pid in children or pid == str(os.getpid()))
     if started and not slow:
         pytest.fail(f"{request.node.nodeid} started Ray ({started[0]}) but is not marked slow", pytrace=False)
+    used_shared_ray, _SHARED_RAY.used = _SHARED_RAY.used, False  # set by module fixtures' jobs too
+    if used_shared_ray and not slow:
+        pytest.fail(f"{request.node.nodeid} ran a job on Ray but is not marked slow", pytrace=False)
     in_children = sorted(name for name, pid in drivers.items() if pid in children)
     if in_children and request.node.get_closest_marker("ray_processes") is None:
         pytest.fail(f"{request.node.nodeid} ran Ray in a child process ({in_children[0]}) but neither it nor its "

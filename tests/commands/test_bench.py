@@ -44,6 +44,7 @@ def test_in_process_bench_times_the_batched_paths():
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray  # ray_start_s: Ray's own start, timed
 def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
     images, concepts = 8, 2
     # shards of one image (the job's default would be one 8-image chunk: one result, no steady

@@ -1,7 +1,7 @@
 """`persam eval` end to end (the PerSeg-layout sample, generated DAVIS sequences) and bad input.
 
-One embedded Ray session serves every job here: the PerSeg eval's segment job on Ray Data
-and the video eval's actor pool, each once."""
+Every job here runs on the test process's shared embedded Ray (conftest.py): the PerSeg
+eval's segment job on Ray Data and the video eval's actor pool, each once."""
 
 from __future__ import annotations
 
@@ -24,23 +24,11 @@ from synthetic import make_davis, save_palette_png
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from jobs.pipeline.session import start_ray
-
-    started = start_ray()
-    yield
-    if started:
-        ray.shutdown()
-
-
 # ---- PerSeg -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def perseg_run(perseg_sample: Path, tmp_path_factory, ray_session) -> tuple[Path, SimpleNamespace]:
+def perseg_run(perseg_sample: Path, tmp_path_factory) -> tuple[Path, SimpleNamespace]:
     output = tmp_path_factory.mktemp("perseg-eval")
     return output, run_cli(["eval", *MODEL, "--data", str(perseg_sample), "--output", str(output)])
 
@@ -108,7 +96,7 @@ def test_subset_32_leaves_out_the_concepts_the_reference_skips() -> None:
 
 
 @pytest.mark.slow
-def test_video_eval_on_generated_sequences(tmp_path: Path, ray_session) -> None:
+def test_video_eval_on_generated_sequences(tmp_path: Path) -> None:
     data = make_davis(tmp_path / "davis", {"boxes": 4, "short": 3, "not-in-val": 3})
     (data / "ImageSets" / "2017").mkdir(parents=True)
     (data / "ImageSets" / "2017" / "val.txt").write_text("boxes\nshort\n")
