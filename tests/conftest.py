@@ -97,7 +97,7 @@ class _SharedRay:
     def start(self, real_start) -> bool:
         """The product's start_ray for a job -> whether the job's ray_session stops its Ray."""
         self.used = True
-        if self.own or os.environ.get("RAY_ADDRESS"):
+        if self.own:  # (RAY_ADDRESS is never set here: _no_cluster)
             self.stop()
             if not self.own_turn:
                 _RAY_TURN.take()
