@@ -8,14 +8,11 @@ modules beside this file or beside the tests that use them.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -23,6 +20,7 @@ import torch
 
 from bundled_sample import make_bundled_perseg
 from cli_tools import ACCESS_KEY, SECRET_KEY, run_cli
+from ray_turns import RAY_TURN, SHARED_RAY, turn_if
 from jobs.pipeline.session import local_threads
 from sample_tools import load_pair
 
@@ -47,119 +45,6 @@ if _THREADS is not None:
 BROKEN = ("broken.jpg", "zero.png")
 
 
-class _RayTurn:
-    """One local Ray at a time across `make test`'s two xdist workers: two side by side share
-    two CPUs (one such run lost an actor), and a cluster test's `ray stop --force` ends every
-    Ray on the machine. A file lock, held while this process's Ray runs (_SharedRay), or for
-    the whole of a test or module marked `ray_processes` (its child processes run the CLI on
-    Ray). Re-entrant: a module's turn covers its tests'."""
-
-    def __init__(self) -> None:
-        self.path: Path | None = None  # set under xdist only: a lone pytest needs no turns
-        self.depth, self.file = 0, None
-
-    def take(self) -> None:
-        if self.path is None:
-            return
-        if self.depth == 0:
-            self.file = open(self.path, "w")
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        self.depth += 1
-
-    def give_back(self) -> None:
-        if self.path is None:
-            return
-        self.depth -= 1
-        if self.depth == 0:
-            self.file.close()  # closing the file releases the lock
-
-
-_RAY_TURN = _RayTurn()
-
-
-class _SharedRay:
-    """The jobs of one test module that run in this process share one embedded local Ray, as
-    Ray's own advice for test suites has it: starting Ray (its daemons, its Data actors, a
-    worker that imports torch) costs more CPU than a tiny job (docs/performance.md). The
-    module's first job starts it through the product's `start_ray`, in the Ray turn; later
-    jobs find it running, as a caller's Ray, which `ray_session` leaves running. It stops,
-    giving the turn back, after the module's last `slow` test (a job on Ray is one), at the
-    module's end, or before a `ray_processes` test. A test marked `own_ray` (it times or
-    watches Ray's own start) gets a Ray of its own, which the product starts and stops as in
-    a real run.
-
-    used: a job ran on Ray during the current test (the slow-mark check reads it)."""
-
-    def __init__(self) -> None:
-        self.used = self.own = self.running = self.own_turn = False
-        self.last_slow: set[str] = set()  # node ids: the last slow test of each module
-
-    def start(self, real_start) -> bool:
-        """The product's start_ray for a job -> whether the job's ray_session stops its Ray."""
-        self.used = True
-        if self.own:  # (RAY_ADDRESS is never set here: _no_cluster)
-            self.stop()
-            if not self.own_turn:
-                _RAY_TURN.take()
-                self.own_turn = True
-            return real_start()
-        if self.running and not _ray_is_idle():
-            self.stop()  # a failed job's actors still hold CPUs: a fresh Ray
-        if not self.running:
-            _RAY_TURN.take()
-            self.running = True
-            try:
-                real_start()
-            except BaseException:
-                self.stop()
-                raise
-        return False
-
-    def stop(self) -> None:
-        if self.running:
-            self.running = False
-            _stop_ray()
-            _RAY_TURN.give_back()
-
-    def test_ends(self, nodeid: str) -> None:
-        self.own = False
-        if self.own_turn:
-            self.own_turn = False
-            _RAY_TURN.give_back()
-        if nodeid in self.last_slow:
-            self.stop()
-
-
-_SHARED_RAY = _SharedRay()
-
-
-def _stop_ray() -> None:
-    """Stop this process's embedded Ray and its watchdog (what ray_session does at its end)."""
-    import ray
-
-    from jobs.pipeline import session
-
-    if ray.is_initialized():
-        ray.shutdown()
-    if session._watchdog is not None:
-        session.stop_watchdog(session._watchdog)
-        session._watchdog = None
-
-
-def _ray_is_idle(timeout: float = 30.0) -> bool:
-    """Every CPU of the shared Ray free again (a failed job's actors can take a moment to go)."""
-    import time
-
-    import ray
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ray.available_resources().get("CPU", 0.0) >= ray.cluster_resources().get("CPU", 0.0):
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` (make test): modules handed out by lanes (xdist_lanes.py)."""
@@ -172,48 +57,48 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Note each module's last slow test, after which its shared Ray stops (_SharedRay)."""
+    """Note each module's last slow test, after which its shared Ray stops (SharedRay)."""
     last: dict[str, str] = {}
     for item in items:
         if item.get_closest_marker("slow") is not None:
             last[item.nodeid.split("::")[0]] = item.nodeid
-    _SHARED_RAY.last_slow = set(last.values())
+    SHARED_RAY.last_slow = set(last.values())
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_ray(tmp_path_factory):
-    """The product's `start_ray`, for every job this process runs: _SharedRay's."""
+    """The product's `start_ray`, for every job this process runs: SharedRay's (ray_turns.py)."""
     from jobs.pipeline import session
 
     if "PYTEST_XDIST_WORKER" in os.environ:
-        _RAY_TURN.path = tmp_path_factory.getbasetemp().parent / "ray-turn.lock"
+        RAY_TURN.path = tmp_path_factory.getbasetemp().parent / "ray-turn.lock"
     real_start = session.start_ray
     patch = pytest.MonkeyPatch()
-    patch.setattr(session, "start_ray", lambda: _SHARED_RAY.start(real_start))
+    patch.setattr(session, "start_ray", lambda: SHARED_RAY.start(real_start))
     yield
     patch.undo()
-    _SHARED_RAY.stop()
+    SHARED_RAY.stop()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _shared_ray_stops_with_the_module(_shared_ray):
     yield
-    _SHARED_RAY.stop()
+    SHARED_RAY.stop()
 
 
 @pytest.fixture(autouse=True)
 def _ray_for_jobs(request, _shared_ray):
     """`own_ray` for the test's jobs; after the module's last slow test, the shared Ray stops."""
-    _SHARED_RAY.own = request.node.get_closest_marker("own_ray") is not None
+    SHARED_RAY.own = request.node.get_closest_marker("own_ray") is not None
     yield
-    _SHARED_RAY.test_ends(request.node.nodeid)
+    SHARED_RAY.test_ends(request.node.nodeid)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _ray_process_modules_take_turns(request, _shared_ray):
     """A module marked `ray_processes` holds the Ray turn while it runs (its child processes
     start Ray where this process cannot see it, its fixtures too)."""
-    with _turn_if(request.node.get_closest_marker("ray_processes") is not None):
+    with turn_if(request.node.get_closest_marker("ray_processes") is not None):
         yield
 
 
@@ -221,20 +106,8 @@ def _ray_process_modules_take_turns(request, _shared_ray):
 def _ray_process_tests_take_turns(request, _shared_ray):
     """A test marked `ray_processes` holds the Ray turn while it runs (re-entrant: in a module
     so marked, the module's turn already covers it)."""
-    with _turn_if(request.node.get_closest_marker("ray_processes") is not None):
+    with turn_if(request.node.get_closest_marker("ray_processes") is not None):
         yield
-
-
-@contextmanager
-def _turn_if(wanted: bool) -> Iterator[None]:
-    if wanted:
-        _SHARED_RAY.stop()  # its child processes' Rays run alone
-        _RAY_TURN.take()
-    try:
-        yield
-    finally:
-        if wanted:
-            _RAY_TURN.give_back()
 
 
 # ---------------------------------------------------------------------------- environment
@@ -297,7 +170,7 @@ def _slow_work_only_in_slow_tests(request):
     started = sorted(name for name, pid in drivers.items() if pid in children or pid == str(os.getpid()))
     if started and not slow:
         pytest.fail(f"{request.node.nodeid} started Ray ({started[0]}) but is not marked slow", pytrace=False)
-    used_shared_ray, _SHARED_RAY.used = _SHARED_RAY.used, False  # set by module fixtures' jobs too
+    used_shared_ray, SHARED_RAY.used = SHARED_RAY.used, False  # set by module fixtures' jobs too
     if used_shared_ray and not slow:
         pytest.fail(f"{request.node.nodeid} ran a job on Ray but is not marked slow", pytrace=False)
     in_children = sorted(name for name, pid in drivers.items() if pid in children)

@@ -3,7 +3,7 @@
 xdist hands out whole modules in the order it collected them, fullest first. Two costs made
 that slow here: the longest modules came last (one worker ran on alone), and the modules
 that run Ray often ran on both workers at once, where the second waits for the first's turn
-(tests/conftest.py) with its CPU idle. Lanes instead: the first worker takes the modules whose
+(tests/ray_turns.py) with its CPU idle. Lanes instead: the first worker takes the modules whose
 time goes to Ray (start-ups, actors, child processes that run it), the others the long CPU-bound
 modules, each list longest first; then every worker takes the other modules, and last what is
 left of the other lane. Module times: docs/performance.md. A module missing from both lists

@@ -91,17 +91,23 @@ def _start_local_ray() -> None:
 def ray_session() -> Iterator[None]:
     """Ray for the duration of the block: joined or started here; an embedded local Ray
     started here is shut down at the end (a cluster's and a caller's Ray are left running)."""
-    import ray
-
-    global _watchdog
     started_here = start_ray()
     try:
         yield
     finally:
         if started_here and local_cluster():
-            ray.shutdown()
-            stop_watchdog(_watchdog)
-            _watchdog = None
+            stop_local_ray()
+
+
+def stop_local_ray() -> None:
+    """Shut down this process's Ray and the watchdog of the embedded one started here."""
+    import ray
+
+    global _watchdog
+    if ray.is_initialized():
+        ray.shutdown()
+    stop_watchdog(_watchdog)
+    _watchdog = None
 
 
 def local_cluster() -> bool:
