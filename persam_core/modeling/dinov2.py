@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from persam_core.speed.acceleration import encoder_precision
 from persam_core.modeling.models import ModelError, fingerprint
@@ -30,10 +28,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYER_SCALE_INIT = 1e-5  # DINOv2's init_values; only random weights depend on it
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
 
 def build_dinov2(kind: str, device: torch.device | str | None = None, init: bool = True) -> VisionTransformer:
     """The architecture of `kind` with timm's initial weights (`init=False`: left uninitialised,
     for a meta build that a state dict fills). Input [B, 3, 518, 518]."""
+    # timm is imported where a DINOv2 is built, not with this module: the processes that only
+    # import it (a PerSAM job's actors, the CLI) never pay for timm's import
+    from timm.layers import LayerNorm
+    from timm.models.vision_transformer import VisionTransformer
+
     width, depth, heads = arch(kind)
     return VisionTransformer(
         img_size=INPUT_SIDE, patch_size=PATCH, embed_dim=width, depth=depth, num_heads=heads,
@@ -110,6 +116,8 @@ def check_dinov2_state_dict(kind: str, state_dict: Mapping[str, torch.Tensor], s
 
 def dinov2_from_state_dict(kind: str, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> VisionTransformer:
     """`kind` with an official-format state dict loaded strictly through timm's filter, float32, eval."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
     check_dinov2_state_dict(kind, state_dict, source)
     model = build_dinov2(kind, device="meta", init=False)
     filtered = checkpoint_filter_fn(dict(state_dict), model)  # a copy: the filter pops mask_token

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from cli_tools import MODEL, run_cli
+from synthetic import small_concept_masks
 from jobs.commands.bench_job import Progress, concept_sets
 
 SPEC_KEYS = ("encoder_s_per_image", "persam_s_per_image", "persam_f_s_per_image", "k_concepts_s_per_image",
@@ -69,10 +70,12 @@ def test_job_bench_runs_the_ray_job_for_one_and_k_concepts():
 
 
 @pytest.mark.slow
-def test_job_bench_runs_gfsam_beside_persam():
+def test_job_bench_runs_gfsam_beside_persam(monkeypatch):
     """--job --gfsam: GF-SAM's parts in-process (SAM and DINOv2 alone, its pass for 1 and K
     concepts) and its jobs on the PerSAM jobs' Ray and JPEGs, with the targets' ratios."""
-    images, concepts = 1, 2  # GF-SAM decodes up to 128 prompts per pair: one image keeps it short
+    # small concept objects: a pair decodes tens of prompts, not its 128 maximum (synthetic.py)
+    monkeypatch.setattr("jobs.commands.bench_job_gfsam.concept_masks", small_concept_masks)
+    images, concepts = 1, 2
     result, err = bench_json(["--job", "--gfsam", "--dinov2", "tiny", "--dinov2-checkpoint", "random:0",
                               "--images", str(images), "--concepts", str(concepts), "--shard-size", "1"])
     assert (result["gfsam_job_k1_rows"], result["gfsam_job_k_rows"]) == (images, images * concepts)

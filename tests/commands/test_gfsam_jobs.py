@@ -25,6 +25,7 @@ from persam_core.modeling.dinov2 import build_random_dinov2, dinov2_fingerprint,
 from persam_core.modeling.models import build_random
 from persam_core.modeling.predictor import encode_images
 from tests.cli_tools import LOCAL, MODEL, assert_one_error_line, run_cli
+from tests.synthetic import small_concept_masks
 
 DINO = ["--dinov2", "tiny", "--dinov2-checkpoint", "random:0"]
 SIZES = [(40, 56), (64, 40)]  # (H, W) of the lake's images: two aspect ratios
@@ -265,9 +266,12 @@ def test_exports_read_gfsam_rows(scene, segmented):
 
 
 @pytest.mark.slow
-def test_bench_times_gfsam_beside_persam():
+def test_bench_times_gfsam_beside_persam(monkeypatch):
     from jobs.commands.bench_gfsam import run_gfsam_bench
     from jobs.spec import JobSpec, ModelSpec
+
+    # small concept objects: a pair decodes tens of prompts, not its 128 maximum (synthetic.py)
+    monkeypatch.setattr("jobs.commands.bench_gfsam.concept_masks", small_concept_masks)
 
     spec = JobSpec("bench", ModelSpec("tiny", "random:0", "cpu", dinov2="tiny", dinov2_checkpoint="random:0"))
     result = run_gfsam_bench(spec, images=1, concepts=2, persam_s_per_image=1.0)

@@ -25,6 +25,7 @@ from persam_core.modeling.dinov2 import (
 )
 
 from dinov2_oracle import oracle_prenorm, scrambled
+from fresh_python import fresh_python
 
 
 def random_pixels(batch: int, seed: int = 0) -> torch.Tensor:
@@ -119,6 +120,15 @@ def test_non_finite_weights_are_refused_naming_the_file_and_a_tensor(tiny_state)
     state["blocks.1.attn.qkv.weight"][0, 0] = float("nan")
     with pytest.raises(ModelError, match=r"^bad\.pth: 1 tensors hold NaN or infinite values \(e\.g\. blocks\.1\.attn\.qkv\.weight\)"):
         dinov2_from_state_dict("tiny", state, source="bad.pth")
+
+
+def test_timm_is_imported_where_a_dinov2_is_built_not_with_the_methods():
+    """A PerSAM job's processes load every method (GF-SAM's too) but never build a DINOv2:
+    timm's import (about 0.4 s of CPU per process) waits for the first build."""
+    code = ("import sys; import persam_core.methods.registry, persam_core.methods.gfsam, persam_core.modeling.dinov2; "
+            "before = 'timm' in sys.modules; persam_core.modeling.dinov2.build_random_dinov2('tiny', 0); "
+            "print(before, 'timm' in sys.modules)")
+    assert fresh_python(code).strip() == "False True"
 
 
 def test_unknown_kind_lists_the_choices():
