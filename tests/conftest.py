@@ -235,7 +235,7 @@ def concept_tensors(perseg_sample, tiny_sam, tiny_fingerprint) -> dict:
     from persam_core.concept import Concept, persam_f_target_feature, persam_targets, reference_cells
     from persam_core.persam import ConceptTensors
     from persam_core.modeling.predictor import encode_images
-    from persam_core.modeling.preprocess import resize_longest_side
+    from persam_core.modeling.resize import resize_longest_side
 
     made = {}
     for name in ("cat", "duck_toy", "colorful_sneaker"):

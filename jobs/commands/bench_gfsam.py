@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from persam_core.methods.frames import frame_tensor, stretch_resize
+from persam_core.methods.frame_resize import stretch_resize
+from persam_core.methods.frames import frame_tensor
 from persam_core.methods.gfsam import fit_gfsam
 from persam_core.methods.gfsam_batch import gfsam_presence, segment_gfsam
 from persam_core.methods.gfsam_reference import ConceptStack

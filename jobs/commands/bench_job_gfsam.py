@@ -19,7 +19,8 @@ import torch
 
 from persam_core.speed.acceleration import EncoderSpeed
 from persam_core.modeling.backbone import Model
-from persam_core.methods.frames import frame_tensor, stretch_resize
+from persam_core.methods.frame_resize import stretch_resize
+from persam_core.methods.frames import frame_tensor
 from persam_core.methods.gfsam import fit_gfsam
 from persam_core.methods.gfsam_batch import segment_gfsam
 from persam_core.methods.gfsam_concept import GFSAMConcept

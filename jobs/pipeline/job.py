@@ -36,6 +36,13 @@ class PreparedJob:
     # episodes, each scoring its own query); None: every image with every concept
     pairs: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
+    def __post_init__(self) -> None:
+        # What the concepts' methods read, asked of the registry where the job is made (the
+        # driver, which has loaded the methods): it travels with the job, so that the CPU
+        # stages never import a method's module (and torch with it) to learn it.
+        methods = [method for _, method in self._labels]
+        object.__setattr__(self, "_reads", (frames_of(methods), needs_dinov2(methods), presence_reads_sam(methods)))
+
     def concepts(self) -> list[Any]:
         """The concepts, each validated by its method (the registry)."""
         return [load_concept(text) for text in self.concept_texts]
@@ -76,16 +83,15 @@ class PreparedJob:
 
     def frames(self) -> tuple[str, ...]:
         """The frames the concepts' methods read (persam_core.methods.registry.FRAMES)."""
-        return frames_of([method for _, method in self._labels])
+        return self._reads[0]
 
     def needs_dinov2(self) -> bool:
-        return needs_dinov2([method for _, method in self._labels])
+        return self._reads[1]
 
     def needs_sam(self) -> bool:
         """Whether the actors load and run SAM: always, except for a presence-only pass whose
         methods' presence reads DINOv2 alone (the registry says, per method)."""
-        methods = [method for _, method in self._labels]
-        return not (self.presence_only and methods) or presence_reads_sam(methods)
+        return not (self.presence_only and self._labels) or self._reads[2]
 
     def cache(self) -> FeatureCache | None:
         if self.cache_shards is None:

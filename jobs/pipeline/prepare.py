@@ -18,7 +18,7 @@ features and DINOv2 tokens are, or its tokens alone for a pass that reads no SAM
 from __future__ import annotations
 
 from persam_core.errors import describe
-from persam_core.methods.frames import frame_resize
+from persam_core.methods.frame_resize import frame_resize
 from persam_core.methods.registry import FRAME_MODEL, FRAME_STRETCH
 
 from jobs.pipeline.cache import content_sha256

@@ -6,23 +6,19 @@ model actor hands a method's engine for each image.
     stretch  the image stretched to 1024 x 1024 (GF-SAM's data loader, gfsam_frames.py): SAM
              features of the stretched frame plus DINOv2 tokens of the same frame
 
-A run that mixes methods of both frames encodes each image once per frame.
+A run that mixes methods of both frames encodes each image once per frame. The CPU side's
+resize to each frame is frame_resize.py's (torch-free).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from persam_core.modeling.families import input_format
 from persam_core.modeling.predictor import EncodedImage
-from persam_core.modeling.resized import ResizedImage
-from .gfsam_frames import stretch_frame
-from .registry import FRAME_MODEL, FRAME_SIDE, FRAME_STRETCH
+from .registry import FRAME_SIDE
 
 
 @dataclass(frozen=True)
@@ -40,20 +36,6 @@ class FrameImage:
     def original_size(self) -> tuple[int, int]:
         """(H, W) of the image as displayed."""
         return tuple(self.encoded.original_size) if self.encoded is not None else tuple(self.size)
-
-
-def stretch_resize(image: np.ndarray) -> ResizedImage:
-    """image: [H, W, 3] uint8 -> the 1024 x 1024 stretch frame; original_size stays (H, W)."""
-    return ResizedImage(stretch_frame(image), (int(image.shape[0]), int(image.shape[1])))
-
-
-def frame_resize(frame: str, model_type: str) -> Callable[[np.ndarray], ResizedImage]:
-    """How the CPU side resizes an image for `frame` (no model is built)."""
-    if frame == FRAME_MODEL:
-        return input_format(model_type).resize
-    if frame == FRAME_STRETCH:
-        return stretch_resize
-    raise ValueError(f"unknown frame {frame!r}")
 
 
 def frame_tensor(pixels: Tensor) -> Tensor:

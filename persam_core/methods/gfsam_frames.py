@@ -5,17 +5,23 @@ The data loader is part of the method (the GF-SAM contract §2): SAM encodes the
 (SamPredictor's own longest-side resize is then the identity, no padding), DINOv2 reads the
 same frame as floats. PIL's bilinear resize antialiases when it shrinks; that is the
 upstream behaviour (torchvision's Resize on a PIL image) and it changes the features.
+
+torch is imported by the functions that use it: a job's read stage stretches images in
+processes that never run a model, without torch (persam_core/modeling/resize.py).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from . import gfsam_quirks
 from .registry import FRAME_SIDE
+
+if TYPE_CHECKING:
+    import torch
 
 
 def stretch_frame(image: np.ndarray) -> np.ndarray:
@@ -23,6 +29,9 @@ def stretch_frame(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
     if not gfsam_quirks.FAITHFUL.pil_stretch:  # quirk 3 off (tests only): an unantialiased tensor resize
+        import torch
+        import torch.nn.functional as F
+
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
         out = F.interpolate(pixels, (FRAME_SIDE, FRAME_SIDE), mode="bilinear", align_corners=False)
         return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -32,6 +41,9 @@ def stretch_frame(image: np.ndarray) -> np.ndarray:
 
 def frame_mask(mask: np.ndarray) -> torch.Tensor:
     """mask: [H, W] bool or 0/1 -> [1024, 1024] float32 0/1 (torch legacy nearest)."""
+    import torch
+    import torch.nn.functional as F
+
     array = np.asarray(mask)
     if array.ndim != 2:
         raise ValueError(f"expected an [H, W] mask, got shape {array.shape}")

@@ -2,8 +2,9 @@
 
 In the spirit of segment_anything's `sam_model_registry`: one table, and nothing outside it
 asks which family a model is. A family is the torch-free facts a command line needs (its
-model types, official checkpoints, capabilities) plus an `implementation` loaded on first
-use, so `persam --help` never imports torch and a SAM job never imports sam2 (hydra).
+model types, the CPU-side input format, official checkpoints, capabilities) plus an
+`implementation` loaded on first use, so `persam --help` and a job's read stage never import
+torch and a SAM job never imports sam2 (hydra).
 
 A new family is one `register_family(ModelFamily(...))` call, for example from a plug-in
 module or a test: the job's commands, stages and checks all ask this registry.
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
+from persam_core.modeling.inputs import SAM2_INPUT, SAM_INPUT, InputFormat
+
 if TYPE_CHECKING:  # annotations only: this module stays importable without torch
     import torch
 
     from persam_core.modeling.backbone import Backbone
-    from persam_core.modeling.inputs import InputFormat
 
 
 class ModelError(ValueError):
@@ -29,8 +31,6 @@ class ModelError(ValueError):
 
 class FamilyImplementation(Protocol):
     """What a family's implementation module provides (see sam_family.py, sam2_family.py)."""
-
-    input_format: "InputFormat"  # the CPU-side resize and high-res levels (inputs.py)
 
     def build(self, model_type: str) -> "torch.nn.Module":
         """The architecture with freshly initialised weights, on the CPU, in eval mode."""
@@ -50,7 +50,8 @@ class FamilyImplementation(Protocol):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """name: the family; model_types: the `--model-type` names it builds.
+    """name: the family; model_types: the `--model-type` names it builds; input_format: the
+    CPU-side resize and high-res levels of its encoder's input (inputs.py, torch-free).
 
     official_checkpoints: model type -> (URL, published SHA-256 or None); types without an
     entry take only a path, a URL or `random:SEED`. tunable_decoder: its decoder runs under
@@ -63,6 +64,7 @@ class ModelFamily:
     name: str
     model_types: tuple[str, ...]
     implementation: Callable[[], FamilyImplementation]
+    input_format: InputFormat
     official_checkpoints: Mapping[str, tuple[str, str | None]] = field(default_factory=dict)
     tunable_decoder: bool = False
     video_mode: str = "sam-prior"
@@ -112,9 +114,9 @@ def implementation_of(model_type: str) -> FamilyImplementation:
     return family_of(model_type).implementation()
 
 
-def input_format(model_type: str) -> "InputFormat":
-    """The CPU-side input contract of `model_type`: no model is built."""
-    return implementation_of(model_type).input_format
+def input_format(model_type: str) -> InputFormat:
+    """The CPU-side input contract of `model_type`: no model is built, no torch imported."""
+    return family_of(model_type).input_format
 
 
 def family_of_model(model: Any) -> ModelFamily:
@@ -146,6 +148,7 @@ register_family(ModelFamily(
     name="sam",
     model_types=("vit_h", "vit_l", "vit_b", "vit_t", "tiny"),
     implementation=module_implementation("persam_core.modeling.sam_family"),
+    input_format=SAM_INPUT,
     official_checkpoints={
         "vit_h": (_SAM + "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
         "vit_l": (_SAM + "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
@@ -161,6 +164,7 @@ register_family(ModelFamily(
     name="sam2",
     model_types=("sam2.1_t", "sam2.1_s", "sam2.1_b+", "sam2.1_l", "tiny_sam2"),
     implementation=module_implementation("persam_core.modeling.sam2_family"),
+    input_format=SAM2_INPUT,
     # Files are {"model": state_dict}; Meta publishes no SHA-256 for them, so none is checked.
     official_checkpoints={
         "sam2.1_t": (_SAM2 + "sam2.1_hiera_tiny.pt", None),

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from persam_core.modeling.preprocess import ENCODER_SIZE, resize_longest_side, resize_square
+from persam_core.modeling.resize import ENCODER_SIZE, resize_longest_side, resize_square
 from persam_core.modeling.resized import ResizedImage
 
 # SAM2Base at image_size 1024: the decoder's conv_s0 / conv_s1 projections of the trunk's

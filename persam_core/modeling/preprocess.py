@@ -1,8 +1,8 @@
 """Image -> SAM encoder input, exactly as `SamPredictor.set_image`; mask -> 64x64 grid.
 
 Resizing is split from normalising so that CPU workers can resize (the costly, lossy
-step) and ship uint8 arrays, and the model actor only normalises and pads. SAM 2's resize
-(`resize_square`) lives here too, so that CPU workers can run it without importing sam2.
+step) and ship uint8 arrays, and the model actor only normalises and pads. The resizes
+themselves (SAM's and SAM 2's) live in resize.py, which CPU workers import without torch.
 """
 
 from __future__ import annotations
@@ -12,36 +12,15 @@ import warnings
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torchvision.transforms import functional as TF
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from persam_core.modeling.resize import ENCODER_SIZE
 from persam_core.modeling.resized import ResizedImage
 
-ENCODER_SIZE = 1024
 GRID_SIZE = 64
 # The reference feeds a {0,128} mask (PerSeg's palette red) through SAM's pixel normalisation.
 REFERENCE_MASK_VALUE = 128
-
-
-def resize_longest_side(image: np.ndarray) -> ResizedImage:
-    """image: [H, W, 3] uint8 RGB -> ResizedImage (bit-identical to SamPredictor's resize)."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
-    resized = ResizeLongestSide(ENCODER_SIZE).apply_image(image)
-    return ResizedImage(np.ascontiguousarray(resized), (int(image.shape[0]), int(image.shape[1])))
-
-
-def resize_square(image: np.ndarray, size: int = ENCODER_SIZE) -> ResizedImage:
-    """[H, W, 3] uint8 RGB -> ResizedImage with pixels [size, size, 3] float32 in [0, 1]
-    (SAM2Transforms' to_tensor + antialiased Resize, bit for bit). Rounding the result to
-    uint8 would change every encoder input by up to 0.5 / 255, hence float32."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
-    # to_tensor wraps the array without a copy and warns on read-only ones (a decoded PIL image)
-    writable = image if image.flags.writeable else image.copy()
-    resized = TF.resize(TF.to_tensor(writable), [size, size])  # [3, size, size]
-    return ResizedImage(np.ascontiguousarray(resized.permute(1, 2, 0).numpy()), (int(image.shape[0]), int(image.shape[1])))
 
 
 def host_tensor(array: np.ndarray) -> torch.Tensor:

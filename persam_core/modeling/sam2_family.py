@@ -10,10 +10,8 @@ from typing import Any, Mapping
 
 import torch
 
-from persam_core.modeling.inputs import SAM2_INPUT
 from persam_core.modeling.sam2_models import build_sam2_model
 
-input_format = SAM2_INPUT
 
 
 def build(model_type: str) -> torch.nn.Module:

@@ -9,7 +9,8 @@ from segment_anything.modeling import Sam
 
 from persam_core.modeling.backbone import Decoded, PredictorEncoding
 from persam_core.speed.decoder_speed import decode_prompts
-from persam_core.modeling.preprocess import reference_mask_grid, resize_longest_side, to_encoder_input
+from persam_core.modeling.preprocess import reference_mask_grid, to_encoder_input
+from persam_core.modeling.resize import resize_longest_side
 from persam_core.modeling.resized import ResizedImage
 
 

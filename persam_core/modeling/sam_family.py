@@ -15,13 +15,11 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from persam_core.modeling.inputs import SAM_INPUT
 from persam_core.modeling.sam_backbone import SamBackbone
 from persam_core.modeling.tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-input_format = SAM_INPUT
 
 
 def sam_around(image_encoder: torch.nn.Module, decoder_mlp_dim: int = 2048, iou_head_hidden_dim: int = 256) -> Sam:

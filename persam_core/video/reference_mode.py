@@ -40,7 +40,8 @@ from persam_core.persam_f import optimise_mask_weights
 from persam_core.pairs import PairBatch, boxes_of
 from persam_core.refine import refine_with_box
 from persam_core.modeling.predictor import EncodedImage, Prediction, encode_images, predict
-from persam_core.modeling.preprocess import ENCODER_SIZE, GRID_SIZE, reference_mask_grid, resize_longest_side
+from persam_core.modeling.preprocess import GRID_SIZE, reference_mask_grid
+from persam_core.modeling.resize import ENCODER_SIZE, resize_longest_side
 from persam_core.prior import similarity_maps, upsample_similarities
 
 VIDEO_MASK_VALUE = 215  # the reference's --exp

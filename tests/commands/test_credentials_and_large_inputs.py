@@ -12,7 +12,7 @@ from PIL import Image
 from cli_tools import ACCESS_KEY, SECRET_KEY
 from jobs.cli import main
 from jobs.storage.images import decode_image
-from persam_core.modeling.preprocess import resize_longest_side
+from persam_core.modeling.resize import resize_longest_side
 
 TINY = ["--model-type", "tiny", "--checkpoint", "random:0", "--device", "cpu"]
 

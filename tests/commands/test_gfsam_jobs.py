@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from persam_core.masks import decode_rle
-from persam_core.methods.frames import frame_tensor, stretch_resize
+from persam_core.methods.frame_resize import stretch_resize
+from persam_core.methods.frames import frame_tensor
 from persam_core.methods.gfsam_batch import segment_gfsam
 from persam_core.methods.gfsam_concept import GFSAMConcept
 from persam_core.methods.registry import load_concept

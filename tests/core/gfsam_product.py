@@ -13,7 +13,8 @@ from persam_core.methods.gfsam_batch import GFSAMResult, segment_gfsam
 from persam_core.methods.gfsam_frames import stretch_frame, frame_mask
 from persam_core.methods.gfsam_reference import GFSAMReference, fit_reference
 from persam_core.modeling.dinov2 import dinov2_input, frame_tokens, normalise_tokens
-from persam_core.modeling.preprocess import resize_longest_side, to_encoder_input
+from persam_core.modeling.preprocess import to_encoder_input
+from persam_core.modeling.resize import resize_longest_side
 
 
 def frame_pixels(frames: Sequence[np.ndarray]) -> Tensor:

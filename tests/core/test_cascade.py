@@ -21,7 +21,7 @@ from persam_core.evaluation.metrics import iou
 from persam_core.persam import prior_for, segment_persam
 from persam_core.persam_f import segment_persam_f
 from persam_core.modeling.predictor import encode_images, predict
-from persam_core.modeling.preprocess import resize_longest_side
+from persam_core.modeling.resize import resize_longest_side
 
 SIZES = [(480, 640), (640, 480), (480, 640), (300, 500)]  # two images share a size
 MIN_IOU = 0.999

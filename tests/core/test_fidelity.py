@@ -25,7 +25,8 @@ from persam_core.evaluation.metrics import iou
 from persam_core.persam import ConceptTensors, Result, prior_for, segment_persam
 from persam_core.persam_f import fit_mask_weights, segment_persam_f
 from persam_core.modeling.predictor import EncodedImage, encode_images, predict
-from persam_core.modeling.preprocess import reference_mask_grid, resize_longest_side
+from persam_core.modeling.preprocess import reference_mask_grid
+from persam_core.modeling.resize import resize_longest_side
 from persam_core.prior import LocationPrior
 
 CONCEPTS = ("cat", "colorful_sneaker", "duck_toy")

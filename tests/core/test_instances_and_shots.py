@@ -19,7 +19,8 @@ from persam_core.concept import persam_f_target_feature, persam_targets, referen
 from persam_core.instances import segment_instances
 from persam_core.persam import prior_for, segment_persam
 from persam_core.modeling.predictor import encode_images
-from persam_core.modeling.preprocess import reference_mask_grid, resize_longest_side
+from persam_core.modeling.preprocess import reference_mask_grid
+from persam_core.modeling.resize import resize_longest_side
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,13 @@ def _load(model_type: str, state_dict) -> ToySam:
 
 
 IMPLEMENTATION = SimpleNamespace(
-    input_format=SAM_INPUT,
     build=_build,
     skeleton=_build,
     load=_load,
     owns=lambda model: isinstance(model, ToySam),
     adapter=SamBackbone,
 )
-TOY = ModelFamily(name="toy", model_types=(TOY_TYPE,), implementation=lambda: IMPLEMENTATION)
+TOY = ModelFamily(name="toy", model_types=(TOY_TYPE,), implementation=lambda: IMPLEMENTATION, input_format=SAM_INPUT)
 
 
 def register() -> None:

@@ -17,7 +17,7 @@ from sample_tools import iou, make_chunk, segment_rows
 from jobs.pipeline.cache import CACHE_SCHEMA, CacheError, CachedFeatures, FeatureCache
 from jobs.pipeline.payload import Chunk, ChunkItem, pack_chunk, unpack_chunk
 from persam_core.masks import decode_rle
-from persam_core.modeling.preprocess import resize_longest_side
+from persam_core.modeling.resize import resize_longest_side
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from jobs.pipeline.device_stages import CascadeStream, DeviceStages
 from persam_core.speed.acceleration import EncoderSpeed
 from persam_core.concept import ConceptTensors
 from persam_core.evaluation.metrics import iou
-from persam_core.modeling.preprocess import resize_longest_side
+from persam_core.modeling.resize import resize_longest_side
 from sample_tools import load_pair, make_chunk, segment_chunk
 
 

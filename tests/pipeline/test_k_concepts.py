@@ -16,7 +16,7 @@ from persam_core.instances import segment_instances
 from persam_core.masks import decode_rle
 from persam_core.persam import prior_for, segment_persam
 from persam_core.modeling.predictor import encode_images
-from persam_core.modeling.preprocess import resize_longest_side
+from persam_core.modeling.resize import resize_longest_side
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from persam_core.masks import decode_rle
 from persam_core.speed.decoder_speed import decoder_mode
 from persam_core.modeling.models import build_random, model_fingerprint
 from persam_core.modeling.predictor import encode_images
-from persam_core.modeling.preprocess import resize_longest_side
+from persam_core.modeling.resize import resize_longest_side
 
 MODEL = ["--model-type", "tiny", "--checkpoint", "random:0"]
 SOURCES = ("cat/01", "cat/02", "duck_toy/01", "duck_toy/02", "colorful_sneaker/01")

@@ -86,7 +86,7 @@ def test_vit_t_loads_the_official_layout_strictly_and_encodes(tmp_path: Path) ->
     from jobs.storage.checkpoints import load_model
     from persam_core.modeling.models import ModelError, build_from_state_dict
     from persam_core.modeling.predictor import encode_images
-    from persam_core.modeling.preprocess import resize_longest_side
+    from persam_core.modeling.resize import resize_longest_side
 
     state = layout_state_dict()
     path = tmp_path / "mobile_sam.pt"

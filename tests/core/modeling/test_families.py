@@ -39,7 +39,8 @@ def test_builtin_families_own_their_model_types():
 
 def test_a_model_type_belongs_to_one_family(toy_family):
     with pytest.raises(ValueError, match="'tiny' already belongs to the 'sam' family"):
-        register_family(type(TOY)(name="other", model_types=("tiny",), implementation=TOY.implementation))
+        register_family(type(TOY)(name="other", model_types=("tiny",), implementation=TOY.implementation,
+                                  input_format=TOY.input_format))
 
 
 def test_toy_family_builds_loads_and_adapts(toy_family):

@@ -10,7 +10,7 @@ import torch
 
 from persam_core.speed.acceleration import encoder_precision, enable_fused_attention
 from persam_core.modeling.predictor import encode_images
-from persam_core.modeling.preprocess import resize_longest_side
+from persam_core.modeling.resize import resize_longest_side
 
 
 @pytest.fixture(scope="module")
