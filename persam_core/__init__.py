@@ -7,8 +7,10 @@ By role, each concept in one module named after it:
                 is), SAM (sam_family, sam_backbone), SAM 2.1 (sam2_family, sam2_models,
                 sam2_backbone), MobileSAM's TinyViT (tiny_vit), DINOv2 (dinov2: GF-SAM's second
                 model), any family's weights (models), what the methods need from a model
-                (backbone), input formats (inputs), image -> encoder input (preprocess, predictor)
-    methods/    the method registry and one module per method (persam, persam-f, gf-sam)
+                (backbone), input formats (inputs), the CPU side's resizes (resize, torch-free),
+                image -> encoder input (preprocess, predictor)
+    methods/    the method registry and one module per method (persam, persam-f, gf-sam); the
+                frames they read (frames) and the CPU side's resize to each (frame_resize)
     speed/      encoder precision, fused attention, compile, TF32 (acceleration), the decoder's
                 speed paths (decoder_speed), warm starts (compile_cache), the flags (options)
     video/      the reference's video mode over SAM (reference_mode), PerSAM on SAM 2's memory
