@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from persam_core.modeling.families import input_format
 from persam_core.methods.registry import (FRAME_STRETCH, concept_label, frames_of, load_concept, needs_dinov2,
@@ -22,6 +22,14 @@ from persam_core.modeling.dinov2_sizes import TOKENS, dinov2_width
 
 from jobs.pipeline.cache import FeatureCache
 from jobs.spec import JobSpec
+
+
+class MethodReads(NamedTuple):
+    """What a job's concepts' methods read, as the method registry says."""
+
+    frames: tuple[str, ...]
+    needs_dinov2: bool
+    presence_reads_sam: bool
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class PreparedJob:
         # driver, which has loaded the methods): it travels with the job, so that the CPU
         # stages never import a method's module (and torch with it) to learn it.
         methods = [method for _, method in self._labels]
-        object.__setattr__(self, "_reads", (frames_of(methods), needs_dinov2(methods), presence_reads_sam(methods)))
+        object.__setattr__(self, "_reads", MethodReads(frames_of(methods), needs_dinov2(methods), presence_reads_sam(methods)))
 
     def concepts(self) -> list[Any]:
         """The concepts, each validated by its method (the registry)."""
@@ -83,15 +91,15 @@ class PreparedJob:
 
     def frames(self) -> tuple[str, ...]:
         """The frames the concepts' methods read (persam_core.methods.registry.FRAMES)."""
-        return self._reads[0]
+        return self._reads.frames
 
     def needs_dinov2(self) -> bool:
-        return self._reads[1]
+        return self._reads.needs_dinov2
 
     def needs_sam(self) -> bool:
         """Whether the actors load and run SAM: always, except for a presence-only pass whose
         methods' presence reads DINOv2 alone (the registry says, per method)."""
-        return not (self.presence_only and self._labels) or self._reads[2]
+        return not (self.presence_only and self._labels) or self._reads.presence_reads_sam
 
     def cache(self) -> FeatureCache | None:
         if self.cache_shards is None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from persam_core.modeling.resize import check_rgb
 from . import gfsam_quirks
 from .registry import FRAME_SIDE
 
@@ -26,8 +27,7 @@ if TYPE_CHECKING:
 
 def stretch_frame(image: np.ndarray) -> np.ndarray:
     """image: [H, W, 3] uint8 RGB -> [1024, 1024, 3] uint8, PIL bilinear (antialiased)."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
+    check_rgb(image)
     if not gfsam_quirks.FAITHFUL.pil_stretch:  # quirk 3 off (tests only): an unantialiased tensor resize
         import torch
         import torch.nn.functional as F

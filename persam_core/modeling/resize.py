@@ -24,14 +24,15 @@ def longest_side_shape(height: int, width: int, side: int = ENCODER_SIZE) -> tup
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def _check_rgb(image: np.ndarray) -> None:
+def check_rgb(image: np.ndarray) -> None:
+    """A ValueError unless image is [H, W, 3] uint8 (what every encoder-frame resize takes)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
 
 
 def resize_longest_side(image: np.ndarray) -> ResizedImage:
     """image: [H, W, 3] uint8 RGB -> ResizedImage (bit-identical to SamPredictor's resize)."""
-    _check_rgb(image)
+    check_rgb(image)
     height, width = longest_side_shape(image.shape[0], image.shape[1])
     resized = Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BILINEAR)
     return ResizedImage(np.ascontiguousarray(np.asarray(resized)), (int(image.shape[0]), int(image.shape[1])))
@@ -43,7 +44,7 @@ def resize_square(image: np.ndarray, size: int = ENCODER_SIZE) -> ResizedImage:
     uint8 would change every encoder input by up to 0.5 / 255, hence float32."""
     from torchvision.transforms import functional as TF  # SAM 2's own transform (see the module docstring)
 
-    _check_rgb(image)
+    check_rgb(image)
     # to_tensor wraps the array without a copy and warns on read-only ones (a decoded PIL image)
     writable = image if image.flags.writeable else image.copy()
     resized = TF.resize(TF.to_tensor(writable), [size, size])  # [3, size, size]

@@ -29,7 +29,7 @@ from sam2.modeling.sam2_base import SAM2Base
 from persam_core.modeling.backbone import Decoded, PredictorEncoding
 from persam_core.decoder_sam2 import decode_masks_sam2
 from persam_core.modeling.preprocess import GRID_SIZE, array_to_device
-from persam_core.modeling.resize import resize_square  # noqa: F401  (resize_square re-exported)
+from persam_core.modeling.resize import resize_square
 from persam_core.modeling.resized import ResizedImage
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)

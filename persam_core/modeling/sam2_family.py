@@ -13,7 +13,6 @@ import torch
 from persam_core.modeling.sam2_models import build_sam2_model
 
 
-
 def build(model_type: str) -> torch.nn.Module:
     return build_sam2_model(model_type)
 
