@@ -42,11 +42,10 @@ TCMALLOC = "tcmalloc_minimal"  # gperftools' allocator, preloaded into CPU model
 # The driver's environment variable that keeps CPU model actors on glibc (=glibc): an operator's way back
 ALLOCATOR_CHOICE = "PERSAM_CPU_ALLOCATOR"
 THRESHOLD = 256 << 20  # requests up to 256 MiB (64 pairs of tokens) come from the heap
-# Up to 512 MiB freed at the heap's top is kept. At 256 MiB, a decode of 8 pairs on the
-# batched path (whose buffers peak near 200 MiB) left more than that free at the top in 4 of
-# 16 processes, which glibc trimmed after every decode and faulted in again (60-66 thousand
-# faults each); at 512 MiB, 0 in 32 of 32.
-TRIM_THRESHOLD = 2 * THRESHOLD
+# Up to 1 GiB freed at the heap's top is kept: less, and a decode whose freed buffers happen
+# to gather at the top (how they do depends on the order threads free them, so on the load)
+# is given back after every decode and faulted in again (docs/performance.md).
+TRIM_THRESHOLD = 4 * THRESHOLD
 
 
 def keep_large_buffers() -> bool:

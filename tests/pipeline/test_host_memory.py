@@ -37,7 +37,7 @@ counts = []
 def decode():
     with torch.no_grad():
         decode_eager(sam, *args)
-        for _ in range(3):
+        for _ in range(5):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             decode_eager(sam, *args)
             counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -74,7 +74,7 @@ def decode_faults(mode: str, pairs: int, where: str, env: dict | None = None) ->
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and glibc()), reason="glibc's allocator only")
 def test_a_decoder_pass_stops_mapping_its_buffers_anew():
-    """Page faults of a decode of 8 pairs (the fewest of three, after a first one): glibc maps
+    """Page faults of a decode of 8 pairs (the fewest of five, after a first one): glibc maps
     and unmaps its large buffers on every use by default (90-290 thousand faults each here);
     with the setting they stay in the heap (0)."""
     default, kept = decode_faults("default", 8, "main"), decode_faults("kept", 8, "main")
