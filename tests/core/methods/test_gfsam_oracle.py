@@ -327,12 +327,11 @@ def test_standin_holds_through_the_products_batched_decoder(sam, predictor):
 
 
 @pytest.mark.slow
-def test_random_vit_b_end_to_end_invariants():
+def test_random_vit_b_end_to_end_invariants(vit_b_sam):
     """SAM vit_b and the tiny DINOv2 (random weights), two shots, a non-square target."""
-    from persam_core.modeling.models import build_random
     from persam_core.modeling.dinov2 import build_random_dinov2
 
-    sam, dinov2 = build_random("vit_b", 0), build_random_dinov2("tiny", 0)
+    sam, dinov2 = vit_b_sam, build_random_dinov2("tiny", 0)
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, size=shape).astype(np.uint8) for shape in [(120, 160, 3), (200, 130, 3)]]
     masks = [np.zeros(image.shape[:2], np.uint8) for image in images]
