@@ -48,18 +48,22 @@ def make_davis(root: Path, sequences: dict[str, int]) -> Path:
 
 
 def small_concept_masks(height: int, width: int, count: int) -> list[np.ndarray]:
-    """`count` [H, W] bool rectangles a fiftieth of each side, at the places of the bench's own
-    concept masks (jobs.commands.bench_tools.concept_masks, a quarter of the image each).
+    """The bench's own concept masks (jobs.commands.bench_tools.concept_masks, a quarter of the
+    image each), each cut to a fiftieth of each side at its top-left corner: [H, W] bool.
 
     The bench fits its GF-SAM concepts on its own first image, so a concept's object is in the
     image it segments; with random weights a quarter-image object makes GF-SAM's location map
     flat and every pair decodes its 128-prompt maximum. Tests that check the bench's wiring
     (not its worst-case figures) patch these in: about 10-20 prompts per pair.
     """
-    masks = []
-    for index in range(count):
-        mask = np.zeros((height, width), dtype=bool)
-        top, left = (index % 3) * height // 6, (index // 3 % 3) * width // 6
-        mask[top : top + max(1, height // 50), left : left + max(1, width // 50)] = True
-        masks.append(mask)
-    return masks
+    # imported here: the bench's helpers load the models' packages, which the other helpers of
+    # this module (the sample every test session makes) do not need
+    from jobs.commands.bench_tools import concept_masks
+
+    small = []
+    for mask in concept_masks(height, width, count):
+        top, left = np.flatnonzero(mask.any(axis=1))[0], np.flatnonzero(mask.any(axis=0))[0]
+        corner = np.zeros_like(mask)
+        corner[top : top + max(1, height // 50), left : left + max(1, width // 50)] = True
+        small.append(corner)
+    return small
